@@ -1,0 +1,286 @@
+//! The traits a source, transform or sink implements, and what the engine hands them.
+//!
+//! Every hook but the data path has a default body, so a component implements only what it
+//! needs. The engine calls them on the worker thread that owns the instance; one instance runs
+//! on every worker (timely builds the same dataflow everywhere).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::error::ComponentError;
+use crate::records::{Batch, ErrorRecord, EventTime, ReadingBatch};
+
+/// Pipeline-wide settings a component may read.
+#[derive(Clone, Debug)]
+pub struct PipelineInfo {
+    /// The pipeline's name.
+    pub name: String,
+    /// How far behind the greatest event time seen a reading may arrive and still be on time, ms.
+    pub out_of_orderness_ms: u64,
+    /// After this long without data, a source's watermark advances with the wall clock, ms.
+    pub idle_timeout_ms: u64,
+    /// The folder of the pipeline file; relative paths in options resolve against it.
+    pub base_dir: PathBuf,
+}
+
+impl Default for PipelineInfo {
+    fn default() -> Self {
+        PipelineInfo {
+            name: "pipeline".to_owned(),
+            out_of_orderness_ms: 5_000,
+            idle_timeout_ms: 1_000,
+            base_dir: PathBuf::from("."),
+        }
+    }
+}
+
+/// What the engine tells a component instance about where it runs.
+#[derive(Clone, Debug)]
+pub struct ComponentContext {
+    /// The component's id in the pipeline file.
+    pub component_id: Arc<str>,
+    /// The component's type name.
+    pub component_type: Arc<str>,
+    /// This worker's index, `0..workers`.
+    pub worker_index: usize,
+    /// Number of workers in the whole dataflow.
+    pub workers: usize,
+    /// Pipeline-wide settings.
+    pub pipeline: Arc<PipelineInfo>,
+    shutdown: Arc<AtomicBool>,
+}
+
+impl ComponentContext {
+    /// A context; the engine makes these, tests and benchmarks may too.
+    pub fn new(
+        component_id: &str,
+        component_type: &str,
+        worker_index: usize,
+        workers: usize,
+        pipeline: Arc<PipelineInfo>,
+        shutdown: Arc<AtomicBool>,
+    ) -> ComponentContext {
+        ComponentContext {
+            component_id: Arc::from(component_id),
+            component_type: Arc::from(component_type),
+            worker_index,
+            workers: workers.max(1),
+            pipeline,
+            shutdown,
+        }
+    }
+
+    /// A context for a single worker with default pipeline settings (tests, benchmarks).
+    pub fn for_test(component_id: &str, component_type: &str) -> ComponentContext {
+        ComponentContext::new(
+            component_id,
+            component_type,
+            0,
+            1,
+            Arc::new(PipelineInfo::default()),
+            Arc::new(AtomicBool::new(false)),
+        )
+    }
+
+    /// True once the process was asked to stop (SIGINT/SIGTERM): unbounded sources should end.
+    pub fn shutdown_requested(&self) -> bool {
+        self.shutdown.load(Ordering::Relaxed)
+    }
+
+    /// Resolves a path from an option against the pipeline file's folder.
+    pub fn resolve_path(&self, path: &str) -> PathBuf {
+        let path = PathBuf::from(path);
+        if path.is_absolute() { path } else { self.pipeline.base_dir.join(path) }
+    }
+}
+
+/// Where a component puts what it produces; the engine drains it after every call.
+///
+/// `emit` goes to the main output, `error` to `<id>.errors`, `late` to `<id>.late`, and
+/// `discard` only counts (`tidewatch_component_discarded_events_total{reason}`).
+#[derive(Debug)]
+pub struct Outputs {
+    component: Arc<str>,
+    main: Vec<Batch>,
+    errors: Vec<ErrorRecord>,
+    late: Vec<ReadingBatch>,
+    discarded: Vec<(&'static str, u64)>,
+}
+
+impl Outputs {
+    /// Empty outputs for component `component`.
+    pub fn new(component: &str) -> Outputs {
+        Outputs {
+            component: Arc::from(component),
+            main: Vec::new(),
+            errors: Vec::new(),
+            late: Vec::new(),
+            discarded: Vec::new(),
+        }
+    }
+
+    /// The id of the component these outputs belong to.
+    pub fn component_id(&self) -> &Arc<str> {
+        &self.component
+    }
+
+    /// Sends a batch to the main output (empty batches are dropped).
+    pub fn emit(&mut self, batch: Batch) {
+        if !batch.is_empty() {
+            self.main.push(batch);
+        }
+    }
+
+    /// Sends a record that could not be processed to `<id>.errors`.
+    pub fn error(
+        &mut self,
+        error_type: &str,
+        reason: impl Into<String>,
+        topic: Option<&str>,
+        payload: Option<&[u8]>,
+    ) {
+        let record =
+            ErrorRecord::new(Arc::clone(&self.component), error_type, reason, topic, payload);
+        self.errors.push(record);
+    }
+
+    /// Sends a prepared error record to `<id>.errors`.
+    pub fn error_record(&mut self, record: ErrorRecord) {
+        self.errors.push(record);
+    }
+
+    /// Sends readings that arrived after their window closed to `<id>.late`.
+    pub fn late(&mut self, batch: ReadingBatch) {
+        if !batch.is_empty() {
+            self.late.push(batch);
+        }
+    }
+
+    /// Counts `count` records dropped on purpose (filtered, deduplicated ...) for `reason`.
+    pub fn discard(&mut self, reason: &'static str, count: u64) {
+        if count > 0 {
+            self.discarded.push((reason, count));
+        }
+    }
+
+    /// True when nothing was produced since the last drain.
+    pub fn is_empty(&self) -> bool {
+        self.main.is_empty()
+            && self.errors.is_empty()
+            && self.late.is_empty()
+            && self.discarded.is_empty()
+    }
+
+    /// Takes the main-output batches.
+    pub fn take_main(&mut self) -> Vec<Batch> {
+        std::mem::take(&mut self.main)
+    }
+
+    /// Takes the error records.
+    pub fn take_errors(&mut self) -> Vec<ErrorRecord> {
+        std::mem::take(&mut self.errors)
+    }
+
+    /// Takes the late readings.
+    pub fn take_late(&mut self) -> Vec<ReadingBatch> {
+        std::mem::take(&mut self.late)
+    }
+
+    /// Takes the discard counts.
+    pub fn take_discarded(&mut self) -> Vec<(&'static str, u64)> {
+        std::mem::take(&mut self.discarded)
+    }
+}
+
+/// What a source's [`Source::poll`] reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SourcePoll {
+    /// Data was emitted (or more is ready): poll again soon.
+    Ready,
+    /// Nothing now; poll again after about this many ms (or earlier if woken).
+    Idle {
+        /// Suggested delay before the next poll, ms.
+        wake_after_ms: u64,
+    },
+    /// The source is exhausted (a finite file, a simulator with a `count`): it ends.
+    Finished,
+}
+
+/// A source: produces batches of raw messages.
+///
+/// A poll should emit at most about one batch (the component's `batch_size`) and return, so
+/// the worker can move data on; long waits belong in [`SourcePoll::Idle`].
+pub trait Source {
+    /// Called once before the first poll (connect, open files).
+    fn open(&mut self, _ctx: &ComponentContext) -> Result<(), ComponentError> {
+        Ok(())
+    }
+    /// Emits what is available into `out`.
+    fn poll(&mut self, out: &mut Outputs) -> Result<SourcePoll, ComponentError>;
+    /// The position to restore from after a crash (offsets, acks); `None` if stateless.
+    fn snapshot(&mut self) -> Result<Option<Vec<u8>>, ComponentError> {
+        Ok(None)
+    }
+    /// Resumes from a [`Source::snapshot`].
+    fn restore(&mut self, _state: &[u8]) -> Result<(), ComponentError> {
+        Ok(())
+    }
+    /// Called once when the source finished or the pipeline stops.
+    fn close(&mut self) -> Result<(), ComponentError> {
+        Ok(())
+    }
+}
+
+/// A transform: turns batches into batches, keeping whatever state it needs.
+pub trait Transform {
+    /// Called once before the first batch.
+    fn open(&mut self, _ctx: &ComponentContext) -> Result<(), ComponentError> {
+        Ok(())
+    }
+    /// Processes one batch.
+    fn process_batch(&mut self, batch: Batch, out: &mut Outputs);
+    /// Called when the event-time watermark of the input advances to `watermark_ms`: no more
+    /// on-time record older than it will arrive. Windows close here.
+    fn on_watermark(&mut self, _watermark_ms: EventTime, _out: &mut Outputs) {}
+    /// State to checkpoint; `None` if stateless.
+    fn snapshot(&mut self) -> Result<Option<Vec<u8>>, ComponentError> {
+        Ok(None)
+    }
+    /// Restores from a [`Transform::snapshot`].
+    fn restore(&mut self, _state: &[u8]) -> Result<(), ComponentError> {
+        Ok(())
+    }
+    /// Called once when the input ended (after a final `on_watermark(EventTime::MAX)`).
+    fn close(&mut self, _out: &mut Outputs) {}
+}
+
+/// A sink: writes batches out of the pipeline.
+pub trait Sink {
+    /// Called once before the first batch.
+    fn open(&mut self, _ctx: &ComponentContext) -> Result<(), ComponentError> {
+        Ok(())
+    }
+    /// Writes one batch. An error is counted against the sink and logged; the pipeline goes on.
+    fn write_batch(&mut self, batch: Batch) -> Result<(), ComponentError>;
+    /// Called when the event-time watermark of the input advances.
+    fn on_watermark(&mut self, _watermark_ms: EventTime) -> Result<(), ComponentError> {
+        Ok(())
+    }
+    /// Makes what was written durable (flush buffers, commit).
+    fn flush(&mut self) -> Result<(), ComponentError> {
+        Ok(())
+    }
+    /// State to checkpoint; `None` if stateless.
+    fn snapshot(&mut self) -> Result<Option<Vec<u8>>, ComponentError> {
+        Ok(None)
+    }
+    /// Restores from a [`Sink::snapshot`].
+    fn restore(&mut self, _state: &[u8]) -> Result<(), ComponentError> {
+        Ok(())
+    }
+    /// Called once at the end; flushes by default.
+    fn close(&mut self) -> Result<(), ComponentError> {
+        self.flush()
+    }
+}

@@ -1,0 +1,24 @@
+//! The extension API of tidewatch.
+//!
+//! Everything a source, transform or sink needs, and nothing of the engine: the record types
+//! ([`records`]), the component traits ([`Source`], [`Transform`], [`Sink`]), their factories
+//! with typed configs and an erased form over TOML values ([`factory`]), and typed errors.
+//! Connectors, operators and embedders depend on this crate only; timely types stay out of it.
+
+pub mod component;
+pub mod error;
+pub mod factory;
+pub mod json;
+pub mod records;
+
+pub use component::{ComponentContext, Outputs, PipelineInfo, Sink, Source, SourcePoll, Transform};
+pub use error::ComponentError;
+pub use factory::{
+    ComponentFactory, ConfigError, ConfigValue, ConfiguredSink, ConfiguredSource,
+    ConfiguredTransform, PortType, SinkFactory, SourceFactory, TransformFactory,
+    TransformProperties, ValidateContext,
+};
+pub use records::{
+    Batch, DeviceId, ErrorRecord, EventTime, Kind, LABEL_ANOMALY, LABEL_NORMAL, PayloadFormat,
+    RawBatch, RawMessage, Reading, ReadingBatch, Schema, Score, Window,
+};
