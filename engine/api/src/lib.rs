@@ -10,6 +10,7 @@ pub mod error;
 pub mod factory;
 pub mod json;
 pub mod records;
+pub mod time;
 
 pub use component::{ComponentContext, Outputs, PipelineInfo, Sink, Source, SourcePoll, Transform};
 pub use error::ComponentError;
@@ -22,3 +23,4 @@ pub use records::{
     Batch, DeviceId, ErrorRecord, EventTime, Kind, LABEL_ANOMALY, LABEL_NORMAL, PayloadFormat,
     RawBatch, RawMessage, Reading, ReadingBatch, Schema, Score, Window,
 };
+pub use time::{TimestampFormat, parse_timestamp, timestamp_from_number};
