@@ -1,1 +1,7 @@
-fn main() {}
+//! The `tidewatch` command: run, validate and draw pipelines.
+
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    tidewatch::cli::main(tidewatch::Registry::with_builtins())
+}

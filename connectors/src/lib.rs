@@ -1,1 +1,108 @@
-//! Built-in sources and sinks.
+//! Built-in sources and sinks of tidewatch.
+//!
+//! | class | type | what it does |
+//! |---|---|---|
+//! | source | `simulator` | a fleet of pumps with correlated sensors and labelled anomalies ([`simulator`]) |
+//! | source | `file` | replays a CSV or JSON-lines file, optionally paced by its timestamps ([`mod@file`]) |
+//! | sink | `stdout` | JSON lines on standard output ([`sinks`]) |
+//! | sink | `file` | JSON lines in a file, shared by the workers of the process ([`sinks`]) |
+//! | sink | `blackhole` | drops everything (benchmarks) ([`sinks`]) |
+//!
+//! [`builtins`] lists their factories for the engine's registry. The configs and factories are
+//! public so that embedders and benchmarks can build components directly, for example:
+//!
+//! ```
+//! use tidewatch_api::{ComponentContext, Outputs, Source};
+//! use tidewatch_connectors::{SimulatorConfig, SimulatorSource};
+//!
+//! let config = SimulatorConfig { devices: 3, count: Some(30), ..SimulatorConfig::default() };
+//! let ctx = ComponentContext::for_test("sim", "simulator");
+//! let mut source = SimulatorSource::new(&config, &ctx).expect("valid config");
+//! let mut out = Outputs::new("sim");
+//! source.poll(&mut out).expect("poll");
+//! assert_eq!(out.take_main()[0].len(), 30);
+//! ```
+//!
+//! The options of every component are documented in `docs/reference/sources-and-sinks.md`.
+
+pub mod file;
+pub mod simulator;
+pub mod sinks;
+
+pub use file::{FileFormat, FileSource, FileSourceConfig, FileSourceFactory};
+pub use simulator::{
+    AnomalyKind, SimulatorConfig, SimulatorFactory, SimulatorFormat, SimulatorSource,
+};
+pub use sinks::{
+    BlackholeSink, BlackholeSinkConfig, BlackholeSinkFactory, FileSink, FileSinkConfig,
+    FileSinkFactory, StdoutSink, StdoutSinkConfig, StdoutSinkFactory,
+};
+use tidewatch_api::ComponentFactory;
+
+/// The built-in components, by type name, for the engine's registry (which keys them by class
+/// and name, so the `file` source and the `file` sink coexist).
+pub fn builtins() -> Vec<(&'static str, ComponentFactory)> {
+    vec![
+        ("simulator", ComponentFactory::source(SimulatorFactory)),
+        ("file", ComponentFactory::source(FileSourceFactory)),
+        ("stdout", ComponentFactory::sink(StdoutSinkFactory)),
+        ("file", ComponentFactory::sink(FileSinkFactory)),
+        ("blackhole", ComponentFactory::sink(BlackholeSinkFactory)),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use tidewatch_api::{ConfigValue, ValidateContext};
+
+    use super::*;
+
+    #[test]
+    fn builtins_configure_from_toml() {
+        let ctx = ValidateContext::default();
+        let mut seen = Vec::new();
+        for (name, factory) in builtins() {
+            let options = match (name, factory.class()) {
+                ("file", "source") => "path = \"data.csv\"",
+                ("file", "sink") => "path = \"out.jsonl\"",
+                _ => "",
+            };
+            let options = ConfigValue::parse(options).expect("toml");
+            match &factory {
+                ComponentFactory::Source(source) => {
+                    let configured = source.configure(&options, &ctx).expect(name);
+                    assert_eq!(configured.output_type().kind, tidewatch_api::Kind::Raw);
+                }
+                ComponentFactory::Sink(sink) => {
+                    let configured = sink.configure(&options, &ctx).expect(name);
+                    assert_eq!(configured.accepts(), tidewatch_api::Kind::ALL);
+                }
+                ComponentFactory::Transform(_) => panic!("no transforms here"),
+            }
+            seen.push((factory.class(), name));
+        }
+        assert_eq!(
+            seen,
+            [
+                ("source", "simulator"),
+                ("source", "file"),
+                ("sink", "stdout"),
+                ("sink", "file"),
+                ("sink", "blackhole")
+            ]
+        );
+    }
+
+    #[test]
+    fn unknown_options_point_at_the_option() {
+        let options = ConfigValue::parse("devices = 3\nrate = 5").expect("toml");
+        let Some((_, ComponentFactory::Source(simulator))) = builtins().into_iter().next() else {
+            panic!("simulator first");
+        };
+        let Err(error) = simulator.configure(&options, &ValidateContext::default()) else {
+            panic!("unknown option accepted");
+        };
+        assert!(error.message.contains("rate"), "{}", error.message);
+        assert!(error.span.is_some());
+    }
+}

@@ -106,6 +106,7 @@ pub struct Outputs {
     errors: Vec<ErrorRecord>,
     late: Vec<ReadingBatch>,
     discarded: Vec<(&'static str, u64)>,
+    batch_watermark: EventTime,
 }
 
 impl Outputs {
@@ -117,7 +118,23 @@ impl Outputs {
             errors: Vec::new(),
             late: Vec::new(),
             discarded: Vec::new(),
+            batch_watermark: EventTime::MIN,
         }
+    }
+
+    /// The event-time watermark its producer had when it sent the batch being processed.
+    ///
+    /// Records older than it were already behind the watermark when they left their
+    /// event-time assigner: a window that ends at or before it is closed for them, whatever
+    /// the scheduling. Deciding lateness with it (and not only with `on_watermark`) keeps the
+    /// output deterministic. `EventTime::MIN` when unknown.
+    pub fn batch_watermark(&self) -> EventTime {
+        self.batch_watermark
+    }
+
+    /// Sets [`Outputs::batch_watermark`] (the engine does, before each `process_batch`).
+    pub fn set_batch_watermark(&mut self, watermark: EventTime) {
+        self.batch_watermark = watermark;
     }
 
     /// The id of the component these outputs belong to.

@@ -645,7 +645,21 @@ impl Batch {
         }
     }
 
-    /// The device that owns each record, for keyed kinds (readings, windows, scores).
+    /// The routing hash of the batch's first record's device (0 for unkeyed kinds): after
+    /// [`Batch::split_by_worker`], every record of a batch shares its owner, so this routes the
+    /// whole batch.
+    pub fn route_hash(&self) -> u64 {
+        let device = match self {
+            Batch::Readings(batch) => batch.devices.first().copied(),
+            Batch::Windows(windows) => windows.first().map(|window| window.device),
+            Batch::Scores(scores) => scores.first().map(|score| score.device),
+            Batch::Raw(_) | Batch::Errors(_) => None,
+        };
+        device.map(DeviceId::route).unwrap_or(0)
+    }
+
+    /// Splits a batch of a keyed kind (readings, windows, scores) into one batch per owning
+    /// worker, as `(worker, batch)`; other kinds come back whole for worker 0.
     pub fn split_by_worker(self, workers: usize) -> Vec<(usize, Batch)> {
         if workers <= 1 {
             return vec![(0, self)];

@@ -1,0 +1,1024 @@
+//! The `file` source: replays a CSV or JSON-lines file, as fast as possible or paced by its
+//! timestamps.
+//!
+//! The file is streamed line by line (never loaded whole). Empty lines are skipped and a
+//! trailing `\r` is stripped, so files with CRLF line ends (SKAB's) read as they are. Each
+//! line becomes one raw message: its payload is the line's bytes, its topic the `path` option
+//! as written, its position the 1-based line number in the file. CSV lines carry the column
+//! names of the header (or of `columns`) in their [`PayloadFormat::Csv`]. Only worker 0 reads;
+//! the other workers finish at once.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::fs::File;
+use std::io::{self, BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
+use tidewatch_api::records::now_ms;
+use tidewatch_api::{
+    Batch, ComponentContext, ComponentError, ConfigError, EventTime, Kind, Outputs, PayloadFormat,
+    PortType, RawBatch, Source, SourceFactory, SourcePoll, TimestampFormat, ValidateContext,
+    parse_timestamp, timestamp_from_number,
+};
+
+/// The longest line the source reads; longer lines are skipped and reported on `<id>.errors`.
+pub const MAX_LINE_BYTES: usize = 8 * 1024 * 1024;
+
+/// How the lines of a file are encoded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FileFormat {
+    /// Delimited text with a header line (or `columns`).
+    Csv,
+    /// One JSON object per line (JSON lines).
+    Json,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_batch_size() -> usize {
+    1_024
+}
+
+/// Options of the `file` source.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileSourceConfig {
+    /// The file to read; a relative path resolves against the pipeline file's folder.
+    pub path: String,
+    /// `csv` or `json` (JSON lines); default: from the extension (`.csv`, `.tsv`, `.txt` are
+    /// CSV; `.json`, `.jsonl`, `.ndjson` are JSON lines).
+    #[serde(default)]
+    pub format: Option<FileFormat>,
+    /// CSV field delimiter, a single character; default `","` (a tab for `.tsv` files).
+    #[serde(default)]
+    pub delimiter: Option<String>,
+    /// CSV: the first non-empty line holds the column names.
+    #[serde(default = "default_true")]
+    pub header: bool,
+    /// CSV column names, in order; they replace the header line's names (which is still
+    /// skipped when `header = true`). Required when `header = false`.
+    #[serde(default)]
+    pub columns: Option<Vec<String>>,
+    /// Replay speed relative to the recorded event time: 0 = as fast as possible, 1 = the
+    /// recorded speed, 10 = ten times faster. Needs `timestamp_field`.
+    #[serde(default)]
+    pub speed: f64,
+    /// The column (CSV) or field (JSON) holding each line's event time; used for pacing.
+    #[serde(default)]
+    pub timestamp_field: Option<String>,
+    /// How `timestamp_field` is written: `auto`, `unix_ms`, `unix_s`, `unix_us`, `unix_ns`,
+    /// `rfc3339` or `datetime`.
+    #[serde(default)]
+    pub timestamp_format: TimestampFormat,
+    /// Most lines emitted per poll (the batch size).
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+}
+
+impl FileSourceConfig {
+    /// A config reading `path` with every other option at its default.
+    pub fn new(path: impl Into<String>) -> FileSourceConfig {
+        FileSourceConfig {
+            path: path.into(),
+            format: None,
+            delimiter: None,
+            header: true,
+            columns: None,
+            speed: 0.0,
+            timestamp_field: None,
+            timestamp_format: TimestampFormat::Auto,
+            batch_size: default_batch_size(),
+        }
+    }
+
+    fn extension(&self) -> String {
+        Path::new(&self.path)
+            .extension()
+            .map(|extension| extension.to_string_lossy().to_ascii_lowercase())
+            .unwrap_or_default()
+    }
+
+    /// The format, given or inferred from the extension.
+    pub fn resolved_format(&self) -> Result<FileFormat, ConfigError> {
+        if let Some(format) = self.format {
+            return Ok(format);
+        }
+        match self.extension().as_str() {
+            "csv" | "tsv" | "txt" => Ok(FileFormat::Csv),
+            "json" | "jsonl" | "ndjson" => Ok(FileFormat::Json),
+            _ => Err(ConfigError::at_field(
+                "format",
+                format!("cannot tell the format of {:?} from its extension", self.path),
+            )
+            .with_hint("set format = \"csv\" or format = \"json\" (JSON lines)")),
+        }
+    }
+
+    /// The CSV delimiter byte, given or the default.
+    pub fn resolved_delimiter(&self) -> Result<u8, ConfigError> {
+        match &self.delimiter {
+            None if self.extension() == "tsv" => Ok(b'\t'),
+            None => Ok(b','),
+            Some(text) => {
+                let mut chars = text.chars();
+                match (chars.next(), chars.next()) {
+                    (Some(c), None) if c.is_ascii() && !matches!(c, '\n' | '\r' | '"') => {
+                        Ok(c as u8)
+                    }
+                    _ => Err(ConfigError::at_field(
+                        "delimiter",
+                        format!(
+                            "delimiter must be a single ASCII character other than a quote or a line end, not {text:?}"
+                        ),
+                    )
+                    .with_hint("for example \",\", \";\" or \"\\t\"")),
+                }
+            }
+        }
+    }
+
+    /// Checks the options beyond their types.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.path.trim().is_empty() {
+            return Err(ConfigError::at_field("path", "path must not be empty"));
+        }
+        let format = self.resolved_format()?;
+        if self.batch_size == 0 {
+            return Err(ConfigError::at_field("batch_size", "batch_size must be at least 1"));
+        }
+        if !self.speed.is_finite() || self.speed < 0.0 {
+            return Err(ConfigError::at_field(
+                "speed",
+                format!(
+                    "speed must be a finite number >= 0 (0 = as fast as possible), not {}",
+                    self.speed
+                ),
+            ));
+        }
+        if self.speed > 0.0 && self.timestamp_field.is_none() {
+            return Err(ConfigError::at_field(
+                "timestamp_field",
+                "replaying at a speed needs timestamp_field: the field holding each line's event time",
+            ));
+        }
+        match format {
+            FileFormat::Csv => {
+                self.resolved_delimiter()?;
+                if !self.header && self.columns.is_none() {
+                    return Err(ConfigError::at_field(
+                        "columns",
+                        "a CSV file without a header line needs columns (the column names, in order)",
+                    ));
+                }
+                if let Some(columns) = &self.columns {
+                    if columns.is_empty() {
+                        return Err(ConfigError::at_field(
+                            "columns",
+                            "columns must name at least one column",
+                        ));
+                    }
+                    if let Some(field) = &self.timestamp_field
+                        && !columns.iter().any(|column| column == field)
+                    {
+                        return Err(ConfigError::at_field(
+                            "timestamp_field",
+                            format!("timestamp_field {field:?} is not one of columns"),
+                        ));
+                    }
+                }
+            }
+            FileFormat::Json => {
+                if self.columns.is_some() {
+                    return Err(ConfigError::at_field(
+                        "columns",
+                        "columns applies to CSV files only",
+                    ));
+                }
+                if self.delimiter.is_some() {
+                    return Err(ConfigError::at_field(
+                        "delimiter",
+                        "delimiter applies to CSV files only",
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Makes `file` sources.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct FileSourceFactory;
+
+impl SourceFactory for FileSourceFactory {
+    type Config = FileSourceConfig;
+
+    fn output_type(
+        &self,
+        config: &FileSourceConfig,
+        _ctx: &ValidateContext,
+    ) -> Result<PortType, ConfigError> {
+        config.validate()?;
+        Ok(PortType::of(Kind::Raw))
+    }
+
+    fn build(
+        &self,
+        config: &FileSourceConfig,
+        ctx: &ComponentContext,
+    ) -> Result<Box<dyn Source>, ComponentError> {
+        Ok(Box::new(FileSource::new(config, ctx)?))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Line reading
+// ---------------------------------------------------------------------------------------------
+
+enum LineRead {
+    /// End of file.
+    Eof,
+    /// A line (without its `\n`) is in the buffer.
+    Line,
+    /// A line longer than the limit was skipped; its length in bytes.
+    TooLong(usize),
+}
+
+/// Reads one line into `buf` (without the `\n`), keeping at most `max` bytes.
+fn read_line_capped<R: BufRead>(
+    reader: &mut R,
+    buf: &mut Vec<u8>,
+    max: usize,
+) -> io::Result<LineRead> {
+    buf.clear();
+    let mut total = 0usize;
+    let mut any = false;
+    let mut overflow = false;
+    loop {
+        let available = match reader.fill_buf() {
+            Ok(available) => available,
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+            Err(error) => return Err(error),
+        };
+        if available.is_empty() {
+            break;
+        }
+        any = true;
+        let (used, done) = match available.iter().position(|byte| *byte == b'\n') {
+            Some(at) => (at + 1, true),
+            None => (available.len(), false),
+        };
+        let content = if done { &available[..used - 1] } else { &available[..used] };
+        if !overflow {
+            if buf.len() + content.len() > max {
+                overflow = true;
+                buf.clear();
+            } else {
+                buf.extend_from_slice(content);
+            }
+        }
+        total += used;
+        reader.consume(used);
+        if done {
+            break;
+        }
+    }
+    Ok(if !any {
+        LineRead::Eof
+    } else if overflow {
+        LineRead::TooLong(total)
+    } else {
+        LineRead::Line
+    })
+}
+
+fn trim_line(line: &mut Vec<u8>, first: bool) {
+    if line.last() == Some(&b'\r') {
+        line.pop();
+    }
+    if first && line.starts_with(b"\xef\xbb\xbf") {
+        line.drain(..3);
+    }
+}
+
+fn is_blank(line: &[u8]) -> bool {
+    line.iter().all(u8::is_ascii_whitespace)
+}
+
+fn csv_names(line: &[u8], delimiter: u8) -> Vec<Arc<str>> {
+    line.split(|byte| *byte == delimiter)
+        .map(|name| {
+            let name = String::from_utf8_lossy(name);
+            let name = name.trim();
+            let name = name
+                .strip_prefix('"')
+                .and_then(|inner| inner.strip_suffix('"'))
+                .unwrap_or(name)
+                .trim();
+            Arc::from(name)
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Timestamps for pacing
+// ---------------------------------------------------------------------------------------------
+
+/// Finds one top-level field of a JSON object without building the whole value.
+struct FieldSeed<'a> {
+    field: &'a str,
+}
+
+impl<'de> DeserializeSeed<'de> for FieldSeed<'_> {
+    type Value = Option<serde_json::Value>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for FieldSeed<'_> {
+    type Value = Option<serde_json::Value>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut found = None;
+        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+            if found.is_none() && key == self.field {
+                found = Some(map.next_value::<serde_json::Value>()?);
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(found)
+    }
+}
+
+#[derive(Debug)]
+struct Pacing {
+    speed: f64,
+    field: String,
+    format: TimestampFormat,
+    /// The CSV column of `field` (known once the header is read).
+    column: Option<usize>,
+    /// The first line's event time and when it was emitted.
+    origin: Option<(EventTime, Instant)>,
+}
+
+impl Pacing {
+    fn line_time(&self, line: &[u8], csv_delimiter: Option<u8>) -> Option<EventTime> {
+        match csv_delimiter {
+            Some(delimiter) => {
+                let field = line.split(|byte| *byte == delimiter).nth(self.column?)?;
+                let text = std::str::from_utf8(field).ok()?.trim();
+                let text = text
+                    .strip_prefix('"')
+                    .and_then(|inner| inner.strip_suffix('"'))
+                    .unwrap_or(text);
+                parse_timestamp(text, self.format).ok()
+            }
+            None => {
+                let mut deserializer = serde_json::Deserializer::from_slice(line);
+                let value =
+                    FieldSeed { field: &self.field }.deserialize(&mut deserializer).ok()??;
+                match value {
+                    serde_json::Value::Number(number) => {
+                        timestamp_from_number(number.as_f64()?, self.format).ok()
+                    }
+                    serde_json::Value::String(text) => parse_timestamp(&text, self.format).ok(),
+                    _ => None,
+                }
+            }
+        }
+    }
+
+    /// When a line with event time `time` is due; `None` means now.
+    fn due(&mut self, time: Option<EventTime>) -> Option<Instant> {
+        let time = time?;
+        let (origin_time, origin_instant) = *self.origin.get_or_insert((time, Instant::now()));
+        let ahead_ms = time.saturating_sub(origin_time);
+        if ahead_ms <= 0 {
+            return None;
+        }
+        let delay = Duration::try_from_secs_f64(ahead_ms as f64 / 1_000.0 / self.speed).ok()?;
+        origin_instant.checked_add(delay)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The source
+// ---------------------------------------------------------------------------------------------
+
+/// A running `file` source.
+pub struct FileSource {
+    path: PathBuf,
+    topic: String,
+    format: FileFormat,
+    delimiter: u8,
+    header: bool,
+    columns: Option<Vec<String>>,
+    batch_size: usize,
+    active: bool,
+    reader: Option<BufReader<File>>,
+    payload_format: PayloadFormat,
+    line: Vec<u8>,
+    line_number: u64,
+    /// `line` holds a line read but not emitted yet (waiting for its time), due at `due`.
+    pending: bool,
+    due: Option<Instant>,
+    pacing: Option<Pacing>,
+    finished: bool,
+    ctx: ComponentContext,
+}
+
+impl fmt::Debug for FileSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FileSource")
+            .field("path", &self.path)
+            .field("format", &self.format)
+            .field("line_number", &self.line_number)
+            .field("finished", &self.finished)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FileSource {
+    /// Builds the source of worker `ctx.worker_index`; only worker 0 reads the file.
+    pub fn new(
+        config: &FileSourceConfig,
+        ctx: &ComponentContext,
+    ) -> Result<FileSource, ComponentError> {
+        config.validate().map_err(|error| ComponentError::Config(error.to_string()))?;
+        let format = config.resolved_format().map_err(|e| ComponentError::Config(e.to_string()))?;
+        let delimiter = match format {
+            FileFormat::Csv => {
+                config.resolved_delimiter().map_err(|e| ComponentError::Config(e.to_string()))?
+            }
+            FileFormat::Json => b',',
+        };
+        let pacing = match (&config.timestamp_field, config.speed > 0.0) {
+            (Some(field), true) => Some(Pacing {
+                speed: config.speed,
+                field: field.clone(),
+                format: config.timestamp_format,
+                column: None,
+                origin: None,
+            }),
+            _ => None,
+        };
+        Ok(FileSource {
+            path: ctx.resolve_path(&config.path),
+            topic: config.path.clone(),
+            format,
+            delimiter,
+            header: config.header,
+            columns: config.columns.clone(),
+            batch_size: config.batch_size,
+            active: ctx.worker_index == 0,
+            reader: None,
+            payload_format: PayloadFormat::Unknown,
+            line: Vec::new(),
+            line_number: 0,
+            pending: false,
+            due: None,
+            pacing,
+            finished: false,
+            ctx: ctx.clone(),
+        })
+    }
+
+    fn io_error(&self, doing: &str, error: io::Error) -> ComponentError {
+        ComponentError::io(format!("{doing} {}", self.path.display()), error)
+    }
+
+    /// Opens the file and reads its header (worker 0 only).
+    fn open_file(&mut self) -> Result<(), ComponentError> {
+        let file = File::open(&self.path).map_err(|error| self.io_error("cannot open", error))?;
+        let mut reader = BufReader::with_capacity(256 * 1024, file);
+        self.payload_format = match self.format {
+            FileFormat::Json => PayloadFormat::Json,
+            FileFormat::Csv => {
+                let mut names = Vec::new();
+                if self.header {
+                    loop {
+                        match read_line_capped(&mut reader, &mut self.line, MAX_LINE_BYTES)
+                            .map_err(|error| self.io_error("cannot read", error))?
+                        {
+                            LineRead::Eof => break,
+                            LineRead::TooLong(_) => {
+                                self.line_number += 1;
+                                return Err(ComponentError::Config(format!(
+                                    "the header line of {} is longer than {MAX_LINE_BYTES} bytes",
+                                    self.path.display()
+                                )));
+                            }
+                            LineRead::Line => {
+                                self.line_number += 1;
+                                trim_line(&mut self.line, self.line_number == 1);
+                                if !is_blank(&self.line) {
+                                    names = csv_names(&self.line, self.delimiter);
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    self.line.clear();
+                }
+                if let Some(columns) = &self.columns {
+                    names = columns.iter().map(|name| Arc::from(name.as_str())).collect();
+                }
+                if let Some(pacing) = self.pacing.as_mut() {
+                    pacing.column = names.iter().position(|name| **name == *pacing.field);
+                    if pacing.column.is_none() && !names.is_empty() {
+                        return Err(ComponentError::Config(format!(
+                            "timestamp_field {:?} is not a column of {}; its columns are {}",
+                            pacing.field,
+                            self.path.display(),
+                            names.iter().map(|name| &**name).collect::<Vec<_>>().join(", ")
+                        )));
+                    }
+                }
+                PayloadFormat::Csv { header: names.into(), delimiter: self.delimiter }
+            }
+        };
+        self.reader = Some(reader);
+        Ok(())
+    }
+
+    fn csv_delimiter(&self) -> Option<u8> {
+        match self.format {
+            FileFormat::Csv => Some(self.delimiter),
+            FileFormat::Json => None,
+        }
+    }
+}
+
+impl Source for FileSource {
+    fn open(&mut self, _ctx: &ComponentContext) -> Result<(), ComponentError> {
+        if self.active && self.reader.is_none() {
+            self.open_file()?;
+        }
+        Ok(())
+    }
+
+    fn poll(&mut self, out: &mut Outputs) -> Result<SourcePoll, ComponentError> {
+        if !self.active || self.finished || self.ctx.shutdown_requested() {
+            self.finished = true;
+            self.reader = None;
+            return Ok(SourcePoll::Finished);
+        }
+        if self.reader.is_none() {
+            self.open_file()?;
+        }
+        let csv_delimiter = self.csv_delimiter();
+        let mut batch = RawBatch::with_capacity(self.payload_format.clone(), 0, 0);
+        let arrival_ms = now_ms();
+        let mut wait = None;
+        while batch.len() < self.batch_size {
+            if !self.pending {
+                let Some(reader) = self.reader.as_mut() else {
+                    self.finished = true;
+                    break;
+                };
+                let read = read_line_capped(reader, &mut self.line, MAX_LINE_BYTES);
+                let read = read.map_err(|error| self.io_error("cannot read", error))?;
+                match read {
+                    LineRead::Eof => {
+                        self.finished = true;
+                        self.reader = None;
+                        break;
+                    }
+                    LineRead::TooLong(length) => {
+                        self.line_number += 1;
+                        out.error(
+                            "line_too_long",
+                            format!(
+                                "line {} is {length} bytes long, more than the limit of {MAX_LINE_BYTES}",
+                                self.line_number
+                            ),
+                            Some(&self.topic),
+                            None,
+                        );
+                        continue;
+                    }
+                    LineRead::Line => {
+                        self.line_number += 1;
+                        trim_line(&mut self.line, self.line_number == 1);
+                        if is_blank(&self.line) {
+                            continue;
+                        }
+                    }
+                }
+                self.due = match self.pacing.as_mut() {
+                    Some(pacing) => {
+                        let time = pacing.line_time(&self.line, csv_delimiter);
+                        pacing.due(time)
+                    }
+                    None => None,
+                };
+                self.pending = true;
+            }
+            if let Some(due) = self.due {
+                let now = Instant::now();
+                if due > now {
+                    wait = Some(due - now);
+                    break;
+                }
+            }
+            batch.push(&self.topic, &self.line, arrival_ms, self.line_number);
+            self.pending = false;
+            self.due = None;
+        }
+        let emitted = !batch.is_empty();
+        out.emit(Batch::Raw(batch));
+        if emitted {
+            return Ok(SourcePoll::Ready);
+        }
+        if let Some(wait) = wait {
+            let wake_after_ms = (wait.as_micros().div_ceil(1_000) as u64).clamp(1, 1_000);
+            return Ok(SourcePoll::Idle { wake_after_ms });
+        }
+        Ok(if self.finished { SourcePoll::Finished } else { SourcePoll::Ready })
+    }
+
+    fn close(&mut self) -> Result<(), ComponentError> {
+        self.reader = None;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::sync::atomic::AtomicBool;
+
+    use proptest::prelude::*;
+    use tidewatch_api::{ConfigValue, PipelineInfo};
+
+    use super::*;
+
+    const SKAB_HEADER: &str = "datetime;Accelerometer1RMS;Accelerometer2RMS;Current;Pressure;Temperature;Thermocouple;Voltage;Volume Flow RateRMS;anomaly;changepoint";
+
+    fn config(text: &str) -> FileSourceConfig {
+        ConfigValue::parse(text).expect("toml").deserialize().expect("config")
+    }
+
+    fn context(dir: &Path, worker: usize, workers: usize) -> ComponentContext {
+        let pipeline = PipelineInfo { base_dir: dir.to_path_buf(), ..PipelineInfo::default() };
+        ComponentContext::new(
+            "replay",
+            "file",
+            worker,
+            workers,
+            Arc::new(pipeline),
+            Arc::new(AtomicBool::new(false)),
+        )
+    }
+
+    fn write_file(dir: &Path, name: &str, content: &[u8]) -> PathBuf {
+        let path = dir.join(name);
+        let mut file = File::create(&path).expect("create");
+        file.write_all(content).expect("write");
+        path
+    }
+
+    struct Read {
+        format: PayloadFormat,
+        messages: Vec<(u64, String, Vec<u8>)>,
+    }
+
+    fn read_all(source: &mut FileSource, ctx: &ComponentContext) -> Result<Read, ComponentError> {
+        source.open(ctx)?;
+        let mut out = Outputs::new("replay");
+        let mut read = Read { format: PayloadFormat::Unknown, messages: Vec::new() };
+        for _ in 0..1_000_000 {
+            let poll = source.poll(&mut out)?;
+            for batch in out.take_main() {
+                let Batch::Raw(raw) = batch else { panic!("raw batches only") };
+                read.format = raw.format.clone();
+                for message in raw.iter() {
+                    read.messages.push((
+                        message.position,
+                        message.topic.to_owned(),
+                        message.payload.to_vec(),
+                    ));
+                }
+            }
+            match poll {
+                SourcePoll::Finished => return Ok(read),
+                SourcePoll::Idle { wake_after_ms } => {
+                    std::thread::sleep(Duration::from_millis(wake_after_ms));
+                }
+                SourcePoll::Ready => {}
+            }
+        }
+        panic!("the file source did not finish");
+    }
+
+    fn run(text: &str, dir: &Path) -> Result<Read, ComponentError> {
+        let config = config(text);
+        FileSourceFactory.output_type(&config, &ValidateContext::default()).expect("valid");
+        let ctx = context(dir, 0, 1);
+        let mut source = FileSource::new(&config, &ctx)?;
+        read_all(&mut source, &ctx)
+    }
+
+    fn header_names(format: &PayloadFormat) -> Vec<String> {
+        match format {
+            PayloadFormat::Csv { header, .. } => {
+                header.iter().map(|name| name.to_string()).collect()
+            }
+            other => panic!("expected csv, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn reads_a_skab_like_semicolon_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let content = format!(
+            "{SKAB_HEADER}\r\n2020-03-09 10:14:33;0.0265878;0.0401113;1.3302;0.054711;79.3366;26.0199;233.062;32.0;0.0;0.0\r\n2020-03-09 10:14:34;0.0261697;0.0404525;1.35399;0.382638;79.5158;26.0258;236.04;32.0;0.0;0.0\r\n"
+        );
+        write_file(dir.path(), "skab.csv", content.as_bytes());
+        let read = run("path = \"skab.csv\"\ndelimiter = \";\"", dir.path()).expect("read");
+        assert_eq!(read.messages.len(), 2);
+        let names = header_names(&read.format);
+        assert_eq!(names.len(), 11);
+        assert_eq!(names[0], "datetime");
+        assert_eq!(names[8], "Volume Flow RateRMS");
+        let PayloadFormat::Csv { delimiter, .. } = read.format else { panic!("csv") };
+        assert_eq!(delimiter, b';');
+        let (position, topic, payload) = &read.messages[0];
+        assert_eq!(*position, 2);
+        assert_eq!(topic, "skab.csv");
+        assert!(payload.starts_with(b"2020-03-09 10:14:33;"));
+        assert!(payload.ends_with(b";0.0;0.0"), "no \\r left");
+    }
+
+    #[test]
+    fn reads_the_real_skab_file_when_present() {
+        let path = Path::new("/work/shared/data/skab/data/valve1/0.csv");
+        if !path.exists() {
+            println!("skipping: {} is absent", path.display());
+            return;
+        }
+        let text = std::fs::read_to_string(path).expect("read");
+        let expected = text.lines().filter(|line| !line.trim().is_empty()).count() - 1;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let read = run(
+            &format!(
+                "path = {:?}\ndelimiter = \";\"\nbatch_size = 100",
+                path.display().to_string()
+            ),
+            dir.path(),
+        )
+        .expect("read");
+        assert_eq!(read.messages.len(), expected);
+        assert_eq!(header_names(&read.format).len(), 11);
+        assert!(read.messages.iter().all(|(_, _, payload)| !payload.ends_with(b"\r")));
+    }
+
+    #[test]
+    fn reads_json_lines_and_skips_empty_lines() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write_file(
+            dir.path(),
+            "data.jsonl",
+            b"{\"device\":\"a\",\"ts\":1}\n\n   \n{\"device\":\"b\",\"ts\":2}\r\n{\"device\":\"c\",\"ts\":3}",
+        );
+        let read = run("path = \"data.jsonl\"", dir.path()).expect("read");
+        assert_eq!(read.format, PayloadFormat::Json);
+        let positions: Vec<u64> = read.messages.iter().map(|(position, ..)| *position).collect();
+        assert_eq!(positions, [1, 4, 5]);
+        for (_, _, payload) in &read.messages {
+            let value: serde_json::Value = serde_json::from_slice(payload).expect("json");
+            assert!(value["device"].is_string());
+        }
+    }
+
+    #[test]
+    fn header_false_uses_columns() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write_file(dir.path(), "raw.txt", b"1,2,3\n4,5,6\n");
+        let read =
+            run("path = \"raw.txt\"\nheader = false\ncolumns = [\"a\", \"b\", \"c\"]", dir.path())
+                .expect("read");
+        assert_eq!(read.messages.len(), 2);
+        assert_eq!(read.messages[0].2, b"1,2,3");
+        assert_eq!(header_names(&read.format), ["a", "b", "c"]);
+    }
+
+    #[test]
+    fn columns_override_the_header_line() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write_file(dir.path(), "h.csv", b"x,y\n1,2\n");
+        let read = run("path = \"h.csv\"\ncolumns = [\"a\", \"b\"]", dir.path()).expect("read");
+        assert_eq!(read.messages.len(), 1);
+        assert_eq!(header_names(&read.format), ["a", "b"]);
+    }
+
+    #[test]
+    fn crlf_is_stripped_and_bom_skipped() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write_file(dir.path(), "crlf.csv", b"\xef\xbb\xbfa,\"b\"\r\n1,2\r\n\r\n3,4\r\n");
+        let read = run("path = \"crlf.csv\"", dir.path()).expect("read");
+        assert_eq!(header_names(&read.format), ["a", "b"]);
+        let payloads: Vec<&[u8]> =
+            read.messages.iter().map(|(_, _, payload)| payload.as_slice()).collect();
+        assert_eq!(payloads, [b"1,2".as_slice(), b"3,4".as_slice()]);
+    }
+
+    #[test]
+    fn tsv_defaults_to_tab() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write_file(dir.path(), "t.tsv", b"a\tb\n1\t2\n");
+        let read = run("path = \"t.tsv\"", dir.path()).expect("read");
+        assert_eq!(header_names(&read.format), ["a", "b"]);
+    }
+
+    #[test]
+    fn a_missing_file_is_an_io_error_with_the_path() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let Err(error) = run("path = \"nope.csv\"", dir.path()) else {
+            panic!("expected an error");
+        };
+        assert!(matches!(error, ComponentError::Io { .. }), "{error:?}");
+        assert!(error.to_string().contains("nope.csv"), "{error}");
+    }
+
+    #[test]
+    fn other_workers_finish_at_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = config("path = \"absent.csv\"");
+        let ctx = context(dir.path(), 1, 2);
+        let mut source = FileSource::new(&config, &ctx).expect("new");
+        source.open(&ctx).expect("worker 1 does not open the file");
+        let mut out = Outputs::new("replay");
+        assert_eq!(source.poll(&mut out).expect("poll"), SourcePoll::Finished);
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn batches_are_capped_by_batch_size() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let content: String = (0..25).map(|i| format!("{{\"i\":{i}}}\n")).collect();
+        write_file(dir.path(), "n.ndjson", content.as_bytes());
+        let config = config("path = \"n.ndjson\"\nbatch_size = 10");
+        let ctx = context(dir.path(), 0, 1);
+        let mut source = FileSource::new(&config, &ctx).expect("new");
+        source.open(&ctx).expect("open");
+        let mut out = Outputs::new("replay");
+        let mut sizes = Vec::new();
+        loop {
+            let poll = source.poll(&mut out).expect("poll");
+            sizes.extend(out.take_main().iter().map(Batch::len));
+            if poll == SourcePoll::Finished {
+                break;
+            }
+        }
+        assert_eq!(sizes, [10, 10, 5]);
+    }
+
+    #[test]
+    fn speed_paces_lines_by_their_timestamps() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write_file(dir.path(), "paced.csv", b"ts,v\n1000,1\nbad,2\n1100,3\n1200,4\n");
+        let config = config(
+            "path = \"paced.csv\"\nspeed = 1.0\ntimestamp_field = \"ts\"\ntimestamp_format = \"unix_ms\"",
+        );
+        let ctx = context(dir.path(), 0, 1);
+        let mut source = FileSource::new(&config, &ctx).expect("new");
+        source.open(&ctx).expect("open");
+        let mut out = Outputs::new("replay");
+        let start = Instant::now();
+        // The first line and the unparseable one go out at once; then the source waits.
+        assert_eq!(source.poll(&mut out).expect("poll"), SourcePoll::Ready);
+        assert_eq!(out.take_main().iter().map(Batch::len).sum::<usize>(), 2);
+        match source.poll(&mut out).expect("poll") {
+            SourcePoll::Idle { wake_after_ms } => assert!((1..=100).contains(&wake_after_ms)),
+            other => panic!("expected idle, got {other:?}"),
+        }
+        let read = read_all(&mut source, &ctx).expect("read");
+        assert_eq!(read.messages.len(), 2);
+        assert!(start.elapsed() >= Duration::from_millis(190));
+    }
+
+    #[test]
+    fn speed_paces_json_lines() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write_file(
+            dir.path(),
+            "paced.json",
+            b"{\"ts\":\"2020-03-09T10:14:33.000Z\",\"x\":{\"ts\":5}}\n{\"x\":[1,2],\"ts\":\"2020-03-09T10:14:33.100Z\"}\n",
+        );
+        let config = config("path = \"paced.json\"\nspeed = 2.0\ntimestamp_field = \"ts\"");
+        let ctx = context(dir.path(), 0, 1);
+        let mut source = FileSource::new(&config, &ctx).expect("new");
+        source.open(&ctx).expect("open");
+        let mut out = Outputs::new("replay");
+        assert_eq!(source.poll(&mut out).expect("poll"), SourcePoll::Ready);
+        assert!(matches!(source.poll(&mut out).expect("poll"), SourcePoll::Idle { .. }));
+        std::thread::sleep(Duration::from_millis(60));
+        assert_eq!(source.poll(&mut out).expect("poll"), SourcePoll::Ready);
+        assert_eq!(out.take_main().iter().map(Batch::len).sum::<usize>(), 2);
+    }
+
+    #[test]
+    fn a_missing_timestamp_column_is_a_config_error_at_open() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write_file(dir.path(), "x.csv", b"a,b\n1,2\n");
+        let config = config("path = \"x.csv\"\nspeed = 1.0\ntimestamp_field = \"ts\"");
+        let ctx = context(dir.path(), 0, 1);
+        let mut source = FileSource::new(&config, &ctx).expect("new");
+        assert!(matches!(source.open(&ctx), Err(ComponentError::Config(_))));
+    }
+
+    #[test]
+    fn overlong_lines_are_reported_and_skipped() {
+        let mut reader = io::Cursor::new(b"abcdefgh\nxy\n".to_vec());
+        let mut buf = Vec::new();
+        assert!(matches!(read_line_capped(&mut reader, &mut buf, 4), Ok(LineRead::TooLong(9))));
+        assert!(matches!(read_line_capped(&mut reader, &mut buf, 4), Ok(LineRead::Line)));
+        assert_eq!(buf, b"xy");
+        assert!(matches!(read_line_capped(&mut reader, &mut buf, 4), Ok(LineRead::Eof)));
+    }
+
+    #[test]
+    fn invalid_options_are_rejected() {
+        let ctx = ValidateContext::default();
+        for (text, field) in [
+            ("path = \"data.bin\"", "format"),
+            ("path = \"\"", "path"),
+            ("path = \"a.csv\"\ndelimiter = \";;\"", "delimiter"),
+            ("path = \"a.csv\"\ndelimiter = \"é\"", "delimiter"),
+            ("path = \"a.csv\"\nheader = false", "columns"),
+            ("path = \"a.csv\"\nspeed = 1.0", "timestamp_field"),
+            ("path = \"a.csv\"\nspeed = -1.0", "speed"),
+            ("path = \"a.csv\"\nbatch_size = 0", "batch_size"),
+            (
+                "path = \"a.csv\"\ncolumns = [\"a\"]\nspeed = 1.0\ntimestamp_field = \"t\"",
+                "timestamp_field",
+            ),
+            ("path = \"a.jsonl\"\ncolumns = [\"a\"]", "columns"),
+        ] {
+            let error = FileSourceFactory.output_type(&config(text), &ctx).expect_err(text);
+            assert_eq!(error.field.as_deref(), Some(field), "{text}");
+        }
+        assert!(
+            FileSourceFactory
+                .output_type(&config("path = \"a.dat\"\nformat = \"csv\""), &ctx)
+                .is_ok()
+        );
+        let unknown = ConfigValue::parse("path = \"a.csv\"\nheaders = true")
+            .expect("toml")
+            .deserialize::<FileSourceConfig>();
+        assert!(unknown.is_err());
+        let missing_path =
+            ConfigValue::parse("format = \"csv\"").expect("toml").deserialize::<FileSourceConfig>();
+        assert!(missing_path.is_err());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        #[test]
+        fn never_panics_on_arbitrary_bytes(
+            content in proptest::collection::vec(any::<u8>(), 0..2048),
+            json in any::<bool>(),
+            header in any::<bool>(),
+            paced in any::<bool>(),
+        ) {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let name = if json { "fuzz.jsonl" } else { "fuzz.csv" };
+            write_file(dir.path(), name, &content);
+            let mut text = format!("path = {name:?}\nbatch_size = 16\n");
+            if !json {
+                text.push_str(&format!("header = {header}\ncolumns = [\"ts\", \"b\"]\n"));
+            }
+            if paced {
+                // Fast enough that any wait is short.
+                text.push_str("speed = 1e12\ntimestamp_field = \"ts\"\n");
+            }
+            let config = config(&text);
+            let ctx = context(dir.path(), 0, 1);
+            let mut source = FileSource::new(&config, &ctx).expect("new");
+            let read = read_all(&mut source, &ctx).expect("read");
+            let lines = content
+                .split(|byte| *byte == b'\n')
+                .filter(|line| !is_blank(line.strip_suffix(b"\r").unwrap_or(line)))
+                .count();
+            prop_assert!(read.messages.len() <= lines);
+            for (_, _, payload) in &read.messages {
+                prop_assert!(!payload.contains(&b'\n'));
+            }
+        }
+    }
+}

@@ -1,0 +1,158 @@
+//! The HTTP endpoint: `/metrics` (Prometheus text), `/healthz` and `/readyz`.
+//!
+//! It runs on its own thread with a single-threaded tokio runtime, so scrapes never compete
+//! with the dataflow workers for a scheduler.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::sync::oneshot;
+
+use crate::metrics::Metrics;
+
+/// Why the endpoint could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    /// The address is taken or not ours.
+    #[error("cannot listen on {address}: {source}")]
+    Bind {
+        /// The address asked for.
+        address: String,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Whether the pipeline is ready (all workers built their dataflow) and not stopping.
+#[derive(Debug, Default)]
+pub struct Health {
+    ready: AtomicBool,
+}
+
+impl Health {
+    /// Marks the pipeline ready or not.
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::SeqCst);
+    }
+    /// True once ready.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
+    }
+}
+
+/// A running endpoint; it stops when dropped.
+#[derive(Debug)]
+pub struct HttpServer {
+    address: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl HttpServer {
+    /// The address it listens on (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.address
+    }
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn response(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    if let Ok(value) = content_type.parse() {
+        response.headers_mut().insert(hyper::header::CONTENT_TYPE, value);
+    }
+    response
+}
+
+async fn handle(
+    request: Request<Incoming>,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let text = "text/plain; charset=utf-8";
+    Ok(match (request.method(), request.uri().path()) {
+        (&Method::GET, "/metrics") => {
+            response(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", metrics.render())
+        }
+        (&Method::GET, "/healthz") => response(StatusCode::OK, text, "ok\n".into()),
+        (&Method::GET, "/readyz") => {
+            if health.is_ready() {
+                response(StatusCode::OK, text, "ready\n".into())
+            } else {
+                response(StatusCode::SERVICE_UNAVAILABLE, text, "not ready\n".into())
+            }
+        }
+        (&Method::GET, _) => response(
+            StatusCode::NOT_FOUND,
+            text,
+            "not found: try /metrics, /healthz, /readyz\n".into(),
+        ),
+        _ => response(StatusCode::METHOD_NOT_ALLOWED, text, "only GET\n".into()),
+    })
+}
+
+/// Binds `address` now (so a taken port is an error at start) and serves on a thread.
+pub fn serve(
+    address: &str,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+) -> Result<HttpServer, HttpError> {
+    let bind_error = |source| HttpError::Bind { address: address.to_owned(), source };
+    let listener = std::net::TcpListener::bind(address).map_err(bind_error)?;
+    listener.set_nonblocking(true).map_err(bind_error)?;
+    let local = listener.local_addr().map_err(bind_error)?;
+    let (stop, mut stopped) = oneshot::channel::<()>();
+    let runtime =
+        tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(bind_error)?;
+    let thread = std::thread::Builder::new()
+        .name("tidewatch-http".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                let listener = match tokio::net::TcpListener::from_std(listener) {
+                    Ok(listener) => listener,
+                    Err(error) => {
+                        tracing::error!(%error, "HTTP endpoint cannot start");
+                        return;
+                    }
+                };
+                loop {
+                    tokio::select! {
+                        _ = &mut stopped => break,
+                        accepted = listener.accept() => {
+                            let Ok((stream, _)) = accepted else { continue };
+                            let metrics = Arc::clone(&metrics);
+                            let health = Arc::clone(&health);
+                            tokio::spawn(async move {
+                                let service = service_fn(move |request| handle(request, Arc::clone(&metrics), Arc::clone(&health)));
+                                if let Err(error) = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await {
+                                    tracing::debug!(%error, "HTTP connection ended with an error");
+                                }
+                            });
+                        }
+                    }
+                }
+            });
+        })
+        .map_err(bind_error)?;
+    Ok(HttpServer { address: local, stop: Some(stop), thread: Some(thread) })
+}

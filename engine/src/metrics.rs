@@ -1,0 +1,202 @@
+//! Prometheus metrics of a running pipeline.
+//!
+//! Every component has the four counters of the Vector/Prometheus convention, labelled by
+//! `component_id` and `component_type` (bounded: one series per component):
+//! `tidewatch_component_received_events_total`, `..._sent_events_total`,
+//! `..._errors_total{error_type}` and `..._discarded_events_total{reason}`; event-time progress
+//! is `tidewatch_watermark_lag_seconds{component_id}`.
+
+use prometheus::{
+    Encoder, GaugeVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+};
+use tidewatch_api::EventTime;
+
+/// The metrics of one engine (one process may hold several, e.g. in tests).
+#[derive(Clone, Debug)]
+pub struct Metrics {
+    registry: Registry,
+    received: IntCounterVec,
+    sent: IntCounterVec,
+    errors: IntCounterVec,
+    discarded: IntCounterVec,
+    watermark_lag: GaugeVec,
+    workers: IntGauge,
+    up: IntGauge,
+}
+
+fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let vec = IntCounterVec::new(Opts::new(name, help), labels)
+        .unwrap_or_else(|error| unreachable!("static metric definition {name} is valid: {error}"));
+    if let Err(error) = registry.register(Box::new(vec.clone())) {
+        tracing::warn!(%error, name, "metric registered twice");
+    }
+    vec
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    /// A fresh set of metrics in its own registry.
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let component = &["component_id", "component_type"];
+        let received = counter(
+            &registry,
+            "tidewatch_component_received_events_total",
+            "Records received by a component.",
+            component,
+        );
+        let sent = counter(
+            &registry,
+            "tidewatch_component_sent_events_total",
+            "Records sent by a component on its main output.",
+            component,
+        );
+        let errors = counter(
+            &registry,
+            "tidewatch_component_errors_total",
+            "Records a component could not process (sent to <id>.errors) and failed writes.",
+            &["component_id", "component_type", "error_type"],
+        );
+        let discarded = counter(
+            &registry,
+            "tidewatch_component_discarded_events_total",
+            "Records a component dropped on purpose (late, filtered, too few steps).",
+            &["component_id", "component_type", "reason"],
+        );
+        let watermark_lag = GaugeVec::new(
+            Opts::new(
+                "tidewatch_watermark_lag_seconds",
+                "Wall clock minus the event-time watermark at a component's input.",
+            ),
+            &["component_id"],
+        )
+        .unwrap_or_else(|error| unreachable!("static metric definition is valid: {error}"));
+        let _ = registry.register(Box::new(watermark_lag.clone()));
+        let workers = IntGauge::new("tidewatch_workers", "Worker threads of this process.")
+            .unwrap_or_else(|error| unreachable!("static metric definition is valid: {error}"));
+        let _ = registry.register(Box::new(workers.clone()));
+        let up = IntGauge::new(
+            "tidewatch_pipeline_running",
+            "1 while the pipeline runs, 0 once it stopped.",
+        )
+        .unwrap_or_else(|error| unreachable!("static metric definition is valid: {error}"));
+        let _ = registry.register(Box::new(up.clone()));
+        Metrics { registry, received, sent, errors, discarded, watermark_lag, workers, up }
+    }
+
+    /// The counters of one component (cheap to clone; increments are atomic).
+    pub fn component(&self, component_id: &str, component_type: &str) -> ComponentMetrics {
+        ComponentMetrics {
+            received: self.received.with_label_values(&[component_id, component_type]),
+            sent: self.sent.with_label_values(&[component_id, component_type]),
+            errors: self.errors.clone(),
+            discarded: self.discarded.clone(),
+            watermark_lag: self.watermark_lag.clone(),
+            id: component_id.to_owned(),
+            type_name: component_type.to_owned(),
+        }
+    }
+
+    /// Sets the worker-count gauge.
+    pub fn set_workers(&self, workers: usize) {
+        self.workers.set(workers as i64);
+    }
+
+    /// Sets the running gauge.
+    pub fn set_running(&self, running: bool) {
+        self.up.set(i64::from(running));
+    }
+
+    /// The underlying registry, to add metrics of an embedder's own.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// The metrics in Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut buffer = Vec::new();
+        let encoder = TextEncoder::new();
+        if let Err(error) = encoder.encode(&self.registry.gather(), &mut buffer) {
+            tracing::warn!(%error, "cannot encode metrics");
+        }
+        String::from_utf8_lossy(&buffer).into_owned()
+    }
+
+    /// The current value of a component counter (`received`, `sent`), for tests and reports.
+    pub fn received(&self, component_id: &str, component_type: &str) -> u64 {
+        self.received.with_label_values(&[component_id, component_type]).get()
+    }
+
+    /// The current number of records sent by a component.
+    pub fn sent(&self, component_id: &str, component_type: &str) -> u64 {
+        self.sent.with_label_values(&[component_id, component_type]).get()
+    }
+
+    /// The current number of errors of a component, over all error types.
+    pub fn errors(&self, component_id: &str) -> u64 {
+        self.sum(&self.errors, component_id)
+    }
+
+    /// The current number of discarded records of a component, over all reasons.
+    pub fn discarded(&self, component_id: &str) -> u64 {
+        self.sum(&self.discarded, component_id)
+    }
+
+    fn sum(&self, vec: &IntCounterVec, component_id: &str) -> u64 {
+        use prometheus::core::Collector;
+        vec.collect()
+            .iter()
+            .flat_map(|family| family.get_metric().iter())
+            .filter(|metric| {
+                metric
+                    .get_label()
+                    .iter()
+                    .any(|label| label.name() == "component_id" && label.value() == component_id)
+            })
+            .map(|metric| metric.get_counter().get_value() as u64)
+            .sum()
+    }
+}
+
+/// The counters of one component instance.
+#[derive(Clone, Debug)]
+pub struct ComponentMetrics {
+    received: IntCounter,
+    sent: IntCounter,
+    errors: IntCounterVec,
+    discarded: IntCounterVec,
+    watermark_lag: GaugeVec,
+    id: String,
+    type_name: String,
+}
+
+impl ComponentMetrics {
+    /// Counts records received.
+    pub fn received(&self, count: usize) {
+        self.received.inc_by(count as u64);
+    }
+    /// Counts records sent on the main output.
+    pub fn sent(&self, count: usize) {
+        self.sent.inc_by(count as u64);
+    }
+    /// Counts errors of one type.
+    pub fn error(&self, error_type: &str, count: usize) {
+        self.errors
+            .with_label_values(&[&self.id, &self.type_name, error_type])
+            .inc_by(count as u64);
+    }
+    /// Counts records discarded for a reason.
+    pub fn discarded(&self, reason: &str, count: u64) {
+        self.discarded.with_label_values(&[&self.id, &self.type_name, reason]).inc_by(count);
+    }
+    /// Records the watermark's lag behind the wall clock.
+    pub fn watermark(&self, watermark_ms: EventTime) {
+        let lag = (tidewatch_api::records::now_ms() - watermark_ms) as f64 / 1000.0;
+        self.watermark_lag.with_label_values(&[&self.id]).set(lag);
+    }
+}

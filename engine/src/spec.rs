@@ -1,0 +1,876 @@
+//! Pipeline files: loading, environment interpolation and validation in stages.
+//!
+//! 1. environment interpolation (`${VAR}`, `${VAR:-default}`);
+//! 2. TOML syntax (every syntax error);
+//! 3. structure: top-level tables, component ids, `type`, `inputs`;
+//! 4. component options (each component's typed config; unknown options, bad values);
+//! 5. the graph: dangling inputs, cycles, record kinds between stages;
+//! 6. warnings: components whose output nobody reads.
+//!
+//! Every stage reports every problem it finds as `path:line:col: message` with a hint; a stage
+//! runs only on what the previous ones accepted.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::Deserialize;
+use tidewatch_api::factory::{ConfiguredSink, ConfiguredSource, ConfiguredTransform};
+use tidewatch_api::{
+    ComponentFactory, ConfigError, ConfigValue, Kind, PipelineInfo, PortType, TransformProperties,
+    ValidateContext,
+};
+use toml::Spanned;
+use toml::de::{DeTable, DeValue};
+
+use crate::diagnostics::{Diagnostic, Reporter, Severity, did_you_mean};
+use crate::interpolate::interpolate;
+use crate::registry::{Class, Registry};
+
+/// The `[pipeline]` table.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineSettings {
+    /// Name of the pipeline, used in logs and metrics. Default: the file name without extension.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Worker threads. Default 1; `--workers` on the command line overrides it.
+    #[serde(default = "default_workers")]
+    pub workers: usize,
+    /// How far behind the greatest event time seen a reading may arrive and still count as on
+    /// time, ms. Default 5000.
+    #[serde(default = "default_out_of_orderness_ms")]
+    pub out_of_orderness_ms: u64,
+    /// After this long without data, a stream's watermark advances with the wall clock (and
+    /// catches up with the other workers), ms. Default 1000.
+    #[serde(default = "default_idle_timeout_ms")]
+    pub idle_timeout_ms: u64,
+    /// Address of the HTTP endpoint (`/metrics`, `/healthz`, `/readyz`); empty disables it.
+    /// Default `127.0.0.1:9898`.
+    #[serde(default = "default_http_address")]
+    pub http_address: String,
+}
+
+fn default_workers() -> usize {
+    1
+}
+fn default_out_of_orderness_ms() -> u64 {
+    5_000
+}
+fn default_idle_timeout_ms() -> u64 {
+    1_000
+}
+fn default_http_address() -> String {
+    "127.0.0.1:9898".to_owned()
+}
+
+impl Default for PipelineSettings {
+    fn default() -> Self {
+        PipelineSettings {
+            name: None,
+            workers: default_workers(),
+            out_of_orderness_ms: default_out_of_orderness_ms(),
+            idle_timeout_ms: default_idle_timeout_ms(),
+            http_address: default_http_address(),
+        }
+    }
+}
+
+/// Which output of a component an input reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Port {
+    /// The main output (`<id>`).
+    Main,
+    /// The error side output (`<id>.errors`).
+    Errors,
+    /// The late side output (`<id>.late`), for components that have one.
+    Late,
+}
+
+impl Port {
+    /// The suffix written after the component id (`""`, `".errors"`, `".late"`).
+    pub fn suffix(self) -> &'static str {
+        match self {
+            Port::Main => "",
+            Port::Errors => ".errors",
+            Port::Late => ".late",
+        }
+    }
+}
+
+/// One input of a transform or sink.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InputRef {
+    /// The producing component's id.
+    pub component: String,
+    /// Which of its outputs.
+    pub port: Port,
+}
+
+impl std::fmt::Display for InputRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}{}", self.component, self.port.suffix())
+    }
+}
+
+/// A configured component, ready to be built on each worker.
+#[derive(Clone)]
+pub enum Configured {
+    /// A source.
+    Source(Arc<dyn ConfiguredSource>),
+    /// A transform and its dataflow properties.
+    Transform(Arc<dyn ConfiguredTransform>, TransformProperties),
+    /// A sink.
+    Sink(Arc<dyn ConfiguredSink>),
+}
+
+impl std::fmt::Debug for Configured {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Configured::Source(_) => f.write_str("Configured::Source"),
+            Configured::Transform(_, properties) => {
+                write!(f, "Configured::Transform({properties:?})")
+            }
+            Configured::Sink(_) => f.write_str("Configured::Sink"),
+        }
+    }
+}
+
+/// A validated component.
+#[derive(Clone, Debug)]
+pub struct Component {
+    /// Its id (the key under `[sources]`, `[transforms]` or `[sinks]`).
+    pub id: String,
+    /// Its class.
+    pub class: Class,
+    /// Its type name.
+    pub type_name: String,
+    /// What it reads (empty for sources).
+    pub inputs: Vec<InputRef>,
+    /// The configured factory.
+    pub configured: Configured,
+    /// The type of its main output (`None` for sinks).
+    pub output: Option<PortType>,
+    /// The type of its late output, if it has one.
+    pub late: Option<PortType>,
+}
+
+/// A validated pipeline: components in an order where every producer precedes its consumers.
+#[derive(Clone, Debug)]
+pub struct Pipeline {
+    /// The file it was loaded from, as given.
+    pub path: String,
+    /// The `[pipeline]` table.
+    pub settings: PipelineSettings,
+    /// Settings handed to components.
+    pub info: Arc<PipelineInfo>,
+    /// Components, producers before consumers.
+    pub components: Vec<Component>,
+    /// Warnings found while validating.
+    pub warnings: Vec<Diagnostic>,
+}
+
+impl Pipeline {
+    /// The component named `id`.
+    pub fn component(&self, id: &str) -> Option<&Component> {
+        self.components.iter().find(|component| component.id == id)
+    }
+}
+
+/// Every problem found in a pipeline file (errors and warnings).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{}", render(.diagnostics))]
+pub struct ValidationErrors {
+    /// All diagnostics, errors first in file order.
+    pub diagnostics: Vec<Diagnostic>,
+}
+
+fn render(diagnostics: &[Diagnostic]) -> String {
+    diagnostics.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n")
+}
+
+impl ValidationErrors {
+    /// Only the errors.
+    pub fn errors(&self) -> impl Iterator<Item = &Diagnostic> {
+        self.diagnostics.iter().filter(|diagnostic| diagnostic.severity == Severity::Error)
+    }
+}
+
+/// Loads and validates a pipeline file, reading `${VAR}` from the process environment.
+pub fn load_file(path: &Path, registry: &Registry) -> Result<Pipeline, ValidationErrors> {
+    let label = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|error| ValidationErrors {
+        diagnostics: vec![Diagnostic {
+            severity: Severity::Error,
+            path: label.clone(),
+            line: 1,
+            column: 1,
+            message: format!("cannot read the pipeline file: {error}"),
+            hint: None,
+        }],
+    })?;
+    let base_dir = path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+    load_str(&text, &label, &base_dir, registry, |name| std::env::var(name).ok())
+}
+
+/// Loads and validates pipeline text. `label` names the file in diagnostics, `base_dir`
+/// resolves relative paths, `env` looks variables up.
+pub fn load_str(
+    text: &str,
+    label: &str,
+    base_dir: &Path,
+    registry: &Registry,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<Pipeline, ValidationErrors> {
+    let (text, interpolation_errors) = interpolate(text, env);
+    let mut reporter = Reporter::new(label, &text);
+    for error in interpolation_errors {
+        reporter.error(Some(error.span), error.message, error.hint);
+    }
+    // The configs keep spans into the text for the life of the process.
+    let text: &'static str = Box::leak(text.into_boxed_str());
+    let (root, syntax_errors) = DeTable::parse_recoverable(text);
+    for error in syntax_errors {
+        reporter.error(error.span(), format!("TOML syntax: {}", error.message().trim()), None);
+    }
+    if reporter.has_errors() {
+        return Err(ValidationErrors { diagnostics: reporter.diagnostics });
+    }
+    let mut validator = Validator { reporter, registry, entries: Vec::new() };
+    let settings = validator.structure(root.get_ref());
+    let name = settings.name.clone().unwrap_or_else(|| {
+        Path::new(label)
+            .file_stem()
+            .map(|stem| stem.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    });
+    let info = Arc::new(PipelineInfo {
+        name,
+        out_of_orderness_ms: settings.out_of_orderness_ms,
+        idle_timeout_ms: settings.idle_timeout_ms,
+        base_dir: base_dir.to_path_buf(),
+    });
+    let ctx = ValidateContext { pipeline: Arc::clone(&info) };
+    validator.configure(&ctx);
+    let components = validator.graph(&ctx);
+    let Validator { reporter, .. } = validator;
+    if reporter.has_errors() {
+        let mut diagnostics = reporter.diagnostics;
+        diagnostics
+            .sort_by_key(|diagnostic| (diagnostic.severity, diagnostic.line, diagnostic.column));
+        return Err(ValidationErrors { diagnostics });
+    }
+    Ok(Pipeline {
+        path: label.to_owned(),
+        settings,
+        info,
+        components,
+        warnings: reporter.diagnostics,
+    })
+}
+
+/// A component as read from the file, before its options are checked.
+struct Entry {
+    id: String,
+    id_span: Range<usize>,
+    class: Class,
+    type_name: String,
+    type_span: Range<usize>,
+    inputs: Vec<(String, Range<usize>)>,
+    inputs_span: Range<usize>,
+    options: ConfigValue,
+    configured: Option<Configured>,
+}
+
+struct Validator<'r> {
+    reporter: Reporter,
+    registry: &'r Registry,
+    entries: Vec<Entry>,
+}
+
+fn valid_id(id: &str) -> bool {
+    !id.is_empty() && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
+impl Validator<'_> {
+    fn config_error(&mut self, options: &ConfigValue, fallback: Range<usize>, error: ConfigError) {
+        let span = error
+            .span
+            .clone()
+            .or_else(|| error.field.as_deref().and_then(|field| options.span_of(field)))
+            .unwrap_or(fallback);
+        let mut hint = error.hint.clone();
+        if hint.is_none() {
+            hint = unknown_field_hint(&error.message);
+        }
+        self.reporter.error(Some(span), error.message, hint);
+    }
+
+    /// Stage 3: top-level tables, ids, `type` and `inputs`.
+    fn structure(&mut self, root: &DeTable<'static>) -> PipelineSettings {
+        let mut settings = PipelineSettings::default();
+        let mut seen_ids: HashMap<String, Class> = HashMap::new();
+        for (key, value) in root.iter() {
+            let class = match key.get_ref().as_ref() {
+                "pipeline" => {
+                    let options = ConfigValue::new(value.clone());
+                    match options.deserialize::<PipelineSettings>() {
+                        Ok(parsed) => {
+                            if parsed.workers == 0 {
+                                self.config_error(
+                                    &options,
+                                    key.span(),
+                                    ConfigError::at_field(
+                                        "workers",
+                                        "`workers` must be at least 1",
+                                    ),
+                                );
+                            }
+                            if !parsed.http_address.is_empty()
+                                && parsed.http_address.parse::<std::net::SocketAddr>().is_err()
+                            {
+                                self.config_error(
+                                    &options,
+                                    key.span(),
+                                    ConfigError::at_field(
+                                        "http_address",
+                                        format!(
+                                            "`{}` is not an address like 127.0.0.1:9898",
+                                            parsed.http_address
+                                        ),
+                                    )
+                                    .with_hint("write ip:port, or \"\" to disable the endpoint"),
+                                );
+                            }
+                            settings = parsed;
+                        }
+                        Err(error) => self.config_error(&options, key.span(), error),
+                    }
+                    continue;
+                }
+                "sources" => Class::Source,
+                "transforms" => Class::Transform,
+                "sinks" => Class::Sink,
+                other => {
+                    let hint = did_you_mean(other, ["pipeline", "sources", "transforms", "sinks"])
+                        .or_else(|| Some("the top-level tables are [pipeline], [sources.<id>], [transforms.<id>] and [sinks.<id>]".into()));
+                    self.reporter.error(
+                        Some(key.span()),
+                        format!("unknown top-level table `{other}`"),
+                        hint,
+                    );
+                    continue;
+                }
+            };
+            let Some(components) = value.get_ref().as_table() else {
+                self.reporter.error(
+                    Some(key.span()),
+                    format!("`{}` must be a table of components", class.table()),
+                    Some(format!("write [{}.<id>] sections", class.table())),
+                );
+                continue;
+            };
+            for (id_key, component) in components.iter() {
+                let id = id_key.get_ref().to_string();
+                if !valid_id(&id) {
+                    self.reporter.error(
+                        Some(id_key.span()),
+                        format!("invalid component id `{id}`"),
+                        Some("ids use letters, digits, `_` and `-` (no dots: `.errors` and `.late` name side outputs)".into()),
+                    );
+                    continue;
+                }
+                if let Some(other) = seen_ids.insert(id.clone(), class) {
+                    self.reporter.error(
+                        Some(id_key.span()),
+                        format!("duplicate component id `{id}` (already a {})", other.name()),
+                        Some(
+                            "component ids must be unique across sources, transforms and sinks"
+                                .into(),
+                        ),
+                    );
+                    continue;
+                }
+                if let Some(entry) = self.entry(class, id, id_key.span(), component) {
+                    self.entries.push(entry);
+                }
+            }
+        }
+        settings
+    }
+
+    fn entry(
+        &mut self,
+        class: Class,
+        id: String,
+        id_span: Range<usize>,
+        component: &Spanned<DeValue<'static>>,
+    ) -> Option<Entry> {
+        let Some(table) = component.get_ref().as_table() else {
+            self.reporter.error(
+                Some(id_span),
+                format!("{} `{id}` must be a table", class.name()),
+                Some(format!("write [{}.{id}] with a `type` key", class.table())),
+            );
+            return None;
+        };
+        let mut options = DeTable::new();
+        let mut type_name: Option<(String, Range<usize>)> = None;
+        let mut inputs: Option<(Vec<(String, Range<usize>)>, Range<usize>)> = None;
+        let mut ok = true;
+        for (key, value) in table.iter() {
+            match key.get_ref().as_ref() {
+                "type" => match value.get_ref().as_str() {
+                    Some(name) => type_name = Some((name.to_owned(), value.span())),
+                    None => {
+                        self.reporter.error(Some(value.span()), "`type` must be a string", None);
+                        ok = false;
+                    }
+                },
+                "inputs" => {
+                    if class == Class::Source {
+                        self.reporter.error(
+                            Some(key.span()),
+                            format!("source `{id}` cannot have `inputs`"),
+                            Some("sources read from the outside world; move this component to [transforms] or [sinks]".into()),
+                        );
+                        ok = false;
+                        continue;
+                    }
+                    match value.get_ref().as_array() {
+                        Some(array) => {
+                            let mut list = Vec::new();
+                            for item in array.iter() {
+                                match item.get_ref().as_str() {
+                                    Some(name) => list.push((name.to_owned(), item.span())),
+                                    None => {
+                                        self.reporter.error(Some(item.span()), "every input must be a string (a component id, `<id>.errors` or `<id>.late`)", None);
+                                        ok = false;
+                                    }
+                                }
+                            }
+                            inputs = Some((list, value.span()));
+                        }
+                        None => {
+                            self.reporter.error(
+                                Some(value.span()),
+                                "`inputs` must be an array of component ids",
+                                Some(format!("inputs = [\"{}\"]", "<id>")),
+                            );
+                            ok = false;
+                        }
+                    }
+                }
+                _ => {
+                    options.insert(key.clone(), value.clone());
+                }
+            }
+        }
+        let Some((type_name, type_span)) = type_name else {
+            if ok {
+                self.reporter.error(
+                    Some(id_span),
+                    format!("{} `{id}` has no `type`", class.name()),
+                    Some(format!("one of: {}", self.registry.names(class).join(", "))),
+                );
+            }
+            return None;
+        };
+        let (inputs, inputs_span) = match (class, inputs) {
+            (Class::Source, _) => (Vec::new(), id_span.clone()),
+            (_, Some((list, span))) if !list.is_empty() => (list, span),
+            (_, Some((_, span))) => {
+                self.reporter.error(
+                    Some(span),
+                    format!("{} `{id}` has an empty `inputs`", class.name()),
+                    None,
+                );
+                return None;
+            }
+            (_, None) => {
+                if ok {
+                    self.reporter.error(
+                        Some(id_span),
+                        format!("{} `{id}` has no `inputs`", class.name()),
+                        Some("add inputs = [\"<component id>\"]".into()),
+                    );
+                }
+                return None;
+            }
+        };
+        if !ok {
+            return None;
+        }
+        let options = ConfigValue::new(Spanned::new(component.span(), DeValue::Table(options)));
+        Some(Entry {
+            id,
+            id_span,
+            class,
+            type_name,
+            type_span,
+            inputs,
+            inputs_span,
+            options,
+            configured: None,
+        })
+    }
+
+    /// Stage 4: each component's options, through its factory.
+    fn configure(&mut self, ctx: &ValidateContext) {
+        let mut entries = std::mem::take(&mut self.entries);
+        for entry in &mut entries {
+            let Some(factory) = self.registry.get(entry.class, &entry.type_name).cloned() else {
+                let names = self.registry.names(entry.class);
+                let mut hint = did_you_mean(&entry.type_name, names.iter().copied());
+                if hint.is_none() {
+                    for other in [Class::Source, Class::Transform, Class::Sink] {
+                        if other != entry.class
+                            && self.registry.get(other, &entry.type_name).is_some()
+                        {
+                            hint = Some(format!(
+                                "`{}` is a {}: declare it under [{}.{}]",
+                                entry.type_name,
+                                other.name(),
+                                other.table(),
+                                entry.id
+                            ));
+                        }
+                    }
+                }
+                let hint = hint.or_else(|| {
+                    Some(format!("known {} types: {}", entry.class.name(), names.join(", ")))
+                });
+                self.reporter.error(
+                    Some(entry.type_span.clone()),
+                    format!("unknown {} type `{}`", entry.class.name(), entry.type_name),
+                    hint,
+                );
+                continue;
+            };
+            let result = match factory {
+                ComponentFactory::Source(factory) => {
+                    factory.configure(&entry.options, ctx).map(Configured::Source)
+                }
+                ComponentFactory::Transform(factory) => {
+                    factory.configure(&entry.options, ctx).map(|configured| {
+                        let properties = configured.properties();
+                        Configured::Transform(configured, properties)
+                    })
+                }
+                ComponentFactory::Sink(factory) => {
+                    factory.configure(&entry.options, ctx).map(Configured::Sink)
+                }
+            };
+            match result {
+                Ok(configured) => entry.configured = Some(configured),
+                Err(error) => {
+                    let options = entry.options.clone();
+                    self.config_error(&options, entry.id_span.clone(), error);
+                }
+            }
+        }
+        self.entries = entries;
+    }
+
+    /// Stage 5 and 6: inputs, cycles, kinds, unused components.
+    fn graph(&mut self, ctx: &ValidateContext) -> Vec<Component> {
+        let ids: BTreeMap<String, usize> = self
+            .entries
+            .iter()
+            .enumerate()
+            .map(|(index, entry)| (entry.id.clone(), index))
+            .collect();
+        // Resolve inputs.
+        let mut resolved: Vec<Vec<(InputRef, Range<usize>, usize)>> = Vec::new();
+        for entry in &self.entries {
+            let mut list = Vec::new();
+            for (name, span) in &entry.inputs {
+                let (component, port) = match name.rsplit_once('.') {
+                    Some((component, "errors")) => (component, Port::Errors),
+                    Some((component, "late")) => (component, Port::Late),
+                    Some((component, other)) => {
+                        self.reporter.error(
+                            Some(span.clone()),
+                            format!("unknown output `.{other}` of `{component}`"),
+                            Some("a component's outputs are `<id>`, `<id>.errors` and, for windows, `<id>.late`".into()),
+                        );
+                        continue;
+                    }
+                    None => (name.as_str(), Port::Main),
+                };
+                let Some(&producer) = ids.get(component) else {
+                    self.reporter.error(
+                        Some(span.clone()),
+                        format!(
+                            "dangling input: {} `{}` reads `{name}`, which is not a component",
+                            entry.class.name(),
+                            entry.id
+                        ),
+                        did_you_mean(component, ids.keys().map(String::as_str)).or_else(|| {
+                            Some(format!(
+                                "declared components: {}",
+                                ids.keys().cloned().collect::<Vec<_>>().join(", ")
+                            ))
+                        }),
+                    );
+                    continue;
+                };
+                if self.entries[producer].class == Class::Sink {
+                    self.reporter.error(
+                        Some(span.clone()),
+                        format!("`{component}` is a sink and has no output to read"),
+                        None,
+                    );
+                    continue;
+                }
+                if producer == ids[&entry.id] {
+                    self.reporter.error(
+                        Some(span.clone()),
+                        format!("`{}` reads its own output", entry.id),
+                        None,
+                    );
+                    continue;
+                }
+                list.push((
+                    InputRef { component: component.to_owned(), port },
+                    span.clone(),
+                    producer,
+                ));
+            }
+            resolved.push(list);
+        }
+        // Cycles and order (Kahn's algorithm over resolved edges).
+        let count = self.entries.len();
+        let mut indegree = vec![0usize; count];
+        let mut consumers: Vec<Vec<usize>> = vec![Vec::new(); count];
+        for (consumer, inputs) in resolved.iter().enumerate() {
+            let producers: BTreeSet<usize> =
+                inputs.iter().map(|(_, _, producer)| *producer).collect();
+            for producer in producers {
+                indegree[consumer] += 1;
+                consumers[producer].push(consumer);
+            }
+        }
+        let mut ready: Vec<usize> = (0..count).filter(|index| indegree[*index] == 0).collect();
+        ready.sort_by_key(|index| std::cmp::Reverse(self.entries[*index].class));
+        let mut order = Vec::with_capacity(count);
+        while let Some(next) = ready.pop() {
+            order.push(next);
+            for consumer in consumers[next].clone() {
+                indegree[consumer] -= 1;
+                if indegree[consumer] == 0 {
+                    ready.push(consumer);
+                }
+            }
+        }
+        if order.len() < count {
+            // What is left leads into a cycle; keep only the members by also peeling off,
+            // repeatedly, the components none of the rest reads.
+            let mut left: BTreeSet<usize> = (0..count).filter(|index| indegree[*index] > 0).collect();
+            loop {
+                let leaves: Vec<usize> = left
+                    .iter()
+                    .copied()
+                    .filter(|index| !consumers[*index].iter().any(|consumer| left.contains(consumer)))
+                    .collect();
+                if leaves.is_empty() {
+                    break;
+                }
+                for leaf in leaves {
+                    left.remove(&leaf);
+                }
+            }
+            let in_cycle: Vec<usize> = left.into_iter().collect();
+            let names: Vec<&str> =
+                in_cycle.iter().map(|index| self.entries[*index].id.as_str()).collect();
+            for index in &in_cycle {
+                let entry = &self.entries[*index];
+                self.reporter.error(
+                    Some(entry.inputs_span.clone()),
+                    format!(
+                        "cycle: `{}` is part of a loop through {}",
+                        entry.id,
+                        names.join(" -> ")
+                    ),
+                    Some("pipelines are acyclic; remove one of these inputs".into()),
+                );
+            }
+            return Vec::new();
+        }
+        // Types, in order.
+        let mut outputs: HashMap<usize, (PortType, Option<PortType>)> = HashMap::new();
+        let mut components = Vec::new();
+        for &index in &order {
+            let entry = &self.entries[index];
+            let Some(configured) = entry.configured.clone() else { continue };
+            let mut input_types: Vec<(PortType, &InputRef, Range<usize>)> = Vec::new();
+            let mut inputs_ok = true;
+            for (input, span, producer) in &resolved[index] {
+                let Some((main, late)) = outputs.get(producer) else {
+                    inputs_ok = false;
+                    continue;
+                };
+                let port_type = match input.port {
+                    Port::Main => main.clone(),
+                    Port::Errors => PortType::of(Kind::Errors),
+                    Port::Late => match late {
+                        Some(late) => late.clone(),
+                        None => {
+                            self.reporter.error(
+                                Some(span.clone()),
+                                format!("`{}` has no `.late` output", input.component),
+                                Some("only event-time windows produce late readings".into()),
+                            );
+                            inputs_ok = false;
+                            continue;
+                        }
+                    },
+                };
+                input_types.push((port_type, input, span.clone()));
+            }
+            let accepts: Vec<Kind> = match &configured {
+                Configured::Source(_) => Vec::new(),
+                Configured::Transform(transform, _) => transform.accepts(),
+                Configured::Sink(sink) => sink.accepts(),
+            };
+            for (port_type, input, span) in &input_types {
+                if !accepts.contains(&port_type.kind) {
+                    let hint = match (port_type.kind, accepts.first()) {
+                        (Kind::Raw, Some(Kind::Readings)) => {
+                            Some("insert a `normalize` transform between them".to_owned())
+                        }
+                        (Kind::Readings, Some(Kind::Windows)) => {
+                            Some("insert a `window` transform between them".to_owned())
+                        }
+                        _ => None,
+                    }
+                    .or_else(|| {
+                        Some(format!(
+                            "`{}` accepts {}",
+                            entry.type_name,
+                            accepts.iter().map(|kind| kind.name()).collect::<Vec<_>>().join(", ")
+                        ))
+                    });
+                    self.reporter.error(
+                        Some(span.clone()),
+                        format!(
+                            "record-kind mismatch: `{}` ({}) accepts {} but `{input}` emits {}",
+                            entry.id,
+                            entry.type_name,
+                            accepts.iter().map(|kind| kind.name()).collect::<Vec<_>>().join(" or "),
+                            port_type.kind
+                        ),
+                        hint,
+                    );
+                    inputs_ok = false;
+                }
+            }
+            if let Configured::Transform(..) = configured {
+                let kinds: BTreeSet<Kind> =
+                    input_types.iter().map(|(port_type, _, _)| port_type.kind).collect();
+                if kinds.len() > 1 {
+                    self.reporter.error(
+                        Some(entry.inputs_span.clone()),
+                        format!(
+                            "`{}` mixes inputs of different kinds ({})",
+                            entry.id,
+                            kinds.iter().map(|kind| kind.name()).collect::<Vec<_>>().join(", ")
+                        ),
+                        Some("a transform reads one kind of records; split it in two".into()),
+                    );
+                    inputs_ok = false;
+                }
+            }
+            if !inputs_ok {
+                continue;
+            }
+            let (output, late) = match &configured {
+                Configured::Source(source) => (Some(source.output_type().clone()), None),
+                Configured::Transform(transform, properties) => {
+                    let schemas: BTreeSet<Option<Vec<Arc<str>>>> = input_types
+                        .iter()
+                        .map(|(port_type, _, _)| {
+                            port_type.schema.as_ref().map(|schema| schema.names().to_vec())
+                        })
+                        .collect();
+                    let input = match (input_types.first(), schemas.len()) {
+                        (Some((first, _, _)), 1) => first.clone(),
+                        (Some((first, _, _)), _) => PortType::of(first.kind),
+                        (None, _) => continue,
+                    };
+                    match transform.output_type(&input, ctx) {
+                        Ok(output) => {
+                            let late = properties.late_output.then(|| input.clone());
+                            (Some(output), late)
+                        }
+                        Err(error) => {
+                            let options = entry.options.clone();
+                            let span = entry.id_span.clone();
+                            self.config_error(&options, span, error);
+                            continue;
+                        }
+                    }
+                }
+                Configured::Sink(_) => (None, None),
+            };
+            if let Some(output) = &output {
+                outputs.insert(index, (output.clone(), late.clone()));
+            }
+            components.push(Component {
+                id: entry.id.clone(),
+                class: entry.class,
+                type_name: entry.type_name.clone(),
+                inputs: resolved[index].iter().map(|(input, _, _)| input.clone()).collect(),
+                configured,
+                output,
+                late,
+            });
+        }
+        // Unused outputs.
+        let read: BTreeSet<&str> =
+            resolved.iter().flatten().map(|(input, _, _)| input.component.as_str()).collect();
+        for entry in &self.entries {
+            if entry.class != Class::Sink && !read.contains(entry.id.as_str()) {
+                self.reporter.warning(
+                    Some(entry.id_span.clone()),
+                    format!(
+                        "unused component: nothing reads the output of {} `{}`",
+                        entry.class.name(),
+                        entry.id
+                    ),
+                    Some(format!(
+                        "add \"{}\" to the inputs of a transform or sink, or remove it",
+                        entry.id
+                    )),
+                );
+            }
+        }
+        if !self.entries.iter().any(|entry| entry.class == Class::Sink) && !self.entries.is_empty()
+        {
+            self.reporter.error(
+                Some(0..0),
+                "the pipeline has no sink",
+                Some("add a [sinks.<id>] section, e.g. type = \"stdout\"".into()),
+            );
+        }
+        if self.entries.iter().all(|entry| entry.class != Class::Source) {
+            self.reporter.error(
+                Some(0..0),
+                "the pipeline has no source",
+                Some("add a [sources.<id>] section, e.g. type = \"simulator\"".into()),
+            );
+        }
+        components
+    }
+}
+
+/// Turns serde's "unknown field `x`, expected one of `a`, `b`" into a "did you mean" hint.
+fn unknown_field_hint(message: &str) -> Option<String> {
+    let rest = message.strip_prefix("unknown field `")?;
+    let (field, expected) = rest.split_once('`')?;
+    let candidates: Vec<&str> = expected.split('`').skip(1).step_by(2).collect();
+    did_you_mean(field, candidates.iter().copied()).or_else(|| {
+        (!candidates.is_empty()).then(|| format!("known options: {}", candidates.join(", ")))
+    })
+}

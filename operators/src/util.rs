@@ -1,0 +1,95 @@
+//! Small helpers shared by the operators.
+
+use std::hash::{BuildHasher, Hasher};
+
+/// A fast multiplicative hasher for keys that the operators assign themselves (interned
+/// [`tidewatch_api::DeviceId`]s, small integers). Not for keys chosen by the outside world.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct IdHasher {
+    hash: u64,
+}
+
+const SEED: u64 = 0x51_7c_c1_b7_27_22_0a_95;
+
+impl IdHasher {
+    fn add(&mut self, word: u64) {
+        self.hash = (self.hash.rotate_left(5) ^ word).wrapping_mul(SEED);
+    }
+}
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.hash
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for chunk in &mut chunks {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(chunk);
+            self.add(u64::from_le_bytes(word));
+        }
+        let rest = chunks.remainder();
+        if !rest.is_empty() {
+            let mut word = [0u8; 8];
+            word[..rest.len()].copy_from_slice(rest);
+            self.add(u64::from_le_bytes(word));
+        }
+    }
+
+    fn write_u8(&mut self, value: u8) {
+        self.add(u64::from(value));
+    }
+
+    fn write_u32(&mut self, value: u32) {
+        self.add(u64::from(value));
+    }
+
+    fn write_u64(&mut self, value: u64) {
+        self.add(value);
+    }
+
+    fn write_i64(&mut self, value: i64) {
+        self.add(value as u64);
+    }
+
+    fn write_usize(&mut self, value: usize) {
+        self.add(value as u64);
+    }
+}
+
+/// Builds [`IdHasher`]s.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct IdHash;
+
+impl BuildHasher for IdHash {
+    type Hasher = IdHasher;
+
+    fn build_hasher(&self) -> IdHasher {
+        IdHasher::default()
+    }
+}
+
+/// `text` cut to at most `limit` bytes on a character boundary, for error messages.
+pub(crate) fn excerpt(text: &str, limit: usize) -> &str {
+    if text.len() <= limit {
+        return text;
+    }
+    let mut end = limit;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+/// A [`tidewatch_api::ConfigError`] found at build time, as a run-time component error.
+pub(crate) fn config_error(error: tidewatch_api::ConfigError) -> tidewatch_api::ComponentError {
+    let mut message = error.message;
+    if let Some(field) = error.field {
+        message = format!("option `{field}`: {message}");
+    }
+    if let Some(hint) = error.hint {
+        message = format!("{message} ({hint})");
+    }
+    tidewatch_api::ComponentError::Config(message)
+}

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Runs the whole test suite on a fresh Debian machine: installs what the tests need, starts
+# the real services they talk to (scripts/services.sh), runs the checks, stops the services.
+#
+#   scripts/test.sh            # everything
+#   scripts/test.sh --quick    # skip fmt/clippy/doc checks (inner loop)
+#
+# Data for the benchmark-based tests is read from $TIDEWATCH_DATA (default ../shared/data).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+
+quick=0
+[ "${1:-}" = "--quick" ] && quick=1
+
+export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
+export TIDEWATCH_DATA=${TIDEWATCH_DATA:-$root/../shared/data}
+
+step() { printf '\n==> %s\n' "$*"; }
+
+if ! command -v cargo >/dev/null 2>&1; then
+  [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
+fi
+command -v cargo >/dev/null 2>&1 || { echo "cargo not found: install Rust (rustup, stable >= 1.88)" >&2; exit 1; }
+
+services=()
+cleanup() {
+  for service in "${services[@]}"; do
+    scripts/services.sh stop "$service" || true
+  done
+}
+trap cleanup EXIT
+
+# Services the integration tests need (each issue adds its own).
+for service in ${TIDEWATCH_TEST_SERVICES:-}; do
+  step "starting $service"
+  scripts/services.sh start "$service"
+  services+=("$service")
+done
+
+if [ "$quick" -eq 0 ]; then
+  step "cargo fmt --check"
+  cargo fmt --all -- --check
+  step "cargo clippy -D warnings"
+  cargo clippy --workspace --all-targets -- -D warnings
+fi
+
+step "build (release)"
+cargo build --release --workspace --bins --examples
+
+step "tests"
+cargo test --workspace --all-targets --no-fail-fast
+
+if [ "$quick" -eq 0 ]; then
+  step "doc tests"
+  cargo test --workspace --doc
+  step "docs build without warnings"
+  RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
+fi
+
+step "the issue checks, as a user runs them"
+./target/release/tidewatch validate pipelines/*.toml
+if ./target/release/tidewatch validate tests/fixtures/invalid/broken.toml 2>/dev/null; then
+  echo "validate accepted a broken pipeline" >&2
+  exit 1
+fi
+
+echo
+echo "all checks passed"

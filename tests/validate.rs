@@ -1,0 +1,143 @@
+//! Validation: one fixture per error class, with message and line:col asserted.
+
+mod common;
+
+use tidewatch::engine::Severity;
+
+fn single_error(fixture: &str) -> tidewatch::engine::Diagnostic {
+    let diagnostics = common::diagnostics(fixture);
+    let errors: Vec<_> =
+        diagnostics.iter().filter(|d| d.severity == Severity::Error).cloned().collect();
+    assert_eq!(errors.len(), 1, "{fixture}: expected one error, got {errors:#?}");
+    errors.into_iter().next().expect("one error")
+}
+
+#[test]
+fn unknown_component_type_suggests_the_closest_name() {
+    let error = single_error("invalid/unknown_type.toml");
+    assert_eq!((error.line, error.column), (2, 8));
+    assert!(error.message.contains("unknown source type `simulatr`"), "{error}");
+    assert_eq!(error.hint.as_deref(), Some("did you mean `simulator`?"));
+    assert!(error.path.ends_with("unknown_type.toml"));
+}
+
+#[test]
+fn dangling_input_points_at_the_input() {
+    let error = single_error("invalid/dangling_input.toml");
+    assert_eq!((error.line, error.column), (6, 11));
+    assert!(error.message.contains("dangling input"), "{error}");
+    assert!(error.message.contains("`flet`"), "{error}");
+    assert_eq!(error.hint.as_deref(), Some("did you mean `fleet`?"));
+}
+
+#[test]
+fn toml_syntax_errors_are_all_located() {
+    let diagnostics = common::diagnostics("invalid/syntax.toml");
+    assert!(diagnostics.iter().all(|d| d.severity == Severity::Error && d.message.starts_with("TOML syntax")));
+    let first = &diagnostics[0];
+    assert_eq!((first.line, first.column), (3, 11), "{first}");
+    assert!(first.message.contains("extra `=`"), "{first}");
+    assert!(diagnostics.iter().any(|d| d.line == 7 && d.message.contains("unclosed array")), "{diagnostics:#?}");
+}
+
+#[test]
+fn unknown_option_is_located_with_a_hint() {
+    let error = single_error("invalid/unknown_option.toml");
+    assert_eq!((error.line, error.column), (3, 1), "{error}");
+    assert!(error.message.contains("unknown field `devcies`"), "{error}");
+    assert_eq!(error.hint.as_deref(), Some("did you mean `devices`?"));
+}
+
+#[test]
+fn invalid_option_value_is_located() {
+    let error = single_error("invalid/invalid_value.toml");
+    assert_eq!((error.line, error.column), (3, 11), "{error}");
+    assert!(error.message.contains("invalid type"), "{error}");
+}
+
+#[test]
+fn cycles_are_reported_for_every_member() {
+    let diagnostics = common::diagnostics("invalid/cycle.toml");
+    let cycle: Vec<_> = diagnostics.iter().filter(|d| d.message.starts_with("cycle")).collect();
+    assert_eq!(cycle.len(), 2, "{diagnostics:#?}");
+    assert_eq!((cycle[0].line, cycle[0].column), (6, 10));
+    assert_eq!((cycle[1].line, cycle[1].column), (13, 10));
+}
+
+#[test]
+fn record_kind_mismatch_names_both_ends_and_the_fix() {
+    let error = single_error("invalid/kind_mismatch.toml");
+    assert_eq!((error.line, error.column), (6, 11), "{error}");
+    assert!(error.message.contains("record-kind mismatch"), "{error}");
+    assert!(error.message.contains("accepts readings but `fleet` emits raw messages"), "{error}");
+    assert_eq!(error.hint.as_deref(), Some("insert a `normalize` transform between them"));
+}
+
+#[test]
+fn unset_environment_variable_is_located() {
+    let error = single_error("invalid/unset_env.toml");
+    assert_eq!((error.line, error.column), (3, 10), "{error}");
+    assert!(error.message.contains("TIDEWATCH_TEST_SURELY_UNSET_VARIABLE"), "{error}");
+}
+
+#[test]
+fn late_port_of_a_component_without_one_is_an_error() {
+    let error = single_error("invalid/bad_late_port.toml");
+    assert_eq!((error.line, error.column), (13, 11), "{error}");
+    assert!(error.message.contains("has no `.late` output"), "{error}");
+}
+
+#[test]
+fn every_error_is_reported_not_just_the_first() {
+    let diagnostics = common::diagnostics("invalid/many_errors.toml");
+    let lines: Vec<usize> =
+        diagnostics.iter().filter(|d| d.severity == Severity::Error).map(|d| d.line).collect();
+    assert!(lines.contains(&2), "workers = 0: {diagnostics:#?}");
+    assert!(lines.contains(&5), "unknown type: {diagnostics:#?}");
+    assert!(lines.contains(&9), "dangling input: {diagnostics:#?}");
+}
+
+#[test]
+fn unused_components_are_warnings() {
+    let diagnostics = common::diagnostics("warnings/unused.toml");
+    assert_eq!(diagnostics.len(), 1, "{diagnostics:#?}");
+    assert_eq!(diagnostics[0].severity, Severity::Warning);
+    assert!(diagnostics[0].message.contains("unused component"));
+    assert_eq!(diagnostics[0].line, 6);
+}
+
+#[test]
+fn every_shipped_pipeline_validates() {
+    let mut count = 0;
+    for entry in std::fs::read_dir(common::root().join("pipelines")).expect("pipelines/") {
+        let path = entry.expect("entry").path();
+        if path.extension().and_then(|ext| ext.to_str()) != Some("toml") {
+            continue;
+        }
+        count += 1;
+        if let Err(errors) =
+            tidewatch::engine::load_file(&path, &tidewatch::Registry::with_builtins())
+        {
+            panic!("{} does not validate:\n{errors}", path.display());
+        }
+    }
+    assert!(count >= 3, "expected the shipped pipelines, found {count}");
+}
+
+#[test]
+fn environment_interpolation_fills_values_and_defaults() {
+    let text = r#"
+[pipeline]
+http_address = "${ADDR:-127.0.0.1:0}"
+workers = ${WORKERS}
+[sources.fleet]
+type = "simulator"
+count = 5
+[sinks.out]
+type = "blackhole"
+inputs = ["fleet"]
+"#;
+    let pipeline = common::load(text, &[("WORKERS", "3".into())]).expect("valid");
+    assert_eq!(pipeline.settings.workers, 3);
+    assert_eq!(pipeline.settings.http_address, "127.0.0.1:0");
+}
