@@ -33,11 +33,18 @@ fn dangling_input_points_at_the_input() {
 #[test]
 fn toml_syntax_errors_are_all_located() {
     let diagnostics = common::diagnostics("invalid/syntax.toml");
-    assert!(diagnostics.iter().all(|d| d.severity == Severity::Error && d.message.starts_with("TOML syntax")));
+    assert!(
+        diagnostics
+            .iter()
+            .all(|d| d.severity == Severity::Error && d.message.starts_with("TOML syntax"))
+    );
     let first = &diagnostics[0];
     assert_eq!((first.line, first.column), (3, 11), "{first}");
     assert!(first.message.contains("extra `=`"), "{first}");
-    assert!(diagnostics.iter().any(|d| d.line == 7 && d.message.contains("unclosed array")), "{diagnostics:#?}");
+    assert!(
+        diagnostics.iter().any(|d| d.line == 7 && d.message.contains("unclosed array")),
+        "{diagnostics:#?}"
+    );
 }
 
 #[test]

@@ -10,6 +10,7 @@
 //!   siblings on other workers, so an idle worker or a silent device stalls nothing;
 //! - every other operator holds a capability at its input frontier and calls `on_watermark`
 //!   when it advances; an empty frontier means the input ended (`on_watermark(MAX)`, `close`).
+//!
 //! Keyed transforms (`window`, `stats`) receive each device's records on the worker that owns
 //! the device (`DeviceId::worker`); batches are split and exchanged only where the input is
 //! not partitioned already.

@@ -270,6 +270,9 @@ pub fn load_str(
     })
 }
 
+/// A string from the file with its byte span.
+type Located = (String, Range<usize>);
+
 /// A component as read from the file, before its options are checked.
 struct Entry {
     id: String,
@@ -277,7 +280,7 @@ struct Entry {
     class: Class,
     type_name: String,
     type_span: Range<usize>,
-    inputs: Vec<(String, Range<usize>)>,
+    inputs: Vec<Located>,
     inputs_span: Range<usize>,
     options: ConfigValue,
     configured: Option<Configured>,
@@ -417,7 +420,7 @@ impl Validator<'_> {
         };
         let mut options = DeTable::new();
         let mut type_name: Option<(String, Range<usize>)> = None;
-        let mut inputs: Option<(Vec<(String, Range<usize>)>, Range<usize>)> = None;
+        let mut inputs: Option<(Vec<Located>, Range<usize>)> = None;
         let mut ok = true;
         for (key, value) in table.iter() {
             match key.get_ref().as_ref() {
@@ -667,12 +670,15 @@ impl Validator<'_> {
         if order.len() < count {
             // What is left leads into a cycle; keep only the members by also peeling off,
             // repeatedly, the components none of the rest reads.
-            let mut left: BTreeSet<usize> = (0..count).filter(|index| indegree[*index] > 0).collect();
+            let mut left: BTreeSet<usize> =
+                (0..count).filter(|index| indegree[*index] > 0).collect();
             loop {
                 let leaves: Vec<usize> = left
                     .iter()
                     .copied()
-                    .filter(|index| !consumers[*index].iter().any(|consumer| left.contains(consumer)))
+                    .filter(|index| {
+                        !consumers[*index].iter().any(|consumer| left.contains(consumer))
+                    })
                     .collect();
                 if leaves.is_empty() {
                     break;
@@ -873,4 +879,72 @@ fn unknown_field_hint(message: &str) -> Option<String> {
     did_you_mean(field, candidates.iter().copied()).or_else(|| {
         (!candidates.is_empty()).then(|| format!("known options: {}", candidates.join(", ")))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn load(text: &str) -> Result<Pipeline, ValidationErrors> {
+        load_str(text, "p.toml", Path::new("."), &Registry::with_builtins(), |_| None)
+    }
+
+    /// Pieces of pipeline files, valid and not, glued at random.
+    fn fragment() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just("[pipeline]\n".to_owned()),
+            Just("workers = 2\n".to_owned()),
+            Just("[sources.a]\ntype = \"simulator\"\n".to_owned()),
+            Just("[sources.b]\ntype = \"file\"\npath = \"x.csv\"\n".to_owned()),
+            Just("[transforms.n]\ntype = \"normalize\"\ninputs = [\"a\"]\ndevice_field = \"device\"\ntimestamp_field = \"ts\"\nfeatures = [\"vibration\"]\n".to_owned()),
+            Just("[transforms.w]\ntype = \"window\"\ninputs = [\"n\", \"w.late\"]\nsize_ms = 10\n".to_owned()),
+            Just("[transforms.s]\ntype = \"stats\"\ninputs = [\"w\", \"a.errors\"]\n".to_owned()),
+            Just("[sinks.o]\ntype = \"stdout\"\ninputs = [\"s\", \"n.errors\", \"zz\"]\n".to_owned()),
+            Just("inputs = 3\n".to_owned()),
+            Just("type = [1, 2]\n".to_owned()),
+            Just("x = \"${UNSET}\" ${ \n".to_owned()),
+            Just("[sinks]\n".to_owned()),
+            Just("[[sources]]\n".to_owned()),
+            "[a-z.\\[\\]=\"{}$ \n0-9]{0,40}",
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn the_loader_never_panics_on_arbitrary_text(text in "\\PC{0,400}") {
+            let _ = load(&text);
+        }
+
+        #[test]
+        fn the_loader_never_panics_on_arbitrary_pipelines(fragments in proptest::collection::vec(fragment(), 0..12)) {
+            let text = fragments.concat();
+            match load(&text) {
+                Ok(pipeline) => prop_assert!(!pipeline.components.is_empty()),
+                Err(errors) => {
+                    prop_assert!(errors.errors().count() > 0);
+                    for diagnostic in &errors.diagnostics {
+                        prop_assert!(diagnostic.line >= 1 && diagnostic.line <= text.lines().count().max(1) + 1);
+                        prop_assert!(diagnostic.column >= 1);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_minimal_pipeline_is_ordered_producers_first() {
+        let pipeline = load(
+            "[sinks.o]\ntype = \"blackhole\"\ninputs = [\"w\"]\n[transforms.w]\ntype = \"window\"\ninputs = [\"n\"]\nsize_ms = 10\n\
+             [transforms.n]\ntype = \"normalize\"\ninputs = [\"a\"]\ndevice = \"d\"\ntimestamp_field = \"ts\"\nfeatures = [\"x\"]\n\
+             [sources.a]\ntype = \"simulator\"\n",
+        )
+        .expect("valid");
+        let order: Vec<&str> =
+            pipeline.components.iter().map(|component| component.id.as_str()).collect();
+        assert_eq!(order, ["a", "n", "w", "o"]);
+        let window = pipeline.component("w").expect("w");
+        assert_eq!(window.output.as_ref().map(|port| port.kind), Some(Kind::Windows));
+        assert_eq!(window.late.as_ref().map(|port| port.kind), Some(Kind::Readings));
+    }
 }
