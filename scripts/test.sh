@@ -23,6 +23,11 @@ if ! command -v cargo >/dev/null 2>&1; then
 fi
 command -v cargo >/dev/null 2>&1 || { echo "cargo not found: install Rust (rustup, stable >= 1.88)" >&2; exit 1; }
 
+# The Python side: training/train.py and the ONNX Runtime library the engine loads
+# (onnxruntime's wheel ships libonnxruntime.so). Reinstalled only when requirements change.
+step "python environment (.venv)"
+scripts/python-env.sh
+
 services=()
 cleanup() {
   for service in "${services[@]}"; do

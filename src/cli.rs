@@ -44,6 +44,24 @@ pub enum GraphOutput {
     Dot,
 }
 
+/// Backtest protocols.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Protocol {
+    /// SKAB's leaderboard protocol.
+    Skab,
+    /// Train on one file, score another.
+    Split,
+}
+
+/// Backtest report formats.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ReportFormat {
+    /// A table.
+    Text,
+    /// One JSON object.
+    Json,
+}
+
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
@@ -63,6 +81,48 @@ pub enum Command {
         /// Pipeline files.
         #[arg(required = true)]
         pipelines: Vec<PathBuf>,
+    },
+    /// Replay labelled data through a model pipeline and report detection quality.
+    Backtest {
+        /// `skab` (SKAB's leaderboard protocol over --data) or `split` (--train / --test).
+        #[arg(long, value_enum)]
+        protocol: Protocol,
+        /// `skab`: the folder of labelled files (e.g. ../shared/data/skab/data).
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// `skab`: rows of each file that train (the rest are scored).
+        #[arg(long, default_value_t = 400)]
+        train_rows: usize,
+        /// `split`: the file to train on (rows labelled anomalous are left out).
+        #[arg(long)]
+        train: Option<PathBuf>,
+        /// `split`: the file to score.
+        #[arg(long)]
+        test: Option<PathBuf>,
+        /// The label column (1 = anomaly).
+        #[arg(long, default_value = "anomaly")]
+        label_column: String,
+        /// The timestamp column.
+        #[arg(long, default_value = "datetime")]
+        timestamp_column: String,
+        /// The field delimiter (`split`; SKAB files use `;`).
+        #[arg(long, default_value = ";")]
+        delimiter: char,
+        /// Inference backend: auto, onnxruntime or tract.
+        #[arg(long, default_value = "auto")]
+        backend: String,
+        /// Python interpreter for training/train.py (default: .venv/bin/python, else python3).
+        #[arg(long)]
+        python: Option<PathBuf>,
+        /// Extra arguments for training/train.py (e.g. --trainer-arg=--family --trainer-arg=pca).
+        #[arg(long = "trainer-arg", allow_hyphen_values = true)]
+        trainer_args: Vec<String>,
+        /// Keep models and outputs here (default: a temporary folder, removed afterwards).
+        #[arg(long)]
+        work_dir: Option<PathBuf>,
+        /// Report format.
+        #[arg(long, value_enum, default_value_t = ReportFormat::Text)]
+        format: ReportFormat,
     },
     /// Print a pipeline's dataflow graph.
     Graph {
@@ -106,6 +166,64 @@ pub fn main(registry: Registry) -> ExitCode {
 pub fn execute(command: Command, registry: &Registry) -> anyhow::Result<ExitCode> {
     match command {
         Command::Validate { pipelines } => Ok(validate(&pipelines, registry)),
+        Command::Backtest {
+            protocol,
+            data,
+            train_rows,
+            train,
+            test,
+            label_column,
+            timestamp_column,
+            delimiter,
+            backend,
+            python,
+            trainer_args,
+            work_dir,
+            format,
+        } => {
+            let temporary;
+            let work_dir = match work_dir {
+                Some(dir) => {
+                    std::fs::create_dir_all(&dir)
+                        .with_context(|| format!("creating {}", dir.display()))?;
+                    dir
+                }
+                None => {
+                    temporary = tempdir()?;
+                    temporary.0.clone()
+                }
+            };
+            let root = std::env::current_dir().context("current directory")?;
+            let mut settings = crate::backtest::Settings::for_checkout(&root, work_dir);
+            if let Some(python) = python {
+                settings.python = python;
+            }
+            settings.trainer_args = trainer_args;
+            settings.backend = backend;
+            let report = match protocol {
+                Protocol::Skab => {
+                    let data = data.context("--protocol skab needs --data DIR")?;
+                    crate::backtest::skab(&data, train_rows, &settings)?
+                }
+                Protocol::Split => {
+                    let train = train.context("--protocol split needs --train FILE")?;
+                    let test = test.context("--protocol split needs --test FILE")?;
+                    crate::backtest::split(
+                        &train,
+                        &test,
+                        &label_column,
+                        &timestamp_column,
+                        delimiter,
+                        &settings,
+                    )?
+                }
+            };
+            match format {
+                ReportFormat::Json => println!("{}", serde_json::to_string(&report)?),
+                ReportFormat::Text => print_report(&report),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Graph { pipeline, format } => {
             let pipeline = match tidewatch_engine::load_file(&pipeline, registry) {
                 Ok(pipeline) => pipeline,
@@ -179,4 +297,41 @@ fn validate(paths: &[PathBuf], registry: &Registry) -> ExitCode {
         }
     }
     if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS }
+}
+
+/// A folder removed when dropped.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn tempdir() -> anyhow::Result<TempDir> {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let dir =
+        std::env::temp_dir().join(format!("tidewatch-backtest-{}-{nanos}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(TempDir(dir))
+}
+
+fn print_report(report: &crate::backtest::Report) {
+    println!("rows          {}", report.rows);
+    println!("TP/FP/FN/TN   {}/{}/{}/{}", report.tp, report.fp, report.r#fn, report.tn);
+    println!("precision     {:.4}", report.precision);
+    println!("recall        {:.4}", report.recall);
+    println!("F1            {:.4}", report.f1);
+    println!("FAR %         {:.2}", report.far);
+    println!("MAR %         {:.2}", report.mar);
+    println!("NAB standard  {:.2}", report.nab_standard);
+    println!("NAB low FP    {:.2}", report.nab_lowfp);
+    println!("NAB low FN    {:.2}", report.nab_lowfn);
+    println!(
+        "changepoints  {} ({} detected, {} false)",
+        report.changepoints, report.changepoints_detected, report.changepoints_false
+    );
 }

@@ -14,11 +14,13 @@
 //! }
 //! ```
 
+pub mod backtest;
 pub mod cli;
 
 pub use tidewatch_api as api;
 pub use tidewatch_connectors as connectors;
 pub use tidewatch_engine as engine;
+pub use tidewatch_inference as inference;
 pub use tidewatch_operators as operators;
 
 pub use tidewatch_api::{

@@ -53,21 +53,23 @@ pub fn sized(full: usize, quick: usize) -> usize {
     if full_run() { full } else { quick }
 }
 
-/// Criterion settings for the fast benchmarks: 1 s warm-up, 3 s measurement, 20 samples.
+/// Criterion settings for the fast benchmarks (an iteration of 5 to 40 ms): 1 s warm-up, 3 s
+/// measurement, 10 samples.
 pub fn criterion_config() -> Criterion {
     Criterion::default()
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3))
-        .sample_size(20)
+        .sample_size(10)
         .without_plots()
 }
 
-/// Criterion settings for benchmarks whose one iteration takes about a second: flat sampling
-/// (every sample runs the same number of iterations), 10 samples.
+/// Criterion settings for benchmarks whose one iteration takes 0.2 to 0.5 s: 1 s warm-up,
+/// 10 samples in 5 s (the least that fits 10 iterations of 0.4 s), to be used with
+/// [`SLOW_SAMPLING`] (every sample runs the same number of iterations).
 pub fn slow_criterion_config() -> Criterion {
     Criterion::default()
         .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(3))
+        .measurement_time(Duration::from_secs(5))
         .sample_size(10)
         .without_plots()
 }

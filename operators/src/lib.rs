@@ -1,25 +1,31 @@
-//! The built-in transforms of tidewatch: `normalize`, `window` and `stats`.
+//! The built-in transforms of tidewatch: `normalize`, `window`, `stats` and `autoencoder`.
 //!
 //! | type | in | out | side outputs | state |
 //! |---|---|---|---|---|
 //! | [`normalize`] | raw messages | readings | `<id>.errors` | none (assigns event time) |
 //! | [`window`] | readings | windows | `<id>.late`, `<id>.errors` | open windows per device |
 //! | [`stats`] | windows | scores | `<id>.errors` | a moving baseline per device |
+//! | [`autoencoder`] | windows | scores | `<id>.errors` | the model (hot-swapped) |
+//! | [`threshold`] | scores | anomaly events (or scores) | `<id>.errors` | n-of-m state per device |
 //!
 //! [`builtins`] lists their factories under their type names for the engine's registry. The
 //! configs, factories and operators are public so that benchmarks and embedders can build the
 //! operators directly (`Normalize::new(&config, &ctx)` ...) without the engine. The option
 //! reference is `docs/reference/transforms.md`.
 
+pub mod autoencoder;
 pub mod normalize;
 pub mod stats;
+pub mod threshold;
 mod util;
 pub mod window;
 
 use tidewatch_api::ComponentFactory;
 
+pub use autoencoder::{Autoencoder, AutoencoderConfig, AutoencoderFactory, Scorer, WindowScore};
 pub use normalize::{Normalize, NormalizeConfig, NormalizeFactory, NormalizeFormat, OnMissing};
 pub use stats::{STATS_VERSION, StatsConfig, StatsDetector, StatsFactory, stats_columns};
+pub use threshold::{Emit, Threshold, ThresholdConfig, ThresholdFactory};
 pub use window::{WindowConfig, WindowFactory, WindowOperator};
 
 /// The built-in transforms as `(type name, factory)`, for the engine's registry.
@@ -28,6 +34,8 @@ pub fn builtins() -> Vec<(&'static str, ComponentFactory)> {
         ("normalize", ComponentFactory::transform(NormalizeFactory)),
         ("window", ComponentFactory::transform(WindowFactory)),
         ("stats", ComponentFactory::transform(StatsFactory)),
+        ("autoencoder", ComponentFactory::transform(AutoencoderFactory)),
+        ("threshold", ComponentFactory::transform(ThresholdFactory)),
     ]
 }
 
@@ -43,7 +51,7 @@ mod tests {
     #[test]
     fn builtins_are_transforms_under_their_names() {
         let names: Vec<&str> = builtins().iter().map(|(name, _)| *name).collect();
-        assert_eq!(names, ["normalize", "window", "stats"]);
+        assert_eq!(names, ["normalize", "window", "stats", "autoencoder", "threshold"]);
         assert!(builtins().iter().all(|(_, factory)| factory.class() == "transform"));
     }
 

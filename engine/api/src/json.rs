@@ -7,6 +7,7 @@
 //! | readings | `{"device","time_ms","label","values":{name: value}}` |
 //! | windows | `{"device","start_ms","end_ms","label","steps","times":[..],"values":{name:[..]}}` |
 //! | scores | `{"device","start_ms","end_ms","detector","version","score","threshold","anomaly","label","values":{name: value}}` |
+//! | events | `{"device","state","time_ms","started_ms","score","peak_score","threshold","detector","version","label","values":{name: value}}` |
 //! | errors | `{"component","error_type","reason","time_ms","topic","payload"}` |
 //!
 //! Floats that are not finite are written as `null`.
@@ -121,6 +122,34 @@ pub fn write_json_lines<W: Write>(batch: &Batch, out: &mut W) -> io::Result<()> 
                     score.anomaly, score.label
                 )?;
                 write_named_values(out, &score.columns, &score.values)?;
+                out.write_all(b"}\n")?;
+            }
+        }
+        Batch::Events(events) => {
+            for event in events {
+                out.write_all(b"{\"device\":")?;
+                write_str(out, &event.device.name())?;
+                write!(
+                    out,
+                    ",\"state\":\"{}\",\"time_ms\":{},\"started_ms\":{},\"score\":",
+                    event.state.name(),
+                    event.time_ms,
+                    event.started_ms
+                )?;
+                write_f32(out, event.score)?;
+                out.write_all(b",\"peak_score\":")?;
+                write_f32(out, event.peak_score)?;
+                out.write_all(b",\"threshold\":")?;
+                match event.threshold {
+                    Some(threshold) => write_f32(out, threshold)?,
+                    None => out.write_all(b"null")?,
+                }
+                out.write_all(b",\"detector\":")?;
+                write_str(out, &event.detector)?;
+                out.write_all(b",\"version\":")?;
+                write_str(out, &event.version)?;
+                write!(out, ",\"label\":{},\"values\":", event.label)?;
+                write_named_values(out, &event.columns, &event.values)?;
                 out.write_all(b"}\n")?;
             }
         }

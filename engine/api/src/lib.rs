@@ -20,7 +20,8 @@ pub use factory::{
     TransformProperties, ValidateContext,
 };
 pub use records::{
-    Batch, DeviceId, ErrorRecord, EventTime, Kind, LABEL_ANOMALY, LABEL_NORMAL, PayloadFormat,
-    RawBatch, RawMessage, Reading, ReadingBatch, Schema, Score, Window,
+    AnomalyEvent, AnomalyState, Batch, DeviceId, ErrorRecord, EventTime, Kind, LABEL_ANOMALY,
+    LABEL_NORMAL, PayloadFormat, RawBatch, RawMessage, Reading, ReadingBatch, Schema, Score,
+    Window,
 };
 pub use time::{TimestampFormat, parse_timestamp, timestamp_from_number};

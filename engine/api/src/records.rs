@@ -498,6 +498,55 @@ pub struct Score {
     pub values: Vec<f32>,
 }
 
+/// Whether an anomaly event opens or closes an anomaly.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AnomalyState {
+    /// The anomaly starts (the detection rule was met).
+    Open,
+    /// The anomaly ends (enough calm windows after it).
+    Close,
+}
+
+impl AnomalyState {
+    /// `open` or `close`.
+    pub fn name(self) -> &'static str {
+        match self {
+            AnomalyState::Open => "open",
+            AnomalyState::Close => "close",
+        }
+    }
+}
+
+/// An anomaly opening or closing on one device, as `threshold` emits it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AnomalyEvent {
+    /// The device.
+    pub device: DeviceId,
+    /// Open or close.
+    pub state: AnomalyState,
+    /// Event time of the decision: the end of the window that opened or closed it, ms.
+    pub time_ms: EventTime,
+    /// When the anomaly opened, ms (equal to `time_ms` for an open event).
+    pub started_ms: EventTime,
+    /// The score of the deciding window.
+    pub score: f32,
+    /// The highest score while the anomaly was open.
+    pub peak_score: f32,
+    /// The threshold of the scores.
+    pub threshold: Option<f32>,
+    /// The detector (component or model name).
+    pub detector: Arc<str>,
+    /// The detector's version.
+    pub version: Arc<str>,
+    /// [`LABEL_ANOMALY`] when the deciding window was labelled anomalous.
+    pub label: u8,
+    /// Names of the detail values (copied from the deciding score).
+    pub columns: Arc<Schema>,
+    /// Detail values (per-feature errors: which sensor explains it).
+    pub values: Vec<f32>,
+}
+
 /// A record that a component could not process, with the reason; sent to `<id>.errors`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ErrorRecord {
@@ -565,6 +614,8 @@ pub enum Kind {
     Windows,
     /// Detector scores.
     Scores,
+    /// Anomaly open/close events.
+    Events,
     /// Error records (`<id>.errors`).
     Errors,
 }
@@ -572,7 +623,7 @@ pub enum Kind {
 impl Kind {
     /// Every kind.
     pub const ALL: &'static [Kind] =
-        &[Kind::Raw, Kind::Readings, Kind::Windows, Kind::Scores, Kind::Errors];
+        &[Kind::Raw, Kind::Readings, Kind::Windows, Kind::Scores, Kind::Events, Kind::Errors];
 
     /// The kind's name as written in docs and messages.
     pub fn name(self) -> &'static str {
@@ -581,6 +632,7 @@ impl Kind {
             Kind::Readings => "readings",
             Kind::Windows => "windows",
             Kind::Scores => "scores",
+            Kind::Events => "anomaly events",
             Kind::Errors => "errors",
         }
     }
@@ -603,6 +655,8 @@ pub enum Batch {
     Windows(Vec<Window>),
     /// Scores.
     Scores(Vec<Score>),
+    /// Anomaly open/close events.
+    Events(Vec<AnomalyEvent>),
     /// Error records.
     Errors(Vec<ErrorRecord>),
 }
@@ -615,6 +669,7 @@ impl Batch {
             Batch::Readings(_) => Kind::Readings,
             Batch::Windows(_) => Kind::Windows,
             Batch::Scores(_) => Kind::Scores,
+            Batch::Events(_) => Kind::Events,
             Batch::Errors(_) => Kind::Errors,
         }
     }
@@ -626,6 +681,7 @@ impl Batch {
             Batch::Readings(batch) => batch.len(),
             Batch::Windows(windows) => windows.len(),
             Batch::Scores(scores) => scores.len(),
+            Batch::Events(events) => events.len(),
             Batch::Errors(errors) => errors.len(),
         }
     }
@@ -641,6 +697,7 @@ impl Batch {
             Batch::Readings(batch) => batch.max_time(),
             Batch::Windows(windows) => windows.iter().map(|window| window.end_ms - 1).max(),
             Batch::Scores(scores) => scores.iter().map(|score| score.end_ms - 1).max(),
+            Batch::Events(events) => events.iter().map(|event| event.time_ms - 1).max(),
             Batch::Raw(_) | Batch::Errors(_) => None,
         }
     }
@@ -653,6 +710,7 @@ impl Batch {
             Batch::Readings(batch) => batch.devices.first().copied(),
             Batch::Windows(windows) => windows.first().map(|window| window.device),
             Batch::Scores(scores) => scores.first().map(|score| score.device),
+            Batch::Events(events) => events.first().map(|event| event.device),
             Batch::Raw(_) | Batch::Errors(_) => None,
         };
         device.map(DeviceId::route).unwrap_or(0)
@@ -690,6 +748,9 @@ impl Batch {
                 .collect(),
             Batch::Scores(scores) => split_vec(scores, workers, |score| score.device)
                 .map(|(worker, part)| (worker, Batch::Scores(part)))
+                .collect(),
+            Batch::Events(events) => split_vec(events, workers, |event| event.device)
+                .map(|(worker, part)| (worker, Batch::Events(part)))
                 .collect(),
             other => vec![(0, other)],
         }

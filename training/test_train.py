@@ -1,0 +1,203 @@
+"""Tests of the trainer and of the evaluation's building blocks on small synthetic data.
+
+Run: .venv/bin/python -m pytest training/test_train.py -q
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import skab_eval as E  # noqa: E402
+import train as T  # noqa: E402
+
+FEATURES = ["a", "b", "flat", "c"]
+
+
+def synthetic_csv(path, rows=260, labelled=range(200, 215), delimiter=";"):
+    rng = np.random.default_rng(7)
+    t = np.arange(rows)
+    a = np.sin(t / 7.0) + 0.05 * rng.standard_normal(rows)
+    b = 0.5 * a + 0.1 * rng.standard_normal(rows) + 3.0
+    flat = np.full(rows, 2.5)  # constant: std 0 -> 1
+    c = 100.0 + 2.0 * rng.standard_normal(rows)
+    label = np.zeros(rows, dtype=int)
+    label[list(labelled)] = 1
+    start = dt.datetime(2020, 3, 9, 10, 0, 0)
+    with open(path, "w") as fh:
+        fh.write(delimiter.join(["datetime"] + FEATURES + ["anomaly"]) + "\n")
+        for i in range(rows):
+            ts = (start + dt.timedelta(seconds=i)).strftime("%Y-%m-%d %H:%M:%S")
+            vals = [f"{v:.6f}" for v in (a[i], b[i], flat[i], c[i])]
+            fh.write(delimiter.join([ts] + vals + [str(label[i])]) + "\n")
+    return np.stack([a, b, flat, c], axis=1), label
+
+
+FAMILY_ARGS = {
+    "pca": ["--components", "0.9"],
+    "dense": ["--hidden", "6", "--max-iter", "40"],
+    "forecast": ["--ridge", "1.0"],
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_ARGS))
+def test_train_export_reload(tmp_path, family):
+    import onnx
+    import onnxruntime as ort
+
+    data = tmp_path / "train.csv"
+    _, label = synthetic_csv(data)
+    raw = T.read_table(str(data))[FEATURES].to_numpy(dtype=np.float64)  # as written (6 decimals)
+    out = tmp_path / "model"
+    w = 6
+    rc = T.main(["--data", str(data), "--out", str(out), "--family", family, "--window", str(w),
+                 "--features", *FEATURES, "--quantile", "0.98", "--factor", "1.2",
+                 "--n", "2", "--m", "3", "--hysteresis", "4", "--seed", "3",
+                 *FAMILY_ARGS[family]])
+    assert rc == 0
+
+    spec = json.loads((out / "model.json").read_text())
+    assert spec["name"] == "model"
+    assert isinstance(spec["version"], str) and spec["version"]
+    dt.datetime.fromisoformat(spec["created_at"].replace("Z", "+00:00"))
+    assert spec["family"] == family
+    assert spec["features"] == FEATURES
+    assert spec["window"] == {"length": w, "step": 1}
+    keep = label != 1
+    assert spec["training"]["data"] == str(data)
+    assert spec["training"]["rows"] == int(keep.sum())
+    # windows containing a labelled row are left out
+    n_rows = len(raw)
+    assert spec["training"]["windows"] == int(T.windows_with_labels(label, n_rows, w).sum())
+    assert len(spec["scaler"]["mean"]) == len(spec["scaler"]["std"]) == len(FEATURES)
+    assert spec["scaler"]["std"][2] == 1.0  # constant feature
+    x32 = raw.astype(np.float32)[keep].astype(np.float64)
+    np.testing.assert_allclose(spec["scaler"]["mean"], x32.mean(axis=0), rtol=1e-12)
+    thr = spec["threshold"]
+    assert thr["method"] == "quantile" and thr["quantile"] == 0.98 and thr["factor"] == 1.2
+    assert thr["value"] > 0
+    assert spec["detection"] == {"n": 2, "m": 3, "hysteresis": 4}
+    width = w * len(FEATURES)
+    assert spec["io"] == {"input": "input", "output": "output", "shape": [-1, width]}
+
+    # the graph: float32 [batch, W*F] -> same
+    proto = onnx.load(str(out / "model.onnx"))
+    onnx.checker.check_model(proto)
+    assert os.path.getsize(out / "model.onnx") < 1_000_000
+    sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    (inp,), (outp,) = sess.get_inputs(), sess.get_outputs()
+    assert inp.name == "input" and outp.name == "output"
+    assert inp.type == outp.type == "tensor(float)"
+    assert inp.shape[1] == outp.shape[1] == width
+
+    # engine-side preprocessing from model.json alone, then onnxruntime vs numpy
+    mean = np.array(spec["scaler"]["mean"]).astype(np.float32)
+    inv = (1.0 / np.array(spec["scaler"]["std"])).astype(np.float32)
+    z = (raw.astype(np.float32) - mean) * inv
+    windows = np.stack([z[i:i + w].reshape(-1) for i in range(n_rows - w + 1)]).astype(np.float32)
+    got = sess.run(["output"], {"input": windows})[0]
+    assert got.shape == windows.shape and got.dtype == np.float32
+    ort_scores = np.mean((got.astype(np.float64) - windows.astype(np.float64)) ** 2, axis=1)
+
+    trained = T.fit(raw, FEATURES, T.Config(family=family, window=w, quantile=0.98, factor=1.2,
+                                            seed=3, hyper=T.hyper_from_args(_ns(family))),
+                    label)
+    np_scores = T.window_scores(windows, trained.model.reconstruct(windows))
+    assert np.max(np.abs(np_scores - ort_scores)) < 1e-5
+    # same seed -> same model -> same threshold
+    assert trained.threshold == pytest.approx(thr["value"], rel=1e-12)
+    train_windows = windows[T.windows_with_labels(label, n_rows, w)]
+    train_scores = ort_scores[T.windows_with_labels(label, n_rows, w)]
+    assert len(train_windows) == spec["training"]["windows"]
+    assert thr["value"] == pytest.approx(np.quantile(train_scores, 0.98) * 1.2, rel=1e-9)
+
+    # per-feature errors average to the score
+    fe = T.feature_errors(windows, got, len(FEATURES))
+    np.testing.assert_allclose(fe.mean(axis=1), ort_scores, rtol=1e-9, atol=1e-12)
+
+
+def _ns(family):
+    import argparse
+
+    p = argparse.ArgumentParser()
+    T.add_model_args(p)
+    return p.parse_args(["--family", family, *FAMILY_ARGS[family]])
+
+
+def test_parquet_input(tmp_path):
+    pd = pytest.importorskip("pandas")
+    pytest.importorskip("pyarrow")
+    csv = tmp_path / "t.csv"
+    synthetic_csv(csv, labelled=[])
+    pq = tmp_path / "t.parquet"
+    pd.read_csv(csv, sep=";").to_parquet(pq)
+    assert T.main(["--data", str(pq), "--out", str(tmp_path / "m"), "--window", "4",
+                   "--features", *FEATURES, "--train-rows", "100"]) == 0
+    spec = json.loads((tmp_path / "m" / "model.json").read_text())
+    assert spec["training"]["rows"] == 100 and spec["training"]["windows"] == 97
+
+
+def test_windows_are_step_major():
+    z = np.arange(12, dtype=np.float32).reshape(4, 3)  # 4 steps x 3 features
+    w = T.make_windows(z, 2)
+    assert w.shape == (3, 6)
+    assert w[0].tolist() == [0, 1, 2, 3, 4, 5]
+    assert w[2].tolist() == [6, 7, 8, 9, 10, 11]
+    assert T.make_windows(z, 5).shape == (0, 15)
+
+
+def test_scaler_matches_engine_rule():
+    x = np.array([[1.0, 5.0], [3.0, 5.0]])
+    s = T.Scaler.fit(x)
+    assert s.mean.tolist() == [2.0, 5.0] and s.std.tolist() == [1.0, 1.0]
+    assert T.Scaler.fit(np.array([[0.0, 1.0], [2.0, 1.0]])).std.tolist() == [1.0, 1.0]
+    z = s.transform(np.array([[4.0, 6.0]]))
+    assert z.dtype == np.float32 and z.tolist() == [[2.0, 1.0]]
+
+
+def test_n_of_m_rule():
+    e = np.array([0, 1, 0, 1, 1, 0, 0, 0, 1, 0], dtype=bool)
+    # plain thresholding
+    assert T.n_of_m(e, 1, 1, 1).tolist() == e.astype(int).tolist()
+    # opens at the 2nd exceedance within 3 windows, closes after 2 quiet windows
+    assert T.n_of_m(e, 2, 3, 2).tolist() == [0, 0, 0, 1, 1, 1, 0, 0, 0, 0]
+    # windows before the first one count as quiet; rows before the first window get 0
+    flags = T.row_flags(np.array([5.0, 5.0, 0.0]), 1.0, 6, 4, 2, 2, 1)
+    assert flags.tolist() == [0, 0, 0, 0, 1, 0]
+
+
+def test_predicted_changepoints_follow_skab():
+    flags = np.array([1, 1, 0, 0, 1, 1, 0])
+    assert E.predicted_changepoints(flags).tolist() == [1, 0, 1, 0, 1, 0, 1]
+    assert E.predicted_changepoints(flags, "rising").tolist() == [1, 0, 0, 0, 1, 0, 0]
+
+
+def test_nab_scoring():
+    t = np.array("2020-01-01T00:00:00", dtype="datetime64[s]") + np.arange(200)
+    true_cp = np.zeros(200, dtype=int)
+    true_cp[[50, 150]] = 1
+    pred = np.zeros(200, dtype=int)
+    pred[[10, 50, 80, 180]] = 1
+    part = E.nab_file(t, true_cp, pred, 60 * 10**9)
+    # windows [50, 110] and [150, 210]: 50 and 80 are in the first (first counts), 180 in the
+    # second at 30 s of 60 -> e = 500; 10 is a false positive
+    assert part["windows"] == 2 and part["detected"] == 2 and part["fp"] == 1
+    s, null, perfect = part["standard"]
+    curve = E.nab_curve(1.0, -0.11)
+    assert s == pytest.approx(curve[0] + curve[500] - 0.11)
+    assert (null, perfect) == (-2.0, 2.0)
+    total = E.nab_total([part])
+    assert total["standard"] == pytest.approx(100 * (s + 2) / 4)
+    # overlapping windows: the right one starts where the left one ends
+    assert E.nab_windows(np.array([0, 10**9]), 60 * 10**9) == [[0, 60 * 10**9],
+                                                              [60 * 10**9, 61 * 10**9]]
+    # F1 / FAR / MAR
+    m = E.binary_metrics(tp=8, tn=6, fp=2, fn=2)
+    assert m["f1"] == pytest.approx(0.8) and m["far"] == pytest.approx(25.0)
+    assert m["mar"] == pytest.approx(20.0)

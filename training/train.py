@@ -1,0 +1,616 @@
+#!/usr/bin/env python3
+"""Train a tidewatch window-reconstruction model and export it as ONNX + model.json.
+
+The contract (see docs/detection.md) in one paragraph: each reading is normalised per feature,
+z = (x - mean) * (1 / std) in float32; W consecutive normalised readings are flattened
+step-major into one float32 row of W*F values; the ONNX model maps [batch, W*F] to a
+reconstruction of the same shape; the window's score is the mean squared error over its W*F
+values; a window "exceeds" when score > threshold; a row's flag is the state of an n-of-m rule
+with hysteresis over the exceedances of the windows ending at consecutive rows.
+
+Families (all exported with onnx.helper, float32, opset 13):
+  pca       linear autoencoder: x -> (x - mu) V V^T + mu, V = top-k principal directions.
+  dense     MLP autoencoder (scikit-learn MLPRegressor X -> X), tanh/relu hidden layers.
+  forecast  predictive reconstruction: the first W-1 steps are copied, the last step is predicted
+            by ridge regression from the W-1 steps before it (a linear VAR). Score = one-step
+            forecast error / W.
+
+Usable both as a CLI and as a library (skab_eval.py and test_train.py import it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+
+SKAB_FEATURES = [
+    "Accelerometer1RMS",
+    "Accelerometer2RMS",
+    "Current",
+    "Pressure",
+    "Temperature",
+    "Thermocouple",
+    "Voltage",
+    "Volume Flow RateRMS",
+]
+
+STD_EPSILON = 1e-12  # a training std below this is replaced by 1.0 (same rule as the engine)
+OPSET = 13
+IR_VERSION = 8  # readable by onnxruntime >= 1.10 and tract
+INPUT_NAME = "input"
+OUTPUT_NAME = "output"
+
+FAMILIES = ("pca", "dense", "forecast")
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------
+
+def read_table(path: str, delimiter: str = ";"):
+    """Reads a CSV (with `delimiter`) or a Parquet file into a pandas DataFrame."""
+    import pandas as pd
+
+    if path.endswith(".parquet") or path.endswith(".pq"):
+        return pd.read_parquet(path)
+    return pd.read_csv(path, sep=delimiter)
+
+
+def default_features(df, label_column: str | None) -> list[str]:
+    """SKAB's eight sensors when present, else every numeric column but the labels/time."""
+    if all(name in df.columns for name in SKAB_FEATURES):
+        return list(SKAB_FEATURES)
+    skip = {label_column, "changepoint", "datetime", "timestamp", "time"}
+    return [c for c in df.columns if c not in skip and np.issubdtype(df[c].dtype, np.number)]
+
+
+def as_f32(values) -> np.ndarray:
+    """Readings as the engine holds them: float32."""
+    return np.ascontiguousarray(np.asarray(values, dtype=np.float64).astype(np.float32))
+
+
+# --------------------------------------------------------------------------------------------
+# Scaler and windows (the engine-side preprocessing, reproduced bit for bit)
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class Scaler:
+    mean: np.ndarray  # float64 [F]
+    std: np.ndarray  # float64 [F], already "safe" (never below STD_EPSILON)
+
+    @staticmethod
+    def fit(x: np.ndarray) -> "Scaler":
+        """Population mean/std (ddof=0, like scikit-learn's StandardScaler) in float64 of the
+        float32 readings; a std below STD_EPSILON becomes 1.0."""
+        x64 = np.asarray(x, dtype=np.float32).astype(np.float64)
+        mean = x64.mean(axis=0)
+        std = x64.std(axis=0)
+        std = np.where(np.abs(std) < STD_EPSILON, 1.0, std)
+        return Scaler(mean=mean, std=std)
+
+    def factors(self) -> tuple[np.ndarray, np.ndarray]:
+        """(mean as f32, 1/std computed in f64 then cast to f32), exactly as the engine."""
+        std = np.where(np.abs(self.std) < STD_EPSILON, 1.0, self.std)
+        return self.mean.astype(np.float32), (1.0 / std).astype(np.float32)
+
+    def transform(self, x: np.ndarray) -> np.ndarray:
+        """z = (x - mean) * inv_std, all float32."""
+        mean32, inv32 = self.factors()
+        x32 = np.asarray(x, dtype=np.float32)
+        return ((x32 - mean32) * inv32).astype(np.float32)
+
+
+def make_windows(z: np.ndarray, length: int) -> np.ndarray:
+    """All windows of `length` consecutive rows (slide 1), flattened step-major:
+    row i holds rows i .. i+length-1 of z, as [z[i,0..F), z[i+1,0..F), ...].
+    Returns float32 [n - length + 1, length * F] (empty when n < length)."""
+    z = np.ascontiguousarray(z, dtype=np.float32)
+    n, f = z.shape
+    if n < length:
+        return np.zeros((0, length * f), dtype=np.float32)
+    view = np.lib.stride_tricks.sliding_window_view(z, (length, f))[:, 0]
+    return np.ascontiguousarray(view.reshape(n - length + 1, length * f))
+
+
+def window_scores(x: np.ndarray, reconstruction: np.ndarray) -> np.ndarray:
+    """Mean squared error over the W*F values of each window: the differences of the float32
+    values taken in float64, squared, summed in order and divided by W*F (float64 result)."""
+    d = reconstruction.astype(np.float64) - x.astype(np.float64)
+    return np.mean(d * d, axis=1)
+
+
+def feature_errors(x: np.ndarray, reconstruction: np.ndarray, features: int) -> np.ndarray:
+    """Per-feature error of each window: mean over the W steps of the squared error of that
+    feature ([n, F]); its mean over features equals the window score."""
+    d = reconstruction.astype(np.float64) - x.astype(np.float64)
+    d = d.reshape(len(d), -1, features)
+    return np.mean(d * d, axis=1)
+
+
+def windows_with_labels(labels: np.ndarray | None, n_rows: int, length: int) -> np.ndarray:
+    """Boolean [n_rows - length + 1]: True for windows that contain no labelled row."""
+    n_win = max(n_rows - length + 1, 0)
+    if labels is None:
+        return np.ones(n_win, dtype=bool)
+    bad = (np.asarray(labels) == 1).astype(np.int64)
+    c = np.concatenate([[0], np.cumsum(bad)])
+    per_window = c[length:n_rows + 1] - c[0:n_win]
+    return per_window == 0
+
+
+# --------------------------------------------------------------------------------------------
+# Detection: threshold and n-of-m rule
+# --------------------------------------------------------------------------------------------
+
+def calibrate_threshold(train_scores: np.ndarray, quantile: float, factor: float) -> float:
+    """quantile (numpy's default 'linear' interpolation) of the training window scores x factor."""
+    return float(np.quantile(np.asarray(train_scores, dtype=np.float64), quantile) * factor)
+
+
+def n_of_m(exceed: np.ndarray, n: int, m: int, hysteresis: int) -> np.ndarray:
+    """The engine's alarm state machine over consecutive windows.
+
+    For window k (in stream order): count = exceedances among windows k-m+1..k (windows before
+    the first one count as non-exceeding); closed -> open when count >= n; open -> closed when
+    the last `hysteresis` windows all did not exceed. One transition per window at most.
+    Returns int8 states (the flag of the row the window ends at)."""
+    e = np.asarray(exceed, dtype=bool)
+    out = np.zeros(len(e), dtype=np.int8)
+    count = 0
+    quiet = 0
+    state = 0
+    for k in range(len(e)):
+        if e[k]:
+            count += 1
+            quiet = 0
+        else:
+            quiet += 1
+        if k - m >= 0 and e[k - m]:
+            count -= 1
+        if state == 0:
+            if count >= n:
+                state = 1
+        elif quiet >= hysteresis:
+            state = 0
+        out[k] = state
+    return out
+
+
+def row_flags(scores: np.ndarray, threshold: float, n_rows: int, length: int,
+              n: int, m: int, hysteresis: int) -> np.ndarray:
+    """Flags of all n_rows rows of a stream from the scores of its windows (window k ends at row
+    k + length - 1); rows before the first full window are 0."""
+    flags = np.zeros(n_rows, dtype=np.int8)
+    if len(scores):
+        flags[length - 1:] = n_of_m(np.asarray(scores) > threshold, n, m, hysteresis)
+    return flags
+
+
+# --------------------------------------------------------------------------------------------
+# Model families: each has fit(X), reconstruct(X) (numpy, float32 math like the graph) and
+# graph() -> onnx.GraphProto pieces.
+# --------------------------------------------------------------------------------------------
+
+def _f32(a) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(a, dtype=np.float32))
+
+
+class PcaModel:
+    """Linear autoencoder: x_hat = ((x - mu) @ V) @ V^T + mu with V [D, k] orthonormal."""
+
+    family = "pca"
+
+    def __init__(self, components: float = 0.8, **_):
+        # components: int >= 1 -> that many; float in (0, 1) -> smallest k explaining it
+        self.components = components
+
+    def fit(self, x: np.ndarray, seed: int = 0) -> "PcaModel":
+        x64 = x.astype(np.float64)
+        mu = x64.mean(axis=0)
+        xc = x64 - mu
+        # SVD of the centred data; signs fixed so the result is deterministic
+        _, s, vt = np.linalg.svd(xc, full_matrices=False)
+        var = s ** 2
+        if self.components >= 1:
+            k = int(self.components)
+        else:
+            ratio = np.cumsum(var) / max(var.sum(), 1e-300)
+            k = int(np.searchsorted(ratio, self.components) + 1)
+        k = max(1, min(k, vt.shape[0]))
+        v = vt[:k].T  # [D, k]
+        signs = np.sign(v[np.argmax(np.abs(v), axis=0), np.arange(k)])
+        signs[signs == 0] = 1
+        v = v * signs
+        self.k = k
+        self.mu = _f32(mu)
+        self.v = _f32(v)
+        self.vt = _f32(v.T)
+        return self
+
+    def reconstruct(self, x: np.ndarray) -> np.ndarray:
+        h = (x.astype(np.float32) - self.mu) @ self.v
+        return (h @ self.vt + self.mu).astype(np.float32)
+
+    def params(self) -> dict:
+        return {"components": self.components, "k": self.k}
+
+    def nodes(self, helper, numpy_helper):
+        inits = [numpy_helper.from_array(self.mu, "mu"), numpy_helper.from_array(self.v, "V"),
+                 numpy_helper.from_array(self.vt, "Vt")]
+        nodes = [
+            helper.make_node("Sub", [INPUT_NAME, "mu"], ["centred"]),
+            helper.make_node("MatMul", ["centred", "V"], ["code"]),
+            helper.make_node("MatMul", ["code", "Vt"], ["decoded"]),
+            helper.make_node("Add", ["decoded", "mu"], [OUTPUT_NAME]),
+        ]
+        return nodes, inits
+
+
+class DenseModel:
+    """MLP autoencoder X -> X trained with scikit-learn's MLPRegressor (Adam, squared loss).
+    Graph: (MatMul, Add, act)* then MatMul, Add (identity output)."""
+
+    family = "dense"
+
+    def __init__(self, hidden: tuple[int, ...] = (32, 8, 32), activation: str = "tanh",
+                 alpha: float = 1e-4, max_iter: int = 500, learning_rate: float = 1e-3, **_):
+        self.hidden = tuple(int(h) for h in hidden)
+        self.activation = activation
+        self.alpha = alpha
+        self.max_iter = max_iter
+        self.learning_rate = learning_rate
+
+    def fit(self, x: np.ndarray, seed: int = 0) -> "DenseModel":
+        import warnings
+
+        from sklearn.exceptions import ConvergenceWarning
+        from sklearn.neural_network import MLPRegressor
+
+        mlp = MLPRegressor(hidden_layer_sizes=self.hidden, activation=self.activation,
+                           solver="adam", alpha=self.alpha, batch_size=min(64, len(x)),
+                           learning_rate_init=self.learning_rate, max_iter=self.max_iter,
+                           shuffle=True, random_state=seed, tol=1e-6, n_iter_no_change=20)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            mlp.fit(x.astype(np.float64), x.astype(np.float64))
+        self.weights = [_f32(w) for w in mlp.coefs_]
+        self.biases = [_f32(b) for b in mlp.intercepts_]
+        self.iterations = int(mlp.n_iter_)
+        return self
+
+    def _act(self, h):
+        if self.activation == "tanh":
+            return np.tanh(h)
+        if self.activation == "relu":
+            return np.maximum(h, 0)
+        if self.activation == "identity":
+            return h
+        raise ValueError(self.activation)
+
+    def reconstruct(self, x: np.ndarray) -> np.ndarray:
+        h = x.astype(np.float32)
+        last = len(self.weights) - 1
+        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
+            h = (h @ w + b).astype(np.float32)
+            if i < last:
+                h = self._act(h).astype(np.float32)
+        return h
+
+    def params(self) -> dict:
+        return {"hidden": list(self.hidden), "activation": self.activation, "alpha": self.alpha,
+                "iterations": self.iterations}
+
+    def nodes(self, helper, numpy_helper):
+        nodes, inits = [], []
+        prev = INPUT_NAME
+        last = len(self.weights) - 1
+        act = {"tanh": "Tanh", "relu": "Relu", "identity": "Identity"}[self.activation]
+        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
+            inits += [numpy_helper.from_array(w, f"W{i}"), numpy_helper.from_array(b, f"b{i}")]
+            nodes.append(helper.make_node("MatMul", [prev, f"W{i}"], [f"mm{i}"]))
+            out = OUTPUT_NAME if i == last else f"lin{i}"
+            nodes.append(helper.make_node("Add", [f"mm{i}", f"b{i}"], [out]))
+            if i < last:
+                nodes.append(helper.make_node(act, [out], [f"h{i}"]))
+                prev = f"h{i}"
+        return nodes, inits
+
+
+class ForecastModel:
+    """Predictive reconstruction. With D = W*F and P = (W-1)*F: output[:, :P] = input[:, :P]
+    and output[:, P:] = input[:, :P] @ A + c, a ridge regression of the last step on the W-1
+    steps before it. Exported as a single MatMul by [I_P | A] (zeros for the last block) + Add."""
+
+    family = "forecast"
+
+    def __init__(self, ridge: float = 1.0, features: int = 0, **_):
+        self.ridge = ridge
+        self.features = features
+
+    def fit(self, x: np.ndarray, seed: int = 0) -> "ForecastModel":
+        f = self.features
+        d = x.shape[1]
+        p = d - f
+        if p <= 0:
+            raise ValueError("the forecast family needs a window of at least 2 steps")
+        x64 = x.astype(np.float64)
+        past, last = x64[:, :p], x64[:, p:]
+        pm, lm = past.mean(axis=0), last.mean(axis=0)
+        pc, lc = past - pm, last - lm
+        gram = pc.T @ pc + self.ridge * len(x64) * np.eye(p) / max(p, 1)
+        a = np.linalg.solve(gram, pc.T @ lc)  # [p, f]
+        c = lm - pm @ a
+        full = np.zeros((d, d), dtype=np.float64)
+        full[:p, :p] = np.eye(p)
+        full[:p, p:] = a
+        bias = np.zeros(d, dtype=np.float64)
+        bias[p:] = c
+        self.matrix = _f32(full)
+        self.bias = _f32(bias)
+        return self
+
+    def reconstruct(self, x: np.ndarray) -> np.ndarray:
+        return (x.astype(np.float32) @ self.matrix + self.bias).astype(np.float32)
+
+    def params(self) -> dict:
+        return {"ridge": self.ridge}
+
+    def nodes(self, helper, numpy_helper):
+        inits = [numpy_helper.from_array(self.matrix, "M"), numpy_helper.from_array(self.bias, "c")]
+        nodes = [helper.make_node("MatMul", [INPUT_NAME, "M"], ["mm"]),
+                 helper.make_node("Add", ["mm", "c"], [OUTPUT_NAME])]
+        return nodes, inits
+
+
+def make_model(family: str, features: int, **hyper):
+    if family == "pca":
+        return PcaModel(**hyper)
+    if family == "dense":
+        return DenseModel(**hyper)
+    if family == "forecast":
+        return ForecastModel(features=features, **hyper)
+    raise ValueError(f"unknown family {family!r} (choose from {', '.join(FAMILIES)})")
+
+
+def to_onnx(model, width: int, name: str = "tidewatch"):
+    """The model as an onnx.ModelProto: float32 input [batch, width] -> output [batch, width]."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes, inits = model.nodes(helper, numpy_helper)
+    graph = helper.make_graph(
+        nodes, name,
+        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["batch", width])],
+        [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", width])],
+        initializer=inits,
+    )
+    proto = helper.make_model(graph, producer_name="tidewatch-train",
+                              opset_imports=[helper.make_opsetid("", OPSET)])
+    proto.ir_version = IR_VERSION
+    onnx.checker.check_model(proto)
+    return proto
+
+
+def ort_session(proto):
+    """An onnxruntime session on one thread (deterministic, friendly to a shared machine)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.inter_op_num_threads = 1
+    data = proto if isinstance(proto, (bytes, bytearray)) else proto.SerializeToString()
+    return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+
+
+def ort_reconstruct(session, x: np.ndarray, batch: int = 4096) -> np.ndarray:
+    if len(x) == 0:
+        return np.zeros_like(x, dtype=np.float32)
+    outs = [session.run([OUTPUT_NAME], {INPUT_NAME: _f32(x[i:i + batch])})[0]
+            for i in range(0, len(x), batch)]
+    return np.concatenate(outs, axis=0)
+
+
+# --------------------------------------------------------------------------------------------
+# Training end to end
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class Config:
+    family: str = "pca"
+    window: int = 10
+    quantile: float = 0.995
+    factor: float = 1.5
+    n: int = 10
+    m: int = 20
+    hysteresis: int = 20
+    seed: int = 0
+    hyper: dict = field(default_factory=dict)
+
+
+@dataclass
+class Trained:
+    config: Config
+    features: list[str]
+    scaler: Scaler
+    model: object
+    proto: object
+    session: object
+    threshold: float
+    train_scores: np.ndarray
+    rows: int
+    windows: int
+
+
+def fit(raw: np.ndarray, features: list[str], config: Config,
+        labels: np.ndarray | None = None) -> Trained:
+    """Fits scaler, model and threshold on the training rows `raw` [rows, F] (float).
+    Windows containing a labelled row (labels == 1) are left out, and so are those rows from
+    the scaler. The threshold is calibrated on onnxruntime scores of the training windows."""
+    x32 = as_f32(raw)
+    keep_rows = np.ones(len(x32), dtype=bool) if labels is None else (np.asarray(labels) != 1)
+    if keep_rows.sum() < 2:
+        raise ValueError("fewer than 2 unlabelled training rows")
+    scaler = Scaler.fit(x32[keep_rows])
+    z = scaler.transform(x32)
+    xw = make_windows(z, config.window)[windows_with_labels(labels, len(z), config.window)]
+    if len(xw) < 2:
+        raise ValueError(f"fewer than 2 training windows of length {config.window}")
+    model = make_model(config.family, len(features), **config.hyper).fit(xw, seed=config.seed)
+    proto = to_onnx(model, xw.shape[1])
+    session = ort_session(proto)
+    scores = window_scores(xw, ort_reconstruct(session, xw))
+    threshold = calibrate_threshold(scores, config.quantile, config.factor)
+    return Trained(config, list(features), scaler, model, proto, session, threshold, scores,
+                   int(keep_rows.sum()), int(len(xw)))
+
+
+def stream_scores(trained: Trained, raw: np.ndarray) -> np.ndarray:
+    """Scores (onnxruntime) of every full window of a stream of raw readings, in order."""
+    z = trained.scaler.transform(as_f32(raw))
+    xw = make_windows(z, trained.config.window)
+    return window_scores(xw, ort_reconstruct(trained.session, xw))
+
+
+def model_json(trained: Trained, name: str, version: str, data: str) -> dict:
+    c = trained.config
+    width = c.window * len(trained.features)
+    created = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0)
+    return {
+        "name": name,
+        "version": version,
+        "created_at": created.isoformat().replace("+00:00", "Z"),
+        "family": c.family,
+        "features": trained.features,
+        "window": {"length": c.window, "step": 1},
+        "scaler": {"mean": [float(v) for v in trained.scaler.mean],
+                   "std": [float(v) for v in trained.scaler.std]},
+        "threshold": {"value": trained.threshold, "method": "quantile", "quantile": c.quantile,
+                      "factor": c.factor},
+        "detection": {"n": c.n, "m": c.m, "hysteresis": c.hysteresis},
+        "training": {"data": data, "rows": trained.rows, "windows": trained.windows,
+                     "seed": c.seed, "hyperparameters": trained.model.params()},
+        "io": {"input": INPUT_NAME, "output": OUTPUT_NAME, "shape": [-1, width]},
+    }
+
+
+def save(trained: Trained, out_dir: str, name: str, version: str, data: str) -> dict:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "model.onnx"), "wb") as fh:
+        fh.write(trained.proto.SerializeToString())
+    spec = model_json(trained, name, version, data)
+    with open(os.path.join(out_dir, "model.json"), "w") as fh:
+        json.dump(spec, fh, indent=2)
+        fh.write("\n")
+    return spec
+
+
+def verify(trained: Trained, x: np.ndarray) -> float:
+    """Max |numpy score - onnxruntime score| over windows x (float32 [n, W*F])."""
+    a = window_scores(x, trained.model.reconstruct(x))
+    b = window_scores(x, ort_reconstruct(trained.session, x))
+    return float(np.max(np.abs(a - b))) if len(x) else 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------
+
+def parse_hidden(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.replace("x", ",").split(",") if v)
+
+
+def hyper_from_args(args) -> dict:
+    if args.family == "pca":
+        return {"components": args.components}
+    if args.family == "dense":
+        return {"hidden": parse_hidden(args.hidden), "activation": args.activation,
+                "alpha": args.alpha, "max_iter": args.max_iter}
+    if args.family == "forecast":
+        return {"ridge": args.ridge}
+    return {}
+
+
+def add_model_args(p: argparse.ArgumentParser, defaults: dict | None = None) -> None:
+    # the chosen configuration (docs/detection.md)
+    d = {"family": "pca", "window": 10, "quantile": 0.995, "factor": 1.5, "n": 10, "m": 20,
+         "hysteresis": 20, "components": 0.8}
+    d.update(defaults or {})
+    p.add_argument("--family", choices=FAMILIES, default=d["family"])
+    p.add_argument("--window", type=int, default=d["window"], help="window length W (steps)")
+    p.add_argument("--quantile", type=float, default=d["quantile"],
+                   help="quantile of the training window scores")
+    p.add_argument("--factor", type=float, default=d["factor"], help="threshold = quantile x factor")
+    p.add_argument("--n", type=int, default=d["n"], help="exceedances needed to open an anomaly")
+    p.add_argument("--m", type=int, default=d["m"], help="... among the last m windows")
+    p.add_argument("--hysteresis", type=int, default=d["hysteresis"],
+                   help="consecutive non-exceeding windows that close an anomaly")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--components", type=float, default=d["components"],
+                   help="pca: components (>= 1) or explained-variance fraction (< 1)")
+    p.add_argument("--hidden", default="32,8,32", help="dense: hidden layer sizes, e.g. 32,8,32")
+    p.add_argument("--activation", default="tanh", choices=("tanh", "relu"), help="dense")
+    p.add_argument("--alpha", type=float, default=1e-4, help="dense: L2 penalty")
+    p.add_argument("--max-iter", type=int, default=500, help="dense: epochs at most")
+    p.add_argument("--ridge", type=float, default=1.0, help="forecast: ridge strength")
+
+
+def config_from_args(args) -> Config:
+    return Config(family=args.family, window=args.window, quantile=args.quantile,
+                  factor=args.factor, n=args.n, m=args.m, hysteresis=args.hysteresis,
+                  seed=args.seed, hyper=hyper_from_args(args))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", required=True, help="training data: .csv or .parquet")
+    p.add_argument("--out", required=True, help="output directory (model.onnx, model.json)")
+    p.add_argument("--train-rows", type=int, default=None,
+                   help="use only the first N rows (default: all)")
+    p.add_argument("--features", nargs="+", default=None,
+                   help="feature columns in order (default: SKAB's eight sensors)")
+    p.add_argument("--delimiter", default=";", help="CSV delimiter")
+    p.add_argument("--label-column", default="anomaly",
+                   help="rows with label 1 are left out of training when the column exists")
+    p.add_argument("--name", default=None, help="model name (default: the output folder name)")
+    p.add_argument("--version", default=None, help="version text (default: UTC timestamp)")
+    add_model_args(p)
+    args = p.parse_args(argv)
+
+    df = read_table(args.data, args.delimiter)
+    if args.train_rows is not None:
+        df = df.iloc[: args.train_rows]
+    features = args.features or default_features(df, args.label_column)
+    missing = [f for f in features if f not in df.columns]
+    if missing:
+        p.error(f"columns not in {args.data}: {missing}")
+    labels = df[args.label_column].to_numpy() if args.label_column in df.columns else None
+    config = config_from_args(args)
+    trained = fit(df[features].to_numpy(dtype=np.float64), features, config, labels)
+
+    name = args.name or os.path.basename(os.path.normpath(args.out))
+    version = args.version or _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    spec = save(trained, args.out, name, version, args.data)
+
+    z = trained.scaler.transform(as_f32(df[features].to_numpy(dtype=np.float64)))
+    diff = verify(trained, make_windows(z, config.window))
+    size = os.path.getsize(os.path.join(args.out, "model.onnx"))
+    print(f"{name}: family={config.family} W={config.window} features={len(features)} "
+          f"rows={trained.rows} windows={trained.windows} threshold={trained.threshold:.6g} "
+          f"onnx={size} bytes max|numpy-ort|={diff:.2e}", file=sys.stderr)
+    if diff >= 1e-5:
+        print("error: onnxruntime does not reproduce the numpy scores", file=sys.stderr)
+        return 1
+    json.dump({"out": args.out, "threshold": spec["threshold"], "training": spec["training"]},
+              sys.stdout)
+    print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
