@@ -152,7 +152,12 @@ fn init_logging(format: LogFormat, level: &str) {
 /// Parses the process arguments and runs the command with `registry`.
 pub fn main(registry: Registry) -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format, &cli.log_level);
+    // A backtest runs hundreds of short pipelines: only warnings unless asked for more.
+    let level = match (&cli.command, cli.log_level.as_str()) {
+        (Command::Backtest { .. }, "info") => "warn",
+        (_, level) => level,
+    };
+    init_logging(cli.log_format, level);
     match execute(cli.command, &registry) {
         Ok(code) => code,
         Err(error) => {

@@ -70,7 +70,7 @@ class SkabFile:
     def __init__(self, path: str):
         import pandas as pd
 
-        df = pd.read_csv(path, sep=";")
+        df = pd.read_csv(path, sep=";", float_precision="round_trip")
         self.path = path
         self.name = f"{os.path.basename(os.path.dirname(path))}_{os.path.splitext(os.path.basename(path))[0]}"
         self.times = pd.to_datetime(df["datetime"]).to_numpy().astype("datetime64[ns]")
@@ -231,22 +231,37 @@ class Scored:
             self.train_scores.append(tr.train_scores)
             self.trained.append(tr if keep_models else None)
 
-    def flags(self, quantile, factor, n, m, hysteresis):
-        """(full-stream flags, test flags, thresholds) per file."""
+    def flags(self, quantile, factor, n, m, hysteresis, windows="rows"):
+        """(full-stream flags, test flags, thresholds) per file.
+
+        windows="rows": the contract (a window = the last W rows, whatever their timestamps).
+        windows="time": the engine's time windows [e - W s, e) every second, dropped unless they
+        hold W readings; the n-of-m rule sees only the kept ones and a row whose window
+        (e = its time + 1 s) was dropped gets flag 0 (as the Rust backtest's predict())."""
         out_full, out_test, thresholds = [], [], []
         w = self.config.window
         for f, ts, ss in zip(self.files, self.train_scores, self.stream):
             thr = T.calibrate_threshold(ts, quantile, factor)
             n_rows = len(f.raw) if self.prime else len(f.raw) - TRAIN_ROWS
-            flags = T.row_flags(ss, thr, n_rows, w, n, m, hysteresis)
+            if windows == "time":
+                t = f.times if self.prime else f.times[TRAIN_ROWS:]
+                sec = t.astype("datetime64[s]").astype(np.int64)
+                kept = np.zeros(len(ss), dtype=bool)  # window k ends at row k + w - 1
+                if len(ss):
+                    kept = (sec[w - 1:] - sec[: len(sec) - w + 1]) == w - 1
+                states = T.n_of_m(ss[kept] > thr, n, m, hysteresis)
+                flags = np.zeros(n_rows, dtype=np.int8)
+                flags[np.nonzero(kept)[0] + w - 1] = states
+            else:
+                flags = T.row_flags(ss, thr, n_rows, w, n, m, hysteresis)
             out_full.append(flags)
             out_test.append(flags[TRAIN_ROWS:] if self.prime else flags)
             thresholds.append(thr)
         return out_full, out_test, thresholds
 
     def evaluate(self, quantile, factor, n, m, hysteresis, edges="both", nab_window_s=60.0,
-                 side="right"):
-        _, test, _ = self.flags(quantile, factor, n, m, hysteresis)
+                 side="right", windows="rows"):
+        _, test, _ = self.flags(quantile, factor, n, m, hysteresis, windows)
         return leaderboard(self.files, test, edges, nab_window_s, side)
 
 
@@ -288,6 +303,9 @@ def main(argv=None) -> int:
                    help="predicted changepoints: both edges (SKAB) or rising edges only")
     p.add_argument("--nab-window", type=float, default=60.0, help="NAB window width, seconds")
     p.add_argument("--nab-side", choices=("right", "center", "left"), default="right")
+    p.add_argument("--windows", choices=("rows", "time"), default="rows",
+                   help="rows: a window is the last W rows (the contract); time: emulate the "
+                        "engine's 1 s-aligned time windows that drop windows with < W readings")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--export", default=None,
                    help="write per-file models and scores under this folder (for the Rust backtest)")
@@ -299,13 +317,14 @@ def main(argv=None) -> int:
     scored = Scored(files, cfg, prime=not args.no_prime, use_labels=args.use_labels,
                     keep_models=args.export is not None)
     r = scored.evaluate(cfg.quantile, cfg.factor, cfg.n, cfg.m, cfg.hysteresis, args.edges,
-                        args.nab_window, args.nab_side)
+                        args.nab_window, args.nab_side, args.windows)
     r["max_abs_numpy_vs_onnxruntime"] = scored.max_diff
     r["config"] = {"family": cfg.family, "window": cfg.window, "hyper": cfg.hyper,
                    "quantile": cfg.quantile, "factor": cfg.factor, "n": cfg.n, "m": cfg.m,
                    "hysteresis": cfg.hysteresis, "seed": cfg.seed, "prime": not args.no_prime,
                    "use_labels": args.use_labels, "edges": args.edges,
-                   "nab_window_s": args.nab_window, "nab_side": args.nab_side}
+                   "nab_window_s": args.nab_window, "nab_side": args.nab_side,
+                   "windows": args.windows}
     r["seconds"] = round(time.time() - t0, 1)
     if args.export:
         export(scored, args.export, cfg)

@@ -59,7 +59,8 @@ def read_table(path: str, delimiter: str = ";"):
 
     if path.endswith(".parquet") or path.endswith(".pq"):
         return pd.read_parquet(path)
-    return pd.read_csv(path, sep=delimiter)
+    # correctly rounded decimal -> float64 (like Rust's str::parse::<f64>), then f32 on use
+    return pd.read_csv(path, sep=delimiter, float_precision="round_trip")
 
 
 def default_features(df, label_column: str | None) -> list[str]:

@@ -14,6 +14,7 @@
 //! reference is `docs/reference/transforms.md`.
 
 pub mod autoencoder;
+pub mod count_window;
 pub mod normalize;
 pub mod stats;
 pub mod threshold;
@@ -23,6 +24,7 @@ pub mod window;
 use tidewatch_api::ComponentFactory;
 
 pub use autoencoder::{Autoencoder, AutoencoderConfig, AutoencoderFactory, Scorer, WindowScore};
+pub use count_window::CountWindowOperator;
 pub use normalize::{Normalize, NormalizeConfig, NormalizeFactory, NormalizeFormat, OnMissing};
 pub use stats::{STATS_VERSION, StatsConfig, StatsDetector, StatsFactory, stats_columns};
 pub use threshold::{Emit, Threshold, ThresholdConfig, ThresholdFactory};

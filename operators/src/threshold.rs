@@ -2,7 +2,8 @@
 //!
 //! Per device, in window order: an anomaly **opens** when at least `n` of the last `m` scores
 //! exceeded their threshold (their `anomaly` flag), and **closes** after `hysteresis`
-//! consecutive scores that did not. With `emit = "events"` (default) it emits an
+//! consecutive scores that did not; at most one change per score (this is the rule
+//! `training/train.py`'s `n_of_m` evaluates models with). With `emit = "events"` (default) it emits an
 //! [`AnomalyEvent`] at each open and close; with `emit = "scores"` it passes every score on
 //! with `anomaly` replaced by the debounced state (one flag per window, as backtests pool them).
 
@@ -160,7 +161,6 @@ impl Threshold {
                 state.calm += 1;
                 if state.calm >= self.hysteresis {
                     state.open = false;
-                    state.history = 0;
                     Some(AnomalyState::Close)
                 } else {
                     None

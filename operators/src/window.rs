@@ -1,4 +1,5 @@
-//! `window`: readings to per-device event-time [`Window`]s, tumbling or sliding.
+//! `window`: readings to per-device event-time [`Window`]s, tumbling or sliding, by time
+//! (`size_ms`) or by count (`size_readings`, see [`crate::count_window`]).
 //!
 //! Windows are aligned on the epoch: they start at every multiple of `slide_ms` (which defaults
 //! to `size_ms`, for tumbling windows) and last `size_ms`, so a reading at time `t` belongs to
@@ -34,8 +35,10 @@ use crate::util::{IdHash, config_error};
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WindowConfig {
-    /// Length of each window, ms (greater than 0).
-    pub size_ms: u64,
+    /// Length of each window, ms (greater than 0). Exactly one of `size_ms` and
+    /// `size_readings` is given.
+    #[serde(default)]
+    pub size_ms: Option<u64>,
     /// Distance between the starts of consecutive windows, ms; defaults to `size_ms`
     /// (tumbling windows). Must satisfy `0 < slide_ms <= size_ms`.
     #[serde(default)]
@@ -43,6 +46,14 @@ pub struct WindowConfig {
     /// Windows with fewer readings than this are discarded (counted as `too_few_steps`).
     #[serde(default = "default_min_steps")]
     pub min_steps: usize,
+    /// Count windows: each window holds a device's last `size_readings` readings in event-time
+    /// order (greater than 0).
+    #[serde(default)]
+    pub size_readings: Option<usize>,
+    /// Count windows: a window every `slide_readings` readings (default 1: a window ending at
+    /// every reading). Must satisfy `0 < slide_readings <= size_readings`.
+    #[serde(default)]
+    pub slide_readings: Option<usize>,
 }
 
 fn default_min_steps() -> usize {
@@ -52,12 +63,40 @@ fn default_min_steps() -> usize {
 impl WindowConfig {
     /// Tumbling windows of `size_ms`, with `min_steps` = 1.
     pub fn tumbling(size_ms: u64) -> WindowConfig {
-        WindowConfig { size_ms, slide_ms: None, min_steps: 1 }
+        WindowConfig {
+            size_ms: Some(size_ms),
+            slide_ms: None,
+            min_steps: 1,
+            size_readings: None,
+            slide_readings: None,
+        }
+    }
+
+    /// Count windows of a device's last `size` readings, one every `slide` readings.
+    pub fn count(size: usize, slide: usize) -> WindowConfig {
+        WindowConfig {
+            size_ms: None,
+            slide_ms: None,
+            min_steps: 1,
+            size_readings: Some(size),
+            slide_readings: Some(slide),
+        }
+    }
+
+    /// True for count windows (`size_readings`).
+    pub fn is_count(&self) -> bool {
+        self.size_readings.is_some()
     }
 
     /// Sliding windows of `size_ms` every `slide_ms`, with `min_steps` = 1.
     pub fn sliding(size_ms: u64, slide_ms: u64) -> WindowConfig {
-        WindowConfig { size_ms, slide_ms: Some(slide_ms), min_steps: 1 }
+        WindowConfig {
+            size_ms: Some(size_ms),
+            slide_ms: Some(slide_ms),
+            min_steps: 1,
+            size_readings: None,
+            slide_readings: None,
+        }
     }
 }
 
@@ -77,25 +116,34 @@ struct Geometry {
 }
 
 fn geometry(config: &WindowConfig) -> Result<Geometry, ConfigError> {
-    if config.size_ms == 0 {
+    if config.size_readings.is_some() || config.slide_readings.is_some() {
+        return Err(ConfigError::new("these are count-window options (`size_readings`)"));
+    }
+    let Some(size_ms) = config.size_ms else {
+        return Err(ConfigError::new(
+            "`window` needs `size_ms` (time windows) or `size_readings` (count windows)",
+        )
+        .with_hint("e.g. size_ms = 10000 for 10 s windows"));
+    };
+    if size_ms == 0 {
         return Err(ConfigError::at_field("size_ms", "`size_ms` must be greater than 0")
             .with_hint("e.g. size_ms = 10000 for 10 s windows"));
     }
-    if config.size_ms > MAX_WINDOW_SIZE_MS {
+    if size_ms > MAX_WINDOW_SIZE_MS {
         return Err(ConfigError::at_field(
             "size_ms",
             format!("`size_ms` must be at most {MAX_WINDOW_SIZE_MS}"),
         ));
     }
-    let slide = config.slide_ms.unwrap_or(config.size_ms);
-    if slide == 0 || slide > config.size_ms {
+    let slide = config.slide_ms.unwrap_or(size_ms);
+    if slide == 0 || slide > size_ms {
         return Err(ConfigError::at_field(
             "slide_ms",
-            format!("`slide_ms` must be in 1..={} (`size_ms`)", config.size_ms),
+            format!("`slide_ms` must be in 1..={size_ms} (`size_ms`)"),
         )
         .with_hint("leave `slide_ms` out for tumbling windows"));
     }
-    let overlap = config.size_ms.div_ceil(slide);
+    let overlap = size_ms.div_ceil(slide);
     if overlap > MAX_WINDOWS_PER_READING {
         return Err(ConfigError::at_field(
             "slide_ms",
@@ -110,7 +158,7 @@ fn geometry(config: &WindowConfig) -> Result<Geometry, ConfigError> {
         return Err(ConfigError::at_field("min_steps", "`min_steps` must be at least 1"));
     }
     Ok(Geometry {
-        size: config.size_ms as EventTime,
+        size: size_ms as EventTime,
         slide: slide as EventTime,
         min_steps: config.min_steps,
     })
@@ -144,7 +192,11 @@ impl TransformFactory for WindowFactory {
             ))
             .with_hint("put a `normalize` transform before `window`"));
         }
-        geometry(config)?;
+        if config.is_count() {
+            crate::count_window::check(config)?;
+        } else {
+            geometry(config)?;
+        }
         Ok(PortType { kind: Kind::Windows, schema: input.schema.clone() })
     }
 
@@ -157,6 +209,11 @@ impl TransformFactory for WindowFactory {
         config: &WindowConfig,
         ctx: &ComponentContext,
     ) -> Result<Box<dyn Transform>, ComponentError> {
+        if config.is_count() {
+            let operator =
+                crate::count_window::CountWindowOperator::new(config).map_err(config_error)?;
+            return Ok(Box::new(operator));
+        }
         let operator = WindowOperator::new(config, ctx).map_err(config_error)?;
         Ok(Box::new(operator))
     }

@@ -127,17 +127,26 @@ fn nab_series(
         )
         .map(|(index, _)| series.times[index])
         .collect();
+    // As SKAB's code does: each window takes its first prediction inside [start, end] (a
+    // prediction on the boundary two cut windows share counts for both); predictions before
+    // the first window, strictly between two windows, or after the last are false positives.
+    let detections: Vec<Option<i64>> = windows
+        .iter()
+        .map(|(start, end)| predicted.iter().copied().find(|time| time >= start && time <= end))
+        .collect();
     let mut false_positives = 0u64;
-    let mut detections: Vec<Option<i64>> = vec![None; windows.len()];
-    for time in &predicted {
-        match windows.iter().position(|(start, end)| time >= start && time <= end) {
-            Some(window) => {
-                if detections[window].is_none() {
-                    detections[window] = Some(*time);
-                }
+    match (windows.first(), windows.last()) {
+        (Some((first_start, _)), Some((_, last_end))) => {
+            false_positives += predicted.iter().filter(|time| *time < first_start).count() as u64;
+            for pair in windows.windows(2) {
+                let (end, next_start) = (pair[0].1, pair[1].0);
+                false_positives +=
+                    predicted.iter().filter(|time| **time > end && **time < next_start).count()
+                        as u64;
             }
-            None => false_positives += 1,
+            false_positives += predicted.iter().filter(|time| *time > last_end).count() as u64;
         }
+        _ => false_positives += predicted.len() as u64,
     }
     let detected = detections.iter().filter(|detection| detection.is_some()).count() as u64;
     let missed = windows.len() as u64 - detected;

@@ -3,10 +3,11 @@
 //!
 //! Each labelled file is split into a training part and a test part. The model is trained on
 //! the training part by `training/train.py` (the same trainer users run), then the **whole**
-//! file streams through `file -> normalize -> window -> autoencoder -> threshold` (the training
-//! rows prime the first windows; only test rows are scored). A row's prediction is the
-//! debounced anomaly state of the window that ends with it; rows without a full window are
-//! predicted normal. Test rows of all files are pooled.
+//! file streams through `file -> normalize -> window (count: the model's window length) ->
+//! autoencoder -> threshold` (the training rows prime the first windows and the detection rule;
+//! only test rows are pooled). A row's prediction is the debounced anomaly state of the window
+//! of the last `length` readings that ends with it; the first `length - 1` rows are predicted
+//! normal. Test rows of all files are pooled.
 //!
 //! - `skab`: every labelled CSV under the data folder; the first `train_rows` (400) rows train.
 //! - `split`: one file trains (its rows labelled normal), another is scored whole.
@@ -310,11 +311,6 @@ pub fn predict(
         .map_err(|error| pipeline_error(format!("model.json: {error}")))?;
     let detection = model.detection.unwrap_or(DetectionInfo { n: 1, m: 1, hysteresis: 1 });
     let features: Vec<String> = model.features.iter().map(|name| toml_string(name)).collect();
-    // Rows are 1 s apart in SKAB; windows slide by the median row spacing.
-    let mut gaps: Vec<i64> =
-        file.times.windows(2).map(|pair| pair[1] - pair[0]).filter(|gap| *gap > 0).collect();
-    gaps.sort_unstable();
-    let step_ms = gaps.get(gaps.len() / 2).copied().unwrap_or(1000).max(1);
     let text = format!(
         r#"
 [pipeline]
@@ -339,9 +335,8 @@ on_missing = "nan"
 [transforms.windows]
 type = "window"
 inputs = ["readings"]
-size_ms = {size_ms}
-slide_ms = {step_ms}
-min_steps = {length}
+size_readings = {length}
+slide_readings = 1
 
 [transforms.model]
 type = "autoencoder"
@@ -367,7 +362,6 @@ inputs = ["detect"]
         delimiter = toml_string(&file.delimiter.to_string()),
         timestamp = toml_string(&file.timestamp_column),
         features = features.join(", "),
-        size_ms = step_ms * model.window.length as i64,
         length = model.window.length,
         model = toml_string(&model_dir.display().to_string()),
         backend = toml_string(&settings.backend),
@@ -375,6 +369,8 @@ inputs = ["detect"]
         m = detection.m,
         hysteresis = detection.hysteresis,
     );
+    // Kept beside the model, for a look at what ran (`--work-dir`).
+    let _ = std::fs::write(model_dir.join("pipeline.toml"), &text);
     let collected: Collected = Arc::default();
     let registry = Registry::with_builtins()
         .register("collect", ComponentFactory::sink(CollectFactory(Arc::clone(&collected))));
@@ -384,12 +380,9 @@ inputs = ["detect"]
     tidewatch_engine::run(&pipeline, 1, &RunContext::default())
         .map_err(|error| pipeline_error(error.to_string()))?;
     let collected = collected.lock().map_err(|_| pipeline_error("results lost".into()))?;
-    // A row's prediction: the window that ends just after it.
-    Ok(file
-        .times
-        .iter()
-        .map(|time| collected.get(&(time + step_ms)).copied().unwrap_or(false))
-        .collect())
+    // A row's prediction: the window of the last `length` readings that ends with it (count
+    // windows end 1 ms after their last reading).
+    Ok(file.times.iter().map(|time| collected.get(&(time + 1)).copied().unwrap_or(false)).collect())
 }
 
 /// Labelled CSV files under `dir` (those with the label column), sorted.
@@ -449,6 +442,7 @@ fn progress(settings: &Settings, done: usize, total: usize, what: &str) {
 
 /// The SKAB leaderboard protocol over every labelled file under `dir`.
 pub fn skab(dir: &Path, train_rows: usize, settings: &Settings) -> Result<Report, BacktestError> {
+    let dir = &absolute(dir)?;
     let files = labelled_files(dir, "anomaly", ';')?;
     if files.is_empty() {
         return Err(BacktestError::Data {
@@ -468,6 +462,10 @@ pub fn skab(dir: &Path, train_rows: usize, settings: &Settings) -> Result<Report
     }
     progress(settings, files.len(), files.len(), "done");
     Ok(evaluate(&series, settings.changepoint_window_ms))
+}
+
+fn absolute(path: &Path) -> Result<PathBuf, BacktestError> {
+    std::fs::canonicalize(path).map_err(io(format!("finding {}", path.display())))
 }
 
 /// The rows from `first` on, with their predictions.
@@ -490,6 +488,7 @@ pub fn split(
     delimiter: char,
     settings: &Settings,
 ) -> Result<Report, BacktestError> {
+    let (train_path, test_path) = (&absolute(train_path)?, &absolute(test_path)?);
     progress(settings, 0, 2, "training");
     let model_dir = settings.work_dir.join("model");
     train(settings, train_path, delimiter, None, label, &model_dir)?;
