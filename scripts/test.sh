@@ -63,6 +63,9 @@ if [ "$quick" -eq 0 ]; then
   RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
 fi
 
+step "python tests (training)"
+.venv/bin/python -m pytest -q -p no:cacheprovider training
+
 step "the issue checks, as a user runs them"
 ./target/release/tidewatch validate pipelines/*.toml
 if ./target/release/tidewatch validate tests/fixtures/invalid/broken.toml 2>/dev/null; then

@@ -153,7 +153,7 @@ impl CountWindowOperator {
                 }
                 history.count += 1;
                 if history.times.len() == self.size
-                    && (history.count - self.size as u64) % self.slide as u64 == 0
+                    && (history.count - self.size as u64).is_multiple_of(self.slide as u64)
                 {
                     let first = history.times.front().copied().unwrap_or(pending.time);
                     windows.push(Window {

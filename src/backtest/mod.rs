@@ -426,7 +426,7 @@ fn progress(settings: &Settings, done: usize, total: usize, what: &str) {
         return;
     }
     let width = 30;
-    let filled = if total == 0 { width } else { done * width / total };
+    let filled = (done * width).checked_div(total).unwrap_or(width);
     let mut stderr = std::io::stderr().lock();
     let _ = write!(
         stderr,

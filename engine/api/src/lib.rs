@@ -20,8 +20,8 @@ pub use factory::{
     TransformProperties, ValidateContext,
 };
 pub use records::{
-    AnomalyEvent, AnomalyState, Batch, DeviceId, ErrorRecord, EventTime, Kind, LABEL_ANOMALY,
-    LABEL_NORMAL, PayloadFormat, RawBatch, RawMessage, Reading, ReadingBatch, Schema, Score,
-    Window,
+    AckToken, AnomalyEvent, AnomalyState, Batch, DeviceId, ErrorRecord, EventTime, Kind,
+    LABEL_ANOMALY, LABEL_NORMAL, PayloadFormat, RawBatch, RawMessage, Reading, ReadingBatch,
+    Schema, Score, Window,
 };
 pub use time::{TimestampFormat, parse_timestamp, timestamp_from_number};

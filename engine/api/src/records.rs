@@ -38,13 +38,23 @@ pub const LABEL_ANOMALY: u8 = 1;
 /// inside one process; across processes (serde) a `DeviceId` travels as its name and is
 /// interned again on arrival. [`DeviceId::route`] is a stable hash of the name, so every
 /// process and worker agrees on which worker owns a device.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct DeviceId(u32);
+/// The id carries its route, so routing a reading takes no lock.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct DeviceId {
+    index: u32,
+    route: u32,
+}
+
+impl std::hash::Hash for DeviceId {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u32(self.index);
+    }
+}
 
 #[derive(Default)]
 struct Interner {
-    ids: HashMap<Arc<str>, u32>,
-    names: Vec<(Arc<str>, u64)>,
+    ids: HashMap<Arc<str>, DeviceId>,
+    names: Vec<Arc<str>>,
 }
 
 fn interner() -> &'static RwLock<Interner> {
@@ -68,19 +78,22 @@ impl DeviceId {
         {
             let guard = interner().read().unwrap_or_else(|poisoned| poisoned.into_inner());
             if let Some(id) = guard.ids.get(name) {
-                return DeviceId(*id);
+                return *id;
             }
         }
         let mut guard = interner().write().unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Some(id) = guard.ids.get(name) {
-            return DeviceId(*id);
+            return *id;
         }
-        let id = u32::try_from(guard.names.len()).unwrap_or(u32::MAX);
+        let hash = stable_hash(name.as_bytes());
+        let id = DeviceId {
+            index: u32::try_from(guard.names.len()).unwrap_or(u32::MAX),
+            route: (hash ^ (hash >> 32)) as u32,
+        };
         let name: Arc<str> = Arc::from(name);
         guard.ids.insert(Arc::clone(&name), id);
-        let route = stable_hash(name.as_bytes());
-        guard.names.push((name, route));
-        DeviceId(id)
+        guard.names.push(name);
+        id
     }
 
     /// The device's name.
@@ -88,15 +101,15 @@ impl DeviceId {
         let guard = interner().read().unwrap_or_else(|poisoned| poisoned.into_inner());
         guard
             .names
-            .get(self.0 as usize)
-            .map(|(name, _)| Arc::clone(name))
+            .get(self.index as usize)
+            .map(Arc::clone)
             .unwrap_or_else(|| Arc::from("<unknown>"))
     }
 
-    /// A stable hash of the device's name, used to pick the worker that owns the device.
+    /// A stable hash of the device's name (FNV-1a folded to 32 bits), used to pick the worker
+    /// that owns the device.
     pub fn route(self) -> u64 {
-        let guard = interner().read().unwrap_or_else(|poisoned| poisoned.into_inner());
-        guard.names.get(self.0 as usize).map(|(_, route)| *route).unwrap_or(0)
+        u64::from(self.route)
     }
 
     /// The index of the worker (out of `workers`) that owns this device's state.
@@ -106,7 +119,7 @@ impl DeviceId {
 
     /// The raw interned index (process-local).
     pub fn index(self) -> u32 {
-        self.0
+        self.index
     }
 }
 
@@ -223,6 +236,52 @@ pub struct RawMessage<'a> {
     pub position: u64,
 }
 
+/// Acknowledges a batch's messages to their source once every consumer is done with it.
+///
+/// A source that must not acknowledge before its data is safely downstream (MQTT QoS 1/2,
+/// Kafka offsets) attaches a token to each batch it emits ([`RawBatch::set_ack`]). The token
+/// is shared by every copy of the batch (timely copies a batch for each consumer); when the
+/// last copy is dropped, after the consuming operators processed it, the callback runs once.
+/// A checkpointing engine can hold the tokens until its checkpoint completes instead, without
+/// any change to the source.
+#[derive(Clone)]
+pub struct AckToken(Arc<AckInner>);
+
+struct AckInner(std::sync::Mutex<Option<Box<dyn FnOnce() + Send>>>);
+
+impl Drop for AckInner {
+    fn drop(&mut self) {
+        let callback = self
+            .0
+            .get_mut()
+            .map(Option::take)
+            .unwrap_or_else(|poisoned| poisoned.into_inner().take());
+        if let Some(callback) = callback {
+            callback();
+        }
+    }
+}
+
+impl AckToken {
+    /// A token that runs `callback` once, when its last copy is dropped.
+    pub fn new(callback: impl FnOnce() + Send + 'static) -> AckToken {
+        AckToken(Arc::new(AckInner(std::sync::Mutex::new(Some(Box::new(callback))))))
+    }
+}
+
+impl fmt::Debug for AckToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "AckToken({} holders)", Arc::strong_count(&self.0))
+    }
+}
+
+impl PartialEq for AckToken {
+    /// Tokens do not take part in comparing batches.
+    fn eq(&self, _other: &AckToken) -> bool {
+        true
+    }
+}
+
 /// A batch of raw messages: every topic and payload lives in one shared buffer.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct RawBatch {
@@ -230,6 +289,9 @@ pub struct RawBatch {
     pub format: PayloadFormat,
     buf: Vec<u8>,
     metas: Vec<RawMeta>,
+    /// Acknowledges the messages upstream when the batch is done with (never serialized).
+    #[serde(skip)]
+    ack: Option<AckToken>,
 }
 
 fn span_of(start: usize, buf_len: usize) -> (u32, u32) {
@@ -239,12 +301,17 @@ fn span_of(start: usize, buf_len: usize) -> (u32, u32) {
 impl RawBatch {
     /// An empty batch of messages in `format`.
     pub fn new(format: PayloadFormat) -> RawBatch {
-        RawBatch { format, buf: Vec::new(), metas: Vec::new() }
+        RawBatch { format, buf: Vec::new(), metas: Vec::new(), ack: None }
     }
 
     /// An empty batch with room for `messages` messages of about `bytes` bytes in all.
     pub fn with_capacity(format: PayloadFormat, messages: usize, bytes: usize) -> RawBatch {
-        RawBatch { format, buf: Vec::with_capacity(bytes), metas: Vec::with_capacity(messages) }
+        RawBatch {
+            format,
+            buf: Vec::with_capacity(bytes),
+            metas: Vec::with_capacity(messages),
+            ack: None,
+        }
     }
 
     /// Appends a message.
@@ -276,6 +343,16 @@ impl RawBatch {
     /// Number of messages.
     pub fn len(&self) -> usize {
         self.metas.len()
+    }
+
+    /// Attaches the token that acknowledges these messages when the batch is done with.
+    pub fn set_ack(&mut self, token: AckToken) {
+        self.ack = Some(token);
+    }
+
+    /// The batch's acknowledgement token, if its source attached one.
+    pub fn ack_token(&self) -> Option<&AckToken> {
+        self.ack.as_ref()
     }
 
     /// True when the batch holds no message.
@@ -782,7 +859,8 @@ mod tests {
         assert_eq!(a, b);
         assert_ne!(a, c);
         assert_eq!(&*a.name(), "pump-1");
-        assert_eq!(a.route(), stable_hash(b"pump-1"));
+        let hash = stable_hash(b"pump-1");
+        assert_eq!(a.route(), (hash ^ (hash >> 32)) & 0xffff_ffff);
         assert!(a.worker(4) < 4);
     }
 
@@ -793,6 +871,21 @@ mod tests {
         assert_eq!(json, "\"pump-serde\"");
         let back: DeviceId = serde_json::from_str(&json).expect("deserialize");
         assert_eq!(back, id);
+    }
+
+    #[test]
+    fn ack_tokens_fire_once_when_the_last_copy_is_dropped() {
+        let fired = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut batch = RawBatch::new(PayloadFormat::Json);
+        let counter = Arc::clone(&fired);
+        batch.set_ack(AckToken::new(move || {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }));
+        let copy = batch.clone();
+        drop(batch);
+        assert_eq!(fired.load(std::sync::atomic::Ordering::SeqCst), 0);
+        drop(copy);
+        assert_eq!(fired.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
 
     #[test]

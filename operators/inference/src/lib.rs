@@ -150,7 +150,7 @@ impl Model {
         output: &mut Vec<f32>,
     ) -> Result<(), InferenceError> {
         let width = self.width();
-        if width == 0 || input.len() % width != 0 {
+        if width == 0 || !input.len().is_multiple_of(width) {
             return Err(InferenceError::Shape { got: input.len(), width });
         }
         self.backend.run(input, width, output)
