@@ -50,8 +50,8 @@ if [ "$quick" -eq 0 ]; then
   cargo clippy --workspace --all-targets -- -D warnings
 fi
 
-step "build (release)"
-cargo build --release --workspace --bins --examples
+step "build"
+cargo build --workspace --bins --examples
 
 step "tests"
 cargo test --workspace --all-targets --no-fail-fast
@@ -67,8 +67,8 @@ step "python tests (training)"
 .venv/bin/python -m pytest -q -p no:cacheprovider training
 
 step "the issue checks, as a user runs them"
-./target/release/tidewatch validate pipelines/*.toml
-if ./target/release/tidewatch validate tests/fixtures/invalid/broken.toml 2>/dev/null; then
+./target/debug/tidewatch validate pipelines/*.toml
+if ./target/debug/tidewatch validate tests/fixtures/invalid/broken.toml 2>/dev/null; then
   echo "validate accepted a broken pipeline" >&2
   exit 1
 fi

@@ -181,6 +181,11 @@ impl Outputs {
         }
     }
 
+    /// Records waiting on the main output.
+    pub fn pending_records(&self) -> usize {
+        self.main.iter().map(Batch::len).sum()
+    }
+
     /// True when nothing was produced since the last drain.
     pub fn is_empty(&self) -> bool {
         self.main.is_empty()
