@@ -480,3 +480,48 @@ fn batches_flow_through_the_facade_types() {
     let batch = Batch::Windows(vec![window("facade", 0, 3, 2, 0.0)]);
     assert_eq!(batch.len(), 1);
 }
+
+#[test]
+fn a_shadow_model_is_reported_beside_the_active_one_and_never_flags() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let train_csv = dir.path().join("train.csv");
+    synthetic_csv(&train_csv, 300, 0..0, &["f0", "f1", "f2"]);
+    let active = dir.path().join("active");
+    let candidate = dir.path().join("candidate");
+    let common_args = ["--window", "6", "--features", "f0", "f1", "f2"];
+    train(
+        &train_csv,
+        &active,
+        &[&["--family", "pca", "--quantile", "1.0", "--factor", "1000"][..], &common_args].concat(),
+    );
+    train(
+        &train_csv,
+        &candidate,
+        &[&["--family", "pca", "--quantile", "0.5", "--factor", "0.01"][..], &common_args].concat(),
+    );
+    let data = dir.path().join("data.csv");
+    synthetic_csv(&data, 100, 0..0, &["f0", "f1", "f2"]);
+    let text = SCORING_PIPELINE.replace(
+        "backend = \"${BACKEND:-auto}\"",
+        &format!("backend = \"tract\"\nshadow_model = \"{}\"", candidate.display()),
+    );
+    let vars = [
+        ("DATA", data.display().to_string()),
+        ("MODEL", active.display().to_string()),
+        ("OUT", dir.path().display().to_string()),
+    ];
+    common::run(&text, &vars, 1);
+    let scores = common::json_lines(&dir.path().join("scores.jsonl"));
+    assert_eq!(scores.len(), 95);
+    // The active model's threshold is huge: nothing flags, although the candidate's tiny
+    // threshold is exceeded by most windows.
+    assert!(scores.iter().all(|s| s["anomaly"] == false));
+    let exceeding = scores
+        .iter()
+        .filter(|s| s["values"]["shadow_score"].as_f64() > s["values"]["shadow_threshold"].as_f64())
+        .count();
+    assert!(exceeding > 50, "{exceeding}");
+    assert!(
+        scores.iter().all(|s| s["values"]["shadow_score"].as_f64().is_some_and(f64::is_finite))
+    );
+}
