@@ -261,6 +261,15 @@ impl Sink for FileSink {
         result
     }
 
+    /// The watermark moves after every batch and while idle: lines reach the file then, so a
+    /// running pipeline's output can be followed (`tail -f`) without a flush per record.
+    fn on_watermark(
+        &mut self,
+        _watermark_ms: tidewatch_api::EventTime,
+    ) -> Result<(), ComponentError> {
+        self.flush_writer()
+    }
+
     fn flush(&mut self) -> Result<(), ComponentError> {
         self.flush_writer()
     }
