@@ -36,11 +36,17 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# Services the integration tests need (each issue adds its own).
-for service in ${TIDEWATCH_TEST_SERVICES:-}; do
+# Services the integration tests need (each issue adds its own), started through
+# scripts/services.sh. TIDEWATCH_TEST_SERVICES overrides the list (empty: start none).
+# A service that was already running is reused and left running afterwards.
+for service in ${TIDEWATCH_TEST_SERVICES-mosquitto}; do
   step "starting $service"
-  scripts/services.sh start "$service"
-  services+=("$service")
+  if scripts/services.sh status "$service" >/dev/null 2>&1; then
+    scripts/services.sh start "$service"
+  else
+    scripts/services.sh start "$service"
+    services+=("$service")
+  fi
 done
 
 if [ "$quick" -eq 0 ]; then

@@ -1,4 +1,4 @@
-//! The command line: `tidewatch run | validate | graph`.
+//! The command line: `tidewatch run | validate | graph | backtest | simulate`.
 //!
 //! [`main`] takes the registry, so an embedder that registered its own components gets the
 //! same command line for them.
@@ -124,6 +124,8 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = ReportFormat::Text)]
         format: ReportFormat,
     },
+    /// Publish the simulated pump fleet (or replay a CSV file) to an MQTT broker.
+    Simulate(crate::simulate::SimulateArgs),
     /// Print a pipeline's dataflow graph.
     Graph {
         /// The pipeline file.
@@ -171,6 +173,10 @@ pub fn main(registry: Registry) -> ExitCode {
 pub fn execute(command: Command, registry: &Registry) -> anyhow::Result<ExitCode> {
     match command {
         Command::Validate { pipelines } => Ok(validate(&pipelines, registry)),
+        Command::Simulate(args) => {
+            crate::simulate::run(&args)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Backtest {
             protocol,
             data,

@@ -16,6 +16,7 @@
 
 pub mod backtest;
 pub mod cli;
+pub mod simulate;
 
 pub use tidewatch_api as api;
 pub use tidewatch_connectors as connectors;

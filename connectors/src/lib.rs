@@ -4,9 +4,11 @@
 //! |---|---|---|
 //! | source | `simulator` | a fleet of pumps with correlated sensors and labelled anomalies ([`simulator`]) |
 //! | source | `file` | replays a CSV or JSON-lines file, optionally paced by its timestamps ([`mod@file`]) |
+//! | source | `mqtt` | subscribes to an MQTT broker, at-least-once for QoS 1 and 2 ([`mqtt::source`]) |
 //! | sink | `stdout` | JSON lines on standard output ([`sinks`]) |
 //! | sink | `file` | JSON lines in a file, shared by the workers of the process ([`sinks`]) |
 //! | sink | `blackhole` | drops everything (benchmarks) ([`sinks`]) |
+//! | sink | `mqtt` | publishes every record as JSON to a topic template ([`mqtt::sink`]) |
 //!
 //! [`builtins`] lists their factories for the engine's registry. The configs and factories are
 //! public so that embedders and benchmarks can build components directly, for example:
@@ -26,10 +28,12 @@
 //! The options of every component are documented in `docs/reference/sources-and-sinks.md`.
 
 pub mod file;
+pub mod mqtt;
 pub mod simulator;
 pub mod sinks;
 
 pub use file::{FileFormat, FileSource, FileSourceConfig, FileSourceFactory};
+pub use mqtt::{MqttSinkConfig, MqttSinkFactory, MqttSourceConfig, MqttSourceFactory};
 pub use simulator::{
     AnomalyKind, SimulatorConfig, SimulatorFactory, SimulatorFormat, SimulatorSource,
 };
@@ -45,9 +49,11 @@ pub fn builtins() -> Vec<(&'static str, ComponentFactory)> {
     vec![
         ("simulator", ComponentFactory::source(SimulatorFactory)),
         ("file", ComponentFactory::source(FileSourceFactory)),
+        ("mqtt", ComponentFactory::source(MqttSourceFactory)),
         ("stdout", ComponentFactory::sink(StdoutSinkFactory)),
         ("file", ComponentFactory::sink(FileSinkFactory)),
         ("blackhole", ComponentFactory::sink(BlackholeSinkFactory)),
+        ("mqtt", ComponentFactory::sink(MqttSinkFactory)),
     ]
 }
 
@@ -65,6 +71,8 @@ mod tests {
             let options = match (name, factory.class()) {
                 ("file", "source") => "path = \"data.csv\"",
                 ("file", "sink") => "path = \"out.jsonl\"",
+                ("mqtt", "source") => "url = \"mqtt://127.0.0.1\"\ntopics = [\"a/#\"]",
+                ("mqtt", "sink") => "url = \"mqtt://127.0.0.1\"\ntopic = \"a/{device}\"",
                 _ => "",
             };
             let options = ConfigValue::parse(options).expect("toml");
@@ -86,9 +94,11 @@ mod tests {
             [
                 ("source", "simulator"),
                 ("source", "file"),
+                ("source", "mqtt"),
                 ("sink", "stdout"),
                 ("sink", "file"),
-                ("sink", "blackhole")
+                ("sink", "blackhole"),
+                ("sink", "mqtt")
             ]
         );
     }

@@ -1,0 +1,920 @@
+//! What the MQTT source and sink share: the broker URL, protocol, identity, TLS and
+//! credentials ([`ConnectionSettings`]), and one driver over rumqttc's 3.1.1 and 5 clients that
+//! classifies connection errors and reconnects with exponential backoff.
+//!
+//! The typed configs of the source and the sink repeat the connection options (serde cannot
+//! combine `flatten` with `deny_unknown_fields`) and turn them into a [`ConnectionSettings`]
+//! with [`ConnectionSettings::validate`] checking them the same way for both.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rumqttc::tokio_rustls::rustls;
+use rumqttc::v5;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use serde::Deserialize;
+use tidewatch_api::{ComponentError, ConfigError};
+
+/// The MQTT protocol version.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Protocol {
+    /// MQTT 3.1.1.
+    V4,
+    /// MQTT 5.
+    #[default]
+    V5,
+}
+
+/// A parsed broker URL: `mqtt://host[:port]` (plain, port 1883) or `mqtts://host[:port]`
+/// (TLS, port 8883); `tcp://` and `ssl://`/`tls://` are accepted as aliases.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BrokerUrl {
+    /// Host name or IP address (without brackets for IPv6).
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+    /// True for `mqtts://`.
+    pub tls: bool,
+}
+
+impl fmt::Display for BrokerUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let scheme = if self.tls { "mqtts" } else { "mqtt" };
+        if self.host.contains(':') {
+            write!(f, "{scheme}://[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{scheme}://{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl BrokerUrl {
+    /// Parses `mqtt://host[:port]` or `mqtts://host[:port]`.
+    pub fn parse(url: &str) -> Result<BrokerUrl, String> {
+        let url = url.trim();
+        let (scheme, rest) = url.split_once("://").ok_or_else(|| {
+            format!("{url:?} is not a broker URL (mqtt://host:port or mqtts://host:port)")
+        })?;
+        let tls = match scheme.to_ascii_lowercase().as_str() {
+            "mqtt" | "tcp" => false,
+            "mqtts" | "ssl" | "tls" => true,
+            other => {
+                return Err(format!(
+                    "unsupported scheme `{other}` (use mqtt:// for plain TCP or mqtts:// for TLS)"
+                ));
+            }
+        };
+        let rest = rest.strip_suffix('/').unwrap_or(rest);
+        if rest.contains('/') || rest.contains('?') || rest.contains('@') {
+            return Err(format!(
+                "{url:?}: a broker URL has only a host and a port (credentials go in username and password)"
+            ));
+        }
+        let default_port = if tls { 8883 } else { 1883 };
+        let (host, port) = if let Some(bracketed) = rest.strip_prefix('[') {
+            let (host, after) = bracketed
+                .split_once(']')
+                .ok_or_else(|| format!("{url:?}: unterminated [ in the host"))?;
+            let port = match after.strip_prefix(':') {
+                Some(port) => Some(port),
+                None if after.is_empty() => None,
+                None => return Err(format!("{url:?}: unexpected text after the host")),
+            };
+            (host.to_owned(), port)
+        } else {
+            match rest.rsplit_once(':') {
+                Some((host, port)) => (host.to_owned(), Some(port)),
+                None => (rest.to_owned(), None),
+            }
+        };
+        if host.is_empty() {
+            return Err(format!("{url:?} has no host"));
+        }
+        let port = match port {
+            None => default_port,
+            Some(port) => port
+                .parse::<u16>()
+                .ok()
+                .filter(|port| *port > 0)
+                .ok_or_else(|| format!("{url:?}: {port:?} is not a port number"))?,
+        };
+        Ok(BrokerUrl { host, port, tls })
+    }
+}
+
+/// The QoS of an MQTT message or subscription, as a number 0, 1 or 2.
+pub(crate) fn check_qos(field: &str, qos: u8) -> Result<(), ConfigError> {
+    if qos > 2 {
+        return Err(ConfigError::at_field(field, format!("{field} must be 0, 1 or 2, not {qos}")));
+    }
+    Ok(())
+}
+
+/// Everything needed to connect to a broker, shared by the source, the sink and
+/// `tidewatch simulate`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ConnectionSettings {
+    /// Broker URL.
+    pub url: String,
+    /// 3.1.1 or 5.
+    pub protocol: Protocol,
+    /// The client identifier.
+    pub client_id: String,
+    /// Keep-alive interval, s (0 disables pings).
+    pub keep_alive_secs: u64,
+    /// Start a new session (true) or resume the one the broker keeps for `client_id` (false).
+    pub clean_start: bool,
+    /// MQTT 5: how long the broker keeps the session after a disconnect, s.
+    pub session_expiry_secs: Option<u32>,
+    /// User name.
+    pub username: Option<String>,
+    /// Password.
+    pub password: Option<String>,
+    /// PEM file of the CA certificates that sign the broker's certificate.
+    pub ca_file: Option<PathBuf>,
+    /// PEM file of the client certificate (chain).
+    pub client_cert_file: Option<PathBuf>,
+    /// PEM file of the client certificate's private key.
+    pub client_key_file: Option<PathBuf>,
+    /// How long the first connection may take, s.
+    pub connect_timeout_secs: u64,
+    /// First reconnect delay, ms.
+    pub reconnect_initial_ms: u64,
+    /// Longest reconnect delay, ms.
+    pub reconnect_max_ms: u64,
+    /// Largest packet accepted, bytes.
+    pub max_packet_size_bytes: usize,
+    /// Most outgoing QoS 1/2 publishes awaiting their ack (publishers).
+    pub max_inflight: u16,
+    /// MQTT 5: most incoming QoS 1/2 messages the broker may have unacknowledged at once
+    /// (the CONNECT's receive maximum); `None` = the protocol's 65535.
+    pub receive_maximum: Option<u16>,
+}
+
+impl ConnectionSettings {
+    /// Settings for `url` with every other option at its default (a clean MQTT 5 session).
+    pub fn new(url: impl Into<String>, client_id: impl Into<String>) -> ConnectionSettings {
+        ConnectionSettings {
+            url: url.into(),
+            protocol: Protocol::V5,
+            client_id: client_id.into(),
+            keep_alive_secs: 30,
+            clean_start: true,
+            session_expiry_secs: None,
+            username: None,
+            password: None,
+            ca_file: None,
+            client_cert_file: None,
+            client_key_file: None,
+            connect_timeout_secs: 10,
+            reconnect_initial_ms: 100,
+            reconnect_max_ms: 10_000,
+            max_packet_size_bytes: 1 << 20,
+            max_inflight: 1_000,
+            receive_maximum: None,
+        }
+    }
+
+    /// The parsed URL.
+    pub fn broker(&self) -> Result<BrokerUrl, String> {
+        BrokerUrl::parse(&self.url)
+    }
+
+    /// Checks the options beyond their types; errors name the option.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let broker = self.broker().map_err(|message| {
+            ConfigError::at_field("url", message)
+                .with_hint("for example url = \"mqtt://127.0.0.1:1883\" or \"mqtts://broker:8883\"")
+        })?;
+        if self.client_id.is_empty() || self.client_id.len() > 65_535 {
+            return Err(ConfigError::at_field("client_id", "client_id must not be empty"));
+        }
+        if self.keep_alive_secs > u64::from(u16::MAX) {
+            return Err(ConfigError::at_field(
+                "keep_alive_secs",
+                format!("keep_alive_secs must be at most {}", u16::MAX),
+            ));
+        }
+        if self.protocol == Protocol::V4 && self.session_expiry_secs.is_some() {
+            return Err(ConfigError::at_field(
+                "session_expiry_secs",
+                "session_expiry_secs is an MQTT 5 option",
+            )
+            .with_hint("set protocol = \"v5\", or remove session_expiry_secs (MQTT 3.1.1 brokers keep persistent sessions by their own settings)"));
+        }
+        if self.password.is_some() && self.username.is_none() {
+            return Err(ConfigError::at_field("password", "password is set without username"));
+        }
+        if !broker.tls {
+            for (field, value) in [
+                ("ca_file", &self.ca_file),
+                ("client_cert_file", &self.client_cert_file),
+                ("client_key_file", &self.client_key_file),
+            ] {
+                if value.is_some() {
+                    return Err(ConfigError::at_field(
+                        field,
+                        format!("{field} needs a TLS connection"),
+                    )
+                    .with_hint("use an mqtts:// url"));
+                }
+            }
+        }
+        if self.client_cert_file.is_some() != self.client_key_file.is_some() {
+            let field = if self.client_cert_file.is_some() {
+                "client_key_file"
+            } else {
+                "client_cert_file"
+            };
+            return Err(ConfigError::at_field(
+                field,
+                "client_cert_file and client_key_file go together",
+            ));
+        }
+        if self.connect_timeout_secs == 0 {
+            return Err(ConfigError::at_field(
+                "connect_timeout_secs",
+                "connect_timeout_secs must be at least 1",
+            ));
+        }
+        if self.reconnect_initial_ms == 0 {
+            return Err(ConfigError::at_field(
+                "reconnect_initial_ms",
+                "reconnect_initial_ms must be at least 1",
+            ));
+        }
+        if self.reconnect_max_ms < self.reconnect_initial_ms {
+            return Err(ConfigError::at_field(
+                "reconnect_max_ms",
+                "reconnect_max_ms must not be below reconnect_initial_ms",
+            ));
+        }
+        if !(64..=268_435_455).contains(&self.max_packet_size_bytes) {
+            return Err(ConfigError::at_field(
+                "max_packet_size_bytes",
+                "max_packet_size_bytes must be between 64 and 268435455 (the MQTT limit)",
+            ));
+        }
+        if self.max_inflight == 0 {
+            return Err(ConfigError::at_field("max_inflight", "max_inflight must be at least 1"));
+        }
+        Ok(())
+    }
+
+    /// The rustls client configuration: the CA file (or the system's roots) and the optional
+    /// client certificate, with the ring crypto provider.
+    fn tls_config(&self) -> Result<Arc<rustls::ClientConfig>, ComponentError> {
+        let mut roots = rustls::RootCertStore::empty();
+        match &self.ca_file {
+            Some(path) => {
+                let certs = CertificateDer::pem_file_iter(path)
+                    .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+                    .map_err(|error| {
+                        ComponentError::Config(format!(
+                            "cannot read ca_file {}: {error}",
+                            path.display()
+                        ))
+                    })?;
+                for cert in certs {
+                    roots.add(cert).map_err(|error| {
+                        ComponentError::Config(format!(
+                            "ca_file {} holds an invalid certificate: {error}",
+                            path.display()
+                        ))
+                    })?;
+                }
+                if roots.is_empty() {
+                    return Err(ComponentError::Config(format!(
+                        "ca_file {} holds no PEM certificate",
+                        path.display()
+                    )));
+                }
+            }
+            None => {
+                let native = rustls_native_certs::load_native_certs();
+                roots.add_parsable_certificates(native.certs);
+                if roots.is_empty() {
+                    return Err(ComponentError::Config(
+                        "no CA certificates: the system has none; set ca_file".to_owned(),
+                    ));
+                }
+            }
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|error| ComponentError::Internal(format!("TLS versions: {error}")))?
+            .with_root_certificates(roots);
+        let config = match (&self.client_cert_file, &self.client_key_file) {
+            (Some(cert_path), Some(key_path)) => {
+                let chain = CertificateDer::pem_file_iter(cert_path)
+                    .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+                    .map_err(|error| {
+                        ComponentError::Config(format!(
+                            "cannot read client_cert_file {}: {error}",
+                            cert_path.display()
+                        ))
+                    })?;
+                if chain.is_empty() {
+                    return Err(ComponentError::Config(format!(
+                        "client_cert_file {} holds no PEM certificate",
+                        cert_path.display()
+                    )));
+                }
+                let key = PrivateKeyDer::from_pem_file(key_path).map_err(|error| {
+                    ComponentError::Config(format!(
+                        "cannot read client_key_file {}: {error}",
+                        key_path.display()
+                    ))
+                })?;
+                builder.with_client_auth_cert(chain, key).map_err(|error| {
+                    ComponentError::Config(format!("client certificate and key: {error}"))
+                })?
+            }
+            _ => builder.with_no_client_auth(),
+        };
+        Ok(Arc::new(config))
+    }
+
+    /// A rumqttc client and event loop for these settings.
+    pub(crate) fn link(
+        &self,
+        manual_acks: bool,
+        request_capacity: usize,
+    ) -> Result<(LinkClient, LinkLoop), ComponentError> {
+        let broker = self.broker().map_err(ComponentError::Config)?;
+        let transport = if broker.tls {
+            rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(
+                self.tls_config()?,
+            ))
+        } else {
+            rumqttc::Transport::tcp()
+        };
+        // Whole seconds, or zero (no pings), as rumqttc requires.
+        let keep_alive = Duration::from_secs(self.keep_alive_secs);
+        let capacity = request_capacity.max(1);
+        match self.protocol {
+            Protocol::V4 => {
+                let mut options =
+                    rumqttc::MqttOptions::new(self.client_id.clone(), broker.host, broker.port);
+                options
+                    .set_transport(transport)
+                    .set_keep_alive(keep_alive)
+                    .set_clean_session(self.clean_start)
+                    .set_manual_acks(manual_acks)
+                    .set_inflight(self.max_inflight)
+                    .set_max_packet_size(self.max_packet_size_bytes, self.max_packet_size_bytes);
+                if let Some(username) = &self.username {
+                    options.set_credentials(
+                        username.clone(),
+                        self.password.clone().unwrap_or_default(),
+                    );
+                }
+                let (client, mut eventloop) = rumqttc::AsyncClient::new(options, capacity);
+                let mut network = rumqttc::NetworkOptions::new();
+                network.set_connection_timeout(self.connect_timeout_secs);
+                eventloop.set_network_options(network);
+                Ok((LinkClient::V4(client), LinkLoop::V4(Box::new(eventloop))))
+            }
+            Protocol::V5 => {
+                let mut options =
+                    v5::MqttOptions::new(self.client_id.clone(), broker.host, broker.port);
+                options
+                    .set_transport(transport)
+                    .set_keep_alive(keep_alive)
+                    .set_clean_start(self.clean_start)
+                    .set_manual_acks(manual_acks)
+                    .set_connection_timeout(self.connect_timeout_secs)
+                    .set_outgoing_inflight_upper_limit(self.max_inflight)
+                    .set_max_packet_size(Some(self.max_packet_size_bytes as u32))
+                    .set_session_expiry_interval(self.session_expiry_secs)
+                    .set_receive_maximum(self.receive_maximum);
+                if let Some(username) = &self.username {
+                    options.set_credentials(
+                        username.clone(),
+                        self.password.clone().unwrap_or_default(),
+                    );
+                }
+                let (client, eventloop) = v5::AsyncClient::new(options, capacity);
+                Ok((LinkClient::V5(client), LinkLoop::V5(Box::new(eventloop))))
+            }
+        }
+    }
+}
+
+/// A client id made of `parts`, with every character MQTT brokers may dislike replaced by `-`.
+pub(crate) fn client_id_of(parts: &[&str]) -> String {
+    let joined = parts.join("-");
+    joined
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '-' })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// One interface over the 3.1.1 and 5 clients
+// ---------------------------------------------------------------------------------------------
+
+fn qos4(qos: u8) -> rumqttc::QoS {
+    match qos {
+        0 => rumqttc::QoS::AtMostOnce,
+        1 => rumqttc::QoS::AtLeastOnce,
+        _ => rumqttc::QoS::ExactlyOnce,
+    }
+}
+
+fn qos5(qos: u8) -> v5::mqttbytes::QoS {
+    match qos {
+        0 => v5::mqttbytes::QoS::AtMostOnce,
+        1 => v5::mqttbytes::QoS::AtLeastOnce,
+        _ => v5::mqttbytes::QoS::ExactlyOnce,
+    }
+}
+
+/// The request side of a connection (cheap to clone).
+#[derive(Clone, Debug)]
+pub(crate) enum LinkClient {
+    V4(rumqttc::AsyncClient),
+    V5(v5::AsyncClient),
+}
+
+impl LinkClient {
+    /// Acknowledges an incoming QoS 1 (PUBACK) or QoS 2 (PUBREC) message.
+    pub(crate) async fn ack(&self, qos: u8, pkid: u16) -> Result<(), String> {
+        match self {
+            LinkClient::V4(client) => {
+                let mut publish = rumqttc::Publish::new("", qos4(qos), Vec::new());
+                publish.pkid = pkid;
+                client.ack(&publish).await.map_err(|error| error.to_string())
+            }
+            LinkClient::V5(client) => {
+                let mut publish = v5::mqttbytes::v5::Publish::new("", qos5(qos), Vec::new(), None);
+                publish.pkid = pkid;
+                client.ack(&publish).await.map_err(|error| error.to_string())
+            }
+        }
+    }
+
+    /// Subscribes to every filter at `qos`.
+    pub(crate) async fn subscribe(&self, filters: &[String], qos: u8) -> Result<(), String> {
+        match self {
+            LinkClient::V4(client) => client
+                .subscribe_many(
+                    filters
+                        .iter()
+                        .map(|path| rumqttc::SubscribeFilter::new(path.clone(), qos4(qos))),
+                )
+                .await
+                .map_err(|error| error.to_string()),
+            LinkClient::V5(client) => client
+                .subscribe_many(
+                    filters
+                        .iter()
+                        .map(|path| v5::mqttbytes::v5::Filter::new(path.clone(), qos5(qos))),
+                )
+                .await
+                .map_err(|error| error.to_string()),
+        }
+    }
+
+    /// Publishes one message (waits while the request queue is full).
+    pub(crate) async fn publish(
+        &self,
+        topic: String,
+        qos: u8,
+        retain: bool,
+        payload: Bytes,
+    ) -> Result<(), String> {
+        match self {
+            LinkClient::V4(client) => client
+                .publish_bytes(topic, qos4(qos), retain, payload)
+                .await
+                .map_err(|error| error.to_string()),
+            LinkClient::V5(client) => client
+                .publish_bytes(topic, qos5(qos), retain, payload)
+                .await
+                .map_err(|error| error.to_string()),
+        }
+    }
+
+    /// Sends DISCONNECT after every request queued before it.
+    pub(crate) async fn disconnect(&self) -> Result<(), String> {
+        match self {
+            LinkClient::V4(client) => client.disconnect().await.map_err(|error| error.to_string()),
+            LinkClient::V5(client) => client.disconnect().await.map_err(|error| error.to_string()),
+        }
+    }
+}
+
+/// An incoming application message.
+#[derive(Clone, Debug)]
+pub(crate) struct Delivery {
+    pub(crate) topic: Bytes,
+    pub(crate) payload: Bytes,
+    pub(crate) qos: u8,
+    pub(crate) pkid: u16,
+    pub(crate) dup: bool,
+}
+
+/// What the event loop reports, for both protocol versions.
+#[derive(Debug)]
+pub(crate) enum NetEvent {
+    /// A connection was accepted.
+    Connected { session_present: bool },
+    /// An application message.
+    Message(Delivery),
+    /// The answer to a SUBSCRIBE: the refused filters' reasons (empty when all were granted).
+    SubAck { refused: Vec<String> },
+    /// A QoS 1 publish of ours was acknowledged (`no_subscribers`: MQTT 5 reason 0x10).
+    PubAck { no_subscribers: bool },
+    /// A QoS 2 publish of ours completed.
+    PubComp,
+    /// A publish of ours went out (`pkid` 0 for QoS 0).
+    PublishSent { pkid: u16 },
+    /// We completed the broker's QoS 2 delivery `pkid` (PUBCOMP sent).
+    PubCompSent { pkid: u16 },
+    /// Our DISCONNECT went out.
+    DisconnectSent,
+    /// Anything else (pings, acks of ours).
+    Other,
+}
+
+/// A connection error, classified.
+#[derive(Debug)]
+pub(crate) struct NetError {
+    /// What happened, for people.
+    pub(crate) message: String,
+    /// Retrying with the same settings cannot help (refused credentials, untrusted certificate).
+    pub(crate) permanent: bool,
+    /// The broker released a QoS 2 message rumqttc no longer knows (after a reconnect).
+    pub(crate) unsolicited: Option<u16>,
+    /// The request channel is closed: the client side is gone.
+    pub(crate) closed: bool,
+}
+
+fn refused4(code: rumqttc::ConnectReturnCode) -> (String, bool) {
+    use rumqttc::ConnectReturnCode as Code;
+    let reason = match code {
+        Code::BadUserNamePassword => "bad user name or password",
+        Code::NotAuthorized => "not authorized (check username and password)",
+        Code::BadClientId => "client id rejected",
+        Code::RefusedProtocolVersion => "protocol version refused (try protocol = \"v4\")",
+        Code::ServiceUnavailable => "service unavailable",
+        Code::Success => "success",
+    };
+    let permanent = !matches!(code, Code::ServiceUnavailable);
+    (format!("the broker refused the connection: {reason}"), permanent)
+}
+
+fn refused5(code: v5::mqttbytes::v5::ConnectReturnCode) -> (String, bool) {
+    use v5::mqttbytes::v5::ConnectReturnCode as Code;
+    let reason = match code {
+        Code::BadUserNamePassword => "bad user name or password".to_owned(),
+        Code::NotAuthorized => "not authorized (check username and password)".to_owned(),
+        Code::ClientIdentifierNotValid | Code::BadClientId => "client id rejected".to_owned(),
+        Code::UnsupportedProtocolVersion | Code::RefusedProtocolVersion => {
+            "protocol version refused (try protocol = \"v4\")".to_owned()
+        }
+        other => format!("{other:?}"),
+    };
+    let permanent = !matches!(
+        code,
+        Code::ServerUnavailable
+            | Code::ServiceUnavailable
+            | Code::ServerBusy
+            | Code::ConnectionRateExceeded
+            | Code::QuotaExceeded
+    );
+    (format!("the broker refused the connection: {reason}"), permanent)
+}
+
+fn tls_message(error: &impl fmt::Display) -> String {
+    let text = error.to_string();
+    let hint = if text.contains("UnknownIssuer") || text.contains("invalid peer certificate") {
+        " (the broker's certificate is not signed by a CA in ca_file)"
+    } else if text.contains("NotValidForName") {
+        " (the broker's certificate does not name the url's host)"
+    } else {
+        ""
+    };
+    format!("TLS handshake failed: {text}{hint}")
+}
+
+/// The driving side of a connection.
+pub(crate) enum LinkLoop {
+    V4(Box<rumqttc::EventLoop>),
+    V5(Box<v5::EventLoop>),
+}
+
+impl fmt::Debug for LinkLoop {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LinkLoop::V4(_) => f.write_str("LinkLoop::V4"),
+            LinkLoop::V5(_) => f.write_str("LinkLoop::V5"),
+        }
+    }
+}
+
+impl LinkLoop {
+    /// The next event; on an error the connection is dropped, and the next call reconnects.
+    pub(crate) async fn poll(&mut self) -> Result<NetEvent, NetError> {
+        match self {
+            LinkLoop::V4(eventloop) => eventloop.poll().await.map(event4).map_err(error4),
+            LinkLoop::V5(eventloop) => eventloop.poll().await.map(event5).map_err(error5),
+        }
+    }
+
+    /// Makes rumqttc know the broker's QoS 2 delivery `pkid` again after a reconnect (rumqttc
+    /// forgets them and would treat the broker's PUBREL as a protocol error, rumqtt issue #664),
+    /// so that it answers the PUBREL with PUBCOMP.
+    pub(crate) fn remember_qos2(&mut self, pkid: u16) {
+        match self {
+            LinkLoop::V4(eventloop) => {
+                let mut publish = rumqttc::Publish::new("", rumqttc::QoS::ExactlyOnce, Vec::new());
+                publish.pkid = pkid;
+                let before = eventloop.state.events.len();
+                let _ = eventloop.state.handle_incoming_packet(rumqttc::Packet::Publish(publish));
+                eventloop.state.events.truncate(before);
+            }
+            LinkLoop::V5(eventloop) => {
+                let mut publish = v5::mqttbytes::v5::Publish::new(
+                    "",
+                    v5::mqttbytes::QoS::ExactlyOnce,
+                    Vec::new(),
+                    None,
+                );
+                publish.pkid = pkid;
+                publish.topic = Bytes::from_static(b"-");
+                let before = eventloop.state.events.len();
+                let _ = eventloop
+                    .state
+                    .handle_incoming_packet(v5::mqttbytes::v5::Packet::Publish(publish));
+                eventloop.state.events.truncate(before);
+            }
+        }
+    }
+}
+
+fn event4(event: rumqttc::Event) -> NetEvent {
+    use rumqttc::{Event, Outgoing, Packet};
+    match event {
+        Event::Incoming(Packet::ConnAck(connack)) => {
+            NetEvent::Connected { session_present: connack.session_present }
+        }
+        Event::Incoming(Packet::Publish(publish)) => NetEvent::Message(Delivery {
+            topic: Bytes::from(publish.topic.into_bytes()),
+            payload: publish.payload,
+            qos: publish.qos as u8,
+            pkid: publish.pkid,
+            dup: publish.dup,
+        }),
+        Event::Incoming(Packet::SubAck(suback)) => NetEvent::SubAck {
+            refused: suback
+                .return_codes
+                .iter()
+                .filter(|code| matches!(code, rumqttc::SubscribeReasonCode::Failure))
+                .map(|_| "refused".to_owned())
+                .collect(),
+        },
+        Event::Incoming(Packet::PubAck(_)) => NetEvent::PubAck { no_subscribers: false },
+        Event::Incoming(Packet::PubComp(_)) => NetEvent::PubComp,
+        Event::Outgoing(Outgoing::Publish(pkid)) => NetEvent::PublishSent { pkid },
+        Event::Outgoing(Outgoing::PubComp(pkid)) => NetEvent::PubCompSent { pkid },
+        Event::Outgoing(Outgoing::Disconnect) => NetEvent::DisconnectSent,
+        _ => NetEvent::Other,
+    }
+}
+
+fn event5(event: v5::Event) -> NetEvent {
+    use rumqttc::Outgoing;
+    use v5::Event;
+    use v5::mqttbytes::v5::{Packet, PubAckReason, SubscribeReasonCode};
+    match event {
+        Event::Incoming(Packet::ConnAck(connack)) => {
+            NetEvent::Connected { session_present: connack.session_present }
+        }
+        Event::Incoming(Packet::Publish(publish)) => NetEvent::Message(Delivery {
+            topic: publish.topic,
+            payload: publish.payload,
+            qos: publish.qos as u8,
+            pkid: publish.pkid,
+            dup: publish.dup,
+        }),
+        Event::Incoming(Packet::SubAck(suback)) => NetEvent::SubAck {
+            refused: suback
+                .return_codes
+                .iter()
+                .filter(|code| !matches!(code, SubscribeReasonCode::Success(_)))
+                .map(|code| format!("{code:?}"))
+                .collect(),
+        },
+        Event::Incoming(Packet::PubAck(puback)) => NetEvent::PubAck {
+            no_subscribers: puback.reason == PubAckReason::NoMatchingSubscribers,
+        },
+        Event::Incoming(Packet::PubComp(_)) => NetEvent::PubComp,
+        Event::Outgoing(Outgoing::Publish(pkid)) => NetEvent::PublishSent { pkid },
+        Event::Outgoing(Outgoing::PubComp(pkid)) => NetEvent::PubCompSent { pkid },
+        Event::Outgoing(Outgoing::Disconnect) => NetEvent::DisconnectSent,
+        _ => NetEvent::Other,
+    }
+}
+
+fn error4(error: rumqttc::ConnectionError) -> NetError {
+    use rumqttc::{ConnectionError, StateError};
+    let mut unsolicited = None;
+    let (message, permanent) = match &error {
+        ConnectionError::ConnectionRefused(code) => refused4(*code),
+        ConnectionError::Tls(tls) => (tls_message(tls), true),
+        ConnectionError::MqttState(StateError::Unsolicited(pkid)) => {
+            unsolicited = Some(*pkid);
+            (error.to_string(), false)
+        }
+        ConnectionError::MqttState(StateError::Io(io)) => (format!("connection lost: {io}"), false),
+        ConnectionError::Io(io) => (format!("cannot connect: {io}"), false),
+        ConnectionError::NetworkTimeout => ("connection timed out".to_owned(), false),
+        other => (other.to_string(), false),
+    };
+    let closed = matches!(error, ConnectionError::RequestsDone);
+    NetError { message, permanent, unsolicited, closed }
+}
+
+fn error5(error: v5::ConnectionError) -> NetError {
+    use v5::{ConnectionError, StateError};
+    let mut unsolicited = None;
+    let (message, permanent) = match &error {
+        ConnectionError::ConnectionRefused(code) => refused5(*code),
+        ConnectionError::MqttState(StateError::ConnFail { reason }) => refused5(*reason),
+        ConnectionError::Tls(tls) => (tls_message(tls), true),
+        ConnectionError::MqttState(StateError::Unsolicited(pkid)) => {
+            unsolicited = Some(*pkid);
+            (error.to_string(), false)
+        }
+        ConnectionError::MqttState(StateError::Io(io)) => (format!("connection lost: {io}"), false),
+        ConnectionError::MqttState(StateError::ServerDisconnect { reason_code, reason_string }) => {
+            (
+                format!(
+                    "the broker closed the connection: {reason_code:?}{}",
+                    reason_string.as_deref().map(|text| format!(" ({text})")).unwrap_or_default()
+                ),
+                false,
+            )
+        }
+        ConnectionError::Io(io) => (format!("cannot connect: {io}"), false),
+        ConnectionError::Timeout(_) => ("connection timed out".to_owned(), false),
+        other => (other.to_string(), false),
+    };
+    let closed = matches!(error, ConnectionError::RequestsDone);
+    NetError { message, permanent, unsolicited, closed }
+}
+
+/// Exponential reconnect delays: `initial`, doubling up to `max`; reset after a connection.
+#[derive(Clone, Debug)]
+pub(crate) struct Backoff {
+    initial_ms: u64,
+    max_ms: u64,
+    next_ms: u64,
+}
+
+impl Backoff {
+    pub(crate) fn new(initial_ms: u64, max_ms: u64) -> Backoff {
+        Backoff { initial_ms, max_ms, next_ms: initial_ms }
+    }
+
+    /// The delay before the next attempt (and doubles the one after).
+    pub(crate) fn next_delay(&mut self) -> Duration {
+        let delay = self.next_ms;
+        self.next_ms = self.next_ms.saturating_mul(2).min(self.max_ms);
+        Duration::from_millis(delay)
+    }
+
+    /// Back to the initial delay (after a successful connection).
+    pub(crate) fn reset(&mut self) {
+        self.next_ms = self.initial_ms;
+    }
+}
+
+/// Waits for the first CONNACK: retries connection failures that may pass (the broker not up
+/// yet) until `connect_timeout_secs`, and gives up at once on a permanent refusal.
+pub(crate) async fn first_connection(
+    eventloop: &mut LinkLoop,
+    settings: &ConnectionSettings,
+) -> Result<bool, String> {
+    let deadline = Instant::now() + Duration::from_secs(settings.connect_timeout_secs);
+    let mut backoff = Backoff::new(settings.reconnect_initial_ms, settings.reconnect_max_ms);
+    loop {
+        match eventloop.poll().await {
+            Ok(NetEvent::Connected { session_present }) => return Ok(session_present),
+            Ok(_) => {}
+            Err(error) if error.permanent || error.closed => return Err(error.message),
+            Err(error) => {
+                let now = Instant::now();
+                if now >= deadline {
+                    return Err(format!(
+                        "{} (gave up after {} s)",
+                        error.message, settings.connect_timeout_secs
+                    ));
+                }
+                let delay = backoff.next_delay().min(deadline - now);
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}
+
+/// A current-thread tokio runtime for one connection's thread.
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, ComponentError> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|error| ComponentError::io("cannot start the MQTT network runtime", error))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broker_urls_parse() {
+        assert_eq!(
+            BrokerUrl::parse("mqtt://127.0.0.1:1883").expect("url"),
+            BrokerUrl { host: "127.0.0.1".into(), port: 1883, tls: false }
+        );
+        assert_eq!(
+            BrokerUrl::parse("mqtts://broker.example").expect("url"),
+            BrokerUrl { host: "broker.example".into(), port: 8883, tls: true }
+        );
+        assert_eq!(
+            BrokerUrl::parse("mqtt://[::1]:1884/").expect("url"),
+            BrokerUrl { host: "::1".into(), port: 1884, tls: false }
+        );
+        assert_eq!(BrokerUrl::parse("tcp://h").expect("url").port, 1883);
+        for bad in [
+            "127.0.0.1:1883",
+            "http://h",
+            "mqtt://",
+            "mqtt://h:0",
+            "mqtt://h:x",
+            "mqtt://u:p@h",
+            "mqtt://h/t",
+        ] {
+            assert!(BrokerUrl::parse(bad).is_err(), "{bad}");
+        }
+        let url = BrokerUrl::parse("mqtts://[::1]").expect("url");
+        assert_eq!(url.to_string(), "mqtts://[::1]:8883");
+    }
+
+    #[test]
+    fn settings_are_checked() {
+        let ok = ConnectionSettings::new("mqtt://127.0.0.1", "c");
+        assert!(ok.validate().is_ok());
+        let cases: Vec<(ConnectionSettings, &str)> = vec![
+            (ConnectionSettings { url: "nope".into(), ..ok.clone() }, "url"),
+            (ConnectionSettings { ca_file: Some("ca.crt".into()), ..ok.clone() }, "ca_file"),
+            (
+                ConnectionSettings {
+                    url: "mqtts://h".into(),
+                    client_cert_file: Some("c.crt".into()),
+                    ..ok.clone()
+                },
+                "client_key_file",
+            ),
+            (
+                ConnectionSettings {
+                    protocol: Protocol::V4,
+                    session_expiry_secs: Some(5),
+                    ..ok.clone()
+                },
+                "session_expiry_secs",
+            ),
+            (ConnectionSettings { password: Some("p".into()), ..ok.clone() }, "password"),
+            (ConnectionSettings { reconnect_max_ms: 1, ..ok.clone() }, "reconnect_max_ms"),
+            (ConnectionSettings { connect_timeout_secs: 0, ..ok.clone() }, "connect_timeout_secs"),
+        ];
+        for (settings, field) in cases {
+            let error = settings.validate().expect_err(field);
+            assert_eq!(error.field.as_deref(), Some(field));
+        }
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_the_maximum() {
+        let mut backoff = Backoff::new(100, 350);
+        let delays: Vec<u64> = (0..4).map(|_| backoff.next_delay().as_millis() as u64).collect();
+        assert_eq!(delays, [100, 200, 350, 350]);
+        backoff.reset();
+        assert_eq!(backoff.next_delay().as_millis(), 100);
+    }
+
+    #[test]
+    fn client_ids_are_sanitized() {
+        assert_eq!(
+            client_id_of(&["tidewatch", "edge mqtt", "in/1", "0"]),
+            "tidewatch-edge-mqtt-in-1-0"
+        );
+    }
+}

@@ -1,0 +1,369 @@
+//! The `mqtt` sink: publishes every record as one JSON object (the JSON-lines encoding of the
+//! `stdout` and `file` sinks) to a topic made from a template with `{device}`.
+//!
+//! Each worker's instance has its own connection (client id `...-<worker>`). Publishing blocks
+//! while `max_inflight` QoS 1/2 messages await their ack, which slows the pipeline to what
+//! the broker takes. `flush` (at the end of the pipeline) waits, up to `flush_timeout_secs`,
+//! until every message was acknowledged. The session is persistent, so publishes in flight
+//! when the connection drops are sent again after the reconnect.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+use tidewatch_api::json::write_json_lines;
+use tidewatch_api::{
+    Batch, ComponentContext, ComponentError, ConfigError, DeviceId, Kind, Sink, SinkFactory,
+    ValidateContext,
+};
+
+use super::connection::{ConnectionSettings, Protocol, check_qos, client_id_of};
+use super::publisher::MqttPublisher;
+
+fn default_qos() -> u8 {
+    1
+}
+fn default_keep_alive_secs() -> u64 {
+    30
+}
+fn default_connect_timeout_secs() -> u64 {
+    10
+}
+fn default_reconnect_initial_ms() -> u64 {
+    100
+}
+fn default_reconnect_max_ms() -> u64 {
+    10_000
+}
+fn default_max_packet_size_bytes() -> usize {
+    1 << 20
+}
+fn default_max_inflight() -> u16 {
+    100
+}
+fn default_flush_timeout_secs() -> u64 {
+    10
+}
+
+/// What `{device}` becomes for records without a device (raw messages, errors).
+pub const NO_DEVICE: &str = "_";
+
+/// Options of the `mqtt` sink.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttSinkConfig {
+    /// Broker URL: `mqtt://host:port` or `mqtts://host:port`.
+    pub url: String,
+    /// Topic of each record; `{device}` is replaced with the record's device (`_` for records
+    /// without one), for example `devices/{device}/commands`.
+    pub topic: String,
+    /// QoS of the publishes: 0, 1 or 2.
+    #[serde(default = "default_qos")]
+    pub qos: u8,
+    /// Publish with the retain flag (the broker keeps the last message of each topic for new
+    /// subscribers).
+    #[serde(default)]
+    pub retain: bool,
+    /// `v4` (MQTT 3.1.1) or `v5` (MQTT 5).
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// Client identifier; default `tidewatch-<pipeline>-<component>`. `-<worker>` is appended.
+    #[serde(default)]
+    pub client_id: Option<String>,
+    /// Keep-alive interval, s (0 disables pings).
+    #[serde(default = "default_keep_alive_secs")]
+    pub keep_alive_secs: u64,
+    /// User name (usually `${MQTT_USER}`).
+    #[serde(default)]
+    pub username: Option<String>,
+    /// Password (usually `${MQTT_PASSWORD}`).
+    #[serde(default)]
+    pub password: Option<String>,
+    /// PEM file of the CA certificates that sign the broker's certificate; default: the
+    /// system's roots.
+    #[serde(default)]
+    pub ca_file: Option<String>,
+    /// PEM file of a client certificate, with `client_key_file`.
+    #[serde(default)]
+    pub client_cert_file: Option<String>,
+    /// PEM file of the client certificate's private key.
+    #[serde(default)]
+    pub client_key_file: Option<String>,
+    /// How long the first connection may take, s.
+    #[serde(default = "default_connect_timeout_secs")]
+    pub connect_timeout_secs: u64,
+    /// Delay before the first reconnect attempt, ms; it doubles at each failed attempt.
+    #[serde(default = "default_reconnect_initial_ms")]
+    pub reconnect_initial_ms: u64,
+    /// Longest delay between reconnect attempts, ms.
+    #[serde(default = "default_reconnect_max_ms")]
+    pub reconnect_max_ms: u64,
+    /// Largest MQTT packet sent or accepted, bytes.
+    #[serde(default = "default_max_packet_size_bytes")]
+    pub max_packet_size_bytes: usize,
+    /// Most QoS 1/2 messages awaiting their acknowledgement; publishing waits beyond it.
+    #[serde(default = "default_max_inflight")]
+    pub max_inflight: u16,
+    /// How long a flush (at the end of the pipeline) waits for the acknowledgements, s.
+    #[serde(default = "default_flush_timeout_secs")]
+    pub flush_timeout_secs: u64,
+}
+
+impl MqttSinkConfig {
+    /// A config publishing to `topic` on `url`, every other option at its default.
+    pub fn new(url: impl Into<String>, topic: impl Into<String>) -> MqttSinkConfig {
+        MqttSinkConfig {
+            url: url.into(),
+            topic: topic.into(),
+            qos: default_qos(),
+            retain: false,
+            protocol: Protocol::default(),
+            client_id: None,
+            keep_alive_secs: default_keep_alive_secs(),
+            username: None,
+            password: None,
+            ca_file: None,
+            client_cert_file: None,
+            client_key_file: None,
+            connect_timeout_secs: default_connect_timeout_secs(),
+            reconnect_initial_ms: default_reconnect_initial_ms(),
+            reconnect_max_ms: default_reconnect_max_ms(),
+            max_packet_size_bytes: default_max_packet_size_bytes(),
+            max_inflight: default_max_inflight(),
+            flush_timeout_secs: default_flush_timeout_secs(),
+        }
+    }
+
+    /// The connection settings of one instance.
+    pub fn settings(
+        &self,
+        client_id: String,
+        resolve: impl Fn(&str) -> std::path::PathBuf,
+    ) -> ConnectionSettings {
+        ConnectionSettings {
+            url: self.url.clone(),
+            protocol: self.protocol,
+            client_id,
+            keep_alive_secs: self.keep_alive_secs,
+            // Persistent, so that publishes in flight at a disconnect are resent.
+            clean_start: false,
+            session_expiry_secs: (self.protocol == Protocol::V5).then_some(3_600),
+            // Empty means none, so that `${MQTT_USER:-}` works in pipeline files.
+            username: self.username.clone().filter(|name| !name.is_empty()),
+            password: self.password.clone().filter(|password| !password.is_empty()),
+            ca_file: self.ca_file.as_deref().map(&resolve),
+            client_cert_file: self.client_cert_file.as_deref().map(&resolve),
+            client_key_file: self.client_key_file.as_deref().map(&resolve),
+            connect_timeout_secs: self.connect_timeout_secs,
+            reconnect_initial_ms: self.reconnect_initial_ms,
+            reconnect_max_ms: self.reconnect_max_ms,
+            max_packet_size_bytes: self.max_packet_size_bytes,
+            max_inflight: self.max_inflight,
+            receive_maximum: None,
+        }
+    }
+
+    /// Checks the options beyond their types.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let client_id = self.client_id.clone().unwrap_or_else(|| "tidewatch".to_owned());
+        self.settings(client_id, |path: &str| std::path::PathBuf::from(path)).validate()?;
+        check_qos("qos", self.qos)?;
+        if self.topic.is_empty() {
+            return Err(ConfigError::at_field("topic", "topic must not be empty"));
+        }
+        if self.topic.contains(['+', '#', '\0']) {
+            return Err(ConfigError::at_field(
+                "topic",
+                "a topic to publish to cannot contain + or #",
+            )
+            .with_hint(
+                "use {device} for the per-device part, e.g. \"devices/{device}/commands\"",
+            ));
+        }
+        let unknown = self.topic.replace("{device}", "");
+        if unknown.contains(['{', '}']) {
+            return Err(ConfigError::at_field("topic", "the topic template knows only {device}"));
+        }
+        if self.flush_timeout_secs == 0 {
+            return Err(ConfigError::at_field(
+                "flush_timeout_secs",
+                "flush_timeout_secs must be at least 1",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Makes `mqtt` sinks.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MqttSinkFactory;
+
+impl SinkFactory for MqttSinkFactory {
+    type Config = MqttSinkConfig;
+
+    fn accepts(&self, _config: &MqttSinkConfig) -> Vec<Kind> {
+        Kind::ALL.to_vec()
+    }
+
+    fn validate(&self, config: &MqttSinkConfig, _ctx: &ValidateContext) -> Result<(), ConfigError> {
+        config.validate()
+    }
+
+    fn build(
+        &self,
+        config: &MqttSinkConfig,
+        ctx: &ComponentContext,
+    ) -> Result<Box<dyn Sink>, ComponentError> {
+        Ok(Box::new(MqttSink::new(config, ctx)))
+    }
+}
+
+/// The device of every record of a batch, in order (`None` for raw messages and errors).
+fn devices(batch: &Batch) -> Vec<Option<DeviceId>> {
+    match batch {
+        Batch::Raw(raw) => vec![None; raw.len()],
+        Batch::Readings(readings) => readings.devices.iter().copied().map(Some).collect(),
+        Batch::Windows(windows) => windows.iter().map(|window| Some(window.device)).collect(),
+        Batch::Scores(scores) => scores.iter().map(|score| Some(score.device)).collect(),
+        Batch::Events(events) => events.iter().map(|event| Some(event.device)).collect(),
+        Batch::Errors(errors) => vec![None; errors.len()],
+    }
+}
+
+/// A device name fit for a topic level: `/`, `+`, `#` and NUL become `_`.
+fn topic_level(name: &str) -> String {
+    name.chars().map(|c| if matches!(c, '/' | '+' | '#' | '\0') { '_' } else { c }).collect()
+}
+
+/// A running `mqtt` sink instance.
+#[derive(Debug)]
+pub struct MqttSink {
+    config: MqttSinkConfig,
+    settings: ConnectionSettings,
+    publisher: Option<MqttPublisher>,
+    buf: Vec<u8>,
+}
+
+impl MqttSink {
+    /// The sink of one worker; it connects at [`Sink::open`].
+    pub fn new(config: &MqttSinkConfig, ctx: &ComponentContext) -> MqttSink {
+        let worker = ctx.worker_index.to_string();
+        let client_id = match &config.client_id {
+            Some(id) => format!("{id}-{worker}"),
+            None => client_id_of(&["tidewatch", &ctx.pipeline.name, &ctx.component_id, &worker]),
+        };
+        let settings = config.settings(client_id, |path| ctx.resolve_path(path));
+        MqttSink { config: config.clone(), settings, publisher: None, buf: Vec::new() }
+    }
+
+    fn publisher(&mut self) -> Result<&MqttPublisher, ComponentError> {
+        if self.publisher.is_none() {
+            self.publisher = Some(MqttPublisher::connect(&self.settings)?);
+        }
+        self.publisher
+            .as_ref()
+            .ok_or_else(|| ComponentError::Internal("publisher not connected".into()))
+    }
+}
+
+impl Sink for MqttSink {
+    fn open(&mut self, _ctx: &ComponentContext) -> Result<(), ComponentError> {
+        self.publisher().map(|_| ())
+    }
+
+    fn write_batch(&mut self, batch: Batch) -> Result<(), ComponentError> {
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.clear();
+        let encoded = write_json_lines(&batch, &mut buf)
+            .map_err(|error| ComponentError::io("cannot encode records as JSON", error));
+        let result = encoded.and_then(|()| {
+            let devices = devices(&batch);
+            let qos = self.config.qos;
+            let retain = self.config.retain;
+            let template = self.config.topic.clone();
+            let publisher = self.publisher()?;
+            let lines = buf.split(|byte| *byte == b'\n').filter(|line| !line.is_empty());
+            for (line, device) in lines.zip(devices) {
+                let name = device.map(|device| topic_level(&device.name()));
+                let topic = template.replace("{device}", name.as_deref().unwrap_or(NO_DEVICE));
+                publisher.publish(topic, qos, retain, line.to_vec())?;
+            }
+            Ok(())
+        });
+        self.buf = buf;
+        result
+    }
+
+    fn flush(&mut self) -> Result<(), ComponentError> {
+        match &self.publisher {
+            Some(publisher) => publisher.flush(Duration::from_secs(self.config.flush_timeout_secs)),
+            None => Ok(()),
+        }
+    }
+
+    fn close(&mut self) -> Result<(), ComponentError> {
+        match self.publisher.take() {
+            Some(mut publisher) => {
+                publisher.close(Duration::from_secs(self.config.flush_timeout_secs))
+            }
+            None => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use tidewatch_api::{ConfigValue, ErrorRecord, ReadingBatch, Schema};
+
+    use super::*;
+
+    fn config(text: &str) -> MqttSinkConfig {
+        ConfigValue::parse(text).expect("toml").deserialize().expect("config")
+    }
+
+    #[test]
+    fn options_are_checked() {
+        let factory = MqttSinkFactory;
+        let ctx = ValidateContext::default();
+        let base = "url = \"mqtt://127.0.0.1:1883\"\n";
+        assert!(
+            factory
+                .validate(&config(&format!("{base}topic = \"devices/{{device}}/commands\"")), &ctx)
+                .is_ok()
+        );
+        for (extra, field) in [
+            ("topic = \"a/+\"", "topic"),
+            ("topic = \"a/{site}\"", "topic"),
+            ("topic = \"\"", "topic"),
+            ("topic = \"a\"\nqos = 5", "qos"),
+            ("topic = \"a\"\nflush_timeout_secs = 0", "flush_timeout_secs"),
+            ("topic = \"a\"\nmax_inflight = 0", "max_inflight"),
+        ] {
+            let error =
+                factory.validate(&config(&format!("{base}{extra}")), &ctx).expect_err(extra);
+            assert_eq!(error.field.as_deref(), Some(field), "{extra}");
+        }
+        assert!(
+            ConfigValue::parse("url = \"mqtt://h\"\ntopic = \"a\"\ntopics = [\"b\"]")
+                .expect("toml")
+                .deserialize::<MqttSinkConfig>()
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn every_record_has_its_device() {
+        let schema = Arc::new(Schema::new(["a"]));
+        let mut readings = ReadingBatch::new(schema);
+        readings.push(DeviceId::intern("p/1"), 1, &[1.0], 0);
+        readings.push(DeviceId::intern("p2"), 2, &[2.0], 0);
+        let names: Vec<Option<String>> = devices(&Batch::Readings(readings))
+            .into_iter()
+            .map(|device| device.map(|device| topic_level(&device.name())))
+            .collect();
+        assert_eq!(names, [Some("p_1".to_owned()), Some("p2".to_owned())]);
+        let errors = vec![ErrorRecord::new(Arc::from("n"), "parse", "bad", None, None)];
+        assert_eq!(devices(&Batch::Errors(errors)), [None]);
+    }
+}

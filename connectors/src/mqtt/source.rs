@@ -1,0 +1,1560 @@
+//! The `mqtt` source: subscribes to topic filters on a broker and emits raw messages, with
+//! at-least-once delivery for QoS 1 and 2.
+//!
+//! # Threads and backpressure
+//!
+//! A network thread per source instance runs rumqttc's event loop on a current-thread tokio
+//! runtime and hands each message to [`Source::poll`] through a bounded queue of
+//! `queue_capacity` messages. When the queue is full the thread stops reading the socket: the
+//! broker's in-flight window for the client fills and the broker keeps the rest, so memory
+//! stays bounded however slow the pipeline is.
+//!
+//! # Acknowledgements
+//!
+//! rumqttc runs with manual acks. A QoS 1/2 message is acknowledged (PUBACK, or PUBREC for
+//! QoS 2) only once its records are safely downstream: every emitted [`RawBatch`] carries an
+//! [`AckToken`] whose callback runs when the engine drops the last copy of the batch, after
+//! the consuming operators processed it. The callback sends the batch's packet ids back to the
+//! network thread, which acknowledges batches in the order they were emitted. A checkpointing
+//! engine can hold the tokens until its checkpoint completes, with no change here.
+//!
+//! Acks are tied to the connection a message came on: after a reconnect the broker redelivers
+//! every unacknowledged message of a persistent session (with the DUP flag), so the acks of
+//! the previous connection are dropped instead of being sent on the new one, where their
+//! packet ids may already name other messages.
+//!
+//! # Workers
+//!
+//! Without shared subscriptions only worker 0 connects (two clients on the same filters would
+//! each receive every message); the other workers finish at once. When every filter is a
+//! shared subscription (`$share/<group>/<filter>`), every worker connects with its own client
+//! id and the broker splits the stream between them.
+
+use std::borrow::Cow;
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
+use tidewatch_api::records::now_ms;
+use tidewatch_api::{
+    AckToken, Batch, ComponentContext, ComponentError, ConfigError, EventTime, Kind, Outputs,
+    PayloadFormat, PortType, RawBatch, Source, SourceFactory, SourcePoll, ValidateContext,
+};
+use tokio::sync::mpsc;
+
+use super::connection::{
+    Backoff, ConnectionSettings, Delivery, LinkClient, LinkLoop, NetEvent, Protocol, check_qos,
+    client_id_of, first_connection, runtime,
+};
+
+/// How the payloads of an MQTT source are encoded.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MqttFormat {
+    /// One JSON object per message.
+    #[default]
+    Json,
+    /// One delimited text line per message, columns named by `columns`.
+    Csv,
+    /// Raw little-endian `f32` values, one per entry of `columns`; the source turns each into
+    /// a JSON object.
+    F32le,
+}
+
+fn default_qos() -> u8 {
+    1
+}
+fn default_keep_alive_secs() -> u64 {
+    30
+}
+fn default_connect_timeout_secs() -> u64 {
+    10
+}
+fn default_reconnect_initial_ms() -> u64 {
+    100
+}
+fn default_reconnect_max_ms() -> u64 {
+    10_000
+}
+fn default_max_packet_size_bytes() -> usize {
+    1 << 20
+}
+fn default_batch_size() -> usize {
+    1_024
+}
+fn default_queue_capacity() -> usize {
+    10_000
+}
+
+/// The session expiry of MQTT 5 persistent sessions when `session_expiry_secs` is not set.
+pub const DEFAULT_SESSION_EXPIRY_SECS: u32 = 86_400;
+
+/// Options of the `mqtt` source.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttSourceConfig {
+    /// Broker URL: `mqtt://host:port` (plain TCP, default port 1883) or `mqtts://host:port`
+    /// (TLS, default port 8883).
+    pub url: String,
+    /// Topic filters to subscribe to (`+` and `#` wildcards; `$share/<group>/<filter>` for
+    /// MQTT 5 shared subscriptions).
+    pub topics: Vec<String>,
+    /// Subscription QoS: 0, 1 or 2. QoS 1 and 2 messages are acknowledged only once their
+    /// records are safely downstream.
+    #[serde(default = "default_qos")]
+    pub qos: u8,
+    /// `v4` (MQTT 3.1.1) or `v5` (MQTT 5).
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// Client identifier; default `tidewatch-<pipeline>-<component>-<worker>`. With shared
+    /// subscriptions and several workers, `-<worker>` is appended to a given id.
+    #[serde(default)]
+    pub client_id: Option<String>,
+    /// Keep-alive interval, s (0 disables pings).
+    #[serde(default = "default_keep_alive_secs")]
+    pub keep_alive_secs: u64,
+    /// Start a new session at each connection (true), or resume the session the broker keeps
+    /// for the client id (false: messages published while tidewatch was away are delivered).
+    #[serde(default)]
+    pub clean_start: bool,
+    /// MQTT 5: how long the broker keeps the session after a disconnect, s; default 86400
+    /// (one day) with `clean_start = false`, 0 otherwise.
+    #[serde(default)]
+    pub session_expiry_secs: Option<u32>,
+    /// User name (usually `${MQTT_USER}`).
+    #[serde(default)]
+    pub username: Option<String>,
+    /// Password (usually `${MQTT_PASSWORD}`).
+    #[serde(default)]
+    pub password: Option<String>,
+    /// PEM file of the CA certificates that sign the broker's certificate (`mqtts://`);
+    /// default: the system's roots.
+    #[serde(default)]
+    pub ca_file: Option<String>,
+    /// PEM file of a client certificate (`mqtts://`), with `client_key_file`.
+    #[serde(default)]
+    pub client_cert_file: Option<String>,
+    /// PEM file of the client certificate's private key.
+    #[serde(default)]
+    pub client_key_file: Option<String>,
+    /// How long the first connection may take (retrying while the broker is unreachable), s.
+    #[serde(default = "default_connect_timeout_secs")]
+    pub connect_timeout_secs: u64,
+    /// Delay before the first reconnect attempt after a lost connection, ms; it doubles at
+    /// each failed attempt.
+    #[serde(default = "default_reconnect_initial_ms")]
+    pub reconnect_initial_ms: u64,
+    /// Longest delay between reconnect attempts, ms.
+    #[serde(default = "default_reconnect_max_ms")]
+    pub reconnect_max_ms: u64,
+    /// Largest MQTT packet accepted, bytes.
+    #[serde(default = "default_max_packet_size_bytes")]
+    pub max_packet_size_bytes: usize,
+    /// Payload encoding: `json`, `csv` or `f32le`.
+    #[serde(default)]
+    pub format: MqttFormat,
+    /// `csv`: the column names of each line; `f32le`: the name of each value, in order.
+    #[serde(default)]
+    pub columns: Option<Vec<String>>,
+    /// `csv`: the field delimiter, one character; default `","`.
+    #[serde(default)]
+    pub delimiter: Option<String>,
+    /// A topic pattern like `factory/{site}/pump/{device}/telemetry` whose named segments
+    /// become fields of each message (JSON fields or extra CSV columns), unless the payload
+    /// has them already.
+    #[serde(default)]
+    pub topic_template: Option<String>,
+    /// Most messages emitted per poll (the batch size).
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+    /// Messages buffered between the network thread and the pipeline; when full, reading
+    /// from the broker pauses.
+    #[serde(default = "default_queue_capacity")]
+    pub queue_capacity: usize,
+}
+
+impl MqttSourceConfig {
+    /// A config for `url` and `topics` with every other option at its default.
+    pub fn new(url: impl Into<String>, topics: Vec<String>) -> MqttSourceConfig {
+        MqttSourceConfig {
+            url: url.into(),
+            topics,
+            qos: default_qos(),
+            protocol: Protocol::default(),
+            client_id: None,
+            keep_alive_secs: default_keep_alive_secs(),
+            clean_start: false,
+            session_expiry_secs: None,
+            username: None,
+            password: None,
+            ca_file: None,
+            client_cert_file: None,
+            client_key_file: None,
+            connect_timeout_secs: default_connect_timeout_secs(),
+            reconnect_initial_ms: default_reconnect_initial_ms(),
+            reconnect_max_ms: default_reconnect_max_ms(),
+            max_packet_size_bytes: default_max_packet_size_bytes(),
+            format: MqttFormat::Json,
+            columns: None,
+            delimiter: None,
+            topic_template: None,
+            batch_size: default_batch_size(),
+            queue_capacity: default_queue_capacity(),
+        }
+    }
+
+    /// The connection settings for one instance (`client_id` as given or generated).
+    pub fn settings(
+        &self,
+        client_id: String,
+        resolve: impl Fn(&str) -> std::path::PathBuf,
+    ) -> ConnectionSettings {
+        let session_expiry_secs = match self.protocol {
+            Protocol::V5 => Some(self.session_expiry_secs.unwrap_or(if self.clean_start {
+                0
+            } else {
+                DEFAULT_SESSION_EXPIRY_SECS
+            })),
+            Protocol::V4 => self.session_expiry_secs,
+        };
+        ConnectionSettings {
+            url: self.url.clone(),
+            protocol: self.protocol,
+            client_id,
+            keep_alive_secs: self.keep_alive_secs,
+            clean_start: self.clean_start,
+            session_expiry_secs,
+            // Empty means none, so that `${MQTT_USER:-}` works in pipeline files.
+            username: self.username.clone().filter(|name| !name.is_empty()),
+            password: self.password.clone().filter(|password| !password.is_empty()),
+            ca_file: self.ca_file.as_deref().map(&resolve),
+            client_cert_file: self.client_cert_file.as_deref().map(&resolve),
+            client_key_file: self.client_key_file.as_deref().map(&resolve),
+            connect_timeout_secs: self.connect_timeout_secs,
+            reconnect_initial_ms: self.reconnect_initial_ms,
+            reconnect_max_ms: self.reconnect_max_ms,
+            max_packet_size_bytes: self.max_packet_size_bytes,
+            max_inflight: 100,
+            receive_maximum: Some(self.queue_capacity.clamp(1, usize::from(u16::MAX)) as u16),
+        }
+    }
+
+    /// True when every filter is a shared subscription (`$share/...`).
+    pub fn shared(&self) -> bool {
+        !self.topics.is_empty() && self.topics.iter().all(|topic| topic.starts_with("$share/"))
+    }
+
+    /// The CSV delimiter byte.
+    fn delimiter_byte(&self) -> Result<u8, ConfigError> {
+        match &self.delimiter {
+            None => Ok(b','),
+            Some(text) => {
+                let mut chars = text.chars();
+                match (chars.next(), chars.next()) {
+                    (Some(c), None) if c.is_ascii() && !matches!(c, '\n' | '\r' | '"') => {
+                        Ok(c as u8)
+                    }
+                    _ => Err(ConfigError::at_field(
+                        "delimiter",
+                        format!(
+                            "delimiter must be one ASCII character other than a quote or a line end, not {text:?}"
+                        ),
+                    )),
+                }
+            }
+        }
+    }
+
+    /// Checks the options beyond their types.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let client_id = self.client_id.clone().unwrap_or_else(|| "tidewatch".to_owned());
+        self.settings(client_id, |path: &str| std::path::PathBuf::from(path)).validate()?;
+        check_qos("qos", self.qos)?;
+        if self.topics.is_empty() {
+            return Err(ConfigError::at_field(
+                "topics",
+                "topics must name at least one topic filter",
+            )
+            .with_hint("for example topics = [\"factory/+/pump/+/telemetry\"]"));
+        }
+        for topic in &self.topics {
+            validate_filter(topic).map_err(|reason| {
+                ConfigError::at_field("topics", format!("topic filter {topic:?}: {reason}"))
+            })?;
+        }
+        let shared = self.topics.iter().filter(|topic| topic.starts_with("$share/")).count();
+        if shared > 0 && shared < self.topics.len() {
+            return Err(ConfigError::at_field(
+                "topics",
+                "topics mixes shared ($share/...) and plain filters",
+            )
+            .with_hint("declare the shared and the plain filters in two mqtt sources"));
+        }
+        if self.batch_size == 0 {
+            return Err(ConfigError::at_field("batch_size", "batch_size must be at least 1"));
+        }
+        if self.queue_capacity == 0 {
+            return Err(ConfigError::at_field(
+                "queue_capacity",
+                "queue_capacity must be at least 1",
+            ));
+        }
+        let template = match &self.topic_template {
+            Some(text) => Some(TopicTemplate::parse(text).map_err(|reason| {
+                ConfigError::at_field("topic_template", reason).with_hint(
+                    "for example topic_template = \"factory/{site}/pump/{device}/telemetry\"",
+                )
+            })?),
+            None => None,
+        };
+        match self.format {
+            MqttFormat::Json => {
+                if self.columns.is_some() {
+                    return Err(ConfigError::at_field(
+                        "columns",
+                        "columns applies to csv and f32le payloads",
+                    ));
+                }
+                if self.delimiter.is_some() {
+                    return Err(ConfigError::at_field(
+                        "delimiter",
+                        "delimiter applies to csv payloads",
+                    ));
+                }
+            }
+            MqttFormat::Csv | MqttFormat::F32le => {
+                let columns = self.columns.as_deref().unwrap_or_default();
+                if columns.is_empty() {
+                    return Err(ConfigError::at_field(
+                        "columns",
+                        format!(
+                            "format = \"{}\" needs columns: the name of each value, in order",
+                            self.format_name()
+                        ),
+                    ));
+                }
+                if columns.iter().any(|column| column.trim().is_empty()) {
+                    return Err(ConfigError::at_field("columns", "column names must not be empty"));
+                }
+                if self.format == MqttFormat::Csv {
+                    let delimiter = self.delimiter_byte()? as char;
+                    if let Some(template) = &template
+                        && let Some(name) = template.names().find(|name| name.contains(delimiter))
+                    {
+                        return Err(ConfigError::at_field(
+                            "topic_template",
+                            format!("segment name {name:?} contains the delimiter"),
+                        ));
+                    }
+                } else if self.delimiter.is_some() {
+                    return Err(ConfigError::at_field(
+                        "delimiter",
+                        "delimiter applies to csv payloads",
+                    ));
+                }
+                if self.format == MqttFormat::F32le && columns.iter().any(|c| c == ARRIVAL_FIELD) {
+                    return Err(ConfigError::at_field(
+                        "columns",
+                        format!("`{ARRIVAL_FIELD}` is the field the source adds to f32le messages"),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn format_name(&self) -> &'static str {
+        match self.format {
+            MqttFormat::Json => "json",
+            MqttFormat::Csv => "csv",
+            MqttFormat::F32le => "f32le",
+        }
+    }
+}
+
+/// The field the source adds to each `f32le` message: its arrival time, ms since the epoch.
+pub const ARRIVAL_FIELD: &str = "arrival_ms";
+
+/// Checks a subscription filter: non-empty, `#` only as the last level, `+` and `#` alone in
+/// their level, and `$share/<group>/<filter>` well formed.
+fn validate_filter(filter: &str) -> Result<(), String> {
+    let filter = match filter.strip_prefix("$share/") {
+        Some(rest) => {
+            let (group, inner) =
+                rest.split_once('/').ok_or("a shared subscription is $share/<group>/<filter>")?;
+            if group.is_empty() || group.contains(['+', '#']) {
+                return Err("the share group must be a non-empty name without + or #".to_owned());
+            }
+            inner
+        }
+        None => filter,
+    };
+    if filter.is_empty() {
+        return Err("empty filter".to_owned());
+    }
+    if filter.contains('\0') {
+        return Err("filters cannot contain NUL".to_owned());
+    }
+    let levels: Vec<&str> = filter.split('/').collect();
+    for (index, level) in levels.iter().enumerate() {
+        if level.contains('#') && (*level != "#" || index + 1 != levels.len()) {
+            return Err("# must be a whole level, the last one".to_owned());
+        }
+        if level.contains('+') && *level != "+" {
+            return Err("+ must be a whole level".to_owned());
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Topic templates
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Segment {
+    Literal(String),
+    Named(String),
+    Any,
+    Rest,
+}
+
+/// `factory/{site}/pump/{device}/telemetry`: literal levels, named levels `{name}`, `+` for an
+/// unnamed level and a final `#` for any remaining levels.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TopicTemplate {
+    segments: Vec<Segment>,
+}
+
+impl TopicTemplate {
+    /// Parses a template.
+    pub fn parse(text: &str) -> Result<TopicTemplate, String> {
+        if text.is_empty() {
+            return Err("topic_template is empty".to_owned());
+        }
+        let levels: Vec<&str> = text.split('/').collect();
+        let mut segments = Vec::with_capacity(levels.len());
+        let mut names: Vec<&str> = Vec::new();
+        for (index, level) in levels.iter().enumerate() {
+            let segment = if let Some(name) =
+                level.strip_prefix('{').and_then(|inner| inner.strip_suffix('}'))
+            {
+                if name.is_empty()
+                    || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+                {
+                    return Err(format!(
+                        "{{{name}}}: a segment name uses letters, digits, _ and -"
+                    ));
+                }
+                if names.contains(&name) {
+                    return Err(format!("segment {{{name}}} appears twice"));
+                }
+                names.push(name);
+                Segment::Named(name.to_owned())
+            } else if *level == "+" {
+                Segment::Any
+            } else if *level == "#" {
+                if index + 1 != levels.len() {
+                    return Err("# must be the last level".to_owned());
+                }
+                Segment::Rest
+            } else if level.contains(['{', '}', '+', '#']) {
+                return Err(format!("level {level:?}: a level is a literal, {{name}}, + or #"));
+            } else {
+                Segment::Literal((*level).to_owned())
+            };
+            segments.push(segment);
+        }
+        if names.is_empty() {
+            return Err("topic_template names no segment ({name})".to_owned());
+        }
+        Ok(TopicTemplate { segments })
+    }
+
+    /// The segment names, in order.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.segments.iter().filter_map(|segment| match segment {
+            Segment::Named(name) => Some(name.as_str()),
+            _ => None,
+        })
+    }
+
+    /// Collects the byte ranges of the named segments' values in `topic`, in
+    /// [`TopicTemplate::names`] order; false when the topic does not match.
+    pub fn capture(&self, topic: &str, values: &mut Vec<(usize, usize)>) -> bool {
+        values.clear();
+        let mut levels = topic.split('/').scan(0_usize, |start, level| {
+            let begin = *start;
+            *start += level.len() + 1;
+            Some((begin, level))
+        });
+        for segment in &self.segments {
+            match segment {
+                Segment::Rest => return true,
+                Segment::Literal(literal) => match levels.next() {
+                    Some((_, level)) if level == literal => {}
+                    _ => return false,
+                },
+                Segment::Any => {
+                    if levels.next().is_none() {
+                        return false;
+                    }
+                }
+                Segment::Named(_) => match levels.next() {
+                    Some((begin, level)) if !level.is_empty() => {
+                        values.push((begin, begin + level.len()));
+                    }
+                    _ => return false,
+                },
+            }
+        }
+        levels.next().is_none()
+    }
+}
+
+/// Finds which of `names` are top-level keys of a JSON object, without building it.
+struct KeyScan<'n> {
+    names: &'n [Arc<str>],
+    present: &'n mut [bool],
+}
+
+impl<'de> DeserializeSeed<'de> for KeyScan<'_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for KeyScan<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+            if let Some(index) = self.names.iter().position(|name| **name == *key) {
+                self.present[index] = true;
+            }
+            map.next_value::<IgnoredAny>()?;
+        }
+        Ok(())
+    }
+}
+
+fn write_json_string(buf: &mut Vec<u8>, text: &str) {
+    // serde_json writes into a Vec infallibly.
+    let _ = serde_json::to_writer(&mut *buf, text);
+}
+
+/// How a source turns one payload into the payload it emits.
+#[derive(Debug)]
+struct Shaper {
+    format: MqttFormat,
+    template: Option<TopicTemplate>,
+    /// Template segment names, as JSON field names or CSV columns.
+    names: Vec<Arc<str>>,
+    /// The `columns` option (csv, f32le).
+    columns: Vec<Arc<str>>,
+    /// csv: for each template name, whether `columns` already has it (then it is not added).
+    in_columns: Vec<bool>,
+    delimiter: u8,
+    payload_format: PayloadFormat,
+    ranges: Vec<(usize, usize)>,
+    present: Vec<bool>,
+}
+
+/// Why a message could not be shaped: (error_type, reason).
+type Rejection = (&'static str, String);
+
+impl Shaper {
+    fn new(config: &MqttSourceConfig) -> Result<Shaper, ConfigError> {
+        let template = config
+            .topic_template
+            .as_deref()
+            .map(TopicTemplate::parse)
+            .transpose()
+            .map_err(ConfigError::new)?;
+        let names: Vec<Arc<str>> =
+            template.iter().flat_map(|template| template.names().map(Arc::from)).collect();
+        let columns: Vec<Arc<str>> =
+            config.columns.iter().flatten().map(|column| Arc::from(column.as_str())).collect();
+        let delimiter = config.delimiter_byte()?;
+        let in_columns: Vec<bool> =
+            names.iter().map(|name| columns.iter().any(|column| column == name)).collect();
+        let payload_format = match config.format {
+            MqttFormat::Json | MqttFormat::F32le => PayloadFormat::Json,
+            MqttFormat::Csv => {
+                let mut header = columns.clone();
+                for (name, known) in names.iter().zip(&in_columns) {
+                    if !known {
+                        header.push(Arc::clone(name));
+                    }
+                }
+                PayloadFormat::Csv { header: Arc::from(header), delimiter }
+            }
+        };
+        let present = vec![false; names.len()];
+        Ok(Shaper {
+            format: config.format,
+            template,
+            names,
+            columns,
+            in_columns,
+            delimiter,
+            payload_format,
+            ranges: Vec::new(),
+            present,
+        })
+    }
+
+    /// Appends the message to `batch`, or tells why it cannot be.
+    fn push(
+        &mut self,
+        batch: &mut RawBatch,
+        topic: &str,
+        payload: &[u8],
+        arrival_ms: EventTime,
+        position: u64,
+    ) -> Result<(), Rejection> {
+        let mut ranges = std::mem::take(&mut self.ranges);
+        ranges.clear();
+        let result = self.push_with(batch, topic, payload, arrival_ms, position, &mut ranges);
+        self.ranges = ranges;
+        result
+    }
+
+    fn push_with(
+        &mut self,
+        batch: &mut RawBatch,
+        topic: &str,
+        payload: &[u8],
+        arrival_ms: EventTime,
+        position: u64,
+        ranges: &mut Vec<(usize, usize)>,
+    ) -> Result<(), Rejection> {
+        if let Some(template) = &self.template
+            && !template.capture(topic, ranges)
+        {
+            return Err((
+                "topic_mismatch",
+                format!("topic {topic:?} does not match topic_template"),
+            ));
+        }
+        let values = ranges.iter().map(|(start, end)| topic.get(*start..*end).unwrap_or_default());
+        match self.format {
+            MqttFormat::Json => {
+                if ranges.is_empty() {
+                    batch.push(topic, payload, arrival_ms, position);
+                    return Ok(());
+                }
+                self.present.fill(false);
+                let scan = KeyScan { names: &self.names, present: &mut self.present };
+                let mut deserializer = serde_json::Deserializer::from_slice(payload);
+                let is_object = scan.deserialize(&mut deserializer).is_ok();
+                let start = payload.iter().position(|byte| !byte.is_ascii_whitespace());
+                match (is_object, start) {
+                    (true, Some(start)) if payload[start] == b'{' => {
+                        let rest = &payload[start + 1..];
+                        let empty = rest
+                            .iter()
+                            .find(|byte| !byte.is_ascii_whitespace())
+                            .is_some_and(|byte| *byte == b'}');
+                        let names = &self.names;
+                        let present = &self.present;
+                        batch.push_with(topic, arrival_ms, position, |buf| {
+                            buf.push(b'{');
+                            let mut first = true;
+                            for ((name, value), present) in names.iter().zip(values).zip(present) {
+                                if *present {
+                                    continue;
+                                }
+                                if !first {
+                                    buf.push(b',');
+                                }
+                                first = false;
+                                write_json_string(buf, name);
+                                buf.push(b':');
+                                write_json_string(buf, value);
+                            }
+                            if !first && !empty {
+                                buf.push(b',');
+                            }
+                            buf.extend_from_slice(rest);
+                        });
+                    }
+                    // Not an object: left as it is, normalize reports it.
+                    _ => batch.push(topic, payload, arrival_ms, position),
+                }
+                Ok(())
+            }
+            MqttFormat::Csv => {
+                let line = payload.strip_suffix(b"\n").unwrap_or(payload);
+                let line = line.strip_suffix(b"\r").unwrap_or(line);
+                if line.contains(&b'\n') {
+                    return Err(("parse", "a csv message holds one line".to_owned()));
+                }
+                let delimiter = self.delimiter;
+                for value in values.clone() {
+                    if value.as_bytes().contains(&delimiter) || value.contains('"') {
+                        return Err((
+                            "topic_mismatch",
+                            format!("topic segment {value:?} contains the delimiter or a quote"),
+                        ));
+                    }
+                }
+                let in_columns = &self.in_columns;
+                batch.push_with(topic, arrival_ms, position, |buf| {
+                    buf.extend_from_slice(line);
+                    for (value, known) in values.zip(in_columns) {
+                        if !known {
+                            buf.push(delimiter);
+                            buf.extend_from_slice(value.as_bytes());
+                        }
+                    }
+                });
+                Ok(())
+            }
+            MqttFormat::F32le => {
+                if payload.len() != self.columns.len() * 4 {
+                    return Err((
+                        "parse",
+                        format!(
+                            "an f32le message of {} values has {} bytes, not {}",
+                            self.columns.len(),
+                            payload.len(),
+                            self.columns.len() * 4
+                        ),
+                    ));
+                }
+                let names = &self.names;
+                let columns = &self.columns;
+                batch.push_with(topic, arrival_ms, position, |buf| {
+                    buf.push(b'{');
+                    for (name, value) in names.iter().zip(values) {
+                        write_json_string(buf, name);
+                        buf.push(b':');
+                        write_json_string(buf, value);
+                        buf.push(b',');
+                    }
+                    buf.extend_from_slice(b"\"arrival_ms\":");
+                    buf.extend_from_slice(arrival_ms.to_string().as_bytes());
+                    for (column, chunk) in columns.iter().zip(payload.chunks_exact(4)) {
+                        let value = f32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+                        buf.push(b',');
+                        write_json_string(buf, column);
+                        buf.push(b':');
+                        if value.is_finite() {
+                            buf.extend_from_slice(value.to_string().as_bytes());
+                        } else {
+                            buf.extend_from_slice(b"null");
+                        }
+                    }
+                    buf.push(b'}');
+                });
+                Ok(())
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Factory
+// ---------------------------------------------------------------------------------------------
+
+/// Makes `mqtt` sources.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MqttSourceFactory;
+
+impl SourceFactory for MqttSourceFactory {
+    type Config = MqttSourceConfig;
+
+    fn output_type(
+        &self,
+        config: &MqttSourceConfig,
+        _ctx: &ValidateContext,
+    ) -> Result<PortType, ConfigError> {
+        config.validate()?;
+        Ok(PortType::of(Kind::Raw))
+    }
+
+    fn build(
+        &self,
+        config: &MqttSourceConfig,
+        ctx: &ComponentContext,
+    ) -> Result<Box<dyn Source>, ComponentError> {
+        Ok(Box::new(MqttSource::new(config, ctx)?))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Between the network thread and the source
+// ---------------------------------------------------------------------------------------------
+
+/// What the network thread hands the source.
+#[derive(Debug)]
+enum Inbound {
+    Message {
+        delivery: Delivery,
+        generation: u64,
+        arrival_ms: EventTime,
+    },
+    /// The connection was lost; the thread reconnects after a delay.
+    Lost(String),
+    /// A reconnect attempt failed; the thread tries again after a longer delay.
+    RetryFailed(String),
+    /// A refused subscription after a reconnect.
+    Refused(String),
+    /// The first subscription was refused: the source fails.
+    Fatal(String),
+}
+
+/// One message to acknowledge: its connection generation, QoS and packet id.
+#[derive(Clone, Copy, Debug)]
+struct PendingAck {
+    generation: u64,
+    qos: u8,
+    pkid: u16,
+}
+
+/// What the source (and its ack tokens) tell the network thread.
+#[derive(Debug)]
+enum Control {
+    /// The ack group `seq` is safely downstream.
+    Done { seq: u64, acks: Vec<PendingAck> },
+    /// The source closed: acknowledge what is outstanding, then disconnect.
+    Close,
+}
+
+/// Counters of one source instance, shared with its network thread.
+#[derive(Debug, Default)]
+struct Counters {
+    /// Ack groups handed out (the next group's sequence number).
+    issued: AtomicU64,
+    received: AtomicU64,
+    acked: AtomicU64,
+    stale_acks: AtomicU64,
+    redelivered: AtomicU64,
+    reconnects: AtomicU64,
+}
+
+// ---------------------------------------------------------------------------------------------
+// The source
+// ---------------------------------------------------------------------------------------------
+
+/// The longest the network thread waits, once the source closed, for the outstanding batches
+/// to be processed before it disconnects (their messages are then redelivered).
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A running `mqtt` source instance.
+pub struct MqttSource {
+    config: MqttSourceConfig,
+    settings: ConnectionSettings,
+    active: bool,
+    shaper: Shaper,
+    inbound: Option<mpsc::Receiver<Inbound>>,
+    control: Option<mpsc::UnboundedSender<Control>>,
+    counters: Arc<Counters>,
+    thread: Option<JoinHandle<()>>,
+    finished: Option<std::sync::mpsc::Receiver<()>>,
+    position: u64,
+    last_data: Instant,
+    component: Arc<str>,
+}
+
+impl fmt::Debug for MqttSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MqttSource")
+            .field("url", &self.settings.url)
+            .field("client_id", &self.settings.client_id)
+            .field("active", &self.active)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MqttSource {
+    /// The source of one worker; it connects at [`Source::open`].
+    pub fn new(
+        config: &MqttSourceConfig,
+        ctx: &ComponentContext,
+    ) -> Result<MqttSource, ComponentError> {
+        config.validate().map_err(|error| ComponentError::Config(error.to_string()))?;
+        let shared = config.shared();
+        let active = shared || ctx.worker_index == 0;
+        let client_id = match &config.client_id {
+            Some(id) if shared && ctx.workers > 1 => format!("{id}-{}", ctx.worker_index),
+            Some(id) => id.clone(),
+            None => client_id_of(&[
+                "tidewatch",
+                &ctx.pipeline.name,
+                &ctx.component_id,
+                &ctx.worker_index.to_string(),
+            ]),
+        };
+        let settings = config.settings(client_id, |path| ctx.resolve_path(path));
+        let shaper =
+            Shaper::new(config).map_err(|error| ComponentError::Config(error.to_string()))?;
+        Ok(MqttSource {
+            config: config.clone(),
+            settings,
+            active,
+            shaper,
+            inbound: None,
+            control: None,
+            counters: Arc::new(Counters::default()),
+            thread: None,
+            finished: None,
+            position: 0,
+            last_data: Instant::now(),
+            component: Arc::clone(&ctx.component_id),
+        })
+    }
+
+    /// The client id this instance connects with.
+    pub fn client_id(&self) -> &str {
+        &self.settings.client_id
+    }
+
+    fn send_control(&self, message: Control) {
+        if let Some(control) = &self.control {
+            let _ = control.send(message);
+        }
+    }
+
+    fn emit(&mut self, batch: RawBatch, acks: Vec<PendingAck>, out: &mut Outputs) {
+        let mut batch = batch;
+        if !acks.is_empty() {
+            let seq = self.counters.issued.fetch_add(1, Ordering::SeqCst);
+            match (&self.control, batch.is_empty()) {
+                (Some(control), false) => {
+                    let control = control.clone();
+                    batch.set_ack(AckToken::new(move || {
+                        let _ = control.send(Control::Done { seq, acks });
+                    }));
+                }
+                // Nothing went downstream (every message was rejected to `.errors`).
+                _ => self.send_control(Control::Done { seq, acks }),
+            }
+        }
+        out.emit(Batch::Raw(batch));
+    }
+}
+
+impl Source for MqttSource {
+    fn open(&mut self, _ctx: &ComponentContext) -> Result<(), ComponentError> {
+        if !self.active {
+            return Ok(());
+        }
+        let (client, eventloop) = self.settings.link(true, 1_024)?;
+        let runtime = runtime()?;
+        let (inbound_tx, inbound_rx) = mpsc::channel(self.config.queue_capacity);
+        let (control_tx, control_rx) = mpsc::unbounded_channel();
+        let (startup_tx, startup_rx) = std::sync::mpsc::sync_channel(1);
+        let (finished_tx, finished_rx) = std::sync::mpsc::sync_channel(1);
+        let network = Network {
+            client,
+            eventloop,
+            settings: self.settings.clone(),
+            topics: self.config.topics.clone(),
+            qos: self.config.qos,
+            counters: Arc::clone(&self.counters),
+            component: self.component.to_string(),
+        };
+        let thread = std::thread::Builder::new()
+            .name(format!("mqtt-{}", self.component))
+            .spawn(move || {
+                runtime.block_on(network.run(inbound_tx, control_rx, startup_tx));
+                let _ = finished_tx.send(());
+            })
+            .map_err(|error| ComponentError::io("cannot start the MQTT network thread", error))?;
+        self.thread = Some(thread);
+        self.finished = Some(finished_rx);
+        let broker = self.settings.url.clone();
+        // The network thread answers once connected, or failed to, within connect_timeout_secs.
+        let wait = Duration::from_secs(self.settings.connect_timeout_secs.saturating_add(10));
+        let outcome = match startup_rx.recv_timeout(wait) {
+            Ok(outcome) => outcome,
+            Err(_) => Err("no answer from the network thread".to_owned()),
+        };
+        match outcome {
+            Ok(()) => {
+                self.inbound = Some(inbound_rx);
+                self.control = Some(control_tx);
+                tracing::info!(
+                    component = %self.component,
+                    broker = %broker,
+                    client_id = %self.settings.client_id,
+                    topics = ?self.config.topics,
+                    qos = self.config.qos,
+                    "connected; subscribing"
+                );
+                Ok(())
+            }
+            Err(reason) => {
+                drop(control_tx);
+                drop(inbound_rx);
+                if let Some(finished) = self.finished.take()
+                    && finished.recv_timeout(Duration::from_secs(5)).is_ok()
+                    && let Some(thread) = self.thread.take()
+                {
+                    let _ = thread.join();
+                }
+                Err(ComponentError::External(format!("MQTT broker {broker}: {reason}")))
+            }
+        }
+    }
+
+    fn poll(&mut self, out: &mut Outputs) -> Result<SourcePoll, ComponentError> {
+        if !self.active {
+            return Ok(SourcePoll::Finished);
+        }
+        let Some(inbound) = self.inbound.as_mut() else {
+            return Ok(SourcePoll::Finished);
+        };
+        let batch_size = self.config.batch_size;
+        let mut batch = RawBatch::with_capacity(self.shaper.payload_format.clone(), 64, 8 * 1024);
+        let mut acks: Vec<PendingAck> = Vec::new();
+        let mut disconnected = false;
+        while batch.len() < batch_size {
+            match inbound.try_recv() {
+                Ok(Inbound::Message { delivery, generation, arrival_ms }) => {
+                    self.counters.received.fetch_add(1, Ordering::Relaxed);
+                    if delivery.dup {
+                        self.counters.redelivered.fetch_add(1, Ordering::Relaxed);
+                    }
+                    if delivery.qos > 0 {
+                        acks.push(PendingAck {
+                            generation,
+                            qos: delivery.qos,
+                            pkid: delivery.pkid,
+                        });
+                    }
+                    let position = self.position;
+                    self.position += 1;
+                    let Ok(topic) = std::str::from_utf8(&delivery.topic) else {
+                        out.error(
+                            "bad_topic",
+                            "the topic is not valid UTF-8",
+                            None,
+                            Some(&delivery.payload),
+                        );
+                        continue;
+                    };
+                    if delivery.payload.is_empty() {
+                        out.error(
+                            "empty_payload",
+                            "the message has an empty payload",
+                            Some(topic),
+                            None,
+                        );
+                        continue;
+                    }
+                    if let Err((error_type, reason)) =
+                        self.shaper.push(&mut batch, topic, &delivery.payload, arrival_ms, position)
+                    {
+                        out.error(error_type, reason, Some(topic), Some(&delivery.payload));
+                    }
+                }
+                Ok(Inbound::Lost(reason)) => {
+                    out.error("connection_lost", reason, None, None);
+                }
+                Ok(Inbound::RetryFailed(reason)) => {
+                    out.error("reconnect_failed", reason, None, None);
+                }
+                Ok(Inbound::Refused(reason)) => {
+                    out.error("subscription_refused", reason, None, None);
+                }
+                Ok(Inbound::Fatal(reason)) => {
+                    return Err(ComponentError::External(format!(
+                        "MQTT broker {}: {reason}",
+                        self.settings.url
+                    )));
+                }
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    disconnected = true;
+                    break;
+                }
+            }
+        }
+        let got = batch.len() + acks.len();
+        if got > 0 {
+            self.last_data = Instant::now();
+        }
+        let full = batch.len() >= batch_size;
+        self.emit(batch, acks, out);
+        if disconnected {
+            return Err(ComponentError::External(format!(
+                "the MQTT network thread of `{}` stopped",
+                self.component
+            )));
+        }
+        if full {
+            return Ok(SourcePoll::Ready);
+        }
+        // Poll often while data flows, less when the stream is quiet.
+        let quiet = self.last_data.elapsed() > Duration::from_millis(200);
+        Ok(SourcePoll::Idle { wake_after_ms: if quiet { 20 } else { 1 } })
+    }
+
+    fn close(&mut self) -> Result<(), ComponentError> {
+        // Stop taking messages; what is queued but not emitted is not acknowledged and will be
+        // redelivered (persistent session). Outstanding batches are acknowledged as they are
+        // processed, then the network thread disconnects.
+        self.inbound = None;
+        self.send_control(Control::Close);
+        self.control = None;
+        if self.active {
+            let counters = &self.counters;
+            tracing::info!(
+                component = %self.component,
+                received = counters.received.load(Ordering::Relaxed),
+                redelivered = counters.redelivered.load(Ordering::Relaxed),
+                acknowledged = counters.acked.load(Ordering::Relaxed),
+                stale_acks_dropped = counters.stale_acks.load(Ordering::Relaxed),
+                reconnects = counters.reconnects.load(Ordering::Relaxed),
+                "mqtt source closing; acknowledging what is still in the pipeline"
+            );
+        }
+        Ok(())
+    }
+}
+
+impl Drop for MqttSource {
+    fn drop(&mut self) {
+        self.inbound = None;
+        self.send_control(Control::Close);
+        self.control = None;
+        // Give the network thread the time to send the last acks and disconnect cleanly.
+        if let Some(finished) = self.finished.take()
+            && finished.recv_timeout(Duration::from_secs(5)).is_ok()
+            && let Some(thread) = self.thread.take()
+        {
+            let _ = thread.join();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The network thread
+// ---------------------------------------------------------------------------------------------
+
+struct Network {
+    client: LinkClient,
+    eventloop: LinkLoop,
+    settings: ConnectionSettings,
+    topics: Vec<String>,
+    qos: u8,
+    counters: Arc<Counters>,
+    component: String,
+}
+
+impl Network {
+    async fn run(
+        self,
+        inbound: mpsc::Sender<Inbound>,
+        control: mpsc::UnboundedReceiver<Control>,
+        startup: std::sync::mpsc::SyncSender<Result<(), String>>,
+    ) {
+        let Network { client, mut eventloop, settings, topics, qos, counters, component } = self;
+        if let Err(reason) = first_connection(&mut eventloop, &settings).await {
+            let _ = startup.send(Err(reason));
+            return;
+        }
+        // Connected: the source may start polling. The subscription's answer comes through the
+        // queue (a refusal fails the source), so that messages of a resumed session, which the
+        // broker may send before the SUBACK, never wait for `open` to return.
+        let _ = startup.send(Ok(()));
+        // Shared by the two halves below, which run interleaved on this one thread: the
+        // generation changes only between two awaits of the event half, so an ack is never
+        // sent on a connection other than the one its message came on.
+        let generation = Rc::new(Cell::new(1_u64));
+        let qos2_pending: Rc<RefCell<HashSet<u16>>> = Rc::default();
+        let events = EventHalf {
+            client: client.clone(),
+            eventloop,
+            settings: &settings,
+            topics: &topics,
+            qos,
+            counters: &counters,
+            generation: Rc::clone(&generation),
+            qos2_pending: Rc::clone(&qos2_pending),
+            component: &component,
+        };
+        let acks = AckHalf { client, counters: &counters, generation, qos2_pending };
+        tokio::join!(events.run(inbound), acks.run(control));
+    }
+}
+
+struct EventHalf<'a> {
+    client: LinkClient,
+    eventloop: LinkLoop,
+    settings: &'a ConnectionSettings,
+    topics: &'a [String],
+    qos: u8,
+    counters: &'a Counters,
+    generation: Rc<Cell<u64>>,
+    qos2_pending: Rc<RefCell<HashSet<u16>>>,
+    component: &'a str,
+}
+
+/// After our DISCONNECT, how long the event half keeps reading until the broker closes the
+/// connection (so that the broker reads our last acks before it sees the socket close).
+const DISCONNECT_DRAIN: Duration = Duration::from_secs(5);
+
+impl EventHalf<'_> {
+    async fn run(mut self, inbound: mpsc::Sender<Inbound>) {
+        let mut subscribed = false;
+        let mut connected = true;
+        let mut disconnecting: Option<Instant> = None;
+        let mut backoff =
+            Backoff::new(self.settings.reconnect_initial_ms, self.settings.reconnect_max_ms);
+        let mut taking = match self.client.subscribe(self.topics, self.qos).await {
+            Ok(()) => true,
+            Err(reason) => {
+                let _ = inbound.send(Inbound::Fatal(format!("cannot subscribe: {reason}"))).await;
+                false
+            }
+        };
+        loop {
+            let event = match disconnecting {
+                None => self.eventloop.poll().await,
+                // Keep reading until the broker closes the connection: closing the socket
+                // while the broker still writes to it can make it drop what it has not read
+                // yet, our last acks included.
+                Some(since) => {
+                    let left = DISCONNECT_DRAIN.saturating_sub(since.elapsed());
+                    match tokio::time::timeout(left, self.eventloop.poll()).await {
+                        Ok(Ok(_)) => continue,
+                        Ok(Err(_)) | Err(_) => break,
+                    }
+                }
+            };
+            match event {
+                Ok(NetEvent::Connected { session_present }) => {
+                    backoff.reset();
+                    connected = true;
+                    tracing::info!(component = %self.component, session_present, "reconnected to the MQTT broker");
+                    if !session_present {
+                        let _ = self.client.subscribe(self.topics, self.qos).await;
+                    }
+                }
+                Ok(NetEvent::SubAck { refused }) => {
+                    if !refused.is_empty() && taking {
+                        let reason = format!(
+                            "the broker refused the subscription to {:?}: {}",
+                            self.topics,
+                            refused.join(", ")
+                        );
+                        let message = if subscribed {
+                            Inbound::Refused(reason)
+                        } else {
+                            Inbound::Fatal(reason)
+                        };
+                        taking = inbound.send(message).await.is_ok();
+                    }
+                    subscribed = true;
+                }
+                Ok(NetEvent::Message(delivery)) => {
+                    if taking {
+                        let message = Inbound::Message {
+                            delivery,
+                            generation: self.generation.get(),
+                            arrival_ms: now_ms(),
+                        };
+                        // Waits while the queue is full: the broker then holds the rest.
+                        taking = inbound.send(message).await.is_ok();
+                    }
+                }
+                Ok(NetEvent::PubCompSent { pkid }) => {
+                    self.qos2_pending.borrow_mut().remove(&pkid);
+                }
+                Ok(NetEvent::DisconnectSent) => disconnecting = Some(Instant::now()),
+                Ok(_) => {}
+                Err(error) => {
+                    if error.closed {
+                        break;
+                    }
+                    // No await between the connection drop (inside poll) and this line.
+                    self.generation.set(self.generation.get() + 1);
+                    if let Some(pkid) = error.unsolicited {
+                        self.qos2_pending.borrow_mut().insert(pkid);
+                    }
+                    for pkid in self.qos2_pending.borrow().iter() {
+                        self.eventloop.remember_qos2(*pkid);
+                    }
+                    if !taking && inbound.is_closed() {
+                        break;
+                    }
+                    let delay = backoff.next_delay();
+                    let lost = std::mem::replace(&mut connected, false);
+                    if lost {
+                        self.counters.reconnects.fetch_add(1, Ordering::Relaxed);
+                    }
+                    tracing::warn!(
+                        component = %self.component,
+                        error = %error.message,
+                        retry_in_ms = delay.as_millis() as u64,
+                        "{}",
+                        if lost { "MQTT connection lost; reconnecting" } else { "MQTT reconnect failed; retrying" }
+                    );
+                    if taking {
+                        let reason =
+                            format!("{}; reconnecting in {} ms", error.message, delay.as_millis());
+                        let message =
+                            if lost { Inbound::Lost(reason) } else { Inbound::RetryFailed(reason) };
+                        taking = inbound.send(message).await.is_ok();
+                    }
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+}
+
+struct AckHalf<'a> {
+    client: LinkClient,
+    counters: &'a Counters,
+    generation: Rc<Cell<u64>>,
+    qos2_pending: Rc<RefCell<HashSet<u16>>>,
+}
+
+impl AckHalf<'_> {
+    async fn run(self, mut control: mpsc::UnboundedReceiver<Control>) {
+        let mut next_seq: u64 = 0;
+        let mut done: BTreeMap<u64, Vec<PendingAck>> = BTreeMap::new();
+        let mut closing_since: Option<Instant> = None;
+        loop {
+            let message = match closing_since {
+                None => control.recv().await,
+                Some(since) => {
+                    let left = DRAIN_TIMEOUT.saturating_sub(since.elapsed());
+                    match tokio::time::timeout(left, control.recv()).await {
+                        Ok(message) => message,
+                        Err(_) => {
+                            tracing::warn!(
+                                outstanding =
+                                    self.counters.issued.load(Ordering::SeqCst) - next_seq,
+                                "MQTT source closed with batches still in the pipeline; their messages will be redelivered"
+                            );
+                            break;
+                        }
+                    }
+                }
+            };
+            match message {
+                Some(Control::Done { seq, acks }) => {
+                    done.insert(seq, acks);
+                    // Acknowledge in emission order.
+                    while let Some(acks) = done.remove(&next_seq) {
+                        next_seq += 1;
+                        for ack in acks {
+                            if ack.generation != self.generation.get() {
+                                self.counters.stale_acks.fetch_add(1, Ordering::Relaxed);
+                                continue;
+                            }
+                            if self.client.ack(ack.qos, ack.pkid).await.is_ok() {
+                                self.counters.acked.fetch_add(1, Ordering::Relaxed);
+                                if ack.qos == 2 {
+                                    self.qos2_pending.borrow_mut().insert(ack.pkid);
+                                }
+                            }
+                        }
+                    }
+                }
+                Some(Control::Close) => {
+                    closing_since.get_or_insert_with(Instant::now);
+                }
+                None => break,
+            }
+            if closing_since.is_some() && next_seq >= self.counters.issued.load(Ordering::SeqCst) {
+                break;
+            }
+        }
+        // Every ack is queued ahead of the DISCONNECT.
+        let _ = self.client.disconnect().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tidewatch_api::ConfigValue;
+
+    use super::*;
+
+    fn config(text: &str) -> MqttSourceConfig {
+        ConfigValue::parse(text).expect("toml").deserialize().expect("config")
+    }
+
+    fn shape(
+        config_text: &str,
+        topic: &str,
+        payload: &[u8],
+    ) -> Result<(String, PayloadFormat), Rejection> {
+        let mut shaper = Shaper::new(&config(config_text)).expect("shaper");
+        let mut batch = RawBatch::new(shaper.payload_format.clone());
+        shaper.push(&mut batch, topic, payload, 1_700_000_000_000, 0)?;
+        let message = batch.get(0).expect("one message");
+        Ok((String::from_utf8(message.payload.to_vec()).expect("utf8"), batch.format.clone()))
+    }
+
+    const BASE: &str =
+        "url = \"mqtt://127.0.0.1:1883\"\ntopics = [\"factory/+/pump/+/telemetry\"]\n";
+
+    #[test]
+    fn topic_templates_capture_named_levels() {
+        let template =
+            TopicTemplate::parse("factory/{site}/pump/{device}/telemetry").expect("template");
+        assert_eq!(template.names().collect::<Vec<_>>(), ["site", "device"]);
+        let mut values = Vec::new();
+        let topic = "factory/s1/pump/p-7/telemetry";
+        assert!(template.capture(topic, &mut values));
+        let texts: Vec<&str> = values.iter().map(|(start, end)| &topic[*start..*end]).collect();
+        assert_eq!(texts, ["s1", "p-7"]);
+        assert!(!template.capture("factory/s1/pump/p-7", &mut values));
+        assert!(!template.capture("factory/s1/pump/p-7/telemetry/x", &mut values));
+        assert!(!template.capture("plant/s1/pump/p-7/telemetry", &mut values));
+        let rest = TopicTemplate::parse("+/{device}/#").expect("template");
+        assert!(rest.capture("a/b/c/d", &mut values));
+        assert_eq!(values, [(2, 3)]);
+        for bad in ["", "a/b", "a/{x}/{x}", "a/#/{x}", "a/{x y}", "a/b{x}"] {
+            assert!(TopicTemplate::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn json_payloads_get_the_topic_fields_they_lack() {
+        let text = format!("{BASE}topic_template = \"factory/{{site}}/pump/{{device}}/telemetry\"");
+        let (payload, format) =
+            shape(&text, "factory/s1/pump/p7/telemetry", br#"{"ts":1,"v":2}"#).expect("ok");
+        assert_eq!(payload, r#"{"site":"s1","device":"p7","ts":1,"v":2}"#);
+        assert_eq!(format, PayloadFormat::Json);
+        let (payload, _) =
+            shape(&text, "factory/s1/pump/p7/telemetry", br#" {"device":"own"}"#).expect("ok");
+        assert_eq!(payload, r#"{"site":"s1","device":"own"}"#);
+        let (payload, _) = shape(&text, "factory/s1/pump/p7/telemetry", b"{}").expect("ok");
+        assert_eq!(payload, r#"{"site":"s1","device":"p7"}"#);
+        let (payload, _) = shape(&text, "factory/s1/pump/p7/telemetry", b"[1,2]").expect("ok");
+        assert_eq!(payload, "[1,2]");
+        let (error_type, _) = shape(&text, "other/topic", b"{}").expect_err("mismatch");
+        assert_eq!(error_type, "topic_mismatch");
+        let (payload, _) = shape(BASE, "a/b", br#"{"x":1}"#).expect("ok");
+        assert_eq!(payload, r#"{"x":1}"#);
+    }
+
+    #[test]
+    fn csv_lines_get_topic_columns() {
+        let text = format!(
+            "{BASE}format = \"csv\"\ncolumns = [\"ts\", \"v\"]\ndelimiter = \";\"\ntopic_template = \"factory/{{site}}/pump/{{device}}/telemetry\""
+        );
+        let (payload, format) =
+            shape(&text, "factory/s1/pump/p7/telemetry", b"1;2.5\r\n").expect("ok");
+        assert_eq!(payload, "1;2.5;s1;p7");
+        let PayloadFormat::Csv { header, delimiter } = format else { panic!("csv") };
+        assert_eq!(delimiter, b';');
+        assert_eq!(
+            header.iter().map(|name| name.to_string()).collect::<Vec<_>>(),
+            ["ts", "v", "site", "device"]
+        );
+    }
+
+    #[test]
+    fn f32le_payloads_become_json() {
+        let text = format!(
+            "{BASE}format = \"f32le\"\ncolumns = [\"a\", \"b\"]\ntopic_template = \"factory/+/pump/{{device}}/telemetry\""
+        );
+        let mut payload = Vec::new();
+        payload.extend_from_slice(&1.5_f32.to_le_bytes());
+        payload.extend_from_slice(&f32::NAN.to_le_bytes());
+        let (json, format) = shape(&text, "factory/s/pump/p1/telemetry", &payload).expect("ok");
+        assert_eq!(format, PayloadFormat::Json);
+        let value: serde_json::Value = serde_json::from_str(&json).expect("json");
+        assert_eq!(value["device"], "p1");
+        assert_eq!(value["arrival_ms"], 1_700_000_000_000_i64);
+        assert_eq!(value["a"], 1.5);
+        assert!(value["b"].is_null());
+        let (error_type, _) =
+            shape(&text, "factory/s/pump/p1/telemetry", &[0, 0, 0]).expect_err("short");
+        assert_eq!(error_type, "parse");
+    }
+
+    #[test]
+    fn invalid_options_are_rejected() {
+        let factory = MqttSourceFactory;
+        let ctx = ValidateContext::default();
+        for (extra, field) in [
+            ("qos = 3", "qos"),
+            ("url = \"http://x\"", "url"),
+            ("format = \"csv\"", "columns"),
+            ("columns = [\"a\"]", "columns"),
+            ("delimiter = \";\"", "delimiter"),
+            ("batch_size = 0", "batch_size"),
+            ("queue_capacity = 0", "queue_capacity"),
+            ("topic_template = \"a/b\"", "topic_template"),
+            ("protocol = \"v4\"\nsession_expiry_secs = 10", "session_expiry_secs"),
+            ("ca_file = \"ca.crt\"", "ca_file"),
+        ] {
+            let mut text = String::new();
+            let mut url_set = false;
+            if extra.starts_with("url") {
+                url_set = true;
+            }
+            if !url_set {
+                text.push_str("url = \"mqtt://127.0.0.1:1883\"\n");
+            }
+            text.push_str("topics = [\"a/#\"]\n");
+            text.push_str(extra);
+            let error = factory.output_type(&config(&text), &ctx).expect_err(extra);
+            assert_eq!(error.field.as_deref(), Some(field), "{extra}: {}", error.message);
+        }
+        for topics in
+            ["[]", "[\"a/#/b\"]", "[\"a+/b\"]", "[\"$share/g\"]", "[\"$share/g/a\", \"b\"]"]
+        {
+            let text = format!("url = \"mqtt://h\"\ntopics = {topics}");
+            let error = factory.output_type(&config(&text), &ctx).expect_err(topics);
+            assert_eq!(error.field.as_deref(), Some("topics"), "{topics}");
+        }
+        assert!(factory.output_type(&config(BASE), &ctx).is_ok());
+        assert!(
+            ConfigValue::parse("url = \"mqtt://h\"\ntopics = [\"a\"]\ntopic = \"x\"")
+                .expect("toml")
+                .deserialize::<MqttSourceConfig>()
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn client_ids_and_workers() {
+        let pipeline =
+            Arc::new(tidewatch_api::PipelineInfo { name: "edge".into(), ..Default::default() });
+        let context = |worker| {
+            ComponentContext::new(
+                "in",
+                "mqtt",
+                worker,
+                2,
+                Arc::clone(&pipeline),
+                Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            )
+        };
+        let plain = config(BASE);
+        let first = MqttSource::new(&plain, &context(0)).expect("source");
+        let second = MqttSource::new(&plain, &context(1)).expect("source");
+        assert_eq!(first.client_id(), "tidewatch-edge-in-0");
+        assert!(first.active && !second.active);
+        let shared = config("url = \"mqtt://h\"\ntopics = [\"$share/g/a/#\"]\nclient_id = \"me\"");
+        let first = MqttSource::new(&shared, &context(0)).expect("source");
+        let second = MqttSource::new(&shared, &context(1)).expect("source");
+        assert!(first.active && second.active);
+        assert_eq!((first.client_id(), second.client_id()), ("me-0", "me-1"));
+    }
+}

@@ -1,0 +1,377 @@
+//! `tidewatch simulate`: publishes the simulated pump fleet, or replays a CSV file, to an MQTT
+//! broker.
+//!
+//! The fleet is the `simulator` source's (same physics, same seed, same payloads); a replayed
+//! CSV file (SKAB files as they are: `;`-separated, CRLF) is published row by row as JSON
+//! objects with the header's column names plus the device, paced at the recorded speed times
+//! `--speed`. Progress goes to stderr once a second, and the achieved rate at the end.
+//!
+//! Before streaming, the first message is published with QoS 1 and, on MQTT 5, published again
+//! (every 100 ms, up to `--wait-subscriber-secs`) while the broker answers that no
+//! subscription matches it: a pipeline started at the same moment does not miss the start.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::{Args, ValueEnum};
+use tidewatch_api::{
+    Batch, ComponentContext, Outputs, PayloadFormat, RawBatch, Source, SourcePoll,
+};
+use tidewatch_connectors::mqtt::{ConnectionSettings, MqttPublisher, Protocol};
+use tidewatch_connectors::{FileSource, FileSourceConfig, SimulatorConfig, SimulatorSource};
+
+/// MQTT protocol versions on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ProtocolArg {
+    /// MQTT 3.1.1.
+    V4,
+    /// MQTT 5.
+    V5,
+}
+
+/// The options of `tidewatch simulate`.
+#[derive(Debug, Clone, Args)]
+pub struct SimulateArgs {
+    /// Broker URL: mqtt://host:port or mqtts://host:port.
+    #[arg(long, value_name = "URL")]
+    pub mqtt: String,
+    /// Pumps in the simulated fleet.
+    #[arg(long, default_value_t = 10)]
+    pub devices: usize,
+    /// Messages per second for the whole fleet; 0 = as fast as the broker takes them.
+    #[arg(long, default_value_t = 0.0)]
+    pub rate: f64,
+    /// Stop after this many messages (default: run until Ctrl-C, or the end of --replay).
+    #[arg(long)]
+    pub count: Option<u64>,
+    /// QoS of the publishes: 0, 1 or 2.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=2))]
+    pub qos: u8,
+    /// Topic template; {device} is replaced with the device name.
+    #[arg(long, default_value = "factory/site-1/pump/{device}/telemetry")]
+    pub topic: String,
+    /// Simulated time between two readings of one pump, ms (default: devices * 1000 / rate,
+    /// so event time follows the wall clock; 1000 when --rate is 0).
+    #[arg(long)]
+    pub interval_ms: Option<u64>,
+    /// Seed of the simulation.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Replay this CSV file instead of simulating (each row becomes one JSON message).
+    #[arg(long, value_name = "FILE.csv")]
+    pub replay: Option<PathBuf>,
+    /// Replay speed: 1 = the recorded speed, 10 = ten times faster, 0 = as fast as possible.
+    #[arg(long, default_value_t = 1.0)]
+    pub speed: f64,
+    /// CSV field delimiter of --replay (SKAB files use `;`).
+    #[arg(long, default_value_t = ',')]
+    pub delimiter: char,
+    /// The timestamp column of --replay (used to pace the replay).
+    #[arg(long, default_value = "datetime")]
+    pub timestamp_column: String,
+    /// The device of replayed rows that have no `device` column (default: the file's name
+    /// without extension).
+    #[arg(long)]
+    pub device: Option<String>,
+    /// MQTT protocol version.
+    #[arg(long, value_enum, default_value_t = ProtocolArg::V5)]
+    pub protocol: ProtocolArg,
+    /// Client identifier (default: tidewatch-simulate-PID).
+    #[arg(long)]
+    pub client_id: Option<String>,
+    /// User name (default: $MQTT_USER).
+    #[arg(long)]
+    pub username: Option<String>,
+    /// Password (default: $MQTT_PASSWORD).
+    #[arg(long)]
+    pub password: Option<String>,
+    /// CA certificates (PEM) for mqtts://.
+    #[arg(long)]
+    pub ca_file: Option<PathBuf>,
+    /// How long to wait for a subscriber before streaming (MQTT 5 and QoS >= 1), s; 0 = no wait.
+    #[arg(long, default_value_t = 10)]
+    pub wait_subscriber_secs: u64,
+}
+
+/// One message to publish.
+struct Message {
+    topic: String,
+    payload: Vec<u8>,
+}
+
+/// Where the messages come from.
+enum Feed {
+    Fleet(SimulatorSource),
+    Replay { source: FileSource, device: String, topic: String },
+}
+
+impl Feed {
+    /// The next messages, or `None` at the end; waits while the source paces itself.
+    fn next(
+        &mut self,
+        out: &mut Outputs,
+        stop: &AtomicBool,
+    ) -> anyhow::Result<Option<Vec<Message>>> {
+        loop {
+            if stop.load(Ordering::SeqCst) {
+                return Ok(None);
+            }
+            let poll = match self {
+                Feed::Fleet(source) => source.poll(out),
+                Feed::Replay { source, .. } => source.poll(out),
+            }
+            .context("reading the messages")?;
+            let mut messages = Vec::new();
+            for batch in out.take_main() {
+                if let Batch::Raw(raw) = batch {
+                    self.convert(&raw, &mut messages);
+                }
+            }
+            for error in out.take_errors() {
+                eprintln!("skipped: {}", error.reason);
+            }
+            if !messages.is_empty() {
+                return Ok(Some(messages));
+            }
+            match poll {
+                SourcePoll::Finished => return Ok(None),
+                SourcePoll::Ready => {}
+                SourcePoll::Idle { wake_after_ms } => {
+                    std::thread::sleep(Duration::from_millis(wake_after_ms.clamp(1, 100)));
+                }
+            }
+        }
+    }
+
+    fn convert(&self, raw: &RawBatch, messages: &mut Vec<Message>) {
+        match self {
+            Feed::Fleet(_) => messages.extend(raw.iter().map(|message| Message {
+                topic: message.topic.to_owned(),
+                payload: message.payload.to_vec(),
+            })),
+            Feed::Replay { device, topic, .. } => {
+                let PayloadFormat::Csv { header, delimiter } = &raw.format else { return };
+                let topic = topic.replace("{device}", device);
+                for message in raw.iter() {
+                    let line = String::from_utf8_lossy(message.payload);
+                    messages.push(Message {
+                        topic: topic.clone(),
+                        payload: row_json(header, *delimiter, &line, device),
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// A CSV row as a JSON object: numbers stay numbers, other values are strings; `device` is
+/// added when the header has no such column.
+fn row_json(header: &[Arc<str>], delimiter: u8, line: &str, device: &str) -> Vec<u8> {
+    let mut object = serde_json::Map::new();
+    let fields = line.split(delimiter as char);
+    for (name, field) in header.iter().zip(fields) {
+        let text = field.trim();
+        let text = text.strip_prefix('"').and_then(|inner| inner.strip_suffix('"')).unwrap_or(text);
+        let value = match text.parse::<f64>() {
+            Ok(number) if number.is_finite() => serde_json::Number::from_f64(number)
+                .map(serde_json::Value::Number)
+                .unwrap_or(serde_json::Value::Null),
+            _ if text.is_empty() => serde_json::Value::Null,
+            _ => serde_json::Value::String(text.to_owned()),
+        };
+        object.insert(name.to_string(), value);
+    }
+    object.entry("device").or_insert_with(|| serde_json::Value::String(device.to_owned()));
+    serde_json::to_vec(&object).unwrap_or_default()
+}
+
+fn settings(args: &SimulateArgs) -> ConnectionSettings {
+    let client_id = args
+        .client_id
+        .clone()
+        .unwrap_or_else(|| format!("tidewatch-simulate-{}", std::process::id()));
+    let mut settings = ConnectionSettings::new(args.mqtt.clone(), client_id);
+    settings.protocol = match args.protocol {
+        ProtocolArg::V4 => Protocol::V4,
+        ProtocolArg::V5 => Protocol::V5,
+    };
+    settings.username = args.username.clone().or_else(|| std::env::var("MQTT_USER").ok());
+    settings.password = args.password.clone().or_else(|| std::env::var("MQTT_PASSWORD").ok());
+    settings.ca_file = args.ca_file.clone();
+    settings.max_inflight = 1_000;
+    // Persistent (for a minute on MQTT 5), so that QoS 1/2 publishes in flight when the
+    // connection drops are sent again after reconnecting.
+    settings.clean_start = false;
+    settings.session_expiry_secs = (settings.protocol == Protocol::V5).then_some(60);
+    settings
+}
+
+fn feed(args: &SimulateArgs) -> anyhow::Result<Feed> {
+    let ctx = ComponentContext::for_test("simulate", "simulator");
+    match &args.replay {
+        None => {
+            if !args.rate.is_finite() || args.rate < 0.0 {
+                bail!("--rate must be a number >= 0");
+            }
+            let interval_ms = args.interval_ms.unwrap_or(if args.rate > 0.0 {
+                ((args.devices as f64 * 1000.0 / args.rate).round() as u64).max(1)
+            } else {
+                1_000
+            });
+            let config = SimulatorConfig {
+                devices: args.devices,
+                seed: args.seed,
+                count: args.count,
+                rate_per_sec: args.rate,
+                interval_ms,
+                batch_size: 256,
+                topic: args.topic.clone(),
+                ..SimulatorConfig::default()
+            };
+            let source = SimulatorSource::new(&config, &ctx).context("the fleet simulator")?;
+            Ok(Feed::Fleet(source))
+        }
+        Some(path) => {
+            let path_text = path.to_string_lossy().into_owned();
+            let mut config = FileSourceConfig::new(path_text.clone());
+            config.format = Some(tidewatch_connectors::FileFormat::Csv);
+            config.delimiter = Some(args.delimiter.to_string());
+            config.batch_size = 256;
+            if args.speed > 0.0 {
+                config.speed = args.speed;
+                config.timestamp_field = Some(args.timestamp_column.clone());
+            }
+            let mut source =
+                FileSource::new(&config, &ctx).with_context(|| format!("replaying {path_text}"))?;
+            source.open(&ctx).with_context(|| format!("opening {path_text}"))?;
+            let device = args.device.clone().unwrap_or_else(|| {
+                path.file_stem().map(|stem| stem.to_string_lossy().into_owned()).unwrap_or_default()
+            });
+            Ok(Feed::Replay { source, device, topic: args.topic.clone() })
+        }
+    }
+}
+
+/// Runs `tidewatch simulate`.
+pub fn run(args: &SimulateArgs) -> anyhow::Result<()> {
+    if !args.topic.contains("{device}") {
+        eprintln!("note: --topic has no {{device}}: every message goes to {}", args.topic);
+    }
+    let settings = settings(args);
+    settings.validate().map_err(|error| {
+        anyhow::anyhow!("{}: {}", error.field.as_deref().unwrap_or("options"), error.message)
+    })?;
+    let mut feed = feed(args)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let stopper = Arc::clone(&stop);
+    tidewatch_engine::signals::install(move || stopper.store(true, Ordering::SeqCst))
+        .context("installing signal handlers")?;
+    let mut publisher = MqttPublisher::connect(&settings).context("connecting")?;
+    eprintln!("connected to {} as {}", settings.url, settings.client_id);
+
+    let limit = args.count.unwrap_or(u64::MAX);
+    let mut out = Outputs::new("simulate");
+    let mut published: u64 = 0;
+    let mut started: Option<Instant> = None;
+    let mut last_report = Instant::now();
+    let mut reported: u64 = 0;
+    'feed: while published < limit {
+        let Some(messages) = feed.next(&mut out, &stop)? else { break };
+        for message in messages {
+            if published >= limit || stop.load(Ordering::SeqCst) {
+                break 'feed;
+            }
+            if started.is_none() {
+                wait_for_subscriber(&publisher, args, &settings, &message)?;
+                started = Some(Instant::now());
+                published += 1;
+                continue;
+            }
+            publisher.publish(message.topic, args.qos, false, message.payload)?;
+            published += 1;
+            if last_report.elapsed() >= Duration::from_secs(1) {
+                let stats = publisher.stats();
+                let rate = (published - reported) as f64 / last_report.elapsed().as_secs_f64();
+                eprintln!(
+                    "published {published} (acknowledged {}), {rate:.0} msg/s",
+                    stats.completed
+                );
+                last_report = Instant::now();
+                reported = published;
+            }
+        }
+    }
+    let flushed = publisher.close(Duration::from_secs(30));
+    let elapsed = started.map(|started| started.elapsed()).unwrap_or_default();
+    let stats = publisher.stats();
+    let rate =
+        if elapsed.as_secs_f64() > 0.0 { published as f64 / elapsed.as_secs_f64() } else { 0.0 };
+    eprintln!(
+        "published {published} messages in {:.2} s: {rate:.0} msg/s (acknowledged {}, reconnects {})",
+        elapsed.as_secs_f64(),
+        stats.completed,
+        stats.reconnects
+    );
+    flushed.context("waiting for the broker's acknowledgements")?;
+    Ok(())
+}
+
+/// Publishes the first message with QoS 1 until a subscription matches it (MQTT 5 tells), up
+/// to `--wait-subscriber-secs`.
+fn wait_for_subscriber(
+    publisher: &MqttPublisher,
+    args: &SimulateArgs,
+    settings: &ConnectionSettings,
+    message: &Message,
+) -> anyhow::Result<()> {
+    let probe = settings.protocol == Protocol::V5 && args.wait_subscriber_secs > 0;
+    let qos = if probe { args.qos.max(1) } else { args.qos };
+    let deadline = Instant::now() + Duration::from_secs(args.wait_subscriber_secs);
+    let mut waited = false;
+    loop {
+        let before = publisher.stats().no_subscribers;
+        publisher.publish(message.topic.clone(), qos, false, message.payload.clone())?;
+        if !probe {
+            return Ok(());
+        }
+        publisher.flush(Duration::from_secs(10)).context("publishing the first message")?;
+        if publisher.stats().no_subscribers == before {
+            if waited {
+                eprintln!("a subscriber is there: streaming");
+            }
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            eprintln!(
+                "no subscriber for {} after {} s: streaming anyway",
+                message.topic, args.wait_subscriber_secs
+            );
+            return Ok(());
+        }
+        if !waited {
+            eprintln!("waiting for a subscriber to {} ...", message.topic);
+            waited = true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_become_json_objects() {
+        let header: Vec<Arc<str>> =
+            ["datetime", "Accelerometer1RMS", "anomaly"].into_iter().map(Arc::from).collect();
+        let json = row_json(&header, b';', "2020-03-09 10:14:33;0.026;0", "valve1-0");
+        let value: serde_json::Value = serde_json::from_slice(&json).expect("json");
+        assert_eq!(value["datetime"], "2020-03-09 10:14:33");
+        assert_eq!(value["Accelerometer1RMS"], 0.026);
+        assert_eq!(value["anomaly"], 0.0);
+        assert_eq!(value["device"], "valve1-0");
+    }
+}
