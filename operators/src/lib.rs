@@ -1,8 +1,10 @@
-//! The built-in transforms of tidewatch: `normalize`, `window`, `stats` and `autoencoder`.
+//! The built-in transforms of tidewatch: `normalize`, `filter`, `window`, `stats`,
+//! `autoencoder` and `threshold`.
 //!
 //! | type | in | out | side outputs | state |
 //! |---|---|---|---|---|
-//! | [`normalize`] | raw messages | readings | `<id>.errors` | none (assigns event time) |
+//! | [`normalize`] | raw messages | readings | `<id>.errors` | last values for `hold_last` (assigns event time) |
+//! | [`filter`] | readings, windows or scores | the same | `<id>.errors` | none |
 //! | [`window`] | readings | windows | `<id>.late`, `<id>.errors` | open windows per device |
 //! | [`stats`] | windows | scores | `<id>.errors` | a moving baseline per device |
 //! | [`autoencoder`] | windows | scores | `<id>.errors` | the model (hot-swapped) |
@@ -12,10 +14,15 @@
 //! configs, factories and operators are public so that benchmarks and embedders can build the
 //! operators directly (`Normalize::new(&config, &ctx)` ...) without the engine. The option
 //! reference is `docs/reference/transforms.md`.
+//!
+//! [`route`] holds content-based routing (a table of named routes), which needs named outputs
+//! from the engine and so is not registered yet; pipelines route with one `filter` per branch.
 
 pub mod autoencoder;
 pub mod count_window;
+pub mod filter;
 pub mod normalize;
+pub mod route;
 pub mod stats;
 pub mod threshold;
 mod util;
@@ -25,7 +32,12 @@ use tidewatch_api::ComponentFactory;
 
 pub use autoencoder::{Autoencoder, AutoencoderConfig, AutoencoderFactory, Scorer, WindowScore};
 pub use count_window::CountWindowOperator;
-pub use normalize::{Normalize, NormalizeConfig, NormalizeFactory, NormalizeFormat, OnMissing};
+pub use filter::{Condition, Filter, FilterConfig, FilterFactory, Matcher, Op, Stat};
+pub use normalize::{
+    Conversion, MediationConfig, Normalize, NormalizeConfig, NormalizeFactory, NormalizeFormat,
+    NormalizeOptions, OnMissing, Quantity, Unit,
+};
+pub use route::{RouteConfig, RouteSpec, Router};
 pub use stats::{STATS_VERSION, StatsConfig, StatsDetector, StatsFactory, stats_columns};
 pub use threshold::{Emit, Threshold, ThresholdConfig, ThresholdFactory};
 pub use window::{WindowConfig, WindowFactory, WindowOperator};
@@ -34,6 +46,7 @@ pub use window::{WindowConfig, WindowFactory, WindowOperator};
 pub fn builtins() -> Vec<(&'static str, ComponentFactory)> {
     vec![
         ("normalize", ComponentFactory::transform(NormalizeFactory)),
+        ("filter", ComponentFactory::transform(FilterFactory)),
         ("window", ComponentFactory::transform(WindowFactory)),
         ("stats", ComponentFactory::transform(StatsFactory)),
         ("autoencoder", ComponentFactory::transform(AutoencoderFactory)),
@@ -53,7 +66,7 @@ mod tests {
     #[test]
     fn builtins_are_transforms_under_their_names() {
         let names: Vec<&str> = builtins().iter().map(|(name, _)| *name).collect();
-        assert_eq!(names, ["normalize", "window", "stats", "autoencoder", "threshold"]);
+        assert_eq!(names, ["normalize", "filter", "window", "stats", "autoencoder", "threshold"]);
         assert!(builtins().iter().all(|(_, factory)| factory.class() == "transform"));
     }
 

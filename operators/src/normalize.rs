@@ -1,31 +1,46 @@
-//! `normalize`: raw messages (JSON objects or delimited lines) to [`ReadingBatch`]es.
+//! `normalize`: raw messages (JSON objects or delimited lines) to [`ReadingBatch`]es — the
+//! mediation step between what devices send and what the detectors read.
 //!
 //! Each message becomes one reading: a device, an event time, the configured features in order
-//! and an optional label. A message that cannot be read goes to `<id>.errors` with a short
-//! `error_type` (`parse`, `missing_field`, `bad_value`, `bad_timestamp`, `unsupported_format`),
-//! the reason, its topic and its payload, and the batch goes on.
+//! and an optional label. On the way, `normalize` can read nested fields through JSON pointers
+//! (`/sensors/0/vib`), take the device id from the message's topic (`topic_template`), convert
+//! units or apply linear transforms per feature (`convert`), fill in missing values
+//! (`on_missing`, `missing`) and standardise the features with a model's scaler
+//! (`scale_from_model`), in that order. A message that cannot be read goes to `<id>.errors`
+//! with a short `error_type` (`parse`, `missing_field`, `bad_value`, `bad_timestamp`, `topic_mismatch`,
+//! `unsupported_format`), the reason, its topic and its payload, and the batch goes on.
 //!
 //! The data path allocates nothing per message: JSON objects are read by a serde visitor that
-//! matches keys against the needed field names and skips every other value, CSV lines are split
-//! once with the column positions worked out once per distinct header, and device names are
-//! interned through a per-operator cache.
+//! matches keys against the needed field names and skips every other value (a pointer descends
+//! only into the objects and arrays on its path), CSV lines are split once with the column
+//! positions worked out once per distinct header, and device names are interned through a
+//! per-operator cache.
+
+mod topic;
+mod units;
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
+use std::ops::Range;
+use std::path::Path;
 use std::sync::Arc;
 
-use serde::Deserialize;
 use serde::Deserializer as _;
 use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::{Deserialize, Serialize};
 use tidewatch_api::{
     Batch, ComponentContext, ComponentError, ConfigError, DeviceId, EventTime, Kind, LABEL_ANOMALY,
     LABEL_NORMAL, PayloadFormat, PortType, RawBatch, ReadingBatch, Schema, TimestampFormat,
     Transform, TransformFactory, TransformProperties, ValidateContext, parse_timestamp,
     timestamp_from_number,
 };
+use tidewatch_inference::{ModelSpec, model_files};
 
-use crate::util::{config_error, excerpt};
+use self::topic::TopicTemplate;
+use self::units::Linear;
+pub use self::units::{Conversion, Quantity, Unit};
+use crate::util::{IdHash, config_error, excerpt};
 
 // ---------------------------------------------------------------------------------------------
 // Options
@@ -46,7 +61,7 @@ pub enum NormalizeFormat {
     Csv,
 }
 
-/// What `normalize` does with a message that lacks a feature.
+/// What `normalize` does with a message that lacks a feature (absent, `null` or empty text).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum OnMissing {
@@ -55,9 +70,21 @@ pub enum OnMissing {
     Error,
     /// The missing feature is NaN and the reading is emitted.
     Nan,
+    /// The message is dropped and counted as `missing_value` (not an error).
+    Drop,
+    /// The feature takes the last value read for it from the same device (after `convert`,
+    /// before scaling); NaN while the device has none yet.
+    HoldLast,
+    /// The feature takes `fill_values.<feature>`, else `fill_value` (in the unit after
+    /// `convert`, before scaling).
+    Fill,
 }
 
-/// Options of the `normalize` transform.
+/// How `normalize` reads a message: the payload format, where the device, the event time,
+/// the features and the label are, and the default missing-value policy.
+///
+/// The options beyond reading (topics, conversions, per-feature missing values, scaling) are in
+/// [`MediationConfig`]; [`NormalizeOptions`] holds both and is what a pipeline file gives.
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NormalizeConfig {
@@ -75,30 +102,193 @@ pub struct NormalizeConfig {
     /// The feature names of the output readings, in order (the output schema).
     pub features: Vec<String>,
     /// Source field to read for a feature, as `feature = "field"`; a feature not listed reads
-    /// the field of its own name.
+    /// the field of its own name. A field starting with `/` is a JSON pointer (RFC 6901) into
+    /// nested objects and arrays: `"/sensors/0/vib"`.
     #[serde(default)]
     pub rename: BTreeMap<String, String>,
-    /// Field that holds the device id (text or number). Exactly one of `device_field` and
-    /// `device` must be set.
+    /// Field (or JSON pointer) that holds the device id (text or number). Exactly one of
+    /// `device_field`, `device` and `device_from_topic` must be set.
     #[serde(default)]
     pub device_field: Option<String>,
-    /// Constant device id for every message. Exactly one of `device_field` and `device` must
-    /// be set.
+    /// Constant device id for every message. Exactly one of `device_field`, `device` and
+    /// `device_from_topic` must be set.
     #[serde(default)]
     pub device: Option<String>,
-    /// Field that holds the event time.
+    /// Field (or JSON pointer) that holds the event time.
     pub timestamp_field: String,
     /// How the event time is written: `auto`, `unix_ms`, `unix_s`, `unix_us`, `unix_ns`,
     /// `rfc3339` or `datetime`.
     #[serde(default)]
     pub timestamp_format: TimestampFormat,
-    /// Field that holds the anomaly label (number or boolean; nonzero or `true` means
-    /// anomalous). A message without it is labelled normal.
+    /// Field (or JSON pointer) that holds the anomaly label (number or boolean; nonzero or
+    /// `true` means anomalous). A message without it is labelled normal.
     #[serde(default)]
     pub label_field: Option<String>,
-    /// What to do when a feature is missing (absent, `null` or empty): `error` or `nan`.
+    /// What to do when a feature is missing (absent, `null` or empty): `error`, `nan`, `drop`,
+    /// `hold_last` or `fill`; `missing` overrides it per feature.
     #[serde(default)]
     pub on_missing: OnMissing,
+}
+
+/// What `normalize` does with the values it read: the device id from the topic, unit
+/// conversions, per-feature missing-value policies and scaling. Every option is off by default.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MediationConfig {
+    /// The shape of the messages' topics (MQTT topic, or file name), `/`-separated, with a
+    /// `{name}` capture per varying segment (and `+`, a final `#`, as in the `mqtt` source):
+    /// `"factory/{site}/pump/{device}/telemetry"`. A message whose topic does not match goes
+    /// to `<id>.errors` as `topic_mismatch`.
+    pub topic_template: Option<String>,
+    /// The device id from the topic: a capture name of `topic_template` (`"device"`), or a
+    /// pattern of captures and text (`"{site}-{device}"`).
+    pub device_from_topic: Option<String>,
+    /// Conversion of each listed feature, applied after reading and before scaling.
+    pub convert: BTreeMap<String, Conversion>,
+    /// Missing-value policy per feature, overriding `on_missing`.
+    pub missing: BTreeMap<String, OnMissing>,
+    /// The value of a missing feature whose policy is `fill`.
+    pub fill_value: Option<f32>,
+    /// Per-feature fill values, overriding `fill_value`.
+    pub fill_values: BTreeMap<String, f32>,
+    /// A model (folder, `model.json` or `model.onnx`) whose scaler standardises the features:
+    /// `z = (x - mean) / std`. Relative to the pipeline file's folder.
+    pub scale_from_model: Option<String>,
+}
+
+/// Every option of the `normalize` transform, as a `[transforms.<id>]` table gives them (one
+/// flat table: the reading options of [`NormalizeConfig`] beside those of [`MediationConfig`]).
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(from = "FlatOptions")]
+pub struct NormalizeOptions {
+    /// How messages are read.
+    pub read: NormalizeConfig,
+    /// What is done with the values read.
+    pub mediation: MediationConfig,
+}
+
+impl From<NormalizeConfig> for NormalizeOptions {
+    fn from(read: NormalizeConfig) -> NormalizeOptions {
+        NormalizeOptions { read, mediation: MediationConfig::default() }
+    }
+}
+
+/// The flat table of every option (see the fields of [`NormalizeConfig`] and
+/// [`MediationConfig`]).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FlatOptions {
+    #[serde(default)]
+    format: NormalizeFormat,
+    #[serde(default)]
+    delimiter: Option<char>,
+    #[serde(default)]
+    columns: Option<Vec<String>>,
+    features: Vec<String>,
+    #[serde(default)]
+    rename: BTreeMap<String, String>,
+    #[serde(default)]
+    device_field: Option<String>,
+    #[serde(default)]
+    device: Option<String>,
+    timestamp_field: String,
+    #[serde(default)]
+    timestamp_format: TimestampFormat,
+    #[serde(default)]
+    label_field: Option<String>,
+    #[serde(default)]
+    on_missing: OnMissing,
+    #[serde(default)]
+    topic_template: Option<String>,
+    #[serde(default)]
+    device_from_topic: Option<String>,
+    #[serde(default)]
+    convert: BTreeMap<String, Conversion>,
+    #[serde(default)]
+    missing: BTreeMap<String, OnMissing>,
+    #[serde(default)]
+    fill_value: Option<f32>,
+    #[serde(default)]
+    fill_values: BTreeMap<String, f32>,
+    #[serde(default)]
+    scale_from_model: Option<String>,
+}
+
+impl From<FlatOptions> for NormalizeOptions {
+    fn from(flat: FlatOptions) -> NormalizeOptions {
+        NormalizeOptions {
+            read: NormalizeConfig {
+                format: flat.format,
+                delimiter: flat.delimiter,
+                columns: flat.columns,
+                features: flat.features,
+                rename: flat.rename,
+                device_field: flat.device_field,
+                device: flat.device,
+                timestamp_field: flat.timestamp_field,
+                timestamp_format: flat.timestamp_format,
+                label_field: flat.label_field,
+                on_missing: flat.on_missing,
+            },
+            mediation: MediationConfig {
+                topic_template: flat.topic_template,
+                device_from_topic: flat.device_from_topic,
+                convert: flat.convert,
+                missing: flat.missing,
+                fill_value: flat.fill_value,
+                fill_values: flat.fill_values,
+                scale_from_model: flat.scale_from_model,
+            },
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Field paths: plain names and JSON pointers
+// ---------------------------------------------------------------------------------------------
+
+/// A source field: a top-level key, or a JSON pointer's tokens (the first one a top-level key).
+fn field_path(option: &str, spec: &str) -> Result<Vec<Box<str>>, ConfigError> {
+    let Some(pointer) = spec.strip_prefix('/') else {
+        return Ok(vec![spec.into()]);
+    };
+    pointer
+        .split('/')
+        .map(|token| {
+            let mut decoded = String::with_capacity(token.len());
+            let mut chars = token.chars();
+            while let Some(c) = chars.next() {
+                if c != '~' {
+                    decoded.push(c);
+                    continue;
+                }
+                match chars.next() {
+                    Some('0') => decoded.push('~'),
+                    Some('1') => decoded.push('/'),
+                    _ => {
+                        return Err(ConfigError::at_field(
+                            option,
+                            format!("JSON pointer {spec:?} has a `~` not followed by 0 or 1"),
+                        )
+                        .with_hint("write `~0` for `~` and `~1` for `/` inside a key"));
+                    }
+                }
+            }
+            Ok(decoded.into_boxed_str())
+        })
+        .collect()
+}
+
+/// The array index a pointer token stands for, if it is one (`0`, or digits without a
+/// leading zero).
+fn array_index(token: &str) -> Option<usize> {
+    if token.is_empty() || (token.len() > 1 && token.starts_with('0')) {
+        return None;
+    }
+    if !token.bytes().all(|byte| byte.is_ascii_digit()) {
+        return None;
+    }
+    token.parse().ok()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -113,17 +303,44 @@ enum Target {
     Label,
 }
 
-/// Above this many distinct fields, keys are looked up in a hash map instead of a linear scan.
+/// Above this many distinct top-level keys, keys are looked up in a hash map instead of a
+/// linear scan.
 const LINEAR_LOOKUP_LIMIT: usize = 16;
+
+/// A distinct source field (path) and what it feeds.
+#[derive(Debug)]
+struct Field {
+    path: Vec<Box<str>>,
+    /// As written in the options: `temp` or `/sensors/0/vib`.
+    name: Box<str>,
+    targets: Vec<Target>,
+}
+
+/// A child of a node on a pointer's path.
+#[derive(Debug)]
+struct Child {
+    key: Box<str>,
+    index: Option<usize>,
+    node: usize,
+}
+
+/// A place in the message: a field ends here, or pointers go deeper, or both.
+#[derive(Debug, Default)]
+struct Node {
+    field: Option<usize>,
+    children: Vec<Child>,
+}
 
 #[derive(Debug)]
 struct Plan {
-    /// Distinct source field names.
+    /// Distinct top-level keys.
     names: Vec<Box<str>>,
-    /// What each source field feeds.
-    targets: Vec<Vec<Target>>,
-    /// Name -> field index, when there are many fields.
+    /// The node of each top-level key.
+    roots: Vec<usize>,
+    nodes: Vec<Node>,
+    /// Key -> top-level key index, when there are many keys.
     index: Option<HashMap<Box<str>, usize>>,
+    fields: Vec<Field>,
     /// Feature names of the output schema.
     features: Vec<Box<str>>,
     /// Source field of each feature.
@@ -134,21 +351,51 @@ struct Plan {
 }
 
 impl Plan {
-    fn add(&mut self, name: &str, target: Target) -> usize {
-        let field = match self.names.iter().position(|known| &**known == name) {
-            Some(field) => field,
+    fn add(&mut self, option: &str, spec: &str, target: Target) -> Result<usize, ConfigError> {
+        let path = field_path(option, spec)?;
+        if let Some(field) = self.fields.iter().position(|field| field.path == path) {
+            if let Some(field) = self.fields.get_mut(field) {
+                field.targets.push(target);
+            }
+            return Ok(field);
+        }
+        let field = self.fields.len();
+        self.fields.push(Field { path: path.clone(), name: spec.into(), targets: vec![target] });
+        let mut tokens = path.into_iter();
+        let first = tokens.next().unwrap_or_default();
+        let mut node = match self.names.iter().position(|known| *known == first) {
+            Some(key) => self.roots.get(key).copied().unwrap_or_default(),
             None => {
-                self.names.push(name.into());
-                self.targets.push(Vec::new());
-                self.names.len() - 1
+                self.names.push(first);
+                self.nodes.push(Node::default());
+                self.roots.push(self.nodes.len() - 1);
+                self.nodes.len() - 1
             }
         };
-        if let Some(targets) = self.targets.get_mut(field) {
-            targets.push(target);
+        for token in tokens {
+            let existing = self.nodes.get(node).and_then(|parent| {
+                parent.children.iter().find(|child| child.key == token).map(|child| child.node)
+            });
+            node = match existing {
+                Some(child) => child,
+                None => {
+                    self.nodes.push(Node::default());
+                    let child = self.nodes.len() - 1;
+                    if let Some(parent) = self.nodes.get_mut(node) {
+                        let index = array_index(&token);
+                        parent.children.push(Child { key: token, index, node: child });
+                    }
+                    child
+                }
+            };
         }
-        field
+        if let Some(end) = self.nodes.get_mut(node) {
+            end.field = Some(field);
+        }
+        Ok(field)
     }
 
+    /// The top-level key index of `key`.
     #[inline]
     fn lookup(&self, key: &str) -> Option<usize> {
         match &self.index {
@@ -164,9 +411,38 @@ impl Plan {
         }
     }
 
-    fn field_name(&self, field: usize) -> &str {
-        self.names.get(field).map_or("?", |name| name)
+    /// The node of top-level key `key`.
+    #[inline]
+    fn root(&self, key: usize) -> Option<&Node> {
+        self.roots.get(key).and_then(|node| self.nodes.get(*node))
     }
+
+    fn field_name(&self, field: usize) -> &str {
+        self.fields.get(field).map_or("?", |field| &field.name)
+    }
+
+    /// True when a field is deeper than a top-level key.
+    fn nested(&self) -> bool {
+        self.fields.iter().any(|field| field.path.len() > 1)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Checking the options
+// ---------------------------------------------------------------------------------------------
+
+/// The per-feature mediation, worked out once.
+#[derive(Debug)]
+struct Mediation {
+    topic: Option<TopicTemplate>,
+    /// Conversion of each feature (identity when not converted).
+    convert: Vec<Option<Linear>>,
+    /// Missing-value policy of each feature.
+    policies: Vec<OnMissing>,
+    /// Fill value of each feature (NaN unless its policy is `fill`).
+    fills: Vec<f32>,
+    /// `(mean, 1 / std)` of each feature.
+    scale: Option<Vec<(f32, f32)>>,
 }
 
 /// Everything derived from the options once: the checks of `output_type` and `build`.
@@ -176,9 +452,28 @@ struct Prepared {
     schema: Arc<Schema>,
     columns: Option<Arc<[Arc<str>]>>,
     delimiter: Option<u8>,
+    mediation: Mediation,
 }
 
-fn prepare(config: &NormalizeConfig) -> Result<Prepared, ConfigError> {
+/// An error unless every key of table option `option` is a feature.
+fn keys_are_features<'a>(
+    option: &str,
+    mut keys: impl Iterator<Item = &'a String>,
+    features: &[String],
+) -> Result<(), ConfigError> {
+    match keys.find(|key| !features.contains(key)) {
+        None => Ok(()),
+        Some(key) => Err(ConfigError::at_field(
+            option,
+            format!("`{option}` names `{key}`, which is not one of `features`"),
+        )
+        .with_hint(format!("key `{option}` by feature name: {features:?}"))),
+    }
+}
+
+fn prepare(options: &NormalizeOptions, base_dir: &Path) -> Result<Prepared, ConfigError> {
+    let config = &options.read;
+    let extra = &options.mediation;
     if config.features.is_empty() {
         return Err(ConfigError::at_field("features", "`features` must name at least one feature")
             .with_hint("list the feature names of the readings, e.g. features = [\"temp\"]"));
@@ -194,14 +489,8 @@ fn prepare(config: &NormalizeConfig) -> Result<Prepared, ConfigError> {
             ));
         }
     }
+    keys_are_features("rename", config.rename.keys(), &config.features)?;
     for (feature, field) in &config.rename {
-        if !config.features.contains(feature) {
-            return Err(ConfigError::at_field(
-                "rename",
-                format!("`rename` maps `{feature}`, which is not one of `features`"),
-            )
-            .with_hint("write rename = { feature = \"source field\" }, keyed by feature name"));
-        }
         if field.is_empty() {
             return Err(ConfigError::at_field(
                 "rename",
@@ -209,34 +498,35 @@ fn prepare(config: &NormalizeConfig) -> Result<Prepared, ConfigError> {
             ));
         }
     }
-    match (&config.device_field, &config.device) {
-        (Some(_), Some(_)) => {
-            return Err(ConfigError::at_field(
-                "device",
-                "`device_field` and `device` are both set; set exactly one",
-            )
-            .with_hint(
-                "use `device_field` to read the device id from each message, or `device` for \
-                 one constant device id",
-            ));
-        }
-        (None, None) => {
+    let device_options =
+        [config.device_field.is_some(), config.device.is_some(), extra.device_from_topic.is_some()];
+    let device_hint = "use `device_field` to read the device id from each message, \
+                       `device_from_topic` to take it from the topic, or `device` for one \
+                       constant device id";
+    match device_options.iter().filter(|set| **set).count() {
+        0 => {
             return Err(ConfigError::at_field(
                 "device_field",
-                "neither `device_field` nor `device` is set; set exactly one",
+                "none of `device_field`, `device` and `device_from_topic` is set; set exactly one",
             )
-            .with_hint(
-                "use `device_field` to read the device id from each message, or `device` for \
-                 one constant device id",
-            ));
+            .with_hint(device_hint));
         }
-        (Some(field), None) if field.is_empty() => {
-            return Err(ConfigError::at_field("device_field", "`device_field` is empty"));
+        1 => {}
+        _ => {
+            let field = if config.device.is_some() { "device" } else { "device_from_topic" };
+            return Err(ConfigError::at_field(
+                field,
+                "more than one of `device_field`, `device` and `device_from_topic` is set; \
+                 set exactly one",
+            )
+            .with_hint(device_hint));
         }
-        (None, Some(device)) if device.is_empty() => {
-            return Err(ConfigError::at_field("device", "`device` is empty"));
-        }
-        _ => {}
+    }
+    if config.device_field.as_deref() == Some("") {
+        return Err(ConfigError::at_field("device_field", "`device_field` is empty"));
+    }
+    if config.device.as_deref() == Some("") {
+        return Err(ConfigError::at_field("device", "`device` is empty"));
     }
     if config.timestamp_field.is_empty() {
         return Err(ConfigError::at_field("timestamp_field", "`timestamp_field` is empty"));
@@ -270,8 +560,10 @@ fn prepare(config: &NormalizeConfig) -> Result<Prepared, ConfigError> {
 
     let mut plan = Plan {
         names: Vec::new(),
-        targets: Vec::new(),
+        roots: Vec::new(),
+        nodes: Vec::new(),
         index: None,
+        fields: Vec::new(),
         features: config.features.iter().map(|name| name.as_str().into()).collect(),
         feature_fields: Vec::with_capacity(config.features.len()),
         device_field: None,
@@ -279,22 +571,38 @@ fn prepare(config: &NormalizeConfig) -> Result<Prepared, ConfigError> {
         timestamp_format: config.timestamp_format,
     };
     for (position, feature) in config.features.iter().enumerate() {
-        let source = config.rename.get(feature).unwrap_or(feature);
-        let field = plan.add(source, Target::Feature(position));
+        let (option, source) = match config.rename.get(feature) {
+            Some(source) => ("rename", source),
+            None => ("features", feature),
+        };
+        let field = plan.add(option, source, Target::Feature(position))?;
         plan.feature_fields.push(field);
     }
     if let Some(device_field) = &config.device_field {
-        plan.device_field = Some(plan.add(device_field, Target::Device));
+        plan.device_field = Some(plan.add("device_field", device_field, Target::Device)?);
     }
-    plan.timestamp_field = plan.add(&config.timestamp_field, Target::Timestamp);
+    plan.timestamp_field =
+        plan.add("timestamp_field", &config.timestamp_field, Target::Timestamp)?;
     if let Some(label_field) = &config.label_field {
-        plan.add(label_field, Target::Label);
+        plan.add("label_field", label_field, Target::Label)?;
     }
     if plan.names.len() > LINEAR_LOOKUP_LIMIT {
-        plan.index = Some(
-            plan.names.iter().enumerate().map(|(field, name)| (name.clone(), field)).collect(),
-        );
+        plan.index =
+            Some(plan.names.iter().enumerate().map(|(key, name)| (name.clone(), key)).collect());
     }
+    if plan.nested() && (config.format == NormalizeFormat::Csv || config.columns.is_some()) {
+        let nested = plan.fields.iter().find(|field| field.path.len() > 1);
+        return Err(ConfigError::at_field(
+            "format",
+            format!(
+                "the JSON pointer {:?} reaches into nested values, which CSV lines do not have",
+                nested.map_or("?", |field| &*field.name)
+            ),
+        )
+        .with_hint("read CSV columns by name; pointers need JSON payloads"));
+    }
+
+    let mediation = prepare_mediation(config, extra, base_dir)?;
 
     let columns = match &config.columns {
         None => None,
@@ -302,13 +610,19 @@ fn prepare(config: &NormalizeConfig) -> Result<Prepared, ConfigError> {
             if columns.is_empty() {
                 return Err(ConfigError::at_field("columns", "`columns` is empty"));
             }
-            let mut required: Vec<&str> = vec![&config.timestamp_field];
-            if let Some(device_field) = &config.device_field {
-                required.push(device_field);
+            let column_of = |field: usize| -> &str {
+                plan.fields
+                    .get(field)
+                    .and_then(|field| field.path.first())
+                    .map_or("?", |key| &**key)
+            };
+            let mut required: Vec<&str> = vec![column_of(plan.timestamp_field)];
+            if let Some(device_field) = plan.device_field {
+                required.push(column_of(device_field));
             }
-            if config.on_missing == OnMissing::Error {
-                for field in &plan.feature_fields {
-                    required.push(plan.field_name(*field));
+            for (position, field) in plan.feature_fields.iter().enumerate() {
+                if mediation.policies.get(position) == Some(&OnMissing::Error) {
+                    required.push(column_of(*field));
                 }
             }
             if let Some(absent) = required.iter().find(|name| !columns.iter().any(|c| c == *name)) {
@@ -323,7 +637,109 @@ fn prepare(config: &NormalizeConfig) -> Result<Prepared, ConfigError> {
     };
 
     let schema = Arc::new(Schema::new(&config.features));
-    Ok(Prepared { plan, schema, columns, delimiter })
+    Ok(Prepared { plan, schema, columns, delimiter, mediation })
+}
+
+fn prepare_mediation(
+    config: &NormalizeConfig,
+    extra: &MediationConfig,
+    base_dir: &Path,
+) -> Result<Mediation, ConfigError> {
+    let features = &config.features;
+    let topic = match (&extra.topic_template, &extra.device_from_topic) {
+        (Some(template), device) => Some(TopicTemplate::parse(template, device.as_deref())?),
+        (None, Some(_)) => {
+            return Err(ConfigError::at_field(
+                "device_from_topic",
+                "`device_from_topic` needs `topic_template`",
+            )
+            .with_hint("add topic_template = \"factory/{site}/pump/{device}/telemetry\""));
+        }
+        (None, None) => None,
+    };
+
+    keys_are_features("convert", extra.convert.keys(), features)?;
+    let mut convert = vec![None; features.len()];
+    for (feature, conversion) in &extra.convert {
+        if let Some(position) = features.iter().position(|name| name == feature) {
+            let linear = conversion.linear(feature)?;
+            if linear.scale != 1.0 || linear.offset != 0.0 {
+                convert[position] = Some(linear);
+            }
+        }
+    }
+
+    keys_are_features("missing", extra.missing.keys(), features)?;
+    let policies: Vec<OnMissing> = features
+        .iter()
+        .map(|feature| extra.missing.get(feature).copied().unwrap_or(config.on_missing))
+        .collect();
+    keys_are_features("fill_values", extra.fill_values.keys(), features)?;
+    let mut fills = vec![f32::NAN; features.len()];
+    for (position, feature) in features.iter().enumerate() {
+        let policy = policies.get(position).copied().unwrap_or_default();
+        let value = extra.fill_values.get(feature).copied().or(extra.fill_value);
+        match (policy, value) {
+            (OnMissing::Fill, Some(value)) => fills[position] = value,
+            (OnMissing::Fill, None) => {
+                return Err(ConfigError::at_field(
+                    "fill_value",
+                    format!("feature `{feature}` is filled when missing, but has no fill value"),
+                )
+                .with_hint("set `fill_value` (every filled feature) or `fill_values.<feature>`"));
+            }
+            _ => {}
+        }
+        if extra.fill_values.contains_key(feature) && policy != OnMissing::Fill {
+            return Err(ConfigError::at_field(
+                "fill_values",
+                format!("`fill_values` sets `{feature}`, whose missing-value policy is not `fill`"),
+            )
+            .with_hint("set on_missing = \"fill\", or missing.<feature> = \"fill\""));
+        }
+    }
+    if extra.fill_value.is_some() && !policies.contains(&OnMissing::Fill) {
+        return Err(ConfigError::at_field(
+            "fill_value",
+            "`fill_value` is set but no feature's missing-value policy is `fill`",
+        )
+        .with_hint("set on_missing = \"fill\", or missing.<feature> = \"fill\""));
+    }
+
+    let scale = match &extra.scale_from_model {
+        None => None,
+        Some(location) => Some(model_scaler(features, &base_dir.join(location))?),
+    };
+    Ok(Mediation { topic, convert, policies, fills, scale })
+}
+
+/// `(mean, 1 / std)` of each feature from the scaler of the model at `location`.
+fn model_scaler(features: &[String], location: &Path) -> Result<Vec<(f32, f32)>, ConfigError> {
+    let (json, _) = model_files(location);
+    let spec = ModelSpec::read(&json).map_err(|error| {
+        ConfigError::at_field("scale_from_model", error.to_string())
+            .with_hint("point at a model folder or its model.json (training/train.py writes one)")
+    })?;
+    let factors = spec.scaler.factors();
+    features
+        .iter()
+        .map(|feature| {
+            spec.features
+                .iter()
+                .position(|name| name == feature)
+                .and_then(|position| factors.get(position).copied())
+                .ok_or_else(|| {
+                    ConfigError::at_field(
+                        "scale_from_model",
+                        format!(
+                            "feature `{feature}` is not one of the model's features {:?}",
+                            spec.features
+                        ),
+                    )
+                    .with_hint("name the features as the model does (use `rename` for the fields)")
+                })
+        })
+        .collect()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -335,17 +751,17 @@ fn prepare(config: &NormalizeConfig) -> Result<Prepared, ConfigError> {
 pub struct NormalizeFactory;
 
 impl TransformFactory for NormalizeFactory {
-    type Config = NormalizeConfig;
+    type Config = NormalizeOptions;
 
-    fn accepts(&self, _config: &NormalizeConfig) -> Vec<Kind> {
+    fn accepts(&self, _config: &NormalizeOptions) -> Vec<Kind> {
         vec![Kind::Raw]
     }
 
     fn output_type(
         &self,
-        config: &NormalizeConfig,
+        config: &NormalizeOptions,
         input: &PortType,
-        _ctx: &ValidateContext,
+        ctx: &ValidateContext,
     ) -> Result<PortType, ConfigError> {
         if input.kind != Kind::Raw {
             return Err(ConfigError::new(format!(
@@ -354,20 +770,20 @@ impl TransformFactory for NormalizeFactory {
             ))
             .with_hint("connect `normalize` to a source"));
         }
-        let prepared = prepare(config)?;
+        let prepared = prepare(config, &ctx.pipeline.base_dir)?;
         Ok(PortType::with_schema(Kind::Readings, prepared.schema))
     }
 
-    fn properties(&self, _config: &NormalizeConfig) -> TransformProperties {
+    fn properties(&self, _config: &NormalizeOptions) -> TransformProperties {
         TransformProperties { keyed: false, assigns_event_time: true, late_output: false }
     }
 
     fn build(
         &self,
-        config: &NormalizeConfig,
+        config: &NormalizeOptions,
         ctx: &ComponentContext,
     ) -> Result<Box<dyn Transform>, ComponentError> {
-        let operator = Normalize::new(config, ctx).map_err(config_error)?;
+        let operator = Normalize::with_options(config, ctx).map_err(config_error)?;
         Ok(Box::new(operator))
     }
 }
@@ -527,7 +943,7 @@ impl Plan {
             },
             other => other,
         };
-        let Some(targets) = self.targets.get(field) else { return };
+        let Some(targets) = self.fields.get(field).map(|field| &field.targets) else { return };
         for target in targets {
             match *target {
                 Target::Feature(position) => match feature_value(value) {
@@ -621,7 +1037,7 @@ impl Plan {
 }
 
 // ---------------------------------------------------------------------------------------------
-// JSON: a visitor over the top-level object
+// JSON: a visitor over the top-level object, descending only along the pointers' paths
 // ---------------------------------------------------------------------------------------------
 
 struct Fill<'p> {
@@ -643,10 +1059,10 @@ impl<'de> Visitor<'de> for ObjectVisitor<'_> {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
         let fill = self.0;
         while let Some(key) = map.next_key_seed(KeySeed(fill.plan))? {
-            match key {
-                Some(field) => map.next_value_seed(ValueSeed {
+            match key.and_then(|key| fill.plan.root(key)) {
+                Some(node) => map.next_value_seed(ValueSeed {
                     plan: fill.plan,
-                    field,
+                    node,
                     msg: &mut *fill.msg,
                     devices: &mut *fill.devices,
                 })?,
@@ -659,7 +1075,7 @@ impl<'de> Visitor<'de> for ObjectVisitor<'_> {
     }
 }
 
-/// Reads a key and tells which needed field it names, if any.
+/// Reads a top-level key and tells which needed key it is, if any.
 struct KeySeed<'p>(&'p Plan);
 
 impl<'de> DeserializeSeed<'de> for KeySeed<'_> {
@@ -685,17 +1101,51 @@ impl<'de> Visitor<'de> for KeySeed<'_> {
     }
 }
 
-/// Reads the value of a needed field straight into the message.
+/// Reads a key of a nested object and tells which child of `node` it names, if any.
+struct ChildKeySeed<'p>(&'p Plan, &'p Node);
+
+impl<'de, 'p> DeserializeSeed<'de> for ChildKeySeed<'p> {
+    type Value = Option<&'p Node>;
+
+    fn deserialize<D: de::Deserializer<'de>>(
+        self,
+        deserializer: D,
+    ) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_str(self)
+    }
+}
+
+impl<'de, 'p> Visitor<'de> for ChildKeySeed<'p> {
+    type Value = Option<&'p Node>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a field name")
+    }
+
+    fn visit_str<E: de::Error>(self, key: &str) -> Result<Self::Value, E> {
+        let ChildKeySeed(plan, node) = self;
+        Ok(node
+            .children
+            .iter()
+            .find(|child| &*child.key == key)
+            .and_then(|child| plan.nodes.get(child.node)))
+    }
+}
+
+/// Reads the value at a node: a needed field's value straight into the message, and the
+/// nested values that pointers reach through it.
 struct ValueSeed<'p> {
     plan: &'p Plan,
-    field: usize,
+    node: &'p Node,
     msg: &'p mut Message,
     devices: &'p mut DeviceCache,
 }
 
 impl ValueSeed<'_> {
     fn apply(self, value: Value<'_>) {
-        self.plan.apply(self.field, value, self.msg, self.devices);
+        if let Some(field) = self.node.field {
+            self.plan.apply(field, value, self.msg, self.devices);
+        }
     }
 }
 
@@ -750,13 +1200,56 @@ impl<'de> Visitor<'de> for ValueSeed<'_> {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        if self.node.children.is_empty() {
+            while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        } else {
+            while let Some(child) = map.next_key_seed(ChildKeySeed(self.plan, self.node))? {
+                match child {
+                    Some(node) => map.next_value_seed(ValueSeed {
+                        plan: self.plan,
+                        node,
+                        msg: &mut *self.msg,
+                        devices: &mut *self.devices,
+                    })?,
+                    None => {
+                        map.next_value::<IgnoredAny>()?;
+                    }
+                }
+            }
+        }
         self.apply(Value::Composite);
         Ok(())
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        if self.node.children.iter().all(|child| child.index.is_none()) {
+            while seq.next_element::<IgnoredAny>()?.is_some() {}
+        } else {
+            let mut position = 0;
+            loop {
+                let child = self
+                    .node
+                    .children
+                    .iter()
+                    .find(|child| child.index == Some(position))
+                    .and_then(|child| self.plan.nodes.get(child.node));
+                let more = match child {
+                    Some(node) => seq
+                        .next_element_seed(ValueSeed {
+                            plan: self.plan,
+                            node,
+                            msg: &mut *self.msg,
+                            devices: &mut *self.devices,
+                        })?
+                        .is_some(),
+                    None => seq.next_element::<IgnoredAny>()?.is_some(),
+                };
+                if !more {
+                    break;
+                }
+                position += 1;
+            }
+        }
         self.apply(Value::Composite);
         Ok(())
     }
@@ -790,7 +1283,11 @@ impl CsvLayout {
     fn new(plan: &Plan, header: Arc<[Arc<str>]>, delimiter: u8) -> CsvLayout {
         let mut column_fields: Vec<Option<usize>> = header
             .iter()
-            .map(|name| plan.lookup(name.trim_start_matches('\u{feff}').trim()))
+            .map(|name| {
+                plan.lookup(name.trim_start_matches('\u{feff}').trim())
+                    .and_then(|key| plan.root(key))
+                    .and_then(|node| node.field)
+            })
             .collect();
         while column_fields.last() == Some(&None) {
             column_fields.pop();
@@ -906,11 +1403,22 @@ pub struct Normalize {
     format: NormalizeFormat,
     columns: Option<Arc<[Arc<str>]>>,
     delimiter: Option<u8>,
-    on_missing: OnMissing,
+    mediation: Mediation,
+    /// True when every feature's missing-value policy is `error`.
+    strict: bool,
+    /// True when a feature is converted.
+    converts: bool,
+    /// The features whose policy is `hold_last`.
+    hold_positions: Vec<usize>,
+    /// The last value read of each feature, per device (only with `hold_last`).
+    held: HashMap<DeviceId, Box<[f32]>, IdHash>,
     constant_device: Option<DeviceId>,
     devices: DeviceCache,
     layouts: Vec<CsvLayout>,
     msg: Message,
+    /// Reused by topic matching.
+    captures: Vec<Range<usize>>,
+    device_buffer: String,
 }
 
 /// How the messages of one batch are read.
@@ -920,25 +1428,58 @@ enum Mode {
     Unsupported(String),
 }
 
+/// What becomes of an assembled message.
+enum Verdict {
+    Emit,
+    Error(String),
+    Drop,
+}
+
+/// The checkpointed state of `hold_last`: the last values per device.
+#[derive(Serialize, Deserialize)]
+struct HeldSnapshot {
+    features: Vec<String>,
+    /// `(device, f32 bits of each feature)`.
+    devices: Vec<(DeviceId, Vec<u32>)>,
+}
+
 impl Normalize {
-    /// Builds the transform from its options (the same checks as the factory's).
-    pub fn new(
-        config: &NormalizeConfig,
-        _ctx: &ComponentContext,
+    /// Builds the transform from its reading options only (no mediation).
+    pub fn new(config: &NormalizeConfig, ctx: &ComponentContext) -> Result<Normalize, ConfigError> {
+        Normalize::with_options(&NormalizeOptions::from(config.clone()), ctx)
+    }
+
+    /// Builds the transform from all its options (the same checks as the factory's).
+    pub fn with_options(
+        options: &NormalizeOptions,
+        ctx: &ComponentContext,
     ) -> Result<Normalize, ConfigError> {
-        let Prepared { plan, schema, columns, delimiter } = prepare(config)?;
+        let Prepared { plan, schema, columns, delimiter, mediation } =
+            prepare(options, &ctx.pipeline.base_dir)?;
         let width = schema.len();
+        let strict = mediation.policies.iter().all(|policy| *policy == OnMissing::Error);
+        let converts = mediation.convert.iter().any(Option::is_some);
+        let hold_positions = (0..width)
+            .filter(|position| mediation.policies.get(*position) == Some(&OnMissing::HoldLast))
+            .collect();
+        let config = &options.read;
         Ok(Normalize {
             plan,
             schema,
             format: config.format,
             columns,
             delimiter,
-            on_missing: config.on_missing,
+            mediation,
+            strict,
+            converts,
+            hold_positions,
+            held: HashMap::default(),
             constant_device: config.device.as_deref().map(DeviceId::intern),
             devices: DeviceCache::default(),
             layouts: Vec::new(),
             msg: Message::new(width),
+            captures: Vec::new(),
+            device_buffer: String::new(),
         })
     }
 
@@ -1013,8 +1554,29 @@ impl Normalize {
         }
         let mut readings = ReadingBatch::with_capacity(Arc::clone(&self.schema), raw.len());
         let mut header_lines = 0u64;
+        let mut dropped = 0u64;
         for message in raw.iter() {
             self.msg.reset(self.constant_device);
+            if let Some(template) = &self.mediation.topic {
+                if !template.matches(message.topic, &mut self.captures) {
+                    out.error(
+                        "topic_mismatch",
+                        format!(
+                            "topic {:?} does not match `topic_template` {:?}",
+                            excerpt(message.topic, 256),
+                            template.text()
+                        ),
+                        Some(message.topic),
+                        Some(message.payload),
+                    );
+                    continue;
+                }
+                if let Some(name) =
+                    template.device(message.topic, &self.captures, &mut self.device_buffer)
+                {
+                    self.msg.device = Some(self.devices.get(name));
+                }
+            }
             let syntax = match &mode {
                 Mode::Json => {
                     read_json(&self.plan, message.payload, &mut self.msg, &mut self.devices)
@@ -1045,33 +1607,48 @@ impl Normalize {
                 out.error(error_type, reason, Some(message.topic), Some(message.payload));
                 continue;
             }
-            if let Some(reason) = self.missing() {
-                out.error("missing_field", reason, Some(message.topic), Some(message.payload));
-                continue;
+            match self.verdict() {
+                Verdict::Emit => {}
+                Verdict::Error(reason) => {
+                    out.error("missing_field", reason, Some(message.topic), Some(message.payload));
+                    continue;
+                }
+                Verdict::Drop => {
+                    dropped += 1;
+                    continue;
+                }
             }
             let (Some(device), Some(time)) = (self.msg.device, self.msg.time) else {
                 continue;
             };
+            self.mediate(device);
             readings.push(device, time, &self.msg.values, self.msg.label);
         }
         out.discard("csv_header", header_lines);
+        out.discard("missing_value", dropped);
         out.emit(Batch::Readings(readings));
     }
 
-    /// Why the assembled message is incomplete, if it is.
-    fn missing(&self) -> Option<String> {
+    /// Whether the assembled message becomes a reading, an error (with the reason) or is
+    /// dropped, by the missing-value policies of its missing features.
+    fn verdict(&self) -> Verdict {
         if self.msg.device.is_none() {
             let field = self.plan.device_field.map_or("?", |field| self.plan.field_name(field));
-            return Some(format!("missing device field `{field}`"));
+            return Verdict::Error(format!("missing device field `{field}`"));
         }
         if self.msg.time.is_none() {
-            return Some(format!(
+            return Verdict::Error(format!(
                 "missing timestamp field `{}`",
                 self.plan.field_name(self.plan.timestamp_field)
             ));
         }
-        if self.on_missing == OnMissing::Error
-            && let Some(position) = self.msg.present.iter().position(|present| !present)
+        let missing = |position: usize| !self.msg.present.get(position).copied().unwrap_or(true);
+        let width = self.msg.present.len();
+        let policy = |position: usize| {
+            self.mediation.policies.get(position).copied().unwrap_or(OnMissing::Error)
+        };
+        if let Some(position) =
+            (0..width).find(|position| missing(*position) && policy(*position) == OnMissing::Error)
         {
             let feature = self.plan.features.get(position).map_or("?", |name| name);
             let field = self
@@ -1079,13 +1656,72 @@ impl Normalize {
                 .feature_fields
                 .get(position)
                 .map_or("?", |field| self.plan.field_name(*field));
-            return Some(if feature == field {
+            return Verdict::Error(if feature == field {
                 format!("missing feature `{feature}`")
             } else {
                 format!("missing field `{field}` (feature `{feature}`)")
             });
         }
-        None
+        if !self.strict
+            && (0..width).any(|position| missing(position) && policy(position) == OnMissing::Drop)
+        {
+            return Verdict::Drop;
+        }
+        Verdict::Emit
+    }
+
+    /// Converts the values read, fills in the missing ones, remembers what `hold_last` needs
+    /// and scales: the values of the reading of `device`.
+    fn mediate(&mut self, device: DeviceId) {
+        let Mediation { convert, policies, fills, scale, .. } = &self.mediation;
+        let msg = &mut self.msg;
+        if self.converts {
+            for ((value, present), conversion) in
+                msg.values.iter_mut().zip(&msg.present).zip(convert)
+            {
+                if let (true, Some(conversion)) = (*present, conversion) {
+                    *value = conversion.apply(*value);
+                }
+            }
+        }
+        if !self.strict {
+            let mut held = None;
+            if !self.hold_positions.is_empty() {
+                let width = msg.values.len();
+                let last = self
+                    .held
+                    .entry(device)
+                    .or_insert_with(|| vec![f32::NAN; width].into_boxed_slice());
+                for position in &self.hold_positions {
+                    if let (Some(true), Some(value), Some(slot)) = (
+                        msg.present.get(*position),
+                        msg.values.get(*position),
+                        last.get_mut(*position),
+                    ) {
+                        *slot = *value;
+                    }
+                }
+                held = Some(&**last);
+            }
+            for (position, (value, present)) in msg.values.iter_mut().zip(&msg.present).enumerate()
+            {
+                if *present {
+                    continue;
+                }
+                *value = match policies.get(position) {
+                    Some(OnMissing::Fill) => fills.get(position).copied().unwrap_or(f32::NAN),
+                    Some(OnMissing::HoldLast) => {
+                        held.and_then(|held| held.get(position).copied()).unwrap_or(f32::NAN)
+                    }
+                    _ => f32::NAN,
+                };
+            }
+        }
+        if let Some(scale) = scale {
+            for (value, (mean, inverse_std)) in msg.values.iter_mut().zip(scale) {
+                *value = (*value - mean) * inverse_std;
+            }
+        }
     }
 }
 
@@ -1101,6 +1737,45 @@ impl Transform for Normalize {
             ),
         }
     }
+
+    /// With `hold_last`, the last value of each feature per device; otherwise stateless.
+    fn snapshot(&mut self) -> Result<Option<Vec<u8>>, ComponentError> {
+        if self.hold_positions.is_empty() {
+            return Ok(None);
+        }
+        let mut devices: Vec<(DeviceId, Vec<u32>)> = self
+            .held
+            .iter()
+            .map(|(device, values)| (*device, values.iter().map(|value| value.to_bits()).collect()))
+            .collect();
+        devices.sort_unstable_by_key(|(device, _)| *device);
+        let snapshot = HeldSnapshot {
+            features: self.plan.features.iter().map(|name| name.to_string()).collect(),
+            devices,
+        };
+        serde_json::to_vec(&snapshot)
+            .map(Some)
+            .map_err(|error| ComponentError::Internal(format!("normalize snapshot: {error}")))
+    }
+
+    fn restore(&mut self, state: &[u8]) -> Result<(), ComponentError> {
+        let snapshot: HeldSnapshot = serde_json::from_slice(state)
+            .map_err(|error| ComponentError::Internal(format!("normalize snapshot: {error}")))?;
+        let features: Vec<&str> = self.plan.features.iter().map(|name| &**name).collect();
+        if snapshot.features != features {
+            return Err(ComponentError::Config(format!(
+                "the normalize snapshot was taken with features {:?}, not {features:?}",
+                snapshot.features
+            )));
+        }
+        self.held = snapshot
+            .devices
+            .into_iter()
+            .filter(|(_, values)| values.len() == features.len())
+            .map(|(device, values)| (device, values.into_iter().map(f32::from_bits).collect()))
+            .collect();
+        Ok(())
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1108,17 +1783,20 @@ impl Transform for Normalize {
 // ---------------------------------------------------------------------------------------------
 
 #[cfg(test)]
+mod mediation_tests;
+
+#[cfg(test)]
 mod tests {
     use tidewatch_api::{ConfigValue, ErrorRecord, Outputs};
 
     use super::*;
 
-    fn config(toml: &str) -> NormalizeConfig {
+    fn config(toml: &str) -> NormalizeOptions {
         ConfigValue::parse(toml).expect("toml").deserialize().expect("config")
     }
 
     fn build(toml: &str) -> Normalize {
-        Normalize::new(&config(toml), &ComponentContext::for_test("norm", "normalize"))
+        Normalize::with_options(&config(toml), &ComponentContext::for_test("norm", "normalize"))
             .expect("valid config")
     }
 
@@ -1541,14 +2219,14 @@ mod tests {
             "#,
         )
         .expect("toml")
-        .deserialize::<NormalizeConfig>()
+        .deserialize::<NormalizeOptions>()
         .expect_err("unknown option");
         assert!(unknown.message.contains("colour"), "{}", unknown.message);
         assert!(unknown.span.is_some());
 
         let missing_required = ConfigValue::parse("device = \"d\"\ntimestamp_field = \"t\"")
             .expect("toml")
-            .deserialize::<NormalizeConfig>()
+            .deserialize::<NormalizeOptions>()
             .expect_err("features is required");
         assert!(missing_required.message.contains("features"), "{}", missing_required.message);
 
