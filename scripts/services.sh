@@ -19,7 +19,18 @@
 #               Persistence is on (.services/mosquitto/data): a restart keeps persistent
 #               sessions and their queued QoS 1/2 messages.
 #
-# Later issues add Kafka, Prometheus, Alertmanager and Ceph as more `case` arms.
+#   prometheus  Prometheus (Debian's prometheus) on 127.0.0.1:9090, configured from
+#               k8s/monitoring/prometheus.yml with the shipped rules file
+#               (k8s/monitoring/prometheus-rules.yml) unchanged; substituted: the scrape
+#               target ($TIDEWATCH_SCRAPE_TARGET, default 127.0.0.1:19898, the port the
+#               alerting test serves /metrics on), the scrape and evaluation interval
+#               ($TIDEWATCH_SCRAPE_INTERVAL, default 1s) and Alertmanager (127.0.0.1:9093).
+#   alertmanager  Alertmanager (Debian's prometheus-alertmanager) on 127.0.0.1:9093, clustering
+#               off, from k8s/monitoring/alertmanager.yml with only the webhook URL
+#               substituted ($TIDEWATCH_ALERT_WEBHOOK_URL, default
+#               http://127.0.0.1:19899/alerts, where the alerting test listens).
+#
+# Later issues add Kafka and Ceph as more `case` arms.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 action=${1:-}
@@ -228,6 +239,116 @@ mosquitto_status() {
 }
 
 # ---------------------------------------------------------------------------------------------
+# prometheus and alertmanager
+# ---------------------------------------------------------------------------------------------
+
+PROMETHEUS_PORT=9090
+ALERTMANAGER_PORT=9093
+
+# Waits until http://127.0.0.1:PORT/-/ready answers 200 (polls, up to SECONDS).
+wait_ready() {
+  local port=$1 seconds=${2:-30} deadline
+  deadline=$(( $(date +%s) + seconds ))
+  while [ "$(date +%s)" -le "$deadline" ]; do
+    if curl -fsS -o /dev/null "http://127.0.0.1:$port/-/ready" 2>/dev/null; then
+      return 0
+    fi
+    sleep 0.1
+  done
+  return 1
+}
+
+prometheus_files() {
+  local dir=$1 target=${TIDEWATCH_SCRAPE_TARGET:-127.0.0.1:19898}
+  local interval=${TIDEWATCH_SCRAPE_INTERVAL:-1s} shipped=$(pwd)/k8s/monitoring
+  mkdir -p "$dir/data"
+  # The shipped example with the target, intervals, Alertmanager and the rules file's
+  # absolute path substituted; the rules file itself is used as shipped.
+  sed -e "s#tidewatch\.tidewatch\.svc:9898#$target#" \
+      -e "s#alertmanager\.monitoring\.svc:9093#127.0.0.1:$ALERTMANAGER_PORT#" \
+      -e "s#^\(  *scrape_interval:\).*#\1 $interval#" \
+      -e "s#^\(  *evaluation_interval:\).*#\1 $interval#" \
+      -e "s#^  - prometheus-rules\.yml#  - $shipped/prometheus-rules.yml#" \
+      "$shipped/prometheus.yml" > "$dir/prometheus.yml"
+  promtool check config "$dir/prometheus.yml" >/dev/null
+}
+
+alertmanager_files() {
+  local dir=$1 url=${TIDEWATCH_ALERT_WEBHOOK_URL:-http://127.0.0.1:19899/alerts}
+  mkdir -p "$dir/data"
+  sed -e "s#http://tidewatch-alert-receiver\.monitoring\.svc:8080/alerts#$url#" \
+      k8s/monitoring/alertmanager.yml > "$dir/alertmanager.yml"
+  amtool check-config "$dir/alertmanager.yml" >/dev/null
+}
+
+# prom_start NAME BINARY PACKAGE PORT ARGS...: starts BINARY in the background with ARGS,
+# its pid in .services/NAME/NAME.pid and its log in .services/NAME/NAME.log.
+prom_start() {
+  local name=$1 binary=$2 package=$3 port=$4 dir=$state/$1 pid
+  shift 4
+  if pid=$(live_pid "$dir/$name.pid") && wait_ready "$port" 5; then
+    echo "$name already running (pid $pid)"
+    return 0
+  fi
+  if ! command -v "$binary" >/dev/null 2>&1; then
+    echo "installing $package (apt-get)"
+    apt_install "$package"
+  fi
+  "${name}_files" "$dir"
+  rm -f "$dir/$name.pid"
+  nohup "$binary" "$@" > "$dir/$name.log" 2>&1 < /dev/null &
+  echo $! > "$dir/$name.pid"
+  if ! wait_ready "$port" 60; then
+    echo "$name did not become ready; its log:" >&2
+    tail -n 30 "$dir/$name.log" >&2 || true
+    exit 1
+  fi
+  echo "$name running (pid $(cat "$dir/$name.pid")): http://127.0.0.1:$port"
+}
+
+prometheus_start() {
+  local dir=$state/prometheus
+  prom_start prometheus prometheus prometheus "$PROMETHEUS_PORT" \
+    --config.file="$dir/prometheus.yml" --storage.tsdb.path="$dir/data" \
+    --storage.tsdb.retention.time=1d --web.listen-address=127.0.0.1:$PROMETHEUS_PORT
+}
+
+alertmanager_start() {
+  local dir=$state/alertmanager
+  # An empty --cluster.listen-address turns clustering off (else it binds 0.0.0.0:9094).
+  prom_start alertmanager prometheus-alertmanager prometheus-alertmanager "$ALERTMANAGER_PORT" \
+    --config.file="$dir/alertmanager.yml" --storage.path="$dir/data" \
+    --web.listen-address=127.0.0.1:$ALERTMANAGER_PORT --cluster.listen-address=
+}
+
+# prom_stop NAME
+prom_stop() {
+  local name=$1 dir=$state/$1 pid
+  if pid=$(live_pid "$dir/$name.pid"); then
+    kill "$pid"
+    if ! wait_gone "$pid" 15; then
+      kill -9 "$pid" 2>/dev/null || true
+      wait_gone "$pid" 5 || true
+    fi
+    echo "$name stopped"
+  else
+    echo "$name not running"
+  fi
+  rm -f "$dir/$name.pid"
+}
+
+# prom_status NAME
+prom_status() {
+  local name=$1 pid
+  if pid=$(live_pid "$state/$name/$name.pid"); then
+    echo "$name running (pid $pid)"
+    return 0
+  fi
+  echo "$name stopped"
+  return 3
+}
+
+# ---------------------------------------------------------------------------------------------
 
 case "$name" in
   mosquitto)
@@ -239,8 +360,17 @@ case "$name" in
       *) usage ;;
     esac
     ;;
+  prometheus|alertmanager)
+    case "$action" in
+      start) "${name}_start" ;;
+      stop) prom_stop "$name" ;;
+      restart) prom_stop "$name"; "${name}_start" ;;
+      status) prom_status "$name" ;;
+      *) usage ;;
+    esac
+    ;;
   *)
-    echo "unknown service: $name (known: mosquitto)" >&2
+    echo "unknown service: $name (known: mosquitto, prometheus, alertmanager)" >&2
     exit 2
     ;;
 esac

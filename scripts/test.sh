@@ -39,7 +39,7 @@ trap cleanup EXIT
 # Services the integration tests need (each issue adds its own), started through
 # scripts/services.sh. TIDEWATCH_TEST_SERVICES overrides the list (empty: start none).
 # A service that was already running is reused and left running afterwards.
-for service in ${TIDEWATCH_TEST_SERVICES-mosquitto}; do
+for service in ${TIDEWATCH_TEST_SERVICES-mosquitto prometheus alertmanager}; do
   step "starting $service"
   if scripts/services.sh status "$service" >/dev/null 2>&1; then
     scripts/services.sh start "$service"
@@ -78,6 +78,18 @@ if ./target/debug/tidewatch validate tests/fixtures/invalid/broken.toml 2>/dev/n
   echo "validate accepted a broken pipeline" >&2
   exit 1
 fi
+
+step "shipped monitoring config (promtool, amtool)"
+for tool in promtool amtool; do
+  command -v "$tool" >/dev/null 2>&1 || {
+    echo "$tool not found: scripts/services.sh start prometheus|alertmanager installs it" >&2
+    exit 1
+  }
+done
+promtool check rules k8s/monitoring/prometheus-rules.yml
+promtool check config k8s/monitoring/prometheus.yml
+amtool check-config k8s/monitoring/alertmanager.yml
+python3 -m json.tool k8s/monitoring/grafana-dashboard.json >/dev/null
 
 echo
 echo "all checks passed"

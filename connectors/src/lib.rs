@@ -9,6 +9,7 @@
 //! | sink | `file` | JSON lines in a file, shared by the workers of the process ([`sinks`]) |
 //! | sink | `blackhole` | drops everything (benchmarks) ([`sinks`]) |
 //! | sink | `mqtt` | publishes every record as JSON to a topic template ([`mqtt::sink`]) |
+//! | sink | `prometheus` | per-device anomaly gauges and a top-N on the engine's `/metrics` ([`mod@prometheus`]) |
 //!
 //! [`builtins`] lists their factories for the engine's registry. The configs and factories are
 //! public so that embedders and benchmarks can build components directly, for example:
@@ -29,11 +30,13 @@
 
 pub mod file;
 pub mod mqtt;
+pub mod prometheus;
 pub mod simulator;
 pub mod sinks;
 
 pub use file::{FileFormat, FileSource, FileSourceConfig, FileSourceFactory};
 pub use mqtt::{MqttSinkConfig, MqttSinkFactory, MqttSourceConfig, MqttSourceFactory};
+pub use prometheus::{LabelField, PrometheusSink, PrometheusSinkConfig, PrometheusSinkFactory};
 pub use simulator::{
     AnomalyKind, SimulatorConfig, SimulatorFactory, SimulatorFormat, SimulatorSource,
 };
@@ -54,6 +57,7 @@ pub fn builtins() -> Vec<(&'static str, ComponentFactory)> {
         ("file", ComponentFactory::sink(FileSinkFactory)),
         ("blackhole", ComponentFactory::sink(BlackholeSinkFactory)),
         ("mqtt", ComponentFactory::sink(MqttSinkFactory)),
+        ("prometheus", ComponentFactory::sink(PrometheusSinkFactory)),
     ]
 }
 
@@ -83,7 +87,12 @@ mod tests {
                 }
                 ComponentFactory::Sink(sink) => {
                     let configured = sink.configure(&options, &ctx).expect(name);
-                    assert_eq!(configured.accepts(), tidewatch_api::Kind::ALL);
+                    let expected = if name == "prometheus" {
+                        vec![tidewatch_api::Kind::Scores, tidewatch_api::Kind::Events]
+                    } else {
+                        tidewatch_api::Kind::ALL.to_vec()
+                    };
+                    assert_eq!(configured.accepts(), expected);
                 }
                 ComponentFactory::Transform(_) => panic!("no transforms here"),
             }
@@ -98,7 +107,8 @@ mod tests {
                 ("sink", "stdout"),
                 ("sink", "file"),
                 ("sink", "blackhole"),
-                ("sink", "mqtt")
+                ("sink", "mqtt"),
+                ("sink", "prometheus")
             ]
         );
     }

@@ -9,12 +9,13 @@
 use prometheus::{
     Encoder, GaugeVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
 };
-use tidewatch_api::EventTime;
+use tidewatch_api::{EventTime, MetricsRegistry};
 
 /// The metrics of one engine (one process may hold several, e.g. in tests).
 #[derive(Clone, Debug)]
 pub struct Metrics {
     registry: Registry,
+    shared: MetricsRegistry,
     received: IntCounterVec,
     sent: IntCounterVec,
     errors: IntCounterVec,
@@ -86,7 +87,8 @@ impl Metrics {
         )
         .unwrap_or_else(|error| unreachable!("static metric definition is valid: {error}"));
         let _ = registry.register(Box::new(up.clone()));
-        Metrics { registry, received, sent, errors, discarded, watermark_lag, workers, up }
+        let shared = MetricsRegistry::new(registry.clone());
+        Metrics { registry, shared, received, sent, errors, discarded, watermark_lag, workers, up }
     }
 
     /// The counters of one component (cheap to clone; increments are atomic).
@@ -115,6 +117,12 @@ impl Metrics {
     /// The underlying registry, to add metrics of an embedder's own.
     pub fn registry(&self) -> &Registry {
         &self.registry
+    }
+
+    /// The registry with its identity, as components get it
+    /// ([`tidewatch_api::ComponentContext::metrics_registry`]).
+    pub fn shared_registry(&self) -> &MetricsRegistry {
+        &self.shared
     }
 
     /// The metrics in Prometheus text format.

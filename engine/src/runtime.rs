@@ -163,7 +163,8 @@ fn build<'scope>(
             peers,
             Arc::clone(&pipeline.info),
             Arc::clone(&run.shutdown),
-        );
+        )
+        .with_metrics_registry(run.metrics.shared_registry().clone());
         let metrics = run.metrics.component(&component.id, &component.type_name);
         let inputs: Vec<Data<'scope>> = component
             .inputs

@@ -6,7 +6,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::error::ComponentError;
 use crate::records::{Batch, ErrorRecord, EventTime, ReadingBatch};
@@ -35,6 +35,36 @@ impl Default for PipelineInfo {
     }
 }
 
+/// The engine's Prometheus registry (served on `/metrics`), with an identity.
+///
+/// Components register their own collectors in it. One engine run hands the same
+/// `MetricsRegistry` to every worker, so [`MetricsRegistry::id`] tells a component whether
+/// another worker's instance already registered a collector there (register once per
+/// registry and component id, share the collector between workers).
+#[derive(Clone, Debug)]
+pub struct MetricsRegistry {
+    registry: prometheus::Registry,
+    id: u64,
+}
+
+impl MetricsRegistry {
+    /// Wraps a registry, giving it a process-unique id.
+    pub fn new(registry: prometheus::Registry) -> MetricsRegistry {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        MetricsRegistry { registry, id: NEXT.fetch_add(1, Ordering::Relaxed) }
+    }
+
+    /// The registry.
+    pub fn registry(&self) -> &prometheus::Registry {
+        &self.registry
+    }
+
+    /// A process-unique id: equal for clones of the same `MetricsRegistry`.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+}
+
 /// What the engine tells a component instance about where it runs.
 #[derive(Clone, Debug)]
 pub struct ComponentContext {
@@ -49,6 +79,7 @@ pub struct ComponentContext {
     /// Pipeline-wide settings.
     pub pipeline: Arc<PipelineInfo>,
     shutdown: Arc<AtomicBool>,
+    metrics: Option<MetricsRegistry>,
 }
 
 impl ComponentContext {
@@ -68,7 +99,20 @@ impl ComponentContext {
             workers: workers.max(1),
             pipeline,
             shutdown,
+            metrics: None,
         }
+    }
+
+    /// Hands the engine's metrics registry to the component (the engine does).
+    pub fn with_metrics_registry(mut self, registry: MetricsRegistry) -> ComponentContext {
+        self.metrics = Some(registry);
+        self
+    }
+
+    /// The registry served on the engine's `/metrics`, where a component may register
+    /// collectors of its own; `None` outside an engine (unit tests, benchmarks).
+    pub fn metrics_registry(&self) -> Option<&MetricsRegistry> {
+        self.metrics.as_ref()
     }
 
     /// A context for a single worker with default pipeline settings (tests, benchmarks).

@@ -12,7 +12,13 @@ pub mod json;
 pub mod records;
 pub mod time;
 
-pub use component::{ComponentContext, Outputs, PipelineInfo, Sink, Source, SourcePoll, Transform};
+/// The `prometheus` crate, re-exported so components register collectors of the same version
+/// as the engine's registry.
+pub use prometheus;
+
+pub use component::{
+    ComponentContext, MetricsRegistry, Outputs, PipelineInfo, Sink, Source, SourcePoll, Transform,
+};
 pub use error::ComponentError;
 pub use factory::{
     ComponentFactory, ConfigError, ConfigValue, ConfiguredSink, ConfiguredSource,

@@ -1,0 +1,854 @@
+//! The `prometheus` sink: per-device anomaly gauges and a top-N of the most anomalous devices,
+//! served on the engine's `/metrics`.
+//!
+//! Families (labels from the configured record fields only, `device` by default):
+//!
+//! * `tidewatch_anomaly_score{..}`: the latest score;
+//! * `tidewatch_reconstruction_error{..}`: the same value (an autoencoder's score is its
+//!   reconstruction error), under the name dashboards look for;
+//! * `tidewatch_anomaly_active{..}`: 1 while an anomaly is open. Once the sink has seen an
+//!   anomaly event (open/close, from `threshold`) for a series, only events set it; before
+//!   that, each score's `anomaly` flag does;
+//! * `tidewatch_anomaly_topn{rank,device}`: the `top_n` devices with the highest score over the
+//!   last `top_window_secs` of event time, rank 1 the highest;
+//! * `tidewatch_prometheus_evicted_series_total`: series dropped by the `max_series` bound
+//!   (least recently updated first).
+//!
+//! The gauges are process-wide: every worker's instance shares one set, registered once per
+//! engine registry and component id, and unregistered when the last instance is dropped.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::hash::Hash;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
+
+use prometheus::core::Collector;
+use prometheus::{GaugeVec, IntCounter, Opts, Registry};
+use serde::Deserialize;
+use tidewatch_api::{
+    AnomalyEvent, AnomalyState, Batch, ComponentContext, ComponentError, ConfigError, EventTime,
+    Kind, Score, Sink, SinkFactory, ValidateContext,
+};
+
+/// A record field usable as a label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LabelField {
+    /// The device name.
+    Device,
+    /// The detector (component id or model name).
+    Detector,
+    /// The detector's or model's version.
+    Version,
+}
+
+impl LabelField {
+    /// The label name.
+    pub fn name(self) -> &'static str {
+        match self {
+            LabelField::Device => "device",
+            LabelField::Detector => "detector",
+            LabelField::Version => "version",
+        }
+    }
+}
+
+fn default_labels() -> Vec<LabelField> {
+    vec![LabelField::Device]
+}
+fn default_max_series() -> usize {
+    10_000
+}
+fn default_top_n() -> usize {
+    10
+}
+fn default_top_window_secs() -> u64 {
+    300
+}
+
+/// Options of the `prometheus` sink.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrometheusSinkConfig {
+    /// Record fields that become labels of the per-device gauges: `device`, `detector`,
+    /// `version` (each at most once). Nothing else of a record becomes a label.
+    #[serde(default = "default_labels")]
+    pub labels: Vec<LabelField>,
+    /// Most label sets kept per gauge family; past it the least recently updated series is
+    /// removed (counted in `tidewatch_prometheus_evicted_series_total`). Also bounds the
+    /// devices the top-N tracks.
+    #[serde(default = "default_max_series")]
+    pub max_series: usize,
+    /// Number of devices in `tidewatch_anomaly_topn`; 0 disables the family.
+    #[serde(default = "default_top_n")]
+    pub top_n: usize,
+    /// Length of the sliding window of the top-N, in seconds of event time (a device's rank
+    /// value is its highest score whose window ended in the last `top_window_secs`).
+    #[serde(default = "default_top_window_secs")]
+    pub top_window_secs: u64,
+}
+
+impl Default for PrometheusSinkConfig {
+    fn default() -> Self {
+        PrometheusSinkConfig {
+            labels: default_labels(),
+            max_series: default_max_series(),
+            top_n: default_top_n(),
+            top_window_secs: default_top_window_secs(),
+        }
+    }
+}
+
+impl PrometheusSinkConfig {
+    /// Checks the options beyond their types.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.labels.is_empty() {
+            return Err(ConfigError::at_field("labels", "labels must name at least one field")
+                .with_hint("labels = [\"device\"]"));
+        }
+        for (index, label) in self.labels.iter().enumerate() {
+            if self.labels[..index].contains(label) {
+                return Err(ConfigError::at_field(
+                    "labels",
+                    format!("label {:?} is listed twice", label.name()),
+                ));
+            }
+        }
+        if self.max_series == 0 {
+            return Err(ConfigError::at_field("max_series", "max_series must be at least 1"));
+        }
+        if self.top_n > 1_000 {
+            return Err(ConfigError::at_field("top_n", "top_n must be at most 1000"));
+        }
+        if self.top_window_secs == 0 || self.top_window_secs > 366 * 86_400 {
+            return Err(ConfigError::at_field(
+                "top_window_secs",
+                "top_window_secs must be between 1 and 31622400 (a year)",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Makes `prometheus` sinks.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PrometheusSinkFactory;
+
+impl SinkFactory for PrometheusSinkFactory {
+    type Config = PrometheusSinkConfig;
+
+    fn accepts(&self, _config: &PrometheusSinkConfig) -> Vec<Kind> {
+        vec![Kind::Scores, Kind::Events]
+    }
+
+    fn validate(
+        &self,
+        config: &PrometheusSinkConfig,
+        _ctx: &ValidateContext,
+    ) -> Result<(), ConfigError> {
+        config.validate()
+    }
+
+    fn build(
+        &self,
+        config: &PrometheusSinkConfig,
+        ctx: &ComponentContext,
+    ) -> Result<Box<dyn Sink>, ComponentError> {
+        Ok(Box::new(PrometheusSink::for_context(config, ctx)?))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Least-recently-updated order
+// ---------------------------------------------------------------------------------------------
+
+/// Keys in the order they were last touched: `touch` is O(log n).
+#[derive(Debug)]
+struct Lru<K> {
+    stamps: HashMap<K, u64>,
+    order: BTreeMap<u64, K>,
+    clock: u64,
+}
+
+impl<K: Clone + Eq + Hash> Lru<K> {
+    fn new() -> Lru<K> {
+        Lru { stamps: HashMap::new(), order: BTreeMap::new(), clock: 0 }
+    }
+
+    /// Marks `key` as just updated; returns the keys evicted to stay within `bound`.
+    fn touch(&mut self, key: &K, bound: usize) -> Vec<K> {
+        self.clock += 1;
+        if let Some(old) = self.stamps.insert(key.clone(), self.clock) {
+            self.order.remove(&old);
+        }
+        self.order.insert(self.clock, key.clone());
+        let mut evicted = Vec::new();
+        while self.stamps.len() > bound {
+            let Some((_, oldest)) = self.order.pop_first() else { break };
+            self.stamps.remove(&oldest);
+            evicted.push(oldest);
+        }
+        evicted
+    }
+
+    fn len(&self) -> usize {
+        self.stamps.len()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Top-N over a sliding window, maintained incrementally
+// ---------------------------------------------------------------------------------------------
+
+/// A total order on scores (NaN lowest).
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Ordered(f32);
+impl Eq for Ordered {}
+impl PartialOrd for Ordered {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Ordered {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        let key = |value: f32| if value.is_nan() { f32::NEG_INFINITY } else { value };
+        key(self.0).total_cmp(&key(other.0))
+    }
+}
+
+/// Per device a monotonic deque of (time, score) (the sliding maximum), a set of the devices
+/// ordered by their current maximum, and a set ordered by the time of each deque's front (so
+/// the window's advance touches only devices whose maximum expires). Every update is
+/// O(log devices) amortized; the top N is read off the ordered set.
+#[derive(Debug)]
+struct TopN {
+    window_ms: i64,
+    devices: HashMap<Arc<str>, VecDeque<(EventTime, f32)>>,
+    by_score: BTreeSet<(Ordered, Arc<str>)>,
+    by_front: BTreeSet<(EventTime, Arc<str>)>,
+    now: EventTime,
+}
+
+impl TopN {
+    fn new(window_secs: u64) -> TopN {
+        TopN {
+            window_ms: i64::try_from(window_secs.saturating_mul(1000)).unwrap_or(i64::MAX),
+            devices: HashMap::new(),
+            by_score: BTreeSet::new(),
+            by_front: BTreeSet::new(),
+            now: EventTime::MIN,
+        }
+    }
+
+    fn unindex(&mut self, device: &Arc<str>) {
+        if let Some(&(time, score)) = self.devices.get(device).and_then(VecDeque::front) {
+            self.by_score.remove(&(Ordered(score), Arc::clone(device)));
+            self.by_front.remove(&(time, Arc::clone(device)));
+        }
+    }
+
+    fn index(&mut self, device: &Arc<str>) {
+        match self.devices.get(device).and_then(VecDeque::front) {
+            Some(&(time, score)) => {
+                self.by_score.insert((Ordered(score), Arc::clone(device)));
+                self.by_front.insert((time, Arc::clone(device)));
+            }
+            None => {
+                self.devices.remove(device);
+            }
+        }
+    }
+
+    fn cutoff(&self) -> EventTime {
+        self.now.saturating_sub(self.window_ms)
+    }
+
+    fn insert(&mut self, device: &Arc<str>, time: EventTime, score: f32) {
+        self.unindex(device);
+        let cutoff = self.cutoff();
+        let deque = self.devices.entry(Arc::clone(device)).or_default();
+        if time > cutoff {
+            while deque.back().is_some_and(|&(_, last)| Ordered(last) <= Ordered(score)) {
+                deque.pop_back();
+            }
+            deque.push_back((time, score));
+        }
+        self.index(device);
+        if time > self.now {
+            self.advance(time);
+        }
+    }
+
+    /// Moves the window's end to `now` and expires what fell out of it.
+    fn advance(&mut self, now: EventTime) {
+        self.now = self.now.max(now);
+        let cutoff = self.cutoff();
+        while let Some((time, device)) = self.by_front.first().cloned() {
+            if time > cutoff {
+                break;
+            }
+            self.unindex(&device);
+            if let Some(deque) = self.devices.get_mut(&device) {
+                while deque.front().is_some_and(|&(time, _)| time <= cutoff) {
+                    deque.pop_front();
+                }
+            }
+            self.index(&device);
+        }
+    }
+
+    fn remove(&mut self, device: &Arc<str>) {
+        self.unindex(device);
+        self.devices.remove(device);
+    }
+
+    fn top(&self, n: usize) -> impl Iterator<Item = (&Arc<str>, f32)> {
+        self.by_score.iter().rev().take(n).map(|(score, device)| (device, score.0))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shared state
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug)]
+struct Series {
+    /// An anomaly event was seen for the series: events alone set `active`.
+    from_events: bool,
+}
+
+#[derive(Debug)]
+struct State {
+    series: HashMap<Vec<String>, Series>,
+    lru: Lru<Vec<String>>,
+    top: TopN,
+    top_devices: Lru<Arc<str>>,
+    /// The device published at each rank.
+    published: Vec<Option<Arc<str>>>,
+}
+
+/// The gauges of one sink component in one registry, shared by its workers.
+#[derive(Debug)]
+struct Shared {
+    config: PrometheusSinkConfig,
+    score: GaugeVec,
+    error: GaugeVec,
+    active: GaugeVec,
+    topn: GaugeVec,
+    evicted: IntCounter,
+    registry: Registry,
+    /// All collectors are registered (Drop unregisters them only then: a failed registration
+    /// must not unregister another component's equal collectors).
+    registered: bool,
+    state: Mutex<State>,
+}
+
+fn collectors(shared: &Shared) -> Vec<Box<dyn Collector>> {
+    vec![
+        Box::new(shared.score.clone()),
+        Box::new(shared.error.clone()),
+        Box::new(shared.active.clone()),
+        Box::new(shared.topn.clone()),
+        Box::new(shared.evicted.clone()),
+    ]
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        if !self.registered {
+            return;
+        }
+        for collector in collectors(self) {
+            let _ = self.registry.unregister(collector);
+        }
+    }
+}
+
+fn metric_error(error: prometheus::Error) -> ComponentError {
+    ComponentError::Internal(format!("prometheus metric: {error}"))
+}
+
+impl Shared {
+    fn new(
+        config: &PrometheusSinkConfig,
+        registry: &Registry,
+        component_id: &str,
+    ) -> Result<Shared, ComponentError> {
+        let labels: Vec<&str> = config.labels.iter().map(|label| label.name()).collect();
+        let gauge = |name: &str, help: &str, labels: &[&str]| {
+            GaugeVec::new(Opts::new(name, help).const_label("component_id", component_id), labels)
+                .map_err(metric_error)
+        };
+        let mut shared = Shared {
+            config: config.clone(),
+            score: gauge(
+                "tidewatch_anomaly_score",
+                "Latest anomaly score of a device (greater is more anomalous).",
+                &labels,
+            )?,
+            error: gauge(
+                "tidewatch_reconstruction_error",
+                "Latest reconstruction error of a device (the score of its detector).",
+                &labels,
+            )?,
+            active: gauge(
+                "tidewatch_anomaly_active",
+                "1 while an anomaly of a device is open, else 0.",
+                &labels,
+            )?,
+            topn: gauge(
+                "tidewatch_anomaly_topn",
+                "Highest score over the sliding window of the most anomalous devices, by rank.",
+                &["rank", "device"],
+            )?,
+            evicted: IntCounter::with_opts(
+                Opts::new(
+                    "tidewatch_prometheus_evicted_series_total",
+                    "Series removed by the max_series bound of a prometheus sink.",
+                )
+                .const_label("component_id", component_id),
+            )
+            .map_err(metric_error)?,
+            registry: registry.clone(),
+            registered: false,
+            state: Mutex::new(State {
+                series: HashMap::new(),
+                lru: Lru::new(),
+                top: TopN::new(config.top_window_secs),
+                top_devices: Lru::new(),
+                published: Vec::new(),
+            }),
+        };
+        let all = collectors(&shared);
+        let count = all.len();
+        for (index, collector) in all.into_iter().enumerate() {
+            if let Err(error) = registry.register(collector) {
+                // Undo what this call registered, so that a retry starts clean.
+                for done in collectors(&shared).into_iter().take(index) {
+                    let _ = registry.unregister(done);
+                }
+                return Err(ComponentError::Config(format!(
+                    "cannot register the gauges of prometheus sink {component_id:?}: {error} \
+                     (all prometheus sinks of a process must use the same `labels`)"
+                )));
+            }
+            if index + 1 == count {
+                shared.registered = true;
+            }
+        }
+        Ok(shared)
+    }
+
+    fn label_values(&self, device: &str, detector: &str, version: &str) -> Vec<String> {
+        self.config
+            .labels
+            .iter()
+            .map(|label| match label {
+                LabelField::Device => device.to_owned(),
+                LabelField::Detector => detector.to_owned(),
+                LabelField::Version => version.to_owned(),
+            })
+            .collect()
+    }
+
+    fn touch(&self, state: &mut State, key: &[String]) {
+        let key = key.to_vec();
+        for old in state.lru.touch(&key, self.config.max_series) {
+            state.series.remove(&old);
+            let values: Vec<&str> = old.iter().map(String::as_str).collect();
+            let _ = self.score.remove_label_values(&values);
+            let _ = self.error.remove_label_values(&values);
+            let _ = self.active.remove_label_values(&values);
+            self.evicted.inc();
+        }
+    }
+
+    fn write_scores(&self, state: &mut State, scores: &[Score]) {
+        for score in scores {
+            let device = score.device.name();
+            let key = self.label_values(&device, &score.detector, &score.version);
+            let values: Vec<&str> = key.iter().map(String::as_str).collect();
+            self.score.with_label_values(&values).set(f64::from(score.score));
+            self.error.with_label_values(&values).set(f64::from(score.score));
+            let series = state.series.entry(key.clone()).or_insert(Series { from_events: false });
+            if !series.from_events {
+                self.active.with_label_values(&values).set(f64::from(u8::from(score.anomaly)));
+            }
+            self.touch(state, &key);
+            if self.config.top_n > 0 {
+                for old in state.top_devices.touch(&device, self.config.max_series) {
+                    state.top.remove(&old);
+                }
+                state.top.insert(&device, score.end_ms, score.score);
+            }
+        }
+    }
+
+    fn write_events(&self, state: &mut State, events: &[AnomalyEvent]) {
+        for event in events {
+            let device = event.device.name();
+            let key = self.label_values(&device, &event.detector, &event.version);
+            let values: Vec<&str> = key.iter().map(String::as_str).collect();
+            let open = event.state == AnomalyState::Open;
+            self.active.with_label_values(&values).set(if open { 1.0 } else { 0.0 });
+            state.series.entry(key.clone()).or_insert(Series { from_events: true }).from_events =
+                true;
+            self.touch(state, &key);
+        }
+    }
+
+    /// Publishes the current top N: rank r's series carries the device at rank r.
+    fn publish_top(&self, state: &mut State) {
+        let n = self.config.top_n;
+        if n == 0 {
+            return;
+        }
+        let current: Vec<(Arc<str>, f32)> =
+            state.top.top(n).map(|(device, score)| (Arc::clone(device), score)).collect();
+        state.published.resize(n, None);
+        for rank in 0..n {
+            let label = (rank + 1).to_string();
+            let next = current.get(rank);
+            if let Some(old) = &state.published[rank]
+                && next.is_none_or(|(device, _)| device != old)
+            {
+                let _ = self.topn.remove_label_values(&[label.as_str(), &**old]);
+            }
+            match next {
+                Some((device, score)) => {
+                    self.topn
+                        .with_label_values(&[label.as_str(), &**device])
+                        .set(f64::from(*score));
+                    state.published[rank] = Some(Arc::clone(device));
+                }
+                None => state.published[rank] = None,
+            }
+        }
+    }
+
+    fn write(&self, batch: &Batch) -> Result<(), ComponentError> {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        match batch {
+            Batch::Scores(scores) => {
+                self.write_scores(&mut state, scores);
+                self.publish_top(&mut state);
+                Ok(())
+            }
+            Batch::Events(events) => {
+                self.write_events(&mut state, events);
+                Ok(())
+            }
+            other => Err(ComponentError::Internal(format!(
+                "the prometheus sink takes scores and anomaly events, not {}",
+                other.kind().name()
+            ))),
+        }
+    }
+
+    fn advance(&self, watermark_ms: EventTime) {
+        if self.config.top_n == 0 || watermark_ms == EventTime::MAX {
+            return;
+        }
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        if watermark_ms > state.top.now {
+            state.top.advance(watermark_ms);
+            self.publish_top(&mut state);
+        }
+    }
+}
+
+type SharedKey = (u64, String);
+
+fn instances() -> &'static Mutex<HashMap<SharedKey, Weak<Shared>>> {
+    static INSTANCES: OnceLock<Mutex<HashMap<SharedKey, Weak<Shared>>>> = OnceLock::new();
+    INSTANCES.get_or_init(Mutex::default)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The sink
+// ---------------------------------------------------------------------------------------------
+
+/// One worker's handle on the shared gauges of a `prometheus` sink.
+#[derive(Debug)]
+pub struct PrometheusSink {
+    shared: Arc<Shared>,
+}
+
+impl PrometheusSink {
+    /// A sink registering its gauges in `registry` (unregistered when the last handle drops).
+    pub fn new(
+        config: &PrometheusSinkConfig,
+        registry: &Registry,
+        component_id: &str,
+    ) -> Result<PrometheusSink, ComponentError> {
+        config.validate().map_err(|error| ComponentError::Config(error.message))?;
+        Ok(PrometheusSink { shared: Arc::new(Shared::new(config, registry, component_id)?) })
+    }
+
+    /// The sink of a worker: the gauges go to the engine's registry, shared with the other
+    /// workers' instances of the same component. Outside an engine (no registry) the gauges
+    /// live in a private registry.
+    pub fn for_context(
+        config: &PrometheusSinkConfig,
+        ctx: &ComponentContext,
+    ) -> Result<PrometheusSink, ComponentError> {
+        let Some(metrics) = ctx.metrics_registry() else {
+            return PrometheusSink::new(config, &Registry::new(), &ctx.component_id);
+        };
+        let key = (metrics.id(), ctx.component_id.to_string());
+        let mut instances = instances().lock().unwrap_or_else(PoisonError::into_inner);
+        instances.retain(|_, weak| weak.strong_count() > 0);
+        if let Some(shared) = instances.get(&key).and_then(Weak::upgrade) {
+            return Ok(PrometheusSink { shared });
+        }
+        let sink = PrometheusSink::new(config, metrics.registry(), &ctx.component_id)?;
+        instances.insert(key, Arc::downgrade(&sink.shared));
+        Ok(sink)
+    }
+
+    /// Series currently kept per gauge family.
+    pub fn series(&self) -> usize {
+        self.shared.state.lock().unwrap_or_else(PoisonError::into_inner).lru.len()
+    }
+
+    /// Series evicted so far by `max_series`.
+    pub fn evicted(&self) -> u64 {
+        self.shared.evicted.get()
+    }
+}
+
+impl Sink for PrometheusSink {
+    fn write_batch(&mut self, batch: Batch) -> Result<(), ComponentError> {
+        self.shared.write(&batch)
+    }
+
+    fn on_watermark(&mut self, watermark_ms: EventTime) -> Result<(), ComponentError> {
+        self.shared.advance(watermark_ms);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use prometheus::{Encoder, TextEncoder};
+    use tidewatch_api::{DeviceId, Schema};
+
+    use super::*;
+
+    fn score(device: &str, end_ms: EventTime, value: f32, anomaly: bool) -> Score {
+        Score {
+            device: DeviceId::intern(device),
+            start_ms: end_ms - 1000,
+            end_ms,
+            detector: Arc::from("stats"),
+            version: Arc::from("stats-1"),
+            score: value,
+            threshold: Some(5.0),
+            anomaly,
+            label: 0,
+            columns: Arc::new(Schema::default()),
+            values: Vec::new(),
+        }
+    }
+
+    fn event(device: &str, state: AnomalyState) -> AnomalyEvent {
+        AnomalyEvent {
+            device: DeviceId::intern(device),
+            state,
+            time_ms: 1000,
+            started_ms: 1000,
+            score: 9.0,
+            peak_score: 9.0,
+            threshold: Some(5.0),
+            detector: Arc::from("stats"),
+            version: Arc::from("stats-1"),
+            label: 0,
+            columns: Arc::new(Schema::default()),
+            values: Vec::new(),
+        }
+    }
+
+    fn render(registry: &Registry) -> String {
+        let mut buffer = Vec::new();
+        TextEncoder::new().encode(&registry.gather(), &mut buffer).expect("encode");
+        String::from_utf8(buffer).expect("utf-8")
+    }
+
+    fn count_series(text: &str, family: &str) -> usize {
+        text.lines().filter(|line| line.starts_with(&format!("{family}{{"))).count()
+    }
+
+    #[test]
+    fn cardinality_bound_holds_with_ten_times_more_devices() {
+        let registry = Registry::new();
+        let config = PrometheusSinkConfig { max_series: 50, top_n: 5, ..Default::default() };
+        let mut sink = PrometheusSink::new(&config, &registry, "prom").expect("sink");
+        for round in 0..3 {
+            for device in 0..500 {
+                let name = format!("card-{device:04}");
+                let time = 1_000 * (round * 500 + device + 1) as EventTime;
+                sink.write_batch(Batch::Scores(vec![score(&name, time, device as f32, false)]))
+                    .expect("write");
+                assert!(sink.series() <= 50);
+            }
+        }
+        let text = render(&registry);
+        for family in [
+            "tidewatch_anomaly_score",
+            "tidewatch_reconstruction_error",
+            "tidewatch_anomaly_active",
+        ] {
+            assert_eq!(count_series(&text, family), 50, "{family}:\n{text}");
+        }
+        assert_eq!(count_series(&text, "tidewatch_anomaly_topn"), 5);
+        // 1500 updates of 500 distinct devices, 50 kept: every update of a device not kept
+        // evicts one.
+        assert_eq!(sink.evicted(), 1500 - 50);
+        assert!(
+            text.contains("tidewatch_prometheus_evicted_series_total{component_id=\"prom\"} 1450")
+        );
+        // The most recently updated devices are the ones kept.
+        assert!(text.contains("device=\"card-0499\""));
+        assert!(
+            !text.contains("tidewatch_anomaly_score{component_id=\"prom\",device=\"card-0100\"}")
+        );
+    }
+
+    #[test]
+    fn active_follows_events_once_seen_and_scores_before() {
+        let registry = Registry::new();
+        let mut sink =
+            PrometheusSink::new(&PrometheusSinkConfig::default(), &registry, "p").expect("sink");
+        sink.write_batch(Batch::Scores(vec![score("act-1", 1000, 9.0, true)])).expect("write");
+        assert!(
+            render(&registry)
+                .contains("tidewatch_anomaly_active{component_id=\"p\",device=\"act-1\"} 1")
+        );
+        sink.write_batch(Batch::Events(vec![event("act-1", AnomalyState::Close)])).expect("write");
+        assert!(
+            render(&registry)
+                .contains("tidewatch_anomaly_active{component_id=\"p\",device=\"act-1\"} 0")
+        );
+        // Events rule now: an exceeding score does not reopen it.
+        sink.write_batch(Batch::Scores(vec![score("act-1", 2000, 9.0, true)])).expect("write");
+        let text = render(&registry);
+        assert!(text.contains("tidewatch_anomaly_active{component_id=\"p\",device=\"act-1\"} 0"));
+        assert!(text.contains("tidewatch_anomaly_score{component_id=\"p\",device=\"act-1\"} 9"));
+        assert!(
+            text.contains("tidewatch_reconstruction_error{component_id=\"p\",device=\"act-1\"} 9")
+        );
+        sink.write_batch(Batch::Events(vec![event("act-1", AnomalyState::Open)])).expect("write");
+        assert!(
+            render(&registry)
+                .contains("tidewatch_anomaly_active{component_id=\"p\",device=\"act-1\"} 1")
+        );
+    }
+
+    #[test]
+    fn labels_come_from_configured_fields_only() {
+        let registry = Registry::new();
+        let config = PrometheusSinkConfig {
+            labels: vec![LabelField::Device, LabelField::Version],
+            ..Default::default()
+        };
+        let mut sink = PrometheusSink::new(&config, &registry, "p").expect("sink");
+        sink.write_batch(Batch::Scores(vec![score("lab-1", 1000, 2.0, false)])).expect("write");
+        let text = render(&registry);
+        assert!(
+            text.contains(
+                "tidewatch_anomaly_score{component_id=\"p\",device=\"lab-1\",version=\"stats-1\"} 2"
+            ),
+            "{text}"
+        );
+        assert!(!text.contains("detector="));
+    }
+
+    #[test]
+    fn top_n_is_the_sliding_maximum() {
+        let registry = Registry::new();
+        let config = PrometheusSinkConfig { top_n: 2, top_window_secs: 10, ..Default::default() };
+        let mut sink = PrometheusSink::new(&config, &registry, "p").expect("sink");
+        sink.write_batch(Batch::Scores(vec![
+            score("top-a", 1_000, 9.0, false),
+            score("top-b", 2_000, 5.0, false),
+            score("top-c", 3_000, 1.0, false),
+        ]))
+        .expect("write");
+        let text = render(&registry);
+        assert!(
+            text.contains(
+                "tidewatch_anomaly_topn{component_id=\"p\",device=\"top-a\",rank=\"1\"} 9"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "tidewatch_anomaly_topn{component_id=\"p\",device=\"top-b\",rank=\"2\"} 5"
+            ),
+            "{text}"
+        );
+        // a's 9 leaves the window at 11 s; its later low score stays.
+        sink.write_batch(Batch::Scores(vec![score("top-a", 4_000, 0.5, false)])).expect("write");
+        sink.on_watermark(11_500).expect("watermark");
+        let text = render(&registry);
+        assert!(
+            text.contains(
+                "tidewatch_anomaly_topn{component_id=\"p\",device=\"top-b\",rank=\"1\"} 5"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "tidewatch_anomaly_topn{component_id=\"p\",device=\"top-c\",rank=\"2\"} 1"
+            ),
+            "{text}"
+        );
+        assert_eq!(count_series(&text, "tidewatch_anomaly_topn"), 2);
+        // Everything expires.
+        sink.on_watermark(100_000).expect("watermark");
+        assert_eq!(count_series(&render(&registry), "tidewatch_anomaly_topn"), 0);
+    }
+
+    #[test]
+    fn workers_share_one_registration_and_drop_unregisters() {
+        let registry = Registry::new();
+        let metrics = tidewatch_api::MetricsRegistry::new(registry.clone());
+        let ctx = |worker| {
+            ComponentContext::new(
+                "shared-prom",
+                "prometheus",
+                worker,
+                2,
+                Arc::new(tidewatch_api::PipelineInfo::default()),
+                Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            )
+            .with_metrics_registry(metrics.clone())
+        };
+        let config = PrometheusSinkConfig::default();
+        let mut first = PrometheusSink::for_context(&config, &ctx(0)).expect("worker 0");
+        let mut second = PrometheusSink::for_context(&config, &ctx(1)).expect("worker 1");
+        first.write_batch(Batch::Scores(vec![score("sh-1", 1000, 1.0, false)])).expect("write");
+        second.write_batch(Batch::Scores(vec![score("sh-2", 1000, 2.0, false)])).expect("write");
+        assert_eq!(count_series(&render(&registry), "tidewatch_anomaly_score"), 2);
+        drop(first);
+        drop(second);
+        assert_eq!(count_series(&render(&registry), "tidewatch_anomaly_score"), 0);
+        // A new run with the same registry registers again.
+        let _again = PrometheusSink::for_context(&config, &ctx(0)).expect("again");
+    }
+
+    #[test]
+    fn options_are_checked() {
+        let bad = |config: PrometheusSinkConfig| config.validate().is_err();
+        assert!(bad(PrometheusSinkConfig { max_series: 0, ..Default::default() }));
+        assert!(bad(PrometheusSinkConfig { labels: vec![], ..Default::default() }));
+        assert!(bad(PrometheusSinkConfig {
+            labels: vec![LabelField::Device, LabelField::Device],
+            ..Default::default()
+        }));
+        assert!(bad(PrometheusSinkConfig { top_window_secs: 0, ..Default::default() }));
+        let options = tidewatch_api::ConfigValue::parse("labels = [\"topic\"]").expect("toml");
+        assert!(options.deserialize::<PrometheusSinkConfig>().is_err());
+    }
+}
