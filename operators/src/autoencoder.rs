@@ -255,16 +255,23 @@ impl Scorer {
         let length = self.length();
         let features = self.scaler.len();
         let width = length * features;
+        // Standardise into one reused buffer, a step (row of `features`) at a time.
         self.input.clear();
-        self.input.reserve(windows.len() * width);
-        for window in windows {
+        self.input.resize(windows.len() * width, 0.0);
+        for (window, row) in windows.iter().zip(self.input.chunks_exact_mut(width.max(1))) {
             let skip = window.steps().saturating_sub(length);
-            for step in skip..skip + length {
-                let values = window.step(step).unwrap_or(&[]);
-                for (column, (mean, inverse_std)) in self.scaler.iter().enumerate() {
-                    let value = values.get(column).copied().unwrap_or(f32::NAN);
-                    let scaled = (value - mean) * inverse_std;
-                    self.input.push(if scaled.is_finite() { scaled } else { 0.0 });
+            let source =
+                window.values.get(skip * features..(skip + length) * features).unwrap_or(&[]);
+            if source.len() == width {
+                for (values, target) in
+                    source.chunks_exact(features).zip(row.chunks_exact_mut(features))
+                {
+                    for ((value, (mean, inverse_std)), slot) in
+                        values.iter().zip(&self.scaler).zip(target)
+                    {
+                        let scaled = (value - mean) * inverse_std;
+                        *slot = if scaled.is_finite() { scaled } else { 0.0 };
+                    }
                 }
             }
         }
@@ -278,20 +285,25 @@ impl Scorer {
                 self.input.len()
             )));
         }
+        // Squared errors summed in f64, per feature (no division per value).
         let mut scores = Vec::with_capacity(windows.len());
+        let mut sums = vec![0f64; features];
         for (row, reconstructed) in
-            self.input.chunks_exact(width).zip(self.output.chunks_exact(width))
+            self.input.chunks_exact(width.max(1)).zip(self.output.chunks_exact(width.max(1)))
         {
-            let mut per_feature = vec![0f64; features];
-            let mut total = 0f64;
-            for (index, (x, y)) in row.iter().zip(reconstructed).enumerate() {
-                let error = f64::from(x - y) * f64::from(x - y);
-                total += error;
-                per_feature[index % features] += error;
+            sums.iter_mut().for_each(|sum| *sum = 0.0);
+            for (step, step_out) in
+                row.chunks_exact(features).zip(reconstructed.chunks_exact(features))
+            {
+                for ((sum, x), y) in sums.iter_mut().zip(step).zip(step_out) {
+                    let error = f64::from(*x) - f64::from(*y);
+                    *sum += error * error;
+                }
             }
+            let total: f64 = sums.iter().sum();
             scores.push(WindowScore {
                 score: total / width as f64,
-                per_feature: per_feature.iter().map(|sum| (sum / length as f64) as f32).collect(),
+                per_feature: sums.iter().map(|sum| (sum / length as f64) as f32).collect(),
             });
         }
         Ok(scores)
