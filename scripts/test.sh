@@ -87,6 +87,7 @@ for tool in promtool amtool; do
   }
 done
 promtool check rules k8s/monitoring/prometheus-rules.yml
+promtool test rules k8s/monitoring/tests/rule-tests.yml
 promtool check config k8s/monitoring/prometheus.yml
 amtool check-config k8s/monitoring/alertmanager.yml
 python3 -m json.tool k8s/monitoring/grafana-dashboard.json >/dev/null

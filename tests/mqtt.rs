@@ -10,15 +10,11 @@
 mod common;
 
 use std::collections::{HashMap, HashSet};
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
-use std::thread::JoinHandle;
+use std::sync::RwLock;
 use std::time::{Duration, Instant};
 
-use rumqttc::v5;
-use tidewatch::engine::{EngineError, RunContext};
+use common::{Publisher, Running, Subscriber, prepare_session, require_broker, unique, wait_until};
 
 const PLAIN: &str = "mqtt://127.0.0.1:1883";
 const TLS: &str = "mqtts://127.0.0.1:8883";
@@ -34,34 +30,8 @@ fn broker_shared() -> std::sync::RwLockReadGuard<'static, ()> {
     BROKER.read().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-fn require_broker() {
-    let address = "127.0.0.1:1883".parse().expect("address");
-    TcpStream::connect_timeout(&address, Duration::from_secs(2)).expect(
-        "no MQTT broker on 127.0.0.1:1883: start it with `scripts/services.sh start mosquitto` \
-         (scripts/test.sh does)",
-    );
-}
-
 fn certs() -> PathBuf {
     common::root().join(".services/mosquitto")
-}
-
-/// A topic prefix and id stem unique to this test run.
-fn unique(name: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|elapsed| elapsed.as_nanos() % 1_000_000_000_000)
-        .unwrap_or(0);
-    format!("twtest-{name}-{}-{nanos}", std::process::id())
-}
-
-/// Polls `condition` every 20 ms until it holds or `timeout` passes.
-fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !condition() {
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -113,56 +83,6 @@ fn source(url: &str, filter: &str, prefix: &str, client_id: &str, extra: &str) -
     )
 }
 
-struct Running {
-    context: RunContext,
-    handle: Option<JoinHandle<Result<(), EngineError>>>,
-}
-
-impl Running {
-    fn start(text: &str, vars: &[(&str, String)], workers: usize) -> Running {
-        let pipeline = common::load(text, vars)
-            .unwrap_or_else(|errors| panic!("invalid test pipeline:\n{errors}\n{text}"));
-        let context = RunContext::default();
-        let shared = context.clone();
-        let handle = std::thread::spawn(move || tidewatch::run(&pipeline, workers, &shared));
-        Running { context, handle: Some(handle) }
-    }
-
-    fn received(&self, component: &str, kind: &str) -> u64 {
-        self.context.metrics.received(component, kind)
-    }
-
-    fn errors(&self, component: &str) -> u64 {
-        self.context.metrics.errors(component)
-    }
-
-    /// Asks the pipeline to stop and waits for it (drained, sinks closed).
-    fn stop(mut self) -> Result<(), EngineError> {
-        self.context.request_shutdown();
-        self.join(Duration::from_secs(60))
-    }
-
-    /// Waits for the run to end by itself.
-    fn join(&mut self, timeout: Duration) -> Result<(), EngineError> {
-        let handle = self.handle.take().expect("running");
-        let deadline = Instant::now() + timeout;
-        while !handle.is_finished() {
-            assert!(Instant::now() < deadline, "the pipeline did not stop within {timeout:?}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        handle.join().expect("the run thread does not panic")
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if self.handle.is_some() {
-            self.context.request_shutdown();
-            let _ = self.join(Duration::from_secs(60));
-        }
-    }
-}
-
 /// The distinct sequence numbers in readings files, and the number of readings.
 fn sequences(paths: &[PathBuf]) -> (HashSet<u64>, usize) {
     let mut seen = HashSet::new();
@@ -182,51 +102,10 @@ fn sequences(paths: &[PathBuf]) -> (HashSet<u64>, usize) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// A publisher and subscribers on rumqttc, independent of the connector
+// Sequence-numbered messages from the shared publisher (common::Publisher)
 // ---------------------------------------------------------------------------------------------
 
-struct Publisher {
-    client: rumqttc::Client,
-    acked: Arc<AtomicU64>,
-    thread: Option<JoinHandle<()>>,
-}
-
 impl Publisher {
-    /// An MQTT 3.1.1 publisher on the plain listener, with a persistent session (so that
-    /// publishes in flight when the broker restarts are sent again).
-    fn new(client_id: &str) -> Publisher {
-        let mut options = rumqttc::MqttOptions::new(client_id, "127.0.0.1", 1883);
-        options.set_clean_session(false).set_inflight(200).set_keep_alive(Duration::from_secs(5));
-        let (client, mut connection) = rumqttc::Client::new(options, 1_000);
-        let acked = Arc::new(AtomicU64::new(0));
-        let counter = Arc::clone(&acked);
-        let thread = std::thread::spawn(move || {
-            for event in connection.iter() {
-                match event {
-                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)))
-                    | Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubComp(_)))
-                    | Ok(rumqttc::Event::Outgoing(rumqttc::Outgoing::Publish(0))) => {
-                        counter.fetch_add(1, Ordering::SeqCst);
-                    }
-                    Ok(rumqttc::Event::Outgoing(rumqttc::Outgoing::Disconnect)) => break,
-                    Ok(_) => {}
-                    // The broker is restarting: retry shortly (not a synchronisation).
-                    Err(_) => std::thread::sleep(Duration::from_millis(100)),
-                }
-            }
-        });
-        Publisher { client, acked, thread: Some(thread) }
-    }
-
-    fn publish(&self, topic: &str, qos: u8, payload: impl Into<Vec<u8>>) {
-        let qos = match qos {
-            0 => rumqttc::QoS::AtMostOnce,
-            1 => rumqttc::QoS::AtLeastOnce,
-            _ => rumqttc::QoS::ExactlyOnce,
-        };
-        self.client.publish(topic, qos, false, payload).expect("publish queued");
-    }
-
     /// Publishes `{"ts":..., "seq": seq}` for each seq, spread over `devices` devices.
     fn publish_seqs(&self, prefix: &str, seqs: std::ops::Range<u64>, devices: u64, qos: u8) {
         let ts = tidewatch::api::records::now_ms();
@@ -234,125 +113,6 @@ impl Publisher {
             let topic = format!("{prefix}/dev-{}/data", seq % devices);
             self.publish(&topic, qos, format!("{{\"ts\":{},\"seq\":{seq}}}", ts + seq as i64));
         }
-    }
-
-    fn wait_acked(&self, count: u64, timeout: Duration) {
-        wait_until("the broker's acknowledgements", timeout, || {
-            self.acked.load(Ordering::SeqCst) >= count
-        });
-    }
-}
-
-impl Drop for Publisher {
-    fn drop(&mut self) {
-        let _ = self.client.disconnect();
-        if let Some(thread) = self.thread.take() {
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while !thread.is_finished() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        }
-    }
-}
-
-/// Creates the persistent session `client_id` with a subscription to `filters`, then
-/// disconnects: what is published from now on waits in the session for the pipeline.
-fn prepare_session(client_id: &str, filters: &[String], qos: u8, protocol_v5: bool) {
-    if protocol_v5 {
-        let mut options = v5::MqttOptions::new(client_id, "127.0.0.1", 1883);
-        options.set_clean_start(false).set_session_expiry_interval(Some(86_400));
-        let (client, mut connection) = v5::Client::new(options, 10);
-        let qos = match qos {
-            0 => v5::mqttbytes::QoS::AtMostOnce,
-            1 => v5::mqttbytes::QoS::AtLeastOnce,
-            _ => v5::mqttbytes::QoS::ExactlyOnce,
-        };
-        client
-            .subscribe_many(
-                filters.iter().map(|filter| v5::mqttbytes::v5::Filter::new(filter.clone(), qos)),
-            )
-            .expect("subscribe");
-        for event in connection.iter() {
-            match event.expect("preparing the session") {
-                v5::Event::Incoming(v5::mqttbytes::v5::Packet::SubAck(_)) => {
-                    client.disconnect().expect("disconnect");
-                }
-                v5::Event::Outgoing(rumqttc::Outgoing::Disconnect) => break,
-                _ => {}
-            }
-        }
-    } else {
-        let mut options = rumqttc::MqttOptions::new(client_id, "127.0.0.1", 1883);
-        options.set_clean_session(false);
-        let (client, mut connection) = rumqttc::Client::new(options, 10);
-        let qos = match qos {
-            0 => rumqttc::QoS::AtMostOnce,
-            1 => rumqttc::QoS::AtLeastOnce,
-            _ => rumqttc::QoS::ExactlyOnce,
-        };
-        client
-            .subscribe_many(
-                filters.iter().map(|filter| rumqttc::SubscribeFilter::new(filter.clone(), qos)),
-            )
-            .expect("subscribe");
-        for event in connection.iter() {
-            match event.expect("preparing the session") {
-                rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_)) => {
-                    client.disconnect().expect("disconnect");
-                }
-                rumqttc::Event::Outgoing(rumqttc::Outgoing::Disconnect) => break,
-                _ => {}
-            }
-        }
-    }
-}
-
-/// Messages as (topic, payload).
-type Received = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
-
-/// A subscriber collecting (topic, payload) of every message, subscribed when it returns.
-struct Subscriber {
-    messages: Received,
-    client: rumqttc::Client,
-}
-
-impl Subscriber {
-    fn new(client_id: &str, filter: &str) -> Subscriber {
-        let mut options = rumqttc::MqttOptions::new(client_id, "127.0.0.1", 1883);
-        options.set_max_packet_size(1 << 20, 1 << 20);
-        let (client, mut connection) = rumqttc::Client::new(options, 100);
-        client.subscribe(filter, rumqttc::QoS::AtLeastOnce).expect("subscribe");
-        let messages: Received = Arc::default();
-        let sink = Arc::clone(&messages);
-        let (subscribed_tx, subscribed_rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for event in connection.iter() {
-                match event {
-                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_))) => {
-                        let _ = subscribed_tx.send(());
-                    }
-                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(publish))) => {
-                        sink.lock()
-                            .unwrap_or_else(|poisoned| poisoned.into_inner())
-                            .push((publish.topic, publish.payload.to_vec()));
-                    }
-                    Ok(rumqttc::Event::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_) => break,
-                    Ok(_) => {}
-                }
-            }
-        });
-        subscribed_rx.recv_timeout(Duration::from_secs(10)).expect("subscribed");
-        Subscriber { messages, client }
-    }
-
-    fn count(&self) -> usize {
-        self.messages.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).len()
-    }
-}
-
-impl Drop for Subscriber {
-    fn drop(&mut self) {
-        let _ = self.client.disconnect();
     }
 }
 
@@ -703,6 +463,13 @@ fn malformed_messages_are_counted_in_errors_and_the_pipeline_keeps_running() {
     assert_eq!(running.received("in", "mqtt"), 210, "valid and unparsable messages went on");
     assert_eq!(running.errors("in"), 9, "5 empty payloads, 4 topics off the template");
     assert_eq!(running.errors("norm"), 10, "10 unparsable payloads");
+    // The source's consumer lag is exported per worker (queue_capacity is 10000 by default).
+    let exported = running.context.metrics.render();
+    assert!(
+        exported.lines().any(|line| line
+            == "tidewatch_source_backlog_capacity_records{component_id=\"in\",worker=\"0\"} 10000"),
+        "no backlog capacity for the mqtt source:\n{exported}"
+    );
     running.stop().expect("the pipeline ran");
     let errors = common::json_lines(&dir.path().join("errors.jsonl"));
     let mut by_type: HashMap<String, usize> = HashMap::new();
@@ -716,6 +483,50 @@ fn malformed_messages_are_counted_in_errors_and_the_pipeline_keeps_running() {
     assert_eq!(by_type.get("parse"), Some(&10), "{by_type:?}");
     let (seen, _) = sequences(&[dir.path().join("readings.jsonl")]);
     assert_eq!(seen.len(), 200);
+}
+
+/// The backlog a source reports is what the broker delivered and the pipeline did not take.
+#[test]
+fn backlog_counts_the_messages_waiting_for_the_pipeline() {
+    use tidewatch::api::{ComponentContext, ConfigValue, Outputs, Source};
+    use tidewatch::connectors::MqttSourceConfig;
+    use tidewatch::connectors::mqtt::MqttSource;
+
+    let _broker = broker_shared();
+    let prefix = unique("backlog");
+    let client_id = format!("{prefix}-in");
+    let filter = format!("{prefix}/#");
+    prepare_session(&client_id, std::slice::from_ref(&filter), 1, false);
+    let publisher = Publisher::new(&format!("{prefix}-pub"));
+    publisher.publish_seqs(&prefix, 0..50, 1, 1);
+    publisher.wait_acked(50, Duration::from_secs(30));
+
+    let options = format!(
+        "url = \"{PLAIN}\"\ntopics = [\"{filter}\"]\nqos = 1\nclient_id = \"{client_id}\"\n\
+         protocol = \"v4\"\nqueue_capacity = 64\nbatch_size = 20"
+    );
+    let config: MqttSourceConfig =
+        ConfigValue::parse(&options).expect("toml").deserialize().expect("config");
+    let ctx = ComponentContext::for_test("in", "mqtt");
+    let mut source = MqttSource::new(&config, &ctx).expect("source");
+    source.open(&ctx).expect("connects");
+    let records = |source: &MqttSource| source.backlog().map(|backlog| backlog.records);
+    wait_until("the session's 50 messages in the source's queue", Duration::from_secs(30), || {
+        records(&source) == Some(50)
+    });
+    assert_eq!(source.backlog().map(|backlog| backlog.capacity), Some(64));
+    let mut out = Outputs::new("in");
+    source.poll(&mut out).expect("poll");
+    assert_eq!(out.pending_records(), 20, "batch_size");
+    assert_eq!(records(&source), Some(30), "taken by the pipeline: no longer waiting");
+    let mut taken = 20;
+    while taken < 50 {
+        let mut out = Outputs::new("in");
+        source.poll(&mut out).expect("poll");
+        taken += out.pending_records();
+    }
+    assert_eq!(records(&source), Some(0));
+    source.close().expect("close");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -759,8 +570,7 @@ qos = 1
     wait_until("300 messages at the subscriber", Duration::from_secs(30), || {
         subscriber.count() >= 300
     });
-    let messages =
-        subscriber.messages.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone();
+    let messages = subscriber.messages();
     assert_eq!(messages.len(), 300);
     let mut per_device: HashMap<String, usize> = HashMap::new();
     for (topic, payload) in &messages {

@@ -10,6 +10,7 @@
 //! | sink | `blackhole` | drops everything (benchmarks) ([`sinks`]) |
 //! | sink | `mqtt` | publishes every record as JSON to a topic template ([`mqtt::sink`]) |
 //! | sink | `prometheus` | per-device anomaly gauges and a top-N on the engine's `/metrics` ([`mod@prometheus`]) |
+//! | sink | `webhook` | anomaly events to an HTTP receiver: retries, signature, dead letters ([`webhook`]) |
 //!
 //! [`builtins`] lists their factories for the engine's registry. The configs and factories are
 //! public so that embedders and benchmarks can build components directly, for example:
@@ -28,11 +29,15 @@
 //!
 //! The options of every component are documented in `docs/reference/sources-and-sinks.md`.
 
+mod backoff;
 pub mod file;
 pub mod mqtt;
 pub mod prometheus;
+mod shared;
 pub mod simulator;
 pub mod sinks;
+mod tls;
+pub mod webhook;
 
 pub use file::{FileFormat, FileSource, FileSourceConfig, FileSourceFactory};
 pub use mqtt::{MqttSinkConfig, MqttSinkFactory, MqttSourceConfig, MqttSourceFactory};
@@ -45,6 +50,7 @@ pub use sinks::{
     FileSinkFactory, StdoutSink, StdoutSinkConfig, StdoutSinkFactory,
 };
 use tidewatch_api::ComponentFactory;
+pub use webhook::{WebhookSink, WebhookSinkConfig, WebhookSinkFactory};
 
 /// The built-in components, by type name, for the engine's registry (which keys them by class
 /// and name, so the `file` source and the `file` sink coexist).
@@ -58,6 +64,7 @@ pub fn builtins() -> Vec<(&'static str, ComponentFactory)> {
         ("blackhole", ComponentFactory::sink(BlackholeSinkFactory)),
         ("mqtt", ComponentFactory::sink(MqttSinkFactory)),
         ("prometheus", ComponentFactory::sink(PrometheusSinkFactory)),
+        ("webhook", ComponentFactory::sink(WebhookSinkFactory)),
     ]
 }
 
@@ -77,6 +84,7 @@ mod tests {
                 ("file", "sink") => "path = \"out.jsonl\"",
                 ("mqtt", "source") => "url = \"mqtt://127.0.0.1\"\ntopics = [\"a/#\"]",
                 ("mqtt", "sink") => "url = \"mqtt://127.0.0.1\"\ntopic = \"a/{device}\"",
+                ("webhook", "sink") => "url = \"http://127.0.0.1:9/hook\"",
                 _ => "",
             };
             let options = ConfigValue::parse(options).expect("toml");
@@ -87,10 +95,12 @@ mod tests {
                 }
                 ComponentFactory::Sink(sink) => {
                     let configured = sink.configure(&options, &ctx).expect(name);
-                    let expected = if name == "prometheus" {
-                        vec![tidewatch_api::Kind::Scores, tidewatch_api::Kind::Events]
-                    } else {
-                        tidewatch_api::Kind::ALL.to_vec()
+                    let expected = match name {
+                        "prometheus" => {
+                            vec![tidewatch_api::Kind::Scores, tidewatch_api::Kind::Events]
+                        }
+                        "webhook" => vec![tidewatch_api::Kind::Events],
+                        _ => tidewatch_api::Kind::ALL.to_vec(),
                     };
                     assert_eq!(configured.accepts(), expected);
                 }
@@ -108,7 +118,8 @@ mod tests {
                 ("sink", "file"),
                 ("sink", "blackhole"),
                 ("sink", "mqtt"),
-                ("sink", "prometheus")
+                ("sink", "prometheus"),
+                ("sink", "webhook")
             ]
         );
     }

@@ -19,10 +19,12 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::hash::Hash;
-use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use prometheus::core::Collector;
 use prometheus::{GaugeVec, IntCounter, Opts, Registry};
+
+use crate::shared::{Registered, per_component};
 use serde::Deserialize;
 use tidewatch_api::{
     AnomalyEvent, AnomalyState, Batch, ComponentContext, ComponentError, ConfigError, EventTime,
@@ -335,10 +337,8 @@ struct Shared {
     active: GaugeVec,
     topn: GaugeVec,
     evicted: IntCounter,
-    registry: Registry,
-    /// All collectors are registered (Drop unregisters them only then: a failed registration
-    /// must not unregister another component's equal collectors).
-    registered: bool,
+    /// The collectors' registration; dropping it unregisters them.
+    registered: Option<Registered>,
     state: Mutex<State>,
 }
 
@@ -350,17 +350,6 @@ fn collectors(shared: &Shared) -> Vec<Box<dyn Collector>> {
         Box::new(shared.topn.clone()),
         Box::new(shared.evicted.clone()),
     ]
-}
-
-impl Drop for Shared {
-    fn drop(&mut self) {
-        if !self.registered {
-            return;
-        }
-        for collector in collectors(self) {
-            let _ = self.registry.unregister(collector);
-        }
-    }
 }
 
 fn metric_error(error: prometheus::Error) -> ComponentError {
@@ -408,8 +397,7 @@ impl Shared {
                 .const_label("component_id", component_id),
             )
             .map_err(metric_error)?,
-            registry: registry.clone(),
-            registered: false,
+            registered: None,
             state: Mutex::new(State {
                 series: HashMap::new(),
                 lru: Lru::new(),
@@ -418,23 +406,13 @@ impl Shared {
                 published: Vec::new(),
             }),
         };
-        let all = collectors(&shared);
-        let count = all.len();
-        for (index, collector) in all.into_iter().enumerate() {
-            if let Err(error) = registry.register(collector) {
-                // Undo what this call registered, so that a retry starts clean.
-                for done in collectors(&shared).into_iter().take(index) {
-                    let _ = registry.unregister(done);
-                }
-                return Err(ComponentError::Config(format!(
-                    "cannot register the gauges of prometheus sink {component_id:?}: {error} \
-                     (all prometheus sinks of a process must use the same `labels`)"
-                )));
-            }
-            if index + 1 == count {
-                shared.registered = true;
-            }
-        }
+        let registered = Registered::all(registry, collectors(&shared)).map_err(|error| {
+            ComponentError::Config(format!(
+                "cannot register the gauges of prometheus sink {component_id:?}: {error} \
+                 (all prometheus sinks of a process must use the same `labels`)"
+            ))
+        })?;
+        shared.registered = Some(registered);
         Ok(shared)
     }
 
@@ -556,13 +534,6 @@ impl Shared {
     }
 }
 
-type SharedKey = (u64, String);
-
-fn instances() -> &'static Mutex<HashMap<SharedKey, Weak<Shared>>> {
-    static INSTANCES: OnceLock<Mutex<HashMap<SharedKey, Weak<Shared>>>> = OnceLock::new();
-    INSTANCES.get_or_init(Mutex::default)
-}
-
 // ---------------------------------------------------------------------------------------------
 // The sink
 // ---------------------------------------------------------------------------------------------
@@ -591,18 +562,13 @@ impl PrometheusSink {
         config: &PrometheusSinkConfig,
         ctx: &ComponentContext,
     ) -> Result<PrometheusSink, ComponentError> {
-        let Some(metrics) = ctx.metrics_registry() else {
-            return PrometheusSink::new(config, &Registry::new(), &ctx.component_id);
-        };
-        let key = (metrics.id(), ctx.component_id.to_string());
-        let mut instances = instances().lock().unwrap_or_else(PoisonError::into_inner);
-        instances.retain(|_, weak| weak.strong_count() > 0);
-        if let Some(shared) = instances.get(&key).and_then(Weak::upgrade) {
-            return Ok(PrometheusSink { shared });
-        }
-        let sink = PrometheusSink::new(config, metrics.registry(), &ctx.component_id)?;
-        instances.insert(key, Arc::downgrade(&sink.shared));
-        Ok(sink)
+        config.validate().map_err(|error| ComponentError::Config(error.message))?;
+        let shared = per_component(ctx, |metrics| {
+            let private = Registry::new();
+            let registry = metrics.map_or(&private, |metrics| metrics.registry());
+            Shared::new(config, registry, &ctx.component_id)
+        })?;
+        Ok(PrometheusSink { shared })
     }
 
     /// Series currently kept per gauge family.

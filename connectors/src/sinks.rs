@@ -144,7 +144,7 @@ impl SinkFactory for FileSinkFactory {
     }
 }
 
-type SharedWriter = Arc<Mutex<BufWriter<File>>>;
+pub(crate) type SharedWriter = Arc<Mutex<BufWriter<File>>>;
 type WriterMap = HashMap<PathBuf, Weak<Mutex<BufWriter<File>>>>;
 
 /// The writers open in this process, by canonical path. An entry lives as long as one sink
@@ -168,7 +168,7 @@ fn canonical_target(path: &Path) -> io::Result<PathBuf> {
 }
 
 /// The process-wide writer of `path`, opened (truncated unless `append`) by the first caller.
-fn shared_writer(path: &Path, append: bool) -> io::Result<SharedWriter> {
+pub(crate) fn shared_writer(path: &Path, append: bool) -> io::Result<SharedWriter> {
     let target = canonical_target(path)?;
     let mut writers = open_writers().lock().unwrap_or_else(PoisonError::into_inner);
     writers.retain(|_, writer| writer.strong_count() > 0);

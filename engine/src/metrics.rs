@@ -7,7 +7,8 @@
 //! is `tidewatch_watermark_lag_seconds{component_id}`.
 
 use prometheus::{
-    Encoder, GaugeVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Encoder, GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 use tidewatch_api::{EventTime, MetricsRegistry};
 
@@ -21,6 +22,8 @@ pub struct Metrics {
     errors: IntCounterVec,
     discarded: IntCounterVec,
     watermark_lag: GaugeVec,
+    backlog: IntGaugeVec,
+    backlog_capacity: IntGaugeVec,
     workers: IntGauge,
     up: IntGauge,
 }
@@ -78,6 +81,20 @@ impl Metrics {
         )
         .unwrap_or_else(|error| unreachable!("static metric definition is valid: {error}"));
         let _ = registry.register(Box::new(watermark_lag.clone()));
+        let gauge = |name: &str, help: &str| {
+            let gauge = IntGaugeVec::new(Opts::new(name, help), &["component_id", "worker"])
+                .unwrap_or_else(|error| unreachable!("static metric definition is valid: {error}"));
+            let _ = registry.register(Box::new(gauge.clone()));
+            gauge
+        };
+        let backlog = gauge(
+            "tidewatch_source_backlog_records",
+            "Records a source received and the pipeline has not consumed yet (consumer lag).",
+        );
+        let backlog_capacity = gauge(
+            "tidewatch_source_backlog_capacity_records",
+            "The most records that can wait at a source before it stops taking more.",
+        );
         let workers = IntGauge::new("tidewatch_workers", "Worker threads of this process.")
             .unwrap_or_else(|error| unreachable!("static metric definition is valid: {error}"));
         let _ = registry.register(Box::new(workers.clone()));
@@ -88,7 +105,19 @@ impl Metrics {
         .unwrap_or_else(|error| unreachable!("static metric definition is valid: {error}"));
         let _ = registry.register(Box::new(up.clone()));
         let shared = MetricsRegistry::new(registry.clone());
-        Metrics { registry, shared, received, sent, errors, discarded, watermark_lag, workers, up }
+        Metrics {
+            registry,
+            shared,
+            received,
+            sent,
+            errors,
+            discarded,
+            watermark_lag,
+            backlog,
+            backlog_capacity,
+            workers,
+            up,
+        }
     }
 
     /// The counters of one component (cheap to clone; increments are atomic).
@@ -99,6 +128,8 @@ impl Metrics {
             errors: self.errors.clone(),
             discarded: self.discarded.clone(),
             watermark_lag: self.watermark_lag.clone(),
+            backlog: self.backlog.clone(),
+            backlog_capacity: self.backlog_capacity.clone(),
             id: component_id.to_owned(),
             type_name: component_type.to_owned(),
         }
@@ -179,6 +210,8 @@ pub struct ComponentMetrics {
     errors: IntCounterVec,
     discarded: IntCounterVec,
     watermark_lag: GaugeVec,
+    backlog: IntGaugeVec,
+    backlog_capacity: IntGaugeVec,
     id: String,
     type_name: String,
 }
@@ -206,5 +239,12 @@ impl ComponentMetrics {
     pub fn watermark(&self, watermark_ms: EventTime) {
         let lag = (tidewatch_api::records::now_ms() - watermark_ms) as f64 / 1000.0;
         self.watermark_lag.with_label_values(&[&self.id]).set(lag);
+    }
+    /// Records the backlog a worker's source instance reports.
+    pub fn backlog(&self, worker: usize, backlog: tidewatch_api::Backlog) {
+        let worker = worker.to_string();
+        let labels = [self.id.as_str(), worker.as_str()];
+        self.backlog.with_label_values(&labels).set(backlog.records as i64);
+        self.backlog_capacity.with_label_values(&labels).set(backlog.capacity as i64);
     }
 }

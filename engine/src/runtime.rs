@@ -364,6 +364,9 @@ fn source_operator<'scope>(
             // A source receives what it reads from the outside world and sends it on: both
             // counters count it (Vector's convention), so "received" works for every component.
             metrics.received(outs.pending_records());
+            if let Some(backlog) = source.backlog() {
+                metrics.backlog(ctx.worker_index, backlog);
+            }
             let mut outputs = [&mut main_out, &mut error_out];
             if let Some(time) = ship(&mut outs, held, &mut outputs, &metrics) {
                 max_seen = Some(max_seen.map_or(time, |seen| seen.max(time)));

@@ -1,10 +1,18 @@
-//! Helpers shared by the integration tests.
+//! Helpers shared by the integration tests: loading and running pipelines, awaiting
+//! conditions, and an MQTT publisher and subscriber (rumqttc, independent of the connectors)
+//! for the tests against the Mosquitto on 127.0.0.1:1883.
 #![allow(dead_code, unreachable_pub)]
 
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
+use rumqttc::v5;
 use tidewatch::Registry;
-use tidewatch::engine::{Diagnostic, Pipeline, RunContext, ValidationErrors};
+use tidewatch::engine::{Diagnostic, EngineError, Pipeline, RunContext, ValidationErrors};
 
 /// The repository root.
 pub fn root() -> PathBuf {
@@ -19,6 +27,29 @@ pub fn load(text: &str, vars: &[(&str, String)]) -> Result<Pipeline, ValidationE
         text,
         "test.toml",
         &root(),
+        &Registry::with_builtins(),
+        move |name| {
+            vars.iter().find(|(candidate, _)| candidate == name).map(|(_, value)| value.clone())
+        },
+    )
+}
+
+/// The text of a shipped pipeline file, `pipelines/<name>`.
+pub fn shipped(name: &str) -> String {
+    let path = root().join("pipelines").join(name);
+    std::fs::read_to_string(&path)
+        .unwrap_or_else(|error| panic!("cannot read {}: {error}", path.display()))
+}
+
+/// Loads the text of a shipped pipeline (relative paths resolved against `pipelines/`) with
+/// `${VAR}` taken from `vars` only: unset variables take their defaults.
+pub fn load_shipped(text: &str, vars: &[(&str, String)]) -> Result<Pipeline, ValidationErrors> {
+    let vars: Vec<(String, String)> =
+        vars.iter().map(|(name, value)| (name.to_string(), value.clone())).collect();
+    tidewatch::engine::load_str(
+        text,
+        "pipelines/shipped.toml",
+        &root().join("pipelines"),
         &Registry::with_builtins(),
         move |name| {
             vars.iter().find(|(candidate, _)| candidate == name).map(|(_, value)| value.clone())
@@ -49,5 +80,262 @@ pub fn diagnostics(fixture: &str) -> Vec<Diagnostic> {
     match tidewatch::engine::load_file(&path, &Registry::with_builtins()) {
         Ok(pipeline) => pipeline.warnings,
         Err(errors) => errors.diagnostics,
+    }
+}
+
+/// Polls `condition` every 20 ms until it holds or `timeout` passes.
+pub fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A topic prefix and id stem unique to this test run.
+pub fn unique(name: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_nanos() % 1_000_000_000_000)
+        .unwrap_or(0);
+    format!("twtest-{name}-{}-{nanos}", std::process::id())
+}
+
+/// A pipeline running in a thread; stopped (drained) when dropped.
+pub struct Running {
+    pub context: RunContext,
+    handle: Option<JoinHandle<Result<(), EngineError>>>,
+}
+
+impl Running {
+    /// Loads `text` (variables from `vars` only) and runs it on `workers` workers.
+    pub fn start(text: &str, vars: &[(&str, String)], workers: usize) -> Running {
+        let pipeline = load(text, vars)
+            .unwrap_or_else(|errors| panic!("invalid test pipeline:\n{errors}\n{text}"));
+        Running::run(pipeline, workers)
+    }
+
+    /// Runs a loaded pipeline on `workers` workers.
+    pub fn run(pipeline: Pipeline, workers: usize) -> Running {
+        let context = RunContext::default();
+        let shared = context.clone();
+        let handle = std::thread::spawn(move || tidewatch::run(&pipeline, workers, &shared));
+        Running { context, handle: Some(handle) }
+    }
+
+    pub fn received(&self, component: &str, kind: &str) -> u64 {
+        self.context.metrics.received(component, kind)
+    }
+
+    pub fn errors(&self, component: &str) -> u64 {
+        self.context.metrics.errors(component)
+    }
+
+    /// Asks the pipeline to stop and waits for it (drained, sinks closed).
+    pub fn stop(mut self) -> Result<(), EngineError> {
+        self.context.request_shutdown();
+        self.join(Duration::from_secs(60))
+    }
+
+    /// Waits for the run to end by itself.
+    pub fn join(&mut self, timeout: Duration) -> Result<(), EngineError> {
+        let handle = self.handle.take().expect("running");
+        let deadline = Instant::now() + timeout;
+        while !handle.is_finished() {
+            assert!(Instant::now() < deadline, "the pipeline did not stop within {timeout:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        handle.join().expect("the run thread does not panic")
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if self.handle.is_some() {
+            self.context.request_shutdown();
+            let _ = self.join(Duration::from_secs(60));
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// MQTT: the broker, a publisher and subscribers on rumqttc, independent of the connectors
+// ---------------------------------------------------------------------------------------------
+
+/// Fails the test unless a broker listens on 127.0.0.1:1883.
+pub fn require_broker() {
+    let address = "127.0.0.1:1883".parse().expect("address");
+    TcpStream::connect_timeout(&address, Duration::from_secs(2)).expect(
+        "no MQTT broker on 127.0.0.1:1883: start it with `scripts/services.sh start mosquitto` \
+         (scripts/test.sh does)",
+    );
+}
+
+fn qos_v4(qos: u8) -> rumqttc::QoS {
+    match qos {
+        0 => rumqttc::QoS::AtMostOnce,
+        1 => rumqttc::QoS::AtLeastOnce,
+        _ => rumqttc::QoS::ExactlyOnce,
+    }
+}
+
+/// A publisher counting the broker's acknowledgements.
+pub struct Publisher {
+    client: rumqttc::Client,
+    acked: Arc<AtomicU64>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Publisher {
+    /// An MQTT 3.1.1 publisher on the plain listener, with a persistent session (so that
+    /// publishes in flight when the broker restarts are sent again).
+    pub fn new(client_id: &str) -> Publisher {
+        let mut options = rumqttc::MqttOptions::new(client_id, "127.0.0.1", 1883);
+        options.set_clean_session(false).set_inflight(200).set_keep_alive(Duration::from_secs(5));
+        let (client, mut connection) = rumqttc::Client::new(options, 1_000);
+        let acked = Arc::new(AtomicU64::new(0));
+        let counter = Arc::clone(&acked);
+        let thread = std::thread::spawn(move || {
+            for event in connection.iter() {
+                match event {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)))
+                    | Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubComp(_)))
+                    | Ok(rumqttc::Event::Outgoing(rumqttc::Outgoing::Publish(0))) => {
+                        counter.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Ok(rumqttc::Event::Outgoing(rumqttc::Outgoing::Disconnect)) => break,
+                    Ok(_) => {}
+                    // The broker is restarting: retry shortly (not a synchronisation).
+                    Err(_) => std::thread::sleep(Duration::from_millis(100)),
+                }
+            }
+        });
+        Publisher { client, acked, thread: Some(thread) }
+    }
+
+    /// Queues a publish (not retained).
+    pub fn publish(&self, topic: &str, qos: u8, payload: impl Into<Vec<u8>>) {
+        self.client.publish(topic, qos_v4(qos), false, payload).expect("publish queued");
+    }
+
+    /// Waits until the broker acknowledged `count` publishes (QoS 0: until they were sent).
+    pub fn wait_acked(&self, count: u64, timeout: Duration) {
+        wait_until("the broker's acknowledgements", timeout, || {
+            self.acked.load(Ordering::SeqCst) >= count
+        });
+    }
+}
+
+impl Drop for Publisher {
+    fn drop(&mut self) {
+        let _ = self.client.disconnect();
+        if let Some(thread) = self.thread.take() {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while !thread.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+}
+
+/// Creates the persistent session `client_id` with a subscription to `filters`, then
+/// disconnects: what is published from now on waits in the session for the pipeline.
+pub fn prepare_session(client_id: &str, filters: &[String], qos: u8, protocol_v5: bool) {
+    if protocol_v5 {
+        let mut options = v5::MqttOptions::new(client_id, "127.0.0.1", 1883);
+        options.set_clean_start(false).set_session_expiry_interval(Some(86_400));
+        let (client, mut connection) = v5::Client::new(options, 10);
+        let qos = match qos {
+            0 => v5::mqttbytes::QoS::AtMostOnce,
+            1 => v5::mqttbytes::QoS::AtLeastOnce,
+            _ => v5::mqttbytes::QoS::ExactlyOnce,
+        };
+        client
+            .subscribe_many(
+                filters.iter().map(|filter| v5::mqttbytes::v5::Filter::new(filter.clone(), qos)),
+            )
+            .expect("subscribe");
+        for event in connection.iter() {
+            match event.expect("preparing the session") {
+                v5::Event::Incoming(v5::mqttbytes::v5::Packet::SubAck(_)) => {
+                    client.disconnect().expect("disconnect");
+                }
+                v5::Event::Outgoing(rumqttc::Outgoing::Disconnect) => break,
+                _ => {}
+            }
+        }
+    } else {
+        let mut options = rumqttc::MqttOptions::new(client_id, "127.0.0.1", 1883);
+        options.set_clean_session(false);
+        let (client, mut connection) = rumqttc::Client::new(options, 10);
+        let qos = qos_v4(qos);
+        client
+            .subscribe_many(
+                filters.iter().map(|filter| rumqttc::SubscribeFilter::new(filter.clone(), qos)),
+            )
+            .expect("subscribe");
+        for event in connection.iter() {
+            match event.expect("preparing the session") {
+                rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_)) => {
+                    client.disconnect().expect("disconnect");
+                }
+                rumqttc::Event::Outgoing(rumqttc::Outgoing::Disconnect) => break,
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Messages as (topic, payload).
+pub type Received = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
+
+/// A subscriber collecting (topic, payload) of every message, subscribed when it returns.
+pub struct Subscriber {
+    pub messages: Received,
+    client: rumqttc::Client,
+}
+
+impl Subscriber {
+    pub fn new(client_id: &str, filter: &str) -> Subscriber {
+        let mut options = rumqttc::MqttOptions::new(client_id, "127.0.0.1", 1883);
+        options.set_max_packet_size(1 << 20, 1 << 20);
+        let (client, mut connection) = rumqttc::Client::new(options, 100);
+        client.subscribe(filter, rumqttc::QoS::AtLeastOnce).expect("subscribe");
+        let messages: Received = Arc::default();
+        let sink = Arc::clone(&messages);
+        let (subscribed_tx, subscribed_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for event in connection.iter() {
+                match event {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_))) => {
+                        let _ = subscribed_tx.send(());
+                    }
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(publish))) => {
+                        sink.lock()
+                            .unwrap_or_else(|poisoned| poisoned.into_inner())
+                            .push((publish.topic, publish.payload.to_vec()));
+                    }
+                    Ok(rumqttc::Event::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        });
+        subscribed_rx.recv_timeout(Duration::from_secs(10)).expect("subscribed");
+        Subscriber { messages, client }
+    }
+
+    pub fn count(&self) -> usize {
+        self.messages.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).len()
+    }
+
+    /// A copy of the messages received so far, in arrival order.
+    pub fn messages(&self) -> Vec<(String, Vec<u8>)> {
+        self.messages.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
+    }
+}
+
+impl Drop for Subscriber {
+    fn drop(&mut self) {
+        let _ = self.client.disconnect();
     }
 }

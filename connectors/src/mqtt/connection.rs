@@ -14,10 +14,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use rumqttc::tokio_rustls::rustls;
 use rumqttc::v5;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde::Deserialize;
 use tidewatch_api::{ComponentError, ConfigError};
+
+pub(crate) use crate::backoff::Backoff;
 
 /// The MQTT protocol version.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
@@ -269,76 +269,10 @@ impl ConnectionSettings {
     /// The rustls client configuration: the CA file (or the system's roots) and the optional
     /// client certificate, with the ring crypto provider.
     fn tls_config(&self) -> Result<Arc<rustls::ClientConfig>, ComponentError> {
-        let mut roots = rustls::RootCertStore::empty();
-        match &self.ca_file {
-            Some(path) => {
-                let certs = CertificateDer::pem_file_iter(path)
-                    .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-                    .map_err(|error| {
-                        ComponentError::Config(format!(
-                            "cannot read ca_file {}: {error}",
-                            path.display()
-                        ))
-                    })?;
-                for cert in certs {
-                    roots.add(cert).map_err(|error| {
-                        ComponentError::Config(format!(
-                            "ca_file {} holds an invalid certificate: {error}",
-                            path.display()
-                        ))
-                    })?;
-                }
-                if roots.is_empty() {
-                    return Err(ComponentError::Config(format!(
-                        "ca_file {} holds no PEM certificate",
-                        path.display()
-                    )));
-                }
-            }
-            None => {
-                let native = rustls_native_certs::load_native_certs();
-                roots.add_parsable_certificates(native.certs);
-                if roots.is_empty() {
-                    return Err(ComponentError::Config(
-                        "no CA certificates: the system has none; set ca_file".to_owned(),
-                    ));
-                }
-            }
-        }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let builder = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|error| ComponentError::Internal(format!("TLS versions: {error}")))?
-            .with_root_certificates(roots);
-        let config = match (&self.client_cert_file, &self.client_key_file) {
-            (Some(cert_path), Some(key_path)) => {
-                let chain = CertificateDer::pem_file_iter(cert_path)
-                    .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-                    .map_err(|error| {
-                        ComponentError::Config(format!(
-                            "cannot read client_cert_file {}: {error}",
-                            cert_path.display()
-                        ))
-                    })?;
-                if chain.is_empty() {
-                    return Err(ComponentError::Config(format!(
-                        "client_cert_file {} holds no PEM certificate",
-                        cert_path.display()
-                    )));
-                }
-                let key = PrivateKeyDer::from_pem_file(key_path).map_err(|error| {
-                    ComponentError::Config(format!(
-                        "cannot read client_key_file {}: {error}",
-                        key_path.display()
-                    ))
-                })?;
-                builder.with_client_auth_cert(chain, key).map_err(|error| {
-                    ComponentError::Config(format!("client certificate and key: {error}"))
-                })?
-            }
-            _ => builder.with_no_client_auth(),
-        };
-        Ok(Arc::new(config))
+        crate::tls::client_config(
+            self.ca_file.as_deref(),
+            self.client_cert_file.as_deref().zip(self.client_key_file.as_deref()),
+        )
     }
 
     /// A rumqttc client and event loop for these settings.
@@ -772,32 +706,6 @@ fn error5(error: v5::ConnectionError) -> NetError {
     NetError { message, permanent, unsolicited, closed }
 }
 
-/// Exponential reconnect delays: `initial`, doubling up to `max`; reset after a connection.
-#[derive(Clone, Debug)]
-pub(crate) struct Backoff {
-    initial_ms: u64,
-    max_ms: u64,
-    next_ms: u64,
-}
-
-impl Backoff {
-    pub(crate) fn new(initial_ms: u64, max_ms: u64) -> Backoff {
-        Backoff { initial_ms, max_ms, next_ms: initial_ms }
-    }
-
-    /// The delay before the next attempt (and doubles the one after).
-    pub(crate) fn next_delay(&mut self) -> Duration {
-        let delay = self.next_ms;
-        self.next_ms = self.next_ms.saturating_mul(2).min(self.max_ms);
-        Duration::from_millis(delay)
-    }
-
-    /// Back to the initial delay (after a successful connection).
-    pub(crate) fn reset(&mut self) {
-        self.next_ms = self.initial_ms;
-    }
-}
-
 /// Waits for the first CONNACK: retries connection failures that may pass (the broker not up
 /// yet) until `connect_timeout_secs`, and gives up at once on a permanent refusal.
 pub(crate) async fn first_connection(
@@ -805,7 +713,8 @@ pub(crate) async fn first_connection(
     settings: &ConnectionSettings,
 ) -> Result<bool, String> {
     let deadline = Instant::now() + Duration::from_secs(settings.connect_timeout_secs);
-    let mut backoff = Backoff::new(settings.reconnect_initial_ms, settings.reconnect_max_ms);
+    let mut backoff =
+        Backoff::new(settings.reconnect_initial_ms, settings.reconnect_max_ms).with_jitter();
     loop {
         match eventloop.poll().await {
             Ok(NetEvent::Connected { session_present }) => return Ok(session_present),
@@ -899,15 +808,6 @@ mod tests {
             let error = settings.validate().expect_err(field);
             assert_eq!(error.field.as_deref(), Some(field));
         }
-    }
-
-    #[test]
-    fn backoff_doubles_up_to_the_maximum() {
-        let mut backoff = Backoff::new(100, 350);
-        let delays: Vec<u64> = (0..4).map(|_| backoff.next_delay().as_millis() as u64).collect();
-        assert_eq!(delays, [100, 200, 350, 350]);
-        backoff.reset();
-        assert_eq!(backoff.next_delay().as_millis(), 100);
     }
 
     #[test]

@@ -86,7 +86,7 @@ impl MqttPublisher {
                     }
                     let _ = startup_tx.send(Ok(()));
                     let mut backoff =
-                        Backoff::new(settings.reconnect_initial_ms, settings.reconnect_max_ms);
+                        Backoff::new(settings.reconnect_initial_ms, settings.reconnect_max_ms).with_jitter();
                     let mut disconnecting: Option<Instant> = None;
                     loop {
                         if let Some(since) = disconnecting {

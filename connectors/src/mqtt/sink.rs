@@ -1,5 +1,7 @@
 //! The `mqtt` sink: publishes every record as one JSON object (the JSON-lines encoding of the
-//! `stdout` and `file` sinks) to a topic made from a template with `{device}`.
+//! `stdout` and `file` sinks) to a topic made from a template with `{device}`; or, with a
+//! `payload` template, one message per anomaly event made from the event's fields (a command
+//! to the device, for a feedback loop).
 //!
 //! Each worker's instance has its own connection (client id `...-<worker>`). Publishing blocks
 //! while `max_inflight` QoS 1/2 messages await their ack, which slows the pipeline to what
@@ -11,9 +13,13 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use tidewatch_api::json::write_json_lines;
+use tidewatch_api::template::{
+    EVENT_FIELDS, Escape, JSON_TEMPLATE_HINT, Template, check_renders_json, sample_event,
+    write_event_field,
+};
 use tidewatch_api::{
-    Batch, ComponentContext, ComponentError, ConfigError, DeviceId, Kind, Sink, SinkFactory,
-    ValidateContext,
+    AnomalyEvent, Batch, ComponentContext, ComponentError, ConfigError, DeviceId, Kind, Sink,
+    SinkFactory, ValidateContext,
 };
 
 use super::connection::{ConnectionSettings, Protocol, check_qos, client_id_of};
@@ -47,6 +53,9 @@ fn default_flush_timeout_secs() -> u64 {
 /// What `{device}` becomes for records without a device (raw messages, errors).
 pub const NO_DEVICE: &str = "_";
 
+/// The fields of the topic template.
+const TOPIC_FIELDS: &[&str] = &["device"];
+
 /// Options of the `mqtt` sink.
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -56,6 +65,11 @@ pub struct MqttSinkConfig {
     /// Topic of each record; `{device}` is replaced with the record's device (`_` for records
     /// without one), for example `devices/{device}/commands`.
     pub topic: String,
+    /// The message of each anomaly event, a template over [`EVENT_FIELDS`] whose values are
+    /// escaped for JSON strings, for example `{"command": "{state}", "score": {score}}`; none:
+    /// the record's JSON object. With a payload the sink accepts only anomaly events.
+    #[serde(default)]
+    pub payload: Option<String>,
     /// QoS of the publishes: 0, 1 or 2.
     #[serde(default = "default_qos")]
     pub qos: u8,
@@ -114,6 +128,7 @@ impl MqttSinkConfig {
         MqttSinkConfig {
             url: url.into(),
             topic: topic.into(),
+            payload: None,
             qos: default_qos(),
             retain: false,
             protocol: Protocol::default(),
@@ -167,6 +182,27 @@ impl MqttSinkConfig {
         let client_id = self.client_id.clone().unwrap_or_else(|| "tidewatch".to_owned());
         self.settings(client_id, |path: &str| std::path::PathBuf::from(path)).validate()?;
         check_qos("qos", self.qos)?;
+        let templates = self.templates()?;
+        if templates.payload.is_some() {
+            // A JSON command must render JSON: try it on a sample event.
+            let rendered = templates.payload(&sample_event());
+            if rendered.trim_start().starts_with(['{', '['])
+                && let Err(reason) = check_renders_json(rendered.as_bytes())
+            {
+                return Err(ConfigError::at_field("payload", reason).with_hint(JSON_TEMPLATE_HINT));
+            }
+        }
+        if self.flush_timeout_secs == 0 {
+            return Err(ConfigError::at_field(
+                "flush_timeout_secs",
+                "flush_timeout_secs must be at least 1",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The parsed `topic` and `payload` templates.
+    pub fn templates(&self) -> Result<Templates, ConfigError> {
         if self.topic.is_empty() {
             return Err(ConfigError::at_field("topic", "topic must not be empty"));
         }
@@ -179,17 +215,48 @@ impl MqttSinkConfig {
                 "use {device} for the per-device part, e.g. \"devices/{device}/commands\"",
             ));
         }
-        let unknown = self.topic.replace("{device}", "");
-        if unknown.contains(['{', '}']) {
-            return Err(ConfigError::at_field("topic", "the topic template knows only {device}"));
+        let topic = Template::parse(&self.topic, TOPIC_FIELDS)
+            .map_err(|error| ConfigError::at_field("topic", error.to_string()))?;
+        let payload = match &self.payload {
+            Some(text) => Some(
+                Template::parse(text, EVENT_FIELDS)
+                    .map_err(|error| ConfigError::at_field("payload", error.to_string()))?,
+            ),
+            None => None,
+        };
+        Ok(Templates { topic, payload })
+    }
+}
+
+/// The parsed templates of an `mqtt` sink.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Templates {
+    /// The topic, over `{device}`.
+    pub topic: Template,
+    /// The message of an anomaly event, over [`EVENT_FIELDS`]; none: the record as JSON.
+    pub payload: Option<Template>,
+}
+
+impl Templates {
+    /// The topic of a record of `device` (`None`: a record without device).
+    pub fn topic(&self, device: Option<DeviceId>) -> String {
+        let name = device.map(|device| topic_level(&device.name()));
+        let mut topic = String::new();
+        self.topic.render(&mut topic, Escape::None, |_, out| {
+            out.push_str(name.as_deref().unwrap_or(NO_DEVICE));
+        });
+        topic
+    }
+
+    /// The message of `event` made from the payload template (empty without one).
+    pub fn payload(&self, event: &AnomalyEvent) -> String {
+        let mut out = String::new();
+        if let Some(template) = &self.payload {
+            template.render(&mut out, Escape::Json, |index, out| {
+                write_event_field(event, index, out);
+            });
         }
-        if self.flush_timeout_secs == 0 {
-            return Err(ConfigError::at_field(
-                "flush_timeout_secs",
-                "flush_timeout_secs must be at least 1",
-            ));
-        }
-        Ok(())
+        out
     }
 }
 
@@ -200,8 +267,11 @@ pub struct MqttSinkFactory;
 impl SinkFactory for MqttSinkFactory {
     type Config = MqttSinkConfig;
 
-    fn accepts(&self, _config: &MqttSinkConfig) -> Vec<Kind> {
-        Kind::ALL.to_vec()
+    fn accepts(&self, config: &MqttSinkConfig) -> Vec<Kind> {
+        match config.payload {
+            Some(_) => vec![Kind::Events],
+            None => Kind::ALL.to_vec(),
+        }
     }
 
     fn validate(&self, config: &MqttSinkConfig, _ctx: &ValidateContext) -> Result<(), ConfigError> {
@@ -213,7 +283,7 @@ impl SinkFactory for MqttSinkFactory {
         config: &MqttSinkConfig,
         ctx: &ComponentContext,
     ) -> Result<Box<dyn Sink>, ComponentError> {
-        Ok(Box::new(MqttSink::new(config, ctx)))
+        Ok(Box::new(MqttSink::new(config, ctx)?))
     }
 }
 
@@ -238,21 +308,47 @@ fn topic_level(name: &str) -> String {
 #[derive(Debug)]
 pub struct MqttSink {
     config: MqttSinkConfig,
+    templates: Templates,
     settings: ConnectionSettings,
     publisher: Option<MqttPublisher>,
     buf: Vec<u8>,
 }
 
 impl MqttSink {
-    /// The sink of one worker; it connects at [`Sink::open`].
-    pub fn new(config: &MqttSinkConfig, ctx: &ComponentContext) -> MqttSink {
+    /// The sink of one worker; it connects at [`Sink::open`]. Fails on invalid templates.
+    pub fn new(
+        config: &MqttSinkConfig,
+        ctx: &ComponentContext,
+    ) -> Result<MqttSink, ComponentError> {
+        let templates =
+            config.templates().map_err(|error| ComponentError::Config(error.message))?;
         let worker = ctx.worker_index.to_string();
         let client_id = match &config.client_id {
             Some(id) => format!("{id}-{worker}"),
             None => client_id_of(&["tidewatch", &ctx.pipeline.name, &ctx.component_id, &worker]),
         };
         let settings = config.settings(client_id, |path| ctx.resolve_path(path));
-        MqttSink { config: config.clone(), settings, publisher: None, buf: Vec::new() }
+        Ok(MqttSink {
+            config: config.clone(),
+            templates,
+            settings,
+            publisher: None,
+            buf: Vec::new(),
+        })
+    }
+
+    /// Publishes one message per event, made from the payload template.
+    fn write_events(&mut self, events: &[AnomalyEvent]) -> Result<(), ComponentError> {
+        let (qos, retain) = (self.config.qos, self.config.retain);
+        let messages: Vec<(String, String)> = events
+            .iter()
+            .map(|event| (self.templates.topic(Some(event.device)), self.templates.payload(event)))
+            .collect();
+        let publisher = self.publisher()?;
+        for (topic, payload) in messages {
+            publisher.publish(topic, qos, retain, payload.into_bytes())?;
+        }
+        Ok(())
     }
 
     fn publisher(&mut self) -> Result<&MqttPublisher, ComponentError> {
@@ -271,6 +367,15 @@ impl Sink for MqttSink {
     }
 
     fn write_batch(&mut self, batch: Batch) -> Result<(), ComponentError> {
+        if self.templates.payload.is_some() {
+            return match &batch {
+                Batch::Events(events) => self.write_events(events),
+                other => Err(ComponentError::Internal(format!(
+                    "an mqtt sink with a payload template got {} (it accepts only anomaly events)",
+                    other.kind().name()
+                ))),
+            };
+        }
         let mut buf = std::mem::take(&mut self.buf);
         buf.clear();
         let encoded = write_json_lines(&batch, &mut buf)
@@ -279,12 +384,11 @@ impl Sink for MqttSink {
             let devices = devices(&batch);
             let qos = self.config.qos;
             let retain = self.config.retain;
-            let template = self.config.topic.clone();
+            let topics: Vec<String> =
+                devices.into_iter().map(|device| self.templates.topic(device)).collect();
             let publisher = self.publisher()?;
             let lines = buf.split(|byte| *byte == b'\n').filter(|line| !line.is_empty());
-            for (line, device) in lines.zip(devices) {
-                let name = device.map(|device| topic_level(&device.name()));
-                let topic = template.replace("{device}", name.as_deref().unwrap_or(NO_DEVICE));
+            for (line, topic) in lines.zip(topics) {
                 publisher.publish(topic, qos, retain, line.to_vec())?;
             }
             Ok(())
@@ -313,8 +417,11 @@ impl Sink for MqttSink {
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
+    use std::sync::atomic::AtomicBool;
 
-    use tidewatch_api::{ConfigValue, ErrorRecord, ReadingBatch, Schema};
+    use tidewatch_api::{
+        AnomalyState, ConfigValue, ErrorRecord, PipelineInfo, ReadingBatch, Schema,
+    };
 
     use super::*;
 
@@ -335,6 +442,8 @@ mod tests {
         for (extra, field) in [
             ("topic = \"a/+\"", "topic"),
             ("topic = \"a/{site}\"", "topic"),
+            ("topic = \"a\"\npayload = \"{severity}\"", "payload"),
+            ("topic = \"a\"\npayload = '{\"command\": \"{State}\"}'", "payload"),
             ("topic = \"\"", "topic"),
             ("topic = \"a\"\nqos = 5", "qos"),
             ("topic = \"a\"\nflush_timeout_secs = 0", "flush_timeout_secs"),
@@ -350,6 +459,103 @@ mod tests {
                 .deserialize::<MqttSinkConfig>()
                 .is_err()
         );
+    }
+
+    #[test]
+    fn payload_is_a_template_over_the_event_fields_and_takes_only_events() {
+        let factory = MqttSinkFactory;
+        let ctx = ValidateContext::default();
+        let plain = config("url = \"mqtt://h\"\ntopic = \"d/{device}/c\"");
+        assert_eq!(factory.accepts(&plain), Kind::ALL);
+        assert_eq!(plain.templates().expect("valid").payload, None);
+        let with_payload = config(
+            "url = \"mqtt://h\"\ntopic = \"d/{device}/c\"\n\
+             payload = '{\"command\": \"{state}\", \"score\": {score}}'",
+        );
+        assert!(factory.validate(&with_payload, &ctx).is_ok());
+        assert_eq!(factory.accepts(&with_payload), [Kind::Events]);
+        let constant = config("url = \"mqtt://h\"\ntopic = \"a\"\npayload = \"reboot\"");
+        assert!(factory.validate(&constant, &ctx).is_ok());
+        let text = config("url = \"mqtt://h\"\ntopic = \"a\"\npayload = \"{state} {device}\"");
+        assert!(factory.validate(&text, &ctx).is_ok(), "not JSON, not checked as JSON");
+
+        let unknown = config("url = \"mqtt://h\"\ntopic = \"a\"\npayload = \"{severity}\"");
+        let error = factory.validate(&unknown, &ctx).expect_err("unknown field");
+        assert_eq!(error.field.as_deref(), Some("payload"));
+        for field in EVENT_FIELDS {
+            assert!(error.message.contains(&format!("{{{field}}}")), "{}", error.message);
+        }
+        let unquoted =
+            config("url = \"mqtt://h\"\ntopic = \"a\"\npayload = '{\"device\": {device}}'");
+        let not_json = factory.validate(&unquoted, &ctx).expect_err("renders no JSON");
+        assert_eq!(not_json.field.as_deref(), Some("payload"));
+        assert!(not_json.message.contains("sample-device"), "{}", not_json.message);
+    }
+
+    fn event(device: &str, state: AnomalyState) -> AnomalyEvent {
+        AnomalyEvent {
+            device: DeviceId::intern(device),
+            state,
+            time_ms: 1_700_000_060_000,
+            started_ms: 1_700_000_000_000,
+            score: 2.5,
+            peak_score: 4.0,
+            threshold: Some(0.5),
+            detector: Arc::from("model"),
+            version: Arc::from("1"),
+            label: 0,
+            columns: Arc::new(Schema::new(["flow", "pressure"])),
+            values: vec![0.25, 3.0],
+        }
+    }
+
+    #[test]
+    fn an_event_renders_into_its_topic_and_payload() {
+        let mut config = MqttSinkConfig::new("mqtt://h", "plant/{device}/commands");
+        config.payload = Some(
+            "{\"command\": \"anomaly_{state}\", \"device\": \"{device}\", \"score\": {score}, \
+             \"top_feature\": \"{top_feature}\", \"started\": \"{started}\", \"nested\": {\"n\": 1}}"
+                .to_owned(),
+        );
+        let templates = config.templates().expect("valid");
+        let open = event("line \"1\"/pump+7", AnomalyState::Open);
+        assert_eq!(templates.topic(Some(open.device)), "plant/line \"1\"_pump_7/commands");
+        assert_eq!(templates.topic(None), "plant/_/commands");
+        let payload: serde_json::Value =
+            serde_json::from_str(&templates.payload(&open)).expect("the payload is JSON");
+        assert_eq!(
+            payload,
+            serde_json::json!({
+                "command": "anomaly_open",
+                "device": "line \"1\"/pump+7",
+                "score": 2.5,
+                "top_feature": "pressure",
+                "started": "2023-11-14T22:13:20.000Z",
+                "nested": {"n": 1},
+            })
+        );
+        let close = event("p", AnomalyState::Close);
+        assert!(templates.payload(&close).starts_with("{\"command\": \"anomaly_close\""));
+    }
+
+    #[test]
+    fn a_payload_sink_rejects_other_records() {
+        let mut config = MqttSinkConfig::new("mqtt://127.0.0.1:1", "a/{device}");
+        config.payload = Some("{state}".to_owned());
+        let ctx = ComponentContext::new(
+            "commands",
+            "mqtt",
+            0,
+            1,
+            Arc::new(PipelineInfo::default()),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let mut sink = MqttSink::new(&config, &ctx).expect("valid");
+        let errors = vec![ErrorRecord::new(Arc::from("n"), "parse", "bad", None, None)];
+        let error = sink.write_batch(Batch::Errors(errors)).expect_err("errors are not events");
+        assert!(error.to_string().contains("accepts only anomaly events"), "{error}");
+        config.payload = Some("{nope}".to_owned());
+        assert!(MqttSink::new(&config, &ctx).is_err());
     }
 
     #[test]

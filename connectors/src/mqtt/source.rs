@@ -44,8 +44,8 @@ use serde::Deserialize;
 use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
 use tidewatch_api::records::now_ms;
 use tidewatch_api::{
-    AckToken, Batch, ComponentContext, ComponentError, ConfigError, EventTime, Kind, Outputs,
-    PayloadFormat, PortType, RawBatch, Source, SourceFactory, SourcePoll, ValidateContext,
+    AckToken, Backlog, Batch, ComponentContext, ComponentError, ConfigError, EventTime, Kind,
+    Outputs, PayloadFormat, PortType, RawBatch, Source, SourceFactory, SourcePoll, ValidateContext,
 };
 use tokio::sync::mpsc;
 
@@ -1013,6 +1013,13 @@ impl Source for MqttSource {
         }
     }
 
+    /// Messages the network thread received and queued for `poll` (at most `queue_capacity`;
+    /// when full, the thread stops reading and the broker holds the rest).
+    fn backlog(&self) -> Option<Backlog> {
+        let inbound = self.inbound.as_ref()?;
+        Some(Backlog { records: inbound.len() as u64, capacity: self.config.queue_capacity as u64 })
+    }
+
     fn poll(&mut self, out: &mut Outputs) -> Result<SourcePoll, ComponentError> {
         if !self.active {
             return Ok(SourcePoll::Finished);
@@ -1217,7 +1224,8 @@ impl EventHalf<'_> {
         let mut connected = true;
         let mut disconnecting: Option<Instant> = None;
         let mut backoff =
-            Backoff::new(self.settings.reconnect_initial_ms, self.settings.reconnect_max_ms);
+            Backoff::new(self.settings.reconnect_initial_ms, self.settings.reconnect_max_ms)
+                .with_jitter();
         let mut taking = match self.client.subscribe(self.topics, self.qos).await {
             Ok(()) => true,
             Err(reason) => {

@@ -296,6 +296,23 @@ pub trait Source {
     fn close(&mut self) -> Result<(), ComponentError> {
         Ok(())
     }
+    /// The consumer lag the source can see after a poll: records waiting to be consumed, and
+    /// how many can wait before the source stops taking more (its flow-control bound); `None`
+    /// when it has no such notion (files, the simulator). The engine exports them as
+    /// `tidewatch_source_backlog_records` and `tidewatch_source_backlog_capacity_records`.
+    fn backlog(&self) -> Option<Backlog> {
+        None
+    }
+}
+
+/// What waits at a source (see [`Source::backlog`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backlog {
+    /// Records received from the outside world and not yet consumed by the pipeline.
+    pub records: u64,
+    /// The most that can wait; beyond it the outside world holds them (an MQTT broker's
+    /// queue, a Kafka partition).
+    pub capacity: u64,
 }
 
 /// A transform: turns batches into batches, keeping whatever state it needs.

@@ -10,6 +10,7 @@ pub mod error;
 pub mod factory;
 pub mod json;
 pub mod records;
+pub mod template;
 pub mod time;
 
 /// The `prometheus` crate, re-exported so components register collectors of the same version
@@ -17,7 +18,8 @@ pub mod time;
 pub use prometheus;
 
 pub use component::{
-    ComponentContext, MetricsRegistry, Outputs, PipelineInfo, Sink, Source, SourcePoll, Transform,
+    Backlog, ComponentContext, MetricsRegistry, Outputs, PipelineInfo, Sink, Source, SourcePoll,
+    Transform,
 };
 pub use error::ComponentError;
 pub use factory::{

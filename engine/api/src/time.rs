@@ -135,6 +135,38 @@ fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
     era * 146_097 + day_of_era - 719_468
 }
 
+/// The civil date (year, month, day) of a day count from 1970-01-01 (proleptic Gregorian);
+/// the inverse of `days_from_civil`.
+fn civil_from_days(days: i64) -> (i64, i64, i64) {
+    let z = days + 719_468;
+    let era = if z >= 0 { z } else { z - 146_096 } / 146_097;
+    let day_of_era = z - era * 146_097;
+    let year_of_era =
+        (day_of_era - day_of_era / 1_460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let month_index = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * month_index + 2) / 5 + 1;
+    let month = if month_index < 10 { month_index + 3 } else { month_index - 9 };
+    let year = year_of_era + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+/// Formats ms since the epoch as RFC 3339 in UTC with milliseconds,
+/// e.g. `2026-11-29T07:15:00.250Z` (the format of Alertmanager's `startsAt`).
+///
+/// ```
+/// assert_eq!(tidewatch_api::time::format_rfc3339(0), "1970-01-01T00:00:00.000Z");
+/// assert_eq!(tidewatch_api::time::format_rfc3339(1_700_000_000_123), "2023-11-14T22:13:20.123Z");
+/// ```
+pub fn format_rfc3339(ms: EventTime) -> String {
+    let days = ms.div_euclid(86_400_000);
+    let in_day = ms.rem_euclid(86_400_000);
+    let (year, month, day) = civil_from_days(days);
+    let (hours, minutes) = (in_day / 3_600_000, in_day / 60_000 % 60);
+    let (seconds, millis) = (in_day / 1_000 % 60, in_day % 1_000);
+    format!("{year:04}-{month:02}-{day:02}T{hours:02}:{minutes:02}:{seconds:02}.{millis:03}Z")
+}
+
 /// `YYYY-MM-DD[T ]HH:MM[:SS[.fff]][Z|±HH:MM]`; no offset means UTC.
 fn parse_datetime(text: &str) -> Option<EventTime> {
     let bytes = text.as_bytes();
@@ -195,6 +227,15 @@ fn parse_datetime(text: &str) -> Option<EventTime> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rfc3339_round_trips() {
+        for ms in [0, 1, 951_782_400_000, 1_700_000_000_123, -86_400_001, 4_102_444_799_999] {
+            let text = format_rfc3339(ms);
+            assert_eq!(parse_timestamp(&text, TimestampFormat::Rfc3339), Ok(ms), "{text}");
+        }
+        assert_eq!(format_rfc3339(951_782_400_000), "2000-02-29T00:00:00.000Z");
+    }
 
     #[test]
     fn reads_every_format() {

@@ -1,0 +1,96 @@
+//! State shared by the workers' instances of one component in one process (one set of
+//! metrics, one delivery queue), and collectors registered for as long as it lives.
+
+use std::any::{Any, TypeId};
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
+
+use prometheus::Registry;
+use prometheus::core::Collector;
+use tidewatch_api::{ComponentContext, ComponentError, MetricsRegistry};
+
+type Key = (u64, String, TypeId);
+type Instances = HashMap<Key, Weak<dyn Any + Send + Sync>>;
+
+fn instances() -> &'static Mutex<Instances> {
+    static INSTANCES: OnceLock<Mutex<Instances>> = OnceLock::new();
+    INSTANCES.get_or_init(Mutex::default)
+}
+
+/// The `T` of the component of `ctx` in the engine run of its metrics registry: the first
+/// worker's call makes it (`make` gets the registry), the others share it; it lives until the
+/// last handle drops. Without a registry (a component built outside an engine) every call makes
+/// its own.
+pub(crate) fn per_component<T: Send + Sync + 'static>(
+    ctx: &ComponentContext,
+    make: impl FnOnce(Option<&MetricsRegistry>) -> Result<T, ComponentError>,
+) -> Result<Arc<T>, ComponentError> {
+    let Some(metrics) = ctx.metrics_registry() else {
+        return make(None).map(Arc::new);
+    };
+    let key = (metrics.id(), ctx.component_id.to_string(), TypeId::of::<T>());
+    let mut instances = instances().lock().unwrap_or_else(PoisonError::into_inner);
+    instances.retain(|_, weak| weak.strong_count() > 0);
+    if let Some(Ok(shared)) =
+        instances.get(&key).and_then(Weak::upgrade).map(|shared| shared.downcast::<T>())
+    {
+        return Ok(shared);
+    }
+    let shared = Arc::new(make(Some(metrics))?);
+    let erased: Arc<dyn Any + Send + Sync> = shared.clone();
+    instances.insert(key, Arc::downgrade(&erased));
+    Ok(shared)
+}
+
+/// Collectors registered in a registry; dropping it unregisters them.
+pub(crate) struct Registered {
+    registry: Registry,
+    collectors: Vec<Box<dyn Collector>>,
+}
+
+impl fmt::Debug for Registered {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Registered").field("collectors", &self.collectors.len()).finish()
+    }
+}
+
+impl Registered {
+    /// Registers every collector, or none: on a failure the ones registered are unregistered
+    /// again and the error returned.
+    pub(crate) fn all(
+        registry: &Registry,
+        collectors: Vec<Box<dyn Collector>>,
+    ) -> Result<Registered, prometheus::Error> {
+        let mut registered = Registered { registry: registry.clone(), collectors: Vec::new() };
+        for collector in collectors {
+            let keep = dyn_clone(&*collector);
+            registry.register(collector)?;
+            registered.collectors.push(keep);
+        }
+        Ok(registered)
+    }
+}
+
+/// A handle on the same collector (prometheus collectors are reference-counted handles, but
+/// `Box<dyn Collector>` cannot be cloned): a forwarding wrapper.
+fn dyn_clone(collector: &dyn Collector) -> Box<dyn Collector> {
+    struct Same(Vec<prometheus::core::Desc>, Vec<prometheus::proto::MetricFamily>);
+    impl Collector for Same {
+        fn desc(&self) -> Vec<&prometheus::core::Desc> {
+            self.0.iter().collect()
+        }
+        fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+            self.1.clone()
+        }
+    }
+    Box::new(Same(collector.desc().into_iter().cloned().collect(), Vec::new()))
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        for collector in self.collectors.drain(..) {
+            let _ = self.registry.unregister(collector);
+        }
+    }
+}
