@@ -64,17 +64,17 @@ impl Registered {
     ) -> Result<Registered, prometheus::Error> {
         let mut registered = Registered { registry: registry.clone(), collectors: Vec::new() };
         for collector in collectors {
-            let keep = dyn_clone(&*collector);
+            let handle = unregister_handle(&*collector);
             registry.register(collector)?;
-            registered.collectors.push(keep);
+            registered.collectors.push(handle);
         }
         Ok(registered)
     }
 }
 
-/// A handle on the same collector (prometheus collectors are reference-counted handles, but
-/// `Box<dyn Collector>` cannot be cloned): a forwarding wrapper.
-fn dyn_clone(collector: &dyn Collector) -> Box<dyn Collector> {
+/// What `Registry::unregister` needs of a registered collector: its descriptors (it matches
+/// by their ids). `Box<dyn Collector>` cannot be cloned, so this stand-in carries them.
+fn unregister_handle(collector: &dyn Collector) -> Box<dyn Collector> {
     struct Same(Vec<prometheus::core::Desc>, Vec<prometheus::proto::MetricFamily>);
     impl Collector for Same {
         fn desc(&self) -> Vec<&prometheus::core::Desc> {

@@ -240,11 +240,28 @@ impl ComponentMetrics {
         let lag = (tidewatch_api::records::now_ms() - watermark_ms) as f64 / 1000.0;
         self.watermark_lag.with_label_values(&[&self.id]).set(lag);
     }
-    /// Records the backlog a worker's source instance reports.
-    pub fn backlog(&self, worker: usize, backlog: tidewatch_api::Backlog) {
+    /// The backlog gauges of a worker's instance of this source (labels resolved once).
+    pub fn backlog_gauges(&self, worker: usize) -> BacklogGauges {
         let worker = worker.to_string();
         let labels = [self.id.as_str(), worker.as_str()];
-        self.backlog.with_label_values(&labels).set(backlog.records as i64);
-        self.backlog_capacity.with_label_values(&labels).set(backlog.capacity as i64);
+        BacklogGauges {
+            records: self.backlog.with_label_values(&labels),
+            capacity: self.backlog_capacity.with_label_values(&labels),
+        }
+    }
+}
+
+/// `tidewatch_source_backlog_records` and `..._capacity_records` of one source instance.
+#[derive(Clone, Debug)]
+pub struct BacklogGauges {
+    records: IntGauge,
+    capacity: IntGauge,
+}
+
+impl BacklogGauges {
+    /// Records what the source reports.
+    pub fn set(&self, backlog: tidewatch_api::Backlog) {
+        self.records.set(backlog.records as i64);
+        self.capacity.set(backlog.capacity as i64);
     }
 }

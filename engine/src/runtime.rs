@@ -35,7 +35,7 @@ use timely::dataflow::{Scope, Stream};
 use timely::progress::Antichain;
 
 use crate::http::Health;
-use crate::metrics::{ComponentMetrics, Metrics};
+use crate::metrics::{BacklogGauges, ComponentMetrics, Metrics};
 use crate::spec::{Configured, Pipeline, Port};
 
 type Data<'scope> = Stream<'scope, u64, Vec<Batch>>;
@@ -335,6 +335,8 @@ fn source_operator<'scope>(
         // Event-time sources (emitting readings directly) hold their watermark like assigners.
         let mut max_seen: Option<EventTime> = None;
         let out_of_orderness = ctx.pipeline.out_of_orderness_ms as i64;
+        // Resolved at the first backlog report: sources without one export no series.
+        let mut backlog_gauges: Option<BacklogGauges> = None;
         move |_frontiers| {
             let Some(held) = caps.as_mut() else { return };
             let mut finished = false;
@@ -365,7 +367,8 @@ fn source_operator<'scope>(
             // counters count it (Vector's convention), so "received" works for every component.
             metrics.received(outs.pending_records());
             if let Some(backlog) = source.backlog() {
-                metrics.backlog(ctx.worker_index, backlog);
+                let worker = ctx.worker_index;
+                backlog_gauges.get_or_insert_with(|| metrics.backlog_gauges(worker)).set(backlog);
             }
             let mut outputs = [&mut main_out, &mut error_out];
             if let Some(time) = ship(&mut outs, held, &mut outputs, &metrics) {

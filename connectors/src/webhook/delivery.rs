@@ -9,7 +9,6 @@
 
 use std::io::Write as _;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -23,9 +22,9 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts};
-use serde_json::{Value, json};
-use tidewatch_api::ComponentError;
+use serde_json::json;
 use tidewatch_api::time::format_rfc3339;
+use tidewatch_api::{AnomalyEvent, ComponentError};
 use tokio::sync::{mpsc, watch};
 
 use super::payload::sign;
@@ -37,12 +36,10 @@ use crate::sinks::{SharedWriter, shared_writer};
 pub(crate) struct Job {
     /// Idempotency key (a header of every attempt).
     pub(crate) key: String,
-    /// Lane selector (the device's route hash).
-    pub(crate) route: u64,
     /// The request body.
     pub(crate) body: Bytes,
-    /// The event as JSON, for the dead-letter file.
-    pub(crate) event: Value,
+    /// The event (its device picks the lane; the dead-letter file records it).
+    pub(crate) event: AnomalyEvent,
     /// When it was queued (delivery latency).
     pub(crate) queued_at: Instant,
 }
@@ -341,11 +338,53 @@ fn error_chain(error: &dyn std::error::Error) -> String {
     text
 }
 
-/// Counts of queued events, with a condition to wait for the queue to empty.
-#[derive(Debug, Default)]
+/// The events queued or in flight (mirrored in the queue-depth gauge), with a condition to
+/// wait for the queue to empty.
+#[derive(Debug)]
 struct Pending {
     queued: Mutex<usize>,
     drained: Condvar,
+    capacity: usize,
+    depth: IntGauge,
+}
+
+impl Pending {
+    /// Takes a place in the queue; `false` when it is full.
+    fn admit(&self) -> bool {
+        let mut queued = self.queued.lock().unwrap_or_else(PoisonError::into_inner);
+        if *queued >= self.capacity {
+            return false;
+        }
+        *queued += 1;
+        self.depth.set(*queued as i64);
+        true
+    }
+
+    /// Gives a place back (its event was delivered or dead-lettered).
+    fn release(&self) {
+        let mut queued = self.queued.lock().unwrap_or_else(PoisonError::into_inner);
+        *queued = queued.saturating_sub(1);
+        self.depth.set(*queued as i64);
+        self.drained.notify_all();
+    }
+
+    /// Waits until the queue is empty, up to `timeout`; the number still queued.
+    fn wait_empty(&self, timeout: Duration) -> usize {
+        let deadline = Instant::now() + timeout;
+        let mut queued = self.queued.lock().unwrap_or_else(PoisonError::into_inner);
+        while *queued > 0 {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            queued = self
+                .drained
+                .wait_timeout(queued, deadline - now)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        *queued
+    }
 }
 
 /// Delivers `job`: retries until delivered, rejected, out of retries, or shut down.
@@ -415,13 +454,10 @@ struct LaneShared {
 #[derive(Debug)]
 pub(crate) struct Dispatcher {
     lanes: Mutex<Vec<mpsc::UnboundedSender<Job>>>,
-    capacity: usize,
     pending: Arc<Pending>,
     dead: Arc<DeadLetters>,
-    metrics: WebhookMetrics,
     stop: watch::Sender<bool>,
     thread: Mutex<Option<JoinHandle<()>>>,
-    enqueued: AtomicU64,
 }
 
 impl Dispatcher {
@@ -434,7 +470,12 @@ impl Dispatcher {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(
             |error| ComponentError::io("cannot start the webhook network runtime", error),
         )?;
-        let pending = Arc::new(Pending::default());
+        let pending = Arc::new(Pending {
+            queued: Mutex::new(0),
+            drained: Condvar::new(),
+            capacity: settings.queue_capacity,
+            depth: metrics.queue_depth.clone(),
+        });
         let (stop, stop_rx) = watch::channel(false);
         let lanes = settings.concurrency.max(1);
         let mut senders = Vec::with_capacity(lanes);
@@ -449,7 +490,6 @@ impl Dispatcher {
             dead: Arc::clone(&dead),
             pending: Arc::clone(&pending),
         });
-        let capacity = settings.queue_capacity;
         let thread = std::thread::Builder::new()
             .name("webhook".to_owned())
             .spawn(move || {
@@ -463,14 +503,7 @@ impl Dispatcher {
                         tasks.spawn(async move {
                             while let Some(job) = rx.recv().await {
                                 deliver(&client, &settings, &shared, job, &mut stop).await;
-                                let mut queued = shared
-                                    .pending
-                                    .queued
-                                    .lock()
-                                    .unwrap_or_else(PoisonError::into_inner);
-                                *queued = queued.saturating_sub(1);
-                                shared.metrics.queue_depth.set(*queued as i64);
-                                shared.pending.drained.notify_all();
+                                shared.pending.release();
                             }
                         });
                     }
@@ -482,69 +515,38 @@ impl Dispatcher {
             })?;
         Ok(Dispatcher {
             lanes: Mutex::new(senders),
-            capacity,
             pending,
             dead,
-            metrics,
             stop,
             thread: Mutex::new(Some(thread)),
-            enqueued: AtomicU64::new(0),
         })
     }
 
     /// Queues `job` on its device's lane, or dead-letters it when the queue is full or the
     /// dispatcher stopped. Never blocks on the network.
     pub(crate) fn enqueue(&self, job: Job) {
-        {
-            let mut queued = self.pending.queued.lock().unwrap_or_else(PoisonError::into_inner);
-            if *queued >= self.capacity {
-                drop(queued);
-                self.dead.write(
-                    &job,
-                    "queue_full",
-                    0,
-                    "the webhook queue was full (queue_capacity)",
-                );
-                return;
-            }
-            *queued += 1;
-            self.metrics.queue_depth.set(*queued as i64);
+        if !self.pending.admit() {
+            self.dead.write(&job, "queue_full", 0, "the webhook queue was full (queue_capacity)");
+            return;
         }
-        self.enqueued.fetch_add(1, Ordering::Relaxed);
         let lanes = self.lanes.lock().unwrap_or_else(PoisonError::into_inner);
         let rejected = if lanes.is_empty() {
             Err(job)
         } else {
-            let lane = (job.route % lanes.len() as u64) as usize;
+            let lane = (job.event.device.route() % lanes.len() as u64) as usize;
             lanes[lane].send(job).map_err(|error| error.0)
         };
         drop(lanes);
         if let Err(job) = rejected {
             self.dead.write(&job, "shutdown", 0, "the webhook sink was closed");
-            let mut queued = self.pending.queued.lock().unwrap_or_else(PoisonError::into_inner);
-            *queued = queued.saturating_sub(1);
-            self.metrics.queue_depth.set(*queued as i64);
+            self.pending.release();
         }
     }
 
     /// Waits until every queued event was delivered or dead-lettered, up to `timeout`; the
     /// number still queued.
     pub(crate) fn drain(&self, timeout: Duration) -> usize {
-        let deadline = Instant::now() + timeout;
-        let mut queued = self.pending.queued.lock().unwrap_or_else(PoisonError::into_inner);
-        while *queued > 0 {
-            let now = Instant::now();
-            if now >= deadline {
-                break;
-            }
-            queued = self
-                .pending
-                .drained
-                .wait_timeout(queued, deadline - now)
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
-        }
-        *queued
+        self.pending.wait_empty(timeout)
     }
 
     /// Stops the lanes: what is still queued or in a request goes to the dead-letter file.

@@ -511,8 +511,7 @@ impl Shared {
         }
         let body = self.body.render(&self.origin, event, &key);
         self.dispatcher.enqueue(Job {
-            route: event.device.route(),
-            event: serde_json::to_value(event).unwrap_or_default(),
+            event: event.clone(),
             key,
             body: Bytes::from(body),
             queued_at: Instant::now(),
@@ -537,26 +536,6 @@ impl WebhookSink {
             Shared::new(config, ctx, metrics.map(|metrics| metrics.registry()))
         })?;
         Ok(WebhookSink { shared })
-    }
-
-    /// Events queued and not yet delivered or dead-lettered.
-    pub fn queued(&self) -> i64 {
-        self.shared.metrics.queue_depth.get()
-    }
-
-    /// Events delivered so far.
-    pub fn delivered(&self) -> u64 {
-        self.shared.metrics.delivered.get()
-    }
-
-    /// Events dead-lettered so far, by reason.
-    pub fn dead_letters(&self, reason: &str) -> u64 {
-        self.shared.metrics.dead_letters.with_label_values(&[reason]).get()
-    }
-
-    /// Events suppressed so far, by reason (`cooldown`, `duplicate`).
-    pub fn suppressed(&self, reason: &str) -> u64 {
-        self.shared.metrics.suppressed.with_label_values(&[reason]).get()
     }
 }
 
