@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Starts, stops and reports the real services the tests talk to, on 127.0.0.1 only.
 #
-#   scripts/services.sh start|stop|restart|status NAME
+#   scripts/services.sh start|stop|restart|status|env NAME
 #
 # Idempotent: installs what is missing (apt-get, as root), reuses what already runs.
 # Run state lives in .services/NAME (git-ignored). `status` prints running/stopped and exits
-# 0 when the service runs, 3 when it does not.
+# 0 when the service runs, 3 when it does not. `env` prints the shell `export` lines a client
+# needs (`eval "$(scripts/services.sh env ceph)"`); nothing for services without any.
 #
 # Services:
 #   mosquitto   MQTT broker (Debian's mosquitto). Listeners:
@@ -30,15 +31,38 @@
 #               substituted ($TIDEWATCH_ALERT_WEBHOOK_URL, default
 #               http://127.0.0.1:19899/alerts, where the alerting test listens).
 #
-# Later issues add Kafka and Ceph as more `case` arms.
+#   kafka       Apache Kafka 4.1.1, one KRaft node (broker and controller in one JVM):
+#                 127.0.0.1:9092   clients (PLAINTEXT); `env` prints
+#                                  TIDEWATCH_KAFKA_BROKERS=127.0.0.1:9092
+#                 127.0.0.1:19093  the controller (9093 is Alertmanager's)
+#               Topics are auto-created with 4 partitions; replication factor 1 everywhere
+#               (offsets and transaction state topics too); group.initial.rebalance.delay.ms=0.
+#               The jars come from Maven Central (scripts/kafka/pom.xml, needs Java 17 and
+#               Maven) into ${TIDEWATCH_CACHE:-~/.cache/tidewatch}/kafka-4.1.1/libs, once.
+#               Data in .services/kafka/data survives a restart; log in .services/kafka/kafka.log.
+#               Heap: 512 MB at most.
+#
+#   ceph        Single-node Ceph 16 (Debian's ceph-mon, ceph-osd, radosgw): one monitor
+#               (127.0.0.1:3300), one OSD on memstore (in memory: a stop loses all data), no
+#               manager, cephx keyrings, and radosgw with its S3 API on
+#                 http://127.0.0.1:7480   path-style; user `tidewatch`, access key
+#                                         TIDEWATCHTESTKEY, secret tidewatch-test-secret,
+#                                         region us-east-1; bucket `tidewatch`
+#               `start` always makes sure the user and the bucket exist; `env` prints
+#               AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and AWS_REGION.
+#               Config, keyrings and logs in .services/ceph.
+#   ceph-rgw    Only the radosgw of a running `ceph` (monitor and OSD keep running, objects
+#               are kept): `stop ceph-rgw`, then `start ceph-rgw`, simulates an object-store
+#               outage.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 action=${1:-}
 name=${2:-}
 state=$(pwd)/.services
+services="mosquitto prometheus alertmanager kafka ceph ceph-rgw"
 
-usage() { echo "usage: $0 start|stop|restart|status NAME" >&2; exit 2; }
-[ -n "$action" ] && [ -n "$name" ] || usage
+usage() { echo "usage: $0 start|stop|restart|status|env NAME" >&2; exit 2; }
+if [ -z "$action" ] || [ -z "$name" ]; then usage; fi
 
 # apt-get install, without letting the packages' own services start (they would take the
 # ports and run as system services): a policy-rc.d that forbids starting, removed afterwards.
@@ -62,6 +86,10 @@ apt_install() {
   return "$status"
 }
 
+# ---------------------------------------------------------------------------------------------
+# Daemons with a pid file: one set of functions for every service
+# ---------------------------------------------------------------------------------------------
+
 # The pid in a pid file, if that process is alive.
 live_pid() {
   local file=$1 pid
@@ -71,28 +99,97 @@ live_pid() {
   return 1
 }
 
-# Waits until something accepts connections on 127.0.0.1:PORT (polls, up to SECONDS).
-wait_port() {
-  local port=$1 seconds=${2:-10} deadline
+# poll SECONDS COMMAND...: runs COMMAND until it succeeds (returns 0) or SECONDS have passed
+# (returns 1).
+poll() {
+  local seconds=$1 deadline
+  shift
   deadline=$(( $(date +%s) + seconds ))
-  while [ "$(date +%s)" -le "$deadline" ]; do
-    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-      return 0
-    fi
-    sleep 0.05
-  done
-  return 1
-}
-
-# Waits until PID is gone (polls, up to SECONDS).
-wait_gone() {
-  local pid=$1 seconds=${2:-10} deadline
-  deadline=$(( $(date +%s) + seconds ))
-  while kill -0 "$pid" 2>/dev/null; do
+  until "$@"; do
     [ "$(date +%s)" -le "$deadline" ] || return 1
     sleep 0.05
   done
-  return 0
+}
+
+# Probes for poll.
+ports_open() {  # PORT...: something accepts connections on each 127.0.0.1:PORT
+  local port
+  for port in "$@"; do
+    (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null || return 1
+  done
+}
+http_ok() { curl -fsS -o /dev/null "$1" 2>/dev/null; }  # URL answers 2xx
+pid_gone() { ! kill -0 "$1" 2>/dev/null; }
+# PIDFILE COMMAND...: COMMAND succeeds, or PIDFILE's process has died (no use waiting).
+probe_or_dead() {
+  local pidfile=$1
+  shift
+  ! live_pid "$pidfile" >/dev/null || "$@" >/dev/null 2>&1
+}
+
+# already_running NAME PIDFILE PROBE...: true, and says so, when PIDFILE names a live process
+# and PROBE succeeds.
+already_running() {
+  local name=$1 pid
+  pid=$(live_pid "$2") || return 1
+  shift 2
+  "$@" || return 1
+  echo "$name already running (pid $pid)"
+}
+
+# daemon_spawn PIDFILE LOG COMMAND...: runs COMMAND in the background (it must stay in the
+# foreground itself), its output in LOG and its pid in PIDFILE.
+daemon_spawn() {
+  local pidfile=$1 log=$2
+  shift 2
+  rm -f "$pidfile"
+  nohup "$@" > "$log" 2>&1 < /dev/null &
+  echo $! > "$pidfile"
+}
+
+# fail NAME LOG [WHAT]: says NAME did not become ready (or WHAT), prints the tail of LOG and
+# exits 1.
+fail() {
+  echo "$1 ${3:-did not become ready}; its log:" >&2
+  tail -n 30 "$2" >&2 || true
+  exit 1
+}
+
+# await NAME PIDFILE LOG SECONDS PROBE...: polls PROBE until it succeeds; when SECONDS pass
+# first or PIDFILE's process dies, fails with LOG's tail.
+await() {
+  local name=$1 pidfile=$2 log=$3 seconds=$4
+  shift 4
+  if ! poll "$seconds" probe_or_dead "$pidfile" "$@" || ! live_pid "$pidfile" >/dev/null; then
+    fail "$name" "$log"
+  fi
+}
+
+# daemon_stop NAME PIDFILE [SECONDS]: SIGTERM, up to SECONDS (15) to exit, then SIGKILL.
+daemon_stop() {
+  local name=$1 pidfile=$2 seconds=${3:-15} pid
+  if pid=$(live_pid "$pidfile"); then
+    kill "$pid"
+    if ! poll "$seconds" pid_gone "$pid"; then
+      kill -9 "$pid" 2>/dev/null || true
+      poll 5 pid_gone "$pid" || true
+    fi
+    echo "$name stopped"
+  else
+    echo "$name not running"
+  fi
+  rm -f "$pidfile"
+}
+
+# daemon_status NAME PIDFILE: running (0) or stopped (3).
+daemon_status() {
+  local name=$1 pid
+  if pid=$(live_pid "$2"); then
+    echo "$name running (pid $pid)"
+    return 0
+  fi
+  echo "$name stopped"
+  return 3
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -183,12 +280,7 @@ CONF
 
 mosquitto_start() {
   local dir=$state/mosquitto pid
-  if pid=$(live_pid "$dir/mosquitto.pid"); then
-    if wait_port 1883 5 && wait_port 8883 5 && wait_port 8884 5; then
-      echo "mosquitto already running (pid $pid)"
-      return 0
-    fi
-  fi
+  already_running mosquitto "$dir/mosquitto.pid" poll 5 ports_open 1883 8883 8884 && return 0
   if ! command -v mosquitto >/dev/null 2>&1 || ! command -v mosquitto_passwd >/dev/null 2>&1 \
      || ! command -v mosquitto_sub >/dev/null 2>&1; then
     echo "installing mosquitto (apt-get)"
@@ -198,44 +290,12 @@ mosquitto_start() {
   binary=$(command -v mosquitto || echo /usr/sbin/mosquitto)
   mosquitto_files "$dir"
   rm -f "$dir/mosquitto.pid"
+  # It daemonizes itself (-d) and writes its pid file once it has bound its ports.
   "$binary" -c "$dir/mosquitto.conf" -d
-  if ! wait_port 1883 10 || ! wait_port 8883 10 || ! wait_port 8884 10; then
-    echo "mosquitto did not start; its log:" >&2
-    tail -n 30 "$dir/mosquitto.log" >&2 || true
-    exit 1
-  fi
-  # The pid file is written once it has bound its ports.
-  local deadline=$(( $(date +%s) + 5 ))
-  until pid=$(live_pid "$dir/mosquitto.pid"); do
-    [ "$(date +%s)" -le "$deadline" ] || { echo "mosquitto wrote no pid file" >&2; exit 1; }
-    sleep 0.05
-  done
+  poll 10 ports_open 1883 8883 8884 || fail mosquitto "$dir/mosquitto.log"
+  poll 5 live_pid "$dir/mosquitto.pid" >/dev/null || { echo "mosquitto wrote no pid file" >&2; exit 1; }
+  pid=$(live_pid "$dir/mosquitto.pid")
   echo "mosquitto running (pid $pid): mqtt://127.0.0.1:1883, mqtts://127.0.0.1:8883 (user $MQTT_USER), mqtts://127.0.0.1:8884 (client certificate)"
-}
-
-mosquitto_stop() {
-  local dir=$state/mosquitto pid
-  if pid=$(live_pid "$dir/mosquitto.pid"); then
-    kill "$pid"
-    if ! wait_gone "$pid" 10; then
-      kill -9 "$pid" 2>/dev/null || true
-      wait_gone "$pid" 5 || true
-    fi
-    echo "mosquitto stopped"
-  else
-    echo "mosquitto not running"
-  fi
-  rm -f "$dir/mosquitto.pid"
-}
-
-mosquitto_status() {
-  local pid
-  if pid=$(live_pid "$state/mosquitto/mosquitto.pid"); then
-    echo "mosquitto running (pid $pid)"
-    return 0
-  fi
-  echo "mosquitto stopped"
-  return 3
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -245,22 +305,10 @@ mosquitto_status() {
 PROMETHEUS_PORT=9090
 ALERTMANAGER_PORT=9093
 
-# Waits until http://127.0.0.1:PORT/-/ready answers 200 (polls, up to SECONDS).
-wait_ready() {
-  local port=$1 seconds=${2:-30} deadline
-  deadline=$(( $(date +%s) + seconds ))
-  while [ "$(date +%s)" -le "$deadline" ]; do
-    if curl -fsS -o /dev/null "http://127.0.0.1:$port/-/ready" 2>/dev/null; then
-      return 0
-    fi
-    sleep 0.1
-  done
-  return 1
-}
-
 prometheus_files() {
   local dir=$1 target=${TIDEWATCH_SCRAPE_TARGET:-127.0.0.1:19898}
-  local interval=${TIDEWATCH_SCRAPE_INTERVAL:-1s} shipped=$(pwd)/k8s/monitoring
+  local interval=${TIDEWATCH_SCRAPE_INTERVAL:-1s} shipped
+  shipped=$(pwd)/k8s/monitoring
   mkdir -p "$dir/data"
   # The shipped example with the target, intervals, Alertmanager and the rules file's
   # absolute path substituted; the rules file itself is used as shipped.
@@ -282,27 +330,20 @@ alertmanager_files() {
 }
 
 # prom_start NAME BINARY PACKAGE PORT ARGS...: starts BINARY in the background with ARGS,
-# its pid in .services/NAME/NAME.pid and its log in .services/NAME/NAME.log.
+# its pid in .services/NAME/NAME.pid and its log in .services/NAME/NAME.log; ready when
+# http://127.0.0.1:PORT/-/ready answers.
 prom_start() {
-  local name=$1 binary=$2 package=$3 port=$4 dir=$state/$1 pid
+  local name=$1 binary=$2 package=$3 port=$4 dir=$state/$1
+  local ready=http://127.0.0.1:$4/-/ready
   shift 4
-  if pid=$(live_pid "$dir/$name.pid") && wait_ready "$port" 5; then
-    echo "$name already running (pid $pid)"
-    return 0
-  fi
+  already_running "$name" "$dir/$name.pid" poll 5 http_ok "$ready" && return 0
   if ! command -v "$binary" >/dev/null 2>&1; then
     echo "installing $package (apt-get)"
     apt_install "$package"
   fi
   "${name}_files" "$dir"
-  rm -f "$dir/$name.pid"
-  nohup "$binary" "$@" > "$dir/$name.log" 2>&1 < /dev/null &
-  echo $! > "$dir/$name.pid"
-  if ! wait_ready "$port" 60; then
-    echo "$name did not become ready; its log:" >&2
-    tail -n 30 "$dir/$name.log" >&2 || true
-    exit 1
-  fi
+  daemon_spawn "$dir/$name.pid" "$dir/$name.log" "$binary" "$@"
+  await "$name" "$dir/$name.pid" "$dir/$name.log" 60 http_ok "$ready"
   echo "$name running (pid $(cat "$dir/$name.pid")): http://127.0.0.1:$port"
 }
 
@@ -321,56 +362,349 @@ alertmanager_start() {
     --web.listen-address=127.0.0.1:$ALERTMANAGER_PORT --cluster.listen-address=
 }
 
-# prom_stop NAME
-prom_stop() {
-  local name=$1 dir=$state/$1 pid
-  if pid=$(live_pid "$dir/$name.pid"); then
-    kill "$pid"
-    if ! wait_gone "$pid" 15; then
-      kill -9 "$pid" 2>/dev/null || true
-      wait_gone "$pid" 5 || true
-    fi
-    echo "$name stopped"
-  else
-    echo "$name not running"
-  fi
-  rm -f "$dir/$name.pid"
+# ---------------------------------------------------------------------------------------------
+# kafka
+# ---------------------------------------------------------------------------------------------
+
+# The version is also in scripts/kafka/pom.xml: change both together.
+KAFKA_VERSION=4.1.1
+KAFKA_PORT=9092
+KAFKA_CONTROLLER_PORT=19093
+KAFKA_LIBS=${TIDEWATCH_CACHE:-$HOME/.cache/tidewatch}/kafka-$KAFKA_VERSION/libs
+
+# The broker's jars, from Maven Central, once (a finished download is marked .complete).
+kafka_fetch() {
+  [ -f "$KAFKA_LIBS/.complete" ] && return 0
+  command -v java >/dev/null 2>&1 || apt_install openjdk-17-jre-headless
+  command -v mvn >/dev/null 2>&1 || apt_install maven
+  echo "downloading the Kafka $KAFKA_VERSION jars (Maven Central) into $KAFKA_LIBS"
+  rm -rf "$KAFKA_LIBS.part"
+  mkdir -p "$KAFKA_LIBS.part"
+  mvn -q -B -f scripts/kafka/pom.xml dependency:copy-dependencies \
+    -DoutputDirectory="$KAFKA_LIBS.part" > "$KAFKA_LIBS.part/mvn.log" 2>&1 \
+    || fail "the Kafka download (mvn)" "$KAFKA_LIBS.part/mvn.log" "did not succeed"
+  touch "$KAFKA_LIBS.part/.complete"
+  rm -rf "$KAFKA_LIBS"
+  mv "$KAFKA_LIBS.part" "$KAFKA_LIBS"
 }
 
-# prom_status NAME
-prom_status() {
-  local name=$1 pid
-  if pid=$(live_pid "$state/$name/$name.pid"); then
-    echo "$name running (pid $pid)"
+# kafka_tool CLASS ARGS...: runs one of Kafka's command-line classes (small, quick JVM).
+kafka_tool() {
+  local class=$1
+  shift
+  java -Xmx256m -XX:+UseSerialGC -XX:TieredStopAtLevel=1 \
+    -Dlog4j2.configurationFile="$state/kafka/tools-log4j2.properties" \
+    -cp "$KAFKA_LIBS/*" "$class" "$@"
+}
+
+# The broker answers an admin request (listing topics).
+kafka_ready() {
+  ports_open "$KAFKA_PORT" && kafka_tool org.apache.kafka.tools.TopicCommand \
+    --bootstrap-server "127.0.0.1:$KAFKA_PORT" --command-config "$state/kafka/client.properties" \
+    --list >/dev/null 2>&1
+}
+
+kafka_files() {
+  local dir=$1
+  mkdir -p "$dir/data"
+  cat > "$dir/server.properties" <<CONF
+# Generated by scripts/services.sh: one KRaft node, loopback only.
+process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@127.0.0.1:$KAFKA_CONTROLLER_PORT
+listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT
+advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+controller.listener.names=CONTROLLER
+inter.broker.listener.name=PLAINTEXT
+log.dirs=$dir/data
+num.partitions=4
+auto.create.topics.enable=true
+default.replication.factor=1
+min.insync.replicas=1
+offsets.topic.replication.factor=1
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+group.initial.rebalance.delay.ms=0
+CONF
+  # Admin requests of the readiness probe: give up quickly, the probe is retried.
+  printf 'request.timeout.ms=3000\ndefault.api.timeout.ms=5000\n' > "$dir/client.properties"
+  cat > "$dir/log4j2.properties" <<CONF
+# The broker logs to stdout, which scripts/services.sh writes to kafka.log.
+appender.out.type = Console
+appender.out.name = out
+appender.out.layout.type = PatternLayout
+appender.out.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = INFO
+rootLogger.appenderRef.out.ref = out
+CONF
+  sed -e 's/^rootLogger.level = INFO/rootLogger.level = WARN/' \
+      -e 's/^appender.out.type = Console/&\nappender.out.target = SYSTEM_ERR/' \
+      -e 's/^# The broker .*/# Kafka'"'"'s command-line tools: warnings and errors only, on stderr./' \
+      "$dir/log4j2.properties" > "$dir/tools-log4j2.properties"
+}
+
+kafka_start() {
+  local dir=$state/kafka
+  if already_running kafka "$dir/kafka.pid" kafka_ready; then
+    echo "kafka bootstrap servers: 127.0.0.1:$KAFKA_PORT"
     return 0
   fi
-  echo "$name stopped"
-  return 3
+  kafka_fetch
+  kafka_files "$dir"
+  if [ ! -f "$dir/data/meta.properties" ]; then
+    [ -s "$dir/cluster-id" ] || kafka_tool kafka.tools.StorageTool random-uuid > "$dir/cluster-id"
+    kafka_tool kafka.tools.StorageTool format -t "$(cat "$dir/cluster-id")" \
+      -c "$dir/server.properties" >/dev/null
+  fi
+  daemon_spawn "$dir/kafka.pid" "$dir/kafka.log" java -Xms128m -Xmx512m -XX:+UseG1GC \
+    -XX:MaxGCPauseMillis=20 -Djava.awt.headless=true \
+    -Dlog4j2.configurationFile="$dir/log4j2.properties" \
+    -cp "$KAFKA_LIBS/*" kafka.Kafka "$dir/server.properties"
+  await kafka "$dir/kafka.pid" "$dir/kafka.log" 60 kafka_ready
+  echo "kafka running (pid $(cat "$dir/kafka.pid")): bootstrap servers 127.0.0.1:$KAFKA_PORT"
 }
+
+# A controlled shutdown of a single node takes a few seconds.
+kafka_stop() { daemon_stop kafka "$state/kafka/kafka.pid" 30; }
+
+kafka_env() { echo "export TIDEWATCH_KAFKA_BROKERS=127.0.0.1:$KAFKA_PORT"; }
+
+# ---------------------------------------------------------------------------------------------
+# ceph
+# ---------------------------------------------------------------------------------------------
+
+CEPH_RGW_PORT=7480
+S3_USER=tidewatch
+S3_ACCESS_KEY=TIDEWATCHTESTKEY
+S3_SECRET_KEY=tidewatch-test-secret
+S3_REGION=us-east-1
+S3_BUCKET=tidewatch
+S3_URL=http://127.0.0.1:$CEPH_RGW_PORT
+# The daemons, in start order: NAME:PIDFILE-STEM.
+CEPH_DAEMONS=(ceph-mon:mon ceph-osd:osd ceph-rgw:rgw)
+
+ceph_osd_rgw_up() {
+  live_pid "$state/ceph/osd.pid" >/dev/null && live_pid "$state/ceph/rgw.pid" >/dev/null \
+    && http_ok "$S3_URL/"
+}
+ceph_cli() { ceph -c "$state/ceph/ceph.conf" --connect-timeout 5 "$@"; }
+ceph_osd_up() { ceph_cli osd dump 2>/dev/null | grep -q '^osd\.0 up'; }
+# A signed S3 request (SigV4) with the test user's keys. curl 7.88 sends no
+# x-amz-content-sha256, without which radosgw rejects the signature: declare the payload
+# unsigned.
+s3() {
+  curl -sS --aws-sigv4 "aws:amz:$S3_REGION:s3" --user "$S3_ACCESS_KEY:$S3_SECRET_KEY" \
+    -H 'x-amz-content-sha256: UNSIGNED-PAYLOAD' "$@"
+}
+
+ceph_files() {
+  local dir=$1 fsid
+  fsid=$(cat /proc/sys/kernel/random/uuid)
+  mkdir -p "$dir"/{mon/ceph-a,osd/ceph-0,run,log}
+  cat > "$dir/ceph.conf" <<CONF
+# Generated by scripts/services.sh: a throwaway single-node cluster on loopback.
+[global]
+fsid = $fsid
+mon host = v2:127.0.0.1:3300
+mon initial members = a
+public addr = 127.0.0.1
+public network = 127.0.0.1/32
+ms bind ipv4 = true
+ms bind ipv6 = false
+auth cluster required = cephx
+auth service required = cephx
+auth client required = cephx
+auth allow insecure global id reclaim = false
+run dir = $dir/run
+admin socket = $dir/run/\$cluster-\$name.asok
+pid file = $dir/run/\$cluster-\$name.pid
+crash dir = $dir/crash
+log file = $dir/log/\$cluster-\$name.log
+mon data = $dir/mon/\$cluster-\$id
+osd data = $dir/osd/\$cluster-\$id
+osd objectstore = memstore
+memstore device bytes = 1073741824
+osd memory target = 268435456
+osd pool default size = 1
+osd pool default min size = 1
+osd pool default pg num = 1
+osd pool default pgp num = 1
+osd pool default pg autoscale mode = off
+osd crush chooseleaf type = 0
+mon allow pool size one = true
+mon allow pool delete = true
+mon max pg per osd = 1000
+mon warn on pool no redundancy = false
+mon data avail warn = 1
+mon data avail crit = 1
+# Quick map updates for a test cluster.
+paxos propose interval = 0.05
+paxos min wait = 0.01
+[client]
+keyring = $dir/keyring
+[mon]
+keyring = $dir/mon/\$cluster-\$id/keyring
+[osd]
+keyring = $dir/osd/\$cluster-\$id/keyring
+[client.rgw.a]
+keyring = $dir/rgw.keyring
+rgw frontends = beast endpoint=127.0.0.1:$CEPH_RGW_PORT
+rgw dns name = localhost
+rgw enable usage log = false
+CONF
+}
+
+# A new cluster: monitor, memstore OSD, the RGW pools and radosgw's key.
+ceph_bootstrap() {
+  local dir=$1 conf=$1/ceph.conf osd_uuid osd_secret osd_id
+  rm -rf "$dir"
+  ceph_files "$dir"
+  ceph-authtool --create-keyring "$dir/mon.keyring" --gen-key -n mon. --cap mon 'allow *' >/dev/null
+  ceph-authtool --create-keyring "$dir/keyring" --gen-key -n client.admin --cap mon 'allow *' \
+    --cap osd 'allow *' --cap mds 'allow *' --cap mgr 'allow *' >/dev/null
+  ceph-authtool "$dir/mon.keyring" --import-keyring "$dir/keyring" >/dev/null
+  monmaptool --create --fsid "$(sed -n 's/^fsid = //p' "$conf")" --addv a '[v2:127.0.0.1:3300]' \
+    "$dir/monmap" >/dev/null
+  ceph-mon --mkfs -i a --monmap "$dir/monmap" --keyring "$dir/mon.keyring" -c "$conf"
+  daemon_spawn "$dir/mon.pid" "$dir/log/mon.out" ceph-mon -f -i a -c "$conf"
+  await ceph-mon "$dir/mon.pid" "$dir/log/ceph-mon.a.log" 30 ceph_cli mon stat
+  osd_uuid=$(cat /proc/sys/kernel/random/uuid)
+  osd_secret=$(ceph-authtool --gen-print-key)
+  osd_id=$(echo "{\"cephx_secret\": \"$osd_secret\"}" | ceph_cli osd new "$osd_uuid" -i -)
+  [ "$osd_id" = 0 ] || { echo "ceph: unexpected OSD id $osd_id" >&2; exit 1; }
+  ceph-authtool --create-keyring "$dir/osd/ceph-0/keyring" --name osd.0 --add-key "$osd_secret" \
+    >/dev/null
+  ceph-osd -c "$conf" -i 0 --mkfs --osd-uuid "$osd_uuid" > "$dir/log/osd-mkfs.out" 2>&1 \
+    || fail ceph-osd "$dir/log/osd-mkfs.out" "could not format its store"
+  daemon_spawn "$dir/osd.pid" "$dir/log/osd.out" ceph-osd -f -c "$conf" -i 0
+  await ceph-osd "$dir/osd.pid" "$dir/log/ceph-osd.0.log" 60 ceph_osd_up
+  # The RGW pools, in one python-rados process: radosgw would otherwise spend seconds
+  # creating them at start-up (and each `ceph` command costs about a second).
+  # Debian's python3-rados is for Debian's python3, whatever python3 comes first on PATH.
+  /usr/bin/python3 - "$conf" <<'PY'
+import json, sys, rados
+r = rados.Rados(conffile=sys.argv[1], name="client.admin")
+r.connect(timeout=30)
+for pool in [".rgw.root", "default.rgw.log", "default.rgw.control", "default.rgw.meta",
+             "default.rgw.buckets.index", "default.rgw.buckets.data", "default.rgw.buckets.non-ec"]:
+    for cmd in ({"prefix": "osd pool create", "pool": pool},
+                {"prefix": "osd pool application enable", "pool": pool, "app": "rgw"}):
+        ret, out, err = r.mon_command(json.dumps(cmd), b"")
+        if ret != 0:
+            sys.exit(f"{cmd}: {ret} {err}")
+r.shutdown()
+PY
+  ceph_cli auth get-or-create client.rgw.a mon 'allow rw' osd 'allow rwx' mgr 'allow rw' \
+    -o "$dir/rgw.keyring"
+  touch "$dir/bootstrapped"
+}
+
+# The S3 user and the bucket, unless a signed HEAD of the bucket already succeeds.
+ceph_s3_setup() {
+  local dir=$state/ceph code
+  code=$(s3 -o /dev/null -w '%{http_code}' -I "$S3_URL/$S3_BUCKET" 2>/dev/null || true)
+  [ "$code" = 200 ] && return 0
+  if ! radosgw-admin -c "$dir/ceph.conf" -n client.admin user info --uid="$S3_USER" \
+       >/dev/null 2>&1; then
+    radosgw-admin -c "$dir/ceph.conf" -n client.admin user create --uid="$S3_USER" \
+      --display-name="tidewatch tests" --access-key="$S3_ACCESS_KEY" \
+      --secret-key="$S3_SECRET_KEY" >/dev/null
+  fi
+  code=$(s3 -o "$dir/bucket.out" -w '%{http_code}' -X PUT "$S3_URL/$S3_BUCKET")
+  if [ "$code" != 200 ]; then
+    echo "ceph: creating bucket $S3_BUCKET failed (HTTP $code):" >&2
+    cat "$dir/bucket.out" >&2
+    exit 1
+  fi
+}
+
+ceph_rgw_start() {
+  local dir=$state/ceph
+  already_running ceph-rgw "$dir/rgw.pid" http_ok "$S3_URL/" && return 0
+  if ! live_pid "$dir/mon.pid" >/dev/null || ! live_pid "$dir/osd.pid" >/dev/null; then
+    echo "ceph-rgw needs ceph's monitor and OSD: scripts/services.sh start ceph" >&2
+    exit 1
+  fi
+  daemon_spawn "$dir/rgw.pid" "$dir/log/rgw.out" radosgw -f -n client.rgw.a -c "$dir/ceph.conf"
+  await ceph-rgw "$dir/rgw.pid" "$dir/log/ceph-client.rgw.a.log" 60 http_ok "$S3_URL/"
+  echo "ceph-rgw running (pid $(cat "$dir/rgw.pid")): $S3_URL"
+}
+
+ceph_start() {
+  local dir=$state/ceph
+  if ! command -v ceph-mon >/dev/null 2>&1 || ! command -v ceph-osd >/dev/null 2>&1 \
+     || ! command -v radosgw >/dev/null 2>&1 || ! command -v ceph >/dev/null 2>&1; then
+    echo "installing ceph (apt-get)"
+    apt_install ceph-mon ceph-osd ceph-common radosgw python3-rados
+  fi
+  if already_running ceph "$dir/mon.pid" ceph_osd_rgw_up; then
+    ceph_s3_setup
+    return 0
+  fi
+  # The OSD keeps its objects in memory: without monitor and OSD (or after a bootstrap that
+  # did not finish) there is nothing to keep.
+  if ! live_pid "$dir/mon.pid" >/dev/null || ! live_pid "$dir/osd.pid" >/dev/null \
+     || [ ! -f "$dir/bootstrapped" ]; then
+    ceph_stop >/dev/null
+    ceph_bootstrap "$dir"
+  fi
+  ceph_rgw_start
+  ceph_s3_setup
+  echo "ceph running: S3 $S3_URL (region $S3_REGION, access key $S3_ACCESS_KEY), bucket $S3_BUCKET"
+}
+
+ceph_stop() {
+  local i daemon
+  for (( i = ${#CEPH_DAEMONS[@]} - 1; i >= 0; i-- )); do
+    daemon=${CEPH_DAEMONS[i]}
+    daemon_stop "${daemon%%:*}" "$state/ceph/${daemon#*:}.pid"
+  done
+}
+
+ceph_status() {
+  local daemon status=0
+  for daemon in "${CEPH_DAEMONS[@]}"; do
+    daemon_status "${daemon%%:*}" "$state/ceph/${daemon#*:}.pid" || status=$?
+  done
+  return "$status"
+}
+
+ceph_env() {
+  echo "export AWS_ENDPOINT_URL=$S3_URL"
+  echo "export AWS_ACCESS_KEY_ID=$S3_ACCESS_KEY"
+  echo "export AWS_SECRET_ACCESS_KEY=$S3_SECRET_KEY"
+  echo "export AWS_REGION=$S3_REGION"
+}
+
+ceph_rgw_stop() { daemon_stop ceph-rgw "$state/ceph/rgw.pid"; }
+ceph_rgw_status() { daemon_status ceph-rgw "$state/ceph/rgw.pid"; }
+ceph_rgw_env() { ceph_env; }
 
 # ---------------------------------------------------------------------------------------------
 
-case "$name" in
-  mosquitto)
-    case "$action" in
-      start) mosquitto_start ;;
-      stop) mosquitto_stop ;;
-      restart) mosquitto_stop; mosquitto_start ;;
-      status) mosquitto_status ;;
-      *) usage ;;
+# run ACTION: NAME's own function for ACTION (kafka_stop, ceph_rgw_start, ...), else the
+# generic one for a daemon with its pid in .services/NAME/NAME.pid.
+run() {
+  local own=${name//-/_}_$1
+  if declare -F "$own" >/dev/null; then
+    "$own"
+  else
+    case "$1" in
+      stop|status) "daemon_$1" "$name" "$state/$name/$name.pid" ;;
+      env) ;;
     esac
-    ;;
-  prometheus|alertmanager)
-    case "$action" in
-      start) "${name}_start" ;;
-      stop) prom_stop "$name" ;;
-      restart) prom_stop "$name"; "${name}_start" ;;
-      status) prom_status "$name" ;;
-      *) usage ;;
-    esac
-    ;;
-  *)
-    echo "unknown service: $name (known: mosquitto, prometheus, alertmanager)" >&2
-    exit 2
-    ;;
+  fi
+}
+
+case " $services " in
+  *" $name "*) ;;
+  *) echo "unknown service: $name (known: ${services// /, })" >&2; exit 2 ;;
+esac
+case "$action" in
+  start|stop|status|env) run "$action" ;;
+  restart) run stop; run start ;;
+  *) usage ;;
 esac
