@@ -43,13 +43,18 @@
 #               Heap: 512 MB at most.
 #
 #   ceph        Single-node Ceph 16 (Debian's ceph-mon, ceph-osd, radosgw): one monitor
-#               (127.0.0.1:3300), one OSD on memstore (in memory: a stop loses all data), no
-#               manager, cephx keyrings, and radosgw with its S3 API on
+#               (127.0.0.1:3300), one OSD on memstore (127.0.0.1:6800-6807; objects in memory:
+#               stopping it loses all data), no manager, cephx keyrings, RGW pools created
+#               up front, and radosgw with its S3 API on
 #                 http://127.0.0.1:7480   path-style; user `tidewatch`, access key
 #                                         TIDEWATCHTESTKEY, secret tidewatch-test-secret,
-#                                         region us-east-1; bucket `tidewatch`
+#                                         region us-east-1 (radosgw takes any region name in
+#                                         signatures); bucket `tidewatch`
 #               `start` always makes sure the user and the bucket exist; `env` prints
 #               AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and AWS_REGION.
+#               By hand: curl --aws-sigv4 aws:amz:us-east-1:s3 --user KEY:SECRET
+#               -H 'x-amz-content-sha256: UNSIGNED-PAYLOAD' (Debian's curl 7.88 does not send
+#               that header itself, and radosgw rejects the signature without it).
 #               Config, keyrings and logs in .services/ceph.
 #   ceph-rgw    Only the radosgw of a running `ceph` (monitor and OSD keep running, objects
 #               are kept): `stop ceph-rgw`, then `start ceph-rgw`, simulates an object-store
@@ -86,6 +91,20 @@ apt_install() {
   return "$status"
 }
 
+# need LABEL PACKAGES COMMAND...: installs PACKAGES (a space-separated list) unless every
+# COMMAND is on PATH.
+need() {
+  local label=$1 packages=$2 command
+  shift 2
+  for command in "$@"; do
+    command -v "$command" >/dev/null 2>&1 && continue
+    echo "installing $label (apt-get)"
+    # shellcheck disable=SC2086 # a list of package names
+    apt_install $packages
+    return
+  done
+}
+
 # ---------------------------------------------------------------------------------------------
 # Daemons with a pid file: one set of functions for every service
 # ---------------------------------------------------------------------------------------------
@@ -118,7 +137,7 @@ ports_open() {  # PORT...: something accepts connections on each 127.0.0.1:PORT
     (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null || return 1
   done
 }
-http_ok() { curl -fsS -o /dev/null "$1" 2>/dev/null; }  # URL answers 2xx
+http_ok() { curl -fsS --max-time 5 -o /dev/null "$1" 2>/dev/null; }  # URL answers 2xx
 pid_gone() { ! kill -0 "$1" 2>/dev/null; }
 # PIDFILE COMMAND...: COMMAND succeeds, or PIDFILE's process has died (no use waiting).
 probe_or_dead() {
@@ -147,10 +166,15 @@ daemon_spawn() {
   echo $! > "$pidfile"
 }
 
-# fail NAME LOG [WHAT]: says NAME did not become ready (or WHAT), prints the tail of LOG and
-# exits 1.
+# fail NAME LOG [WHAT]: says NAME did not become ready (or WHAT), prints LOG's first errors
+# (a failing daemon's last lines tend to be its shutdown) and its tail, and exits 1.
 fail() {
-  echo "$1 ${3:-did not become ready}; its log:" >&2
+  echo "$1 ${3:-did not become ready}; its log ($2):" >&2
+  if grep -qiE 'error|fatal' "$2" 2>/dev/null; then
+    echo "--- first errors:" >&2
+    grep -iE -A2 'error|fatal' "$2" | head -n 15 >&2
+    echo "--- last lines:" >&2
+  fi
   tail -n 30 "$2" >&2 || true
   exit 1
 }
@@ -199,6 +223,16 @@ daemon_status() {
 MQTT_USER=tidewatch
 MQTT_PASSWORD=tidewatch-test
 
+# issue_cert NAME CN EXTENSION: NAME.key and NAME.crt (CN, EXTENSION) signed by ca.crt, in the
+# current folder.
+issue_cert() {
+  printf '%s\n' "$3" > "$1.ext"
+  openssl req -newkey rsa:2048 -nodes -keyout "$1.key" -out "$1.csr" -subj "/CN=$2" 2>/dev/null
+  openssl x509 -req -in "$1.csr" -CA ca.crt -CAkey ca.key -CAcreateserial \
+    -out "$1.crt" -days 3650 -extfile "$1.ext" 2>/dev/null
+  rm -f "$1.csr"
+}
+
 mosquitto_files() {
   local dir=$1
   mkdir -p "$dir/data"
@@ -207,20 +241,11 @@ mosquitto_files() {
       cd "$dir"
       openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 3650 \
         -subj "/CN=tidewatch test CA" 2>/dev/null
-      printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\n' > server.ext
-      openssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr \
-        -subj "/CN=localhost" 2>/dev/null
-      openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial \
-        -out server.crt -days 3650 -extfile server.ext 2>/dev/null
-      printf 'extendedKeyUsage=clientAuth\n' > client.ext
-      openssl req -newkey rsa:2048 -nodes -keyout client.key -out client.csr \
-        -subj "/CN=tidewatch-client" 2>/dev/null
-      openssl x509 -req -in client.csr -CA ca.crt -CAkey ca.key -CAcreateserial \
-        -out client.crt -days 3650 -extfile client.ext 2>/dev/null
+      issue_cert server localhost 'subjectAltName=DNS:localhost,IP:127.0.0.1'
+      issue_cert client tidewatch-client 'extendedKeyUsage=clientAuth'
       # A second CA that signed nothing the broker uses: for "untrusted certificate" tests.
       openssl req -x509 -newkey rsa:2048 -nodes -keyout other-ca.key -out other-ca.crt \
         -days 3650 -subj "/CN=some other CA" 2>/dev/null
-      rm -f server.csr client.csr
     )
   fi
   rm -f "$dir/passwd"
@@ -281,11 +306,7 @@ CONF
 mosquitto_start() {
   local dir=$state/mosquitto pid
   already_running mosquitto "$dir/mosquitto.pid" poll 5 ports_open 1883 8883 8884 && return 0
-  if ! command -v mosquitto >/dev/null 2>&1 || ! command -v mosquitto_passwd >/dev/null 2>&1 \
-     || ! command -v mosquitto_sub >/dev/null 2>&1; then
-    echo "installing mosquitto (apt-get)"
-    apt_install mosquitto mosquitto-clients
-  fi
+  need mosquitto "mosquitto mosquitto-clients" mosquitto mosquitto_passwd mosquitto_sub
   local binary
   binary=$(command -v mosquitto || echo /usr/sbin/mosquitto)
   mosquitto_files "$dir"
@@ -337,10 +358,7 @@ prom_start() {
   local ready=http://127.0.0.1:$4/-/ready
   shift 4
   already_running "$name" "$dir/$name.pid" poll 5 http_ok "$ready" && return 0
-  if ! command -v "$binary" >/dev/null 2>&1; then
-    echo "installing $package (apt-get)"
-    apt_install "$package"
-  fi
+  need "$package" "$package" "$binary"
   "${name}_files" "$dir"
   daemon_spawn "$dir/$name.pid" "$dir/$name.log" "$binary" "$@"
   await "$name" "$dir/$name.pid" "$dir/$name.log" 60 http_ok "$ready"
@@ -375,8 +393,8 @@ KAFKA_LIBS=${TIDEWATCH_CACHE:-$HOME/.cache/tidewatch}/kafka-$KAFKA_VERSION/libs
 # The broker's jars, from Maven Central, once (a finished download is marked .complete).
 kafka_fetch() {
   [ -f "$KAFKA_LIBS/.complete" ] && return 0
-  command -v java >/dev/null 2>&1 || apt_install openjdk-17-jre-headless
-  command -v mvn >/dev/null 2>&1 || apt_install maven
+  need java openjdk-17-jre-headless java
+  need maven maven mvn
   echo "downloading the Kafka $KAFKA_VERSION jars (Maven Central) into $KAFKA_LIBS"
   rm -rf "$KAFKA_LIBS.part"
   mkdir -p "$KAFKA_LIBS.part"
@@ -496,7 +514,7 @@ ceph_osd_up() { ceph_cli osd dump 2>/dev/null | grep -q '^osd\.0 up'; }
 # x-amz-content-sha256, without which radosgw rejects the signature: declare the payload
 # unsigned.
 s3() {
-  curl -sS --aws-sigv4 "aws:amz:$S3_REGION:s3" --user "$S3_ACCESS_KEY:$S3_SECRET_KEY" \
+  curl -sS --max-time 30 --aws-sigv4 "aws:amz:$S3_REGION:s3" --user "$S3_ACCESS_KEY:$S3_SECRET_KEY" \
     -H 'x-amz-content-sha256: UNSIGNED-PAYLOAD' "$@"
 }
 
@@ -628,6 +646,7 @@ ceph_rgw_start() {
     echo "ceph-rgw needs ceph's monitor and OSD: scripts/services.sh start ceph" >&2
     exit 1
   fi
+  : > "$dir/log/ceph-client.rgw.a.log"  # on failure, show this start's errors only
   daemon_spawn "$dir/rgw.pid" "$dir/log/rgw.out" radosgw -f -n client.rgw.a -c "$dir/ceph.conf"
   await ceph-rgw "$dir/rgw.pid" "$dir/log/ceph-client.rgw.a.log" 60 http_ok "$S3_URL/"
   echo "ceph-rgw running (pid $(cat "$dir/rgw.pid")): $S3_URL"
@@ -635,11 +654,8 @@ ceph_rgw_start() {
 
 ceph_start() {
   local dir=$state/ceph
-  if ! command -v ceph-mon >/dev/null 2>&1 || ! command -v ceph-osd >/dev/null 2>&1 \
-     || ! command -v radosgw >/dev/null 2>&1 || ! command -v ceph >/dev/null 2>&1; then
-    echo "installing ceph (apt-get)"
-    apt_install ceph-mon ceph-osd ceph-common radosgw python3-rados
-  fi
+  need ceph "ceph-mon ceph-osd ceph-common radosgw python3-rados" ceph-mon ceph-osd radosgw ceph \
+    radosgw-admin
   if already_running ceph "$dir/mon.pid" ceph_osd_rgw_up; then
     ceph_s3_setup
     return 0
