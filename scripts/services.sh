@@ -147,13 +147,19 @@ probe_or_dead() {
 }
 
 # already_running NAME PIDFILE PROBE...: true, and says so, when PIDFILE names a live process
-# and PROBE succeeds.
+# and PROBE succeeds. A live process that fails PROBE is stopped (so that a new one does not
+# run beside it, left without a pid file).
 already_running() {
-  local name=$1 pid
-  pid=$(live_pid "$2") || return 1
+  local name=$1 pidfile=$2 pid
+  pid=$(live_pid "$pidfile") || return 1
   shift 2
-  "$@" || return 1
-  echo "$name already running (pid $pid)"
+  if "$@"; then
+    echo "$name already running (pid $pid)"
+    return 0
+  fi
+  echo "$name (pid $pid) does not answer: restarting it"
+  daemon_stop "$name" "$pidfile" >/dev/null
+  return 1
 }
 
 # daemon_spawn PIDFILE LOG COMMAND...: runs COMMAND in the background (it must stay in the
@@ -466,7 +472,7 @@ CONF
 
 kafka_start() {
   local dir=$state/kafka
-  if already_running kafka "$dir/kafka.pid" kafka_ready; then
+  if already_running kafka "$dir/kafka.pid" poll 60 kafka_ready; then
     echo "kafka bootstrap servers: 127.0.0.1:$KAFKA_PORT"
     return 0
   fi
@@ -504,10 +510,6 @@ S3_URL=http://127.0.0.1:$CEPH_RGW_PORT
 # The daemons, in start order: NAME:PIDFILE-STEM.
 CEPH_DAEMONS=(ceph-mon:mon ceph-osd:osd ceph-rgw:rgw)
 
-ceph_osd_rgw_up() {
-  live_pid "$state/ceph/osd.pid" >/dev/null && live_pid "$state/ceph/rgw.pid" >/dev/null \
-    && http_ok "$S3_URL/"
-}
 ceph_cli() { ceph -c "$state/ceph/ceph.conf" --connect-timeout 5 "$@"; }
 ceph_osd_up() { ceph_cli osd dump 2>/dev/null | grep -q '^osd\.0 up'; }
 # A signed S3 request (SigV4) with the test user's keys. curl 7.88 sends no
@@ -641,7 +643,7 @@ ceph_s3_setup() {
 
 ceph_rgw_start() {
   local dir=$state/ceph
-  already_running ceph-rgw "$dir/rgw.pid" http_ok "$S3_URL/" && return 0
+  already_running ceph-rgw "$dir/rgw.pid" poll 10 http_ok "$S3_URL/" && return 0
   if ! live_pid "$dir/mon.pid" >/dev/null || ! live_pid "$dir/osd.pid" >/dev/null; then
     echo "ceph-rgw needs ceph's monitor and OSD: scripts/services.sh start ceph" >&2
     exit 1
@@ -656,10 +658,6 @@ ceph_start() {
   local dir=$state/ceph
   need ceph "ceph-mon ceph-osd ceph-common radosgw python3-rados" ceph-mon ceph-osd radosgw ceph \
     radosgw-admin
-  if already_running ceph "$dir/mon.pid" ceph_osd_rgw_up; then
-    ceph_s3_setup
-    return 0
-  fi
   # The OSD keeps its objects in memory: without monitor and OSD (or after a bootstrap that
   # did not finish) there is nothing to keep.
   if ! live_pid "$dir/mon.pid" >/dev/null || ! live_pid "$dir/osd.pid" >/dev/null \
