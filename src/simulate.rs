@@ -17,9 +17,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
-use tidewatch_api::{
-    Batch, ComponentContext, Outputs, PayloadFormat, RawBatch, Source, SourcePoll,
-};
+use tidewatch_api::codec::{Delimiter, csv};
+use tidewatch_api::{Batch, ComponentContext, Outputs, RawBatch, Source, SourcePoll};
 use tidewatch_connectors::mqtt::{ConnectionSettings, MqttPublisher, Protocol};
 use tidewatch_connectors::{FileSource, FileSourceConfig, SimulatorConfig, SimulatorSource};
 
@@ -104,8 +103,8 @@ struct Message {
 
 /// Where the messages come from.
 enum Feed {
-    Fleet(SimulatorSource),
-    Replay { source: FileSource, device: String, topic: String },
+    Fleet(Box<SimulatorSource>),
+    Replay { source: Box<FileSource>, device: String, topic: String, delimiter: Delimiter },
 }
 
 impl Feed {
@@ -152,14 +151,14 @@ impl Feed {
                 topic: message.topic.to_owned(),
                 payload: message.payload.to_vec(),
             })),
-            Feed::Replay { device, topic, .. } => {
-                let PayloadFormat::Csv { header, delimiter } = &raw.format else { return };
+            Feed::Replay { device, topic, delimiter, .. } => {
+                let Some(header) = raw.header() else { return };
+                let Ok(header) = csv::header_names(header, *delimiter) else { return };
                 let topic = topic.replace("{device}", device);
                 for message in raw.iter() {
-                    let line = String::from_utf8_lossy(message.payload);
                     messages.push(Message {
                         topic: topic.clone(),
-                        payload: row_json(header, *delimiter, &line, device),
+                        payload: row_json(&header, *delimiter, message.payload, device),
                     });
                 }
             }
@@ -169,12 +168,12 @@ impl Feed {
 
 /// A CSV row as a JSON object: numbers stay numbers, other values are strings; `device` is
 /// added when the header has no such column.
-fn row_json(header: &[Arc<str>], delimiter: u8, line: &str, device: &str) -> Vec<u8> {
+fn row_json(header: &[Arc<str>], delimiter: Delimiter, line: &[u8], device: &str) -> Vec<u8> {
     let mut object = serde_json::Map::new();
-    let fields = line.split(delimiter as char);
-    for (name, field) in header.iter().zip(fields) {
+    let _ = csv::split_record(line, delimiter, |column, field| {
+        let Some(name) = header.get(column) else { return false };
+        let field = String::from_utf8_lossy(&field);
         let text = field.trim();
-        let text = text.strip_prefix('"').and_then(|inner| inner.strip_suffix('"')).unwrap_or(text);
         let value = match text.parse::<f64>() {
             Ok(number) if number.is_finite() => serde_json::Number::from_f64(number)
                 .map(serde_json::Value::Number)
@@ -183,7 +182,8 @@ fn row_json(header: &[Arc<str>], delimiter: u8, line: &str, device: &str) -> Vec
             _ => serde_json::Value::String(text.to_owned()),
         };
         object.insert(name.to_string(), value);
-    }
+        true
+    });
     object.entry("device").or_insert_with(|| serde_json::Value::String(device.to_owned()));
     serde_json::to_vec(&object).unwrap_or_default()
 }
@@ -232,13 +232,14 @@ fn feed(args: &SimulateArgs) -> anyhow::Result<Feed> {
                 ..SimulatorConfig::default()
             };
             let source = SimulatorSource::new(&config, &ctx).context("the fleet simulator")?;
-            Ok(Feed::Fleet(source))
+            Ok(Feed::Fleet(Box::new(source)))
         }
         Some(path) => {
             let path_text = path.to_string_lossy().into_owned();
             let mut config = FileSourceConfig::new(path_text.clone());
-            config.format = Some(tidewatch_connectors::FileFormat::Csv);
-            config.delimiter = Some(args.delimiter.to_string());
+            let delimiter = Delimiter::new(args.delimiter).map_err(anyhow::Error::msg)?;
+            config.header = Some(true);
+            config.delimiter = Some(delimiter);
             config.batch_size = 256;
             if args.speed > 0.0 {
                 config.speed = args.speed;
@@ -250,7 +251,12 @@ fn feed(args: &SimulateArgs) -> anyhow::Result<Feed> {
             let device = args.device.clone().unwrap_or_else(|| {
                 path.file_stem().map(|stem| stem.to_string_lossy().into_owned()).unwrap_or_default()
             });
-            Ok(Feed::Replay { source, device, topic: args.topic.clone() })
+            Ok(Feed::Replay {
+                source: Box::new(source),
+                device,
+                topic: args.topic.clone(),
+                delimiter,
+            })
         }
     }
 }
@@ -367,7 +373,8 @@ mod tests {
     fn rows_become_json_objects() {
         let header: Vec<Arc<str>> =
             ["datetime", "Accelerometer1RMS", "anomaly"].into_iter().map(Arc::from).collect();
-        let json = row_json(&header, b';', "2020-03-09 10:14:33;0.026;0", "valve1-0");
+        let json =
+            row_json(&header, Delimiter::SEMICOLON, b"2020-03-09 10:14:33;0.026;0", "valve1-0");
         let value: serde_json::Value = serde_json::from_slice(&json).expect("json");
         assert_eq!(value["datetime"], "2020-03-09 10:14:33");
         assert_eq!(value["Accelerometer1RMS"], 0.026);

@@ -159,11 +159,11 @@ http_address = ""
 [sources.data]
 type = "file"
 path = "${DATA}"
-delimiter = ";"
 
 [transforms.readings]
 type = "normalize"
 inputs = ["data"]
+delimiter = ";"
 device = "pump"
 timestamp_field = "datetime"
 features = ["f0", "f1", "f2"]

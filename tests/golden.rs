@@ -11,12 +11,12 @@ http_address = ""
 [sources.input]
 type = "file"
 path = "tests/fixtures/golden/input.csv"
-delimiter = ";"
 batch_size = 4
 
 [transforms.readings]
 type = "normalize"
 inputs = ["input"]
+delimiter = ";"
 device_field = "pump"
 timestamp_field = "datetime"
 timestamp_format = "datetime"

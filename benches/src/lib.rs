@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{Criterion, SamplingMode};
+use tidewatch_api::codec::PayloadCodec;
 use tidewatch_api::{
     Batch, ComponentContext, DeviceId, Outputs, RawBatch, ReadingBatch, Schema, Source, SourcePoll,
     TimestampFormat, Window,
@@ -23,7 +24,7 @@ use tidewatch_api::{
 use tidewatch_connectors::{SimulatorConfig, SimulatorFormat, SimulatorSource};
 use tidewatch_engine::{Pipeline, Registry, RunContext, load_str};
 use tidewatch_inference::{ModelSpec, find_onnxruntime, model_files};
-use tidewatch_operators::{Normalize, NormalizeConfig, NormalizeFormat, OnMissing};
+use tidewatch_operators::{Normalize, NormalizeConfig, OnMissing};
 
 /// Event time of the first simulated tick (2023-11-14T22:13:20Z): fixed, so runs are repeatable.
 pub const START_MS: i64 = 1_700_000_000_000;
@@ -127,7 +128,7 @@ pub fn raw_batches(format: SimulatorFormat, count: usize) -> Vec<RawBatch> {
 /// the payload format as the source tells it.
 pub fn normalize_config() -> NormalizeConfig {
     NormalizeConfig {
-        format: NormalizeFormat::Auto,
+        format: PayloadCodec::Auto,
         delimiter: None,
         columns: None,
         features: FEATURES.iter().map(|name| (*name).to_owned()).collect(),
@@ -441,12 +442,13 @@ http_address = ""
 [sources.data]
 type = "file"
 path = {path}
-format = "csv"
-delimiter = ";"
+header = true
 
 [transforms.readings]
 type = "normalize"
 inputs = ["data"]
+format = "csv"
+delimiter = ";"
 device = {device}
 timestamp_field = "datetime"
 timestamp_format = "datetime"

@@ -52,8 +52,8 @@ use rand_distr::StandardNormal;
 use serde::Deserialize;
 use tidewatch_api::records::now_ms;
 use tidewatch_api::{
-    Batch, ComponentContext, ComponentError, ConfigError, EventTime, Kind, Outputs, PayloadFormat,
-    PipelineInfo, PortType, RawBatch, Source, SourceFactory, SourcePoll, ValidateContext,
+    Batch, ComponentContext, ComponentError, ConfigError, EventTime, Kind, Outputs, PipelineInfo,
+    PortType, RawBatch, Source, SourceFactory, SourcePoll, ValidateContext,
 };
 
 /// The simulator's features, in payload order.
@@ -715,7 +715,8 @@ pub struct SimulatorSource {
     count: Option<u64>,
     batch_size: usize,
     format: SimulatorFormat,
-    payload_format: PayloadFormat,
+    /// The header line of CSV output.
+    header: Option<Arc<[u8]>>,
     params: StepParams,
     /// The current tick, and the next pump to step in it.
     tick: u64,
@@ -747,12 +748,10 @@ impl SimulatorSource {
             Some(start_ms) => start_ms,
             None => default_start_ms(ctx, config.interval_ms),
         };
-        let payload_format = match config.format {
-            SimulatorFormat::Json => PayloadFormat::Json,
-            SimulatorFormat::Csv => PayloadFormat::Csv {
-                header: CSV_COLUMNS.iter().map(|name| Arc::from(*name)).collect(),
-                delimiter: b',',
-            },
+        // A CSV stream starts with its header line, passed along to the codec unparsed.
+        let header: Option<Arc<[u8]>> = match config.format {
+            SimulatorFormat::Json => None,
+            SimulatorFormat::Csv => Some(Arc::from(CSV_COLUMNS.join(",").as_bytes())),
         };
         let topic_len = pumps.first().map_or(0, |pump| pump.topic.len());
         let rate = config.rate_per_sec * pumps.len() as f64 / config.devices as f64;
@@ -763,7 +762,7 @@ impl SimulatorSource {
             count: config.count,
             batch_size: config.batch_size,
             format: config.format,
-            payload_format,
+            header,
             params: StepParams::new(config),
             tick: 0,
             next: 0,
@@ -821,11 +820,10 @@ impl Source for SimulatorSource {
             Err(wake_after_ms) => return Ok(SourcePoll::Idle { wake_after_ms }),
         };
         let arrival_ms = now_ms();
-        let mut batch = RawBatch::with_capacity(
-            self.payload_format.clone(),
-            budget,
-            budget * self.bytes_per_reading,
-        );
+        let mut batch = RawBatch::with_capacity(budget, budget * self.bytes_per_reading);
+        if let Some(header) = &self.header {
+            batch.set_header(Arc::clone(header));
+        }
         let interval = i64::try_from(self.interval_ms).unwrap_or(i64::MAX);
         while batch.len() < budget {
             let Some(pump) = self.pumps.get_mut(self.next) else {
@@ -1112,9 +1110,9 @@ mod tests {
         source.poll(&mut out).expect("poll");
         let batches = out.take_main();
         let Some(Batch::Raw(raw)) = batches.first() else { panic!("a raw batch") };
-        let PayloadFormat::Csv { header, delimiter } = &raw.format else { panic!("csv") };
-        assert_eq!(*delimiter, b',');
-        assert_eq!(header.len(), CSV_COLUMNS.len());
+        let header = raw.header().expect("a header line");
+        let header: Vec<&str> = std::str::from_utf8(header).expect("utf8").split(',').collect();
+        assert_eq!(header, CSV_COLUMNS);
         for message in raw.iter() {
             let line = std::str::from_utf8(message.payload).expect("utf8");
             let fields: Vec<&str> = line.split(',').collect();

@@ -340,8 +340,8 @@ mod tests {
     use std::sync::atomic::AtomicBool;
 
     use tidewatch_api::{
-        ConfigValue, DeviceId, ErrorRecord, PayloadFormat, PipelineInfo, RawBatch, ReadingBatch,
-        Schema, Score, Window,
+        ConfigValue, DeviceId, ErrorRecord, PipelineInfo, RawBatch, ReadingBatch, Schema, Score,
+        Window,
     };
 
     use super::*;
@@ -362,7 +362,7 @@ mod tests {
     fn batches(n: usize) -> Vec<Batch> {
         let schema = Arc::new(Schema::new(["vibration", "flow"]));
         let device = DeviceId::intern("pump-0001");
-        let mut raw = RawBatch::new(PayloadFormat::Json);
+        let mut raw = RawBatch::new();
         let mut readings = ReadingBatch::new(Arc::clone(&schema));
         let mut windows = Vec::new();
         let mut scores = Vec::new();

@@ -34,8 +34,8 @@ pub use autoencoder::{Autoencoder, AutoencoderConfig, AutoencoderFactory, Scorer
 pub use count_window::CountWindowOperator;
 pub use filter::{Condition, Filter, FilterConfig, FilterFactory, Matcher, Op, Stat};
 pub use normalize::{
-    Conversion, MediationConfig, Normalize, NormalizeConfig, NormalizeFactory, NormalizeFormat,
-    NormalizeOptions, OnMissing, Quantity, Unit,
+    Conversion, MediationConfig, Normalize, NormalizeConfig, NormalizeFactory, NormalizeOptions,
+    OnMissing, Quantity, Unit,
 };
 pub use route::{RouteConfig, RouteSpec, Router};
 pub use stats::{STATS_VERSION, StatsConfig, StatsDetector, StatsFactory, stats_columns};
@@ -57,8 +57,7 @@ pub fn builtins() -> Vec<(&'static str, ComponentFactory)> {
 #[cfg(test)]
 mod tests {
     use tidewatch_api::{
-        Batch, ComponentContext, ConfigValue, Kind, Outputs, PayloadFormat, PortType, RawBatch,
-        ValidateContext,
+        Batch, ComponentContext, ConfigValue, Kind, Outputs, PortType, RawBatch, ValidateContext,
     };
 
     use super::*;
@@ -102,7 +101,7 @@ mod tests {
         let mut window = window.build(&ComponentContext::for_test("w", "window")).expect("w");
         let mut stats = stats.build(&ComponentContext::for_test("s", "stats")).expect("s");
 
-        let mut raw = RawBatch::new(PayloadFormat::Json);
+        let mut raw = RawBatch::new();
         for time in 0..40 {
             let value = if time >= 30 { 50.0 } else { (time % 2) as f32 };
             let payload = format!("{{\"d\":\"lib-dev\",\"t\":{time},\"v\":{value}}}");

@@ -70,18 +70,6 @@ impl BuildHasher for IdHash {
     }
 }
 
-/// `text` cut to at most `limit` bytes on a character boundary, for error messages.
-pub(crate) fn excerpt(text: &str, limit: usize) -> &str {
-    if text.len() <= limit {
-        return text;
-    }
-    let mut end = limit;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    &text[..end]
-}
-
 /// A [`tidewatch_api::ConfigError`] found at build time, as a run-time component error.
 pub(crate) fn config_error(error: tidewatch_api::ConfigError) -> tidewatch_api::ComponentError {
     let mut message = error.message;

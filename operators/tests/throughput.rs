@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use tidewatch_api::{ComponentContext, ConfigValue, Outputs, PayloadFormat, RawBatch};
+use tidewatch_api::{ComponentContext, ConfigValue, Outputs, RawBatch};
 use tidewatch_operators::{Normalize, NormalizeConfig, NormalizeOptions};
 
 const DEVICES: usize = 1_000;
@@ -19,12 +19,18 @@ fn batches(json: bool, count: usize) -> Vec<RawBatch> {
 
 /// Messages with the sensor values flat, or (`nested`) in an object `sensors` of an array.
 fn shaped(json: bool, nested: bool, count: usize) -> Vec<RawBatch> {
-    let header: Arc<[Arc<str>]> =
-        ["device", "ts"].into_iter().chain(FEATURES).chain(["anomaly"]).map(Arc::from).collect();
-    let format =
-        if json { PayloadFormat::Json } else { PayloadFormat::Csv { header, delimiter: b',' } };
+    let names: Vec<&str> =
+        ["device", "ts"].into_iter().chain(FEATURES).chain(["anomaly"]).collect();
+    let header: Option<Arc<[u8]>> = (!json).then(|| Arc::from(names.join(",").as_bytes()));
+    let fresh = || {
+        let mut batch = RawBatch::new();
+        if let Some(header) = &header {
+            batch.set_header(Arc::clone(header));
+        }
+        batch
+    };
     let mut out = Vec::new();
-    let mut batch = RawBatch::new(format.clone());
+    let mut batch = fresh();
     for index in 0..count {
         let device = index % DEVICES;
         let ts = 1_700_000_000_000_i64 + (index / DEVICES) as i64 * 1000;
@@ -50,7 +56,7 @@ fn shaped(json: bool, nested: bool, count: usize) -> Vec<RawBatch> {
         };
         batch.push(&topic, payload.as_bytes(), 0, index as u64);
         if batch.len() == BATCH {
-            out.push(std::mem::replace(&mut batch, RawBatch::new(format.clone())));
+            out.push(std::mem::replace(&mut batch, fresh()));
         }
     }
     if !batch.is_empty() {

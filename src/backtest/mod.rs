@@ -21,6 +21,7 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 
 use serde::Deserialize;
+use tidewatch_api::codec::{Delimiter, csv};
 use tidewatch_api::{
     Batch, ComponentContext, ComponentError, ComponentFactory, Kind, Sink, SinkFactory,
 };
@@ -102,13 +103,13 @@ impl LabelledFile {
             std::fs::read_to_string(path).map_err(io(format!("reading {}", path.display())))?;
         let data_error =
             |message: String| BacktestError::Data { path: path.to_path_buf(), message };
+        let codec_delimiter = Delimiter::new(delimiter).map_err(data_error)?;
         let mut lines = text.lines().filter(|line| !line.trim().is_empty());
-        let header: Vec<String> = lines
-            .next()
-            .ok_or_else(|| data_error("empty file".into()))?
-            .trim_start_matches('\u{feff}')
-            .split(delimiter)
-            .map(|name| name.trim().trim_matches('"').to_owned())
+        let header_line = lines.next().ok_or_else(|| data_error("empty file".into()))?;
+        let header: Vec<String> = csv::header_names(header_line.as_bytes(), codec_delimiter)
+            .map_err(|problem| data_error(format!("the header line: {problem}")))?
+            .iter()
+            .map(|name| name.to_string())
             .collect();
         let column = |name: &str| header.iter().position(|candidate| candidate == name);
         let time_index =
@@ -133,8 +134,14 @@ impl LabelledFile {
             labels: Vec::new(),
             changepoints: Vec::new(),
         };
+        let mut fields: Vec<String> = Vec::new();
         for (number, line) in lines.enumerate() {
-            let fields: Vec<&str> = line.split(delimiter).collect();
+            fields.clear();
+            csv::split_record(line.as_bytes(), codec_delimiter, |_, text| {
+                fields.push(String::from_utf8_lossy(&text).into_owned());
+                true
+            })
+            .map_err(|problem| data_error(format!("row {}: {problem}", number + 2)))?;
             let field = |index: usize| fields.get(index).map(|value| value.trim()).unwrap_or("");
             let time = tidewatch_api::parse_timestamp(
                 field(time_index),
@@ -321,12 +328,13 @@ http_address = ""
 [sources.data]
 type = "file"
 path = {path}
-format = "csv"
-delimiter = {delimiter}
+header = true
 
 [transforms.readings]
 type = "normalize"
 inputs = ["data"]
+format = "csv"
+delimiter = {delimiter}
 device = "backtest"
 timestamp_field = {timestamp}
 features = [{features}]
@@ -404,7 +412,9 @@ pub fn labelled_files(
                 let head = std::fs::read_to_string(&path)
                     .map_err(io(format!("reading {}", path.display())))?;
                 let header = head.lines().next().unwrap_or("");
-                if header.split(delimiter).any(|column| column.trim().trim_matches('"') == label) {
+                let Ok(delimiter) = Delimiter::new(delimiter) else { continue };
+                let names = csv::header_names(header.as_bytes(), delimiter).unwrap_or_default();
+                if names.iter().any(|column| &**column == label) {
                     found.push(path);
                 }
             }

@@ -19,4 +19,4 @@ pub mod source;
 pub use connection::{BrokerUrl, ConnectionSettings, Protocol};
 pub use publisher::{MqttPublisher, PublisherStats};
 pub use sink::{MqttSink, MqttSinkConfig, MqttSinkFactory};
-pub use source::{MqttFormat, MqttSource, MqttSourceConfig, MqttSourceFactory, TopicTemplate};
+pub use source::{MqttSource, MqttSourceConfig, MqttSourceFactory};

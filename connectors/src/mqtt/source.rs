@@ -30,7 +30,6 @@
 //! shared subscription (`$share/<group>/<filter>`), every worker connects with its own client
 //! id and the broker splits the stream between them.
 
-use std::borrow::Cow;
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
@@ -41,11 +40,10 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
-use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
 use tidewatch_api::records::now_ms;
 use tidewatch_api::{
     AckToken, Backlog, Batch, ComponentContext, ComponentError, ConfigError, EventTime, Kind,
-    Outputs, PayloadFormat, PortType, RawBatch, Source, SourceFactory, SourcePoll, ValidateContext,
+    Outputs, PortType, RawBatch, Source, SourceFactory, SourcePoll, ValidateContext,
 };
 use tokio::sync::mpsc;
 
@@ -53,20 +51,6 @@ use super::connection::{
     Backoff, ConnectionSettings, Delivery, LinkClient, LinkLoop, NetEvent, Protocol, check_qos,
     client_id_of, first_connection, runtime,
 };
-
-/// How the payloads of an MQTT source are encoded.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum MqttFormat {
-    /// One JSON object per message.
-    #[default]
-    Json,
-    /// One delimited text line per message, columns named by `columns`.
-    Csv,
-    /// Raw little-endian `f32` values, one per entry of `columns`; the source turns each into
-    /// a JSON object.
-    F32le,
-}
 
 fn default_qos() -> u8 {
     1
@@ -157,20 +141,6 @@ pub struct MqttSourceConfig {
     /// Largest MQTT packet accepted, bytes.
     #[serde(default = "default_max_packet_size_bytes")]
     pub max_packet_size_bytes: usize,
-    /// Payload encoding: `json`, `csv` or `f32le`.
-    #[serde(default)]
-    pub format: MqttFormat,
-    /// `csv`: the column names of each line; `f32le`: the name of each value, in order.
-    #[serde(default)]
-    pub columns: Option<Vec<String>>,
-    /// `csv`: the field delimiter, one character; default `","`.
-    #[serde(default)]
-    pub delimiter: Option<String>,
-    /// A topic pattern like `factory/{site}/pump/{device}/telemetry` whose named segments
-    /// become fields of each message (JSON fields or extra CSV columns), unless the payload
-    /// has them already.
-    #[serde(default)]
-    pub topic_template: Option<String>,
     /// Most messages emitted per poll (the batch size).
     #[serde(default = "default_batch_size")]
     pub batch_size: usize,
@@ -201,10 +171,6 @@ impl MqttSourceConfig {
             reconnect_initial_ms: default_reconnect_initial_ms(),
             reconnect_max_ms: default_reconnect_max_ms(),
             max_packet_size_bytes: default_max_packet_size_bytes(),
-            format: MqttFormat::Json,
-            columns: None,
-            delimiter: None,
-            topic_template: None,
             batch_size: default_batch_size(),
             queue_capacity: default_queue_capacity(),
         }
@@ -251,27 +217,6 @@ impl MqttSourceConfig {
         !self.topics.is_empty() && self.topics.iter().all(|topic| topic.starts_with("$share/"))
     }
 
-    /// The CSV delimiter byte.
-    fn delimiter_byte(&self) -> Result<u8, ConfigError> {
-        match &self.delimiter {
-            None => Ok(b','),
-            Some(text) => {
-                let mut chars = text.chars();
-                match (chars.next(), chars.next()) {
-                    (Some(c), None) if c.is_ascii() && !matches!(c, '\n' | '\r' | '"') => {
-                        Ok(c as u8)
-                    }
-                    _ => Err(ConfigError::at_field(
-                        "delimiter",
-                        format!(
-                            "delimiter must be one ASCII character other than a quote or a line end, not {text:?}"
-                        ),
-                    )),
-                }
-            }
-        }
-    }
-
     /// Checks the options beyond their types.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let client_id = self.client_id.clone().unwrap_or_else(|| "tidewatch".to_owned());
@@ -306,81 +251,9 @@ impl MqttSourceConfig {
                 "queue_capacity must be at least 1",
             ));
         }
-        let template = match &self.topic_template {
-            Some(text) => Some(TopicTemplate::parse(text).map_err(|reason| {
-                ConfigError::at_field("topic_template", reason).with_hint(
-                    "for example topic_template = \"factory/{site}/pump/{device}/telemetry\"",
-                )
-            })?),
-            None => None,
-        };
-        match self.format {
-            MqttFormat::Json => {
-                if self.columns.is_some() {
-                    return Err(ConfigError::at_field(
-                        "columns",
-                        "columns applies to csv and f32le payloads",
-                    ));
-                }
-                if self.delimiter.is_some() {
-                    return Err(ConfigError::at_field(
-                        "delimiter",
-                        "delimiter applies to csv payloads",
-                    ));
-                }
-            }
-            MqttFormat::Csv | MqttFormat::F32le => {
-                let columns = self.columns.as_deref().unwrap_or_default();
-                if columns.is_empty() {
-                    return Err(ConfigError::at_field(
-                        "columns",
-                        format!(
-                            "format = \"{}\" needs columns: the name of each value, in order",
-                            self.format_name()
-                        ),
-                    ));
-                }
-                if columns.iter().any(|column| column.trim().is_empty()) {
-                    return Err(ConfigError::at_field("columns", "column names must not be empty"));
-                }
-                if self.format == MqttFormat::Csv {
-                    let delimiter = self.delimiter_byte()? as char;
-                    if let Some(template) = &template
-                        && let Some(name) = template.names().find(|name| name.contains(delimiter))
-                    {
-                        return Err(ConfigError::at_field(
-                            "topic_template",
-                            format!("segment name {name:?} contains the delimiter"),
-                        ));
-                    }
-                } else if self.delimiter.is_some() {
-                    return Err(ConfigError::at_field(
-                        "delimiter",
-                        "delimiter applies to csv payloads",
-                    ));
-                }
-                if self.format == MqttFormat::F32le && columns.iter().any(|c| c == ARRIVAL_FIELD) {
-                    return Err(ConfigError::at_field(
-                        "columns",
-                        format!("`{ARRIVAL_FIELD}` is the field the source adds to f32le messages"),
-                    ));
-                }
-            }
-        }
         Ok(())
     }
-
-    fn format_name(&self) -> &'static str {
-        match self.format {
-            MqttFormat::Json => "json",
-            MqttFormat::Csv => "csv",
-            MqttFormat::F32le => "f32le",
-        }
-    }
 }
-
-/// The field the source adds to each `f32le` message: its arrival time, ms since the epoch.
-pub const ARRIVAL_FIELD: &str = "arrival_ms";
 
 /// Checks a subscription filter: non-empty, `#` only as the last level, `+` and `#` alone in
 /// their level, and `$share/<group>/<filter>` well formed.
@@ -412,359 +285,6 @@ fn validate_filter(filter: &str) -> Result<(), String> {
         }
     }
     Ok(())
-}
-
-// ---------------------------------------------------------------------------------------------
-// Topic templates
-// ---------------------------------------------------------------------------------------------
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-enum Segment {
-    Literal(String),
-    Named(String),
-    Any,
-    Rest,
-}
-
-/// `factory/{site}/pump/{device}/telemetry`: literal levels, named levels `{name}`, `+` for an
-/// unnamed level and a final `#` for any remaining levels.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct TopicTemplate {
-    segments: Vec<Segment>,
-}
-
-impl TopicTemplate {
-    /// Parses a template.
-    pub fn parse(text: &str) -> Result<TopicTemplate, String> {
-        if text.is_empty() {
-            return Err("topic_template is empty".to_owned());
-        }
-        let levels: Vec<&str> = text.split('/').collect();
-        let mut segments = Vec::with_capacity(levels.len());
-        let mut names: Vec<&str> = Vec::new();
-        for (index, level) in levels.iter().enumerate() {
-            let segment = if let Some(name) =
-                level.strip_prefix('{').and_then(|inner| inner.strip_suffix('}'))
-            {
-                if name.is_empty()
-                    || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-                {
-                    return Err(format!(
-                        "{{{name}}}: a segment name uses letters, digits, _ and -"
-                    ));
-                }
-                if names.contains(&name) {
-                    return Err(format!("segment {{{name}}} appears twice"));
-                }
-                names.push(name);
-                Segment::Named(name.to_owned())
-            } else if *level == "+" {
-                Segment::Any
-            } else if *level == "#" {
-                if index + 1 != levels.len() {
-                    return Err("# must be the last level".to_owned());
-                }
-                Segment::Rest
-            } else if level.contains(['{', '}', '+', '#']) {
-                return Err(format!("level {level:?}: a level is a literal, {{name}}, + or #"));
-            } else {
-                Segment::Literal((*level).to_owned())
-            };
-            segments.push(segment);
-        }
-        if names.is_empty() {
-            return Err("topic_template names no segment ({name})".to_owned());
-        }
-        Ok(TopicTemplate { segments })
-    }
-
-    /// The segment names, in order.
-    pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.segments.iter().filter_map(|segment| match segment {
-            Segment::Named(name) => Some(name.as_str()),
-            _ => None,
-        })
-    }
-
-    /// Collects the byte ranges of the named segments' values in `topic`, in
-    /// [`TopicTemplate::names`] order; false when the topic does not match.
-    pub fn capture(&self, topic: &str, values: &mut Vec<(usize, usize)>) -> bool {
-        values.clear();
-        let mut levels = topic.split('/').scan(0_usize, |start, level| {
-            let begin = *start;
-            *start += level.len() + 1;
-            Some((begin, level))
-        });
-        for segment in &self.segments {
-            match segment {
-                Segment::Rest => return true,
-                Segment::Literal(literal) => match levels.next() {
-                    Some((_, level)) if level == literal => {}
-                    _ => return false,
-                },
-                Segment::Any => {
-                    if levels.next().is_none() {
-                        return false;
-                    }
-                }
-                Segment::Named(_) => match levels.next() {
-                    Some((begin, level)) if !level.is_empty() => {
-                        values.push((begin, begin + level.len()));
-                    }
-                    _ => return false,
-                },
-            }
-        }
-        levels.next().is_none()
-    }
-}
-
-/// Finds which of `names` are top-level keys of a JSON object, without building it.
-struct KeyScan<'n> {
-    names: &'n [Arc<str>],
-    present: &'n mut [bool],
-}
-
-impl<'de> DeserializeSeed<'de> for KeyScan<'_> {
-    type Value = ();
-
-    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
-        deserializer.deserialize_map(self)
-    }
-}
-
-impl<'de> Visitor<'de> for KeyScan<'_> {
-    type Value = ();
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a JSON object")
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
-            if let Some(index) = self.names.iter().position(|name| **name == *key) {
-                self.present[index] = true;
-            }
-            map.next_value::<IgnoredAny>()?;
-        }
-        Ok(())
-    }
-}
-
-fn write_json_string(buf: &mut Vec<u8>, text: &str) {
-    // serde_json writes into a Vec infallibly.
-    let _ = serde_json::to_writer(&mut *buf, text);
-}
-
-/// How a source turns one payload into the payload it emits.
-#[derive(Debug)]
-struct Shaper {
-    format: MqttFormat,
-    template: Option<TopicTemplate>,
-    /// Template segment names, as JSON field names or CSV columns.
-    names: Vec<Arc<str>>,
-    /// The `columns` option (csv, f32le).
-    columns: Vec<Arc<str>>,
-    /// csv: for each template name, whether `columns` already has it (then it is not added).
-    in_columns: Vec<bool>,
-    delimiter: u8,
-    payload_format: PayloadFormat,
-    ranges: Vec<(usize, usize)>,
-    present: Vec<bool>,
-}
-
-/// Why a message could not be shaped: (error_type, reason).
-type Rejection = (&'static str, String);
-
-impl Shaper {
-    fn new(config: &MqttSourceConfig) -> Result<Shaper, ConfigError> {
-        let template = config
-            .topic_template
-            .as_deref()
-            .map(TopicTemplate::parse)
-            .transpose()
-            .map_err(ConfigError::new)?;
-        let names: Vec<Arc<str>> =
-            template.iter().flat_map(|template| template.names().map(Arc::from)).collect();
-        let columns: Vec<Arc<str>> =
-            config.columns.iter().flatten().map(|column| Arc::from(column.as_str())).collect();
-        let delimiter = config.delimiter_byte()?;
-        let in_columns: Vec<bool> =
-            names.iter().map(|name| columns.iter().any(|column| column == name)).collect();
-        let payload_format = match config.format {
-            MqttFormat::Json | MqttFormat::F32le => PayloadFormat::Json,
-            MqttFormat::Csv => {
-                let mut header = columns.clone();
-                for (name, known) in names.iter().zip(&in_columns) {
-                    if !known {
-                        header.push(Arc::clone(name));
-                    }
-                }
-                PayloadFormat::Csv { header: Arc::from(header), delimiter }
-            }
-        };
-        let present = vec![false; names.len()];
-        Ok(Shaper {
-            format: config.format,
-            template,
-            names,
-            columns,
-            in_columns,
-            delimiter,
-            payload_format,
-            ranges: Vec::new(),
-            present,
-        })
-    }
-
-    /// Appends the message to `batch`, or tells why it cannot be.
-    fn push(
-        &mut self,
-        batch: &mut RawBatch,
-        topic: &str,
-        payload: &[u8],
-        arrival_ms: EventTime,
-        position: u64,
-    ) -> Result<(), Rejection> {
-        let mut ranges = std::mem::take(&mut self.ranges);
-        ranges.clear();
-        let result = self.push_with(batch, topic, payload, arrival_ms, position, &mut ranges);
-        self.ranges = ranges;
-        result
-    }
-
-    fn push_with(
-        &mut self,
-        batch: &mut RawBatch,
-        topic: &str,
-        payload: &[u8],
-        arrival_ms: EventTime,
-        position: u64,
-        ranges: &mut Vec<(usize, usize)>,
-    ) -> Result<(), Rejection> {
-        if let Some(template) = &self.template
-            && !template.capture(topic, ranges)
-        {
-            return Err((
-                "topic_mismatch",
-                format!("topic {topic:?} does not match topic_template"),
-            ));
-        }
-        let values = ranges.iter().map(|(start, end)| topic.get(*start..*end).unwrap_or_default());
-        match self.format {
-            MqttFormat::Json => {
-                if ranges.is_empty() {
-                    batch.push(topic, payload, arrival_ms, position);
-                    return Ok(());
-                }
-                self.present.fill(false);
-                let scan = KeyScan { names: &self.names, present: &mut self.present };
-                let mut deserializer = serde_json::Deserializer::from_slice(payload);
-                let is_object = scan.deserialize(&mut deserializer).is_ok();
-                let start = payload.iter().position(|byte| !byte.is_ascii_whitespace());
-                match (is_object, start) {
-                    (true, Some(start)) if payload[start] == b'{' => {
-                        let rest = &payload[start + 1..];
-                        let empty = rest
-                            .iter()
-                            .find(|byte| !byte.is_ascii_whitespace())
-                            .is_some_and(|byte| *byte == b'}');
-                        let names = &self.names;
-                        let present = &self.present;
-                        batch.push_with(topic, arrival_ms, position, |buf| {
-                            buf.push(b'{');
-                            let mut first = true;
-                            for ((name, value), present) in names.iter().zip(values).zip(present) {
-                                if *present {
-                                    continue;
-                                }
-                                if !first {
-                                    buf.push(b',');
-                                }
-                                first = false;
-                                write_json_string(buf, name);
-                                buf.push(b':');
-                                write_json_string(buf, value);
-                            }
-                            if !first && !empty {
-                                buf.push(b',');
-                            }
-                            buf.extend_from_slice(rest);
-                        });
-                    }
-                    // Not an object: left as it is, normalize reports it.
-                    _ => batch.push(topic, payload, arrival_ms, position),
-                }
-                Ok(())
-            }
-            MqttFormat::Csv => {
-                let line = payload.strip_suffix(b"\n").unwrap_or(payload);
-                let line = line.strip_suffix(b"\r").unwrap_or(line);
-                if line.contains(&b'\n') {
-                    return Err(("parse", "a csv message holds one line".to_owned()));
-                }
-                let delimiter = self.delimiter;
-                for value in values.clone() {
-                    if value.as_bytes().contains(&delimiter) || value.contains('"') {
-                        return Err((
-                            "topic_mismatch",
-                            format!("topic segment {value:?} contains the delimiter or a quote"),
-                        ));
-                    }
-                }
-                let in_columns = &self.in_columns;
-                batch.push_with(topic, arrival_ms, position, |buf| {
-                    buf.extend_from_slice(line);
-                    for (value, known) in values.zip(in_columns) {
-                        if !known {
-                            buf.push(delimiter);
-                            buf.extend_from_slice(value.as_bytes());
-                        }
-                    }
-                });
-                Ok(())
-            }
-            MqttFormat::F32le => {
-                if payload.len() != self.columns.len() * 4 {
-                    return Err((
-                        "parse",
-                        format!(
-                            "an f32le message of {} values has {} bytes, not {}",
-                            self.columns.len(),
-                            payload.len(),
-                            self.columns.len() * 4
-                        ),
-                    ));
-                }
-                let names = &self.names;
-                let columns = &self.columns;
-                batch.push_with(topic, arrival_ms, position, |buf| {
-                    buf.push(b'{');
-                    for (name, value) in names.iter().zip(values) {
-                        write_json_string(buf, name);
-                        buf.push(b':');
-                        write_json_string(buf, value);
-                        buf.push(b',');
-                    }
-                    buf.extend_from_slice(b"\"arrival_ms\":");
-                    buf.extend_from_slice(arrival_ms.to_string().as_bytes());
-                    for (column, chunk) in columns.iter().zip(payload.chunks_exact(4)) {
-                        let value = f32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
-                        buf.push(b',');
-                        write_json_string(buf, column);
-                        buf.push(b':');
-                        if value.is_finite() {
-                            buf.extend_from_slice(value.to_string().as_bytes());
-                        } else {
-                            buf.extend_from_slice(b"null");
-                        }
-                    }
-                    buf.push(b'}');
-                });
-                Ok(())
-            }
-        }
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -860,7 +380,6 @@ pub struct MqttSource {
     config: MqttSourceConfig,
     settings: ConnectionSettings,
     active: bool,
-    shaper: Shaper,
     inbound: Option<mpsc::Receiver<Inbound>>,
     control: Option<mpsc::UnboundedSender<Control>>,
     counters: Arc<Counters>,
@@ -901,13 +420,10 @@ impl MqttSource {
             ]),
         };
         let settings = config.settings(client_id, |path| ctx.resolve_path(path));
-        let shaper =
-            Shaper::new(config).map_err(|error| ComponentError::Config(error.to_string()))?;
         Ok(MqttSource {
             config: config.clone(),
             settings,
             active,
-            shaper,
             inbound: None,
             control: None,
             counters: Arc::new(Counters::default()),
@@ -1028,7 +544,7 @@ impl Source for MqttSource {
             return Ok(SourcePoll::Finished);
         };
         let batch_size = self.config.batch_size;
-        let mut batch = RawBatch::with_capacity(self.shaper.payload_format.clone(), 64, 8 * 1024);
+        let mut batch = RawBatch::with_capacity(64, 8 * 1024);
         let mut acks: Vec<PendingAck> = Vec::new();
         let mut disconnected = false;
         while batch.len() < batch_size {
@@ -1065,11 +581,7 @@ impl Source for MqttSource {
                         );
                         continue;
                     }
-                    if let Err((error_type, reason)) =
-                        self.shaper.push(&mut batch, topic, &delivery.payload, arrival_ms, position)
-                    {
-                        out.error(error_type, reason, Some(topic), Some(&delivery.payload));
-                    }
+                    batch.push(topic, &delivery.payload, arrival_ms, position);
                 }
                 Ok(Inbound::Lost(reason)) => {
                     out.error("connection_lost", reason, None, None);
@@ -1403,97 +915,8 @@ mod tests {
         ConfigValue::parse(text).expect("toml").deserialize().expect("config")
     }
 
-    fn shape(
-        config_text: &str,
-        topic: &str,
-        payload: &[u8],
-    ) -> Result<(String, PayloadFormat), Rejection> {
-        let mut shaper = Shaper::new(&config(config_text)).expect("shaper");
-        let mut batch = RawBatch::new(shaper.payload_format.clone());
-        shaper.push(&mut batch, topic, payload, 1_700_000_000_000, 0)?;
-        let message = batch.get(0).expect("one message");
-        Ok((String::from_utf8(message.payload.to_vec()).expect("utf8"), batch.format.clone()))
-    }
-
     const BASE: &str =
         "url = \"mqtt://127.0.0.1:1883\"\ntopics = [\"factory/+/pump/+/telemetry\"]\n";
-
-    #[test]
-    fn topic_templates_capture_named_levels() {
-        let template =
-            TopicTemplate::parse("factory/{site}/pump/{device}/telemetry").expect("template");
-        assert_eq!(template.names().collect::<Vec<_>>(), ["site", "device"]);
-        let mut values = Vec::new();
-        let topic = "factory/s1/pump/p-7/telemetry";
-        assert!(template.capture(topic, &mut values));
-        let texts: Vec<&str> = values.iter().map(|(start, end)| &topic[*start..*end]).collect();
-        assert_eq!(texts, ["s1", "p-7"]);
-        assert!(!template.capture("factory/s1/pump/p-7", &mut values));
-        assert!(!template.capture("factory/s1/pump/p-7/telemetry/x", &mut values));
-        assert!(!template.capture("plant/s1/pump/p-7/telemetry", &mut values));
-        let rest = TopicTemplate::parse("+/{device}/#").expect("template");
-        assert!(rest.capture("a/b/c/d", &mut values));
-        assert_eq!(values, [(2, 3)]);
-        for bad in ["", "a/b", "a/{x}/{x}", "a/#/{x}", "a/{x y}", "a/b{x}"] {
-            assert!(TopicTemplate::parse(bad).is_err(), "{bad}");
-        }
-    }
-
-    #[test]
-    fn json_payloads_get_the_topic_fields_they_lack() {
-        let text = format!("{BASE}topic_template = \"factory/{{site}}/pump/{{device}}/telemetry\"");
-        let (payload, format) =
-            shape(&text, "factory/s1/pump/p7/telemetry", br#"{"ts":1,"v":2}"#).expect("ok");
-        assert_eq!(payload, r#"{"site":"s1","device":"p7","ts":1,"v":2}"#);
-        assert_eq!(format, PayloadFormat::Json);
-        let (payload, _) =
-            shape(&text, "factory/s1/pump/p7/telemetry", br#" {"device":"own"}"#).expect("ok");
-        assert_eq!(payload, r#"{"site":"s1","device":"own"}"#);
-        let (payload, _) = shape(&text, "factory/s1/pump/p7/telemetry", b"{}").expect("ok");
-        assert_eq!(payload, r#"{"site":"s1","device":"p7"}"#);
-        let (payload, _) = shape(&text, "factory/s1/pump/p7/telemetry", b"[1,2]").expect("ok");
-        assert_eq!(payload, "[1,2]");
-        let (error_type, _) = shape(&text, "other/topic", b"{}").expect_err("mismatch");
-        assert_eq!(error_type, "topic_mismatch");
-        let (payload, _) = shape(BASE, "a/b", br#"{"x":1}"#).expect("ok");
-        assert_eq!(payload, r#"{"x":1}"#);
-    }
-
-    #[test]
-    fn csv_lines_get_topic_columns() {
-        let text = format!(
-            "{BASE}format = \"csv\"\ncolumns = [\"ts\", \"v\"]\ndelimiter = \";\"\ntopic_template = \"factory/{{site}}/pump/{{device}}/telemetry\""
-        );
-        let (payload, format) =
-            shape(&text, "factory/s1/pump/p7/telemetry", b"1;2.5\r\n").expect("ok");
-        assert_eq!(payload, "1;2.5;s1;p7");
-        let PayloadFormat::Csv { header, delimiter } = format else { panic!("csv") };
-        assert_eq!(delimiter, b';');
-        assert_eq!(
-            header.iter().map(|name| name.to_string()).collect::<Vec<_>>(),
-            ["ts", "v", "site", "device"]
-        );
-    }
-
-    #[test]
-    fn f32le_payloads_become_json() {
-        let text = format!(
-            "{BASE}format = \"f32le\"\ncolumns = [\"a\", \"b\"]\ntopic_template = \"factory/+/pump/{{device}}/telemetry\""
-        );
-        let mut payload = Vec::new();
-        payload.extend_from_slice(&1.5_f32.to_le_bytes());
-        payload.extend_from_slice(&f32::NAN.to_le_bytes());
-        let (json, format) = shape(&text, "factory/s/pump/p1/telemetry", &payload).expect("ok");
-        assert_eq!(format, PayloadFormat::Json);
-        let value: serde_json::Value = serde_json::from_str(&json).expect("json");
-        assert_eq!(value["device"], "p1");
-        assert_eq!(value["arrival_ms"], 1_700_000_000_000_i64);
-        assert_eq!(value["a"], 1.5);
-        assert!(value["b"].is_null());
-        let (error_type, _) =
-            shape(&text, "factory/s/pump/p1/telemetry", &[0, 0, 0]).expect_err("short");
-        assert_eq!(error_type, "parse");
-    }
 
     #[test]
     fn invalid_options_are_rejected() {
@@ -1502,12 +925,8 @@ mod tests {
         for (extra, field) in [
             ("qos = 3", "qos"),
             ("url = \"http://x\"", "url"),
-            ("format = \"csv\"", "columns"),
-            ("columns = [\"a\"]", "columns"),
-            ("delimiter = \";\"", "delimiter"),
             ("batch_size = 0", "batch_size"),
             ("queue_capacity = 0", "queue_capacity"),
-            ("topic_template = \"a/b\"", "topic_template"),
             ("protocol = \"v4\"\nsession_expiry_secs = 10", "session_expiry_secs"),
             ("ca_file = \"ca.crt\"", "ca_file"),
         ] {
@@ -1538,6 +957,12 @@ mod tests {
                 .deserialize::<MqttSourceConfig>()
                 .is_err()
         );
+        // Payload options belong to normalize (the codec), not to the source.
+        for moved in ["format = \"csv\"", "topic_template = \"a/{x}\"", "columns = [\"a\"]"] {
+            let text = format!("{BASE}{moved}");
+            let parsed = ConfigValue::parse(&text).expect("toml").deserialize::<MqttSourceConfig>();
+            assert!(parsed.is_err(), "{moved}");
+        }
     }
 
     #[test]

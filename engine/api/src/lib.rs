@@ -5,6 +5,7 @@
 //! with typed configs and an erased form over TOML values ([`factory`]), and typed errors.
 //! Connectors, operators and embedders depend on this crate only; timely types stay out of it.
 
+pub mod codec;
 pub mod component;
 pub mod error;
 pub mod factory;
@@ -29,7 +30,7 @@ pub use factory::{
 };
 pub use records::{
     AckToken, AnomalyEvent, AnomalyState, Batch, DeviceId, ErrorRecord, EventTime, Kind,
-    LABEL_ANOMALY, LABEL_NORMAL, PayloadFormat, RawBatch, RawMessage, Reading, ReadingBatch,
+    LABEL_ANOMALY, LABEL_NORMAL, MessageExtras, RawBatch, RawMessage, Reading, ReadingBatch,
     Schema, Score, Window,
 };
 pub use time::{TimestampFormat, parse_timestamp, timestamp_from_number};

@@ -193,47 +193,74 @@ impl Schema {
 // Raw messages
 // ---------------------------------------------------------------------------------------------
 
-/// How the payloads of a [`RawBatch`] are encoded, as the source knows it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
-pub enum PayloadFormat {
-    /// Unknown: the consumer must be told (for example `normalize`'s `format` option).
-    #[default]
-    Unknown,
-    /// One JSON object per message.
-    Json,
-    /// One delimited text line per message, with the column names of the file's header.
-    Csv {
-        /// Column names, in order.
-        header: Arc<[Arc<str>]>,
-        /// The field delimiter byte (`,` or `;` ...).
-        delimiter: u8,
-    },
-    /// Raw little-endian `f32` values, one per feature.
-    F32Le,
-}
+type Span = (u32, u32);
 
 /// Metadata of one raw message inside a [`RawBatch`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RawMeta {
-    topic: (u32, u32),
-    payload: (u32, u32),
+    topic: Span,
+    payload: Span,
+    key: Option<Span>,
+    /// The range of this message's headers in the batch's header list.
+    headers: Span,
+    partition: Option<u32>,
+    timestamp_ms: Option<EventTime>,
     /// Processing time at which the source received the message, ms since the epoch.
     pub arrival_ms: EventTime,
     /// The message's position in its source (line number, offset, sequence number).
     pub position: u64,
 }
 
-/// One raw message borrowed from a [`RawBatch`].
+/// What a transport knows of a message beyond its topic and payload (Kafka's key, headers,
+/// partition and timestamp); every part is optional.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MessageExtras<'a> {
+    /// The message key.
+    pub key: Option<&'a [u8]>,
+    /// The partition it came from.
+    pub partition: Option<u32>,
+    /// The timestamp the transport gave it, ms since the epoch.
+    pub timestamp_ms: Option<EventTime>,
+    /// Its headers, in order, as (name, value).
+    pub headers: &'a [(&'a str, &'a [u8])],
+}
+
+/// One raw message borrowed from a [`RawBatch`]: bytes plus what the transport knows.
 #[derive(Clone, Copy, Debug)]
 pub struct RawMessage<'a> {
-    /// The topic (MQTT), key or file name the message came from; may be empty.
+    /// The topic (MQTT, Kafka) or file name the message came from; may be empty.
     pub topic: &'a str,
     /// The payload bytes.
     pub payload: &'a [u8],
+    /// The message key (Kafka), if any.
+    pub key: Option<&'a [u8]>,
+    /// The partition it came from (Kafka), if any.
+    pub partition: Option<u32>,
+    /// The timestamp its transport gave it (Kafka), ms since the epoch.
+    pub timestamp_ms: Option<EventTime>,
     /// Processing time at which the source received the message, ms since the epoch.
     pub arrival_ms: EventTime,
-    /// The message's position in its source.
+    /// The message's position in its source (offset, line number, sequence number).
     pub position: u64,
+    buf: &'a [u8],
+    headers: &'a [(Span, Span)],
+}
+
+impl<'a> RawMessage<'a> {
+    /// The message's headers, in order, as (name, value).
+    pub fn headers(&self) -> impl Iterator<Item = (&'a str, &'a [u8])> + 'a {
+        let buf = self.buf;
+        self.headers.iter().map(move |(name, value)| {
+            let name = buf.get(name.0 as usize..name.1 as usize).unwrap_or_default();
+            let value = buf.get(value.0 as usize..value.1 as usize).unwrap_or_default();
+            (std::str::from_utf8(name).unwrap_or_default(), value)
+        })
+    }
+
+    /// The value of the first header called `name`.
+    pub fn header(&self, name: &str) -> Option<&'a [u8]> {
+        self.headers().find(|(known, _)| *known == name).map(|(_, value)| value)
+    }
 }
 
 /// Acknowledges a batch's messages to their source once every consumer is done with it.
@@ -282,47 +309,92 @@ impl PartialEq for AckToken {
     }
 }
 
-/// A batch of raw messages: every topic and payload lives in one shared buffer.
+/// A batch of raw messages: every topic, key, header and payload lives in one shared buffer.
+///
+/// A source says nothing of what the payloads mean; the codec
+/// ([`codec`](crate::codec)) decodes them. A source whose stream starts with a line that
+/// names the fields of the records after it (a CSV file's header) passes that line along
+/// unparsed with [`RawBatch::set_header`].
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct RawBatch {
-    /// How the payloads are encoded.
-    pub format: PayloadFormat,
+    header: Option<Arc<[u8]>>,
     buf: Vec<u8>,
     metas: Vec<RawMeta>,
+    headers: Vec<(Span, Span)>,
     /// Acknowledges the messages upstream when the batch is done with (never serialized).
     #[serde(skip)]
     ack: Option<AckToken>,
 }
 
-fn span_of(start: usize, buf_len: usize) -> (u32, u32) {
+fn span_of(start: usize, buf_len: usize) -> Span {
     (start as u32, buf_len as u32)
 }
 
 impl RawBatch {
-    /// An empty batch of messages in `format`.
-    pub fn new(format: PayloadFormat) -> RawBatch {
-        RawBatch { format, buf: Vec::new(), metas: Vec::new(), ack: None }
+    /// An empty batch.
+    pub fn new() -> RawBatch {
+        RawBatch::default()
     }
 
     /// An empty batch with room for `messages` messages of about `bytes` bytes in all.
-    pub fn with_capacity(format: PayloadFormat, messages: usize, bytes: usize) -> RawBatch {
+    pub fn with_capacity(messages: usize, bytes: usize) -> RawBatch {
         RawBatch {
-            format,
             buf: Vec::with_capacity(bytes),
             metas: Vec::with_capacity(messages),
-            ack: None,
+            ..RawBatch::default()
         }
+    }
+
+    /// Sets the header line of the stream these messages come from (a CSV file's first line),
+    /// as the source read it.
+    pub fn set_header(&mut self, header: Arc<[u8]>) {
+        self.header = Some(header);
+    }
+
+    /// The header line of the stream, if the source passed one along.
+    pub fn header(&self) -> Option<&Arc<[u8]>> {
+        self.header.as_ref()
+    }
+
+    fn append(&mut self, bytes: &[u8]) -> Span {
+        let start = self.buf.len();
+        self.buf.extend_from_slice(bytes);
+        span_of(start, self.buf.len())
     }
 
     /// Appends a message.
     pub fn push(&mut self, topic: &str, payload: &[u8], arrival_ms: EventTime, position: u64) {
-        let topic_start = self.buf.len();
-        self.buf.extend_from_slice(topic.as_bytes());
-        let topic = span_of(topic_start, self.buf.len());
-        let payload_start = self.buf.len();
-        self.buf.extend_from_slice(payload);
-        let payload = span_of(payload_start, self.buf.len());
-        self.metas.push(RawMeta { topic, payload, arrival_ms, position });
+        self.push_with_extras(topic, payload, arrival_ms, position, &MessageExtras::default());
+    }
+
+    /// Appends a message with what its transport knows beyond topic and payload.
+    pub fn push_with_extras(
+        &mut self,
+        topic: &str,
+        payload: &[u8],
+        arrival_ms: EventTime,
+        position: u64,
+        extras: &MessageExtras<'_>,
+    ) {
+        let topic = self.append(topic.as_bytes());
+        let payload = self.append(payload);
+        let key = extras.key.map(|key| self.append(key));
+        let first_header = self.headers.len();
+        for (name, value) in extras.headers {
+            let name = self.append(name.as_bytes());
+            let value = self.append(value);
+            self.headers.push((name, value));
+        }
+        self.metas.push(RawMeta {
+            topic,
+            payload,
+            key,
+            headers: span_of(first_header, self.headers.len()),
+            partition: extras.partition,
+            timestamp_ms: extras.timestamp_ms,
+            arrival_ms,
+            position,
+        });
     }
 
     /// Appends a message whose payload is written by `write` straight into the batch buffer
@@ -331,13 +403,21 @@ impl RawBatch {
     where
         F: FnOnce(&mut Vec<u8>),
     {
-        let topic_start = self.buf.len();
-        self.buf.extend_from_slice(topic.as_bytes());
-        let topic = span_of(topic_start, self.buf.len());
+        let topic = self.append(topic.as_bytes());
         let payload_start = self.buf.len();
         write(&mut self.buf);
         let payload = span_of(payload_start, self.buf.len());
-        self.metas.push(RawMeta { topic, payload, arrival_ms, position });
+        let headers = span_of(self.headers.len(), self.headers.len());
+        self.metas.push(RawMeta {
+            topic,
+            payload,
+            key: None,
+            headers,
+            partition: None,
+            timestamp_ms: None,
+            arrival_ms,
+            position,
+        });
     }
 
     /// Number of messages.
@@ -360,7 +440,7 @@ impl RawBatch {
         self.metas.is_empty()
     }
 
-    /// Total payload and topic bytes.
+    /// Total payload, topic, key and header bytes.
     pub fn byte_len(&self) -> usize {
         self.buf.len()
     }
@@ -371,14 +451,20 @@ impl RawBatch {
     }
 
     fn message<'a>(&'a self, meta: &RawMeta) -> RawMessage<'a> {
-        let topic = self.buf.get(meta.topic.0 as usize..meta.topic.1 as usize).unwrap_or_default();
-        let payload =
-            self.buf.get(meta.payload.0 as usize..meta.payload.1 as usize).unwrap_or_default();
+        let bytes = |span: Span| self.buf.get(span.0 as usize..span.1 as usize).unwrap_or_default();
         RawMessage {
-            topic: std::str::from_utf8(topic).unwrap_or_default(),
-            payload,
+            topic: std::str::from_utf8(bytes(meta.topic)).unwrap_or_default(),
+            payload: bytes(meta.payload),
+            key: meta.key.map(bytes),
+            partition: meta.partition,
+            timestamp_ms: meta.timestamp_ms,
             arrival_ms: meta.arrival_ms,
             position: meta.position,
+            buf: &self.buf,
+            headers: self
+                .headers
+                .get(meta.headers.0 as usize..meta.headers.1 as usize)
+                .unwrap_or_default(),
         }
     }
 
@@ -387,10 +473,11 @@ impl RawBatch {
         self.metas.iter().map(move |meta| self.message(meta))
     }
 
-    /// Removes every message, keeping the allocations.
+    /// Removes every message, keeping the allocations (and the header line).
     pub fn clear(&mut self) {
         self.buf.clear();
         self.metas.clear();
+        self.headers.clear();
     }
 }
 
@@ -876,7 +963,7 @@ mod tests {
     #[test]
     fn ack_tokens_fire_once_when_the_last_copy_is_dropped() {
         let fired = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let mut batch = RawBatch::new(PayloadFormat::Json);
+        let mut batch = RawBatch::new();
         let counter = Arc::clone(&fired);
         batch.set_ack(AckToken::new(move || {
             counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -890,7 +977,7 @@ mod tests {
 
     #[test]
     fn raw_batch_keeps_topics_and_payloads_apart() {
-        let mut batch = RawBatch::new(PayloadFormat::Json);
+        let mut batch = RawBatch::new();
         batch.push("a/b", b"{}", 5, 1);
         batch.push_with("", 6, 2, |buf| buf.extend_from_slice(b"xyz"));
         let messages: Vec<_> = batch.iter().collect();

@@ -35,7 +35,7 @@ struct Run {
 }
 
 fn run_topics(op: &mut Normalize, messages: &[(&str, &str)]) -> Run {
-    let mut raw = RawBatch::new(PayloadFormat::Json);
+    let mut raw = RawBatch::new();
     for (position, (topic, payload)) in messages.iter().enumerate() {
         raw.push(topic, payload.as_bytes(), 0, position as u64);
     }
@@ -155,7 +155,7 @@ fn plain_names_and_one_token_pointers_are_the_same_field() {
         timestamp_field = "/t"
         "#,
     );
-    assert_eq!(op.plan.fields.len(), 2, "{:?}", op.plan.fields);
+    assert_eq!(op.plan.names.len(), 2, "{:?}", op.plan.names);
     let result = run(&mut op, &[r#"{"t":1,"a":4}"#]);
     assert!(result.errors.is_empty(), "{:?}", result.errors);
     assert_eq!(result.readings.values, vec![4.0, 4.0]);
@@ -701,7 +701,7 @@ mod never_panics {
             ];
             for toml in configs {
                 let mut op = build(toml);
-                let mut raw = RawBatch::new(PayloadFormat::Unknown);
+                let mut raw = RawBatch::new();
                 for (position, (topic, payload)) in messages.iter().enumerate() {
                     raw.push(topic, payload, 0, position as u64);
                 }

@@ -1,17 +1,16 @@
-//! `topic_template` and `device_from_topic`: reading the device id from the topic (MQTT topic,
-//! or the file name) of each message.
+//! Topic templates: the one grammar for reading values out of a message's topic (MQTT topic,
+//! Kafka topic or file name), used by `topic_template` and `device_from_topic`.
 //!
 //! A template is the topic split at `/`, each segment literal text, one named capture with
 //! optional literal text around it, `+` (any one level) or, last, `#` (any remaining levels):
 //! `factory/{site}/pump/{device}/telemetry`, `valve1/{device}.csv`, `factory/+/pump/{device}/#`.
 //! A topic matches when its levels match the segments in order (as many, unless the template
 //! ends with `#`), every literal segment is equal, and every capture takes at least one
-//! character. This is the grammar of the `mqtt` source's `topic_template`, plus text around a
-//! capture.
+//! character.
 
 use std::ops::Range;
 
-use tidewatch_api::ConfigError;
+use crate::factory::ConfigError;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Segment {
@@ -35,7 +34,7 @@ enum Piece {
 
 /// A parsed `topic_template`, with the `device_from_topic` pattern when there is one.
 #[derive(Clone, Debug)]
-pub(crate) struct TopicTemplate {
+pub struct TopicTemplate {
     text: Box<str>,
     segments: Vec<Segment>,
     names: Vec<Box<str>>,
@@ -85,7 +84,7 @@ fn pieces(text: &str) -> Result<Vec<Result<&str, &str>>, String> {
 impl TopicTemplate {
     /// Parses `template` and, if given, the `device_from_topic` option: a capture name
     /// (`"device"`) or a pattern of captures and text (`"{site}-{device}"`).
-    pub(crate) fn parse(
+    pub fn parse(
         template: &str,
         device_from_topic: Option<&str>,
     ) -> Result<TopicTemplate, ConfigError> {
@@ -192,19 +191,18 @@ impl TopicTemplate {
     }
 
     /// The template as written.
-    pub(crate) fn text(&self) -> &str {
+    pub fn text(&self) -> &str {
         &self.text
     }
 
     /// The capture names, in order.
-    #[cfg(test)]
-    pub(crate) fn names(&self) -> &[Box<str>] {
+    pub fn names(&self) -> &[Box<str>] {
         &self.names
     }
 
     /// Matches `topic`, leaving the byte range of each capture in `captures`; false when the
     /// topic does not match.
-    pub(crate) fn matches(&self, topic: &str, captures: &mut Vec<Range<usize>>) -> bool {
+    pub fn matches(&self, topic: &str, captures: &mut Vec<Range<usize>>) -> bool {
         captures.clear();
         captures.resize(self.names.len(), 0..0);
         let mut start = 0;
@@ -245,7 +243,7 @@ impl TopicTemplate {
 
     /// The device id of a matched topic: the one capture, borrowed, or the pattern written
     /// into `buffer`. `None` without `device_from_topic`.
-    pub(crate) fn device<'a>(
+    pub fn device<'a>(
         &self,
         topic: &'a str,
         captures: &[Range<usize>],

@@ -16,50 +16,28 @@
 //! positions worked out once per distinct header, and device names are interned through a
 //! per-operator cache.
 
-mod topic;
 mod units;
 
-use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
-use std::fmt;
-use std::ops::Range;
 use std::path::Path;
 use std::sync::Arc;
 
-use serde::Deserializer as _;
-use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
+use tidewatch_api::codec::{Decoder, DecoderOptions, Delimiter, FieldPlan, PayloadCodec, Value};
 use tidewatch_api::{
     Batch, ComponentContext, ComponentError, ConfigError, DeviceId, EventTime, Kind, LABEL_ANOMALY,
-    LABEL_NORMAL, PayloadFormat, PortType, RawBatch, ReadingBatch, Schema, TimestampFormat,
-    Transform, TransformFactory, TransformProperties, ValidateContext, parse_timestamp,
-    timestamp_from_number,
+    LABEL_NORMAL, PortType, RawBatch, ReadingBatch, Schema, TimestampFormat, Transform,
+    TransformFactory, TransformProperties, ValidateContext, parse_timestamp, timestamp_from_number,
 };
 use tidewatch_inference::{ModelSpec, model_files};
 
-use self::topic::TopicTemplate;
 use self::units::Linear;
 pub use self::units::{Conversion, Quantity, Unit};
-use crate::util::{IdHash, config_error, excerpt};
+use crate::util::{IdHash, config_error};
 
 // ---------------------------------------------------------------------------------------------
 // Options
 // ---------------------------------------------------------------------------------------------
-
-/// How `normalize` decides the encoding of the payloads.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum NormalizeFormat {
-    /// Use the format the source put on each batch; a batch of unknown format is rejected
-    /// message by message with `unsupported_format`.
-    #[default]
-    Auto,
-    /// Every payload is one JSON object, whatever the source says.
-    Json,
-    /// Every payload is one delimited line; the column names come from `columns` or, failing
-    /// that, from the header the source put on the batch.
-    Csv,
-}
 
 /// What `normalize` does with a message that lacks a feature (absent, `null` or empty text).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
@@ -88,15 +66,16 @@ pub enum OnMissing {
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NormalizeConfig {
-    /// Payload encoding: `auto` (the batch's format, as the source tells it), `json` or `csv`.
+    /// Payload encoding: `auto` (CSV when the source passes a header line along, as the
+    /// `file` source does for CSV files; JSON otherwise), `json`, `csv` or `f32le`.
     #[serde(default)]
-    pub format: NormalizeFormat,
-    /// Field delimiter of CSV lines (one ASCII character). Defaults to the delimiter the source
-    /// reports with the header, else `,`; when set, it overrides the source's.
+    pub format: PayloadCodec,
+    /// Field delimiter of CSV lines (one ASCII character). Default: sniffed from the header
+    /// line (the most frequent of `,` `;` tab `|`), else `,`.
     #[serde(default)]
-    pub delimiter: Option<char>,
-    /// Column names of CSV lines, in order. Defaults to the header the source reports; when
-    /// set, it overrides the source's header.
+    pub delimiter: Option<Delimiter>,
+    /// CSV: the column names of each line, in order (they replace a header line's names);
+    /// `f32le`: the name of each little-endian `f32` value, in order.
     #[serde(default)]
     pub columns: Option<Vec<String>>,
     /// The feature names of the output readings, in order (the output schema).
@@ -179,9 +158,9 @@ impl From<NormalizeConfig> for NormalizeOptions {
 #[serde(deny_unknown_fields)]
 struct FlatOptions {
     #[serde(default)]
-    format: NormalizeFormat,
+    format: PayloadCodec,
     #[serde(default)]
-    delimiter: Option<char>,
+    delimiter: Option<Delimiter>,
     #[serde(default)]
     columns: Option<Vec<String>>,
     features: Vec<String>,
@@ -244,55 +223,7 @@ impl From<FlatOptions> for NormalizeOptions {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Field paths: plain names and JSON pointers
-// ---------------------------------------------------------------------------------------------
-
-/// A source field: a top-level key, or a JSON pointer's tokens (the first one a top-level key).
-fn field_path(option: &str, spec: &str) -> Result<Vec<Box<str>>, ConfigError> {
-    let Some(pointer) = spec.strip_prefix('/') else {
-        return Ok(vec![spec.into()]);
-    };
-    pointer
-        .split('/')
-        .map(|token| {
-            let mut decoded = String::with_capacity(token.len());
-            let mut chars = token.chars();
-            while let Some(c) = chars.next() {
-                if c != '~' {
-                    decoded.push(c);
-                    continue;
-                }
-                match chars.next() {
-                    Some('0') => decoded.push('~'),
-                    Some('1') => decoded.push('/'),
-                    _ => {
-                        return Err(ConfigError::at_field(
-                            option,
-                            format!("JSON pointer {spec:?} has a `~` not followed by 0 or 1"),
-                        )
-                        .with_hint("write `~0` for `~` and `~1` for `/` inside a key"));
-                    }
-                }
-            }
-            Ok(decoded.into_boxed_str())
-        })
-        .collect()
-}
-
-/// The array index a pointer token stands for, if it is one (`0`, or digits without a
-/// leading zero).
-fn array_index(token: &str) -> Option<usize> {
-    if token.is_empty() || (token.len() > 1 && token.starts_with('0')) {
-        return None;
-    }
-    if !token.bytes().all(|byte| byte.is_ascii_digit()) {
-        return None;
-    }
-    token.parse().ok()
-}
-
-// ---------------------------------------------------------------------------------------------
-// The field plan: which source fields are needed and what each one feeds
+// What each decoded field feeds
 // ---------------------------------------------------------------------------------------------
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -303,44 +234,11 @@ enum Target {
     Label,
 }
 
-/// Above this many distinct top-level keys, keys are looked up in a hash map instead of a
-/// linear scan.
-const LINEAR_LOOKUP_LIMIT: usize = 16;
-
-/// A distinct source field (path) and what it feeds.
-#[derive(Debug)]
-struct Field {
-    path: Vec<Box<str>>,
-    /// As written in the options: `temp` or `/sensors/0/vib`.
-    name: Box<str>,
-    targets: Vec<Target>,
-}
-
-/// A child of a node on a pointer's path.
-#[derive(Debug)]
-struct Child {
-    key: Box<str>,
-    index: Option<usize>,
-    node: usize,
-}
-
-/// A place in the message: a field ends here, or pointers go deeper, or both.
-#[derive(Debug, Default)]
-struct Node {
-    field: Option<usize>,
-    children: Vec<Child>,
-}
-
+/// The fields `normalize` reads (through the codec) and what each one feeds.
 #[derive(Debug)]
 struct Plan {
-    /// Distinct top-level keys.
-    names: Vec<Box<str>>,
-    /// The node of each top-level key.
-    roots: Vec<usize>,
-    nodes: Vec<Node>,
-    /// Key -> top-level key index, when there are many keys.
-    index: Option<HashMap<Box<str>, usize>>,
-    fields: Vec<Field>,
+    /// What each field of the decoder's plan feeds, by field index.
+    targets: Vec<Vec<Target>>,
     /// Feature names of the output schema.
     features: Vec<Box<str>>,
     /// Source field of each feature.
@@ -348,82 +246,13 @@ struct Plan {
     device_field: Option<usize>,
     timestamp_field: usize,
     timestamp_format: TimestampFormat,
+    /// The name of each field as written in the options.
+    names: Vec<Box<str>>,
 }
 
 impl Plan {
-    fn add(&mut self, option: &str, spec: &str, target: Target) -> Result<usize, ConfigError> {
-        let path = field_path(option, spec)?;
-        if let Some(field) = self.fields.iter().position(|field| field.path == path) {
-            if let Some(field) = self.fields.get_mut(field) {
-                field.targets.push(target);
-            }
-            return Ok(field);
-        }
-        let field = self.fields.len();
-        self.fields.push(Field { path: path.clone(), name: spec.into(), targets: vec![target] });
-        let mut tokens = path.into_iter();
-        let first = tokens.next().unwrap_or_default();
-        let mut node = match self.names.iter().position(|known| *known == first) {
-            Some(key) => self.roots.get(key).copied().unwrap_or_default(),
-            None => {
-                self.names.push(first);
-                self.nodes.push(Node::default());
-                self.roots.push(self.nodes.len() - 1);
-                self.nodes.len() - 1
-            }
-        };
-        for token in tokens {
-            let existing = self.nodes.get(node).and_then(|parent| {
-                parent.children.iter().find(|child| child.key == token).map(|child| child.node)
-            });
-            node = match existing {
-                Some(child) => child,
-                None => {
-                    self.nodes.push(Node::default());
-                    let child = self.nodes.len() - 1;
-                    if let Some(parent) = self.nodes.get_mut(node) {
-                        let index = array_index(&token);
-                        parent.children.push(Child { key: token, index, node: child });
-                    }
-                    child
-                }
-            };
-        }
-        if let Some(end) = self.nodes.get_mut(node) {
-            end.field = Some(field);
-        }
-        Ok(field)
-    }
-
-    /// The top-level key index of `key`.
-    #[inline]
-    fn lookup(&self, key: &str) -> Option<usize> {
-        match &self.index {
-            Some(index) => index.get(key).copied(),
-            None => {
-                let key = key.as_bytes();
-                let first = key.first().copied();
-                self.names.iter().position(|name| {
-                    let name = name.as_bytes();
-                    name.len() == key.len() && name.first().copied() == first && name == key
-                })
-            }
-        }
-    }
-
-    /// The node of top-level key `key`.
-    #[inline]
-    fn root(&self, key: usize) -> Option<&Node> {
-        self.roots.get(key).and_then(|node| self.nodes.get(*node))
-    }
-
     fn field_name(&self, field: usize) -> &str {
-        self.fields.get(field).map_or("?", |field| &field.name)
-    }
-
-    /// True when a field is deeper than a top-level key.
-    fn nested(&self) -> bool {
-        self.fields.iter().any(|field| field.path.len() > 1)
+        self.names.get(field).map_or("?", |name| name)
     }
 }
 
@@ -434,7 +263,6 @@ impl Plan {
 /// The per-feature mediation, worked out once.
 #[derive(Debug)]
 struct Mediation {
-    topic: Option<TopicTemplate>,
     /// Conversion of each feature (identity when not converted).
     convert: Vec<Option<Linear>>,
     /// Missing-value policy of each feature.
@@ -449,9 +277,8 @@ struct Mediation {
 #[derive(Debug)]
 struct Prepared {
     plan: Plan,
+    decoder: Decoder,
     schema: Arc<Schema>,
-    columns: Option<Arc<[Arc<str>]>>,
-    delimiter: Option<u8>,
     mediation: Mediation,
 }
 
@@ -534,110 +361,91 @@ fn prepare(options: &NormalizeOptions, base_dir: &Path) -> Result<Prepared, Conf
     if config.label_field.as_deref() == Some("") {
         return Err(ConfigError::at_field("label_field", "`label_field` is empty"));
     }
-    let delimiter = match config.delimiter {
-        None => None,
-        Some(delimiter) => {
-            if !delimiter.is_ascii() || matches!(delimiter, '"' | '\n' | '\r') {
-                return Err(ConfigError::at_field(
-                    "delimiter",
-                    format!("{delimiter:?} cannot be a delimiter"),
-                )
-                .with_hint("use one ASCII character other than a quote or a line break"));
-            }
-            Some(delimiter as u8)
+    // The fields to decode, and what each one feeds.
+    let mut fields = FieldPlan::new();
+    let mut targets: Vec<Vec<Target>> = Vec::new();
+    let mut add = |option: &str, spec: &str, target: Target| -> Result<usize, ConfigError> {
+        let field = fields.add(option, spec)?;
+        if targets.len() <= field {
+            targets.resize_with(field + 1, Vec::new);
         }
+        if let Some(feeds) = targets.get_mut(field) {
+            feeds.push(target);
+        }
+        Ok(field)
     };
-    if config.format == NormalizeFormat::Json {
-        if config.columns.is_some() {
-            return Err(ConfigError::at_field("columns", "`columns` only applies to CSV")
-                .with_hint("remove `columns`, or set format = \"csv\""));
-        }
-        if config.delimiter.is_some() {
-            return Err(ConfigError::at_field("delimiter", "`delimiter` only applies to CSV")
-                .with_hint("remove `delimiter`, or set format = \"csv\""));
-        }
-    }
-
-    let mut plan = Plan {
-        names: Vec::new(),
-        roots: Vec::new(),
-        nodes: Vec::new(),
-        index: None,
-        fields: Vec::new(),
-        features: config.features.iter().map(|name| name.as_str().into()).collect(),
-        feature_fields: Vec::with_capacity(config.features.len()),
-        device_field: None,
-        timestamp_field: 0,
-        timestamp_format: config.timestamp_format,
-    };
+    let mut feature_fields = Vec::with_capacity(config.features.len());
     for (position, feature) in config.features.iter().enumerate() {
         let (option, source) = match config.rename.get(feature) {
             Some(source) => ("rename", source),
             None => ("features", feature),
         };
-        let field = plan.add(option, source, Target::Feature(position))?;
-        plan.feature_fields.push(field);
+        feature_fields.push(add(option, source, Target::Feature(position))?);
     }
-    if let Some(device_field) = &config.device_field {
-        plan.device_field = Some(plan.add("device_field", device_field, Target::Device)?);
-    }
-    plan.timestamp_field =
-        plan.add("timestamp_field", &config.timestamp_field, Target::Timestamp)?;
+    let device_field = match &config.device_field {
+        Some(device_field) => Some(add("device_field", device_field, Target::Device)?),
+        None => None,
+    };
+    let timestamp_field = add("timestamp_field", &config.timestamp_field, Target::Timestamp)?;
     if let Some(label_field) = &config.label_field {
-        plan.add("label_field", label_field, Target::Label)?;
+        add("label_field", label_field, Target::Label)?;
     }
-    if plan.names.len() > LINEAR_LOOKUP_LIMIT {
-        plan.index =
-            Some(plan.names.iter().enumerate().map(|(key, name)| (name.clone(), key)).collect());
-    }
-    if plan.nested() && (config.format == NormalizeFormat::Csv || config.columns.is_some()) {
-        let nested = plan.fields.iter().find(|field| field.path.len() > 1);
-        return Err(ConfigError::at_field(
-            "format",
-            format!(
-                "the JSON pointer {:?} reaches into nested values, which CSV lines do not have",
-                nested.map_or("?", |field| &*field.name)
-            ),
-        )
-        .with_hint("read CSV columns by name; pointers need JSON payloads"));
-    }
+    let names = (0..fields.len()).map(|field| fields.name(field).into()).collect();
+    let codec = DecoderOptions {
+        format: config.format,
+        delimiter: config.delimiter,
+        columns: config.columns.clone(),
+        topic_template: extra.topic_template.clone(),
+        device_from_topic: extra.device_from_topic.clone(),
+    };
+    let decoder = Decoder::with_plan(&codec, fields)?;
+    let plan = Plan {
+        targets,
+        features: config.features.iter().map(|name| name.as_str().into()).collect(),
+        feature_fields,
+        device_field,
+        timestamp_field,
+        timestamp_format: config.timestamp_format,
+        names,
+    };
 
     let mediation = prepare_mediation(config, extra, base_dir)?;
 
-    let columns = match &config.columns {
-        None => None,
-        Some(columns) => {
-            if columns.is_empty() {
-                return Err(ConfigError::at_field("columns", "`columns` is empty"));
+    if let Some(columns) = &config.columns {
+        let column_of = |field: usize| decoder.plan().column(field).unwrap_or("?");
+        let mut required: Vec<&str> = Vec::new();
+        let mut require = |field: usize| {
+            if decoder.plan().column(field).is_some() {
+                required.push(column_of(field));
             }
-            let column_of = |field: usize| -> &str {
-                plan.fields
-                    .get(field)
-                    .and_then(|field| field.path.first())
-                    .map_or("?", |key| &**key)
-            };
-            let mut required: Vec<&str> = vec![column_of(plan.timestamp_field)];
-            if let Some(device_field) = plan.device_field {
-                required.push(column_of(device_field));
-            }
-            for (position, field) in plan.feature_fields.iter().enumerate() {
-                if mediation.policies.get(position) == Some(&OnMissing::Error) {
-                    required.push(column_of(*field));
-                }
-            }
-            if let Some(absent) = required.iter().find(|name| !columns.iter().any(|c| c == *name)) {
-                return Err(ConfigError::at_field(
-                    "columns",
-                    format!("`columns` has no column `{absent}`, which is needed"),
-                )
-                .with_hint("name every CSV column in order, or map features with `rename`"));
-            }
-            Some(columns.iter().map(|name| Arc::from(name.as_str())).collect())
+        };
+        require(plan.timestamp_field);
+        if let Some(device_field) = plan.device_field {
+            require(device_field);
         }
-    };
+        for (position, field) in plan.feature_fields.iter().enumerate() {
+            if mediation.policies.get(position) == Some(&OnMissing::Error) {
+                require(*field);
+            }
+        }
+        let captured = |name: &str| {
+            decoder
+                .topic_template()
+                .is_some_and(|template| template.names().iter().any(|known| &**known == name))
+        };
+        if let Some(absent) =
+            required.iter().find(|name| !columns.iter().any(|c| c == *name) && !captured(name))
+        {
+            return Err(ConfigError::at_field(
+                "columns",
+                format!("`columns` has no column `{absent}`, which is needed"),
+            )
+            .with_hint("name every column in order, or map features with `rename`"));
+        }
+    }
 
     let schema = Arc::new(Schema::new(&config.features));
-    Ok(Prepared { plan, schema, columns, delimiter, mediation })
+    Ok(Prepared { plan, decoder, schema, mediation })
 }
 
 fn prepare_mediation(
@@ -646,17 +454,6 @@ fn prepare_mediation(
     base_dir: &Path,
 ) -> Result<Mediation, ConfigError> {
     let features = &config.features;
-    let topic = match (&extra.topic_template, &extra.device_from_topic) {
-        (Some(template), device) => Some(TopicTemplate::parse(template, device.as_deref())?),
-        (None, Some(_)) => {
-            return Err(ConfigError::at_field(
-                "device_from_topic",
-                "`device_from_topic` needs `topic_template`",
-            )
-            .with_hint("add topic_template = \"factory/{site}/pump/{device}/telemetry\""));
-        }
-        (None, None) => None,
-    };
 
     keys_are_features("convert", extra.convert.keys(), features)?;
     let mut convert = vec![None; features.len()];
@@ -710,7 +507,7 @@ fn prepare_mediation(
         None => None,
         Some(location) => Some(model_scaler(features, &base_dir.join(location))?),
     };
-    Ok(Mediation { topic, convert, policies, fills, scale })
+    Ok(Mediation { convert, policies, fills, scale })
 }
 
 /// `(mean, 1 / std)` of each feature from the scaler of the model at `location`.
@@ -791,32 +588,6 @@ impl TransformFactory for NormalizeFactory {
 // ---------------------------------------------------------------------------------------------
 // Per-message state
 // ---------------------------------------------------------------------------------------------
-
-/// A field's value as the payload has it, borrowed.
-#[derive(Clone, Copy, Debug)]
-enum Value<'a> {
-    Null,
-    Bool(bool),
-    U64(u64),
-    I64(i64),
-    F64(f64),
-    Str(&'a str),
-    Composite,
-}
-
-impl fmt::Display for Value<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Value::Null => f.write_str("null"),
-            Value::Bool(value) => write!(f, "{value}"),
-            Value::U64(value) => write!(f, "{value}"),
-            Value::I64(value) => write!(f, "{value}"),
-            Value::F64(value) => write!(f, "{value}"),
-            Value::Str(text) => write!(f, "{:?}", excerpt(text, 64)),
-            Value::Composite => f.write_str("an object or array"),
-        }
-    }
-}
 
 /// The reading being assembled from one message; reused from message to message.
 #[derive(Debug)]
@@ -899,18 +670,6 @@ impl DeviceCache {
     }
 }
 
-fn feature_value(value: Value<'_>) -> Result<Option<f32>, ()> {
-    match value {
-        Value::Null => Ok(None),
-        Value::Bool(flag) => Ok(Some(if flag { 1.0 } else { 0.0 })),
-        Value::U64(number) => Ok(Some(number as f32)),
-        Value::I64(number) => Ok(Some(number as f32)),
-        Value::F64(number) => Ok(Some(number as f32)),
-        Value::Str(text) => text.parse::<f32>().map(Some).map_err(|_| ()),
-        Value::Composite => Err(()),
-    }
-}
-
 fn label_value(value: Value<'_>) -> Result<Option<u8>, ()> {
     let anomalous = match value {
         Value::Null => return Ok(None),
@@ -943,10 +702,10 @@ impl Plan {
             },
             other => other,
         };
-        let Some(targets) = self.fields.get(field).map(|field| &field.targets) else { return };
+        let Some(targets) = self.targets.get(field) else { return };
         for target in targets {
             match *target {
-                Target::Feature(position) => match feature_value(value) {
+                Target::Feature(position) => match value.as_f32() {
                     Ok(Some(number)) => {
                         if let (Some(slot), Some(present)) =
                             (msg.values.get_mut(position), msg.present.get_mut(position))
@@ -956,7 +715,7 @@ impl Plan {
                         }
                     }
                     Ok(None) => {}
-                    Err(()) => msg.fail("bad_value", || {
+                    Err(_) => msg.fail("bad_value", || {
                         format!(
                             "field `{}` is {value}, not a number, numeric text or boolean",
                             self.field_name(field)
@@ -1037,361 +796,6 @@ impl Plan {
 }
 
 // ---------------------------------------------------------------------------------------------
-// JSON: a visitor over the top-level object, descending only along the pointers' paths
-// ---------------------------------------------------------------------------------------------
-
-struct Fill<'p> {
-    plan: &'p Plan,
-    msg: &'p mut Message,
-    devices: &'p mut DeviceCache,
-}
-
-/// Visits the top-level object.
-struct ObjectVisitor<'p>(Fill<'p>);
-
-impl<'de> Visitor<'de> for ObjectVisitor<'_> {
-    type Value = ();
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a JSON object")
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        let fill = self.0;
-        while let Some(key) = map.next_key_seed(KeySeed(fill.plan))? {
-            match key.and_then(|key| fill.plan.root(key)) {
-                Some(node) => map.next_value_seed(ValueSeed {
-                    plan: fill.plan,
-                    node,
-                    msg: &mut *fill.msg,
-                    devices: &mut *fill.devices,
-                })?,
-                None => {
-                    map.next_value::<IgnoredAny>()?;
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
-/// Reads a top-level key and tells which needed key it is, if any.
-struct KeySeed<'p>(&'p Plan);
-
-impl<'de> DeserializeSeed<'de> for KeySeed<'_> {
-    type Value = Option<usize>;
-
-    fn deserialize<D: de::Deserializer<'de>>(
-        self,
-        deserializer: D,
-    ) -> Result<Self::Value, D::Error> {
-        deserializer.deserialize_str(self)
-    }
-}
-
-impl<'de> Visitor<'de> for KeySeed<'_> {
-    type Value = Option<usize>;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a field name")
-    }
-
-    fn visit_str<E: de::Error>(self, key: &str) -> Result<Self::Value, E> {
-        Ok(self.0.lookup(key))
-    }
-}
-
-/// Reads a key of a nested object and tells which child of `node` it names, if any.
-struct ChildKeySeed<'p>(&'p Plan, &'p Node);
-
-impl<'de, 'p> DeserializeSeed<'de> for ChildKeySeed<'p> {
-    type Value = Option<&'p Node>;
-
-    fn deserialize<D: de::Deserializer<'de>>(
-        self,
-        deserializer: D,
-    ) -> Result<Self::Value, D::Error> {
-        deserializer.deserialize_str(self)
-    }
-}
-
-impl<'de, 'p> Visitor<'de> for ChildKeySeed<'p> {
-    type Value = Option<&'p Node>;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a field name")
-    }
-
-    fn visit_str<E: de::Error>(self, key: &str) -> Result<Self::Value, E> {
-        let ChildKeySeed(plan, node) = self;
-        Ok(node
-            .children
-            .iter()
-            .find(|child| &*child.key == key)
-            .and_then(|child| plan.nodes.get(child.node)))
-    }
-}
-
-/// Reads the value at a node: a needed field's value straight into the message, and the
-/// nested values that pointers reach through it.
-struct ValueSeed<'p> {
-    plan: &'p Plan,
-    node: &'p Node,
-    msg: &'p mut Message,
-    devices: &'p mut DeviceCache,
-}
-
-impl ValueSeed<'_> {
-    fn apply(self, value: Value<'_>) {
-        if let Some(field) = self.node.field {
-            self.plan.apply(field, value, self.msg, self.devices);
-        }
-    }
-}
-
-impl<'de> DeserializeSeed<'de> for ValueSeed<'_> {
-    type Value = ();
-
-    fn deserialize<D: de::Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
-        deserializer.deserialize_any(self)
-    }
-}
-
-impl<'de> Visitor<'de> for ValueSeed<'_> {
-    type Value = ();
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a JSON value")
-    }
-
-    fn visit_bool<E: de::Error>(self, value: bool) -> Result<(), E> {
-        self.apply(Value::Bool(value));
-        Ok(())
-    }
-
-    fn visit_i64<E: de::Error>(self, value: i64) -> Result<(), E> {
-        self.apply(Value::I64(value));
-        Ok(())
-    }
-
-    fn visit_u64<E: de::Error>(self, value: u64) -> Result<(), E> {
-        self.apply(Value::U64(value));
-        Ok(())
-    }
-
-    fn visit_f64<E: de::Error>(self, value: f64) -> Result<(), E> {
-        self.apply(Value::F64(value));
-        Ok(())
-    }
-
-    fn visit_str<E: de::Error>(self, value: &str) -> Result<(), E> {
-        self.apply(Value::Str(value));
-        Ok(())
-    }
-
-    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
-        self.apply(Value::Null);
-        Ok(())
-    }
-
-    fn visit_none<E: de::Error>(self) -> Result<(), E> {
-        self.apply(Value::Null);
-        Ok(())
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        if self.node.children.is_empty() {
-            while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-        } else {
-            while let Some(child) = map.next_key_seed(ChildKeySeed(self.plan, self.node))? {
-                match child {
-                    Some(node) => map.next_value_seed(ValueSeed {
-                        plan: self.plan,
-                        node,
-                        msg: &mut *self.msg,
-                        devices: &mut *self.devices,
-                    })?,
-                    None => {
-                        map.next_value::<IgnoredAny>()?;
-                    }
-                }
-            }
-        }
-        self.apply(Value::Composite);
-        Ok(())
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        if self.node.children.iter().all(|child| child.index.is_none()) {
-            while seq.next_element::<IgnoredAny>()?.is_some() {}
-        } else {
-            let mut position = 0;
-            loop {
-                let child = self
-                    .node
-                    .children
-                    .iter()
-                    .find(|child| child.index == Some(position))
-                    .and_then(|child| self.plan.nodes.get(child.node));
-                let more = match child {
-                    Some(node) => seq
-                        .next_element_seed(ValueSeed {
-                            plan: self.plan,
-                            node,
-                            msg: &mut *self.msg,
-                            devices: &mut *self.devices,
-                        })?
-                        .is_some(),
-                    None => seq.next_element::<IgnoredAny>()?.is_some(),
-                };
-                if !more {
-                    break;
-                }
-                position += 1;
-            }
-        }
-        self.apply(Value::Composite);
-        Ok(())
-    }
-}
-
-fn read_json(
-    plan: &Plan,
-    payload: &[u8],
-    msg: &mut Message,
-    devices: &mut DeviceCache,
-) -> Result<(), serde_json::Error> {
-    let mut deserializer = serde_json::Deserializer::from_slice(payload);
-    (&mut deserializer).deserialize_map(ObjectVisitor(Fill { plan, msg, devices }))?;
-    deserializer.end()
-}
-
-// ---------------------------------------------------------------------------------------------
-// CSV
-// ---------------------------------------------------------------------------------------------
-
-/// How the columns of one header map to the needed fields.
-#[derive(Debug)]
-struct CsvLayout {
-    header: Arc<[Arc<str>]>,
-    delimiter: u8,
-    /// The needed field of each column (up to the last needed column).
-    column_fields: Vec<Option<usize>>,
-}
-
-impl CsvLayout {
-    fn new(plan: &Plan, header: Arc<[Arc<str>]>, delimiter: u8) -> CsvLayout {
-        let mut column_fields: Vec<Option<usize>> = header
-            .iter()
-            .map(|name| {
-                plan.lookup(name.trim_start_matches('\u{feff}').trim())
-                    .and_then(|key| plan.root(key))
-                    .and_then(|node| node.field)
-            })
-            .collect();
-        while column_fields.last() == Some(&None) {
-            column_fields.pop();
-        }
-        CsvLayout { header, delimiter, column_fields }
-    }
-}
-
-/// At most this many headers are remembered.
-const CSV_LAYOUT_LIMIT: usize = 8;
-
-/// Splits `line` at `delimiter`, honouring double-quoted fields (`""` inside quotes is a
-/// quote), and calls `field(column, text)` for each column until it returns false.
-fn split_csv(
-    line: &[u8],
-    delimiter: u8,
-    mut field: impl FnMut(usize, Cow<'_, [u8]>) -> bool,
-) -> Result<(), &'static str> {
-    let len = line.len();
-    let mut pos = 0;
-    let mut column = 0;
-    loop {
-        let next;
-        let text: Cow<'_, [u8]> = if line.get(pos) == Some(&b'"') {
-            let mut unquoted = Vec::new();
-            pos += 1;
-            loop {
-                let rest = line.get(pos..).unwrap_or_default();
-                let Some(quote) = rest.iter().position(|byte| *byte == b'"') else {
-                    return Err("a quoted field is not closed");
-                };
-                unquoted.extend_from_slice(&rest[..quote]);
-                pos += quote + 1;
-                if line.get(pos) == Some(&b'"') {
-                    unquoted.push(b'"');
-                    pos += 1;
-                } else {
-                    break;
-                }
-            }
-            match line.get(pos) {
-                None => next = len,
-                Some(byte) if *byte == delimiter => next = pos,
-                Some(_) => return Err("unexpected text after a closing quote"),
-            }
-            Cow::Owned(unquoted)
-        } else {
-            let rest = line.get(pos..).unwrap_or_default();
-            next = rest.iter().position(|byte| *byte == delimiter).map_or(len, |end| pos + end);
-            Cow::Borrowed(line.get(pos..next).unwrap_or_default())
-        };
-        if !field(column, text) || next >= len {
-            return Ok(());
-        }
-        pos = next + 1;
-        column += 1;
-    }
-}
-
-fn read_csv(
-    plan: &Plan,
-    layout: &CsvLayout,
-    payload: &[u8],
-    msg: &mut Message,
-    devices: &mut DeviceCache,
-) -> Result<(), &'static str> {
-    let mut line = payload;
-    while let [rest @ .., b'\n' | b'\r'] = line {
-        line = rest;
-    }
-    let needed = layout.column_fields.len();
-    if needed == 0 {
-        return Ok(());
-    }
-    // Fast path: a valid UTF-8 line without quotes is split as text, checked once.
-    if layout.delimiter.is_ascii()
-        && !line.contains(&b'"')
-        && let Ok(text) = std::str::from_utf8(line)
-    {
-        let delimiter = char::from(layout.delimiter);
-        for (column, text) in text.split(delimiter).take(needed).enumerate() {
-            if let Some(Some(field)) = layout.column_fields.get(column) {
-                plan.apply(*field, Value::Str(text), msg, devices);
-            }
-        }
-        return Ok(());
-    }
-    let mut not_utf8 = false;
-    split_csv(line, layout.delimiter, |column, text| {
-        if let Some(Some(field)) = layout.column_fields.get(column) {
-            match std::str::from_utf8(&text) {
-                Ok(text) => plan.apply(*field, Value::Str(text), msg, devices),
-                Err(_) => not_utf8 = true,
-            }
-        }
-        column + 1 < needed
-    })?;
-    if not_utf8 {
-        return Err("a needed field is not valid UTF-8");
-    }
-    Ok(())
-}
-
-// ---------------------------------------------------------------------------------------------
 // The transform
 // ---------------------------------------------------------------------------------------------
 
@@ -1399,10 +803,8 @@ fn read_csv(
 #[derive(Debug)]
 pub struct Normalize {
     plan: Plan,
+    decoder: Decoder,
     schema: Arc<Schema>,
-    format: NormalizeFormat,
-    columns: Option<Arc<[Arc<str>]>>,
-    delimiter: Option<u8>,
     mediation: Mediation,
     /// True when every feature's missing-value policy is `error`.
     strict: bool,
@@ -1414,18 +816,8 @@ pub struct Normalize {
     held: HashMap<DeviceId, Box<[f32]>, IdHash>,
     constant_device: Option<DeviceId>,
     devices: DeviceCache,
-    layouts: Vec<CsvLayout>,
     msg: Message,
-    /// Reused by topic matching.
-    captures: Vec<Range<usize>>,
     device_buffer: String,
-}
-
-/// How the messages of one batch are read.
-enum Mode {
-    Json,
-    Csv(usize),
-    Unsupported(String),
 }
 
 /// What becomes of an assembled message.
@@ -1454,7 +846,7 @@ impl Normalize {
         options: &NormalizeOptions,
         ctx: &ComponentContext,
     ) -> Result<Normalize, ConfigError> {
-        let Prepared { plan, schema, columns, delimiter, mediation } =
+        let Prepared { plan, decoder, schema, mediation } =
             prepare(options, &ctx.pipeline.base_dir)?;
         let width = schema.len();
         let strict = mediation.policies.iter().all(|policy| *policy == OnMissing::Error);
@@ -1465,10 +857,8 @@ impl Normalize {
         let config = &options.read;
         Ok(Normalize {
             plan,
+            decoder,
             schema,
-            format: config.format,
-            columns,
-            delimiter,
             mediation,
             strict,
             converts,
@@ -1476,9 +866,7 @@ impl Normalize {
             held: HashMap::default(),
             constant_device: config.device.as_deref().map(DeviceId::intern),
             devices: DeviceCache::default(),
-            layouts: Vec::new(),
             msg: Message::new(width),
-            captures: Vec::new(),
             device_buffer: String::new(),
         })
     }
@@ -1488,118 +876,32 @@ impl Normalize {
         &self.schema
     }
 
-    /// The index in `self.layouts` of the layout of `header`, made on first sight.
-    fn layout(&mut self, header: &Arc<[Arc<str>]>, delimiter: u8) -> usize {
-        let found = self.layouts.iter().position(|layout| {
-            layout.delimiter == delimiter
-                && (Arc::ptr_eq(&layout.header, header) || layout.header == *header)
-        });
-        if let Some(index) = found {
-            return index;
-        }
-        if self.layouts.len() >= CSV_LAYOUT_LIMIT {
-            self.layouts.remove(0);
-        }
-        self.layouts.push(CsvLayout::new(&self.plan, Arc::clone(header), delimiter));
-        self.layouts.len() - 1
-    }
-
-    fn mode(&mut self, format: &PayloadFormat) -> Mode {
-        let csv = |this: &mut Normalize, source: Option<(&Arc<[Arc<str>]>, u8)>| {
-            let delimiter = this.delimiter.or(source.map(|(_, delimiter)| delimiter));
-            let delimiter = delimiter.unwrap_or(b',');
-            let header = match (&this.columns, source) {
-                (Some(columns), _) => Arc::clone(columns),
-                (None, Some((header, _))) => Arc::clone(header),
-                (None, None) => {
-                    return Mode::Unsupported(
-                        "format is csv but no column names are known: set `columns`".to_owned(),
-                    );
-                }
-            };
-            Mode::Csv(this.layout(&header, delimiter))
-        };
-        let source_csv = match format {
-            PayloadFormat::Csv { header, delimiter } => Some((header, *delimiter)),
-            _ => None,
-        };
-        match (self.format, format) {
-            (NormalizeFormat::Json, _) | (NormalizeFormat::Auto, PayloadFormat::Json) => Mode::Json,
-            (NormalizeFormat::Csv, _) | (NormalizeFormat::Auto, PayloadFormat::Csv { .. }) => {
-                csv(self, source_csv)
-            }
-            (NormalizeFormat::Auto, PayloadFormat::Unknown) => Mode::Unsupported(
-                "the source does not tell the payload format: set `format` to json or csv"
-                    .to_owned(),
-            ),
-            (NormalizeFormat::Auto, PayloadFormat::F32Le) => Mode::Unsupported(
-                "normalize cannot read f32le payloads (no device or timestamp)".to_owned(),
-            ),
-        }
-    }
-
     /// Reads every message of `raw` into one reading batch (emitted), errors to `<id>.errors`.
     pub fn normalize_batch(&mut self, raw: &RawBatch, out: &mut tidewatch_api::Outputs) {
-        let mode = self.mode(&raw.format);
-        if let Mode::Unsupported(reason) = &mode {
-            for message in raw.iter() {
-                out.error(
-                    "unsupported_format",
-                    reason.as_str(),
-                    Some(message.topic),
-                    Some(message.payload),
-                );
-            }
-            return;
-        }
         let mut readings = ReadingBatch::with_capacity(Arc::clone(&self.schema), raw.len());
         let mut header_lines = 0u64;
         let mut dropped = 0u64;
+        let header = raw.header();
         for message in raw.iter() {
             self.msg.reset(self.constant_device);
-            if let Some(template) = &self.mediation.topic {
-                if !template.matches(message.topic, &mut self.captures) {
-                    out.error(
-                        "topic_mismatch",
-                        format!(
-                            "topic {:?} does not match `topic_template` {:?}",
-                            excerpt(message.topic, 256),
-                            template.text()
-                        ),
-                        Some(message.topic),
-                        Some(message.payload),
-                    );
-                    continue;
-                }
-                if let Some(name) =
-                    template.device(message.topic, &self.captures, &mut self.device_buffer)
-                {
-                    self.msg.device = Some(self.devices.get(name));
-                }
-            }
-            let syntax = match &mode {
-                Mode::Json => {
-                    read_json(&self.plan, message.payload, &mut self.msg, &mut self.devices)
-                        .map_err(|error| error.to_string())
-                }
-                Mode::Csv(layout) => match self.layouts.get(*layout) {
-                    Some(layout) => read_csv(
-                        &self.plan,
-                        layout,
-                        message.payload,
-                        &mut self.msg,
-                        &mut self.devices,
-                    )
-                    .map_err(str::to_owned),
-                    None => Err("internal: CSV layout lost".to_owned()),
-                },
-                Mode::Unsupported(_) => continue,
-            };
-            if let Err(reason) = syntax {
-                out.error("parse", reason, Some(message.topic), Some(message.payload));
+            let Normalize { plan, decoder, msg, devices, .. } = self;
+            let decoded = decoder
+                .decode(header, &message, |field, value| plan.apply(field, value, msg, devices));
+            if let Err(error) = decoded {
+                out.error(
+                    error.error_type,
+                    error.reason,
+                    Some(message.topic),
+                    Some(message.payload),
+                );
                 continue;
             }
-            if self.msg.header_echo && matches!(mode, Mode::Csv(_)) {
+            if let Some(name) =
+                self.decoder.device_from_topic(message.topic, &mut self.device_buffer)
+            {
+                self.msg.device = Some(self.devices.get(name));
+            }
+            if self.msg.header_echo {
                 header_lines += 1;
                 continue;
             }
@@ -1815,7 +1117,7 @@ mod tests {
     }
 
     fn json_batch(payloads: &[&str]) -> RawBatch {
-        let mut raw = RawBatch::new(PayloadFormat::Json);
+        let mut raw = RawBatch::new();
         for (position, payload) in payloads.iter().enumerate() {
             raw.push("sensors/a", payload.as_bytes(), 0, position as u64);
         }
@@ -1868,7 +1170,7 @@ mod tests {
             label_field = "anomaly"
             "#,
         );
-        let header: Arc<[Arc<str>]> = [
+        let header: String = [
             "datetime",
             "Accelerometer1RMS",
             "Accelerometer2RMS",
@@ -1881,10 +1183,9 @@ mod tests {
             "anomaly",
             "changepoint",
         ]
-        .iter()
-        .map(|name| Arc::from(*name))
-        .collect();
-        let mut raw = RawBatch::new(PayloadFormat::Csv { header, delimiter: b';' });
+        .join(";");
+        let mut raw = RawBatch::new();
+        raw.set_header(Arc::from(header.as_bytes()));
         raw.push(
             "valve1/0.csv",
             b"2020-03-09 10:14:33;0.0265;0.0407;1.3300;0.0545;90.732;27.8;232.5;32.0;0.0;0.0\r\n",
@@ -1922,7 +1223,7 @@ mod tests {
             timestamp_field = "ts"
             "#,
         );
-        let mut raw = RawBatch::new(PayloadFormat::Unknown);
+        let mut raw = RawBatch::new();
         raw.push("", b"1583748873|\"pump \"\"A\"\"|x\"|4.5", 0, 0);
         raw.push("", b"ts|dev|temp", 0, 1);
         raw.push("", b"1583748874|pump-b|", 0, 2);
@@ -1949,18 +1250,17 @@ mod tests {
             timestamp_format = "unix_s"
             "#,
         );
-        let header: Arc<[Arc<str>]> =
-            ["\u{feff}t", " v "].iter().map(|name| Arc::from(*name)).collect();
+        let header: Arc<[u8]> = Arc::from("\u{feff}t, v ".as_bytes());
         for _ in 0..3 {
-            let mut raw =
-                RawBatch::new(PayloadFormat::Csv { header: Arc::clone(&header), delimiter: b',' });
+            let mut raw = RawBatch::new();
+            raw.set_header(Arc::clone(&header));
             raw.push("", b" 2 , 0.5\n", 0, 0);
             let (readings, errors, _) = run(&mut op, raw);
             assert!(errors.is_empty(), "{errors:?}");
             assert_eq!(readings.times, vec![2_000]);
             assert_eq!(readings.values, vec![0.5]);
         }
-        assert_eq!(op.layouts.len(), 1);
+        assert_eq!(op.decoder.header_layouts(), 1);
     }
 
     #[test]
@@ -1973,7 +1273,7 @@ mod tests {
             timestamp_field = "ts"
             "#,
         );
-        let mut raw = RawBatch::new(PayloadFormat::Json);
+        let mut raw = RawBatch::new();
         raw.push("t", b"1,2", 0, 0);
         let (readings, errors, _) = run(&mut op, raw);
         assert!(readings.is_empty());
@@ -2144,15 +1444,16 @@ mod tests {
     }
 
     #[test]
-    fn unknown_format_is_rejected_per_message() {
+    fn csv_without_column_names_is_rejected_per_message() {
         let mut op = build(
             r#"
+            format = "csv"
             features = ["v"]
             device = "d"
             timestamp_field = "t"
             "#,
         );
-        let mut raw = RawBatch::new(PayloadFormat::Unknown);
+        let mut raw = RawBatch::new();
         raw.push("x", b"{\"t\":1,\"v\":2}", 0, 0);
         raw.push("x", b"{\"t\":1,\"v\":2}", 0, 1);
         let (readings, errors, _) = run(&mut op, raw);
@@ -2230,16 +1531,21 @@ mod tests {
             .expect_err("features is required");
         assert!(missing_required.message.contains("features"), "{}", missing_required.message);
 
+        let bad_delimiter = ConfigValue::parse(
+            "features = [\"a\"]\ndelimiter = \"é\"\nformat = \"csv\"\ndevice = \"d\"\ntimestamp_field = \"t\"",
+        )
+        .expect("toml")
+        .deserialize::<NormalizeOptions>()
+        .expect_err("not a delimiter");
+        assert!(bad_delimiter.message.contains("delimiter"), "{}", bad_delimiter.message);
+        assert!(bad_delimiter.span.is_some());
+
         for (toml, field) in [
             ("features = []\ndevice = \"d\"\ntimestamp_field = \"t\"", "features"),
             ("features = [\"a\",\"a\"]\ndevice = \"d\"\ntimestamp_field = \"t\"", "features"),
             (
                 "features = [\"a\"]\nrename = { b = \"x\" }\ndevice = \"d\"\ntimestamp_field = \"t\"",
                 "rename",
-            ),
-            (
-                "features = [\"a\"]\ndelimiter = \"é\"\nformat = \"csv\"\ndevice = \"d\"\ntimestamp_field = \"t\"",
-                "delimiter",
             ),
             (
                 "features = [\"a\"]\nformat = \"csv\"\ncolumns = [\"t\"]\ndevice = \"d\"\ntimestamp_field = \"t\"",
@@ -2309,7 +1615,7 @@ mod tests {
                 "#;
                 for toml in [json, csv] {
                     let mut op = build(toml);
-                    let mut raw = RawBatch::new(PayloadFormat::Unknown);
+                    let mut raw = RawBatch::new();
                     for (position, payload) in payloads.iter().enumerate() {
                         raw.push("topic", payload, 0, position as u64);
                     }
