@@ -194,18 +194,19 @@ fn settings(args: &SimulateArgs) -> ConnectionSettings {
         .clone()
         .unwrap_or_else(|| format!("tidewatch-simulate-{}", std::process::id()));
     let mut settings = ConnectionSettings::new(args.mqtt.clone(), client_id);
-    settings.protocol = match args.protocol {
+    let connection = &mut settings.connection;
+    connection.protocol = match args.protocol {
         ProtocolArg::V4 => Protocol::V4,
         ProtocolArg::V5 => Protocol::V5,
     };
-    settings.username = args.username.clone().or_else(|| std::env::var("MQTT_USER").ok());
-    settings.password = args.password.clone().or_else(|| std::env::var("MQTT_PASSWORD").ok());
-    settings.ca_file = args.ca_file.clone();
-    settings.max_inflight = 1_000;
+    connection.username = args.username.clone().or_else(|| std::env::var("MQTT_USER").ok());
+    connection.password = args.password.clone().or_else(|| std::env::var("MQTT_PASSWORD").ok());
+    connection.max_inflight = 1_000;
     // Persistent (for a minute on MQTT 5), so that QoS 1/2 publishes in flight when the
     // connection drops are sent again after reconnecting.
-    settings.clean_start = false;
-    settings.session_expiry_secs = (settings.protocol == Protocol::V5).then_some(60);
+    connection.clean_start = false;
+    connection.session_expiry_secs = (connection.protocol == Protocol::V5).then_some(60);
+    settings.tls.ca_file = args.ca_file.clone();
     settings
 }
 
@@ -333,7 +334,7 @@ fn wait_for_subscriber(
     settings: &ConnectionSettings,
     message: &Message,
 ) -> anyhow::Result<()> {
-    let probe = settings.protocol == Protocol::V5 && args.wait_subscriber_secs > 0;
+    let probe = settings.connection.protocol == Protocol::V5 && args.wait_subscriber_secs > 0;
     let qos = if probe { args.qos.max(1) } else { args.qos };
     let deadline = Instant::now() + Duration::from_secs(args.wait_subscriber_secs);
     let mut waited = false;

@@ -36,7 +36,7 @@ pub mod prometheus;
 mod shared;
 pub mod simulator;
 pub mod sinks;
-mod tls;
+pub mod tls;
 pub mod webhook;
 
 pub use file::{FileFormat, FileSource, FileSourceConfig, FileSourceFactory};
@@ -50,6 +50,7 @@ pub use sinks::{
     FileSinkFactory, StdoutSink, StdoutSinkConfig, StdoutSinkFactory,
 };
 use tidewatch_api::ComponentFactory;
+pub use tls::TlsConfig;
 pub use webhook::{WebhookSink, WebhookSinkConfig, WebhookSinkFactory};
 
 /// The built-in components, by type name, for the engine's registry (which keys them by class

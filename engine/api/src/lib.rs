@@ -25,7 +25,7 @@ pub use component::{
 pub use error::ComponentError;
 pub use factory::{
     ComponentFactory, ConfigError, ConfigValue, ConfiguredSink, ConfiguredSource,
-    ConfiguredTransform, PortType, SinkFactory, SourceFactory, TransformFactory,
+    ConfiguredTransform, MovedOption, PortType, SinkFactory, SourceFactory, TransformFactory,
     TransformProperties, ValidateContext,
 };
 pub use records::{

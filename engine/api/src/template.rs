@@ -134,21 +134,12 @@ impl Template {
     }
 }
 
-/// Appends `text` escaped as the inside of a JSON string.
+/// Appends `text` escaped as the inside of a JSON string (serde_json's escaping).
 fn escape_json(text: &str, out: &mut String) {
-    for c in text.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if u32::from(c) < 0x20 => {
-                let _ = write!(out, "\\u{:04x}", u32::from(c));
-            }
-            c => out.push(c),
-        }
-    }
+    // Serializing a string cannot fail.
+    let quoted = serde_json::to_string(text).unwrap_or_default();
+    let inner = quoted.strip_prefix('"').and_then(|rest| rest.strip_suffix('"'));
+    out.push_str(inner.unwrap_or_default());
 }
 
 /// The fields of an anomaly event a template can use, in the order [`write_event_field`]
@@ -282,6 +273,9 @@ mod tests {
             Ok("{\"v\": \"x\\\"y\", \"w\": {\"n\": 1}}".to_owned())
         );
         assert_eq!(render("plain {{a} {", Escape::None), Ok("plain {a} {".to_owned()));
+        let mut escaped = String::new();
+        escape_json("a\\b\n\t\u{1}é\"", &mut escaped);
+        assert_eq!(escaped, "a\\\\b\\n\\t\\u0001é\\\"");
         assert_eq!(render("ünï{b}ç}", Escape::None), Ok("ünïZç}".to_owned()));
         assert!(Template::parse("plain", &[]).is_ok_and(|template| template.is_constant()));
         assert!(Template::parse("{a}", &["a"]).is_ok_and(|template| !template.is_constant()));
