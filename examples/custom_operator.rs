@@ -94,7 +94,7 @@ impl Transform for Ewma {
 
 /// The builtins plus `ewma`.
 pub fn registry() -> Registry {
-    Registry::with_builtins().register("ewma", ComponentFactory::transform(EwmaFactory))
+    tidewatch::builtins().register("ewma", ComponentFactory::transform(EwmaFactory))
 }
 
 /// A pipeline that uses `ewma` by name.

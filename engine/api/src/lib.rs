@@ -10,6 +10,7 @@ pub mod error;
 pub mod factory;
 pub mod json;
 pub mod records;
+pub mod shared;
 pub mod template;
 pub mod time;
 
@@ -32,4 +33,5 @@ pub use records::{
     LABEL_ANOMALY, LABEL_NORMAL, PayloadFormat, RawBatch, RawMessage, Reading, ReadingBatch,
     Schema, Score, Window,
 };
+pub use shared::ProcessShared;
 pub use time::{TimestampFormat, parse_timestamp, timestamp_from_number};
