@@ -14,8 +14,9 @@
 //! * `tidewatch_prometheus_evicted_series_total`: series dropped by the `max_series` bound
 //!   (least recently updated first).
 //!
-//! The gauges are process-wide: every worker's instance shares one set, registered once per
-//! engine registry and component id, and unregistered when the last instance is dropped.
+//! The gauges are per process: every worker's instance shares one set (kept in the run's
+//! process-shared state, `ComponentContext::shared`), registered once per engine run and
+//! component id, and unregistered when the run ends.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::hash::Hash;
