@@ -3,17 +3,17 @@
 //! Every worker builds the same dataflow from trait objects. Timestamps are event time in ms:
 //! - sources of raw messages hold their capability at 0 until they finish (raw messages have
 //!   no event time yet);
-//! - a transform that assigns event time (`normalize`) is built by [`assigner_operator`]: it is
+//! - a transform that assigns event time (`normalize`) is built by `assigner_operator`: it is
 //!   disconnected from its input in timely's progress tracking and holds its own capability at
 //!   its watermark: the greatest event time it emitted minus `out_of_orderness_ms`. When it has
 //!   seen no data for `idle_timeout_ms` its watermark advances with the wall clock and catches
 //!   up with its siblings on other workers of the process (a watermark kept in the run's
 //!   [`ProcessShared`]), so an idle worker or a silent device stalls nothing;
-//! - every other transform is built by [`follower_operator`]: it holds a capability at its
+//! - every other transform is built by `follower_operator`: it holds a capability at its
 //!   input frontier and calls `on_watermark` when it advances; an empty frontier means the input
 //!   ended (`on_watermark(MAX)`, `close`). Sinks follow their input frontier the same way.
 //!
-//! Both transform operators share [`TransformState`] (open, process a batch, advance, finish).
+//! Both transform operators share `TransformState` (open, process a batch, advance, finish).
 //! The engine makes one [`ProcessShared`] per run and hands it to every component's context:
 //! state shared by the workers of this process lives there and drops with the run.
 //!

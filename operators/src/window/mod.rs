@@ -1,5 +1,5 @@
-//! `window`: readings to per-device event-time [`Window`]s, tumbling or sliding, by time
-//! (`size_ms`) or by count (`size_readings`, see [`count`]).
+//! `window`: readings to per-device event-time [`Window`](tidewatch_api::Window)s, tumbling or
+//! sliding, by time (`size_ms`) or by count (`size_readings`, see [`count`]).
 //!
 //! Windows are aligned on the epoch: they start at every multiple of `slide_ms` (which defaults
 //! to `size_ms`, for tumbling windows) and last `size_ms`, so a reading at time `t` belongs to
@@ -12,8 +12,8 @@
 //! reading whose windows have all closed is late and goes to `<id>.late`; a reading of which
 //! only some windows have closed joins the ones still open. "Closed" for a reading means
 //! `e <= max(highest watermark seen, the producer's watermark when it sent the batch)`
-//! ([`Outputs::batch_watermark`]), so lateness does not depend on when the operator was
-//! scheduled.
+//! ([`Outputs::batch_watermark`](tidewatch_api::Outputs::batch_watermark)), so lateness does not
+//! depend on when the operator was scheduled.
 
 //!
 //! The folder: `config.rs` holds the options and their checks, [`time`] the tumbling and
