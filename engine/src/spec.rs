@@ -3,12 +3,18 @@
 //! 1. environment interpolation (`${VAR}`, `${VAR:-default}`);
 //! 2. TOML syntax (every syntax error);
 //! 3. structure: top-level tables, component ids, `type`, `inputs`;
-//! 4. component options (each component's typed config; unknown options, bad values);
-//! 5. the graph: dangling inputs, cycles, record kinds between stages;
-//! 6. warnings: components whose output nobody reads.
+//! 4. component options, for every component whatever its inputs: the typed config (unknown
+//!    options, bad values) and the factory's checks that need no input type
+//!    (`TransformFactory::validate` ...), so a component downstream of a broken one is checked
+//!    too;
+//! 5. the graph, in named steps: `resolve_inputs` (dangling inputs, unknown ports), `order`
+//!    (cycles), `infer_types` (record kinds between components, each transform's
+//!    `output_type`), `endpoints` (a source and a sink);
+//! 6. warnings: `unused_outputs`, components whose output nobody reads.
 //!
 //! Every stage reports every problem it finds as `path:line:col: message` with a hint; a stage
-//! runs only on what the previous ones accepted.
+//! runs on what the previous ones accepted, and a component whose input type is unknown (its
+//! producer is broken) skips only the checks that need that type.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ops::Range;
