@@ -70,6 +70,16 @@ impl Registry {
         Registry::default()
     }
 
+    /// The built-in types, for the engine's own tests (which take the operators and
+    /// connectors as dev-dependencies; the real list is `tidewatch::builtins()`).
+    #[cfg(test)]
+    pub(crate) fn test_builtins() -> Registry {
+        tidewatch_connectors::builtins()
+            .into_iter()
+            .chain(tidewatch_operators::builtins())
+            .fold(Registry::new(), |registry, (name, factory)| registry.register(name, factory))
+    }
+
     /// Adds (or replaces) the component type `name`; its class comes from the factory.
     pub fn register(mut self, name: &str, factory: ComponentFactory) -> Registry {
         self.insert(name, factory);

@@ -687,3 +687,40 @@ fn sink_operator<'scope>(
         }
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::registry::Registry;
+    use crate::spec::load_str;
+
+    fn lines(path: &Path) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(path)
+            .expect("output")
+            .lines()
+            .map(|line| serde_json::from_str(line).expect("one JSON object per line"))
+            .collect()
+    }
+
+    #[test]
+    fn workers_share_a_run_and_runs_share_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let text = "[pipeline]\nhttp_address = \"\"\n\
+                    [sources.fleet]\ntype = \"simulator\"\ndevices = 4\ncount = 200\n\
+                    [sinks.out]\ntype = \"file\"\ninputs = [\"fleet\"]\npath = \"out.jsonl\"\n";
+        let pipeline = load_str(text, "p.toml", dir.path(), &Registry::test_builtins(), |_| None)
+            .expect("valid");
+        let path = dir.path().join("out.jsonl");
+        let mut counts = Vec::new();
+        for _ in 0..2 {
+            run(&pipeline, 2, &RunContext::default()).expect("runs");
+            // Both workers wrote through one writer (whole lines), and each run opened the
+            // file afresh (truncated) rather than reusing the previous run's writer.
+            counts.push(lines(&path).len());
+        }
+        assert!(counts[0] > 0, "{counts:?}");
+        assert_eq!(counts[0], counts[1], "{counts:?}");
+    }
+}

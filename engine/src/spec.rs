@@ -964,16 +964,8 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    /// The built-in types (the engine's own tests assemble them from the dev-dependencies).
-    fn builtins() -> Registry {
-        tidewatch_connectors::builtins()
-            .into_iter()
-            .chain(tidewatch_operators::builtins())
-            .fold(Registry::new(), |registry, (name, factory)| registry.register(name, factory))
-    }
-
     fn load(text: &str) -> Result<Pipeline, ValidationErrors> {
-        load_str(text, "p.toml", Path::new("."), &builtins(), |_| None)
+        load_str(text, "p.toml", Path::new("."), &Registry::test_builtins(), |_| None)
     }
 
     /// Pieces of pipeline files, valid and not, glued at random.
