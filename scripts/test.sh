@@ -78,10 +78,12 @@ step "python tests (training)"
 
 step "the issue checks, as a user runs them"
 "$tidewatch" validate pipelines/*.toml
-if "$tidewatch" validate tests/fixtures/invalid/broken.toml 2>/dev/null; then
-  echo "validate accepted a broken pipeline" >&2
-  exit 1
-fi
+for broken in broken downstream_errors; do
+  if "$tidewatch" validate "tests/fixtures/invalid/$broken.toml" 2>/dev/null; then
+    echo "validate accepted a broken pipeline ($broken.toml)" >&2
+    exit 1
+  fi
+done
 
 # Last of the cargo steps: it rebuilds $tidewatch without the default features.
 step "edge build: --no-default-features --features mqtt,tract"
