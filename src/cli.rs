@@ -125,6 +125,7 @@ pub enum Command {
         format: ReportFormat,
     },
     /// Publish the simulated pump fleet (or replay a CSV file) to an MQTT broker.
+    #[cfg(feature = "mqtt")]
     Simulate(crate::simulate::SimulateArgs),
     /// Print a pipeline's dataflow graph.
     Graph {
@@ -173,6 +174,7 @@ pub fn main(registry: Registry) -> ExitCode {
 pub fn execute(command: Command, registry: &Registry) -> anyhow::Result<ExitCode> {
     match command {
         Command::Validate { pipelines } => Ok(validate(&pipelines, registry)),
+        #[cfg(feature = "mqtt")]
         Command::Simulate(args) => {
             crate::simulate::run(&args)?;
             Ok(ExitCode::SUCCESS)

@@ -74,7 +74,7 @@ fn an_error_about_an_option_of_a_nested_table_points_at_it() {
 #[test]
 fn flat_connection_and_tls_options_still_load_with_a_warning() {
     let path = common::root().join("tests/fixtures/deprecated/flat_options.toml");
-    let pipeline = tidewatch::engine::load_file(&path, &tidewatch::Registry::with_builtins())
+    let pipeline = tidewatch::engine::load_file(&path, &tidewatch::builtins())
         .unwrap_or_else(|errors| panic!("the flat options no longer load:\n{errors}"));
     assert_eq!(pipeline.components.len(), 2);
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_tidewatch"))
@@ -164,6 +164,20 @@ fn every_error_is_reported_not_just_the_first() {
 }
 
 #[test]
+fn errors_downstream_of_a_broken_component_are_reported_too() {
+    let diagnostics = common::diagnostics("invalid/downstream_errors.toml");
+    let errors: Vec<_> = diagnostics.iter().filter(|d| d.severity == Severity::Error).collect();
+    let at = |line, column, text: &str| {
+        errors.iter().any(|d| (d.line, d.column) == (line, column) && d.message.contains(text))
+    };
+    assert!(at(4, 8, "unknown source type `simulatr`"), "{errors:#?}");
+    assert!(at(30, 21, "dangling input"), "{errors:#?}");
+    // The threshold is downstream of the unknown source: its own options are still checked.
+    assert!(at(26, 1, "`m` = 3 must be between n = 5 and 64"), "{errors:#?}");
+    assert_eq!(errors.len(), 3, "{errors:#?}");
+}
+
+#[test]
 fn unused_components_are_warnings() {
     let diagnostics = common::diagnostics("warnings/unused.toml");
     assert_eq!(diagnostics.len(), 1, "{diagnostics:#?}");
@@ -181,9 +195,7 @@ fn every_shipped_pipeline_validates() {
             continue;
         }
         count += 1;
-        if let Err(errors) =
-            tidewatch::engine::load_file(&path, &tidewatch::Registry::with_builtins())
-        {
+        if let Err(errors) = tidewatch::engine::load_file(&path, &tidewatch::builtins()) {
             panic!("{} does not validate:\n{errors}", path.display());
         }
     }

@@ -23,7 +23,7 @@ use tidewatch_api::{
     TimestampFormat, Window,
 };
 use tidewatch_connectors::{SimulatorConfig, SimulatorFormat, SimulatorSource};
-use tidewatch_engine::{Pipeline, Registry, RunContext, load_str};
+use tidewatch_engine::{Pipeline, RunContext, load_str};
 use tidewatch_inference::{ModelSpec, find_onnxruntime, model_files};
 use tidewatch_operators::{Normalize, NormalizeConfig, OnMissing};
 
@@ -208,7 +208,7 @@ pub fn bench_toml(count: usize) -> String {
 ///
 /// If the pipeline does not validate.
 pub fn bench_pipeline(count: usize) -> Pipeline {
-    let registry = Registry::with_builtins();
+    let registry = tidewatch::builtins();
     match load_str(&bench_toml(count), "bench.toml", Path::new("."), &registry, |_| None) {
         Ok(pipeline) => pipeline,
         Err(errors) => panic!("pipelines/bench.toml does not validate: {errors}"),
@@ -476,7 +476,7 @@ watch = false
 pub fn model_pipeline(csv: &Path, spec: &ModelSpec, stage: Option<&ModelStage>) -> Pipeline {
     let text = model_pipeline_toml(csv, spec, stage);
     let base = csv.parent().unwrap_or(Path::new("."));
-    match load_str(&text, "inference-bench.toml", base, &Registry::with_builtins(), |_| None) {
+    match load_str(&text, "inference-bench.toml", base, &tidewatch::builtins(), |_| None) {
         Ok(pipeline) => pipeline,
         Err(errors) => panic!("the inference pipeline does not validate: {errors}\n{text}"),
     }

@@ -25,7 +25,7 @@ use tidewatch_api::codec::{Delimiter, csv};
 use tidewatch_api::{
     Batch, ComponentContext, ComponentError, ComponentFactory, Kind, Sink, SinkFactory,
 };
-use tidewatch_engine::{Registry, RunContext};
+use tidewatch_engine::RunContext;
 
 pub use metrics::{Report, Series, evaluate};
 
@@ -425,7 +425,7 @@ inputs = ["detect"]
     // Kept beside the model, for a look at what ran (`--work-dir`).
     let _ = std::fs::write(model_dir.join("pipeline.toml"), &text);
     let collected: Collected = Arc::default();
-    let registry = Registry::with_builtins()
+    let registry = crate::builtins()
         .register("collect", ComponentFactory::sink(CollectFactory(Arc::clone(&collected))));
     let pipeline =
         tidewatch_engine::load_str(&text, "backtest.toml", &settings.work_dir, &registry, |_| None)

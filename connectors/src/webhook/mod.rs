@@ -460,6 +460,7 @@ impl Shared {
             None => None,
         };
         let dead = DeadLetters::open(
+            ctx.process_shared(),
             ctx.resolve_path(&config.dead_letter_path),
             &ctx.component_id,
             &config.url,

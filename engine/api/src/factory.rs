@@ -278,6 +278,13 @@ pub trait TransformFactory: Send + Sync + 'static {
     type Config: DeserializeOwned + Send + Sync + 'static;
     /// The kinds of records the transform accepts.
     fn accepts(&self, config: &Self::Config) -> Vec<Kind>;
+    /// Checks the options on their own, whatever the input. The engine runs it for every
+    /// transform, also one whose input type is unknown (downstream of a broken component), so
+    /// put here every check that does not need the input type; `output_type` then runs only on
+    /// options that passed.
+    fn validate(&self, _config: &Self::Config, _ctx: &ValidateContext) -> Result<(), ConfigError> {
+        Ok(())
+    }
     /// Checks the options against the input type and tells what the transform emits.
     fn output_type(
         &self,
@@ -364,7 +371,8 @@ pub trait DynSourceFactory: Send + Sync {
 
 /// The erased form of a [`TransformFactory`], as the registry stores it.
 pub trait DynTransformFactory: Send + Sync {
-    /// Parses the options.
+    /// Parses the options and runs the checks that do not need the input type
+    /// ([`TransformFactory::validate`]).
     fn configure(
         &self,
         config: &ConfigValue,
@@ -461,9 +469,10 @@ impl<F: TransformFactory> DynTransformFactory for ErasedTransform<F> {
     fn configure(
         &self,
         config: &ConfigValue,
-        _ctx: &ValidateContext,
+        ctx: &ValidateContext,
     ) -> Result<Arc<dyn ConfiguredTransform>, ConfigError> {
         let typed: F::Config = config.deserialize()?;
+        self.0.validate(&typed, ctx)?;
         Ok(Arc::new(TransformWithConfig { factory: Arc::clone(&self.0), config: typed }))
     }
 }

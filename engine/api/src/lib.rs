@@ -11,6 +11,7 @@ pub mod error;
 pub mod factory;
 pub mod json;
 pub mod records;
+pub mod shared;
 pub mod template;
 pub mod time;
 
@@ -33,4 +34,5 @@ pub use records::{
     LABEL_ANOMALY, LABEL_NORMAL, MessageExtras, RawBatch, RawMessage, Reading, ReadingBatch,
     Schema, Score, Window,
 };
+pub use shared::ProcessShared;
 pub use time::{TimestampFormat, parse_timestamp, timestamp_from_number};
