@@ -43,7 +43,7 @@ trap cleanup EXIT
 # Services the integration tests need (each issue adds its own), started through
 # scripts/services.sh. TIDEWATCH_TEST_SERVICES overrides the list (empty: start none).
 # A service that was already running is reused and left running afterwards.
-for service in ${TIDEWATCH_TEST_SERVICES-mosquitto prometheus alertmanager}; do
+for service in ${TIDEWATCH_TEST_SERVICES-mosquitto prometheus alertmanager ceph}; do
   step "starting $service"
   if scripts/services.sh status "$service" >/dev/null 2>&1; then
     scripts/services.sh start "$service"

@@ -127,6 +127,10 @@ pub enum Command {
     /// Publish the simulated pump fleet (or replay a CSV file) to an MQTT broker.
     #[cfg(feature = "mqtt")]
     Simulate(crate::simulate::SimulateArgs),
+    /// The model registry in the lake's store: push, list, promote, sync.
+    #[cfg(feature = "s3")]
+    #[command(subcommand)]
+    Model(ModelCommand),
     /// Print a pipeline's dataflow graph.
     Graph {
         /// The pipeline file.
@@ -135,6 +139,122 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = GraphOutput::Mermaid)]
         format: GraphOutput,
     },
+}
+
+/// `tidewatch model ...`: the registry is a URL, `s3://bucket/prefix` (credentials and
+/// endpoint from the `AWS_*` environment) or a folder.
+#[cfg(feature = "s3")]
+#[derive(Debug, Subcommand)]
+pub enum ModelCommand {
+    /// Upload a model folder (`model.onnx`, `model.json`) as a new version (not promoted).
+    Push {
+        /// The registry, e.g. s3://tidewatch/models.
+        registry: String,
+        /// The model's name in the registry.
+        name: String,
+        /// The folder with model.onnx and model.json (the version is model.json's).
+        dir: PathBuf,
+        /// Promote the version right after pushing it.
+        #[arg(long)]
+        promote: bool,
+    },
+    /// List the models, or the versions of one (the active one marked `*`).
+    List {
+        /// The registry.
+        registry: String,
+        /// A model's name.
+        name: Option<String>,
+    },
+    /// Make a version the active one: edge pipelines following the registry swap to it.
+    Promote {
+        /// The registry.
+        registry: String,
+        /// The model's name.
+        name: String,
+        /// The version.
+        version: String,
+    },
+    /// Keep a local model folder at the active version (an `autoencoder` with `watch = true`
+    /// on that folder swaps when it changes); with --once, copy once and exit.
+    Sync {
+        /// The registry.
+        registry: String,
+        /// The model's name.
+        name: String,
+        /// The local folder the autoencoder's `model` option names.
+        dir: PathBuf,
+        /// How often the active version is checked, ms.
+        #[arg(long, default_value_t = 5000)]
+        interval_ms: u64,
+        /// Copy the active version once and exit.
+        #[arg(long)]
+        once: bool,
+    },
+}
+
+#[cfg(feature = "s3")]
+fn model_command(command: ModelCommand) -> anyhow::Result<ExitCode> {
+    use tidewatch_connectors::lake::S3Config;
+    use tidewatch_connectors::lake::registry::ModelRegistry;
+    let open = |url: &str| {
+        ModelRegistry::open(url, &S3Config::default())
+            .with_context(|| format!("opening the model registry {url}"))
+    };
+    match command {
+        ModelCommand::Push { registry, name, dir, promote } => {
+            let registry = open(&registry)?;
+            let version = registry.push(&name, &dir)?;
+            println!("pushed {name} version {version}");
+            if promote {
+                registry.promote(&name, &version)?;
+                println!("promoted {name} version {version}");
+            }
+        }
+        ModelCommand::List { registry, name: None } => {
+            for name in open(&registry)?.models()? {
+                println!("{name}");
+            }
+        }
+        ModelCommand::List { registry, name: Some(name) } => {
+            for version in open(&registry)?.versions(&name)? {
+                println!("{} {}", if version.active { "*" } else { " " }, version.version);
+            }
+        }
+        ModelCommand::Promote { registry, name, version } => {
+            open(&registry)?.promote(&name, &version)?;
+            println!("promoted {name} version {version}");
+        }
+        ModelCommand::Sync { registry, name, dir, interval_ms, once } => {
+            let registry = open(&registry)?;
+            let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let flag = Arc::clone(&stop);
+            tidewatch_engine::signals::install(move || {
+                flag.store(true, std::sync::atomic::Ordering::Relaxed)
+            })
+            .context("installing signal handlers")?;
+            loop {
+                match registry.sync_active(&name, &dir) {
+                    Ok(Some(version)) => {
+                        tracing::info!(model = %name, %version, dir = %dir.display(), "model synced")
+                    }
+                    Ok(None) => {}
+                    Err(error) if once => return Err(error.into()),
+                    Err(error) => tracing::warn!(model = %name, %error, "cannot sync the model; retrying"),
+                }
+                if once {
+                    break;
+                }
+                let deadline = std::time::Instant::now() + std::time::Duration::from_millis(interval_ms);
+                while std::time::Instant::now() < deadline {
+                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        return Ok(ExitCode::SUCCESS);
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn init_logging(format: LogFormat, level: &str) {
@@ -237,6 +357,8 @@ pub fn execute(command: Command, registry: &Registry) -> anyhow::Result<ExitCode
             }
             Ok(ExitCode::SUCCESS)
         }
+        #[cfg(feature = "s3")]
+        Command::Model(command) => model_command(command),
         Command::Graph { pipeline, format } => {
             let pipeline = match tidewatch_engine::load_file(&pipeline, registry) {
                 Ok(pipeline) => pipeline,

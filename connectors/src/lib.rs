@@ -11,6 +11,7 @@
 //! | sink | `mqtt` | publishes every record as JSON to a topic template ([`mqtt::sink`]) |
 //! | sink | `prometheus` | per-device anomaly gauges and a top-N on the engine's `/metrics` ([`mod@prometheus`]) |
 //! | sink | `webhook` | anomaly events to an HTTP receiver: retries, signature, dead letters ([`webhook`]) |
+//! | sink | `parquet` | readings or scores as Parquet files in a lake on a folder or S3 (feature `s3`, [`lake`]) |
 //!
 //! [`builtins`] lists their factories for the engine's registry. The configs and factories are
 //! public so that embedders and benchmarks can build components directly, for example:
@@ -30,10 +31,13 @@
 //! The options of every component are documented in `docs/reference/sources-and-sinks.md`.
 //!
 //! Cargo features, one per connector family, all on by default: `mqtt` (the MQTT source and
-//! sink), `kafka` and `s3` (placeholders for connectors not written yet).
+//! sink), `kafka` (placeholder for a connector not written yet) and `s3` (the Parquet lake on a
+//! folder or S3, and its model registry).
 
 mod backoff;
 pub mod file;
+#[cfg(feature = "s3")]
+pub mod lake;
 #[cfg(feature = "mqtt")]
 pub mod mqtt;
 pub mod prometheus;
@@ -55,6 +59,8 @@ pub use sinks::{
     FileSinkFactory, StdoutSink, StdoutSinkConfig, StdoutSinkFactory,
 };
 use tidewatch_api::ComponentFactory;
+#[cfg(feature = "s3")]
+pub use lake::{ParquetSink, ParquetSinkConfig, ParquetSinkFactory};
 pub use tls::TlsConfig;
 pub use webhook::{WebhookSink, WebhookSinkConfig, WebhookSinkFactory};
 
@@ -73,6 +79,8 @@ pub fn builtins() -> Vec<(&'static str, ComponentFactory)> {
         ("mqtt", ComponentFactory::sink(MqttSinkFactory)),
         ("prometheus", ComponentFactory::sink(PrometheusSinkFactory)),
         ("webhook", ComponentFactory::sink(WebhookSinkFactory)),
+        #[cfg(feature = "s3")]
+        ("parquet", ComponentFactory::sink(ParquetSinkFactory)),
     ]
 }
 
@@ -94,6 +102,7 @@ mod tests {
                 ("mqtt", "source") => "url = \"mqtt://127.0.0.1\"\ntopics = [\"a/#\"]",
                 ("mqtt", "sink") => "url = \"mqtt://127.0.0.1\"\ntopic = \"a/{device}\"",
                 ("webhook", "sink") => "url = \"http://127.0.0.1:9/hook\"",
+                ("parquet", "sink") => "path = \"file://./lake\"",
                 _ => "",
             };
             let options = ConfigValue::parse(options).expect("toml");
@@ -109,6 +118,9 @@ mod tests {
                             vec![tidewatch_api::Kind::Scores, tidewatch_api::Kind::Events]
                         }
                         "webhook" => vec![tidewatch_api::Kind::Events],
+                        "parquet" => {
+                            vec![tidewatch_api::Kind::Readings, tidewatch_api::Kind::Scores]
+                        }
                         _ => tidewatch_api::Kind::ALL.to_vec(),
                     };
                     assert_eq!(configured.accepts(), expected);
@@ -128,7 +140,9 @@ mod tests {
                 ("sink", "blackhole"),
                 ("sink", "mqtt"),
                 ("sink", "prometheus"),
-                ("sink", "webhook")
+                ("sink", "webhook"),
+                #[cfg(feature = "s3")]
+                ("sink", "parquet"),
             ]
         );
     }

@@ -1,0 +1,385 @@
+//! The Parquet lake against a real Ceph (radosgw on 127.0.0.1:7480, started by
+//! `scripts/services.sh start ceph`, which scripts/test.sh does), read back with pyarrow
+//! (`.venv/bin/python`, `scripts/python-env.sh`).
+//!
+//! Without Ceph the S3 tests say so and pass without checking anything; the `file://` tests
+//! need only pyarrow.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{Read as _, Write as _};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{Running, root, unique, wait_until};
+use serde_json::Value;
+
+const FEATURES: [&str; 5] = ["vibration", "current", "pressure", "temperature", "flow"];
+
+/// The `export K=V` lines of `scripts/services.sh env ceph`, when radosgw answers.
+fn ceph() -> Option<Vec<(String, String)>> {
+    let address = "127.0.0.1:7480".parse().expect("address");
+    if TcpStream::connect_timeout(&address, Duration::from_secs(2)).is_err() {
+        eprintln!(
+            "SKIPPED: no Ceph radosgw on 127.0.0.1:7480; start it with \
+             `scripts/services.sh start ceph` (scripts/test.sh does)"
+        );
+        return None;
+    }
+    let output = Command::new(root().join("scripts/services.sh"))
+        .args(["env", "ceph"])
+        .output()
+        .expect("scripts/services.sh env ceph");
+    assert!(output.status.success(), "services.sh env ceph failed");
+    let text = String::from_utf8(output.stdout).expect("utf8");
+    let vars: Vec<(String, String)> = text
+        .lines()
+        .filter_map(|line| line.strip_prefix("export "))
+        .filter_map(|line| line.split_once('='))
+        .map(|(name, value)| (name.to_owned(), value.trim_matches('\'').to_owned()))
+        .collect();
+    Some(vars)
+}
+
+fn var<'a>(vars: &'a [(String, String)], name: &str) -> &'a str {
+    vars.iter().find(|(candidate, _)| candidate == name).map(|(_, value)| value.as_str()).expect(name)
+}
+
+fn python() -> PathBuf {
+    let python = root().join(".venv/bin/python");
+    assert!(python.exists(), "no .venv: run scripts/python-env.sh (scripts/test.sh does)");
+    python
+}
+
+/// Reads the lake at `url` with pyarrow (tests/fixtures/lake_read.py).
+fn read_lake(url: &str, env: &[(String, String)], rows: bool) -> Value {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("lake.json");
+    let mut command = Command::new(python());
+    command.arg(root().join("tests/fixtures/lake_read.py")).arg(url).arg(&out);
+    if rows {
+        command.arg("--rows");
+    }
+    command.envs(env.iter().map(|(name, value)| (name.as_str(), value.as_str())));
+    let status = command.status().expect("python runs");
+    assert!(status.success(), "lake_read.py failed for {url}");
+    serde_json::from_str(&std::fs::read_to_string(&out).expect("lake.json")).expect("json")
+}
+
+/// A credentials file in the AWS format, so the pipeline needs no environment.
+fn credentials_file(dir: &Path, env: &[(String, String)]) -> PathBuf {
+    let path = dir.join("credentials");
+    std::fs::write(
+        &path,
+        format!(
+            "[lake]\naws_access_key_id = {}\naws_secret_access_key = {}\n",
+            var(env, "AWS_ACCESS_KEY_ID"),
+            var(env, "AWS_SECRET_ACCESS_KEY")
+        ),
+    )
+    .expect("credentials");
+    path
+}
+
+/// The `[sinks.lake.s3]` table for the local Ceph.
+fn s3_table(dir: &Path, env: &[(String, String)]) -> String {
+    format!(
+        "[sinks.lake.s3]\nendpoint = \"{}\"\nregion = \"{}\"\ncredentials_file = \"{}\"\nprofile = \"lake\"\n",
+        var(env, "AWS_ENDPOINT_URL"),
+        var(env, "AWS_REGION"),
+        credentials_file(dir, env).display()
+    )
+}
+
+/// simulator -> normalize -> parquet (and the same readings as JSON lines in `sent`).
+fn pipeline(
+    lake: &str,
+    sent: Option<&Path>,
+    spill: &Path,
+    simulator: &str,
+    sink: &str,
+    s3: &str,
+) -> String {
+    // Without `sent`, a blackhole: JSON lines of every reading would slow a fast run down.
+    let sent = match sent {
+        Some(path) => format!("type = \"file\"\npath = \"{}\"", path.display()),
+        None => "type = \"blackhole\"".to_owned(),
+    };
+    format!(
+        r#"
+[pipeline]
+name = "lake-test"
+workers = 2
+out_of_orderness_ms = 1000
+idle_timeout_ms = 200
+http_address = ""
+
+[sources.fleet]
+type = "simulator"
+seed = 5
+{simulator}
+
+[transforms.readings]
+type = "normalize"
+inputs = ["fleet"]
+device_field = "device"
+timestamp_field = "ts"
+timestamp_format = "unix_ms"
+features = {features:?}
+label_field = "anomaly"
+
+[sinks.lake]
+type = "parquet"
+inputs = ["readings"]
+path = "{lake}"
+spill_dir = "{spill}"
+{sink}
+
+[sinks.sent]
+inputs = ["readings"]
+{sent}
+
+{s3}
+"#,
+        features = FEATURES,
+        spill = spill.display(),
+    )
+}
+
+/// The readings of the `sent` file, by (device, time): label and features.
+fn sent_readings(path: &Path) -> BTreeMap<(String, i64), (u64, Vec<f32>)> {
+    common::json_lines(path)
+        .into_iter()
+        .map(|line| {
+            let values = FEATURES
+                .iter()
+                .map(|name| line["values"][name].as_f64().map_or(f32::NAN, |v| v as f32))
+                .collect();
+            let key = (
+                line["device"].as_str().expect("device").to_owned(),
+                line["time_ms"].as_i64().expect("time"),
+            );
+            (key, (line["label"].as_u64().expect("label"), values))
+        })
+        .collect()
+}
+
+/// The rows of the lake, keyed the same way.
+fn lake_readings(lake: &Value) -> BTreeMap<(String, i64), (u64, Vec<f32>)> {
+    let columns = &lake["columns"];
+    let rows = lake["num_rows"].as_u64().expect("num_rows") as usize;
+    (0..rows)
+        .map(|row| {
+            let values = FEATURES
+                .iter()
+                .map(|name| columns[name][row].as_f64().map_or(f32::NAN, |v| v as f32))
+                .collect();
+            let key = (
+                columns["device"][row].as_str().expect("device").to_owned(),
+                columns["time"][row].as_i64().expect("time"),
+            );
+            (key, (columns["label"][row].as_u64().expect("label"), values))
+        })
+        .collect()
+}
+
+/// Checks a read-back lake: every object a readable, zstd-compressed Parquet file in a
+/// `date=/hour=` partition that its rows belong to; nothing else visible.
+fn check_layout(lake: &Value, expected_files_at_least: usize) {
+    assert_eq!(lake["unreadable"], serde_json::json!([]), "unreadable objects: {lake:#}");
+    assert_eq!(lake["other"], serde_json::json!([]), "objects that are not Parquet files");
+    assert_eq!(lake["partition_mismatches"], serde_json::json!([]), "rows outside their partition");
+    let files = lake["files"].as_array().expect("files");
+    assert!(files.len() >= expected_files_at_least, "{} files", files.len());
+    for file in files {
+        let key = file["key"].as_str().expect("key");
+        let parts: Vec<&str> = key.split('/').collect();
+        assert_eq!(parts.len(), 3, "{key}");
+        assert!(parts[0].starts_with("date=") && parts[0].len() == 15, "{key}");
+        assert!(parts[1].starts_with("hour=") && parts[1].len() == 7, "{key}");
+        assert!(parts[2].starts_with("part-") && parts[2].ends_with(".parquet"), "{key}");
+        assert_eq!(file["compression"], "ZSTD", "{key}");
+    }
+}
+
+/// A lake metric of the run (summed over its label sets).
+fn lake_metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|line| line.starts_with(name) && line[name.len()..].starts_with(['{', ' ']))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[test]
+fn readings_round_trip_through_a_local_lake() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let lake = dir.path().join("lake");
+    let sent = dir.path().join("sent.jsonl");
+    let text = pipeline(
+        &format!("file://{}", lake.display()),
+        Some(&sent),
+        &dir.path().join("spill"),
+        "devices = 20\ncount = 3000\ninterval_ms = 600000",
+        "max_file_bytes = 20000",
+        "",
+    );
+    let context = common::run(&text, &[], 2);
+    let read = read_lake(&format!("file://{}", lake.display()), &[], true);
+    check_layout(&read, 2);
+    let expected = sent_readings(&sent);
+    assert_eq!(expected.len(), 3000);
+    assert_eq!(read["num_rows"], 3000);
+    assert_eq!(lake_readings(&read), expected);
+    let metrics = context.metrics.render();
+    assert_eq!(lake_metric(&metrics, "tidewatch_lake_rows_written_total"), 3000.0, "{metrics}");
+    assert_eq!(lake_metric(&metrics, "tidewatch_lake_pending_files"), 0.0);
+    assert!(!dir.path().join("spill/lake").read_dir().is_ok_and(|mut d| d.next().is_some()));
+}
+
+#[test]
+fn readings_round_trip_through_ceph() {
+    let Some(env) = ceph() else { return };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("s3://tidewatch/{}", unique("lake"));
+    let sent = dir.path().join("sent.jsonl");
+    let text = pipeline(
+        &url,
+        Some(&sent),
+        &dir.path().join("spill"),
+        "devices = 50\ncount = 5000\ninterval_ms = 1000",
+        "max_file_bytes = 40000\nrow_group_rows = 1000",
+        &s3_table(dir.path(), &env),
+    );
+    common::run(&text, &[], 2);
+    let read = read_lake(&url, &env, true);
+    check_layout(&read, 2);
+    assert_eq!(read["num_rows"], 5000);
+    let schema = &read["schema"];
+    assert_eq!(schema["device"], "string");
+    assert_eq!(schema["time"], "timestamp[ms, tz=UTC]");
+    for feature in FEATURES {
+        assert_eq!(schema[feature], "float", "{feature}: {schema}");
+    }
+    assert_eq!(lake_readings(&read), sent_readings(&sent));
+}
+
+#[test]
+fn an_object_store_outage_of_30_seconds_loses_nothing() {
+    let Some(env) = ceph() else { return };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("s3://tidewatch/{}", unique("outage"));
+    let sent = dir.path().join("sent.jsonl");
+    // 8000 readings at 200/s: the run lasts about 40 s; files finish every second.
+    let text = pipeline(
+        &url,
+        Some(&sent),
+        &dir.path().join("spill"),
+        "devices = 20\ncount = 8000\ninterval_ms = 1000\nrate_per_sec = 200",
+        "max_file_age_secs = 1\nmax_pending_bytes = 20000\nbackoff_initial_ms = 200\n\
+         backoff_max_ms = 2000\ndrain_timeout_ms = 60000",
+        &s3_table(dir.path(), &env),
+    );
+    let running = Running::start(&text, &[], 2);
+    let metrics = || running.context.metrics.render();
+    wait_until("a first file published", Duration::from_secs(30), || {
+        lake_metric(&metrics(), "tidewatch_lake_files_written_total") >= 1.0
+    });
+    let services = root().join("scripts/services.sh");
+    let stopped = Command::new(&services).args(["stop", "ceph-rgw"]).status().expect("stop");
+    assert!(stopped.success());
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        wait_until("a failed publish", Duration::from_secs(30), || {
+            lake_metric(&metrics(), "tidewatch_lake_publish_failures_total") >= 1.0
+        });
+        // The outage itself: the store stays away for 30 s while readings keep coming.
+        std::thread::sleep(Duration::from_secs(30));
+        let during = metrics();
+        assert!(lake_metric(&during, "tidewatch_lake_pending_files") >= 1.0, "{during}");
+        assert!(lake_metric(&during, "tidewatch_lake_spilled_files_total") >= 1.0, "{during}");
+    }));
+    let started = Command::new(&services).args(["start", "ceph-rgw"]).status().expect("start");
+    assert!(started.success(), "radosgw did not come back");
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
+    let mut running = running;
+    running.join(Duration::from_secs(180)).expect("the run ends cleanly");
+    let text = running.context.metrics.render();
+    assert_eq!(lake_metric(&text, "tidewatch_lake_pending_files"), 0.0, "{text}");
+    assert_eq!(lake_metric(&text, "tidewatch_lake_rows_written_total"), 8000.0, "{text}");
+    let read = read_lake(&url, &env, true);
+    check_layout(&read, 5);
+    assert_eq!(read["num_rows"], 8000);
+    assert_eq!(lake_readings(&read), sent_readings(&sent));
+}
+
+/// The value of a metric served by a running `tidewatch` on `port`.
+fn scrape(port: u16, name: &str) -> f64 {
+    let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else { return 0.0 };
+    let _ = stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n");
+    let mut text = String::new();
+    let _ = stream.read_to_string(&mut text);
+    lake_metric(&text, name)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+/// Kills `tidewatch run` (SIGKILL) while it writes files of several MB, then reads the lake:
+/// every object under a final name is a complete Parquet file.
+fn kill_mid_file(url: &str, env: &[(String, String)], s3: &str) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let text = pipeline(
+        url,
+        None,
+        &dir.path().join("spill"),
+        "devices = 200\ninterval_ms = 10",
+        "max_file_bytes = 12000000\nrow_group_rows = 20000\nzstd_level = 1",
+        s3,
+    )
+    .replace("http_address = \"\"", &format!("http_address = \"127.0.0.1:{port}\""));
+    let file = dir.path().join("kill.toml");
+    std::fs::write(&file, text).expect("pipeline");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tidewatch"))
+        .arg("run")
+        .arg(&file)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("tidewatch runs");
+    let published = || scrape(port, "tidewatch_lake_files_written_total");
+    let outcome = std::panic::catch_unwind(|| {
+        wait_until("two files published", Duration::from_secs(120), || published() >= 2.0);
+        // Mid-file: rows buffered in an open file (and, on S3, often an upload under way).
+        wait_until("rows in an open file", Duration::from_secs(30), || {
+            scrape(port, "tidewatch_lake_open_rows") > 0.0
+        });
+    });
+    child.kill().expect("SIGKILL");
+    let _ = child.wait();
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+    let read = read_lake(url, env, false);
+    check_layout(&read, 2);
+}
+
+#[test]
+fn killing_tidewatch_mid_file_leaves_no_partial_file_in_a_local_lake() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("file://{}", dir.path().join("lake").display());
+    kill_mid_file(&url, &[], "");
+}
+
+#[test]
+fn killing_tidewatch_mid_file_leaves_no_partial_file_on_ceph() {
+    let Some(env) = ceph() else { return };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("s3://tidewatch/{}", unique("kill"));
+    kill_mid_file(&url, &env, &s3_table(dir.path(), &env));
+}
