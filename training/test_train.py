@@ -201,3 +201,36 @@ def test_nab_scoring():
     m = E.binary_metrics(tp=8, tn=6, fp=2, fn=2)
     assert m["f1"] == pytest.approx(0.8) and m["far"] == pytest.approx(25.0)
     assert m["mar"] == pytest.approx(20.0)
+
+
+def test_lake_input_and_registry(tmp_path):
+    """A tidewatch lake (Hive partitions, the sink's columns) as training data, selected by
+    time range and device, and the model published to a folder registry."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    rng = np.random.default_rng(3)
+    start = dt.datetime(2026, 1, 1, 22, tzinfo=dt.timezone.utc)
+    for hour in range(3):  # 22:00, 23:00 on the 1st, 00:00 on the 2nd
+        stamp = start + dt.timedelta(hours=hour)
+        folder = tmp_path / "lake" / f"date={stamp:%Y-%m-%d}" / f"hour={stamp:%H}"
+        folder.mkdir(parents=True)
+        times = [int(stamp.timestamp() * 1000) + i * 1000 for i in range(60)]
+        table = pa.table({
+            "device": pa.array(["pump-1", "pump-2"] * 30, pa.string()),
+            "time": pa.array(times, pa.timestamp("ms", tz="UTC")),
+            **{f: pa.array(rng.normal(size=60).astype(np.float32)) for f in FEATURES},
+            "label": pa.array([0] * 60, pa.uint8()),
+        })
+        pq.write_table(table, folder / "part-0-1-0.parquet", compression="zstd")
+    df = T.read_lake(f"file://{tmp_path / 'lake'}", start="2026-01-01T23:00:00Z",
+                     end="2026-01-02T01:00:00Z", devices=["pump-1"])
+    assert len(df) == 60 and set(df["device"]) == {"pump-1"}
+    assert df["time"].is_monotonic_increasing
+    registry = tmp_path / "registry"
+    assert T.main(["--data", str(tmp_path / "lake"), "--out", str(tmp_path / "pump"),
+                   "--window", "4", "--features", *FEATURES, "--version", "7",
+                   "--registry", str(registry), "--promote"]) == 0
+    assert (registry / "pump" / "ACTIVE").read_text().strip() == "7"
+    spec = json.loads((registry / "pump" / "7" / "model.json").read_text())
+    assert spec["version"] == "7" and spec["training"]["rows"] == 180
+    assert (registry / "pump" / "7" / "model.onnx").stat().st_size > 0

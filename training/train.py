@@ -53,10 +53,82 @@ FAMILIES = ("pca", "dense", "forecast")
 # Data
 # --------------------------------------------------------------------------------------------
 
-def read_table(path: str, delimiter: str = ";"):
-    """Reads a CSV (with `delimiter`) or a Parquet file into a pandas DataFrame."""
+def lake_filesystem(url: str):
+    """(pyarrow filesystem, path) of a lake or registry URL: s3://bucket/prefix (endpoint and
+    credentials from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION,
+    as tidewatch reads them), file://folder or a folder."""
+    import pyarrow.fs as pafs
+
+    if url.startswith("s3://"):
+        options = {"region": os.environ.get("AWS_REGION", "us-east-1")}
+        endpoint = os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            scheme, host = endpoint.split("://", 1) if "://" in endpoint else ("https", endpoint)
+            options.update(endpoint_override=host, scheme=scheme)
+        if os.environ.get("AWS_ACCESS_KEY_ID"):
+            options.update(access_key=os.environ["AWS_ACCESS_KEY_ID"],
+                           secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY", ""),
+                           session_token=os.environ.get("AWS_SESSION_TOKEN"))
+        return pafs.S3FileSystem(**options), url[len("s3://"):].rstrip("/")
+    path = url[len("file://"):] if url.startswith("file://") else url
+    return pafs.LocalFileSystem(), os.path.abspath(path)
+
+
+def read_lake(url: str, start: str | None = None, end: str | None = None,
+              devices: list[str] | None = None):
+    """Reads a tidewatch lake (Hive-partitioned Parquet, docs/lake.md) into a DataFrame sorted
+    by device and event time: readings with `start <= time < end` (ISO 8601, UTC) of
+    `devices` (default all). Date partitions outside the range are not read."""
+    import pyarrow as pa
+    import pyarrow.dataset as ds
+
+    fs, path = lake_filesystem(url)
+    dataset = ds.dataset(path, filesystem=fs, format="parquet", partitioning="hive")
+    condition = None
+
+    def both(a, b):
+        return b if a is None else a & b
+
+    names = dataset.schema.names
+    for bound, op in ((start, "ge"), (end, "lt")):
+        if bound is None:
+            continue
+        stamp = pa.scalar(_dt.datetime.fromisoformat(bound.replace("Z", "+00:00"))
+                          .astimezone(_dt.timezone.utc), type=pa.timestamp("ms", tz="UTC"))
+        column = ds.field("time")
+        condition = both(condition, column >= stamp if op == "ge" else column < stamp)
+        if "date" in names:  # prune whole partitions
+            day = ds.field("date").cast(pa.string())
+            text = stamp.as_py().strftime("%Y-%m-%d")
+            condition = both(condition, day >= text if op == "ge" else day <= text)
+    if devices:
+        condition = both(condition, ds.field("device").isin(devices))
+    table = dataset.to_table(filter=condition)
+    return table.to_pandas().sort_values(["device", "time"], kind="stable").reset_index(drop=True)
+
+
+def publish(out: str, registry: str, name: str, version: str, promote: bool) -> None:
+    """Uploads out/model.onnx then out/model.json to <registry>/<name>/<version>/ (the layout
+    of `tidewatch model push`) and, with `promote`, points <registry>/<name>/ACTIVE at it."""
+    fs, root = lake_filesystem(registry)
+    folder = f"{root}/{name}/{version}"
+    fs.create_dir(folder, recursive=True)
+    for file in ("model.onnx", "model.json"):  # model.json last: the version is complete
+        with open(os.path.join(out, file), "rb") as source, fs.open_output_stream(f"{folder}/{file}") as sink:
+            sink.write(source.read())
+    if promote:
+        with fs.open_output_stream(f"{root}/{name}/ACTIVE") as sink:
+            sink.write(f"{version}\n".encode())
+
+
+def read_table(path: str, delimiter: str = ";", start: str | None = None,
+               end: str | None = None, devices: list[str] | None = None):
+    """Reads a CSV (with `delimiter`), a Parquet file or a tidewatch lake (s3://, file:// or a
+    folder; `start`, `end` and `devices` select from it) into a pandas DataFrame."""
     import pandas as pd
 
+    if path.startswith("s3://") or path.startswith("file://") or os.path.isdir(path):
+        return read_lake(path, start, end, devices)
     if path.endswith(".parquet") or path.endswith(".pq"):
         return pd.read_parquet(path)
     # correctly rounded decimal -> float64 (like Rust's str::parse::<f64>), then f32 on use
@@ -67,7 +139,9 @@ def default_features(df, label_column: str | None) -> list[str]:
     """SKAB's eight sensors when present, else every numeric column but the labels/time."""
     if all(name in df.columns for name in SKAB_FEATURES):
         return list(SKAB_FEATURES)
-    skip = {label_column, "changepoint", "datetime", "timestamp", "time"}
+    skip = {label_column, "changepoint", "datetime", "timestamp", "time",
+            # a tidewatch lake's label and partition columns
+            "label", "date", "hour", "minute", "year", "month", "day"}
     return [c for c in df.columns if c not in skip and np.issubdtype(df[c].dtype, np.number)]
 
 
@@ -569,7 +643,15 @@ def config_from_args(args) -> Config:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", required=True, help="training data: .csv or .parquet")
+    p.add_argument("--data", required=True,
+                   help="training data: .csv, .parquet, or a tidewatch lake (s3://bucket/prefix,"
+                        " file://folder or a folder)")
+    p.add_argument("--start", default=None, help="lake: first event time (ISO 8601, UTC)")
+    p.add_argument("--end", default=None, help="lake: end of the event times (exclusive)")
+    p.add_argument("--device", action="append", default=None, help="lake: only this device (repeatable)")
+    p.add_argument("--registry", default=None,
+                   help="publish the model to this registry (s3://bucket/prefix or a folder)")
+    p.add_argument("--promote", action="store_true", help="with --registry: make it the active version")
     p.add_argument("--out", required=True, help="output directory (model.onnx, model.json)")
     p.add_argument("--train-rows", type=int, default=None,
                    help="use only the first N rows (default: all)")
@@ -583,13 +665,15 @@ def main(argv=None) -> int:
     add_model_args(p)
     args = p.parse_args(argv)
 
-    df = read_table(args.data, args.delimiter)
+    df = read_table(args.data, args.delimiter, args.start, args.end, args.device)
     if args.train_rows is not None:
         df = df.iloc[: args.train_rows]
     features = args.features or default_features(df, args.label_column)
     missing = [f for f in features if f not in df.columns]
     if missing:
         p.error(f"columns not in {args.data}: {missing}")
+    if args.label_column not in df.columns and "label" in df.columns and "time" in df.columns:
+        args.label_column = "label"  # a tidewatch lake
     labels = df[args.label_column].to_numpy() if args.label_column in df.columns else None
     config = config_from_args(args)
     trained = fit(df[features].to_numpy(dtype=np.float64), features, config, labels)
@@ -607,6 +691,8 @@ def main(argv=None) -> int:
     if diff >= 1e-5:
         print("error: onnxruntime does not reproduce the numpy scores", file=sys.stderr)
         return 1
+    if args.registry:
+        publish(args.out, args.registry, name, version, args.promote)
     json.dump({"out": args.out, "threshold": spec["threshold"], "training": spec["training"]},
               sys.stdout)
     print()
