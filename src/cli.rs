@@ -239,12 +239,15 @@ fn model_command(command: ModelCommand) -> anyhow::Result<ExitCode> {
                     }
                     Ok(None) => {}
                     Err(error) if once => return Err(error.into()),
-                    Err(error) => tracing::warn!(model = %name, %error, "cannot sync the model; retrying"),
+                    Err(error) => {
+                        tracing::warn!(model = %name, %error, "cannot sync the model; retrying")
+                    }
                 }
                 if once {
                     break;
                 }
-                let deadline = std::time::Instant::now() + std::time::Duration::from_millis(interval_ms);
+                let deadline =
+                    std::time::Instant::now() + std::time::Duration::from_millis(interval_ms);
                 while std::time::Instant::now() < deadline {
                     if stop.load(std::sync::atomic::Ordering::Relaxed) {
                         return Ok(ExitCode::SUCCESS);

@@ -45,7 +45,10 @@ fn ceph() -> Option<Vec<(String, String)>> {
 }
 
 fn var<'a>(vars: &'a [(String, String)], name: &str) -> &'a str {
-    vars.iter().find(|(candidate, _)| candidate == name).map(|(_, value)| value.as_str()).expect(name)
+    vars.iter()
+        .find(|(candidate, _)| candidate == name)
+        .map(|(_, value)| value.as_str())
+        .expect(name)
 }
 
 fn python() -> PathBuf {
@@ -382,4 +385,149 @@ fn killing_tidewatch_mid_file_leaves_no_partial_file_on_ceph() {
     let dir = tempfile::tempdir().expect("tempdir");
     let url = format!("s3://tidewatch/{}", unique("kill"));
     kill_mid_file(&url, &env, &s3_table(dir.path(), &env));
+}
+
+/// A CSV of `rows` readings of the five simulator features (deterministic noise).
+fn training_csv(path: &Path, rows: usize) {
+    let mut seed: u64 = 42;
+    let mut text = String::from("datetime;vibration;current;pressure;temperature;flow\n");
+    for row in 0..rows {
+        text.push_str(&format!("2026-01-01 00:{:02}:{:02}", row / 60 % 60, row % 60));
+        for _ in 0..5 {
+            seed = seed
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            text.push_str(&format!(";{:.4}", (seed >> 33) as f64 / (1u64 << 31) as f64));
+        }
+        text.push('\n');
+    }
+    std::fs::write(path, text).expect("csv");
+}
+
+fn tidewatch_cli(env: &[(String, String)], args: &[&str]) -> String {
+    let output = Command::new(env!("CARGO_BIN_EXE_tidewatch"))
+        .args(args)
+        .envs(env.iter().map(|(name, value)| (name.as_str(), value.as_str())))
+        .output()
+        .expect("tidewatch runs");
+    assert!(
+        output.status.success(),
+        "tidewatch {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).expect("utf8")
+}
+
+#[test]
+fn promoting_a_model_in_the_registry_swaps_it_in_a_running_pipeline() {
+    use tidewatch::connectors::lake::S3Config;
+    use tidewatch::connectors::lake::registry::ModelRegistry;
+
+    let Some(env) = ceph() else { return };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("s3://tidewatch/{}/models", unique("registry"));
+    let csv = dir.path().join("fleet.csv");
+    training_csv(&csv, 400);
+    // v1: trained and published (and promoted) by train.py; v2: pushed with the CLI.
+    let train = |out: &Path, version: &str, extra: &[&str]| {
+        let mut command = Command::new(python());
+        command
+            .arg(root().join("training/train.py"))
+            .args(["--data", &csv.display().to_string(), "--out", &out.display().to_string()])
+            .args(["--family", "pca", "--window", "5", "--name", "pump", "--version", version])
+            .args(["--features", "vibration", "current", "pressure", "temperature", "flow"])
+            .args(extra)
+            .envs(env.iter().map(|(name, value)| (name.as_str(), value.as_str())))
+            .stdout(Stdio::null());
+        assert!(command.status().expect("train.py").success(), "train.py {version}");
+    };
+    train(&dir.path().join("v1"), "reg-1", &["--registry", &url, "--promote"]);
+    train(&dir.path().join("v2"), "reg-2", &["--quantile", "0.5"]);
+    let pushed = tidewatch_cli(
+        &env,
+        &["model", "push", &url, "pump", &dir.path().join("v2").display().to_string()],
+    );
+    assert!(pushed.contains("pushed pump version reg-2"), "{pushed}");
+    let listed = tidewatch_cli(&env, &["model", "list", &url, "pump"]);
+    assert_eq!(listed, "* reg-1\n  reg-2\n");
+
+    // The edge: a follower keeps the autoencoder's folder at the active version.
+    let s3 = S3Config {
+        endpoint: Some(var(&env, "AWS_ENDPOINT_URL").to_owned()),
+        region: Some(var(&env, "AWS_REGION").to_owned()),
+        credentials_file: Some(credentials_file(dir.path(), &env)),
+        profile: Some("lake".to_owned()),
+        ..S3Config::default()
+    };
+    let registry = ModelRegistry::open(&url, &s3).expect("registry");
+    let live = dir.path().join("live");
+    assert_eq!(registry.sync_active("pump", &live).expect("sync"), Some("reg-1".to_owned()));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let follower = {
+        let stop = std::sync::Arc::clone(&stop);
+        let live = live.clone();
+        std::thread::spawn(move || {
+            let mut synced = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Some(version) = registry.sync_active("pump", &live).expect("sync") {
+                    synced.push(version);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            synced
+        })
+    };
+    let scores = dir.path().join("scores.jsonl");
+    let text = format!(
+        r#"
+[pipeline]
+out_of_orderness_ms = 0
+http_address = ""
+[sources.fleet]
+type = "simulator"
+devices = 40
+count = 400000
+rate_per_sec = 50000
+start_ms = 1700000000000
+[transforms.readings]
+type = "normalize"
+inputs = ["fleet"]
+device_field = "device"
+timestamp_field = "ts"
+features = {FEATURES:?}
+[transforms.windows]
+type = "window"
+inputs = ["readings"]
+size_ms = 5000
+[transforms.model]
+type = "autoencoder"
+inputs = ["windows"]
+model = "{live}"
+reload_interval_ms = 20
+max_batch_rows = 64
+[sinks.out]
+type = "file"
+inputs = ["model"]
+path = "{out}"
+"#,
+        live = live.display(),
+        out = scores.display(),
+    );
+    let mut running = Running::start(&text, &[], 2);
+    wait_until("2000 windows scored with reg-1", Duration::from_secs(120), || {
+        running.context.metrics.sent("model", "autoencoder") >= 2000
+    });
+    tidewatch_cli(&env, &["model", "promote", &url, "pump", "reg-2"]);
+    running.join(Duration::from_secs(300)).expect("runs");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(follower.join().expect("follower"), ["reg-2"]);
+    let scores = common::json_lines(&scores);
+    assert_eq!(scores.len(), 40 * 2000, "every window scored once");
+    let v1 = scores.iter().filter(|s| s["version"] == "reg-1").count();
+    let v2 = scores.iter().filter(|s| s["version"] == "reg-2").count();
+    eprintln!("windows per model version: reg-1 {v1}, reg-2 {v2}");
+    assert!(v1 >= 2000 && v2 > 0, "reg-1 {v1}, reg-2 {v2}");
+    assert_eq!(v1 + v2, scores.len());
+    let listed = tidewatch_cli(&env, &["model", "list", &url, "pump"]);
+    assert_eq!(listed, "  reg-1\n* reg-2\n");
 }

@@ -110,9 +110,12 @@ def read_lake(url: str, start: str | None = None, end: str | None = None,
 def publish(out: str, registry: str, name: str, version: str, promote: bool) -> None:
     """Uploads out/model.onnx then out/model.json to <registry>/<name>/<version>/ (the layout
     of `tidewatch model push`) and, with `promote`, points <registry>/<name>/ACTIVE at it."""
+    import pyarrow.fs as pafs
+
     fs, root = lake_filesystem(registry)
     folder = f"{root}/{name}/{version}"
-    fs.create_dir(folder, recursive=True)
+    if isinstance(fs, pafs.LocalFileSystem):  # S3 has no folders (and no marker objects)
+        fs.create_dir(folder, recursive=True)
     for file in ("model.onnx", "model.json"):  # model.json last: the version is complete
         with open(os.path.join(out, file), "rb") as source, fs.open_output_stream(f"{folder}/{file}") as sink:
             sink.write(source.read())

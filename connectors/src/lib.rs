@@ -48,6 +48,8 @@ pub mod tls;
 pub mod webhook;
 
 pub use file::{FileFormat, FileSource, FileSourceConfig, FileSourceFactory};
+#[cfg(feature = "s3")]
+pub use lake::{ParquetSink, ParquetSinkConfig, ParquetSinkFactory};
 #[cfg(feature = "mqtt")]
 pub use mqtt::{MqttSinkConfig, MqttSinkFactory, MqttSourceConfig, MqttSourceFactory};
 pub use prometheus::{LabelField, PrometheusSink, PrometheusSinkConfig, PrometheusSinkFactory};
@@ -59,8 +61,6 @@ pub use sinks::{
     FileSinkFactory, StdoutSink, StdoutSinkConfig, StdoutSinkFactory,
 };
 use tidewatch_api::ComponentFactory;
-#[cfg(feature = "s3")]
-pub use lake::{ParquetSink, ParquetSinkConfig, ParquetSinkFactory};
 pub use tls::TlsConfig;
 pub use webhook::{WebhookSink, WebhookSinkConfig, WebhookSinkFactory};
 

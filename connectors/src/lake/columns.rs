@@ -173,7 +173,8 @@ impl Partitioner {
             0
         };
         // Months and years are not a fixed number of ms: a day's bucket still renders them.
-        let bucket_ms = if bucket_ms == 0 && (used[MONTH] || used[YEAR]) { 86_400_000 } else { bucket_ms };
+        let bucket_ms =
+            if bucket_ms == 0 && (used[MONTH] || used[YEAR]) { 86_400_000 } else { bucket_ms };
         Ok(Partitioner { template, bucket_ms, uses_device: used[DEVICE] })
     }
 

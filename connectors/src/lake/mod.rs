@@ -154,7 +154,10 @@ impl ParquetSinkConfig {
             return Err(ConfigError::at_field("max_file_bytes", "max_file_bytes must be > 0"));
         }
         if self.max_file_age_secs == 0 {
-            return Err(ConfigError::at_field("max_file_age_secs", "max_file_age_secs must be > 0"));
+            return Err(ConfigError::at_field(
+                "max_file_age_secs",
+                "max_file_age_secs must be > 0",
+            ));
         }
         if self.row_group_rows == 0 {
             return Err(ConfigError::at_field("row_group_rows", "row_group_rows must be > 0"));
@@ -190,7 +193,11 @@ impl SinkFactory for ParquetSinkFactory {
         }
     }
 
-    fn validate(&self, config: &ParquetSinkConfig, _ctx: &ValidateContext) -> Result<(), ConfigError> {
+    fn validate(
+        &self,
+        config: &ParquetSinkConfig,
+        _ctx: &ValidateContext,
+    ) -> Result<(), ConfigError> {
         config.check()
     }
 
@@ -225,14 +232,14 @@ impl Shared {
             .map_err(|error| ComponentError::Config(error.to_string()))?;
         let metrics = LakeMetrics::new(&ctx.component_id)?;
         let registered = match registry {
-            Some(registry) => Some(Registered::all(registry, metrics.collectors()).map_err(
-                |error| {
+            Some(registry) => {
+                Some(Registered::all(registry, metrics.collectors()).map_err(|error| {
                     ComponentError::Config(format!(
                         "cannot register the metrics of parquet sink {:?}: {error}",
                         ctx.component_id
                     ))
-                },
-            )?),
+                })?)
+            }
             None => None,
         };
         let settings = UploadSettings {
@@ -293,9 +300,16 @@ impl fmt::Debug for ParquetSink {
 
 impl ParquetSink {
     /// The sink of one worker; the workers of a process share the uploader and the metrics.
-    pub fn new(config: &ParquetSinkConfig, ctx: &ComponentContext) -> Result<ParquetSink, ComponentError> {
+    pub fn new(
+        config: &ParquetSinkConfig,
+        ctx: &ComponentContext,
+    ) -> Result<ParquetSink, ComponentError> {
         config.check().map_err(|error| {
-            ComponentError::Config(format!("{}: {}", error.field.as_deref().unwrap_or("parquet"), error.message))
+            ComponentError::Config(format!(
+                "{}: {}",
+                error.field.as_deref().unwrap_or("parquet"),
+                error.message
+            ))
         })?;
         let shared = per_component(ctx, |metrics| {
             Shared::new(config, ctx, metrics.map(|metrics| metrics.registry()))
@@ -327,13 +341,21 @@ impl ParquetSink {
 
     /// Appends `record` to the open file of `partition` (opening one, or finishing one of
     /// another schema first), and finishes it when it is big enough.
-    fn append(&mut self, partition: &str, schema: &SchemaRef, record: &RecordBatch) -> Result<(), ComponentError> {
+    fn append(
+        &mut self,
+        partition: &str,
+        schema: &SchemaRef,
+        record: &RecordBatch,
+    ) -> Result<(), ComponentError> {
         if self.open.get(partition).is_some_and(|file| file.schema != *schema) {
             self.finish(partition)?;
         }
         if !self.open.contains_key(partition) {
-            let writer = ArrowWriter::try_new(Vec::new(), Arc::clone(schema), Some(self.properties.clone()))
-                .map_err(|error| ComponentError::Internal(format!("parquet writer: {error}")))?;
+            let writer =
+                ArrowWriter::try_new(Vec::new(), Arc::clone(schema), Some(self.properties.clone()))
+                    .map_err(|error| {
+                        ComponentError::Internal(format!("parquet writer: {error}"))
+                    })?;
             self.open.insert(
                 partition.to_owned(),
                 OpenFile { writer, schema: Arc::clone(schema), rows: 0, opened: Instant::now() },
@@ -359,14 +381,18 @@ impl ParquetSink {
     fn finish(&mut self, partition: &str) -> Result<(), ComponentError> {
         let Some(file) = self.open.remove(partition) else { return Ok(()) };
         self.shared.metrics.open_rows.sub(file.rows as i64);
-        let bytes = file
-            .writer
-            .into_inner()
-            .map_err(|error| ComponentError::Internal(format!("finishing a parquet file: {error}")))?;
-        let name = format!("part-{}-{}-{}.parquet", self.worker, self.state.run, self.state.sequence);
+        let bytes = file.writer.into_inner().map_err(|error| {
+            ComponentError::Internal(format!("finishing a parquet file: {error}"))
+        })?;
+        let name =
+            format!("part-{}-{}-{}.parquet", self.worker, self.state.run, self.state.sequence);
         self.state.sequence += 1;
         let key = if partition.is_empty() { name } else { format!("{partition}/{name}") };
-        self.shared.uploader.enqueue(Finished { key, rows: file.rows, body: Body::Memory(Bytes::from(bytes)) });
+        self.shared.uploader.enqueue(Finished {
+            key,
+            rows: file.rows,
+            body: Body::Memory(Bytes::from(bytes)),
+        });
         Ok(())
     }
 
@@ -381,8 +407,13 @@ impl ParquetSink {
         result
     }
 
-    fn write_readings(&mut self, batch: &tidewatch_api::ReadingBatch) -> Result<(), ComponentError> {
-        if let Some(name) = batch.schema.names().iter().find(|name| READING_COLUMNS.contains(&&***name)) {
+    fn write_readings(
+        &mut self,
+        batch: &tidewatch_api::ReadingBatch,
+    ) -> Result<(), ComponentError> {
+        if let Some(name) =
+            batch.schema.names().iter().find(|name| READING_COLUMNS.contains(&&***name))
+        {
             return Err(ComponentError::Config(format!(
                 "feature {name:?} has the name of a fixed lake column ({})",
                 READING_COLUMNS.join(", ")
@@ -407,14 +438,18 @@ impl ParquetSink {
                     .iter()
                     .position(|score| *score.columns != *columns)
                     .map_or(group.len(), |offset| start + offset);
-                if let Some(name) = columns.names().iter().find(|name| SCORE_COLUMNS.contains(&&***name)) {
+                if let Some(name) =
+                    columns.names().iter().find(|name| SCORE_COLUMNS.contains(&&***name))
+                {
                     return Err(ComponentError::Config(format!(
                         "score column {name:?} has the name of a fixed lake column"
                     )));
                 }
                 let schema = columns::scores_schema(columns);
                 let record = columns::scores_batch(&schema, &group[start..end], &mut self.names)
-                    .map_err(|error| ComponentError::Internal(format!("arrow conversion: {error}")))?;
+                    .map_err(|error| {
+                        ComponentError::Internal(format!("arrow conversion: {error}"))
+                    })?;
                 self.append(&partition, &schema, &record)?;
                 start = end;
             }

@@ -85,10 +85,9 @@ impl ModelRegistry {
         let base = std::env::current_dir().unwrap_or_else(|_| Path::new(".").to_path_buf());
         let url = LakeUrl::parse(url, &base)?;
         let store = Store::open(&url, s3, &base)?;
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|error| StoreError::Io { context: "starting a runtime".into(), source: error })?;
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(
+            |error| StoreError::Io { context: "starting a runtime".into(), source: error },
+        )?;
         Ok(ModelRegistry { store, runtime })
     }
 
@@ -108,7 +107,9 @@ impl ModelRegistry {
             .version;
         check_segment("version", &version)?;
         self.runtime.block_on(async {
-            self.store.put_atomic(&format!("{name}/{version}/model.onnx"), Bytes::from(onnx)).await?;
+            self.store
+                .put_atomic(&format!("{name}/{version}/model.onnx"), Bytes::from(onnx))
+                .await?;
             self.store.put_atomic(&format!("{name}/{version}/model.json"), Bytes::from(json)).await
         })?;
         Ok(version)
@@ -213,10 +214,7 @@ mod tests {
         assert_eq!(registry.push("pump", &dir.path().join("v1")).expect("push"), "1");
         assert_eq!(registry.push("pump", &dir.path().join("v2")).expect("push"), "2");
         assert_eq!(registry.active("pump").expect("active"), None);
-        assert!(matches!(
-            registry.promote("pump", "3"),
-            Err(RegistryError::UnknownVersion { .. })
-        ));
+        assert!(matches!(registry.promote("pump", "3"), Err(RegistryError::UnknownVersion { .. })));
         registry.promote("pump", "1").expect("promote");
         let versions = registry.versions("pump").expect("versions");
         assert_eq!(

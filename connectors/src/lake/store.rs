@@ -222,7 +222,11 @@ fn read_credentials_file(
         path: path.to_path_buf(),
         reason: format!("profile [{profile}] has no {what}"),
     };
-    Ok((key.ok_or_else(|| missing("aws_access_key_id"))?, secret.ok_or_else(|| missing("aws_secret_access_key"))?, token))
+    Ok((
+        key.ok_or_else(|| missing("aws_access_key_id"))?,
+        secret.ok_or_else(|| missing("aws_secret_access_key"))?,
+        token,
+    ))
 }
 
 impl Store {
@@ -272,8 +276,7 @@ impl Store {
                     retry_timeout: timeout,
                     ..RetryConfig::default()
                 };
-                let store =
-                    builder.with_client_options(client).with_retry(retry).build()?;
+                let store = builder.with_client_options(client).with_retry(retry).build()?;
                 let display = if prefix.is_empty() {
                     format!("s3://{bucket}")
                 } else {
@@ -301,7 +304,9 @@ impl Store {
     }
 
     fn local_path(root: &Path, key: &str) -> PathBuf {
-        key.split('/').filter(|part| !part.is_empty()).fold(root.to_path_buf(), |path, part| path.join(part))
+        key.split('/')
+            .filter(|part| !part.is_empty())
+            .fold(root.to_path_buf(), |path, part| path.join(part))
     }
 
     /// Publishes `bytes` under `key` (relative to the lake's root, `/`-separated): visible
@@ -312,7 +317,9 @@ impl Store {
                 let target = Store::local_path(root, key);
                 tokio::task::spawn_blocking(move || write_then_rename(&target, &bytes))
                     .await
-                    .map_err(|error| StoreError::io("writing a lake file", std::io::Error::other(error)))?
+                    .map_err(|error| {
+                        StoreError::io("writing a lake file", std::io::Error::other(error))
+                    })?
             }
             Inner::S3 { store, prefix } => {
                 let path = Store::object_path(prefix, key);
@@ -324,7 +331,9 @@ impl Store {
                 let mut result = Ok(());
                 for start in (0..bytes.len()).step_by(MULTIPART_PART_BYTES) {
                     let end = (start + MULTIPART_PART_BYTES).min(bytes.len());
-                    if let Err(error) = upload.put_part(PutPayload::from(bytes.slice(start..end))).await {
+                    if let Err(error) =
+                        upload.put_part(PutPayload::from(bytes.slice(start..end))).await
+                    {
                         result = Err(error);
                         break;
                     }
@@ -392,8 +401,10 @@ impl Store {
                 };
                 let listed = collect_list(store.as_ref(), &full).await?;
                 let strip = if prefix.is_empty() { 0 } else { prefix.len() + 1 };
-                let mut keys: Vec<String> =
-                    listed.into_iter().filter_map(|key| key.get(strip..).map(str::to_owned)).collect();
+                let mut keys: Vec<String> = listed
+                    .into_iter()
+                    .filter_map(|key| key.get(strip..).map(str::to_owned))
+                    .collect();
                 keys.sort();
                 Ok(keys)
             }
@@ -426,7 +437,8 @@ fn list_local(root: &Path, under: &str) -> Result<Vec<String>, StoreError> {
             Err(error) => return Err(StoreError::io(format!("listing {}", dir.display()), error)),
         };
         for entry in entries {
-            let entry = entry.map_err(|error| StoreError::io(format!("listing {}", dir.display()), error))?;
+            let entry = entry
+                .map_err(|error| StoreError::io(format!("listing {}", dir.display()), error))?;
             let path = entry.path();
             let name = entry.file_name();
             if name.to_string_lossy().starts_with('.') {
@@ -453,7 +465,8 @@ pub(crate) fn write_then_rename(target: &Path, bytes: &[u8]) -> Result<(), Store
     let parent = target.parent().unwrap_or_else(|| Path::new("."));
     std::fs::create_dir_all(parent)
         .map_err(|error| StoreError::io(format!("creating {}", parent.display()), error))?;
-    let name = target.file_name().map(|name| name.to_string_lossy().into_owned()).unwrap_or_default();
+    let name =
+        target.file_name().map(|name| name.to_string_lossy().into_owned()).unwrap_or_default();
     let temporary = parent.join(format!(".{name}.tmp"));
     let write = || -> std::io::Result<()> {
         let mut file = std::fs::File::create(&temporary)?;
@@ -499,7 +512,10 @@ mod tests {
             "[default]\naws_access_key_id = A\naws_secret_access_key = B\n[lake]\naws_access_key_id=C\naws_secret_access_key=D\naws_session_token=E\n",
         )
         .expect("write");
-        assert_eq!(read_credentials_file(&path, "default").expect("default"), ("A".into(), "B".into(), None));
+        assert_eq!(
+            read_credentials_file(&path, "default").expect("default"),
+            ("A".into(), "B".into(), None)
+        );
         assert_eq!(
             read_credentials_file(&path, "lake").expect("lake"),
             ("C".into(), "D".into(), Some("E".into()))
@@ -509,7 +525,8 @@ mod tests {
 
     #[test]
     fn debug_output_never_shows_credentials() {
-        let config = S3Config { endpoint: Some("http://127.0.0.1:7480".into()), ..S3Config::default() };
+        let config =
+            S3Config { endpoint: Some("http://127.0.0.1:7480".into()), ..S3Config::default() };
         let store = Store::open(
             &LakeUrl::S3 { bucket: "b".into(), prefix: "p".into() },
             &config,

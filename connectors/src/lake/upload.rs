@@ -79,8 +79,9 @@ fn metric_error(error: prometheus::Error) -> ComponentError {
 
 impl LakeMetrics {
     pub(crate) fn new(component_id: &str) -> Result<LakeMetrics, ComponentError> {
-        let opts =
-            |name: &str, help: &str| Opts::new(name, help).const_label("component_id", component_id);
+        let opts = |name: &str, help: &str| {
+            Opts::new(name, help).const_label("component_id", component_id)
+        };
         let counter = |name: &str, help: &str| IntCounter::with_opts(opts(name, help));
         let gauge = |name: &str, help: &str| IntGauge::with_opts(opts(name, help));
         Ok(LakeMetrics {
@@ -88,8 +89,11 @@ impl LakeMetrics {
                 .map_err(metric_error)?,
             files: counter("tidewatch_lake_files_written_total", "Parquet files published.")
                 .map_err(metric_error)?,
-            bytes: counter("tidewatch_lake_bytes_written_total", "Bytes of Parquet files published.")
-                .map_err(metric_error)?,
+            bytes: counter(
+                "tidewatch_lake_bytes_written_total",
+                "Bytes of Parquet files published.",
+            )
+            .map_err(metric_error)?,
             failures: IntCounterVec::new(
                 opts(
                     "tidewatch_lake_publish_failures_total",
@@ -190,7 +194,11 @@ impl State {
                 self.metrics.pending_memory_bytes.sub(bytes.len() as i64);
                 self.metrics.pending_spilled_bytes.add(bytes.len() as i64);
                 let size = bytes.len() as u64;
-                Finished { key: file.key, rows: file.rows, body: Body::Spilled { path, bytes: size } }
+                Finished {
+                    key: file.key,
+                    rows: file.rows,
+                    body: Body::Spilled { path, bytes: size },
+                }
             }
             Err(error) => {
                 self.metrics.failures.with_label_values(&["spill"]).inc();
@@ -203,7 +211,9 @@ impl State {
 
 /// The spill file of `key`: the same relative path under the spill folder.
 fn spill_path(dir: &Path, key: &str) -> PathBuf {
-    key.split('/').filter(|part| !part.is_empty()).fold(dir.to_path_buf(), |path, part| path.join(part))
+    key.split('/')
+        .filter(|part| !part.is_empty())
+        .fold(dir.to_path_buf(), |path, part| path.join(part))
 }
 
 /// The finished files of an earlier run in the spill folder.
@@ -349,8 +359,9 @@ impl Drop for Uploader {
 }
 
 fn run(state: &State, runtime: &tokio::runtime::Runtime) {
-    let mut backoff = Backoff::new(state.settings.backoff_initial_ms, state.settings.backoff_max_ms)
-        .with_jitter();
+    let mut backoff =
+        Backoff::new(state.settings.backoff_initial_ms, state.settings.backoff_max_ms)
+            .with_jitter();
     loop {
         let file = {
             let mut queue = state.lock();
@@ -442,13 +453,19 @@ fn run(state: &State, runtime: &tokio::runtime::Runtime) {
     }
 }
 
-fn publish(state: &State, runtime: &tokio::runtime::Runtime, file: &Finished) -> Result<(), StoreError> {
+fn publish(
+    state: &State,
+    runtime: &tokio::runtime::Runtime,
+    file: &Finished,
+) -> Result<(), StoreError> {
     let bytes = match &file.body {
         Body::Memory(bytes) => bytes.clone(),
-        Body::Spilled { path, .. } => Bytes::from(std::fs::read(path).map_err(|error| StoreError::Io {
-            context: format!("reading the spill file {}", path.display()),
-            source: error,
-        })?),
+        Body::Spilled { path, .. } => {
+            Bytes::from(std::fs::read(path).map_err(|error| StoreError::Io {
+                context: format!("reading the spill file {}", path.display()),
+                source: error,
+            })?)
+        }
     };
     runtime.block_on(state.store.put_atomic(&file.key, bytes))
 }
