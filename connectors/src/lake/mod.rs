@@ -8,7 +8,7 @@
 //! its final name, atomically ([`store`]): a reader sees complete files or none. Names are
 //! `part-<worker>-<run>-<sequence>.parquet`: deterministic given the run id and sequence,
 //! which the sink's snapshot holds. Publishing runs on a thread of its own that rides out
-//! store outages, holding finished files in memory and spilling them to disk ([`upload`]).
+//! store outages, holding finished files in memory and spilling them to disk.
 //!
 //! ```toml
 //! [sinks.lake]

@@ -303,18 +303,12 @@ impl Store {
         }
     }
 
-    fn local_path(root: &Path, key: &str) -> PathBuf {
-        key.split('/')
-            .filter(|part| !part.is_empty())
-            .fold(root.to_path_buf(), |path, part| path.join(part))
-    }
-
     /// Publishes `bytes` under `key` (relative to the lake's root, `/`-separated): visible
     /// under that name only once complete.
     pub async fn put_atomic(&self, key: &str, bytes: Bytes) -> Result<(), StoreError> {
         match &self.inner {
             Inner::Local(root) => {
-                let target = Store::local_path(root, key);
+                let target = key_path(root, key);
                 tokio::task::spawn_blocking(move || write_then_rename(&target, &bytes))
                     .await
                     .map_err(|error| {
@@ -359,7 +353,7 @@ impl Store {
     pub async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
         match &self.inner {
             Inner::Local(root) => {
-                let path = Store::local_path(root, key);
+                let path = key_path(root, key);
                 match tokio::task::spawn_blocking(move || std::fs::read(&path)).await {
                     Ok(Ok(bytes)) => Ok(Bytes::from(bytes)),
                     Ok(Err(error)) if error.kind() == std::io::ErrorKind::NotFound => {
@@ -426,8 +420,16 @@ async fn collect_list(
     Ok(keys)
 }
 
-fn list_local(root: &Path, under: &str) -> Result<Vec<String>, StoreError> {
-    let start = Store::local_path(root, under);
+/// The local path of `key` (`/`-separated) under `root`.
+pub(crate) fn key_path(root: &Path, key: &str) -> PathBuf {
+    key.split('/')
+        .filter(|part| !part.is_empty())
+        .fold(root.to_path_buf(), |path, part| path.join(part))
+}
+
+/// The keys of the files under `root/under`, sorted; names starting with `.` are skipped.
+pub(crate) fn list_local(root: &Path, under: &str) -> Result<Vec<String>, StoreError> {
+    let start = key_path(root, under);
     let mut keys = Vec::new();
     let mut stack = vec![start];
     while let Some(dir) = stack.pop() {

@@ -19,7 +19,7 @@ use bytes::Bytes;
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts};
 use tidewatch_api::ComponentError;
 
-use super::store::{Store, StoreError, write_then_rename};
+use super::store::{Store, StoreError, key_path, list_local, write_then_rename};
 use crate::backoff::Backoff;
 
 /// A finished file waiting to be published.
@@ -187,7 +187,7 @@ impl State {
     /// Writes `file` to the spill folder if it is in memory.
     fn spill(&self, file: Finished) -> Finished {
         let Body::Memory(bytes) = &file.body else { return file };
-        let path = spill_path(&self.settings.spill_dir, &file.key);
+        let path = key_path(&self.settings.spill_dir, &file.key);
         match write_then_rename(&path, bytes) {
             Ok(()) => {
                 self.metrics.spilled.inc();
@@ -209,38 +209,21 @@ impl State {
     }
 }
 
-/// The spill file of `key`: the same relative path under the spill folder.
-fn spill_path(dir: &Path, key: &str) -> PathBuf {
-    key.split('/')
-        .filter(|part| !part.is_empty())
-        .fold(dir.to_path_buf(), |path, part| path.join(part))
-}
-
-/// The finished files of an earlier run in the spill folder.
+/// The finished files of an earlier run in the spill folder (hidden temporary files, which a
+/// crash may leave, are not finished files).
 fn spilled_files(dir: &Path) -> Vec<Finished> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(folder) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&folder) else { continue };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with('.') {
-                continue;
-            }
-            if path.is_dir() {
-                stack.push(path);
-                continue;
-            }
-            if !name.ends_with(".parquet") {
-                continue;
-            }
-            let Ok(relative) = path.strip_prefix(dir) else { continue };
-            let key: Vec<String> = relative
-                .components()
-                .map(|part| part.as_os_str().to_string_lossy().into_owned())
-                .collect();
-            let bytes = entry.metadata().map(|meta| meta.len()).unwrap_or(0);
+    let keys = match list_local(dir, "") {
+        Ok(keys) => keys,
+        Err(error) => {
+            tracing::warn!(%error, spill_dir = %dir.display(), "cannot read the spill folder");
+            return Vec::new();
+        }
+    };
+    keys.into_iter()
+        .filter(|key| key.ends_with(".parquet"))
+        .map(|key| {
+            let path = key_path(dir, &key);
+            let bytes = std::fs::metadata(&path).map(|meta| meta.len()).unwrap_or(0);
             let rows = std::fs::File::open(&path)
                 .ok()
                 .and_then(|file| parquet::file::reader::SerializedFileReader::new(file).ok())
@@ -249,11 +232,9 @@ fn spilled_files(dir: &Path) -> Vec<Finished> {
                     reader.metadata().file_metadata().num_rows().max(0) as u64
                 })
                 .unwrap_or(0);
-            out.push(Finished { key: key.join("/"), rows, body: Body::Spilled { path, bytes } });
-        }
-    }
-    out.sort_by(|a, b| a.key.cmp(&b.key));
-    out
+            Finished { key, rows, body: Body::Spilled { path, bytes } }
+        })
+        .collect()
 }
 
 /// The uploader of one component in one process.
