@@ -235,16 +235,13 @@ fn readings_round_trip_through_a_local_lake() {
         "max_file_bytes = 20000",
         "",
     );
-    let context = common::run(&text, &[], 2);
+    common::run(&text, &[], 2);
     let read = read_lake(&format!("file://{}", lake.display()), &[], true);
     check_layout(&read, 2);
     let expected = sent_readings(&sent);
     assert_eq!(expected.len(), 3000);
     assert_eq!(read["num_rows"], 3000);
     assert_eq!(lake_readings(&read), expected);
-    let metrics = context.metrics.render();
-    assert_eq!(lake_metric(&metrics, "tidewatch_lake_rows_written_total"), 3000.0, "{metrics}");
-    assert_eq!(lake_metric(&metrics, "tidewatch_lake_pending_files"), 0.0);
     assert!(!dir.path().join("spill/lake").read_dir().is_ok_and(|mut d| d.next().is_some()));
 }
 
@@ -316,9 +313,6 @@ fn an_object_store_outage_of_30_seconds_loses_nothing() {
     }
     let mut running = running;
     running.join(Duration::from_secs(180)).expect("the run ends cleanly");
-    let text = running.context.metrics.render();
-    assert_eq!(lake_metric(&text, "tidewatch_lake_pending_files"), 0.0, "{text}");
-    assert_eq!(lake_metric(&text, "tidewatch_lake_rows_written_total"), 8000.0, "{text}");
     let read = read_lake(&url, &env, true);
     check_layout(&read, 5);
     assert_eq!(read["num_rows"], 8000);

@@ -73,7 +73,7 @@ impl StoreError {
 /// The S3 options of a lake URL, the nested `[sinks.<id>.s3]` table. Every option is
 /// optional: what is not given comes from the environment (`AWS_ENDPOINT_URL`,
 /// `AWS_REGION` ...), as the AWS tools read it.
-#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct S3Config {
     /// The endpoint, e.g. `http://127.0.0.1:7480` for a local Ceph radosgw; default
@@ -104,6 +104,21 @@ pub struct S3Config {
 
 fn default_request_timeout_ms() -> u64 {
     30_000
+}
+
+impl Default for S3Config {
+    /// Everything from the environment; `request_timeout_ms` 30000.
+    fn default() -> Self {
+        S3Config {
+            endpoint: None,
+            region: None,
+            virtual_hosted_style: false,
+            allow_http: None,
+            credentials_file: None,
+            profile: None,
+            request_timeout_ms: default_request_timeout_ms(),
+        }
+    }
 }
 
 impl fmt::Debug for S3Config {
