@@ -19,13 +19,16 @@ use serde_json::Value;
 
 const FEATURES: [&str; 5] = ["vibration", "current", "pressure", "temperature", "flow"];
 
+/// Environment variables, name and value.
+type Env = Vec<(String, String)>;
+
 /// Held by every test that talks to Ceph: the outage test stops radosgw, which the others
 /// must not see.
 static CEPH: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// Ceph to a test: the `export K=V` lines of `scripts/services.sh env ceph` and the lock,
 /// when radosgw answers.
-fn ceph() -> Option<(Vec<(String, String)>, std::sync::MutexGuard<'static, ()>)> {
+fn ceph() -> Option<(Env, std::sync::MutexGuard<'static, ()>)> {
     let guard = CEPH.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let address = "127.0.0.1:7480".parse().expect("address");
     if TcpStream::connect_timeout(&address, Duration::from_secs(2)).is_err() {
