@@ -4,11 +4,13 @@
 //! |---|---|---|
 //! | source | `simulator` | a fleet of pumps with correlated sensors and labelled anomalies ([`simulator`]) |
 //! | source | `file` | replays a CSV or JSON-lines file, optionally paced by its timestamps ([`mod@file`]) |
+//! | source | `kafka` | a consumer group member per worker, at-least-once offsets ([`kafka::source`]) |
 //! | source | `mqtt` | subscribes to an MQTT broker, at-least-once for QoS 1 and 2 ([`mqtt::source`]) |
 //! | sink | `stdout` | JSON lines on standard output ([`sinks`]) |
 //! | sink | `file` | JSON lines in a file, shared by the workers of the process ([`sinks`]) |
 //! | sink | `blackhole` | drops everything (benchmarks) ([`sinks`]) |
 //! | sink | `mqtt` | publishes every record as JSON to a topic template ([`mqtt::sink`]) |
+//! | sink | `kafka` | keyed, idempotent, compressed; dead letters; store-and-forward buffer ([`kafka::sink`]) |
 //! | sink | `prometheus` | per-device anomaly gauges and a top-N on the engine's `/metrics` ([`mod@prometheus`]) |
 //! | sink | `webhook` | anomaly events to an HTTP receiver: retries, signature, dead letters ([`webhook`]) |
 //!
@@ -31,6 +33,7 @@
 
 mod backoff;
 pub mod file;
+pub mod kafka;
 pub mod mqtt;
 pub mod prometheus;
 mod shared;
@@ -40,6 +43,7 @@ mod tls;
 pub mod webhook;
 
 pub use file::{FileFormat, FileSource, FileSourceConfig, FileSourceFactory};
+pub use kafka::{KafkaSinkConfig, KafkaSinkFactory, KafkaSourceConfig, KafkaSourceFactory};
 pub use mqtt::{MqttSinkConfig, MqttSinkFactory, MqttSourceConfig, MqttSourceFactory};
 pub use prometheus::{LabelField, PrometheusSink, PrometheusSinkConfig, PrometheusSinkFactory};
 pub use simulator::{
@@ -59,10 +63,12 @@ pub fn builtins() -> Vec<(&'static str, ComponentFactory)> {
         ("simulator", ComponentFactory::source(SimulatorFactory)),
         ("file", ComponentFactory::source(FileSourceFactory)),
         ("mqtt", ComponentFactory::source(MqttSourceFactory)),
+        ("kafka", ComponentFactory::source(KafkaSourceFactory)),
         ("stdout", ComponentFactory::sink(StdoutSinkFactory)),
         ("file", ComponentFactory::sink(FileSinkFactory)),
         ("blackhole", ComponentFactory::sink(BlackholeSinkFactory)),
         ("mqtt", ComponentFactory::sink(MqttSinkFactory)),
+        ("kafka", ComponentFactory::sink(KafkaSinkFactory)),
         ("prometheus", ComponentFactory::sink(PrometheusSinkFactory)),
         ("webhook", ComponentFactory::sink(WebhookSinkFactory)),
     ]
@@ -84,6 +90,8 @@ mod tests {
                 ("file", "sink") => "path = \"out.jsonl\"",
                 ("mqtt", "source") => "url = \"mqtt://127.0.0.1\"\ntopics = [\"a/#\"]",
                 ("mqtt", "sink") => "url = \"mqtt://127.0.0.1\"\ntopic = \"a/{device}\"",
+                ("kafka", "source") => "topics = [\"readings\"]",
+                ("kafka", "sink") => "topic = \"readings\"",
                 ("webhook", "sink") => "url = \"http://127.0.0.1:9/hook\"",
                 _ => "",
             };
@@ -114,10 +122,12 @@ mod tests {
                 ("source", "simulator"),
                 ("source", "file"),
                 ("source", "mqtt"),
+                ("source", "kafka"),
                 ("sink", "stdout"),
                 ("sink", "file"),
                 ("sink", "blackhole"),
                 ("sink", "mqtt"),
+                ("sink", "kafka"),
                 ("sink", "prometheus"),
                 ("sink", "webhook")
             ]
