@@ -1,6 +1,12 @@
-//! The `kafka` sink: every record as one JSON object (the JSON-lines encoding of the `stdout`,
-//! `file` and `mqtt` sinks), keyed by its device, through an idempotent producer with
-//! compression; optionally behind the store-and-forward [`buffer`](super::buffer).
+//! The `kafka` sink: every record as one JSON object, keyed by its device, through an
+//! idempotent producer with compression; optionally behind the store-and-forward
+//! [`buffer`](super::buffer).
+//!
+//! Readings travel flat, the way devices send them, so a cloud pipeline reads forwarded
+//! readings and device messages with the same `normalize` options:
+//! `{"device": "pump-7", "ts": 1700000000000, "vibration": 0.41, ..., "anomaly": 0}` (`ts` in
+//! ms since the epoch; a missing value is `null`). Every other kind is the JSON-lines
+//! encoding of the `stdout`, `file` and `mqtt` sinks.
 //!
 //! # Delivery
 //!
@@ -42,8 +48,8 @@ use serde_json::json;
 use tidewatch_api::json::write_json_lines;
 use tidewatch_api::time::format_rfc3339;
 use tidewatch_api::{
-    Batch, ComponentContext, ComponentError, ConfigError, DeviceId, Kind, Sink, SinkFactory,
-    ValidateContext,
+    Batch, ComponentContext, ComponentError, ConfigError, DeviceId, Kind, ReadingBatch, Sink,
+    SinkFactory, ValidateContext,
 };
 
 use super::buffer::{BufferConfig, DiskBuffer};
@@ -739,8 +745,11 @@ impl Sink for KafkaSink {
     fn write_batch(&mut self, batch: Batch) -> Result<(), ComponentError> {
         let mut buf = std::mem::take(&mut self.buf);
         buf.clear();
-        let encoded = write_json_lines(&batch, &mut buf)
-            .map_err(|error| ComponentError::io("cannot encode records as JSON", error));
+        let encoded = match &batch {
+            Batch::Readings(readings) => write_flat_readings(readings, &mut buf),
+            other => write_json_lines(other, &mut buf),
+        }
+        .map_err(|error| ComponentError::io("cannot encode records as JSON", error));
         let result = encoded.and_then(|()| {
             let names: Vec<Option<std::sync::Arc<str>>> =
                 devices(&batch).into_iter().map(|device| device.map(DeviceId::name)).collect();
@@ -791,6 +800,89 @@ impl Sink for KafkaSink {
     }
 }
 
+/// Readings as flat JSON objects, one line each (see the module documentation).
+fn write_flat_readings(readings: &ReadingBatch, out: &mut Vec<u8>) -> std::io::Result<()> {
+    let names = readings.schema.names();
+    for reading in readings.iter() {
+        let mut object = serde_json::Map::with_capacity(names.len() + 3);
+        object.insert("device".into(), reading.device.name().as_ref().into());
+        object.insert("ts".into(), reading.time_ms.into());
+        for (name, value) in names.iter().zip(reading.values) {
+            let value = serde_json::Number::from_f64(f64::from(*value))
+                .map_or(serde_json::Value::Null, serde_json::Value::Number);
+            object.insert(name.to_string(), value);
+        }
+        object.insert("anomaly".into(), reading.label.into());
+        serde_json::to_writer(&mut *out, &object).map_err(std::io::Error::from)?;
+        out.push(b'\n');
+    }
+    Ok(())
+}
+
 fn buffer_policy_reason(shared: &Shared) -> &'static str {
     shared.buffer.as_ref().map_or("buffer_full", |buffer| buffer.policy().reason())
+}
+
+#[cfg(test)]
+mod tests {
+    use tidewatch_api::{ConfigValue, LABEL_ANOMALY, Schema};
+
+    use super::*;
+
+    fn config(text: &str) -> KafkaSinkConfig {
+        ConfigValue::parse(text).expect("toml").deserialize().expect("config")
+    }
+
+    #[test]
+    fn options_are_checked() {
+        let ctx = ValidateContext::default();
+        assert!(KafkaSinkFactory.validate(&config("topic = \"readings\""), &ctx).is_ok());
+        for (text, field) in [
+            ("topic = \"a/b\"", "topic"),
+            ("topic = \"\"", "topic"),
+            ("topic = \"t\"\nbrokers = \"nowhere\"", "brokers"),
+            ("topic = \"t\"\nflush_timeout_ms = 0", "flush_timeout_ms"),
+            (
+                "topic = \"t\"\nretry_backoff_ms = 500\nretry_backoff_max_ms = 100",
+                "retry_backoff_max_ms",
+            ),
+            (
+                "topic = \"t\"\n[buffer]\ndir = \"b\"\nmax_bytes = 1000\nsegment_bytes = 1024",
+                "buffer.max_bytes",
+            ),
+            ("topic = \"t\"\n[tls]\nclient_key_file = \"k.pem\"", "tls.client_cert_file"),
+        ] {
+            let error = KafkaSinkFactory.validate(&config(text), &ctx).expect_err(text);
+            assert_eq!(error.field.as_deref(), Some(field), "{text}");
+        }
+        let unknown = ConfigValue::parse("topic = \"t\"\n[buffer]\ndir = \"b\"\nmax_size = 3")
+            .expect("toml")
+            .deserialize::<KafkaSinkConfig>();
+        assert!(unknown.is_err());
+        let buffered = config("topic = \"t\"\n[buffer]\ndir = \"b\"\nwhen_full = \"drop_newest\"");
+        assert_eq!(
+            buffered.buffer.map(|buffer| buffer.when_full),
+            Some(super::super::buffer::WhenFull::DropNewest)
+        );
+    }
+
+    #[test]
+    fn readings_travel_flat() {
+        let schema = Arc::new(Schema::new(["vibration", "flow"]));
+        let mut readings = ReadingBatch::new(schema);
+        readings.push(
+            DeviceId::intern("pump-7"),
+            1_700_000_000_000,
+            &[0.5, f32::NAN],
+            LABEL_ANOMALY,
+        );
+        let mut out = Vec::new();
+        write_flat_readings(&readings, &mut out).expect("encode");
+        let value: serde_json::Value = serde_json::from_slice(&out).expect("json");
+        assert_eq!(
+            value,
+            json!({"device": "pump-7", "ts": 1_700_000_000_000_i64, "vibration": 0.5, "flow": null, "anomaly": 1})
+        );
+        assert_eq!(out.last(), Some(&b'\n'));
+    }
 }

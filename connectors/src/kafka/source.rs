@@ -601,6 +601,13 @@ impl Source for KafkaSource {
                 ComponentError::Config(format!("kafka consumer: {}", error_text(&error)))
             })?;
         let topics: Vec<&str> = self.config.topics.iter().map(String::as_str).collect();
+        // Ask for each topic once: the broker creates a missing one (when it allows), so the
+        // group can assign its partitions before anything was produced.
+        for topic in &topics {
+            if let Err(error) = consumer.fetch_metadata(Some(topic), Duration::from_secs(5)) {
+                tracing::warn!(component = %self.component, topic, error = %error_text(&error), "no metadata for the topic yet");
+            }
+        }
         consumer.subscribe(&topics).map_err(|error| {
             ComponentError::External(format!(
                 "cannot subscribe to {:?}: {}",
@@ -760,6 +767,9 @@ impl Drop for KafkaSource {
             return;
         }
         self.store_done();
+        // A partition list from librdkafka holds references to its partitions: release it
+        // before the consumer, whose destruction waits for every reference.
+        self.assignment = TopicPartitionList::new();
         let Some(consumer) = self.consumer.take() else { return };
         if let Err(error) = consumer.commit_consumer_state(CommitMode::Sync) {
             tracing::debug!(component = %self.component, %error, "final kafka commit");
