@@ -59,8 +59,7 @@ type = "mqtt"
 url = "$url"
 topics = ["$topic/+/data"]
 qos = 1
-client_id = "$client"
-session_expiry_secs = 3600
+connection = { client_id = "$client", session_expiry_secs = 3600 }
 
 [transforms.readings]
 type = "normalize"

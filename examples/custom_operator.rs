@@ -44,15 +44,19 @@ impl TransformFactory for EwmaFactory {
         vec![Kind::Readings]
     }
 
-    fn output_type(
-        &self,
-        config: &EwmaConfig,
-        input: &PortType,
-        _ctx: &ValidateContext,
-    ) -> Result<PortType, ConfigError> {
+    fn validate(&self, config: &EwmaConfig, _ctx: &ValidateContext) -> Result<(), ConfigError> {
         if !(config.alpha > 0.0 && config.alpha <= 1.0) {
             return Err(ConfigError::at_field("alpha", "`alpha` must be in (0, 1]"));
         }
+        Ok(())
+    }
+
+    fn output_type(
+        &self,
+        _config: &EwmaConfig,
+        input: &PortType,
+        _ctx: &ValidateContext,
+    ) -> Result<PortType, ConfigError> {
         Ok(input.clone())
     }
 
@@ -94,7 +98,7 @@ impl Transform for Ewma {
 
 /// The builtins plus `ewma`.
 pub fn registry() -> Registry {
-    Registry::with_builtins().register("ewma", ComponentFactory::transform(EwmaFactory))
+    tidewatch::builtins().register("ewma", ComponentFactory::transform(EwmaFactory))
 }
 
 /// A pipeline that uses `ewma` by name.

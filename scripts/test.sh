@@ -14,6 +14,10 @@ quick=0
 [ "${1:-}" = "--quick" ] && quick=1
 
 export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
+# Where cargo puts what it builds (CARGO_TARGET_DIR when set, relative to the checkout or not).
+target_dir=${CARGO_TARGET_DIR:-target}
+case "$target_dir" in /*) ;; *) target_dir=$root/$target_dir ;; esac
+tidewatch=$target_dir/debug/tidewatch
 export TIDEWATCH_DATA=${TIDEWATCH_DATA:-$root/../shared/data}
 
 step() { printf '\n==> %s\n' "$*"; }
@@ -85,11 +89,19 @@ step "python tests (training)"
 .venv/bin/python -m pytest -q -p no:cacheprovider training
 
 step "the issue checks, as a user runs them"
-./target/debug/tidewatch validate pipelines/*.toml
-if ./target/debug/tidewatch validate tests/fixtures/invalid/broken.toml 2>/dev/null; then
-  echo "validate accepted a broken pipeline" >&2
-  exit 1
-fi
+"$tidewatch" validate pipelines/*.toml
+for broken in broken downstream_errors; do
+  if "$tidewatch" validate "tests/fixtures/invalid/$broken.toml" 2>/dev/null; then
+    echo "validate accepted a broken pipeline ($broken.toml)" >&2
+    exit 1
+  fi
+done
+
+# Last of the cargo steps: it rebuilds $tidewatch without the default features.
+step "edge build: --no-default-features --features mqtt,tract"
+cargo build --no-default-features --features mqtt,tract
+cargo clippy --no-default-features --features mqtt,tract -- -D warnings
+"$tidewatch" validate pipelines/edge-mqtt.toml
 
 step "shipped monitoring config (promtool, amtool)"
 for tool in promtool amtool; do

@@ -3,5 +3,5 @@
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    tidewatch::cli::main(tidewatch::Registry::with_builtins())
+    tidewatch::cli::main(tidewatch::builtins())
 }

@@ -19,7 +19,9 @@ use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
 use tidewatch_api::codec::{Delimiter, csv};
 use tidewatch_api::{Batch, ComponentContext, Outputs, RawBatch, Source, SourcePoll};
+#[cfg(feature = "kafka")]
 use tidewatch_connectors::kafka::KafkaPublisher;
+#[cfg(feature = "mqtt")]
 use tidewatch_connectors::mqtt::{ConnectionSettings, MqttPublisher, Protocol};
 use tidewatch_connectors::{FileSource, FileSourceConfig, SimulatorConfig, SimulatorSource};
 
@@ -195,28 +197,32 @@ fn row_json(header: &[Arc<str>], delimiter: Delimiter, line: &[u8], device: &str
 }
 
 /// The MQTT topic template when none is given.
+#[cfg(feature = "mqtt")]
 const DEFAULT_MQTT_TOPIC: &str = "factory/site-1/pump/{device}/telemetry";
 /// The Kafka topic when none is given.
+#[cfg(feature = "kafka")]
 const DEFAULT_KAFKA_TOPIC: &str = "readings";
 
+#[cfg(feature = "mqtt")]
 fn settings(args: &SimulateArgs, url: &str) -> ConnectionSettings {
     let client_id = args
         .client_id
         .clone()
         .unwrap_or_else(|| format!("tidewatch-simulate-{}", std::process::id()));
     let mut settings = ConnectionSettings::new(url.to_owned(), client_id);
-    settings.protocol = match args.protocol {
+    let connection = &mut settings.connection;
+    connection.protocol = match args.protocol {
         ProtocolArg::V4 => Protocol::V4,
         ProtocolArg::V5 => Protocol::V5,
     };
-    settings.username = args.username.clone().or_else(|| std::env::var("MQTT_USER").ok());
-    settings.password = args.password.clone().or_else(|| std::env::var("MQTT_PASSWORD").ok());
-    settings.ca_file = args.ca_file.clone();
-    settings.max_inflight = 1_000;
+    connection.username = args.username.clone().or_else(|| std::env::var("MQTT_USER").ok());
+    connection.password = args.password.clone().or_else(|| std::env::var("MQTT_PASSWORD").ok());
+    connection.max_inflight = 1_000;
     // Persistent (for a minute on MQTT 5), so that QoS 1/2 publishes in flight when the
     // connection drops are sent again after reconnecting.
-    settings.clean_start = false;
-    settings.session_expiry_secs = (settings.protocol == Protocol::V5).then_some(60);
+    connection.clean_start = false;
+    connection.session_expiry_secs = (connection.protocol == Protocol::V5).then_some(60);
+    settings.tls.ca_file = args.ca_file.clone();
     settings
 }
 
@@ -280,12 +286,17 @@ pub fn run(args: &SimulateArgs) -> anyhow::Result<()> {
     tidewatch_engine::signals::install(move || stopper.store(true, Ordering::SeqCst))
         .context("installing signal handlers")?;
     match (&args.kafka, &args.mqtt) {
+        #[cfg(feature = "kafka")]
         (Some(brokers), _) => run_kafka(args, brokers, &stop),
+        #[cfg(feature = "mqtt")]
         (None, Some(url)) => run_mqtt(args, url, &stop),
         (None, None) => bail!("give --mqtt URL or --kafka BROKERS"),
+        #[allow(unreachable_patterns)]
+        _ => bail!("this build of tidewatch has no support for that broker (cargo features)"),
     }
 }
 
+#[cfg(feature = "kafka")]
 /// Publishes to a Kafka topic, keyed by device, and waits for every acknowledgement.
 fn run_kafka(args: &SimulateArgs, brokers: &str, stop: &AtomicBool) -> anyhow::Result<()> {
     let topic = args.topic.clone().unwrap_or_else(|| DEFAULT_KAFKA_TOPIC.to_owned());
@@ -327,6 +338,7 @@ fn run_kafka(args: &SimulateArgs, brokers: &str, stop: &AtomicBool) -> anyhow::R
     Ok(())
 }
 
+#[cfg(feature = "mqtt")]
 fn run_mqtt(args: &SimulateArgs, url: &str, stop: &AtomicBool) -> anyhow::Result<()> {
     let topic = args.topic.clone().unwrap_or_else(|| DEFAULT_MQTT_TOPIC.to_owned());
     if !topic.contains("{device}") {
@@ -387,6 +399,7 @@ fn run_mqtt(args: &SimulateArgs, url: &str, stop: &AtomicBool) -> anyhow::Result
     Ok(())
 }
 
+#[cfg(feature = "mqtt")]
 /// Publishes the first message with QoS 1 until a subscription matches it (MQTT 5 tells), up
 /// to `--wait-subscriber-secs`.
 fn wait_for_subscriber(
@@ -395,7 +408,7 @@ fn wait_for_subscriber(
     settings: &ConnectionSettings,
     message: &Message,
 ) -> anyhow::Result<()> {
-    let probe = settings.protocol == Protocol::V5 && args.wait_subscriber_secs > 0;
+    let probe = settings.connection.protocol == Protocol::V5 && args.wait_subscriber_secs > 0;
     let qos = if probe { args.qos.max(1) } else { args.qos };
     let deadline = Instant::now() + Duration::from_secs(args.wait_subscriber_secs);
     let mut waited = false;

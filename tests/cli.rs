@@ -51,6 +51,21 @@ fn validate_reports_every_error_with_line_and_column_and_fails() {
 }
 
 #[test]
+fn validate_reports_errors_downstream_of_a_broken_component() {
+    let fixture = "tests/fixtures/invalid/downstream_errors.toml";
+    let output = tidewatch().args(["validate", fixture]).output().expect("runs");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    for expected in [
+        ":4:8: error: unknown source type `simulatr`",
+        ":26:1: error: `m` = 3 must be between n = 5 and 64",
+        ":30:21: error: dangling input",
+    ] {
+        assert!(stderr.contains(&format!("{fixture}{expected}")), "{expected}: {stderr}");
+    }
+}
+
+#[test]
 fn graph_renders_mermaid_and_dot() {
     let output = tidewatch().args(["graph", "pipelines/demo.toml"]).output().expect("runs");
     assert!(output.status.success());

@@ -79,7 +79,7 @@ path = "{errors}"
 /// Source options for `prefix/<device>/data` messages.
 fn source(url: &str, filter: &str, client_id: &str, extra: &str) -> String {
     format!(
-        "url = \"{url}\"\ntopics = [\"{filter}\"]\nqos = 1\nclient_id = \"{client_id}\"\n{extra}\n"
+        "url = \"{url}\"\ntopics = [\"{filter}\"]\nqos = 1\nconnection.client_id = \"{client_id}\"\n{extra}\n"
     )
 }
 
@@ -161,7 +161,7 @@ fn qos1_end_to_end_every_message_is_processed_once() {
 
 #[test]
 fn qos1_end_to_end_over_mqtt_3_1_1() {
-    end_to_end("v4", PLAIN, "protocol = \"v4\"", &[], 2_000, 1, false);
+    end_to_end("v4", PLAIN, "connection.protocol = \"v4\"", &[], 2_000, 1, false);
 }
 
 #[test]
@@ -173,7 +173,8 @@ fn qos2_end_to_end() {
 fn tls_listener_with_password_from_the_environment() {
     let ca = certs().join("ca.crt").display().to_string();
     let extra = format!(
-        "ca_file = \"{ca}\"\nusername = \"${{MQTT_USER}}\"\npassword = \"${{MQTT_PASSWORD}}\""
+        "tls.ca_file = \"{ca}\"\nconnection.username = \"${{MQTT_USER}}\"\n\
+         connection.password = \"${{MQTT_PASSWORD}}\""
     );
     let vars = [("MQTT_USER", USER.to_owned()), ("MQTT_PASSWORD", PASSWORD.to_owned())];
     end_to_end("tls", TLS, &extra, &vars, 1_000, 1, true);
@@ -183,7 +184,7 @@ fn tls_listener_with_password_from_the_environment() {
 fn tls_listener_with_a_client_certificate() {
     let dir = certs();
     let extra = format!(
-        "ca_file = \"{}\"\nclient_cert_file = \"{}\"\nclient_key_file = \"{}\"",
+        "tls = {{ ca_file = \"{}\", client_cert_file = \"{}\", client_key_file = \"{}\" }}",
         dir.join("ca.crt").display(),
         dir.join("client.crt").display(),
         dir.join("client.key").display()
@@ -218,7 +219,10 @@ fn wrong_password_is_a_clear_error() {
     let error = start_error(
         "badpw",
         TLS,
-        &format!("ca_file = \"{ca}\"\nusername = \"{USER}\"\npassword = \"wrong\""),
+        &format!(
+            "tls.ca_file = \"{ca}\"\nconnection.username = \"{USER}\"\n\
+             connection.password = \"wrong\""
+        ),
     );
     assert!(error.contains("component `in`"), "{error}");
     assert!(error.contains("refused the connection"), "{error}");
@@ -234,7 +238,10 @@ fn untrusted_certificate_is_a_clear_error() {
     let error = start_error(
         "untrusted",
         TLS,
-        &format!("ca_file = \"{ca}\"\nusername = \"{USER}\"\npassword = \"{PASSWORD}\""),
+        &format!(
+            "tls.ca_file = \"{ca}\"\nconnection.username = \"{USER}\"\n\
+             connection.password = \"{PASSWORD}\""
+        ),
     );
     assert!(error.contains("component `in`"), "{error}");
     assert!(error.contains("TLS handshake failed"), "{error}");
@@ -243,7 +250,8 @@ fn untrusted_certificate_is_a_clear_error() {
 
 #[test]
 fn missing_broker_is_a_clear_error() {
-    let error = start_error("nobroker", "mqtt://127.0.0.1:1", "connect_timeout_secs = 1");
+    let error =
+        start_error("nobroker", "mqtt://127.0.0.1:1", "connection.connect_timeout_secs = 1");
     assert!(error.contains("component `in`"), "{error}");
     assert!(error.contains("cannot connect"), "{error}");
 }
@@ -271,7 +279,12 @@ fn broker_restart_under_qos1_load_loses_nothing() {
     prepare_session(&client_id, std::slice::from_ref(&filter), 1, true);
     let text = pipeline(
         "restart",
-        &source(PLAIN, &filter, &client_id, "reconnect_initial_ms = 50\nreconnect_max_ms = 500"),
+        &source(
+            PLAIN,
+            &filter,
+            &client_id,
+            "connection.reconnect_initial_ms = 50\nconnection.reconnect_max_ms = 500",
+        ),
         dir.path(),
     );
     let running = Running::start(&text, &[], 1);
@@ -497,8 +510,8 @@ fn backlog_counts_the_messages_waiting_for_the_pipeline() {
     publisher.wait_acked(50, Duration::from_secs(30));
 
     let options = format!(
-        "url = \"{PLAIN}\"\ntopics = [\"{filter}\"]\nqos = 1\nclient_id = \"{client_id}\"\n\
-         protocol = \"v4\"\nqueue_capacity = 64\nbatch_size = 20"
+        "url = \"{PLAIN}\"\ntopics = [\"{filter}\"]\nqos = 1\nqueue_capacity = 64\nbatch_size = 20\n\
+         connection = {{ client_id = \"{client_id}\", protocol = \"v4\" }}"
     );
     let config: MqttSourceConfig =
         ConfigValue::parse(&options).expect("toml").deserialize().expect("config");
@@ -619,8 +632,7 @@ http_address = ""
 type = "mqtt"
 url = "{PLAIN}"
 topics = ["{prefix}/+/data"]
-client_id = "{prefix}-in"
-clean_start = true
+connection = {{ client_id = "{prefix}-in", clean_start = true }}
 
 [transforms.norm]
 type = "normalize"

@@ -56,6 +56,65 @@ fn unknown_option_is_located_with_a_hint() {
 }
 
 #[test]
+fn unknown_option_in_a_tls_table_is_located() {
+    let error = single_error("invalid/unknown_tls_option.toml");
+    assert_eq!((error.line, error.column), (7, 1), "{error}");
+    assert!(error.message.contains("unknown field `ca_fle`"), "{error}");
+    assert_eq!(error.hint.as_deref(), Some("did you mean `ca_file`?"));
+}
+
+#[test]
+fn an_error_about_an_option_of_a_nested_table_points_at_it() {
+    let error = single_error("invalid/tls_needs_tls_url.toml");
+    assert_eq!((error.line, error.column), (11, 1), "{error}");
+    assert!(error.message.contains("tls.ca_file needs a TLS connection"), "{error}");
+    assert_eq!(error.hint.as_deref(), Some("use an mqtts:// url"));
+}
+
+#[test]
+fn flat_connection_and_tls_options_still_load_with_a_warning() {
+    let path = common::root().join("tests/fixtures/deprecated/flat_options.toml");
+    let pipeline = tidewatch::engine::load_file(&path, &tidewatch::builtins())
+        .unwrap_or_else(|errors| panic!("the flat options no longer load:\n{errors}"));
+    assert_eq!(pipeline.components.len(), 2);
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_tidewatch"))
+        .arg("validate")
+        .arg(&path)
+        .output()
+        .expect("tidewatch validate runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    for (option, table) in [
+        ("client_id", "connection"),
+        ("keep_alive_secs", "connection"),
+        ("ca_file", "tls"),
+        ("max_inflight", "connection"),
+    ] {
+        assert!(
+            stderr.contains(&format!("option `{option}` is deprecated"))
+                && stderr.contains(&format!("<id>.{table}] {option} =")),
+            "no warning for {option}: {stderr}"
+        );
+    }
+    // An error about a flat option points at it, in its old place.
+    let text = "[sources.fleet]\ntype = \"simulator\"\n\n[sinks.out]\ntype = \"mqtt\"\n\
+                inputs = [\"fleet\"]\nurl = \"mqtt://127.0.0.1:1883\"\ntopic = \"a/{device}\"\n\
+                max_inflight = 0\n";
+    let errors = common::load(text, &[]).expect_err("max_inflight = 0");
+    let error = &errors.diagnostics[0];
+    assert_eq!((error.line, error.column), (9, 1), "{error}");
+    assert!(error.message.contains("max_inflight must be at least 1"), "{error}");
+    // Written in both places, an option is an error at its flat place.
+    let text = "[sources.fleet]\ntype = \"simulator\"\n\n[sinks.out]\ntype = \"mqtt\"\n\
+                inputs = [\"fleet\"]\nurl = \"mqtt://127.0.0.1:1883\"\ntopic = \"a/{device}\"\n\
+                client_id = \"a\"\nconnection = { client_id = \"b\" }\n";
+    let errors = common::load(text, &[]).expect_err("client_id twice");
+    let error = &errors.diagnostics[0];
+    assert_eq!((error.line, error.column), (9, 1), "{error}");
+    assert!(error.message.contains("`client_id` is set twice"), "{error}");
+}
+
+#[test]
 fn invalid_option_value_is_located() {
     let error = single_error("invalid/invalid_value.toml");
     assert_eq!((error.line, error.column), (3, 11), "{error}");
@@ -105,6 +164,20 @@ fn every_error_is_reported_not_just_the_first() {
 }
 
 #[test]
+fn errors_downstream_of_a_broken_component_are_reported_too() {
+    let diagnostics = common::diagnostics("invalid/downstream_errors.toml");
+    let errors: Vec<_> = diagnostics.iter().filter(|d| d.severity == Severity::Error).collect();
+    let at = |line, column, text: &str| {
+        errors.iter().any(|d| (d.line, d.column) == (line, column) && d.message.contains(text))
+    };
+    assert!(at(4, 8, "unknown source type `simulatr`"), "{errors:#?}");
+    assert!(at(30, 21, "dangling input"), "{errors:#?}");
+    // The threshold is downstream of the unknown source: its own options are still checked.
+    assert!(at(26, 1, "`m` = 3 must be between n = 5 and 64"), "{errors:#?}");
+    assert_eq!(errors.len(), 3, "{errors:#?}");
+}
+
+#[test]
 fn unused_components_are_warnings() {
     let diagnostics = common::diagnostics("warnings/unused.toml");
     assert_eq!(diagnostics.len(), 1, "{diagnostics:#?}");
@@ -122,9 +195,7 @@ fn every_shipped_pipeline_validates() {
             continue;
         }
         count += 1;
-        if let Err(errors) =
-            tidewatch::engine::load_file(&path, &tidewatch::Registry::with_builtins())
-        {
+        if let Err(errors) = tidewatch::engine::load_file(&path, &tidewatch::builtins()) {
             panic!("{} does not validate:\n{errors}", path.display());
         }
     }

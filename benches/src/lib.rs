@@ -16,13 +16,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{Criterion, SamplingMode};
+use tidewatch::backtest::{CsvWindows, csv_windows_toml, toml_string};
 use tidewatch_api::codec::PayloadCodec;
 use tidewatch_api::{
     Batch, ComponentContext, DeviceId, Outputs, RawBatch, ReadingBatch, Schema, Source, SourcePoll,
     TimestampFormat, Window,
 };
 use tidewatch_connectors::{SimulatorConfig, SimulatorFormat, SimulatorSource};
-use tidewatch_engine::{Pipeline, Registry, RunContext, load_str};
+use tidewatch_engine::{Pipeline, RunContext, load_str};
 use tidewatch_inference::{ModelSpec, find_onnxruntime, model_files};
 use tidewatch_operators::{Normalize, NormalizeConfig, OnMissing};
 
@@ -207,7 +208,7 @@ pub fn bench_toml(count: usize) -> String {
 ///
 /// If the pipeline does not validate.
 pub fn bench_pipeline(count: usize) -> Pipeline {
-    let registry = Registry::with_builtins();
+    let registry = tidewatch::builtins();
     match load_str(&bench_toml(count), "bench.toml", Path::new("."), &registry, |_| None) {
         Ok(pipeline) => pipeline,
         Err(errors) => panic!("pipelines/bench.toml does not validate: {errors}"),
@@ -422,49 +423,22 @@ pub struct ModelStage {
     pub library: Option<PathBuf>,
 }
 
-fn toml_string(value: &str) -> String {
-    format!("\"{}\"", value.replace('\\', "\\\\").replace('"', "\\\""))
-}
-
 /// The pipeline that scores a SKAB-style CSV file (from [`write_skab_csv`]) with a model:
 /// `file` (as fast as possible) -> `normalize` (one device, `datetime` times) -> `window`
 /// (count windows: `size_readings` = the model's W, `slide_readings = 1`) -> `autoencoder`
 /// (`max_batch_rows = 1024`, no model watch) -> `blackhole`. Without `stage`, the windows go
 /// to the `blackhole` unscored (what the engine costs without the model).
 pub fn model_pipeline_toml(csv: &Path, spec: &ModelSpec, stage: Option<&ModelStage>) -> String {
-    let features: Vec<String> = spec.features.iter().map(|name| toml_string(name)).collect();
-    let mut text = format!(
-        r#"[pipeline]
-name = "inference-bench"
-out_of_orderness_ms = 0
-http_address = ""
-
-[sources.data]
-type = "file"
-path = {path}
-header = true
-
-[transforms.readings]
-type = "normalize"
-inputs = ["data"]
-format = "csv"
-delimiter = ";"
-device = {device}
-timestamp_field = "datetime"
-timestamp_format = "datetime"
-features = [{features}]
-
-[transforms.windows]
-type = "window"
-inputs = ["readings"]
-size_readings = {length}
-slide_readings = 1
-"#,
-        path = toml_string(&csv.display().to_string()),
-        device = toml_string(SKAB_DEVICE),
-        features = features.join(", "),
-        length = spec.window.length,
-    );
+    let mut text = csv_windows_toml(&CsvWindows {
+        name: "inference-bench",
+        path: csv,
+        delimiter: ';',
+        device: SKAB_DEVICE,
+        timestamp: ("datetime", "datetime"),
+        features: &spec.features,
+        on_missing: "error",
+        length: spec.window.length,
+    });
     let scored = match stage {
         Some(stage) => {
             text += &format!(
@@ -502,7 +476,7 @@ watch = false
 pub fn model_pipeline(csv: &Path, spec: &ModelSpec, stage: Option<&ModelStage>) -> Pipeline {
     let text = model_pipeline_toml(csv, spec, stage);
     let base = csv.parent().unwrap_or(Path::new("."));
-    match load_str(&text, "inference-bench.toml", base, &Registry::with_builtins(), |_| None) {
+    match load_str(&text, "inference-bench.toml", base, &tidewatch::builtins(), |_| None) {
         Ok(pipeline) => pipeline,
         Err(errors) => panic!("the inference pipeline does not validate: {errors}\n{text}"),
     }

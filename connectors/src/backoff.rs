@@ -11,6 +11,7 @@ use rand::Rng;
 /// retry comes sooner than half the nominal delay.
 #[derive(Clone, Debug)]
 pub(crate) struct Backoff {
+    #[cfg_attr(not(feature = "mqtt"), allow(dead_code))] // read by `reset` only
     initial_ms: u64,
     max_ms: u64,
     next_ms: u64,
@@ -40,6 +41,7 @@ impl Backoff {
     }
 
     /// Back to the initial delay (after a successful connection).
+    #[cfg_attr(not(feature = "mqtt"), allow(dead_code))] // only MQTT reconnects reset
     pub(crate) fn reset(&mut self) {
         self.next_ms = self.initial_ms;
     }

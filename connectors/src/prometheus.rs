@@ -14,8 +14,9 @@
 //! * `tidewatch_prometheus_evicted_series_total`: series dropped by the `max_series` bound
 //!   (least recently updated first).
 //!
-//! The gauges are process-wide: every worker's instance shares one set, registered once per
-//! engine registry and component id, and unregistered when the last instance is dropped.
+//! The gauges are per process: every worker's instance shares one set (kept in the run's
+//! process-shared state, `ComponentContext::shared`), registered once per engine run and
+//! component id, and unregistered when the run ends.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::hash::Hash;
@@ -780,7 +781,7 @@ mod tests {
     fn workers_share_one_registration_and_drop_unregisters() {
         let registry = Registry::new();
         let metrics = tidewatch_api::MetricsRegistry::new(registry.clone());
-        let ctx = |worker| {
+        let ctx = |worker, shared: &tidewatch_api::ProcessShared| {
             ComponentContext::new(
                 "shared-prom",
                 "prometheus",
@@ -790,18 +791,23 @@ mod tests {
                 Arc::new(std::sync::atomic::AtomicBool::new(false)),
             )
             .with_metrics_registry(metrics.clone())
+            .with_process_shared(shared.clone())
         };
         let config = PrometheusSinkConfig::default();
-        let mut first = PrometheusSink::for_context(&config, &ctx(0)).expect("worker 0");
-        let mut second = PrometheusSink::for_context(&config, &ctx(1)).expect("worker 1");
+        let run = tidewatch_api::ProcessShared::new();
+        let mut first = PrometheusSink::for_context(&config, &ctx(0, &run)).expect("worker 0");
+        let mut second = PrometheusSink::for_context(&config, &ctx(1, &run)).expect("worker 1");
         first.write_batch(Batch::Scores(vec![score("sh-1", 1000, 1.0, false)])).expect("write");
         second.write_batch(Batch::Scores(vec![score("sh-2", 1000, 2.0, false)])).expect("write");
         assert_eq!(count_series(&render(&registry), "tidewatch_anomaly_score"), 2);
+        // The run ends: its instances and its process-shared state drop.
         drop(first);
         drop(second);
+        drop(run);
         assert_eq!(count_series(&render(&registry), "tidewatch_anomaly_score"), 0);
         // A new run with the same registry registers again.
-        let _again = PrometheusSink::for_context(&config, &ctx(0)).expect("again");
+        let next = tidewatch_api::ProcessShared::new();
+        let _again = PrometheusSink::for_context(&config, &ctx(0, &next)).expect("again");
     }
 
     #[test]

@@ -1,46 +1,21 @@
 //! State shared by the workers' instances of one component in one process (one set of
 //! metrics, one delivery queue), and collectors registered for as long as it lives.
 
-use std::any::{Any, TypeId};
-use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
+use std::sync::Arc;
 
 use prometheus::Registry;
 use prometheus::core::Collector;
 use tidewatch_api::{ComponentContext, ComponentError, MetricsRegistry};
 
-type Key = (u64, String, TypeId);
-type Instances = HashMap<Key, Weak<dyn Any + Send + Sync>>;
-
-fn instances() -> &'static Mutex<Instances> {
-    static INSTANCES: OnceLock<Mutex<Instances>> = OnceLock::new();
-    INSTANCES.get_or_init(Mutex::default)
-}
-
-/// The `T` of the component of `ctx` in the engine run of its metrics registry: the first
-/// worker's call makes it (`make` gets the registry), the others share it; it lives until the
-/// last handle drops. Without a registry (a component built outside an engine) every call makes
-/// its own.
+/// The `T` of the component of `ctx` in this engine run and process
+/// ([`ComponentContext::shared`]): the first worker's call makes it (`make` gets the engine's
+/// metrics registry, if any), the others share it; it drops with the run.
 pub(crate) fn per_component<T: Send + Sync + 'static>(
     ctx: &ComponentContext,
     make: impl FnOnce(Option<&MetricsRegistry>) -> Result<T, ComponentError>,
 ) -> Result<Arc<T>, ComponentError> {
-    let Some(metrics) = ctx.metrics_registry() else {
-        return make(None).map(Arc::new);
-    };
-    let key = (metrics.id(), ctx.component_id.to_string(), TypeId::of::<T>());
-    let mut instances = instances().lock().unwrap_or_else(PoisonError::into_inner);
-    instances.retain(|_, weak| weak.strong_count() > 0);
-    if let Some(Ok(shared)) =
-        instances.get(&key).and_then(Weak::upgrade).map(|shared| shared.downcast::<T>())
-    {
-        return Ok(shared);
-    }
-    let shared = Arc::new(make(Some(metrics))?);
-    let erased: Arc<dyn Any + Send + Sync> = shared.clone();
-    instances.insert(key, Arc::downgrade(&erased));
-    Ok(shared)
+    ctx.shared(|| make(ctx.metrics_registry()))
 }
 
 /// Collectors registered in a registry; dropping it unregisters them.

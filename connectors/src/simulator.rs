@@ -43,7 +43,7 @@
 //! do not depend on the number of workers. Reading `k` of the fleet is tick `k / devices` of
 //! device `k % devices`; worker `w` simulates the devices whose index `% workers == w`.
 
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::Arc;
 use std::time::Instant;
 
 use rand::rngs::SmallRng;
@@ -52,8 +52,8 @@ use rand_distr::StandardNormal;
 use serde::Deserialize;
 use tidewatch_api::records::now_ms;
 use tidewatch_api::{
-    Batch, ComponentContext, ComponentError, ConfigError, EventTime, Kind, Outputs, PipelineInfo,
-    PortType, RawBatch, Source, SourceFactory, SourcePoll, ValidateContext,
+    Batch, ComponentContext, ComponentError, ConfigError, EventTime, Kind, Outputs, PortType,
+    RawBatch, Source, SourceFactory, SourcePoll, ValidateContext,
 };
 
 /// The simulator's features, in payload order.
@@ -312,33 +312,18 @@ impl SourceFactory for SimulatorFactory {
 // Default start time, shared by the workers of one pipeline run
 // ---------------------------------------------------------------------------------------------
 
-struct StartEntry {
-    component: Arc<str>,
-    pipeline: Weak<PipelineInfo>,
-    start_ms: EventTime,
-}
+/// The default start time of one simulator component in one run.
+struct DefaultStart(EventTime);
 
 /// The wall clock floored to `interval_ms`, the same for every worker of this process that
-/// builds the same component of the same pipeline run (they share the `PipelineInfo`).
+/// builds the same component in the same engine run (kept in the run's process-shared state).
 fn default_start_ms(ctx: &ComponentContext, interval_ms: u64) -> EventTime {
-    static STARTS: Mutex<Vec<StartEntry>> = Mutex::new(Vec::new());
-    let mut starts = STARTS.lock().unwrap_or_else(PoisonError::into_inner);
-    starts.retain(|entry| entry.pipeline.strong_count() > 0);
-    let pipeline = Arc::as_ptr(&ctx.pipeline);
-    if let Some(entry) = starts.iter().find(|entry| {
-        entry.component == ctx.component_id && std::ptr::eq(entry.pipeline.as_ptr(), pipeline)
-    }) {
-        return entry.start_ms;
-    }
-    let now = now_ms();
-    let interval = i64::try_from(interval_ms).unwrap_or(i64::MAX).max(1);
-    let start_ms = now - now.rem_euclid(interval);
-    starts.push(StartEntry {
-        component: Arc::clone(&ctx.component_id),
-        pipeline: Arc::downgrade(&ctx.pipeline),
-        start_ms,
+    let start = ctx.process_shared().get_or_init(&ctx.component_id, || {
+        let now = now_ms();
+        let interval = i64::try_from(interval_ms).unwrap_or(i64::MAX).max(1);
+        DefaultStart(now - now.rem_euclid(interval))
     });
-    start_ms
+    start.0
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -878,7 +863,7 @@ mod tests {
     use std::collections::HashMap;
     use std::sync::atomic::AtomicBool;
 
-    use tidewatch_api::ConfigValue;
+    use tidewatch_api::{ConfigValue, PipelineInfo};
 
     use super::*;
 
@@ -1178,6 +1163,8 @@ mod tests {
             Arc::clone(&shutdown),
         );
         let b = ComponentContext::new("s", "simulator", 1, 2, pipeline, shutdown);
+        let shared = tidewatch_api::ProcessShared::new();
+        let (a, b) = (a.with_process_shared(shared.clone()), b.with_process_shared(shared));
         let start = default_start_ms(&a, 1000);
         assert_eq!(start % 1000, 0);
         std::thread::sleep(std::time::Duration::from_millis(5));

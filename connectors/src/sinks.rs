@@ -3,17 +3,17 @@
 //! `stdout` and `file` write every record as one JSON object per line, in the encoding of
 //! [`tidewatch_api::json`]. All three accept every kind of record.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use serde::Deserialize;
 use tidewatch_api::json::write_json_lines;
 use tidewatch_api::{
-    Batch, ComponentContext, ComponentError, ConfigError, Kind, Sink, SinkFactory, ValidateContext,
+    Batch, ComponentContext, ComponentError, ConfigError, Kind, ProcessShared, Sink, SinkFactory,
+    ValidateContext,
 };
 
 /// A batch buffer that grew beyond this is shrunk back after use.
@@ -145,14 +145,6 @@ impl SinkFactory for FileSinkFactory {
 }
 
 pub(crate) type SharedWriter = Arc<Mutex<BufWriter<File>>>;
-type WriterMap = HashMap<PathBuf, Weak<Mutex<BufWriter<File>>>>;
-
-/// The writers open in this process, by canonical path. An entry lives as long as one sink
-/// instance holds the writer; the next pipeline run opens (and truncates) the file again.
-fn open_writers() -> &'static Mutex<WriterMap> {
-    static WRITERS: OnceLock<Mutex<WriterMap>> = OnceLock::new();
-    WRITERS.get_or_init(|| Mutex::new(HashMap::new()))
-}
 
 /// The canonical form of `path` (its parent folder is created and canonicalized).
 fn canonical_target(path: &Path) -> io::Result<PathBuf> {
@@ -167,25 +159,27 @@ fn canonical_target(path: &Path) -> io::Result<PathBuf> {
     Ok(parent.canonicalize()?.join(name))
 }
 
-/// The process-wide writer of `path`, opened (truncated unless `append`) by the first caller.
-pub(crate) fn shared_writer(path: &Path, append: bool) -> io::Result<SharedWriter> {
+/// The writer of `path` in this engine run and process ([`ProcessShared`], keyed by the
+/// canonical path), opened (truncated unless `append`) by the first caller; the next run opens
+/// (and truncates) the file again.
+pub(crate) fn shared_writer(
+    shared: &ProcessShared,
+    path: &Path,
+    append: bool,
+) -> io::Result<SharedWriter> {
     let target = canonical_target(path)?;
-    let mut writers = open_writers().lock().unwrap_or_else(PoisonError::into_inner);
-    writers.retain(|_, writer| writer.strong_count() > 0);
-    if let Some(writer) = writers.get(&target).and_then(Weak::upgrade) {
-        return Ok(writer);
-    }
-    let mut options = OpenOptions::new();
-    options.create(true);
-    if append {
-        options.append(true);
-    } else {
-        options.write(true).truncate(true);
-    }
-    let file = options.open(&target)?;
-    let writer = Arc::new(Mutex::new(BufWriter::with_capacity(256 * 1024, file)));
-    writers.insert(target, Arc::downgrade(&writer));
-    Ok(writer)
+    let key = format!("file:{}", target.display());
+    shared.get_or_try_init(&key, || {
+        let mut options = OpenOptions::new();
+        options.create(true);
+        if append {
+            options.append(true);
+        } else {
+            options.write(true).truncate(true);
+        }
+        let file = options.open(&target)?;
+        Ok(Mutex::new(BufWriter::with_capacity(256 * 1024, file)))
+    })
 }
 
 /// Writes JSON lines to a file. The instances of all workers of the process that write the
@@ -193,6 +187,7 @@ pub(crate) fn shared_writer(path: &Path, append: bool) -> io::Result<SharedWrite
 pub struct FileSink {
     path: PathBuf,
     append: bool,
+    shared: ProcessShared,
     writer: Option<SharedWriter>,
     buf: Vec<u8>,
 }
@@ -213,6 +208,7 @@ impl FileSink {
         FileSink {
             path: ctx.resolve_path(&config.path),
             append: config.append,
+            shared: ctx.process_shared().clone(),
             writer: None,
             buf: Vec::new(),
         }
@@ -220,7 +216,7 @@ impl FileSink {
 
     fn writer(&mut self) -> Result<&SharedWriter, ComponentError> {
         if self.writer.is_none() {
-            let writer = shared_writer(&self.path, self.append).map_err(|error| {
+            let writer = shared_writer(&self.shared, &self.path, self.append).map_err(|error| {
                 ComponentError::io(format!("cannot open {}", self.path.display()), error)
             })?;
             self.writer = Some(writer);
@@ -346,7 +342,7 @@ mod tests {
 
     use super::*;
 
-    fn context(dir: &Path, worker: usize) -> ComponentContext {
+    fn context(dir: &Path, worker: usize, shared: &ProcessShared) -> ComponentContext {
         let pipeline = PipelineInfo { base_dir: dir.to_path_buf(), ..PipelineInfo::default() };
         ComponentContext::new(
             "out",
@@ -356,6 +352,7 @@ mod tests {
             Arc::new(pipeline),
             Arc::new(AtomicBool::new(false)),
         )
+        .with_process_shared(shared.clone())
     }
 
     /// One batch of every kind, with `n` records each.
@@ -412,7 +409,7 @@ mod tests {
     #[test]
     fn file_sink_round_trips_every_kind() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let ctx = context(dir.path(), 0);
+        let ctx = context(dir.path(), 0, &ProcessShared::new());
         let config: FileSinkConfig = ConfigValue::parse("path = \"nested/dir/out.jsonl\"")
             .expect("toml")
             .deserialize()
@@ -436,7 +433,7 @@ mod tests {
     #[test]
     fn file_sink_truncates_unless_append() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let ctx = context(dir.path(), 0);
+        let ctx = context(dir.path(), 0, &ProcessShared::new());
         let path = dir.path().join("out.jsonl");
         std::fs::write(&path, "old line\n").expect("seed");
         let mut sink = FileSink::new(&FileSinkConfig::new("out.jsonl"), &ctx);
@@ -457,7 +454,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("shared.jsonl");
         let config = FileSinkConfig::new("shared.jsonl");
-        let (ctx0, ctx1) = (context(dir.path(), 0), context(dir.path(), 1));
+        let shared = ProcessShared::new();
+        let (ctx0, ctx1) = (context(dir.path(), 0, &shared), context(dir.path(), 1, &shared));
         let mut first = FileSink::new(&config, &ctx0);
         let mut second = FileSink::new(&config, &ctx1);
         first.open(&ctx0).expect("open");

@@ -1,15 +1,21 @@
 //! The tidewatch runtime.
 //!
 //! - [`spec`]: pipeline files (TOML) to a validated [`Pipeline`], with every error located;
-//! - [`Registry`]: component types by name, built-ins plus an embedder's own;
+//! - [`Registry`]: component types by name (the built-ins are registered above the engine, by
+//!   the `tidewatch` crate, so this crate depends only on the extension API);
 //! - [`runtime`]: the timely dataflow, event time and watermarks, workers;
 //! - [`metrics`] and [`http`]: `/metrics`, `/healthz`, `/readyz`;
 //! - [`graph`]: the pipeline as Mermaid or dot.
 //!
 //! ```no_run
+//! use tidewatch_api::ComponentFactory;
+//! use tidewatch_connectors::{SimulatorFactory, StdoutSinkFactory};
 //! use tidewatch_engine::{Registry, RunContext, load_file, run};
 //!
-//! let registry = Registry::with_builtins();
+//! // `tidewatch::builtins()` has every built-in type; an engine alone knows none.
+//! let registry = Registry::new()
+//!     .register("simulator", ComponentFactory::source(SimulatorFactory))
+//!     .register("stdout", ComponentFactory::sink(StdoutSinkFactory));
 //! let pipeline = load_file("pipelines/demo.toml".as_ref(), &registry).expect("valid pipeline");
 //! run(&pipeline, 1, &RunContext::default()).expect("pipeline ran");
 //! ```

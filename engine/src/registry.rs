@@ -1,4 +1,7 @@
-//! The registry of component types: the built-ins plus whatever an embedder registers.
+//! The registry of component types.
+//!
+//! The engine knows no component type of its own: the built-ins live above it (the `tidewatch`
+//! crate's `builtins()`), so the engine depends only on the extension API.
 
 use std::collections::BTreeMap;
 
@@ -45,11 +48,16 @@ impl Class {
 
 /// Component types by class and name. A plain explicit list: nothing registers itself.
 ///
-/// ```
-/// use tidewatch_engine::Registry;
+/// The built-in types come from the `tidewatch` crate (`tidewatch::builtins()`, or
+/// `Registry::with_builtins()` with its `BuiltinsExt` in scope); an engine alone starts empty.
 ///
-/// let registry = Registry::with_builtins();
-/// assert!(registry.names(tidewatch_engine::Class::Source).contains(&"simulator"));
+/// ```
+/// use tidewatch_api::ComponentFactory;
+/// use tidewatch_connectors::SimulatorFactory;
+/// use tidewatch_engine::{Class, Registry};
+///
+/// let registry = Registry::new().register("simulator", ComponentFactory::source(SimulatorFactory));
+/// assert_eq!(registry.names(Class::Source), ["simulator"]);
 /// ```
 #[derive(Clone, Debug, Default)]
 pub struct Registry {
@@ -62,16 +70,14 @@ impl Registry {
         Registry::default()
     }
 
-    /// The built-in sources, transforms and sinks.
-    pub fn with_builtins() -> Registry {
-        let mut registry = Registry::new();
-        for (name, factory) in tidewatch_connectors::builtins() {
-            registry = registry.register(name, factory);
-        }
-        for (name, factory) in tidewatch_operators::builtins() {
-            registry = registry.register(name, factory);
-        }
-        registry
+    /// The built-in types, for the engine's own tests (which take the operators and
+    /// connectors as dev-dependencies; the real list is `tidewatch::builtins()`).
+    #[cfg(test)]
+    pub(crate) fn test_builtins() -> Registry {
+        tidewatch_connectors::builtins()
+            .into_iter()
+            .chain(tidewatch_operators::builtins())
+            .fold(Registry::new(), |registry, (name, factory)| registry.register(name, factory))
     }
 
     /// Adds (or replaces) the component type `name`; its class comes from the factory.

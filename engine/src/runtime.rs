@@ -3,26 +3,33 @@
 //! Every worker builds the same dataflow from trait objects. Timestamps are event time in ms:
 //! - sources of raw messages hold their capability at 0 until they finish (raw messages have
 //!   no event time yet);
-//! - a transform that assigns event time (`normalize`) is disconnected from its input in
-//!   timely's progress tracking and holds its own capability at its watermark: the greatest
-//!   event time it emitted minus `out_of_orderness_ms`. When it has seen no data for
-//!   `idle_timeout_ms` its watermark advances with the wall clock and catches up with its
-//!   siblings on other workers, so an idle worker or a silent device stalls nothing;
-//! - every other operator holds a capability at its input frontier and calls `on_watermark`
-//!   when it advances; an empty frontier means the input ended (`on_watermark(MAX)`, `close`).
+//! - a transform that assigns event time (`normalize`) is built by `assigner_operator`: it is
+//!   disconnected from its input in timely's progress tracking and holds its own capability at
+//!   its watermark: the greatest event time it emitted minus `out_of_orderness_ms`. When it has
+//!   seen no data for `idle_timeout_ms` its watermark advances with the wall clock and catches
+//!   up with its siblings on other workers of the process (a watermark kept in the run's
+//!   [`ProcessShared`]), so an idle worker or a silent device stalls nothing;
+//! - every other transform is built by `follower_operator`: it holds a capability at its
+//!   input frontier and calls `on_watermark` when it advances; an empty frontier means the input
+//!   ended (`on_watermark(MAX)`, `close`). Sinks follow their input frontier the same way.
+//!
+//! Both transform operators share `TransformState` (open, process a batch, advance, finish).
+//! The engine makes one [`ProcessShared`] per run and hands it to every component's context:
+//! state shared by the workers of this process lives there and drops with the run.
 //!
 //! Keyed transforms (`window`, `stats`) receive each device's records on the worker that owns
 //! the device (`DeviceId::worker`); batches are split and exchanged only where the input is
 //! not partitioned already.
 
 use std::collections::HashMap;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tidewatch_api::{
-    Batch, ComponentContext, ComponentError, ErrorRecord, EventTime, Outputs, ReadingBatch, Sink,
-    Source, SourcePoll, Transform, TransformProperties,
+    Batch, ComponentContext, ComponentError, ErrorRecord, EventTime, Outputs, ProcessShared,
+    ReadingBatch, Sink, Source, SourcePoll, Transform,
 };
 use timely::dataflow::channels::pact::{
     Exchange as ExchangePact, ParallelizationContract, Pipeline as PipelinePact,
@@ -117,12 +124,13 @@ pub fn run(pipeline: &Pipeline, workers: usize, run: &RunContext) -> Result<(), 
         if workers == 1 { timely::Config::thread() } else { timely::Config::process(workers) };
     let pipeline = Arc::new(pipeline.clone());
     let shared = run.clone();
-    let watermarks: Arc<Mutex<HashMap<String, Arc<AtomicI64>>>> = Arc::default();
+    // What the workers of this process share in this run; dropped when the run ends.
+    let process_shared = ProcessShared::new();
     let guards = timely::execute(config, move |worker| {
         let index = worker.index();
         let peers = worker.peers();
         worker.dataflow::<u64, _, _>(|scope| {
-            build(scope, &pipeline, index, peers, &shared, &watermarks);
+            build(scope, &pipeline, index, peers, &shared, &process_shared);
         });
         if shared.built.fetch_add(1, Ordering::SeqCst) + 1 == peers
             && !shared.shutdown.load(Ordering::SeqCst)
@@ -151,7 +159,7 @@ fn build<'scope>(
     index: usize,
     peers: usize,
     run: &RunContext,
-    watermarks: &Arc<Mutex<HashMap<String, Arc<AtomicI64>>>>,
+    process_shared: &ProcessShared,
 ) {
     let mut streams: HashMap<(String, Port), Data<'scope>> = HashMap::new();
     let mut partitioned: HashMap<String, bool> = HashMap::new();
@@ -164,7 +172,8 @@ fn build<'scope>(
             Arc::clone(&pipeline.info),
             Arc::clone(&run.shutdown),
         )
-        .with_metrics_registry(run.metrics.shared_registry().clone());
+        .with_metrics_registry(run.metrics.shared_registry().clone())
+        .with_process_shared(process_shared.clone());
         let metrics = run.metrics.component(&component.id, &component.type_name);
         let inputs: Vec<Data<'scope>> = component
             .inputs
@@ -193,34 +202,22 @@ fn build<'scope>(
                 });
                 let input =
                     if inputs.len() == 1 { inputs[0].clone() } else { scope.concatenate(inputs) };
-                let shared_watermark = properties.assigns_event_time.then(|| {
-                    let mut map =
-                        watermarks.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-                    Arc::clone(
-                        map.entry(component.id.clone())
-                            .or_insert_with(|| Arc::new(AtomicI64::new(EventTime::MIN))),
-                    )
-                });
-                let spec = TransformSpec {
-                    properties: *properties,
-                    ctx,
-                    metrics,
-                    run: run.clone(),
-                    shared_watermark,
-                };
+                let state = TransformState::new(instance, ctx, metrics, run.clone());
+                let assigner = properties.assigns_event_time;
                 let (main, errors, late) = if properties.keyed && peers > 1 && !inputs_partitioned {
                     let split = input.flat_map(move |batch: Batch| {
                         batch.split_by_worker(peers).into_iter().map(|(_, part)| part)
                     });
-                    transform_operator(
-                        scope,
-                        split,
-                        ExchangePact::new(|batch: &Batch| batch.route_hash()),
-                        instance,
-                        spec,
-                    )
+                    let pact = ExchangePact::new(|batch: &Batch| batch.route_hash());
+                    if assigner {
+                        assigner_operator(scope, split, pact, state)
+                    } else {
+                        follower_operator(scope, split, pact, state)
+                    }
+                } else if assigner {
+                    assigner_operator(scope, input, PipelinePact, state)
                 } else {
-                    transform_operator(scope, input, PipelinePact, instance, spec)
+                    follower_operator(scope, input, PipelinePact, state)
                 };
                 streams.insert((component.id.clone(), Port::Main), main);
                 streams.insert((component.id.clone(), Port::Errors), errors);
@@ -398,138 +395,216 @@ fn source_operator<'scope>(
     (main, errors)
 }
 
-struct TransformSpec {
-    properties: TransformProperties,
+type Streams<'scope> = (Data<'scope>, Data<'scope>, Data<'scope>);
+
+/// One worker's instance of a transform and what both kinds of transform operators keep
+/// around it.
+struct TransformState {
+    transform: Box<dyn Transform>,
     ctx: ComponentContext,
     metrics: ComponentMetrics,
     run: RunContext,
-    shared_watermark: Option<Arc<AtomicI64>>,
+    outs: Outputs,
+    opened: bool,
+    /// The watermark reached so far (event time, ms).
+    watermark: EventTime,
 }
 
-fn transform_operator<'scope, P>(
+impl TransformState {
+    fn new(
+        transform: Box<dyn Transform>,
+        ctx: ComponentContext,
+        metrics: ComponentMetrics,
+        run: RunContext,
+    ) -> TransformState {
+        let outs = Outputs::new(&ctx.component_id);
+        TransformState { transform, ctx, metrics, run, outs, opened: false, watermark: 0 }
+    }
+
+    /// Calls `open` at the first activation.
+    fn open_once(&mut self) {
+        if !self.opened {
+            self.opened = true;
+            if let Err(error) = self.transform.open(&self.ctx) {
+                self.run.fail(&self.ctx.component_id, error);
+            }
+        }
+    }
+
+    /// Processes one input batch sent at `batch_time` and ships what it produced; returns the
+    /// greatest event time sent on the main output.
+    fn process(
+        &mut self,
+        batch: Batch,
+        batch_time: EventTime,
+        held: &[Capability<u64>],
+        outputs: &mut [&mut Output],
+    ) -> Option<EventTime> {
+        self.outs.set_batch_watermark(batch_time);
+        self.metrics.received(batch.len());
+        self.transform.process_batch(batch, &mut self.outs);
+        ship(&mut self.outs, held, outputs, &self.metrics)
+    }
+
+    /// Moves the watermark to `target` if that is ahead (see [`advance`]).
+    fn advance_to(
+        &mut self,
+        target: EventTime,
+        held: &mut [Capability<u64>],
+        outputs: &mut [&mut Output],
+        shared: Option<&AtomicI64>,
+    ) {
+        if target > self.watermark {
+            self.watermark = target;
+            advance(
+                &mut *self.transform,
+                target,
+                held,
+                outputs,
+                &mut self.outs,
+                &self.metrics,
+                shared,
+            );
+        }
+    }
+
+    /// The input ended: a last `on_watermark(MAX)`, `close`, and what they produced.
+    fn finish(&mut self, held: &[Capability<u64>], outputs: &mut [&mut Output]) {
+        self.transform.on_watermark(EventTime::MAX, &mut self.outs);
+        self.transform.close(&mut self.outs);
+        ship(&mut self.outs, held, outputs, &self.metrics);
+    }
+}
+
+/// The watermark of an event-time assigner, shared by its instances on the workers of one
+/// process (kept in the run's [`ProcessShared`]): an idle instance catches up with it.
+struct AssignerWatermark(AtomicI64);
+
+/// An event-time assigner (`normalize`): disconnected from its input's timestamps, it holds
+/// its capabilities at its own watermark, the greatest event time it emitted minus the
+/// out-of-orderness, advanced after every batch and, when idle, with the wall clock.
+fn assigner_operator<'scope, P>(
     scope: Scope<'scope, u64>,
     input: Data<'scope>,
     pact: P,
-    mut transform: Box<dyn Transform>,
-    spec: TransformSpec,
-) -> (Data<'scope>, Data<'scope>, Data<'scope>)
+    mut state: TransformState,
+) -> Streams<'scope>
 where
     P: ParallelizationContract<u64, Vec<Batch>>,
 {
-    let TransformSpec { properties, ctx, metrics, run, shared_watermark } = spec;
-    let mut builder = OperatorBuilder::new(ctx.component_id.to_string(), scope);
+    let mut builder = OperatorBuilder::new(state.ctx.component_id.to_string(), scope);
     let info = builder.operator_info();
     let activator = scope.activator_for(Rc::clone(&info.address));
     let (mut main_out, main) = builder.new_output::<Vec<Batch>>();
     let (mut error_out, errors) = builder.new_output::<Vec<Batch>>();
     let (mut late_out, late) = builder.new_output::<Vec<Batch>>();
-    let assigner = properties.assigns_event_time;
-    // An event-time assigner's outputs do not depend on its input's timestamps.
-    let connection: Vec<(usize, Antichain<u64>)> = if assigner {
-        Vec::new()
-    } else {
-        (0..3).map(|output| (output, Antichain::from_elem(0))).collect()
-    };
-    let mut input = builder.new_input_connection(input, pact, connection);
+    // Its outputs do not depend on its input's timestamps.
+    let mut input = builder.new_input_connection(input, pact, Vec::new());
+    let shared = state
+        .ctx
+        .shared(|| Ok::<_, ComponentError>(AssignerWatermark(AtomicI64::new(EventTime::MIN))))
+        .ok();
     builder.build(move |caps| {
         let mut caps = Some(caps);
-        let mut opened = false;
-        let mut outs = Outputs::new(&ctx.component_id);
-        let out_of_orderness = ctx.pipeline.out_of_orderness_ms as i64;
-        let idle_timeout = Duration::from_millis(ctx.pipeline.idle_timeout_ms);
-        let mut watermark: EventTime = 0;
+        let out_of_orderness = state.ctx.pipeline.out_of_orderness_ms as i64;
+        let idle_timeout = Duration::from_millis(state.ctx.pipeline.idle_timeout_ms);
         let mut max_seen: Option<EventTime> = None;
         let mut last_data = Instant::now();
         let mut last_tick = Instant::now();
         move |frontiers| {
-            if !opened {
-                opened = true;
-                if let Err(error) = transform.open(&ctx) {
-                    run.fail(&ctx.component_id, error);
-                }
-            }
+            state.open_once();
             let Some(held) = caps.as_mut() else {
                 // The input ended; nothing may be sent any more.
                 input.for_each(|_cap, data| data.clear());
                 return;
             };
+            let shared = shared.as_deref().map(|shared| &shared.0);
             let mut got_data = false;
             input.for_each(|cap, data| {
                 let batch_time = cap.least().map_or(0, |time| *time as EventTime);
-                outs.set_batch_watermark(batch_time);
                 for batch in data.drain(..) {
                     got_data = true;
-                    metrics.received(batch.len());
-                    transform.process_batch(batch, &mut outs);
                     let mut outputs = [&mut main_out, &mut error_out, &mut late_out];
-                    let emitted_max = ship(&mut outs, held, &mut outputs, &metrics);
-                    // An assigner moves its watermark after every batch, so where the
-                    // watermark stands between batches does not depend on scheduling.
-                    if assigner && let Some(time) = emitted_max {
+                    // The watermark moves after every batch, so where it stands between
+                    // batches does not depend on scheduling.
+                    if let Some(time) = state.process(batch, batch_time, held, &mut outputs) {
                         let seen = max_seen.map_or(time, |seen: EventTime| seen.max(time));
                         max_seen = Some(seen);
                         let target = seen.saturating_sub(out_of_orderness);
-                        if target > watermark {
-                            watermark = target;
-                            advance(
-                                &mut *transform,
-                                watermark,
-                                held,
-                                &mut outputs,
-                                &mut outs,
-                                &metrics,
-                                shared_watermark.as_deref(),
-                            );
-                        }
+                        state.advance_to(target, held, &mut outputs, shared);
                     }
                 }
             });
-            let frontier = frontiers[0].frontier().first().copied();
-            let now = Instant::now();
-            let target = if assigner {
-                if got_data {
-                    last_data = now;
-                }
-                let mut target = watermark;
-                if now.duration_since(last_data) >= idle_timeout {
-                    let elapsed = now.duration_since(last_tick).as_millis() as i64;
-                    target = target.saturating_add(elapsed);
-                    if let Some(shared) = &shared_watermark {
-                        target = target.max(shared.load(Ordering::Relaxed));
-                    }
-                }
-                last_tick = now;
-                frontier.map(|_| target)
-            } else {
-                frontier.map(|time| time as EventTime)
-            };
             let mut outputs = [&mut main_out, &mut error_out, &mut late_out];
-            match target {
-                Some(target) if target > watermark => {
-                    watermark = target;
-                    advance(
-                        &mut *transform,
-                        watermark,
-                        held,
-                        &mut outputs,
-                        &mut outs,
-                        &metrics,
-                        shared_watermark.as_deref(),
-                    );
-                }
-                Some(_) => {}
-                None => {
-                    transform.on_watermark(EventTime::MAX, &mut outs);
-                    transform.close(&mut outs);
-                    ship(&mut outs, held, &mut outputs, &metrics);
-                    caps = None;
-                    return;
+            if frontiers[0].frontier().is_empty() {
+                state.finish(held, &mut outputs);
+                caps = None;
+                return;
+            }
+            // Idle: advance with the wall clock, and catch up with the siblings.
+            let now = Instant::now();
+            if got_data {
+                last_data = now;
+            }
+            let mut target = state.watermark;
+            if now.duration_since(last_data) >= idle_timeout {
+                let elapsed = now.duration_since(last_tick).as_millis() as i64;
+                target = target.saturating_add(elapsed);
+                if let Some(shared) = shared {
+                    target = target.max(shared.load(Ordering::Relaxed));
                 }
             }
-            if assigner {
-                activator.activate_after(
-                    (idle_timeout / 4).clamp(Duration::from_millis(10), Duration::from_millis(250)),
-                );
+            last_tick = now;
+            state.advance_to(target, held, &mut outputs, shared);
+            activator.activate_after(
+                (idle_timeout / 4).clamp(Duration::from_millis(10), Duration::from_millis(250)),
+            );
+        }
+    });
+    (main, errors, late)
+}
+
+/// An ordinary transform: its capabilities follow its input frontier, and `on_watermark` runs
+/// when the frontier advances.
+fn follower_operator<'scope, P>(
+    scope: Scope<'scope, u64>,
+    input: Data<'scope>,
+    pact: P,
+    mut state: TransformState,
+) -> Streams<'scope>
+where
+    P: ParallelizationContract<u64, Vec<Batch>>,
+{
+    let mut builder = OperatorBuilder::new(state.ctx.component_id.to_string(), scope);
+    let (mut main_out, main) = builder.new_output::<Vec<Batch>>();
+    let (mut error_out, errors) = builder.new_output::<Vec<Batch>>();
+    let (mut late_out, late) = builder.new_output::<Vec<Batch>>();
+    let connection: Vec<(usize, Antichain<u64>)> =
+        (0..3).map(|output| (output, Antichain::from_elem(0))).collect();
+    let mut input = builder.new_input_connection(input, pact, connection);
+    builder.build(move |caps| {
+        let mut caps = Some(caps);
+        move |frontiers| {
+            state.open_once();
+            let Some(held) = caps.as_mut() else {
+                // The input ended; nothing may be sent any more.
+                input.for_each(|_cap, data| data.clear());
+                return;
+            };
+            input.for_each(|cap, data| {
+                let batch_time = cap.least().map_or(0, |time| *time as EventTime);
+                for batch in data.drain(..) {
+                    let mut outputs = [&mut main_out, &mut error_out, &mut late_out];
+                    state.process(batch, batch_time, held, &mut outputs);
+                }
+            });
+            let mut outputs = [&mut main_out, &mut error_out, &mut late_out];
+            match frontiers[0].frontier().first().copied() {
+                Some(time) => state.advance_to(time as EventTime, held, &mut outputs, None),
+                None => {
+                    state.finish(held, &mut outputs);
+                    caps = None;
+                }
             }
         }
     });
@@ -620,4 +695,39 @@ fn sink_operator<'scope>(
     });
 }
 
-use std::rc::Rc;
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::registry::Registry;
+    use crate::spec::load_str;
+
+    fn lines(path: &Path) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(path)
+            .expect("output")
+            .lines()
+            .map(|line| serde_json::from_str(line).expect("one JSON object per line"))
+            .collect()
+    }
+
+    #[test]
+    fn workers_share_a_run_and_runs_share_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let text = "[pipeline]\nhttp_address = \"\"\n\
+                    [sources.fleet]\ntype = \"simulator\"\ndevices = 4\ncount = 200\n\
+                    [sinks.out]\ntype = \"file\"\ninputs = [\"fleet\"]\npath = \"out.jsonl\"\n";
+        let pipeline = load_str(text, "p.toml", dir.path(), &Registry::test_builtins(), |_| None)
+            .expect("valid");
+        let path = dir.path().join("out.jsonl");
+        let mut counts = Vec::new();
+        for _ in 0..2 {
+            run(&pipeline, 2, &RunContext::default()).expect("runs");
+            // Both workers wrote through one writer (whole lines), and each run opened the
+            // file afresh (truncated) rather than reusing the previous run's writer.
+            counts.push(lines(&path).len());
+        }
+        assert!(counts[0] > 0, "{counts:?}");
+        assert_eq!(counts[0], counts[1], "{counts:?}");
+    }
+}

@@ -3,12 +3,18 @@
 //! 1. environment interpolation (`${VAR}`, `${VAR:-default}`);
 //! 2. TOML syntax (every syntax error);
 //! 3. structure: top-level tables, component ids, `type`, `inputs`;
-//! 4. component options (each component's typed config; unknown options, bad values);
-//! 5. the graph: dangling inputs, cycles, record kinds between stages;
-//! 6. warnings: components whose output nobody reads.
+//! 4. component options, for every component whatever its inputs: the typed config (unknown
+//!    options, bad values) and the factory's checks that need no input type
+//!    (`TransformFactory::validate` ...), so a component downstream of a broken one is checked
+//!    too;
+//! 5. the graph, in named steps: `resolve_inputs` (dangling inputs, unknown ports), `order`
+//!    (cycles), `infer_types` (record kinds between components, each transform's
+//!    `output_type`), `endpoints` (a source and a sink);
+//! 6. warnings: `unused_outputs`, components whose output nobody reads.
 //!
 //! Every stage reports every problem it finds as `path:line:col: message` with a hint; a stage
-//! runs only on what the previous ones accepted.
+//! runs on what the previous ones accepted, and a component whose input type is unknown (its
+//! producer is broken) skips only the checks that need that type.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ops::Range;
@@ -272,6 +278,13 @@ pub fn load_str(
 
 /// A string from the file with its byte span.
 type Located = (String, Range<usize>);
+
+/// An input resolved to the component that produces it.
+struct Resolved {
+    input: InputRef,
+    span: Range<usize>,
+    producer: usize,
+}
 
 /// A component as read from the file, before its options are checked.
 struct Entry {
@@ -576,16 +589,30 @@ impl Validator<'_> {
         self.entries = entries;
     }
 
-    /// Stage 5 and 6: inputs, cycles, kinds, unused components.
+    /// Stages 5 and 6: the graph, then warnings. Each step reports everything it finds; a
+    /// component whose input type is unknown (its producer is broken) skips only the checks
+    /// that need that type (its own options were checked in stage 4).
     fn graph(&mut self, ctx: &ValidateContext) -> Vec<Component> {
+        let resolved = self.resolve_inputs();
+        let components = match self.order(&resolved) {
+            Some(order) => self.infer_types(&order, &resolved, ctx),
+            None => Vec::new(),
+        };
+        self.unused_outputs(&resolved);
+        self.endpoints();
+        components
+    }
+
+    /// Every input resolved to its producer: unknown ports, dangling inputs, sinks read from,
+    /// components reading themselves.
+    fn resolve_inputs(&mut self) -> Vec<Vec<Resolved>> {
         let ids: BTreeMap<String, usize> = self
             .entries
             .iter()
             .enumerate()
             .map(|(index, entry)| (entry.id.clone(), index))
             .collect();
-        // Resolve inputs.
-        let mut resolved: Vec<Vec<(InputRef, Range<usize>, usize)>> = Vec::new();
+        let mut resolved: Vec<Vec<Resolved>> = Vec::new();
         for entry in &self.entries {
             let mut list = Vec::new();
             for (name, span) in &entry.inputs {
@@ -635,21 +662,25 @@ impl Validator<'_> {
                     );
                     continue;
                 }
-                list.push((
-                    InputRef { component: component.to_owned(), port },
-                    span.clone(),
+                list.push(Resolved {
+                    input: InputRef { component: component.to_owned(), port },
+                    span: span.clone(),
                     producer,
-                ));
+                });
             }
             resolved.push(list);
         }
-        // Cycles and order (Kahn's algorithm over resolved edges).
+        resolved
+    }
+
+    /// Producers before consumers (Kahn's algorithm over the resolved edges); `None` after
+    /// reporting every member of every cycle.
+    fn order(&mut self, resolved: &[Vec<Resolved>]) -> Option<Vec<usize>> {
         let count = self.entries.len();
         let mut indegree = vec![0usize; count];
         let mut consumers: Vec<Vec<usize>> = vec![Vec::new(); count];
         for (consumer, inputs) in resolved.iter().enumerate() {
-            let producers: BTreeSet<usize> =
-                inputs.iter().map(|(_, _, producer)| *producer).collect();
+            let producers: BTreeSet<usize> = inputs.iter().map(|edge| edge.producer).collect();
             for producer in producers {
                 indegree[consumer] += 1;
                 consumers[producer].push(consumer);
@@ -667,175 +698,219 @@ impl Validator<'_> {
                 }
             }
         }
-        if order.len() < count {
-            // What is left leads into a cycle; keep only the members by also peeling off,
-            // repeatedly, the components none of the rest reads.
-            let mut left: BTreeSet<usize> =
-                (0..count).filter(|index| indegree[*index] > 0).collect();
-            loop {
-                let leaves: Vec<usize> = left
-                    .iter()
-                    .copied()
-                    .filter(|index| {
-                        !consumers[*index].iter().any(|consumer| left.contains(consumer))
-                    })
-                    .collect();
-                if leaves.is_empty() {
-                    break;
-                }
-                for leaf in leaves {
-                    left.remove(&leaf);
-                }
-            }
-            let in_cycle: Vec<usize> = left.into_iter().collect();
-            let names: Vec<&str> =
-                in_cycle.iter().map(|index| self.entries[*index].id.as_str()).collect();
-            for index in &in_cycle {
-                let entry = &self.entries[*index];
-                self.reporter.error(
-                    Some(entry.inputs_span.clone()),
-                    format!(
-                        "cycle: `{}` is part of a loop through {}",
-                        entry.id,
-                        names.join(" -> ")
-                    ),
-                    Some("pipelines are acyclic; remove one of these inputs".into()),
-                );
-            }
-            return Vec::new();
+        if order.len() == count {
+            return Some(order);
         }
-        // Types, in order.
+        // What is left leads into a cycle; keep only the members by also peeling off,
+        // repeatedly, the components none of the rest reads.
+        let mut left: BTreeSet<usize> = (0..count).filter(|index| indegree[*index] > 0).collect();
+        loop {
+            let leaves: Vec<usize> = left
+                .iter()
+                .copied()
+                .filter(|index| !consumers[*index].iter().any(|consumer| left.contains(consumer)))
+                .collect();
+            if leaves.is_empty() {
+                break;
+            }
+            for leaf in leaves {
+                left.remove(&leaf);
+            }
+        }
+        let in_cycle: Vec<usize> = left.into_iter().collect();
+        let names: Vec<&str> =
+            in_cycle.iter().map(|index| self.entries[*index].id.as_str()).collect();
+        for index in &in_cycle {
+            let entry = &self.entries[*index];
+            self.reporter.error(
+                Some(entry.inputs_span.clone()),
+                format!("cycle: `{}` is part of a loop through {}", entry.id, names.join(" -> ")),
+                Some("pipelines are acyclic; remove one of these inputs".into()),
+            );
+        }
+        None
+    }
+
+    /// The record types of every port, in order: input types, kind checks, output types. A
+    /// component whose inputs are not all known (a broken producer) is left out, and so are its
+    /// consumers; every other component is checked.
+    fn infer_types(
+        &mut self,
+        order: &[usize],
+        resolved: &[Vec<Resolved>],
+        ctx: &ValidateContext,
+    ) -> Vec<Component> {
         let mut outputs: HashMap<usize, (PortType, Option<PortType>)> = HashMap::new();
         let mut components = Vec::new();
-        for &index in &order {
-            let entry = &self.entries[index];
-            let Some(configured) = entry.configured.clone() else { continue };
-            let mut input_types: Vec<(PortType, &InputRef, Range<usize>)> = Vec::new();
-            let mut inputs_ok = true;
-            for (input, span, producer) in &resolved[index] {
-                let Some((main, late)) = outputs.get(producer) else {
-                    inputs_ok = false;
-                    continue;
-                };
-                let port_type = match input.port {
-                    Port::Main => main.clone(),
-                    Port::Errors => PortType::of(Kind::Errors),
-                    Port::Late => match late {
-                        Some(late) => late.clone(),
-                        None => {
-                            self.reporter.error(
-                                Some(span.clone()),
-                                format!("`{}` has no `.late` output", input.component),
-                                Some("only event-time windows produce late readings".into()),
-                            );
-                            inputs_ok = false;
-                            continue;
-                        }
-                    },
-                };
-                input_types.push((port_type, input, span.clone()));
-            }
-            let accepts: Vec<Kind> = match &configured {
-                Configured::Source(_) => Vec::new(),
-                Configured::Transform(transform, _) => transform.accepts(),
-                Configured::Sink(sink) => sink.accepts(),
-            };
-            for (port_type, input, span) in &input_types {
-                if !accepts.contains(&port_type.kind) {
-                    let hint = match (port_type.kind, accepts.first()) {
-                        (Kind::Raw, Some(Kind::Readings)) => {
-                            Some("insert a `normalize` transform between them".to_owned())
-                        }
-                        (Kind::Readings, Some(Kind::Windows)) => {
-                            Some("insert a `window` transform between them".to_owned())
-                        }
-                        _ => None,
-                    }
-                    .or_else(|| {
-                        Some(format!(
-                            "`{}` accepts {}",
-                            entry.type_name,
-                            accepts.iter().map(|kind| kind.name()).collect::<Vec<_>>().join(", ")
-                        ))
-                    });
-                    self.reporter.error(
-                        Some(span.clone()),
-                        format!(
-                            "record-kind mismatch: `{}` ({}) accepts {} but `{input}` emits {}",
-                            entry.id,
-                            entry.type_name,
-                            accepts.iter().map(|kind| kind.name()).collect::<Vec<_>>().join(" or "),
-                            port_type.kind
-                        ),
-                        hint,
-                    );
-                    inputs_ok = false;
-                }
-            }
-            if let Configured::Transform(..) = configured {
-                let kinds: BTreeSet<Kind> =
-                    input_types.iter().map(|(port_type, _, _)| port_type.kind).collect();
-                if kinds.len() > 1 {
-                    self.reporter.error(
-                        Some(entry.inputs_span.clone()),
-                        format!(
-                            "`{}` mixes inputs of different kinds ({})",
-                            entry.id,
-                            kinds.iter().map(|kind| kind.name()).collect::<Vec<_>>().join(", ")
-                        ),
-                        Some("a transform reads one kind of records; split it in two".into()),
-                    );
-                    inputs_ok = false;
-                }
-            }
+        for &index in order {
+            let Some(configured) = self.entries[index].configured.clone() else { continue };
+            let (input_types, mut inputs_ok) = self.input_types(&resolved[index], &outputs);
+            inputs_ok &= self.check_kinds(index, &configured, &input_types);
             if !inputs_ok {
                 continue;
             }
-            let (output, late) = match &configured {
-                Configured::Source(source) => (Some(source.output_type().clone()), None),
-                Configured::Transform(transform, properties) => {
-                    let schemas: BTreeSet<Option<Vec<Arc<str>>>> = input_types
-                        .iter()
-                        .map(|(port_type, _, _)| {
-                            port_type.schema.as_ref().map(|schema| schema.names().to_vec())
-                        })
-                        .collect();
-                    let input = match (input_types.first(), schemas.len()) {
-                        (Some((first, _, _)), 1) => first.clone(),
-                        (Some((first, _, _)), _) => PortType::of(first.kind),
-                        (None, _) => continue,
-                    };
-                    match transform.output_type(&input, ctx) {
-                        Ok(output) => {
-                            let late = properties.late_output.then(|| input.clone());
-                            (Some(output), late)
-                        }
-                        Err(error) => {
-                            let options = entry.options.clone();
-                            let span = entry.id_span.clone();
-                            self.config_error(&options, span, error);
-                            continue;
-                        }
-                    }
-                }
-                Configured::Sink(_) => (None, None),
+            let Some((output, late)) = self.output_type(index, &configured, &input_types, ctx)
+            else {
+                continue;
             };
             if let Some(output) = &output {
                 outputs.insert(index, (output.clone(), late.clone()));
             }
+            let entry = &self.entries[index];
             components.push(Component {
                 id: entry.id.clone(),
                 class: entry.class,
                 type_name: entry.type_name.clone(),
-                inputs: resolved[index].iter().map(|(input, _, _)| input.clone()).collect(),
+                inputs: resolved[index].iter().map(|edge| edge.input.clone()).collect(),
                 configured,
                 output,
                 late,
             });
         }
-        // Unused outputs.
+        components
+    }
+
+    /// The types of a component's inputs that are known, and whether all of them are.
+    fn input_types<'e>(
+        &mut self,
+        edges: &'e [Resolved],
+        outputs: &HashMap<usize, (PortType, Option<PortType>)>,
+    ) -> (Vec<(PortType, &'e Resolved)>, bool) {
+        let mut types = Vec::new();
+        let mut all_known = true;
+        for edge in edges {
+            let Some((main, late)) = outputs.get(&edge.producer) else {
+                all_known = false;
+                continue;
+            };
+            let port_type = match edge.input.port {
+                Port::Main => main.clone(),
+                Port::Errors => PortType::of(Kind::Errors),
+                Port::Late => match late {
+                    Some(late) => late.clone(),
+                    None => {
+                        self.reporter.error(
+                            Some(edge.span.clone()),
+                            format!("`{}` has no `.late` output", edge.input.component),
+                            Some("only event-time windows produce late readings".into()),
+                        );
+                        all_known = false;
+                        continue;
+                    }
+                },
+            };
+            types.push((port_type, edge));
+        }
+        (types, all_known)
+    }
+
+    /// Whether the component accepts the kinds of its known inputs (and a transform reads one
+    /// kind only); reports every mismatch.
+    fn check_kinds(
+        &mut self,
+        index: usize,
+        configured: &Configured,
+        input_types: &[(PortType, &Resolved)],
+    ) -> bool {
+        let entry = &self.entries[index];
+        let accepts: Vec<Kind> = match configured {
+            Configured::Source(_) => Vec::new(),
+            Configured::Transform(transform, _) => transform.accepts(),
+            Configured::Sink(sink) => sink.accepts(),
+        };
+        let accepted = accepts.iter().map(|kind| kind.name()).collect::<Vec<_>>();
+        let mut ok = true;
+        for (port_type, edge) in input_types {
+            if accepts.contains(&port_type.kind) {
+                continue;
+            }
+            let hint = match (port_type.kind, accepts.first()) {
+                (Kind::Raw, Some(Kind::Readings)) => {
+                    Some("insert a `normalize` transform between them".to_owned())
+                }
+                (Kind::Readings, Some(Kind::Windows)) => {
+                    Some("insert a `window` transform between them".to_owned())
+                }
+                _ => None,
+            }
+            .or_else(|| Some(format!("`{}` accepts {}", entry.type_name, accepted.join(", "))));
+            self.reporter.error(
+                Some(edge.span.clone()),
+                format!(
+                    "record-kind mismatch: `{}` ({}) accepts {} but `{}` emits {}",
+                    entry.id,
+                    entry.type_name,
+                    accepted.join(" or "),
+                    edge.input,
+                    port_type.kind
+                ),
+                hint,
+            );
+            ok = false;
+        }
+        if let Configured::Transform(..) = configured {
+            let kinds: BTreeSet<Kind> =
+                input_types.iter().map(|(port_type, _)| port_type.kind).collect();
+            if kinds.len() > 1 {
+                self.reporter.error(
+                    Some(entry.inputs_span.clone()),
+                    format!(
+                        "`{}` mixes inputs of different kinds ({})",
+                        entry.id,
+                        kinds.iter().map(|kind| kind.name()).collect::<Vec<_>>().join(", ")
+                    ),
+                    Some("a transform reads one kind of records; split it in two".into()),
+                );
+                ok = false;
+            }
+        }
+        ok
+    }
+
+    /// A component's main and late output types; `None` (reported) when the transform rejects
+    /// its input.
+    fn output_type(
+        &mut self,
+        index: usize,
+        configured: &Configured,
+        input_types: &[(PortType, &Resolved)],
+        ctx: &ValidateContext,
+    ) -> Option<(Option<PortType>, Option<PortType>)> {
+        match configured {
+            Configured::Source(source) => Some((Some(source.output_type().clone()), None)),
+            Configured::Transform(transform, properties) => {
+                let schemas: BTreeSet<Option<Vec<Arc<str>>>> = input_types
+                    .iter()
+                    .map(|(port_type, _)| {
+                        port_type.schema.as_ref().map(|schema| schema.names().to_vec())
+                    })
+                    .collect();
+                let input = match (input_types.first(), schemas.len()) {
+                    (Some((first, _)), 1) => first.clone(),
+                    (Some((first, _)), _) => PortType::of(first.kind),
+                    (None, _) => return None,
+                };
+                match transform.output_type(&input, ctx) {
+                    Ok(output) => {
+                        let late = properties.late_output.then(|| input.clone());
+                        Some((Some(output), late))
+                    }
+                    Err(error) => {
+                        let options = self.entries[index].options.clone();
+                        let span = self.entries[index].id_span.clone();
+                        self.config_error(&options, span, error);
+                        None
+                    }
+                }
+            }
+            Configured::Sink(_) => Some((None, None)),
+        }
+    }
+
+    /// Warnings: components whose output nobody reads.
+    fn unused_outputs(&mut self, resolved: &[Vec<Resolved>]) {
         let read: BTreeSet<&str> =
-            resolved.iter().flatten().map(|(input, _, _)| input.component.as_str()).collect();
+            resolved.iter().flatten().map(|edge| edge.input.component.as_str()).collect();
         for entry in &self.entries {
             if entry.class != Class::Sink && !read.contains(entry.id.as_str()) {
                 self.reporter.warning(
@@ -852,6 +927,10 @@ impl Validator<'_> {
                 );
             }
         }
+    }
+
+    /// A pipeline needs at least one source and one sink.
+    fn endpoints(&mut self) {
         if !self.entries.iter().any(|entry| entry.class == Class::Sink) && !self.entries.is_empty()
         {
             self.reporter.error(
@@ -867,7 +946,6 @@ impl Validator<'_> {
                 Some("add a [sources.<id>] section, e.g. type = \"simulator\"".into()),
             );
         }
-        components
     }
 }
 
@@ -887,7 +965,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn load(text: &str) -> Result<Pipeline, ValidationErrors> {
-        load_str(text, "p.toml", Path::new("."), &Registry::with_builtins(), |_| None)
+        load_str(text, "p.toml", Path::new("."), &Registry::test_builtins(), |_| None)
     }
 
     /// Pieces of pipeline files, valid and not, glued at random.

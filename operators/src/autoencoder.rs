@@ -104,35 +104,25 @@ impl TransformFactory for AutoencoderFactory {
         vec![Kind::Windows]
     }
 
-    fn output_type(
+    fn validate(
         &self,
         config: &AutoencoderConfig,
-        input: &PortType,
         ctx: &ValidateContext,
-    ) -> Result<PortType, ConfigError> {
+    ) -> Result<(), ConfigError> {
         if config.max_batch_rows == 0 {
             return Err(ConfigError::at_field(
                 "max_batch_rows",
                 "`max_batch_rows` must be at least 1",
             ));
         }
+        if !config.backend.compiled_in() {
+            return Err(ConfigError::at_field("backend", config.backend.missing_message())
+                .with_hint(
+                    "rebuild with the backend's cargo feature, or choose one this build has",
+                ));
+        }
         let base = &ctx.pipeline.base_dir;
         let spec = read_spec(&resolve(base, &config.model), "model")?;
-        if let Some(schema) = &input.schema {
-            let pipeline: Vec<&str> = schema.names().iter().map(|name| &**name).collect();
-            if pipeline != spec.features.iter().map(String::as_str).collect::<Vec<_>>() {
-                return Err(ConfigError::at_field(
-                    "model",
-                    format!(
-                        "the model's features {:?} do not match the pipeline's {:?}",
-                        spec.features, pipeline
-                    ),
-                )
-                .with_hint(
-                    "make `normalize`'s `features` list the model's features, in the same order",
-                ));
-            }
-        }
         if let Some(shadow) = &config.shadow_model {
             let candidate = read_spec(&resolve(base, shadow), "shadow_model")?;
             if candidate.features != spec.features || candidate.window.length != spec.window.length
@@ -151,6 +141,32 @@ impl TransformFactory for AutoencoderFactory {
         {
             return Err(ConfigError::at_field("backend", "backend = \"onnxruntime\" but no ONNX Runtime library was found")
                 .with_hint("set ORT_DYLIB_PATH or `onnxruntime_library`, `pip install onnxruntime` into .venv, or use backend = \"auto\" or \"tract\""));
+        }
+        Ok(())
+    }
+
+    fn output_type(
+        &self,
+        config: &AutoencoderConfig,
+        input: &PortType,
+        ctx: &ValidateContext,
+    ) -> Result<PortType, ConfigError> {
+        self.validate(config, ctx)?;
+        let spec = read_spec(&resolve(&ctx.pipeline.base_dir, &config.model), "model")?;
+        if let Some(schema) = &input.schema {
+            let pipeline: Vec<&str> = schema.names().iter().map(|name| &**name).collect();
+            if pipeline != spec.features.iter().map(String::as_str).collect::<Vec<_>>() {
+                return Err(ConfigError::at_field(
+                    "model",
+                    format!(
+                        "the model's features {:?} do not match the pipeline's {:?}",
+                        spec.features, pipeline
+                    ),
+                )
+                .with_hint(
+                    "make `normalize`'s `features` list the model's features, in the same order",
+                ));
+            }
         }
         Ok(PortType::with_schema(
             Kind::Scores,

@@ -19,7 +19,6 @@
 //! from the engine and so is not registered yet; pipelines route with one `filter` per branch.
 
 pub mod autoencoder;
-pub mod count_window;
 pub mod filter;
 pub mod normalize;
 pub mod route;
@@ -31,7 +30,6 @@ pub mod window;
 use tidewatch_api::ComponentFactory;
 
 pub use autoencoder::{Autoencoder, AutoencoderConfig, AutoencoderFactory, Scorer, WindowScore};
-pub use count_window::CountWindowOperator;
 pub use filter::{Condition, Filter, FilterConfig, FilterFactory, Matcher, Op, Stat};
 pub use normalize::{
     Conversion, MediationConfig, Normalize, NormalizeConfig, NormalizeFactory, NormalizeOptions,
@@ -40,7 +38,7 @@ pub use normalize::{
 pub use route::{RouteConfig, RouteSpec, Router};
 pub use stats::{STATS_VERSION, StatsConfig, StatsDetector, StatsFactory, stats_columns};
 pub use threshold::{Emit, Threshold, ThresholdConfig, ThresholdFactory};
-pub use window::{WindowConfig, WindowFactory, WindowOperator};
+pub use window::{CountWindowOperator, WindowConfig, WindowFactory, WindowOperator};
 
 /// The built-in transforms as `(type name, factory)`, for the engine's registry.
 pub fn builtins() -> Vec<(&'static str, ComponentFactory)> {

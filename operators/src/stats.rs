@@ -111,6 +111,10 @@ impl TransformFactory for StatsFactory {
         vec![Kind::Windows]
     }
 
+    fn validate(&self, config: &StatsConfig, _ctx: &ValidateContext) -> Result<(), ConfigError> {
+        check(config)
+    }
+
     fn output_type(
         &self,
         config: &StatsConfig,

@@ -67,12 +67,11 @@ impl TransformFactory for ThresholdFactory {
         vec![Kind::Scores]
     }
 
-    fn output_type(
+    fn validate(
         &self,
         config: &ThresholdConfig,
-        input: &PortType,
         _ctx: &ValidateContext,
-    ) -> Result<PortType, ConfigError> {
+    ) -> Result<(), ConfigError> {
         if config.n == 0 {
             return Err(ConfigError::at_field("n", "`n` must be at least 1"));
         }
@@ -86,6 +85,16 @@ impl TransformFactory for ThresholdFactory {
         if config.hysteresis == 0 {
             return Err(ConfigError::at_field("hysteresis", "`hysteresis` must be at least 1"));
         }
+        Ok(())
+    }
+
+    fn output_type(
+        &self,
+        config: &ThresholdConfig,
+        input: &PortType,
+        ctx: &ValidateContext,
+    ) -> Result<PortType, ConfigError> {
+        self.validate(config, ctx)?;
         Ok(match config.emit {
             Emit::Scores => input.clone(),
             Emit::Events => PortType { kind: Kind::Events, schema: input.schema.clone() },

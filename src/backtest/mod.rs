@@ -25,7 +25,7 @@ use tidewatch_api::codec::{Delimiter, csv};
 use tidewatch_api::{
     Batch, ComponentContext, ComponentError, ComponentFactory, Kind, Sink, SinkFactory,
 };
-use tidewatch_engine::{Registry, RunContext};
+use tidewatch_engine::RunContext;
 
 pub use metrics::{Report, Series, evaluate};
 
@@ -299,8 +299,75 @@ impl SinkFactory for CollectFactory {
     }
 }
 
-fn toml_string(value: &str) -> String {
+/// `value` as a TOML string (a JSON string is a valid TOML basic string).
+pub fn toml_string(value: &str) -> String {
     serde_json::to_string(value).unwrap_or_else(|_| "\"\"".into())
+}
+
+/// What [`csv_windows_toml`] reads: a delimited file with a header line, as one device.
+#[derive(Clone, Debug)]
+pub struct CsvWindows<'a> {
+    /// The pipeline's name.
+    pub name: &'a str,
+    /// The file.
+    pub path: &'a Path,
+    /// Its field delimiter.
+    pub delimiter: char,
+    /// The device id every reading gets.
+    pub device: &'a str,
+    /// The column of the event time, and how it is written (`auto`, `datetime` ...).
+    pub timestamp: (&'a str, &'a str),
+    /// The feature columns, in the model's order.
+    pub features: &'a [String],
+    /// `normalize`'s `on_missing` (`error`, `nan` ...).
+    pub on_missing: &'a str,
+    /// The count window: this many readings, sliding by one.
+    pub length: usize,
+}
+
+/// The head of a pipeline that scores a labelled CSV file window by window: `[pipeline]`,
+/// a `file` source `data`, `normalize` as `readings` and count windows as `windows` (the
+/// model's length, sliding by one). Callers append the model, the detector and the sinks.
+pub fn csv_windows_toml(spec: &CsvWindows<'_>) -> String {
+    let features: Vec<String> = spec.features.iter().map(|name| toml_string(name)).collect();
+    format!(
+        r#"[pipeline]
+name = {name}
+out_of_orderness_ms = 0
+http_address = ""
+
+[sources.data]
+type = "file"
+path = {path}
+header = true
+
+[transforms.readings]
+type = "normalize"
+inputs = ["data"]
+format = "csv"
+delimiter = {delimiter}
+device = {device}
+timestamp_field = {timestamp}
+timestamp_format = {timestamp_format}
+features = [{features}]
+on_missing = {on_missing}
+
+[transforms.windows]
+type = "window"
+inputs = ["readings"]
+size_readings = {length}
+slide_readings = 1
+"#,
+        name = toml_string(spec.name),
+        path = toml_string(&spec.path.display().to_string()),
+        delimiter = toml_string(&spec.delimiter.to_string()),
+        device = toml_string(spec.device),
+        timestamp = toml_string(spec.timestamp.0),
+        timestamp_format = toml_string(spec.timestamp.1),
+        features = features.join(", "),
+        on_missing = toml_string(spec.on_missing),
+        length = spec.length,
+    )
 }
 
 /// Streams `file` through a pipeline with the model at `model_dir`; returns the predicted
@@ -317,35 +384,18 @@ pub fn predict(
     let model: ModelInfo = serde_json::from_str(&json)
         .map_err(|error| pipeline_error(format!("model.json: {error}")))?;
     let detection = model.detection.unwrap_or(DetectionInfo { n: 1, m: 1, hysteresis: 1 });
-    let features: Vec<String> = model.features.iter().map(|name| toml_string(name)).collect();
+    let head = csv_windows_toml(&CsvWindows {
+        name: "backtest",
+        path: &file.path,
+        delimiter: file.delimiter,
+        device: "backtest",
+        timestamp: (&file.timestamp_column, "auto"),
+        features: &model.features,
+        on_missing: "nan",
+        length: model.window.length,
+    });
     let text = format!(
-        r#"
-[pipeline]
-name = "backtest"
-out_of_orderness_ms = 0
-http_address = ""
-
-[sources.data]
-type = "file"
-path = {path}
-header = true
-
-[transforms.readings]
-type = "normalize"
-inputs = ["data"]
-format = "csv"
-delimiter = {delimiter}
-device = "backtest"
-timestamp_field = {timestamp}
-features = [{features}]
-on_missing = "nan"
-
-[transforms.windows]
-type = "window"
-inputs = ["readings"]
-size_readings = {length}
-slide_readings = 1
-
+        r#"{head}
 [transforms.model]
 type = "autoencoder"
 inputs = ["windows"]
@@ -366,11 +416,6 @@ emit = "scores"
 type = "collect"
 inputs = ["detect"]
 "#,
-        path = toml_string(&file.path.display().to_string()),
-        delimiter = toml_string(&file.delimiter.to_string()),
-        timestamp = toml_string(&file.timestamp_column),
-        features = features.join(", "),
-        length = model.window.length,
         model = toml_string(&model_dir.display().to_string()),
         backend = toml_string(&settings.backend),
         n = detection.n,
@@ -380,7 +425,7 @@ inputs = ["detect"]
     // Kept beside the model, for a look at what ran (`--work-dir`).
     let _ = std::fs::write(model_dir.join("pipeline.toml"), &text);
     let collected: Collected = Arc::default();
-    let registry = Registry::with_builtins()
+    let registry = crate::builtins()
         .register("collect", ComponentFactory::sink(CollectFactory(Arc::clone(&collected))));
     let pipeline =
         tidewatch_engine::load_str(&text, "backtest.toml", &settings.work_dir, &registry, |_| None)

@@ -11,7 +11,6 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use rumqttc::v5;
-use tidewatch::Registry;
 use tidewatch::engine::{Diagnostic, EngineError, Pipeline, RunContext, ValidationErrors};
 
 /// The repository root.
@@ -23,15 +22,9 @@ pub fn root() -> PathBuf {
 pub fn load(text: &str, vars: &[(&str, String)]) -> Result<Pipeline, ValidationErrors> {
     let vars: Vec<(String, String)> =
         vars.iter().map(|(name, value)| (name.to_string(), value.clone())).collect();
-    tidewatch::engine::load_str(
-        text,
-        "test.toml",
-        &root(),
-        &Registry::with_builtins(),
-        move |name| {
-            vars.iter().find(|(candidate, _)| candidate == name).map(|(_, value)| value.clone())
-        },
-    )
+    tidewatch::engine::load_str(text, "test.toml", &root(), &tidewatch::builtins(), move |name| {
+        vars.iter().find(|(candidate, _)| candidate == name).map(|(_, value)| value.clone())
+    })
 }
 
 /// The text of a shipped pipeline file, `pipelines/<name>`.
@@ -50,7 +43,7 @@ pub fn load_shipped(text: &str, vars: &[(&str, String)]) -> Result<Pipeline, Val
         text,
         "pipelines/shipped.toml",
         &root().join("pipelines"),
-        &Registry::with_builtins(),
+        &tidewatch::builtins(),
         move |name| {
             vars.iter().find(|(candidate, _)| candidate == name).map(|(_, value)| value.clone())
         },
@@ -77,7 +70,7 @@ pub fn json_lines(path: &Path) -> Vec<serde_json::Value> {
 /// The diagnostics of a fixture file.
 pub fn diagnostics(fixture: &str) -> Vec<Diagnostic> {
     let path = root().join("tests/fixtures").join(fixture);
-    match tidewatch::engine::load_file(&path, &Registry::with_builtins()) {
+    match tidewatch::engine::load_file(&path, &tidewatch::builtins()) {
         Ok(pipeline) => pipeline.warnings,
         Err(errors) => errors.diagnostics,
     }

@@ -25,25 +25,11 @@ use rdkafka::ClientConfig;
 use serde::Deserialize;
 use tidewatch_api::{ComponentContext, ConfigError};
 
+pub use crate::tls::TlsConfig;
+
 pub use publisher::KafkaPublisher;
 pub use sink::{KafkaSink, KafkaSinkConfig, KafkaSinkFactory};
 pub use source::{KafkaSource, KafkaSourceConfig, KafkaSourceFactory};
-
-/// TLS towards the brokers (the nested `tls` table): present means TLS.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct KafkaTls {
-    /// PEM file of the CA certificates that sign the brokers' certificates; default: the
-    /// system's roots.
-    #[serde(default)]
-    pub ca_file: Option<PathBuf>,
-    /// PEM file of a client certificate (chain) for mutual TLS, with `client_key_file`.
-    #[serde(default)]
-    pub client_cert_file: Option<PathBuf>,
-    /// PEM file of the client certificate's private key, with `client_cert_file`.
-    #[serde(default)]
-    pub client_key_file: Option<PathBuf>,
-}
 
 /// SASL mechanisms.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
@@ -85,9 +71,10 @@ pub struct KafkaSasl {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KafkaConnection {
-    /// TLS towards the brokers; present (even empty) means TLS.
+    /// TLS towards the brokers (the shared nested `tls` table); present (even empty) means
+    /// TLS.
     #[serde(default)]
-    pub tls: Option<KafkaTls>,
+    pub tls: Option<TlsConfig>,
     /// SASL authentication.
     #[serde(default)]
     pub sasl: Option<KafkaSasl>,
@@ -134,18 +121,8 @@ pub(crate) fn validate_brokers(brokers: &str) -> Result<(), ConfigError> {
 impl KafkaConnection {
     /// Checks the options beyond their types.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if let Some(tls) = &self.tls
-            && tls.client_cert_file.is_some() != tls.client_key_file.is_some()
-        {
-            let field = if tls.client_cert_file.is_some() {
-                "tls.client_key_file"
-            } else {
-                "tls.client_cert_file"
-            };
-            return Err(ConfigError::at_field(
-                field,
-                "tls.client_cert_file and tls.client_key_file go together",
-            ));
+        if let Some(tls) = &self.tls {
+            tls.validate(true, "")?;
         }
         for name in self.librdkafka.keys() {
             if OWNED_PROPERTIES.contains(&name.as_str()) {
@@ -217,7 +194,7 @@ mod tests {
     #[test]
     fn security_options_become_properties() {
         let connection = KafkaConnection {
-            tls: Some(KafkaTls { ca_file: Some("ca.pem".into()), ..KafkaTls::default() }),
+            tls: Some(TlsConfig { ca_file: Some("ca.pem".into()), ..TlsConfig::default() }),
             sasl: Some(KafkaSasl {
                 mechanism: SaslMechanism::ScramSha512,
                 username: "u".into(),
@@ -237,7 +214,7 @@ mod tests {
         };
         assert_eq!(owned.validate().expect_err("owned").field.as_deref(), Some("librdkafka"));
         let half = KafkaConnection {
-            tls: Some(KafkaTls { client_cert_file: Some("c.pem".into()), ..KafkaTls::default() }),
+            tls: Some(TlsConfig { client_cert_file: Some("c.pem".into()), ..TlsConfig::default() }),
             ..KafkaConnection::default()
         };
         assert_eq!(

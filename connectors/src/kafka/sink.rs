@@ -53,7 +53,7 @@ use tidewatch_api::{
 };
 
 use super::buffer::{BufferConfig, DiskBuffer};
-use super::{KafkaConnection, KafkaSasl, KafkaTls, error_text, validate_brokers};
+use super::{KafkaConnection, KafkaSasl, TlsConfig, error_text, validate_brokers};
 use crate::shared::{Registered, per_component};
 use crate::sinks::{SharedWriter, shared_writer};
 
@@ -159,7 +159,7 @@ pub struct KafkaSinkConfig {
     pub buffer: Option<BufferConfig>,
     /// TLS towards the brokers (`[sinks.x.tls]`); present means TLS.
     #[serde(default)]
-    pub tls: Option<KafkaTls>,
+    pub tls: Option<TlsConfig>,
     /// SASL authentication (`[sinks.x.sasl]`).
     #[serde(default)]
     pub sasl: Option<KafkaSasl>,
@@ -639,7 +639,7 @@ impl KafkaSink {
                 None => None,
             };
             let path = ctx.resolve_path(&config.dead_letter_path);
-            let writer = shared_writer(&path, true).map_err(|error| {
+            let writer = shared_writer(ctx.process_shared(), &path, true).map_err(|error| {
                 ComponentError::io(
                     format!("cannot open the dead-letter file {}", path.display()),
                     error,

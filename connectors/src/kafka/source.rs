@@ -54,7 +54,7 @@ use tidewatch_api::{
     Outputs, PortType, RawBatch, Source, SourceFactory, SourcePoll, ValidateContext,
 };
 
-use super::{KafkaConnection, KafkaSasl, KafkaTls, error_text, validate_brokers};
+use super::{KafkaConnection, KafkaSasl, TlsConfig, error_text, validate_brokers};
 use crate::shared::{Registered, per_component};
 
 fn default_brokers() -> String {
@@ -127,7 +127,7 @@ pub struct KafkaSourceConfig {
     pub max_lag_records: u64,
     /// TLS towards the brokers (`[sources.x.tls]`); present means TLS.
     #[serde(default)]
-    pub tls: Option<KafkaTls>,
+    pub tls: Option<TlsConfig>,
     /// SASL authentication (`[sources.x.sasl]`).
     #[serde(default)]
     pub sasl: Option<KafkaSasl>,

@@ -2,20 +2,21 @@
 //! credentials ([`ConnectionSettings`]), and one driver over rumqttc's 3.1.1 and 5 clients that
 //! classifies connection errors and reconnects with exponential backoff.
 //!
-//! The typed configs of the source and the sink repeat the connection options (serde cannot
-//! combine `flatten` with `deny_unknown_fields`) and turn them into a [`ConnectionSettings`]
-//! with [`ConnectionSettings::validate`] checking them the same way for both.
+//! The typed configs of the source and the sink hold the connection options as one nested
+//! table, [`MqttConnection`] (`[sources.<id>.connection]`), and the TLS files as another,
+//! [`TlsConfig`] (`[sources.<id>.tls]`); [`ConnectionSettings::validate`] checks them the same
+//! way for both. The flat names of before are accepted for one release
+//! ([`MQTT_MOVED_OPTIONS`]).
 
 use std::fmt;
-use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use rumqttc::tokio_rustls::rustls;
 use rumqttc::v5;
 use serde::Deserialize;
-use tidewatch_api::{ComponentError, ConfigError};
+use tidewatch_api::{ComponentContext, ComponentError, ConfigError, MovedOption};
+
+use crate::tls::TlsConfig;
 
 pub(crate) use crate::backoff::Backoff;
 
@@ -115,67 +116,223 @@ pub(crate) fn check_qos(field: &str, qos: u8) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// The session expiry of MQTT 5 persistent sessions when `session_expiry_secs` is not set.
+pub const DEFAULT_SESSION_EXPIRY_SECS: u32 = 86_400;
+
+/// The options of the connection to the broker, the `connection` table of the `mqtt` source
+/// and sink (the URL stays at the component's top level, the TLS files are in its `tls`
+/// table):
+///
+/// ```toml
+/// [sources.telemetry.connection]
+/// client_id = "edge-1"
+/// username = "${MQTT_USER}"
+/// password = "${MQTT_PASSWORD}"
+/// ```
+///
+/// Every option has a default, here and nowhere else ([`MqttConnection::default`]).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MqttConnection {
+    /// `v4` (MQTT 3.1.1) or `v5` (MQTT 5); default `v5`.
+    pub protocol: Protocol,
+    /// Client identifier; default `tidewatch-<pipeline>-<component>-<worker>`. The sink, and a
+    /// source with shared subscriptions and several workers, append `-<worker>` to a given id.
+    pub client_id: Option<String>,
+    /// User name (usually `${MQTT_USER}`); empty means none.
+    pub username: Option<String>,
+    /// Password (usually `${MQTT_PASSWORD}`); empty means none.
+    pub password: Option<String>,
+    /// Keep-alive interval, s (0 disables pings); default 30.
+    pub keep_alive_secs: u64,
+    /// Start a new session at each connection (true), or resume the session the broker keeps
+    /// for the client id (false: messages published while tidewatch was away are delivered,
+    /// and publishes in flight at a disconnect are sent again); default false.
+    pub clean_start: bool,
+    /// MQTT 5: how long the broker keeps the session after a disconnect, s; default 86400
+    /// (one day) with `clean_start = false`, 0 otherwise.
+    pub session_expiry_secs: Option<u32>,
+    /// How long the first connection may take (retrying while the broker is unreachable), s;
+    /// default 10.
+    pub connect_timeout_secs: u64,
+    /// Delay before the first reconnect attempt after a lost connection, ms; it doubles at
+    /// each failed attempt; default 100.
+    pub reconnect_initial_ms: u64,
+    /// Longest delay between reconnect attempts, ms; default 10000.
+    pub reconnect_max_ms: u64,
+    /// Largest MQTT packet sent or accepted, bytes; default 1048576.
+    pub max_packet_size_bytes: usize,
+    /// Most outgoing QoS 1/2 publishes awaiting their acknowledgement (the sink); publishing
+    /// waits beyond it; default 100.
+    pub max_inflight: u16,
+}
+
+impl Default for MqttConnection {
+    fn default() -> MqttConnection {
+        MqttConnection {
+            protocol: Protocol::V5,
+            client_id: None,
+            username: None,
+            password: None,
+            keep_alive_secs: 30,
+            clean_start: false,
+            session_expiry_secs: None,
+            connect_timeout_secs: 10,
+            reconnect_initial_ms: 100,
+            reconnect_max_ms: 10_000,
+            max_packet_size_bytes: 1 << 20,
+            max_inflight: 100,
+        }
+    }
+}
+
+/// The connection and TLS options that the `mqtt` source and sink took at their top level
+/// before the `connection` and `tls` tables; still accepted there for one release.
+pub const MQTT_MOVED_OPTIONS: &[MovedOption] = &[
+    MovedOption { key: "protocol", table: "connection" },
+    MovedOption { key: "client_id", table: "connection" },
+    MovedOption { key: "username", table: "connection" },
+    MovedOption { key: "password", table: "connection" },
+    MovedOption { key: "keep_alive_secs", table: "connection" },
+    MovedOption { key: "clean_start", table: "connection" },
+    MovedOption { key: "session_expiry_secs", table: "connection" },
+    MovedOption { key: "connect_timeout_secs", table: "connection" },
+    MovedOption { key: "reconnect_initial_ms", table: "connection" },
+    MovedOption { key: "reconnect_max_ms", table: "connection" },
+    MovedOption { key: "max_packet_size_bytes", table: "connection" },
+    MovedOption { key: "max_inflight", table: "connection" },
+    MovedOption { key: "ca_file", table: "tls" },
+    MovedOption { key: "client_cert_file", table: "tls" },
+    MovedOption { key: "client_key_file", table: "tls" },
+];
+
+impl MqttConnection {
+    /// The session expiry to ask for: on MQTT 5 the configured one or the default for
+    /// `clean_start`; on 3.1.1 none (the broker decides).
+    pub fn session_expiry(&self) -> Option<u32> {
+        match self.protocol {
+            Protocol::V5 => Some(self.session_expiry_secs.unwrap_or(if self.clean_start {
+                0
+            } else {
+                DEFAULT_SESSION_EXPIRY_SECS
+            })),
+            Protocol::V4 => self.session_expiry_secs,
+        }
+    }
+
+    /// The client id of an instance: the configured one (with `-<worker>` appended when
+    /// `per_worker`), or `tidewatch-<pipeline>-<component>-<worker>`.
+    pub(crate) fn client_id_for(&self, ctx: &ComponentContext, per_worker: bool) -> String {
+        let worker = ctx.worker_index.to_string();
+        match &self.client_id {
+            Some(id) if per_worker => format!("{id}-{worker}"),
+            Some(id) => id.clone(),
+            None => client_id_of(&["tidewatch", &ctx.pipeline.name, &ctx.component_id, &worker]),
+        }
+    }
+
+    /// Checks the options beyond their types; errors name the option as `connection.<name>`.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.keep_alive_secs > u64::from(u16::MAX) {
+            return Err(ConfigError::at_field(
+                "connection.keep_alive_secs",
+                format!("keep_alive_secs must be at most {}", u16::MAX),
+            ));
+        }
+        if self.protocol == Protocol::V4 && self.session_expiry_secs.is_some() {
+            return Err(ConfigError::at_field(
+                "connection.session_expiry_secs",
+                "session_expiry_secs is an MQTT 5 option",
+            )
+            .with_hint("set protocol = \"v5\", or remove session_expiry_secs (MQTT 3.1.1 brokers keep persistent sessions by their own settings)"));
+        }
+        let username = self.username.as_deref().filter(|name| !name.is_empty());
+        if self.password.as_deref().is_some_and(|password| !password.is_empty())
+            && username.is_none()
+        {
+            return Err(ConfigError::at_field(
+                "connection.password",
+                "password is set without username",
+            ));
+        }
+        if self.connect_timeout_secs == 0 {
+            return Err(ConfigError::at_field(
+                "connection.connect_timeout_secs",
+                "connect_timeout_secs must be at least 1",
+            ));
+        }
+        if self.reconnect_initial_ms == 0 {
+            return Err(ConfigError::at_field(
+                "connection.reconnect_initial_ms",
+                "reconnect_initial_ms must be at least 1",
+            ));
+        }
+        if self.reconnect_max_ms < self.reconnect_initial_ms {
+            return Err(ConfigError::at_field(
+                "connection.reconnect_max_ms",
+                "reconnect_max_ms must not be below reconnect_initial_ms",
+            ));
+        }
+        if !(64..=268_435_455).contains(&self.max_packet_size_bytes) {
+            return Err(ConfigError::at_field(
+                "connection.max_packet_size_bytes",
+                "max_packet_size_bytes must be between 64 and 268435455 (the MQTT limit)",
+            ));
+        }
+        if self.max_inflight == 0 {
+            return Err(ConfigError::at_field(
+                "connection.max_inflight",
+                "max_inflight must be at least 1",
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Everything needed to connect to a broker, shared by the source, the sink and
-/// `tidewatch simulate`.
+/// `tidewatch simulate`: the URL, the client id, the [`MqttConnection`] options and the
+/// [`TlsConfig`] with absolute paths.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ConnectionSettings {
     /// Broker URL.
     pub url: String,
-    /// 3.1.1 or 5.
-    pub protocol: Protocol,
-    /// The client identifier.
+    /// The client identifier of this connection.
     pub client_id: String,
-    /// Keep-alive interval, s (0 disables pings).
-    pub keep_alive_secs: u64,
-    /// Start a new session (true) or resume the one the broker keeps for `client_id` (false).
-    pub clean_start: bool,
-    /// MQTT 5: how long the broker keeps the session after a disconnect, s.
-    pub session_expiry_secs: Option<u32>,
-    /// User name.
-    pub username: Option<String>,
-    /// Password.
-    pub password: Option<String>,
-    /// PEM file of the CA certificates that sign the broker's certificate.
-    pub ca_file: Option<PathBuf>,
-    /// PEM file of the client certificate (chain).
-    pub client_cert_file: Option<PathBuf>,
-    /// PEM file of the client certificate's private key.
-    pub client_key_file: Option<PathBuf>,
-    /// How long the first connection may take, s.
-    pub connect_timeout_secs: u64,
-    /// First reconnect delay, ms.
-    pub reconnect_initial_ms: u64,
-    /// Longest reconnect delay, ms.
-    pub reconnect_max_ms: u64,
-    /// Largest packet accepted, bytes.
-    pub max_packet_size_bytes: usize,
-    /// Most outgoing QoS 1/2 publishes awaiting their ack (publishers).
-    pub max_inflight: u16,
+    /// Protocol, credentials, session, timeouts (its `client_id` is not used: see above).
+    pub connection: MqttConnection,
+    /// The TLS files, for `mqtts://` URLs.
+    pub tls: TlsConfig,
     /// MQTT 5: most incoming QoS 1/2 messages the broker may have unacknowledged at once
     /// (the CONNECT's receive maximum); `None` = the protocol's 65535.
     pub receive_maximum: Option<u16>,
 }
 
 impl ConnectionSettings {
-    /// Settings for `url` with every other option at its default (a clean MQTT 5 session).
+    /// Settings for `url` with every other option at its default ([`MqttConnection`]).
     pub fn new(url: impl Into<String>, client_id: impl Into<String>) -> ConnectionSettings {
         ConnectionSettings {
             url: url.into(),
-            protocol: Protocol::V5,
             client_id: client_id.into(),
-            keep_alive_secs: 30,
-            clean_start: true,
-            session_expiry_secs: None,
-            username: None,
-            password: None,
-            ca_file: None,
-            client_cert_file: None,
-            client_key_file: None,
-            connect_timeout_secs: 10,
-            reconnect_initial_ms: 100,
-            reconnect_max_ms: 10_000,
-            max_packet_size_bytes: 1 << 20,
-            max_inflight: 1_000,
+            connection: MqttConnection::default(),
+            tls: TlsConfig::default(),
+            receive_maximum: None,
+        }
+    }
+
+    /// The settings of a component's instance: its `url`, `connection` and `tls` options
+    /// (paths made absolute by `resolve`) and the instance's client id.
+    pub fn configured(
+        url: &str,
+        client_id: String,
+        connection: &MqttConnection,
+        tls: &TlsConfig,
+        resolve: impl Fn(&str) -> std::path::PathBuf,
+    ) -> ConnectionSettings {
+        ConnectionSettings {
+            url: url.to_owned(),
+            client_id,
+            connection: connection.clone(),
+            tls: tls.resolved(resolve),
             receive_maximum: None,
         }
     }
@@ -185,94 +342,21 @@ impl ConnectionSettings {
         BrokerUrl::parse(&self.url)
     }
 
-    /// Checks the options beyond their types; errors name the option.
+    /// Checks the options beyond their types; errors name the option (`url`,
+    /// `connection.<name>`, `tls.<name>`).
     pub fn validate(&self) -> Result<(), ConfigError> {
         let broker = self.broker().map_err(|message| {
             ConfigError::at_field("url", message)
                 .with_hint("for example url = \"mqtt://127.0.0.1:1883\" or \"mqtts://broker:8883\"")
         })?;
         if self.client_id.is_empty() || self.client_id.len() > 65_535 {
-            return Err(ConfigError::at_field("client_id", "client_id must not be empty"));
-        }
-        if self.keep_alive_secs > u64::from(u16::MAX) {
             return Err(ConfigError::at_field(
-                "keep_alive_secs",
-                format!("keep_alive_secs must be at most {}", u16::MAX),
+                "connection.client_id",
+                "client_id must not be empty",
             ));
         }
-        if self.protocol == Protocol::V4 && self.session_expiry_secs.is_some() {
-            return Err(ConfigError::at_field(
-                "session_expiry_secs",
-                "session_expiry_secs is an MQTT 5 option",
-            )
-            .with_hint("set protocol = \"v5\", or remove session_expiry_secs (MQTT 3.1.1 brokers keep persistent sessions by their own settings)"));
-        }
-        if self.password.is_some() && self.username.is_none() {
-            return Err(ConfigError::at_field("password", "password is set without username"));
-        }
-        if !broker.tls {
-            for (field, value) in [
-                ("ca_file", &self.ca_file),
-                ("client_cert_file", &self.client_cert_file),
-                ("client_key_file", &self.client_key_file),
-            ] {
-                if value.is_some() {
-                    return Err(ConfigError::at_field(
-                        field,
-                        format!("{field} needs a TLS connection"),
-                    )
-                    .with_hint("use an mqtts:// url"));
-                }
-            }
-        }
-        if self.client_cert_file.is_some() != self.client_key_file.is_some() {
-            let field = if self.client_cert_file.is_some() {
-                "client_key_file"
-            } else {
-                "client_cert_file"
-            };
-            return Err(ConfigError::at_field(
-                field,
-                "client_cert_file and client_key_file go together",
-            ));
-        }
-        if self.connect_timeout_secs == 0 {
-            return Err(ConfigError::at_field(
-                "connect_timeout_secs",
-                "connect_timeout_secs must be at least 1",
-            ));
-        }
-        if self.reconnect_initial_ms == 0 {
-            return Err(ConfigError::at_field(
-                "reconnect_initial_ms",
-                "reconnect_initial_ms must be at least 1",
-            ));
-        }
-        if self.reconnect_max_ms < self.reconnect_initial_ms {
-            return Err(ConfigError::at_field(
-                "reconnect_max_ms",
-                "reconnect_max_ms must not be below reconnect_initial_ms",
-            ));
-        }
-        if !(64..=268_435_455).contains(&self.max_packet_size_bytes) {
-            return Err(ConfigError::at_field(
-                "max_packet_size_bytes",
-                "max_packet_size_bytes must be between 64 and 268435455 (the MQTT limit)",
-            ));
-        }
-        if self.max_inflight == 0 {
-            return Err(ConfigError::at_field("max_inflight", "max_inflight must be at least 1"));
-        }
-        Ok(())
-    }
-
-    /// The rustls client configuration: the CA file (or the system's roots) and the optional
-    /// client certificate, with the ring crypto provider.
-    fn tls_config(&self) -> Result<Arc<rustls::ClientConfig>, ComponentError> {
-        crate::tls::client_config(
-            self.ca_file.as_deref(),
-            self.client_cert_file.as_deref().zip(self.client_key_file.as_deref()),
-        )
+        self.connection.validate()?;
+        self.tls.validate(broker.tls, "use an mqtts:// url")
     }
 
     /// A rumqttc client and event loop for these settings.
@@ -284,57 +368,56 @@ impl ConnectionSettings {
         let broker = self.broker().map_err(ComponentError::Config)?;
         let transport = if broker.tls {
             rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(
-                self.tls_config()?,
+                self.tls.client_config()?,
             ))
         } else {
             rumqttc::Transport::tcp()
         };
         // Whole seconds, or zero (no pings), as rumqttc requires.
-        let keep_alive = Duration::from_secs(self.keep_alive_secs);
+        let options = &self.connection;
+        let keep_alive = Duration::from_secs(options.keep_alive_secs);
+        // Empty means none, so that `${MQTT_USER:-}` works in pipeline files.
+        let username = options.username.clone().filter(|name| !name.is_empty());
+        let password = options.password.clone().filter(|password| !password.is_empty());
         let capacity = request_capacity.max(1);
-        match self.protocol {
+        match options.protocol {
             Protocol::V4 => {
-                let mut options =
+                let mut mqtt =
                     rumqttc::MqttOptions::new(self.client_id.clone(), broker.host, broker.port);
-                options
-                    .set_transport(transport)
+                mqtt.set_transport(transport)
                     .set_keep_alive(keep_alive)
-                    .set_clean_session(self.clean_start)
+                    .set_clean_session(options.clean_start)
                     .set_manual_acks(manual_acks)
-                    .set_inflight(self.max_inflight)
-                    .set_max_packet_size(self.max_packet_size_bytes, self.max_packet_size_bytes);
-                if let Some(username) = &self.username {
-                    options.set_credentials(
-                        username.clone(),
-                        self.password.clone().unwrap_or_default(),
+                    .set_inflight(options.max_inflight)
+                    .set_max_packet_size(
+                        options.max_packet_size_bytes,
+                        options.max_packet_size_bytes,
                     );
+                if let Some(username) = username {
+                    mqtt.set_credentials(username, password.unwrap_or_default());
                 }
-                let (client, mut eventloop) = rumqttc::AsyncClient::new(options, capacity);
+                let (client, mut eventloop) = rumqttc::AsyncClient::new(mqtt, capacity);
                 let mut network = rumqttc::NetworkOptions::new();
-                network.set_connection_timeout(self.connect_timeout_secs);
+                network.set_connection_timeout(options.connect_timeout_secs);
                 eventloop.set_network_options(network);
                 Ok((LinkClient::V4(client), LinkLoop::V4(Box::new(eventloop))))
             }
             Protocol::V5 => {
-                let mut options =
+                let mut mqtt =
                     v5::MqttOptions::new(self.client_id.clone(), broker.host, broker.port);
-                options
-                    .set_transport(transport)
+                mqtt.set_transport(transport)
                     .set_keep_alive(keep_alive)
-                    .set_clean_start(self.clean_start)
+                    .set_clean_start(options.clean_start)
                     .set_manual_acks(manual_acks)
-                    .set_connection_timeout(self.connect_timeout_secs)
-                    .set_outgoing_inflight_upper_limit(self.max_inflight)
-                    .set_max_packet_size(Some(self.max_packet_size_bytes as u32))
-                    .set_session_expiry_interval(self.session_expiry_secs)
+                    .set_connection_timeout(options.connect_timeout_secs)
+                    .set_outgoing_inflight_upper_limit(options.max_inflight)
+                    .set_max_packet_size(Some(options.max_packet_size_bytes as u32))
+                    .set_session_expiry_interval(options.session_expiry())
                     .set_receive_maximum(self.receive_maximum);
-                if let Some(username) = &self.username {
-                    options.set_credentials(
-                        username.clone(),
-                        self.password.clone().unwrap_or_default(),
-                    );
+                if let Some(username) = username {
+                    mqtt.set_credentials(username, password.unwrap_or_default());
                 }
-                let (client, eventloop) = v5::AsyncClient::new(options, capacity);
+                let (client, eventloop) = v5::AsyncClient::new(mqtt, capacity);
                 Ok((LinkClient::V5(client), LinkLoop::V5(Box::new(eventloop))))
             }
         }
@@ -712,9 +795,10 @@ pub(crate) async fn first_connection(
     eventloop: &mut LinkLoop,
     settings: &ConnectionSettings,
 ) -> Result<bool, String> {
-    let deadline = Instant::now() + Duration::from_secs(settings.connect_timeout_secs);
+    let options = &settings.connection;
+    let deadline = Instant::now() + Duration::from_secs(options.connect_timeout_secs);
     let mut backoff =
-        Backoff::new(settings.reconnect_initial_ms, settings.reconnect_max_ms).with_jitter();
+        Backoff::new(options.reconnect_initial_ms, options.reconnect_max_ms).with_jitter();
     loop {
         match eventloop.poll().await {
             Ok(NetEvent::Connected { session_present }) => return Ok(session_present),
@@ -725,7 +809,7 @@ pub(crate) async fn first_connection(
                 if now >= deadline {
                     return Err(format!(
                         "{} (gave up after {} s)",
-                        error.message, settings.connect_timeout_secs
+                        error.message, options.connect_timeout_secs
                     ));
                 }
                 let delay = backoff.next_delay().min(deadline - now);
@@ -781,33 +865,50 @@ mod tests {
     fn settings_are_checked() {
         let ok = ConnectionSettings::new("mqtt://127.0.0.1", "c");
         assert!(ok.validate().is_ok());
+        let with = |change: fn(&mut ConnectionSettings)| {
+            let mut settings = ok.clone();
+            change(&mut settings);
+            settings
+        };
         let cases: Vec<(ConnectionSettings, &str)> = vec![
-            (ConnectionSettings { url: "nope".into(), ..ok.clone() }, "url"),
-            (ConnectionSettings { ca_file: Some("ca.crt".into()), ..ok.clone() }, "ca_file"),
+            (with(|s| s.url = "nope".into()), "url"),
+            (with(|s| s.tls.ca_file = Some("ca.crt".into())), "tls.ca_file"),
             (
-                ConnectionSettings {
-                    url: "mqtts://h".into(),
-                    client_cert_file: Some("c.crt".into()),
-                    ..ok.clone()
-                },
-                "client_key_file",
+                with(|s| {
+                    s.url = "mqtts://h".into();
+                    s.tls.client_cert_file = Some("c.crt".into());
+                }),
+                "tls.client_key_file",
             ),
             (
-                ConnectionSettings {
-                    protocol: Protocol::V4,
-                    session_expiry_secs: Some(5),
-                    ..ok.clone()
-                },
-                "session_expiry_secs",
+                with(|s| {
+                    s.connection.protocol = Protocol::V4;
+                    s.connection.session_expiry_secs = Some(5);
+                }),
+                "connection.session_expiry_secs",
             ),
-            (ConnectionSettings { password: Some("p".into()), ..ok.clone() }, "password"),
-            (ConnectionSettings { reconnect_max_ms: 1, ..ok.clone() }, "reconnect_max_ms"),
-            (ConnectionSettings { connect_timeout_secs: 0, ..ok.clone() }, "connect_timeout_secs"),
+            (with(|s| s.connection.password = Some("p".into())), "connection.password"),
+            (with(|s| s.connection.reconnect_max_ms = 1), "connection.reconnect_max_ms"),
+            (with(|s| s.connection.connect_timeout_secs = 0), "connection.connect_timeout_secs"),
+            (with(|s| s.connection.max_inflight = 0), "connection.max_inflight"),
         ];
         for (settings, field) in cases {
             let error = settings.validate().expect_err(field);
             assert_eq!(error.field.as_deref(), Some(field));
         }
+    }
+
+    #[test]
+    fn session_expiry_follows_clean_start_on_mqtt_5() {
+        let mut connection = MqttConnection::default();
+        assert_eq!(connection.session_expiry(), Some(DEFAULT_SESSION_EXPIRY_SECS));
+        connection.clean_start = true;
+        assert_eq!(connection.session_expiry(), Some(0));
+        connection.session_expiry_secs = Some(60);
+        assert_eq!(connection.session_expiry(), Some(60));
+        connection.protocol = Protocol::V4;
+        connection.session_expiry_secs = None;
+        assert_eq!(connection.session_expiry(), None);
     }
 
     #[test]

@@ -16,7 +16,7 @@ pub mod publisher;
 pub mod sink;
 pub mod source;
 
-pub use connection::{BrokerUrl, ConnectionSettings, Protocol};
+pub use connection::{BrokerUrl, ConnectionSettings, MqttConnection, Protocol};
 pub use publisher::{MqttPublisher, PublisherStats};
 pub use sink::{MqttSink, MqttSinkConfig, MqttSinkFactory};
 pub use source::{MqttSource, MqttSourceConfig, MqttSourceFactory};

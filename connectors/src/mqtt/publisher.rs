@@ -68,7 +68,8 @@ impl fmt::Debug for MqttPublisher {
 impl MqttPublisher {
     /// Connects (waiting for the broker's CONNACK, up to `connect_timeout_secs`).
     pub fn connect(settings: &ConnectionSettings) -> Result<MqttPublisher, ComponentError> {
-        let (client, mut eventloop) = settings.link(false, usize::from(settings.max_inflight))?;
+        let (client, mut eventloop) =
+            settings.link(false, usize::from(settings.connection.max_inflight))?;
         let runtime = runtime()?;
         let handle = runtime.handle().clone();
         let shared = Arc::new(Shared::default());
@@ -86,7 +87,7 @@ impl MqttPublisher {
                     }
                     let _ = startup_tx.send(Ok(()));
                     let mut backoff =
-                        Backoff::new(settings.reconnect_initial_ms, settings.reconnect_max_ms).with_jitter();
+                        Backoff::new(settings.connection.reconnect_initial_ms, settings.connection.reconnect_max_ms).with_jitter();
                     let mut disconnecting: Option<Instant> = None;
                     loop {
                         if let Some(since) = disconnecting {
@@ -125,7 +126,7 @@ impl MqttPublisher {
                 });
             })
             .map_err(|error| ComponentError::io("cannot start the MQTT network thread", error))?;
-        let wait = Duration::from_secs(settings.connect_timeout_secs.saturating_add(30));
+        let wait = Duration::from_secs(settings.connection.connect_timeout_secs.saturating_add(30));
         let outcome = startup_rx
             .recv_timeout(wait)
             .unwrap_or_else(|_| Err("no answer from the network thread".to_owned()));

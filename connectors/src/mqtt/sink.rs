@@ -6,8 +6,9 @@
 //! Each worker's instance has its own connection (client id `...-<worker>`). Publishing blocks
 //! while `max_inflight` QoS 1/2 messages await their ack, which slows the pipeline to what
 //! the broker takes. `flush` (at the end of the pipeline) waits, up to `flush_timeout_secs`,
-//! until every message was acknowledged. The session is persistent, so publishes in flight
-//! when the connection drops are sent again after the reconnect.
+//! until every message was acknowledged. The session is persistent (unless
+//! `connection.clean_start`), so publishes in flight when the connection drops are sent again
+//! after the reconnect.
 
 use std::time::Duration;
 
@@ -18,33 +19,16 @@ use tidewatch_api::template::{
     write_event_field,
 };
 use tidewatch_api::{
-    AnomalyEvent, Batch, ComponentContext, ComponentError, ConfigError, DeviceId, Kind, Sink,
-    SinkFactory, ValidateContext,
+    AnomalyEvent, Batch, ComponentContext, ComponentError, ConfigError, DeviceId, Kind,
+    MovedOption, Sink, SinkFactory, ValidateContext,
 };
 
-use super::connection::{ConnectionSettings, Protocol, check_qos, client_id_of};
+use super::connection::{ConnectionSettings, MQTT_MOVED_OPTIONS, MqttConnection, check_qos};
 use super::publisher::MqttPublisher;
+use crate::tls::TlsConfig;
 
 fn default_qos() -> u8 {
     1
-}
-fn default_keep_alive_secs() -> u64 {
-    30
-}
-fn default_connect_timeout_secs() -> u64 {
-    10
-}
-fn default_reconnect_initial_ms() -> u64 {
-    100
-}
-fn default_reconnect_max_ms() -> u64 {
-    10_000
-}
-fn default_max_packet_size_bytes() -> usize {
-    1 << 20
-}
-fn default_max_inflight() -> u16 {
-    100
 }
 fn default_flush_timeout_secs() -> u64 {
     10
@@ -77,46 +61,13 @@ pub struct MqttSinkConfig {
     /// subscribers).
     #[serde(default)]
     pub retain: bool,
-    /// `v4` (MQTT 3.1.1) or `v5` (MQTT 5).
+    /// The connection options: protocol, client id (`-<worker>` is appended), credentials,
+    /// session, timeouts, reconnect backoff, `max_inflight`.
     #[serde(default)]
-    pub protocol: Protocol,
-    /// Client identifier; default `tidewatch-<pipeline>-<component>`. `-<worker>` is appended.
+    pub connection: MqttConnection,
+    /// The TLS files of an `mqtts://` connection.
     #[serde(default)]
-    pub client_id: Option<String>,
-    /// Keep-alive interval, s (0 disables pings).
-    #[serde(default = "default_keep_alive_secs")]
-    pub keep_alive_secs: u64,
-    /// User name (usually `${MQTT_USER}`).
-    #[serde(default)]
-    pub username: Option<String>,
-    /// Password (usually `${MQTT_PASSWORD}`).
-    #[serde(default)]
-    pub password: Option<String>,
-    /// PEM file of the CA certificates that sign the broker's certificate; default: the
-    /// system's roots.
-    #[serde(default)]
-    pub ca_file: Option<String>,
-    /// PEM file of a client certificate, with `client_key_file`.
-    #[serde(default)]
-    pub client_cert_file: Option<String>,
-    /// PEM file of the client certificate's private key.
-    #[serde(default)]
-    pub client_key_file: Option<String>,
-    /// How long the first connection may take, s.
-    #[serde(default = "default_connect_timeout_secs")]
-    pub connect_timeout_secs: u64,
-    /// Delay before the first reconnect attempt, ms; it doubles at each failed attempt.
-    #[serde(default = "default_reconnect_initial_ms")]
-    pub reconnect_initial_ms: u64,
-    /// Longest delay between reconnect attempts, ms.
-    #[serde(default = "default_reconnect_max_ms")]
-    pub reconnect_max_ms: u64,
-    /// Largest MQTT packet sent or accepted, bytes.
-    #[serde(default = "default_max_packet_size_bytes")]
-    pub max_packet_size_bytes: usize,
-    /// Most QoS 1/2 messages awaiting their acknowledgement; publishing waits beyond it.
-    #[serde(default = "default_max_inflight")]
-    pub max_inflight: u16,
+    pub tls: TlsConfig,
     /// How long a flush (at the end of the pipeline) waits for the acknowledgements, s.
     #[serde(default = "default_flush_timeout_secs")]
     pub flush_timeout_secs: u64,
@@ -131,19 +82,8 @@ impl MqttSinkConfig {
             payload: None,
             qos: default_qos(),
             retain: false,
-            protocol: Protocol::default(),
-            client_id: None,
-            keep_alive_secs: default_keep_alive_secs(),
-            username: None,
-            password: None,
-            ca_file: None,
-            client_cert_file: None,
-            client_key_file: None,
-            connect_timeout_secs: default_connect_timeout_secs(),
-            reconnect_initial_ms: default_reconnect_initial_ms(),
-            reconnect_max_ms: default_reconnect_max_ms(),
-            max_packet_size_bytes: default_max_packet_size_bytes(),
-            max_inflight: default_max_inflight(),
+            connection: MqttConnection::default(),
+            tls: TlsConfig::default(),
             flush_timeout_secs: default_flush_timeout_secs(),
         }
     }
@@ -154,32 +94,12 @@ impl MqttSinkConfig {
         client_id: String,
         resolve: impl Fn(&str) -> std::path::PathBuf,
     ) -> ConnectionSettings {
-        ConnectionSettings {
-            url: self.url.clone(),
-            protocol: self.protocol,
-            client_id,
-            keep_alive_secs: self.keep_alive_secs,
-            // Persistent, so that publishes in flight at a disconnect are resent.
-            clean_start: false,
-            session_expiry_secs: (self.protocol == Protocol::V5).then_some(3_600),
-            // Empty means none, so that `${MQTT_USER:-}` works in pipeline files.
-            username: self.username.clone().filter(|name| !name.is_empty()),
-            password: self.password.clone().filter(|password| !password.is_empty()),
-            ca_file: self.ca_file.as_deref().map(&resolve),
-            client_cert_file: self.client_cert_file.as_deref().map(&resolve),
-            client_key_file: self.client_key_file.as_deref().map(&resolve),
-            connect_timeout_secs: self.connect_timeout_secs,
-            reconnect_initial_ms: self.reconnect_initial_ms,
-            reconnect_max_ms: self.reconnect_max_ms,
-            max_packet_size_bytes: self.max_packet_size_bytes,
-            max_inflight: self.max_inflight,
-            receive_maximum: None,
-        }
+        ConnectionSettings::configured(&self.url, client_id, &self.connection, &self.tls, resolve)
     }
 
     /// Checks the options beyond their types.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let client_id = self.client_id.clone().unwrap_or_else(|| "tidewatch".to_owned());
+        let client_id = self.connection.client_id.clone().unwrap_or_else(|| "tidewatch".to_owned());
         self.settings(client_id, |path: &str| std::path::PathBuf::from(path)).validate()?;
         check_qos("qos", self.qos)?;
         let templates = self.templates()?;
@@ -267,6 +187,10 @@ pub struct MqttSinkFactory;
 impl SinkFactory for MqttSinkFactory {
     type Config = MqttSinkConfig;
 
+    fn moved_options(&self) -> &'static [MovedOption] {
+        MQTT_MOVED_OPTIONS
+    }
+
     fn accepts(&self, config: &MqttSinkConfig) -> Vec<Kind> {
         match config.payload {
             Some(_) => vec![Kind::Events],
@@ -322,11 +246,7 @@ impl MqttSink {
     ) -> Result<MqttSink, ComponentError> {
         let templates =
             config.templates().map_err(|error| ComponentError::Config(error.message))?;
-        let worker = ctx.worker_index.to_string();
-        let client_id = match &config.client_id {
-            Some(id) => format!("{id}-{worker}"),
-            None => client_id_of(&["tidewatch", &ctx.pipeline.name, &ctx.component_id, &worker]),
-        };
+        let client_id = config.connection.client_id_for(ctx, true);
         let settings = config.settings(client_id, |path| ctx.resolve_path(path));
         Ok(MqttSink {
             config: config.clone(),
@@ -447,7 +367,8 @@ mod tests {
             ("topic = \"\"", "topic"),
             ("topic = \"a\"\nqos = 5", "qos"),
             ("topic = \"a\"\nflush_timeout_secs = 0", "flush_timeout_secs"),
-            ("topic = \"a\"\nmax_inflight = 0", "max_inflight"),
+            ("topic = \"a\"\nconnection.max_inflight = 0", "connection.max_inflight"),
+            ("topic = \"a\"\ntls.ca_file = \"ca.crt\"", "tls.ca_file"),
         ] {
             let error =
                 factory.validate(&config(&format!("{base}{extra}")), &ctx).expect_err(extra);

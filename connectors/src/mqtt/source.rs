@@ -43,32 +43,18 @@ use serde::Deserialize;
 use tidewatch_api::records::now_ms;
 use tidewatch_api::{
     AckToken, Backlog, Batch, ComponentContext, ComponentError, ConfigError, EventTime, Kind,
-    Outputs, PortType, RawBatch, Source, SourceFactory, SourcePoll, ValidateContext,
+    MovedOption, Outputs, PortType, RawBatch, Source, SourceFactory, SourcePoll, ValidateContext,
 };
 use tokio::sync::mpsc;
 
 use super::connection::{
-    Backoff, ConnectionSettings, Delivery, LinkClient, LinkLoop, NetEvent, Protocol, check_qos,
-    client_id_of, first_connection, runtime,
+    Backoff, ConnectionSettings, Delivery, LinkClient, LinkLoop, MQTT_MOVED_OPTIONS,
+    MqttConnection, NetEvent, check_qos, first_connection, runtime,
 };
+use crate::tls::TlsConfig;
 
 fn default_qos() -> u8 {
     1
-}
-fn default_keep_alive_secs() -> u64 {
-    30
-}
-fn default_connect_timeout_secs() -> u64 {
-    10
-}
-fn default_reconnect_initial_ms() -> u64 {
-    100
-}
-fn default_reconnect_max_ms() -> u64 {
-    10_000
-}
-fn default_max_packet_size_bytes() -> usize {
-    1 << 20
 }
 fn default_batch_size() -> usize {
     1_024
@@ -76,9 +62,6 @@ fn default_batch_size() -> usize {
 fn default_queue_capacity() -> usize {
     10_000
 }
-
-/// The session expiry of MQTT 5 persistent sessions when `session_expiry_secs` is not set.
-pub const DEFAULT_SESSION_EXPIRY_SECS: u32 = 86_400;
 
 /// Options of the `mqtt` source.
 #[derive(Clone, Debug, PartialEq, Deserialize)]
@@ -94,53 +77,13 @@ pub struct MqttSourceConfig {
     /// records are safely downstream.
     #[serde(default = "default_qos")]
     pub qos: u8,
-    /// `v4` (MQTT 3.1.1) or `v5` (MQTT 5).
+    /// The connection options: protocol, client id, credentials, session, timeouts,
+    /// reconnect backoff.
     #[serde(default)]
-    pub protocol: Protocol,
-    /// Client identifier; default `tidewatch-<pipeline>-<component>-<worker>`. With shared
-    /// subscriptions and several workers, `-<worker>` is appended to a given id.
+    pub connection: MqttConnection,
+    /// The TLS files of an `mqtts://` connection.
     #[serde(default)]
-    pub client_id: Option<String>,
-    /// Keep-alive interval, s (0 disables pings).
-    #[serde(default = "default_keep_alive_secs")]
-    pub keep_alive_secs: u64,
-    /// Start a new session at each connection (true), or resume the session the broker keeps
-    /// for the client id (false: messages published while tidewatch was away are delivered).
-    #[serde(default)]
-    pub clean_start: bool,
-    /// MQTT 5: how long the broker keeps the session after a disconnect, s; default 86400
-    /// (one day) with `clean_start = false`, 0 otherwise.
-    #[serde(default)]
-    pub session_expiry_secs: Option<u32>,
-    /// User name (usually `${MQTT_USER}`).
-    #[serde(default)]
-    pub username: Option<String>,
-    /// Password (usually `${MQTT_PASSWORD}`).
-    #[serde(default)]
-    pub password: Option<String>,
-    /// PEM file of the CA certificates that sign the broker's certificate (`mqtts://`);
-    /// default: the system's roots.
-    #[serde(default)]
-    pub ca_file: Option<String>,
-    /// PEM file of a client certificate (`mqtts://`), with `client_key_file`.
-    #[serde(default)]
-    pub client_cert_file: Option<String>,
-    /// PEM file of the client certificate's private key.
-    #[serde(default)]
-    pub client_key_file: Option<String>,
-    /// How long the first connection may take (retrying while the broker is unreachable), s.
-    #[serde(default = "default_connect_timeout_secs")]
-    pub connect_timeout_secs: u64,
-    /// Delay before the first reconnect attempt after a lost connection, ms; it doubles at
-    /// each failed attempt.
-    #[serde(default = "default_reconnect_initial_ms")]
-    pub reconnect_initial_ms: u64,
-    /// Longest delay between reconnect attempts, ms.
-    #[serde(default = "default_reconnect_max_ms")]
-    pub reconnect_max_ms: u64,
-    /// Largest MQTT packet accepted, bytes.
-    #[serde(default = "default_max_packet_size_bytes")]
-    pub max_packet_size_bytes: usize,
+    pub tls: TlsConfig,
     /// Most messages emitted per poll (the batch size).
     #[serde(default = "default_batch_size")]
     pub batch_size: usize,
@@ -157,20 +100,8 @@ impl MqttSourceConfig {
             url: url.into(),
             topics,
             qos: default_qos(),
-            protocol: Protocol::default(),
-            client_id: None,
-            keep_alive_secs: default_keep_alive_secs(),
-            clean_start: false,
-            session_expiry_secs: None,
-            username: None,
-            password: None,
-            ca_file: None,
-            client_cert_file: None,
-            client_key_file: None,
-            connect_timeout_secs: default_connect_timeout_secs(),
-            reconnect_initial_ms: default_reconnect_initial_ms(),
-            reconnect_max_ms: default_reconnect_max_ms(),
-            max_packet_size_bytes: default_max_packet_size_bytes(),
+            connection: MqttConnection::default(),
+            tls: TlsConfig::default(),
             batch_size: default_batch_size(),
             queue_capacity: default_queue_capacity(),
         }
@@ -182,34 +113,15 @@ impl MqttSourceConfig {
         client_id: String,
         resolve: impl Fn(&str) -> std::path::PathBuf,
     ) -> ConnectionSettings {
-        let session_expiry_secs = match self.protocol {
-            Protocol::V5 => Some(self.session_expiry_secs.unwrap_or(if self.clean_start {
-                0
-            } else {
-                DEFAULT_SESSION_EXPIRY_SECS
-            })),
-            Protocol::V4 => self.session_expiry_secs,
-        };
-        ConnectionSettings {
-            url: self.url.clone(),
-            protocol: self.protocol,
+        let mut settings = ConnectionSettings::configured(
+            &self.url,
             client_id,
-            keep_alive_secs: self.keep_alive_secs,
-            clean_start: self.clean_start,
-            session_expiry_secs,
-            // Empty means none, so that `${MQTT_USER:-}` works in pipeline files.
-            username: self.username.clone().filter(|name| !name.is_empty()),
-            password: self.password.clone().filter(|password| !password.is_empty()),
-            ca_file: self.ca_file.as_deref().map(&resolve),
-            client_cert_file: self.client_cert_file.as_deref().map(&resolve),
-            client_key_file: self.client_key_file.as_deref().map(&resolve),
-            connect_timeout_secs: self.connect_timeout_secs,
-            reconnect_initial_ms: self.reconnect_initial_ms,
-            reconnect_max_ms: self.reconnect_max_ms,
-            max_packet_size_bytes: self.max_packet_size_bytes,
-            max_inflight: 100,
-            receive_maximum: Some(self.queue_capacity.clamp(1, usize::from(u16::MAX)) as u16),
-        }
+            &self.connection,
+            &self.tls,
+            resolve,
+        );
+        settings.receive_maximum = Some(self.queue_capacity.clamp(1, usize::from(u16::MAX)) as u16);
+        settings
     }
 
     /// True when every filter is a shared subscription (`$share/...`).
@@ -219,7 +131,7 @@ impl MqttSourceConfig {
 
     /// Checks the options beyond their types.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let client_id = self.client_id.clone().unwrap_or_else(|| "tidewatch".to_owned());
+        let client_id = self.connection.client_id.clone().unwrap_or_else(|| "tidewatch".to_owned());
         self.settings(client_id, |path: &str| std::path::PathBuf::from(path)).validate()?;
         check_qos("qos", self.qos)?;
         if self.topics.is_empty() {
@@ -297,6 +209,10 @@ pub struct MqttSourceFactory;
 
 impl SourceFactory for MqttSourceFactory {
     type Config = MqttSourceConfig;
+
+    fn moved_options(&self) -> &'static [MovedOption] {
+        MQTT_MOVED_OPTIONS
+    }
 
     fn output_type(
         &self,
@@ -409,16 +325,7 @@ impl MqttSource {
         config.validate().map_err(|error| ComponentError::Config(error.to_string()))?;
         let shared = config.shared();
         let active = shared || ctx.worker_index == 0;
-        let client_id = match &config.client_id {
-            Some(id) if shared && ctx.workers > 1 => format!("{id}-{}", ctx.worker_index),
-            Some(id) => id.clone(),
-            None => client_id_of(&[
-                "tidewatch",
-                &ctx.pipeline.name,
-                &ctx.component_id,
-                &ctx.worker_index.to_string(),
-            ]),
-        };
+        let client_id = config.connection.client_id_for(ctx, shared && ctx.workers > 1);
         let settings = config.settings(client_id, |path| ctx.resolve_path(path));
         Ok(MqttSource {
             config: config.clone(),
@@ -496,7 +403,8 @@ impl Source for MqttSource {
         self.finished = Some(finished_rx);
         let broker = self.settings.url.clone();
         // The network thread answers once connected, or failed to, within connect_timeout_secs.
-        let wait = Duration::from_secs(self.settings.connect_timeout_secs.saturating_add(10));
+        let wait =
+            Duration::from_secs(self.settings.connection.connect_timeout_secs.saturating_add(10));
         let outcome = match startup_rx.recv_timeout(wait) {
             Ok(outcome) => outcome,
             Err(_) => Err("no answer from the network thread".to_owned()),
@@ -735,9 +643,11 @@ impl EventHalf<'_> {
         let mut subscribed = false;
         let mut connected = true;
         let mut disconnecting: Option<Instant> = None;
-        let mut backoff =
-            Backoff::new(self.settings.reconnect_initial_ms, self.settings.reconnect_max_ms)
-                .with_jitter();
+        let mut backoff = Backoff::new(
+            self.settings.connection.reconnect_initial_ms,
+            self.settings.connection.reconnect_max_ms,
+        )
+        .with_jitter();
         let mut taking = match self.client.subscribe(self.topics, self.qos).await {
             Ok(()) => true,
             Err(reason) => {
@@ -927,8 +837,11 @@ mod tests {
             ("url = \"http://x\"", "url"),
             ("batch_size = 0", "batch_size"),
             ("queue_capacity = 0", "queue_capacity"),
-            ("protocol = \"v4\"\nsession_expiry_secs = 10", "session_expiry_secs"),
-            ("ca_file = \"ca.crt\"", "ca_file"),
+            (
+                "connection = { protocol = \"v4\", session_expiry_secs = 10 }",
+                "connection.session_expiry_secs",
+            ),
+            ("tls.ca_file = \"ca.crt\"", "tls.ca_file"),
         ] {
             let mut text = String::new();
             let mut url_set = false;
@@ -984,7 +897,9 @@ mod tests {
         let second = MqttSource::new(&plain, &context(1)).expect("source");
         assert_eq!(first.client_id(), "tidewatch-edge-in-0");
         assert!(first.active && !second.active);
-        let shared = config("url = \"mqtt://h\"\ntopics = [\"$share/g/a/#\"]\nclient_id = \"me\"");
+        let shared = config(
+            "url = \"mqtt://h\"\ntopics = [\"$share/g/a/#\"]\nconnection.client_id = \"me\"",
+        );
         let first = MqttSource::new(&shared, &context(0)).expect("source");
         let second = MqttSource::new(&shared, &context(1)).expect("source");
         assert!(first.active && second.active);

@@ -24,7 +24,7 @@ use hyper_util::rt::TokioExecutor;
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts};
 use serde_json::json;
 use tidewatch_api::time::format_rfc3339;
-use tidewatch_api::{AnomalyEvent, ComponentError};
+use tidewatch_api::{AnomalyEvent, ComponentError, ProcessShared};
 use tokio::sync::{mpsc, watch};
 
 use super::payload::sign;
@@ -171,12 +171,13 @@ pub(crate) struct DeadLetters {
 
 impl DeadLetters {
     pub(crate) fn open(
+        shared: &ProcessShared,
         path: PathBuf,
         component: &str,
         url: &str,
         metrics: WebhookMetrics,
     ) -> Result<DeadLetters, ComponentError> {
-        let writer = shared_writer(&path, true).map_err(|error| {
+        let writer = shared_writer(shared, &path, true).map_err(|error| {
             ComponentError::io(
                 format!("cannot open the dead-letter file {}", path.display()),
                 error,

@@ -35,7 +35,7 @@ use serde::Deserialize;
 use tidewatch_api::template::{JSON_TEMPLATE_HINT, check_renders_json, sample_event};
 use tidewatch_api::{
     AnomalyEvent, AnomalyState, Batch, ComponentContext, ComponentError, ConfigError, DeviceId,
-    EventTime, Kind, Sink, SinkFactory, ValidateContext,
+    EventTime, Kind, MovedOption, Sink, SinkFactory, ValidateContext,
 };
 
 use self::delivery::{DeadLetters, Dispatcher, Job, RequestSettings, WebhookMetrics};
@@ -44,6 +44,7 @@ pub use self::payload::{
     EXTRA_FIELDS, fingerprint, idempotency_key, sign, template_fields, verify,
 };
 use crate::shared::{Registered, per_component};
+use crate::tls::{TLS_MOVED_OPTIONS, TlsConfig};
 
 fn default_content_type() -> String {
     "application/json".to_owned()
@@ -155,15 +156,9 @@ pub struct WebhookSinkConfig {
     /// At the end of a run, how long to wait for queued events before dead-lettering them, ms.
     #[serde(default = "default_drain_timeout_ms")]
     pub drain_timeout_ms: u64,
-    /// PEM file of the CA certificates of an `https://` receiver; default: the system's roots.
+    /// The TLS files of an `https://` receiver: its CA, a client certificate and key.
     #[serde(default)]
-    pub ca_file: Option<String>,
-    /// PEM file of a client certificate (mutual TLS), with `client_key_file`.
-    #[serde(default)]
-    pub client_cert_file: Option<String>,
-    /// PEM file of the client certificate's private key.
-    #[serde(default)]
-    pub client_key_file: Option<String>,
+    pub tls: TlsConfig,
 }
 
 impl WebhookSinkConfig {
@@ -190,9 +185,7 @@ impl WebhookSinkConfig {
             dedupe_keys: default_dedupe_keys(),
             dead_letter_path: default_dead_letter_path(),
             drain_timeout_ms: default_drain_timeout_ms(),
-            ca_file: None,
-            client_cert_file: None,
-            client_key_file: None,
+            tls: TlsConfig::default(),
         }
     }
 
@@ -291,17 +284,7 @@ impl WebhookSinkConfig {
                 "dead_letter_path must name a file",
             ));
         }
-        let tls_files = self.ca_file.is_some() || self.client_cert_file.is_some();
-        if tls_files && uri.scheme_str() != Some("https") {
-            return Err(ConfigError::at_field("ca_file", "TLS files need an https:// url"));
-        }
-        if self.client_cert_file.is_some() != self.client_key_file.is_some() {
-            return Err(ConfigError::at_field(
-                "client_cert_file",
-                "client_cert_file and client_key_file go together",
-            ));
-        }
-        Ok(())
+        self.tls.validate(uri.scheme_str() == Some("https"), "use an https:// url")
     }
 
     /// The request settings, with the secret read from the environment and the TLS files.
@@ -321,10 +304,7 @@ impl WebhookSinkConfig {
         };
         let url = self.uri().map_err(config_error)?;
         let tls = if url.scheme_str() == Some("https") {
-            let ca = self.ca_file.as_deref().map(|path| ctx.resolve_path(path));
-            let cert = self.client_cert_file.as_deref().map(|path| ctx.resolve_path(path));
-            let key = self.client_key_file.as_deref().map(|path| ctx.resolve_path(path));
-            crate::tls::client_config(ca.as_deref(), cert.as_deref().zip(key.as_deref()))?
+            self.tls.resolved(|path| ctx.resolve_path(path)).client_config()?
         } else {
             // Never used for http:// (no handshake), but the connector wants one.
             Arc::new(
@@ -367,6 +347,10 @@ impl SinkFactory for WebhookSinkFactory {
 
     fn accepts(&self, _config: &WebhookSinkConfig) -> Vec<Kind> {
         vec![Kind::Events]
+    }
+
+    fn moved_options(&self) -> &'static [MovedOption] {
+        TLS_MOVED_OPTIONS
     }
 
     fn validate(
@@ -476,6 +460,7 @@ impl Shared {
             None => None,
         };
         let dead = DeadLetters::open(
+            ctx.process_shared(),
             ctx.resolve_path(&config.dead_letter_path),
             &ctx.component_id,
             &config.url,
@@ -614,7 +599,7 @@ mod tests {
             ("secret_env = \" \"", "secret_env"),
             ("headers = { \"bad header\" = \"x\" }", "headers"),
             ("signature_header = \"a b\"", "signature_header"),
-            ("client_cert_file = \"c.pem\"", "client_cert_file"),
+            ("tls.client_cert_file = \"c.pem\"", "tls.client_key_file"),
         ] {
             let text = if extra.is_empty() {
                 "url = \"ftp://x/\"".to_owned()
@@ -624,10 +609,10 @@ mod tests {
             let error = config(&text).validate().expect_err(extra);
             assert_eq!(error.field.as_deref(), Some(field), "{extra}: {}", error.message);
         }
-        let error = config("url = \"http://h/\"\nca_file = \"ca.pem\"")
+        let error = config("url = \"http://h/\"\n[tls]\nca_file = \"ca.pem\"")
             .validate()
             .expect_err("ca over http");
-        assert_eq!(error.field.as_deref(), Some("ca_file"));
+        assert_eq!(error.field.as_deref(), Some("tls.ca_file"));
         assert!(
             ConfigValue::parse("url = \"http://h\"\nretries = 3")
                 .expect("toml")

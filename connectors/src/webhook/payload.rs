@@ -2,10 +2,9 @@
 //! payload by default, or a template), its idempotency key, and the HMAC-SHA256 signature.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 
 use ring::{digest, hmac};
-use serde_json::{Value, json};
+use serde::Serialize;
 use tidewatch_api::template::{
     EVENT_FIELDS, Escape, Template, TemplateError, alert_status, top_feature, write_event_field,
 };
@@ -23,15 +22,6 @@ pub fn template_fields() -> Vec<&'static str> {
     EVENT_FIELDS.iter().chain(EXTRA_FIELDS).copied().collect()
 }
 
-/// Lowercase hex of `bytes`.
-fn hex(bytes: &[u8]) -> String {
-    let mut out = String::with_capacity(bytes.len() * 2);
-    for byte in bytes {
-        let _ = write!(out, "{byte:02x}");
-    }
-    out
-}
-
 /// SHA-256 over the parts, each followed by a 0 byte, as 32 hex digits (128 bits).
 fn digest_of(parts: &[&[u8]]) -> String {
     let mut context = digest::Context::new(&digest::SHA256);
@@ -39,7 +29,7 @@ fn digest_of(parts: &[&[u8]]) -> String {
         context.update(part);
         context.update(&[0]);
     }
-    hex(&context.finish().as_ref()[..16])
+    hex::encode(&context.finish().as_ref()[..16])
 }
 
 /// The idempotency key of an event: the same for every delivery attempt and for a replay of
@@ -87,24 +77,16 @@ pub fn sign(secret: &[u8], timestamp: u64, body: &[u8]) -> String {
     context.update(timestamp.to_string().as_bytes());
     context.update(b".");
     context.update(body);
-    format!("sha256={}", hex(context.sign().as_ref()))
+    format!("sha256={}", hex::encode(context.sign().as_ref()))
 }
 
 /// Checks a signature header (`sha256=<hex>`) against the timestamp header and the body, in
 /// constant time. What a receiver written in Rust does; docs/reference shows it in Python.
 pub fn verify(secret: &[u8], timestamp: &str, body: &[u8], header: &str) -> bool {
     let Some(hex_mac) = header.trim().strip_prefix("sha256=") else { return false };
-    if hex_mac.len() != 64 || !hex_mac.is_ascii() {
+    let mut mac = [0_u8; 32];
+    if hex::decode_to_slice(hex_mac, &mut mac).is_err() {
         return false;
-    }
-    let mut mac = Vec::with_capacity(32);
-    for pair in hex_mac.as_bytes().chunks(2) {
-        let Some(byte) =
-            std::str::from_utf8(pair).ok().and_then(|pair| u8::from_str_radix(pair, 16).ok())
-        else {
-            return false;
-        };
-        mac.push(byte);
     }
     let key = hmac::Key::new(hmac::HMAC_SHA256, secret);
     let mut message = Vec::with_capacity(timestamp.len() + 1 + body.len());
@@ -147,8 +129,7 @@ impl Body {
     pub(crate) fn render(&self, origin: &Origin, event: &AnomalyEvent, key: &str) -> Vec<u8> {
         match self {
             Body::Alertmanager { alertname, severity, labels } => {
-                let value = alertmanager(origin, event, alertname, severity, labels);
-                serde_json::to_vec(&value).unwrap_or_default()
+                alertmanager(origin, event, alertname, severity, labels)
             }
             Body::Template(template) => {
                 let mut out = String::new();
@@ -168,6 +149,56 @@ impl Body {
     }
 }
 
+/// Alertmanager's webhook payload (version 4), in its field order.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Notification<'a> {
+    version: &'static str,
+    group_key: String,
+    truncated_alerts: u32,
+    status: &'static str,
+    receiver: &'a str,
+    group_labels: GroupLabels<'a>,
+    common_labels: &'a BTreeMap<&'a str, &'a str>,
+    common_annotations: &'a Annotations<'a>,
+    #[serde(rename = "externalURL")]
+    external_url: &'static str,
+    alerts: [Alert<'a>; 1],
+}
+
+/// The labels the alerts of a notification are grouped by.
+#[derive(Debug, Serialize)]
+struct GroupLabels<'a> {
+    alertname: &'a str,
+    device: &'a str,
+}
+
+/// The annotations of an alert.
+#[derive(Debug, Serialize)]
+struct Annotations<'a> {
+    summary: String,
+    description: String,
+    score: String,
+    peak_score: String,
+    threshold: &'a str,
+    top_feature: &'a str,
+    model_version: &'a str,
+}
+
+/// One alert of a notification.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Alert<'a> {
+    status: &'static str,
+    labels: &'a BTreeMap<&'a str, &'a str>,
+    annotations: &'a Annotations<'a>,
+    starts_at: String,
+    ends_at: String,
+    #[serde(rename = "generatorURL")]
+    generator_url: &'static str,
+    fingerprint: String,
+}
+
 /// Alertmanager's webhook payload (version 4) for one event: one alert, firing for an open
 /// event, resolved (with `endsAt`) for a close event. Receivers written for Alertmanager
 /// (PagerDuty bridges, chat relays, runbooks automation) take it as it is.
@@ -177,28 +208,24 @@ fn alertmanager(
     alertname: &str,
     severity: &str,
     extra: &BTreeMap<String, String>,
-) -> Value {
+) -> Vec<u8> {
     let device = event.device.name();
-    let mut labels = serde_json::Map::new();
-    for (name, value) in extra {
-        labels.insert(name.clone(), Value::from(value.as_str()));
-    }
-    labels.insert("alertname".into(), Value::from(alertname));
-    labels.insert("device".into(), Value::from(&*device));
-    labels.insert("pipeline".into(), Value::from(origin.pipeline.as_str()));
-    labels.insert("detector".into(), Value::from(&*event.detector));
-    labels.insert("severity".into(), Value::from(severity));
+    let mut labels: BTreeMap<&str, &str> =
+        extra.iter().map(|(name, value)| (name.as_str(), value.as_str())).collect();
+    labels.insert("alertname", alertname);
+    labels.insert("device", &device);
+    labels.insert("pipeline", &origin.pipeline);
+    labels.insert("detector", &event.detector);
+    labels.insert("severity", severity);
     let threshold = event.threshold.map(|threshold| threshold.to_string()).unwrap_or_default();
     let top = top_feature(event).unwrap_or_default();
     let summary = match event.state {
         AnomalyState::Open => format!("Anomaly on device {device} (score {})", event.score),
         AnomalyState::Close => format!("Anomaly on device {device} ended"),
     };
-    let mut annotations = serde_json::Map::new();
-    annotations.insert("summary".into(), Value::from(summary));
-    annotations.insert(
-        "description".into(),
-        Value::from(format!(
+    let annotations = Annotations {
+        summary,
+        description: format!(
             "{} reports an anomaly on {device} since {}: score {}, peak {}, threshold {}{}.",
             origin.component,
             format_rfc3339(event.started_ms),
@@ -206,46 +233,46 @@ fn alertmanager(
             event.peak_score,
             if threshold.is_empty() { "none" } else { &threshold },
             if top.is_empty() { String::new() } else { format!(", mostly {top}") },
-        )),
-    );
-    annotations.insert("score".into(), Value::from(event.score.to_string()));
-    annotations.insert("peak_score".into(), Value::from(event.peak_score.to_string()));
-    annotations.insert("threshold".into(), Value::from(threshold));
-    annotations.insert("top_feature".into(), Value::from(top));
-    annotations.insert("model_version".into(), Value::from(&*event.version));
+        ),
+        score: event.score.to_string(),
+        peak_score: event.peak_score.to_string(),
+        threshold: &threshold,
+        top_feature: top,
+        model_version: &event.version,
+    };
     let status = alert_status(event.state);
     let ends_at = match event.state {
         AnomalyState::Open => NOT_ENDED.to_owned(),
         AnomalyState::Close => format_rfc3339(event.time_ms),
     };
-    let labels = Value::Object(labels);
-    let annotations = Value::Object(annotations);
-    json!({
-        "version": "4",
-        "groupKey": format!("{{}}/{{}}:{{alertname=\"{alertname}\", device=\"{device}\"}}"),
-        "truncatedAlerts": 0,
-        "status": status,
-        "receiver": origin.component,
-        "groupLabels": {"alertname": alertname, "device": &*device},
-        "commonLabels": labels,
-        "commonAnnotations": annotations,
-        "externalURL": "",
-        "alerts": [{
-            "status": status,
-            "labels": labels,
-            "annotations": annotations,
-            "startsAt": format_rfc3339(event.started_ms),
-            "endsAt": ends_at,
-            "generatorURL": "",
-            "fingerprint": fingerprint(&origin.pipeline, &origin.component, event),
+    let notification = Notification {
+        version: "4",
+        group_key: format!("{{}}/{{}}:{{alertname=\"{alertname}\", device=\"{device}\"}}"),
+        truncated_alerts: 0,
+        status,
+        receiver: &origin.component,
+        group_labels: GroupLabels { alertname, device: &device },
+        common_labels: &labels,
+        common_annotations: &annotations,
+        external_url: "",
+        alerts: [Alert {
+            status,
+            labels: &labels,
+            annotations: &annotations,
+            starts_at: format_rfc3339(event.started_ms),
+            ends_at,
+            generator_url: "",
+            fingerprint: fingerprint(&origin.pipeline, &origin.component, event),
         }],
-    })
+    };
+    serde_json::to_vec(&notification).unwrap_or_default()
 }
 
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
 
+    use serde_json::{Value, json};
     use tidewatch_api::{DeviceId, Schema};
 
     use super::*;
@@ -323,7 +350,7 @@ mod tests {
         let header = sign(b"secret", 1_700_000_000, b"{\"a\":1}");
         // RFC 4231-style check against an independent computation of the same construction.
         let key = hmac::Key::new(hmac::HMAC_SHA256, b"secret");
-        let expected = hex(hmac::sign(&key, b"1700000000.{\"a\":1}").as_ref());
+        let expected = hex::encode(hmac::sign(&key, b"1700000000.{\"a\":1}").as_ref());
         assert_eq!(header, format!("sha256={expected}"));
         assert!(verify(b"secret", "1700000000", b"{\"a\":1}", &header));
         assert!(!verify(b"secret", "1700000001", b"{\"a\":1}", &header));

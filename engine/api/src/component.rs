@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::error::ComponentError;
 use crate::records::{Batch, ErrorRecord, EventTime, ReadingBatch};
+use crate::shared::ProcessShared;
 
 /// Pipeline-wide settings a component may read.
 #[derive(Clone, Debug)]
@@ -80,6 +81,7 @@ pub struct ComponentContext {
     pub pipeline: Arc<PipelineInfo>,
     shutdown: Arc<AtomicBool>,
     metrics: Option<MetricsRegistry>,
+    shared: ProcessShared,
 }
 
 impl ComponentContext {
@@ -100,7 +102,44 @@ impl ComponentContext {
             pipeline,
             shutdown,
             metrics: None,
+            shared: ProcessShared::new(),
         }
+    }
+
+    /// Hands the state shared by the workers of this process in this run to the component
+    /// (the engine does, with one [`ProcessShared`] per run). Without it every context has a
+    /// map of its own, so nothing is shared.
+    pub fn with_process_shared(mut self, shared: ProcessShared) -> ComponentContext {
+        self.shared = shared;
+        self
+    }
+
+    /// The state shared by the workers of this process in this run, under any key (for
+    /// example a file path that several components write).
+    pub fn process_shared(&self) -> &ProcessShared {
+        &self.shared
+    }
+
+    /// This component's `T` in this process and run: the first worker's call makes it, the
+    /// others get the same instance (waiting while it is made); it drops with the run.
+    ///
+    /// ```
+    /// use std::sync::atomic::{AtomicU64, Ordering};
+    /// use tidewatch_api::{ComponentContext, ProcessShared};
+    ///
+    /// let shared = ProcessShared::new();
+    /// let worker0 = ComponentContext::for_test("sim", "simulator").with_process_shared(shared.clone());
+    /// let worker1 = ComponentContext::for_test("sim", "simulator").with_process_shared(shared);
+    /// let a = worker0.shared(|| Ok::<_, ()>(AtomicU64::new(0))).expect("made");
+    /// let b = worker1.shared(|| Ok::<_, ()>(AtomicU64::new(0))).expect("shared");
+    /// a.fetch_add(1, Ordering::Relaxed);
+    /// assert_eq!(b.load(Ordering::Relaxed), 1);
+    /// ```
+    pub fn shared<T: Send + Sync + 'static, E>(
+        &self,
+        make: impl FnOnce() -> Result<T, E>,
+    ) -> Result<Arc<T>, E> {
+        self.shared.get_or_try_init(&self.component_id, make)
     }
 
     /// Hands the engine's metrics registry to the component (the engine does).

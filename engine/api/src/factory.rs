@@ -6,12 +6,13 @@
 //! component's TOML table with its source positions) so that every option error points at a
 //! line and column of the pipeline file.
 
+use std::borrow::Cow;
 use std::ops::Range;
 use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
 use toml::Spanned;
-use toml::de::DeValue;
+use toml::de::{DeTable, DeValue};
 
 use crate::component::{ComponentContext, PipelineInfo, Sink, Source, Transform};
 use crate::error::ComponentError;
@@ -115,16 +116,114 @@ impl ConfigValue {
         })
     }
 
-    /// The byte span of option `field`'s key, if present.
+    /// The byte span of option `field`'s key, if present; `field` may be a dotted path into
+    /// nested tables (`tls.ca_file`).
     pub fn span_of(&self, field: &str) -> Option<Range<usize>> {
-        let table = self.value.get_ref().as_table()?;
-        table.iter().find(|(key, _)| key.get_ref() == field).map(|(key, _)| key.span())
+        let mut table = self.value.get_ref().as_table()?;
+        let mut parts = field.split('.').peekable();
+        while let Some(part) = parts.next() {
+            let (key, value) = table.get_key_value(part)?;
+            if parts.peek().is_none() {
+                return Some(key.span());
+            }
+            table = value.get_ref().as_table()?;
+        }
+        None
+    }
+
+    /// Moves the options of `moved` written at the top level (their old place) into their
+    /// table, keeping their spans, so that the typed config sees them where they belong now;
+    /// returns the moved config and a warning for each option moved. An option written in both
+    /// places is an error.
+    pub fn with_moved(
+        &self,
+        moved: &[MovedOption],
+    ) -> Result<(ConfigValue, Vec<String>), ConfigError> {
+        let mut value = self.value.clone();
+        let mut warnings = Vec::new();
+        let DeValue::Table(table) = value.get_mut() else { return Ok((self.clone(), warnings)) };
+        for option in moved {
+            let Some((key, old)) = table.remove_entry(option.key) else { continue };
+            let key_span = key.span();
+            let nested = match table.get_mut(option.table).map(Spanned::get_mut) {
+                Some(DeValue::Table(nested)) => nested,
+                Some(_) => {
+                    return Err(ConfigError {
+                        message: format!("`{}` must be a table", option.table),
+                        span: self.span_of(option.table),
+                        field: None,
+                        hint: None,
+                    });
+                }
+                None => {
+                    let name = Spanned::new(key_span.clone(), Cow::Borrowed(option.table));
+                    let empty = Spanned::new(key_span.clone(), DeValue::Table(DeTable::new()));
+                    table.insert(name, empty);
+                    match table.get_mut(option.table).map(Spanned::get_mut) {
+                        Some(DeValue::Table(nested)) => nested,
+                        _ => continue,
+                    }
+                }
+            };
+            if nested.contains_key(option.key) {
+                return Err(ConfigError {
+                    message: format!(
+                        "`{}` is set twice: at the top level and in the `{}` table",
+                        option.key, option.table
+                    ),
+                    span: Some(key_span),
+                    field: None,
+                    hint: Some(format!("keep the one in the `{}` table", option.table)),
+                });
+            }
+            nested.insert(key, old);
+            warnings.push(format!(
+                "option `{key}` is deprecated at the top level of a component: write it in its \
+                 `{table}` table ([<sources|sinks>.<id>.{table}] {key} = ...); the old form \
+                 goes away in the next release",
+                key = option.key,
+                table = option.table,
+            ));
+        }
+        Ok((ConfigValue { value }, warnings))
+    }
+
+    /// [`ConfigValue::with_moved`], logging its warnings, then [`ConfigValue::deserialize`];
+    /// an error about a field gets the span of the field.
+    fn deserialize_moved<T: DeserializeOwned>(
+        &self,
+        moved: &[MovedOption],
+    ) -> Result<(ConfigValue, T), ConfigError> {
+        let (config, warnings) = self.with_moved(moved)?;
+        for warning in warnings {
+            tracing::warn!("{warning}");
+        }
+        let typed = config.deserialize()?;
+        Ok((config, typed))
+    }
+
+    /// Gives `error` the span of its field in this config, when it has none.
+    fn locate(&self, mut error: ConfigError) -> ConfigError {
+        if error.span.is_none() {
+            error.span = error.field.as_deref().and_then(|field| self.span_of(field));
+        }
+        error
     }
 
     /// The byte span of the whole table.
     pub fn span(&self) -> Range<usize> {
         self.value.span()
     }
+}
+
+/// An option that moved from the top level of a component into a nested table (`ca_file`
+/// into `tls`): still accepted in its old place for one release, with a warning.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MovedOption {
+    /// The option's name, the same in both places.
+    pub key: &'static str,
+    /// The table it belongs to now.
+    pub table: &'static str,
 }
 
 /// What a factory may consult while validating: pipeline settings.
@@ -155,6 +254,10 @@ pub struct TransformProperties {
 pub trait SourceFactory: Send + Sync + 'static {
     /// The options, deserialized from TOML (use `#[serde(deny_unknown_fields)]`).
     type Config: DeserializeOwned + Send + Sync + 'static;
+    /// Options that moved into a nested table and are still accepted at the top level.
+    fn moved_options(&self) -> &'static [MovedOption] {
+        &[]
+    }
     /// Checks the options beyond their types and tells what the source emits.
     fn output_type(
         &self,
@@ -175,6 +278,13 @@ pub trait TransformFactory: Send + Sync + 'static {
     type Config: DeserializeOwned + Send + Sync + 'static;
     /// The kinds of records the transform accepts.
     fn accepts(&self, config: &Self::Config) -> Vec<Kind>;
+    /// Checks the options on their own, whatever the input. The engine runs it for every
+    /// transform, also one whose input type is unknown (downstream of a broken component), so
+    /// put here every check that does not need the input type; `output_type` then runs only on
+    /// options that passed.
+    fn validate(&self, _config: &Self::Config, _ctx: &ValidateContext) -> Result<(), ConfigError> {
+        Ok(())
+    }
     /// Checks the options against the input type and tells what the transform emits.
     fn output_type(
         &self,
@@ -200,6 +310,10 @@ pub trait SinkFactory: Send + Sync + 'static {
     type Config: DeserializeOwned + Send + Sync + 'static;
     /// The kinds of records the sink accepts.
     fn accepts(&self, config: &Self::Config) -> Vec<Kind>;
+    /// Options that moved into a nested table and are still accepted at the top level.
+    fn moved_options(&self) -> &'static [MovedOption] {
+        &[]
+    }
     /// Checks the options beyond their types.
     fn validate(&self, _config: &Self::Config, _ctx: &ValidateContext) -> Result<(), ConfigError> {
         Ok(())
@@ -257,7 +371,8 @@ pub trait DynSourceFactory: Send + Sync {
 
 /// The erased form of a [`TransformFactory`], as the registry stores it.
 pub trait DynTransformFactory: Send + Sync {
-    /// Parses the options.
+    /// Parses the options and runs the checks that do not need the input type
+    /// ([`TransformFactory::validate`]).
     fn configure(
         &self,
         config: &ConfigValue,
@@ -344,8 +459,8 @@ impl<F: SourceFactory> DynSourceFactory for ErasedSource<F> {
         config: &ConfigValue,
         ctx: &ValidateContext,
     ) -> Result<Arc<dyn ConfiguredSource>, ConfigError> {
-        let typed: F::Config = config.deserialize()?;
-        let output = self.0.output_type(&typed, ctx)?;
+        let (config, typed) = config.deserialize_moved::<F::Config>(self.0.moved_options())?;
+        let output = self.0.output_type(&typed, ctx).map_err(|error| config.locate(error))?;
         Ok(Arc::new(SourceWithConfig { factory: Arc::clone(&self.0), config: typed, output }))
     }
 }
@@ -354,9 +469,10 @@ impl<F: TransformFactory> DynTransformFactory for ErasedTransform<F> {
     fn configure(
         &self,
         config: &ConfigValue,
-        _ctx: &ValidateContext,
+        ctx: &ValidateContext,
     ) -> Result<Arc<dyn ConfiguredTransform>, ConfigError> {
         let typed: F::Config = config.deserialize()?;
+        self.0.validate(&typed, ctx)?;
         Ok(Arc::new(TransformWithConfig { factory: Arc::clone(&self.0), config: typed }))
     }
 }
@@ -367,8 +483,8 @@ impl<F: SinkFactory> DynSinkFactory for ErasedSink<F> {
         config: &ConfigValue,
         ctx: &ValidateContext,
     ) -> Result<Arc<dyn ConfiguredSink>, ConfigError> {
-        let typed: F::Config = config.deserialize()?;
-        self.0.validate(&typed, ctx)?;
+        let (config, typed) = config.deserialize_moved::<F::Config>(self.0.moved_options())?;
+        self.0.validate(&typed, ctx).map_err(|error| config.locate(error))?;
         Ok(Arc::new(SinkWithConfig { factory: Arc::clone(&self.0), config: typed }))
     }
 }
@@ -415,5 +531,39 @@ impl ComponentFactory {
             ComponentFactory::Transform(_) => "transform",
             ComponentFactory::Sink(_) => "sink",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MOVED: &[MovedOption] = &[
+        MovedOption { key: "ca_file", table: "tls" },
+        MovedOption { key: "client_id", table: "connection" },
+    ];
+
+    #[test]
+    fn moved_options_go_into_their_table_with_their_spans() {
+        let text = "url = \"u\"\nca_file = \"ca\"\n[connection]\nkeep_alive_secs = 5\n";
+        let config = ConfigValue::parse(text).expect("toml");
+        let (moved, warnings) = config.with_moved(MOVED).expect("moved");
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].contains("option `ca_file` is deprecated"), "{warnings:?}");
+        assert_eq!(moved.span_of("ca_file"), None);
+        let span = moved.span_of("tls.ca_file").expect("moved into tls");
+        assert_eq!(&text[span], "ca_file");
+        assert_eq!(
+            config.span_of("connection.keep_alive_secs").map(|s| &text[s]),
+            Some("keep_alive_secs")
+        );
+        assert_eq!(config.span_of("connection.nope"), None);
+
+        let twice = ConfigValue::parse("client_id = \"a\"\nconnection = { client_id = \"b\" }")
+            .expect("toml");
+        let error = twice.with_moved(MOVED).expect_err("set twice");
+        assert_eq!(error.span, Some(0..9));
+        let not_table = ConfigValue::parse("client_id = \"a\"\nconnection = 3").expect("toml");
+        assert!(not_table.with_moved(MOVED).is_err());
     }
 }

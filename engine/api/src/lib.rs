@@ -11,6 +11,7 @@ pub mod error;
 pub mod factory;
 pub mod json;
 pub mod records;
+pub mod shared;
 pub mod template;
 pub mod time;
 
@@ -25,7 +26,7 @@ pub use component::{
 pub use error::ComponentError;
 pub use factory::{
     ComponentFactory, ConfigError, ConfigValue, ConfiguredSink, ConfiguredSource,
-    ConfiguredTransform, PortType, SinkFactory, SourceFactory, TransformFactory,
+    ConfiguredTransform, MovedOption, PortType, SinkFactory, SourceFactory, TransformFactory,
     TransformProperties, ValidateContext,
 };
 pub use records::{
@@ -33,4 +34,5 @@ pub use records::{
     LABEL_ANOMALY, LABEL_NORMAL, MessageExtras, RawBatch, RawMessage, Reading, ReadingBatch,
     Schema, Score, Window,
 };
+pub use shared::ProcessShared;
 pub use time::{TimestampFormat, parse_timestamp, timestamp_from_number};

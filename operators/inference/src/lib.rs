@@ -11,15 +11,25 @@
 //! - [`Tract`]: pure Rust (tract), for constrained edge devices and zero-setup runs.
 //!
 //! [`load_backend`] picks one: `auto` uses ONNX Runtime when its library is found, else tract.
+//!
+//! Each backend is a cargo feature, both on by default: `onnxruntime` (the `ort` crate) and
+//! `tract` (pure Rust, for edge builds that leave ONNX Runtime out). A backend that was left
+//! out is an error at validation ([`BackendKind::compiled_in`]) and at load.
 
+mod locate;
 mod model;
+#[cfg(feature = "onnxruntime")]
 mod onnxruntime;
+#[cfg(feature = "tract")]
 mod tract;
 
 use std::path::{Path, PathBuf};
 
+pub use locate::find_onnxruntime;
 pub use model::{Detection, Io, ModelSpec, Scaler, Threshold, TrainingInfo, WindowSpec};
-pub use onnxruntime::{OnnxRuntime, find_onnxruntime};
+#[cfg(feature = "onnxruntime")]
+pub use onnxruntime::OnnxRuntime;
+#[cfg(feature = "tract")]
 pub use tract::Tract;
 
 /// Why a model could not be loaded or run.
@@ -55,6 +65,9 @@ pub enum InferenceError {
     /// ONNX Runtime was asked for and its library is not there or not usable.
     #[error("ONNX Runtime is not available: {0}")]
     RuntimeMissing(String),
+    /// The backend asked for was left out of this build (its cargo feature is off).
+    #[error("{0}")]
+    BackendMissing(String),
     /// Running the model failed.
     #[error("inference with {backend} failed: {message}")]
     Run {
@@ -84,6 +97,41 @@ pub enum BackendKind {
     Onnxruntime,
     /// tract, pure Rust.
     Tract,
+}
+
+impl BackendKind {
+    /// The backends compiled into this build, by name.
+    pub const COMPILED_IN: &'static [&'static str] = &[
+        #[cfg(feature = "onnxruntime")]
+        "onnxruntime",
+        #[cfg(feature = "tract")]
+        "tract",
+    ];
+
+    /// Whether this build can run models with this choice: its backend's cargo feature is on
+    /// (for `auto`, at least one of them).
+    pub fn compiled_in(self) -> bool {
+        match self {
+            BackendKind::Auto => !Self::COMPILED_IN.is_empty(),
+            BackendKind::Onnxruntime => cfg!(feature = "onnxruntime"),
+            BackendKind::Tract => cfg!(feature = "tract"),
+        }
+    }
+
+    /// Why [`BackendKind::compiled_in`] is false, for error messages.
+    pub fn missing_message(self) -> String {
+        let built = if Self::COMPILED_IN.is_empty() {
+            "no inference backend".to_owned()
+        } else {
+            format!("only {}", Self::COMPILED_IN.join(", "))
+        };
+        let wanted = match self {
+            BackendKind::Auto => "an inference backend (cargo feature `onnxruntime` or `tract`)",
+            BackendKind::Onnxruntime => "the ONNX Runtime backend (cargo feature `onnxruntime`)",
+            BackendKind::Tract => "the tract backend (cargo feature `tract`)",
+        };
+        format!("this build of tidewatch has {built}; the model needs {wanted}")
+    }
 }
 
 /// Runs a model on a batch of rows: `input` holds `rows * width` floats row after row, and
@@ -181,25 +229,64 @@ pub fn load_backend(
             source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such model file"),
         });
     }
+    if !kind.compiled_in() {
+        return Err(InferenceError::BackendMissing(kind.missing_message()));
+    }
     match kind {
-        BackendKind::Tract => Ok(Box::new(Tract::load(onnx, spec)?)),
+        BackendKind::Tract => load_tract(onnx, spec),
         BackendKind::Onnxruntime => {
             let library = find_onnxruntime(onnxruntime_library).ok_or_else(|| {
                 InferenceError::RuntimeMissing(
                     "no libonnxruntime found: set ORT_DYLIB_PATH or the `onnxruntime_library` option, or `pip install onnxruntime` into .venv".into(),
                 )
             })?;
-            Ok(Box::new(OnnxRuntime::load(onnx, spec, &library)?))
+            load_onnxruntime(onnx, spec, &library)
         }
-        BackendKind::Auto => match find_onnxruntime(onnxruntime_library) {
-            Some(library) => match OnnxRuntime::load(onnx, spec, &library) {
-                Ok(backend) => Ok(Box::new(backend)),
-                Err(error) => {
-                    tracing::warn!(%error, "ONNX Runtime unusable; falling back to tract");
-                    Ok(Box::new(Tract::load(onnx, spec)?))
-                }
-            },
-            None => Ok(Box::new(Tract::load(onnx, spec)?)),
-        },
+        BackendKind::Auto => {
+            let library = if cfg!(feature = "onnxruntime") {
+                find_onnxruntime(onnxruntime_library)
+            } else {
+                None
+            };
+            match library {
+                Some(library) => match load_onnxruntime(onnx, spec, &library) {
+                    Ok(backend) => Ok(backend),
+                    Err(error) if cfg!(feature = "tract") => {
+                        tracing::warn!(%error, "ONNX Runtime unusable; falling back to tract");
+                        load_tract(onnx, spec)
+                    }
+                    Err(error) => Err(error),
+                },
+                None => load_tract(onnx, spec),
+            }
+        }
     }
+}
+
+#[cfg(feature = "tract")]
+fn load_tract(onnx: &Path, spec: &ModelSpec) -> Result<Box<dyn Backend>, InferenceError> {
+    Ok(Box::new(Tract::load(onnx, spec)?))
+}
+
+#[cfg(not(feature = "tract"))]
+fn load_tract(_onnx: &Path, _spec: &ModelSpec) -> Result<Box<dyn Backend>, InferenceError> {
+    Err(InferenceError::BackendMissing(BackendKind::Tract.missing_message()))
+}
+
+#[cfg(feature = "onnxruntime")]
+fn load_onnxruntime(
+    onnx: &Path,
+    spec: &ModelSpec,
+    library: &Path,
+) -> Result<Box<dyn Backend>, InferenceError> {
+    Ok(Box::new(OnnxRuntime::load(onnx, spec, library)?))
+}
+
+#[cfg(not(feature = "onnxruntime"))]
+fn load_onnxruntime(
+    _onnx: &Path,
+    _spec: &ModelSpec,
+    _library: &Path,
+) -> Result<Box<dyn Backend>, InferenceError> {
+    Err(InferenceError::BackendMissing(BackendKind::Onnxruntime.missing_message()))
 }

@@ -554,6 +554,16 @@ impl TransformFactory for NormalizeFactory {
         vec![Kind::Raw]
     }
 
+    /// Every check of the options: they need no input type, so they run downstream of a
+    /// broken component too.
+    fn validate(
+        &self,
+        config: &NormalizeOptions,
+        ctx: &ValidateContext,
+    ) -> Result<(), ConfigError> {
+        prepare(config, &ctx.pipeline.base_dir).map(|_| ())
+    }
+
     fn output_type(
         &self,
         config: &NormalizeOptions,

@@ -16,29 +16,7 @@ use tidewatch_api::{
     Batch, ConfigError, DeviceId, EventTime, Outputs, ReadingBatch, Schema, Transform, Window,
 };
 
-use crate::window::WindowConfig;
-
-/// Checks count-window options; returns `(size, slide)`.
-pub(crate) fn check(config: &WindowConfig) -> Result<(usize, usize), ConfigError> {
-    if config.size_ms.is_some() || config.slide_ms.is_some() {
-        return Err(ConfigError::at_field(
-            "size_readings",
-            "give either `size_ms` (time windows) or `size_readings` (count windows), not both",
-        ));
-    }
-    let size = config.size_readings.unwrap_or(0);
-    if size == 0 {
-        return Err(ConfigError::at_field("size_readings", "`size_readings` must be at least 1"));
-    }
-    let slide = config.slide_readings.unwrap_or(1);
-    if slide == 0 || slide > size {
-        return Err(ConfigError::at_field(
-            "slide_readings",
-            format!("`slide_readings` must be in 1..={size} (`size_readings`)"),
-        ));
-    }
-    Ok((size, slide))
-}
+use super::config::{WindowConfig, count_geometry};
 
 #[derive(Debug)]
 struct Pending {
@@ -73,7 +51,7 @@ pub struct CountWindowOperator {
 impl CountWindowOperator {
     /// An operator for count-window options.
     pub fn new(config: &WindowConfig) -> Result<CountWindowOperator, ConfigError> {
-        let (size, slide) = check(config)?;
+        let (size, slide) = count_geometry(config)?;
         Ok(CountWindowOperator {
             size,
             slide,
@@ -260,11 +238,11 @@ mod tests {
 
     #[test]
     fn options_are_checked() {
-        assert!(check(&WindowConfig::count(0, 1)).is_err());
-        assert!(check(&WindowConfig::count(3, 4)).is_err());
+        assert!(count_geometry(&WindowConfig::count(0, 1)).is_err());
+        assert!(count_geometry(&WindowConfig::count(3, 4)).is_err());
         let mut both = WindowConfig::count(3, 1);
         both.size_ms = Some(10);
-        assert!(check(&both).is_err());
-        assert_eq!(check(&WindowConfig::count(5, 2)), Ok((5, 2)));
+        assert!(count_geometry(&both).is_err());
+        assert_eq!(count_geometry(&WindowConfig::count(5, 2)), Ok((5, 2)));
     }
 }

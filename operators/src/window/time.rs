@@ -1,223 +1,16 @@
-//! `window`: readings to per-device event-time [`Window`]s, tumbling or sliding, by time
-//! (`size_ms`) or by count (`size_readings`, see [`crate::count_window`]).
-//!
-//! Windows are aligned on the epoch: they start at every multiple of `slide_ms` (which defaults
-//! to `size_ms`, for tumbling windows) and last `size_ms`, so a reading at time `t` belongs to
-//! every window `[s, s + size_ms)` with `s` a multiple of `slide_ms` and `s <= t < s + size_ms`
-//! (`ceil(size_ms / slide_ms)` windows, or one fewer when `size_ms` is not a multiple of
-//! `slide_ms` and `t` falls in a gap of the sequence).
-//!
-//! A window `[s, e)` closes when the input watermark reaches `e` (`watermark >= e`): it is then
-//! emitted with its steps sorted by time, unless it has fewer than `min_steps` readings. A
-//! reading whose windows have all closed is late and goes to `<id>.late`; a reading of which
-//! only some windows have closed joins the ones still open. "Closed" for a reading means
-//! `e <= max(highest watermark seen, the producer's watermark when it sent the batch)`
-//! ([`Outputs::batch_watermark`]), so lateness does not depend on when the operator was
-//! scheduled.
+//! Time windows, tumbling or sliding (see [`super`] for their semantics).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use tidewatch_api::{
-    Batch, ComponentContext, ComponentError, ConfigError, DeviceId, EventTime, Kind, Outputs,
-    PortType, ReadingBatch, Schema, Transform, TransformFactory, TransformProperties,
-    ValidateContext, Window,
+    Batch, ComponentContext, ComponentError, ConfigError, DeviceId, EventTime, Outputs,
+    ReadingBatch, Schema, Transform, Window,
 };
 
-use crate::util::{IdHash, config_error};
-
-// ---------------------------------------------------------------------------------------------
-// Options
-// ---------------------------------------------------------------------------------------------
-
-/// Options of the `window` transform.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct WindowConfig {
-    /// Length of each window, ms (greater than 0). Exactly one of `size_ms` and
-    /// `size_readings` is given.
-    #[serde(default)]
-    pub size_ms: Option<u64>,
-    /// Distance between the starts of consecutive windows, ms; defaults to `size_ms`
-    /// (tumbling windows). Must satisfy `0 < slide_ms <= size_ms`.
-    #[serde(default)]
-    pub slide_ms: Option<u64>,
-    /// Windows with fewer readings than this are discarded (counted as `too_few_steps`).
-    #[serde(default = "default_min_steps")]
-    pub min_steps: usize,
-    /// Count windows: each window holds a device's last `size_readings` readings in event-time
-    /// order (greater than 0).
-    #[serde(default)]
-    pub size_readings: Option<usize>,
-    /// Count windows: a window every `slide_readings` readings (default 1: a window ending at
-    /// every reading). Must satisfy `0 < slide_readings <= size_readings`.
-    #[serde(default)]
-    pub slide_readings: Option<usize>,
-}
-
-fn default_min_steps() -> usize {
-    1
-}
-
-impl WindowConfig {
-    /// Tumbling windows of `size_ms`, with `min_steps` = 1.
-    pub fn tumbling(size_ms: u64) -> WindowConfig {
-        WindowConfig {
-            size_ms: Some(size_ms),
-            slide_ms: None,
-            min_steps: 1,
-            size_readings: None,
-            slide_readings: None,
-        }
-    }
-
-    /// Count windows of a device's last `size` readings, one every `slide` readings.
-    pub fn count(size: usize, slide: usize) -> WindowConfig {
-        WindowConfig {
-            size_ms: None,
-            slide_ms: None,
-            min_steps: 1,
-            size_readings: Some(size),
-            slide_readings: Some(slide),
-        }
-    }
-
-    /// True for count windows (`size_readings`).
-    pub fn is_count(&self) -> bool {
-        self.size_readings.is_some()
-    }
-
-    /// Sliding windows of `size_ms` every `slide_ms`, with `min_steps` = 1.
-    pub fn sliding(size_ms: u64, slide_ms: u64) -> WindowConfig {
-        WindowConfig {
-            size_ms: Some(size_ms),
-            slide_ms: Some(slide_ms),
-            min_steps: 1,
-            size_readings: None,
-            slide_readings: None,
-        }
-    }
-}
-
-/// The longest window, ms (about 285 years): keeps every window bound far from overflow.
-pub const MAX_WINDOW_SIZE_MS: u64 = 1 << 53;
-/// The most windows one reading may belong to (`ceil(size_ms / slide_ms)`).
-pub const MAX_WINDOWS_PER_READING: u64 = 10_000;
-/// Readings with an event time beyond ±this many ms are rejected (`bad_timestamp`).
-const MAX_ABS_TIME_MS: EventTime = 1 << 62;
-
-/// The checked options.
-#[derive(Clone, Copy, Debug)]
-struct Geometry {
-    size: EventTime,
-    slide: EventTime,
-    min_steps: usize,
-}
-
-fn geometry(config: &WindowConfig) -> Result<Geometry, ConfigError> {
-    if config.size_readings.is_some() || config.slide_readings.is_some() {
-        return Err(ConfigError::new("these are count-window options (`size_readings`)"));
-    }
-    let Some(size_ms) = config.size_ms else {
-        return Err(ConfigError::new(
-            "`window` needs `size_ms` (time windows) or `size_readings` (count windows)",
-        )
-        .with_hint("e.g. size_ms = 10000 for 10 s windows"));
-    };
-    if size_ms == 0 {
-        return Err(ConfigError::at_field("size_ms", "`size_ms` must be greater than 0")
-            .with_hint("e.g. size_ms = 10000 for 10 s windows"));
-    }
-    if size_ms > MAX_WINDOW_SIZE_MS {
-        return Err(ConfigError::at_field(
-            "size_ms",
-            format!("`size_ms` must be at most {MAX_WINDOW_SIZE_MS}"),
-        ));
-    }
-    let slide = config.slide_ms.unwrap_or(size_ms);
-    if slide == 0 || slide > size_ms {
-        return Err(ConfigError::at_field(
-            "slide_ms",
-            format!("`slide_ms` must be in 1..={size_ms} (`size_ms`)"),
-        )
-        .with_hint("leave `slide_ms` out for tumbling windows"));
-    }
-    let overlap = size_ms.div_ceil(slide);
-    if overlap > MAX_WINDOWS_PER_READING {
-        return Err(ConfigError::at_field(
-            "slide_ms",
-            format!(
-                "each reading would belong to {overlap} windows; at most \
-                 {MAX_WINDOWS_PER_READING} are allowed"
-            ),
-        )
-        .with_hint("use a larger `slide_ms`"));
-    }
-    if config.min_steps == 0 {
-        return Err(ConfigError::at_field("min_steps", "`min_steps` must be at least 1"));
-    }
-    Ok(Geometry {
-        size: size_ms as EventTime,
-        slide: slide as EventTime,
-        min_steps: config.min_steps,
-    })
-}
-
-// ---------------------------------------------------------------------------------------------
-// Factory
-// ---------------------------------------------------------------------------------------------
-
-/// Factory of the `window` transform.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct WindowFactory;
-
-impl TransformFactory for WindowFactory {
-    type Config = WindowConfig;
-
-    fn accepts(&self, _config: &WindowConfig) -> Vec<Kind> {
-        vec![Kind::Readings]
-    }
-
-    fn output_type(
-        &self,
-        config: &WindowConfig,
-        input: &PortType,
-        _ctx: &ValidateContext,
-    ) -> Result<PortType, ConfigError> {
-        if input.kind != Kind::Readings {
-            return Err(ConfigError::new(format!(
-                "`window` reads readings, but its input carries {}",
-                input.kind
-            ))
-            .with_hint("put a `normalize` transform before `window`"));
-        }
-        if config.is_count() {
-            crate::count_window::check(config)?;
-        } else {
-            geometry(config)?;
-        }
-        Ok(PortType { kind: Kind::Windows, schema: input.schema.clone() })
-    }
-
-    fn properties(&self, _config: &WindowConfig) -> TransformProperties {
-        TransformProperties { keyed: true, assigns_event_time: false, late_output: true }
-    }
-
-    fn build(
-        &self,
-        config: &WindowConfig,
-        ctx: &ComponentContext,
-    ) -> Result<Box<dyn Transform>, ComponentError> {
-        if config.is_count() {
-            let operator =
-                crate::count_window::CountWindowOperator::new(config).map_err(config_error)?;
-            return Ok(Box::new(operator));
-        }
-        let operator = WindowOperator::new(config, ctx).map_err(config_error)?;
-        Ok(Box::new(operator))
-    }
-}
+use super::config::{Geometry, MAX_ABS_TIME_MS, WindowConfig, geometry};
+use crate::util::IdHash;
 
 // ---------------------------------------------------------------------------------------------
 // State
@@ -524,7 +317,7 @@ struct SnapshotWindow {
 
 #[cfg(test)]
 mod tests {
-    use tidewatch_api::{ConfigValue, LABEL_ANOMALY, LABEL_NORMAL};
+    use tidewatch_api::{LABEL_ANOMALY, LABEL_NORMAL};
 
     use super::*;
 
@@ -774,38 +567,5 @@ mod tests {
 
         let mut other = operator(WindowConfig::tumbling(20));
         assert!(other.restore(&state).is_err());
-    }
-
-    #[test]
-    fn config_validation() {
-        let factory = WindowFactory;
-        let ctx = ValidateContext::default();
-        let input = PortType::with_schema(Kind::Readings, schema());
-        let parse = |toml: &str| -> WindowConfig {
-            ConfigValue::parse(toml).expect("toml").deserialize().expect("config")
-        };
-        let output = factory.output_type(&parse("size_ms = 1000"), &input, &ctx).expect("valid");
-        assert_eq!(output, PortType::with_schema(Kind::Windows, schema()));
-        assert_eq!(parse("size_ms = 1000"), WindowConfig::tumbling(1000));
-        for (toml, field) in [
-            ("size_ms = 0", "size_ms"),
-            ("size_ms = 10\nslide_ms = 0", "slide_ms"),
-            ("size_ms = 10\nslide_ms = 11", "slide_ms"),
-            ("size_ms = 100000000\nslide_ms = 1", "slide_ms"),
-            ("size_ms = 10\nmin_steps = 0", "min_steps"),
-        ] {
-            let error = factory.output_type(&parse(toml), &input, &ctx).expect_err(toml);
-            assert_eq!(error.field.as_deref(), Some(field), "{toml}");
-        }
-        let unknown = ConfigValue::parse("size_ms = 10\nsize = 3")
-            .expect("toml")
-            .deserialize::<WindowConfig>()
-            .expect_err("unknown option");
-        assert!(unknown.message.contains("size"), "{}", unknown.message);
-        assert!(
-            factory.output_type(&parse("size_ms = 10"), &PortType::of(Kind::Raw), &ctx).is_err()
-        );
-        let properties = factory.properties(&parse("size_ms = 10"));
-        assert!(properties.keyed && properties.late_output && !properties.assigns_event_time);
     }
 }
