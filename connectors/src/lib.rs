@@ -36,6 +36,7 @@
 //! connector not written yet).
 
 mod backoff;
+mod dead_letter;
 pub mod file;
 #[cfg(feature = "kafka")]
 pub mod kafka;

@@ -44,7 +44,8 @@ fn main() -> ExitCode {
     };
     let mut assignment = TopicPartitionList::new();
     for partition in metadata.topics().iter().flat_map(|topic| topic.partitions()) {
-        if let Err(error) = assignment.add_partition_offset(topic, partition.id(), Offset::Beginning)
+        if let Err(error) =
+            assignment.add_partition_offset(topic, partition.id(), Offset::Beginning)
         {
             eprintln!("{error}");
             return ExitCode::FAILURE;

@@ -31,10 +31,8 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::io::Write as _;
-use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -46,7 +44,6 @@ use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, T
 use serde::Deserialize;
 use serde_json::json;
 use tidewatch_api::json::write_json_lines;
-use tidewatch_api::time::format_rfc3339;
 use tidewatch_api::{
     Batch, ComponentContext, ComponentError, ConfigError, DeviceId, Kind, ReadingBatch, Sink,
     SinkFactory, ValidateContext,
@@ -54,8 +51,8 @@ use tidewatch_api::{
 
 use super::buffer::{BufferConfig, DiskBuffer};
 use super::{KafkaConnection, KafkaSasl, TlsConfig, error_text, validate_brokers};
+use crate::dead_letter::DeadLetterFile;
 use crate::shared::{Registered, per_component};
-use crate::sinks::{SharedWriter, shared_writer};
 
 fn default_brokers() -> String {
     "127.0.0.1:9092".to_owned()
@@ -358,33 +355,19 @@ impl SinkMetrics {
 /// The dead-letter file: one JSON line per record that was not delivered.
 #[derive(Debug)]
 struct DeadLetters {
-    path: PathBuf,
-    writer: SharedWriter,
-    component: String,
+    file: DeadLetterFile,
     topic: String,
-    metrics: SinkMetrics,
 }
 
 impl DeadLetters {
     fn write(&self, reason: &str, error: &str, key: Option<&[u8]>, value: &[u8]) {
-        let line = json!({
-            "time": format_rfc3339(tidewatch_api::records::now_ms()),
-            "component": self.component,
+        let fields = json!({
             "topic": self.topic,
-            "reason": reason,
             "error": error,
             "key": key.map(String::from_utf8_lossy),
             "value": String::from_utf8_lossy(value),
         });
-        let mut writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
-        let written = serde_json::to_writer(&mut *writer, &line)
-            .map_err(std::io::Error::from)
-            .and_then(|()| writer.write_all(b"\n"))
-            .and_then(|()| writer.flush());
-        self.metrics.dead_letters.with_label_values(&[reason]).inc();
-        if let Err(error) = written {
-            tracing::error!(path = %self.path.display(), %error, "cannot write a kafka dead letter; the record is lost");
-        }
+        self.file.write(reason, fields, "kafka record");
     }
 }
 
@@ -411,13 +394,14 @@ fn failure_reason(error: &KafkaError) -> &'static str {
 /// Delivery reports (run on the producer's polling thread).
 struct Deliveries {
     dead: DeadLetters,
+    delivered: IntCounter,
     buffer: Option<Arc<DiskBuffer>>,
     in_flight: Arc<AtomicU64>,
 }
 
 impl ClientContext for Deliveries {
     fn error(&self, error: KafkaError, reason: &str) {
-        tracing::warn!(component = %self.dead.component, error = %error, reason, "kafka producer error");
+        tracing::warn!(component = %self.dead.file.component(), error = %error, reason, "kafka producer error");
     }
 }
 
@@ -427,10 +411,10 @@ impl ProducerContext for Deliveries {
 
     fn delivery(&self, result: &DeliveryResult<'_>, seq: usize) {
         match result {
-            Ok(_) => self.dead.metrics.delivered.inc(),
+            Ok(_) => self.delivered.inc(),
             Err((error, message)) => {
                 let reason = failure_reason(error);
-                tracing::warn!(component = %self.dead.component, error = %error_text(error), reason, "kafka delivery failed; dead-lettered");
+                tracing::warn!(component = %self.dead.file.component(), error = %error_text(error), reason, "kafka delivery failed; dead-lettered");
                 self.dead.write(
                     reason,
                     &error_text(error),
@@ -443,7 +427,7 @@ impl ProducerContext for Deliveries {
             // Delivered or dead-lettered: either way it leaves the buffer.
             self.in_flight.fetch_sub(1, Ordering::SeqCst);
             if let Err(error) = buffer.ack(seq as u64) {
-                tracing::error!(component = %self.dead.component, %error, "store-and-forward buffer");
+                tracing::error!(component = %self.dead.file.component(), %error, "store-and-forward buffer");
             }
         }
     }
@@ -638,20 +622,13 @@ impl KafkaSink {
                 ),
                 None => None,
             };
-            let path = ctx.resolve_path(&config.dead_letter_path);
-            let writer = shared_writer(ctx.process_shared(), &path, true).map_err(|error| {
-                ComponentError::io(
-                    format!("cannot open the dead-letter file {}", path.display()),
-                    error,
-                )
-            })?;
-            let dead = DeadLetters {
-                path,
-                writer,
-                component: ctx.component_id.to_string(),
-                topic: config.topic.clone(),
-                metrics: metrics.clone(),
-            };
+            let file = DeadLetterFile::open(
+                ctx.process_shared(),
+                ctx.resolve_path(&config.dead_letter_path),
+                &ctx.component_id,
+                metrics.dead_letters.clone(),
+            )?;
+            let dead = DeadLetters { file, topic: config.topic.clone() };
             let buffer = match &config.buffer {
                 Some(buffer) => {
                     let mut buffer = buffer.clone();
@@ -663,8 +640,12 @@ impl KafkaSink {
                 None => None,
             };
             let in_flight = Arc::new(AtomicU64::new(0));
-            let deliveries =
-                Deliveries { dead, buffer: buffer.clone(), in_flight: Arc::clone(&in_flight) };
+            let deliveries = Deliveries {
+                dead,
+                delivered: metrics.delivered.clone(),
+                buffer: buffer.clone(),
+                in_flight: Arc::clone(&in_flight),
+            };
             let producer = Arc::new(producer(config, ctx, deliveries)?);
             let stop = Arc::new(AtomicBool::new(false));
             let forwarder = match &buffer {
