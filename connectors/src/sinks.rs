@@ -12,8 +12,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use serde::Deserialize;
 use tidewatch_api::json::write_json_lines;
 use tidewatch_api::{
-    Batch, ComponentContext, ComponentError, ConfigError, Kind, ProcessShared, Sink, SinkFactory,
-    ValidateContext,
+    Batch, ComponentContext, ComponentError, ConfigError, DeviceId, Kind, ProcessShared, Sink,
+    SinkFactory, ValidateContext,
 };
 
 /// A batch buffer that grew beyond this is shrunk back after use.
@@ -157,6 +157,19 @@ fn canonical_target(path: &Path) -> io::Result<PathBuf> {
     };
     std::fs::create_dir_all(&parent)?;
     Ok(parent.canonicalize()?.join(name))
+}
+
+/// The device of every record of a batch, in order (`None` for raw messages and errors): the
+/// topic or key of what the broker sinks publish.
+pub(crate) fn record_devices(batch: &Batch) -> Vec<Option<DeviceId>> {
+    match batch {
+        Batch::Raw(raw) => vec![None; raw.len()],
+        Batch::Readings(readings) => readings.devices.iter().copied().map(Some).collect(),
+        Batch::Windows(windows) => windows.iter().map(|window| Some(window.device)).collect(),
+        Batch::Scores(scores) => scores.iter().map(|score| Some(score.device)).collect(),
+        Batch::Events(events) => events.iter().map(|event| Some(event.device)).collect(),
+        Batch::Errors(errors) => vec![None; errors.len()],
+    }
 }
 
 /// The writer of `path` in this engine run and process ([`ProcessShared`], keyed by the

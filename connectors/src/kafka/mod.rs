@@ -9,7 +9,7 @@
 //! - [`buffer`]: a bounded on-disk queue of records (segment files) that survives restarts.
 //! - [`publisher`]: the blocking publisher of `tidewatch simulate --kafka` and the tests.
 //!
-//! The options both share (brokers, TLS, SASL, extra librdkafka properties) are
+//! The options both share (TLS, SASL, extra librdkafka properties) are read through
 //! [`KafkaConnection`]. Every option is documented in `docs/reference/sources-and-sinks.md`,
 //! the delivery guarantees in `docs/operations.md`.
 
@@ -67,21 +67,18 @@ pub struct KafkaSasl {
     pub password: String,
 }
 
-/// How a Kafka client reaches the brokers: the options the source and the sink share.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct KafkaConnection {
+/// How a Kafka client reaches the brokers: the options the source and the sink share (their
+/// `tls`, `sasl` and `librdkafka` tables), borrowed from either's config.
+#[derive(Clone, Copy, Debug)]
+pub struct KafkaConnection<'a> {
     /// TLS towards the brokers (the shared nested `tls` table); present (even empty) means
     /// TLS.
-    #[serde(default)]
-    pub tls: Option<TlsConfig>,
+    pub tls: Option<&'a TlsConfig>,
     /// SASL authentication.
-    #[serde(default)]
-    pub sasl: Option<KafkaSasl>,
+    pub sasl: Option<&'a KafkaSasl>,
     /// Further librdkafka properties, by name (`"socket.keepalive.enable" = "true"`); the
     /// options above win over them.
-    #[serde(default)]
-    pub librdkafka: BTreeMap<String, String>,
+    pub librdkafka: &'a BTreeMap<String, String>,
 }
 
 /// Properties tidewatch sets itself: not accepted in `librdkafka`.
@@ -118,10 +115,10 @@ pub(crate) fn validate_brokers(brokers: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
-impl KafkaConnection {
+impl KafkaConnection<'_> {
     /// Checks the options beyond their types.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if let Some(tls) = &self.tls {
+        if let Some(tls) = self.tls {
             tls.validate(true, "")?;
         }
         for name in self.librdkafka.keys() {
@@ -140,7 +137,7 @@ impl KafkaConnection {
     /// properties; paths resolve against the pipeline file's folder.
     pub(crate) fn client_config(&self, brokers: &str, ctx: &ComponentContext) -> ClientConfig {
         let mut config = ClientConfig::new();
-        for (name, value) in &self.librdkafka {
+        for (name, value) in self.librdkafka {
             config.set(name, value);
         }
         config.set("bootstrap.servers", brokers);
@@ -164,7 +161,7 @@ impl KafkaConnection {
                 config.set("ssl.key.location", path(key));
             }
         }
-        if let Some(sasl) = &self.sasl {
+        if let Some(sasl) = self.sasl {
             config.set("sasl.mechanism", sasl.mechanism.name());
             config.set("sasl.username", &sasl.username);
             config.set("sasl.password", &sasl.password);
@@ -193,30 +190,26 @@ mod tests {
 
     #[test]
     fn security_options_become_properties() {
-        let connection = KafkaConnection {
-            tls: Some(TlsConfig { ca_file: Some("ca.pem".into()), ..TlsConfig::default() }),
-            sasl: Some(KafkaSasl {
-                mechanism: SaslMechanism::ScramSha512,
-                username: "u".into(),
-                password: "p".into(),
-            }),
-            librdkafka: BTreeMap::from([("socket.keepalive.enable".into(), "true".into())]),
+        let tls = TlsConfig { ca_file: Some("ca.pem".into()), ..TlsConfig::default() };
+        let sasl = KafkaSasl {
+            mechanism: SaslMechanism::ScramSha512,
+            username: "u".into(),
+            password: "p".into(),
         };
+        let extra = BTreeMap::from([("socket.keepalive.enable".into(), "true".into())]);
+        let connection = KafkaConnection { tls: Some(&tls), sasl: Some(&sasl), librdkafka: &extra };
         assert!(connection.validate().is_ok());
         let config = connection.client_config("h:9092", &ComponentContext::for_test("k", "kafka"));
         assert_eq!(config.get("security.protocol"), Some("sasl_ssl"));
         assert_eq!(config.get("sasl.mechanism"), Some("SCRAM-SHA-512"));
         assert_eq!(config.get("ssl.ca.location"), Some("./ca.pem"));
         assert_eq!(config.get("socket.keepalive.enable"), Some("true"));
-        let owned = KafkaConnection {
-            librdkafka: BTreeMap::from([("group.id".into(), "x".into())]),
-            ..KafkaConnection::default()
-        };
+        let owned = BTreeMap::from([("group.id".into(), "x".into())]);
+        let owned = KafkaConnection { tls: None, sasl: None, librdkafka: &owned };
         assert_eq!(owned.validate().expect_err("owned").field.as_deref(), Some("librdkafka"));
-        let half = KafkaConnection {
-            tls: Some(TlsConfig { client_cert_file: Some("c.pem".into()), ..TlsConfig::default() }),
-            ..KafkaConnection::default()
-        };
+        let half = TlsConfig { client_cert_file: Some("c.pem".into()), ..TlsConfig::default() };
+        let none = BTreeMap::new();
+        let half = KafkaConnection { tls: Some(&half), sasl: None, librdkafka: &none };
         assert_eq!(
             half.validate().expect_err("half").field.as_deref(),
             Some("tls.client_key_file")

@@ -53,6 +53,7 @@ use super::buffer::{BufferConfig, DiskBuffer};
 use super::{KafkaConnection, KafkaSasl, TlsConfig, error_text, validate_brokers};
 use crate::dead_letter::DeadLetterFile;
 use crate::shared::{Registered, per_component};
+use crate::sinks::record_devices;
 
 fn default_brokers() -> String {
     "127.0.0.1:9092".to_owned()
@@ -187,11 +188,11 @@ impl KafkaSinkConfig {
         }
     }
 
-    fn connection(&self) -> KafkaConnection {
+    fn connection(&self) -> KafkaConnection<'_> {
         KafkaConnection {
-            tls: self.tls.clone(),
-            sasl: self.sasl.clone(),
-            librdkafka: self.librdkafka.clone(),
+            tls: self.tls.as_ref(),
+            sasl: self.sasl.as_ref(),
+            librdkafka: &self.librdkafka,
         }
     }
 
@@ -593,18 +594,6 @@ impl fmt::Debug for KafkaSink {
     }
 }
 
-/// The device of every record of a batch, in order (`None` for raw messages and errors).
-fn devices(batch: &Batch) -> Vec<Option<DeviceId>> {
-    match batch {
-        Batch::Raw(raw) => vec![None; raw.len()],
-        Batch::Readings(readings) => readings.devices.iter().copied().map(Some).collect(),
-        Batch::Windows(windows) => windows.iter().map(|window| Some(window.device)).collect(),
-        Batch::Scores(scores) => scores.iter().map(|score| Some(score.device)).collect(),
-        Batch::Events(events) => events.iter().map(|event| Some(event.device)).collect(),
-        Batch::Errors(errors) => vec![None; errors.len()],
-    }
-}
-
 impl KafkaSink {
     /// The sink of one worker: the first worker's instance creates the producer (it connects
     /// in the background) and opens the buffer, the others share them.
@@ -733,7 +722,7 @@ impl Sink for KafkaSink {
         .map_err(|error| ComponentError::io("cannot encode records as JSON", error));
         let result = encoded.and_then(|()| {
             let names: Vec<Option<std::sync::Arc<str>>> =
-                devices(&batch).into_iter().map(|device| device.map(DeviceId::name)).collect();
+                record_devices(&batch).into_iter().map(|device| device.map(DeviceId::name)).collect();
             let lines = buf.split(|byte| *byte == b'\n').filter(|line| !line.is_empty());
             let records = lines.zip(names.iter()).map(|(line, name)| (name.as_deref().map(str::as_bytes), line));
             match &self.shared.buffer {

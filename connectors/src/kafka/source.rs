@@ -156,11 +156,11 @@ impl KafkaSourceConfig {
         }
     }
 
-    fn connection(&self) -> KafkaConnection {
+    fn connection(&self) -> KafkaConnection<'_> {
         KafkaConnection {
-            tls: self.tls.clone(),
-            sasl: self.sasl.clone(),
-            librdkafka: self.librdkafka.clone(),
+            tls: self.tls.as_ref(),
+            sasl: self.sasl.as_ref(),
+            librdkafka: &self.librdkafka,
         }
     }
 
