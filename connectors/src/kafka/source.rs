@@ -783,3 +783,86 @@ impl Drop for KafkaSource {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tidewatch_api::ConfigValue;
+
+    use super::*;
+
+    fn config(text: &str) -> KafkaSourceConfig {
+        ConfigValue::parse(text).expect("toml").deserialize().expect("config")
+    }
+
+    #[test]
+    fn options_are_checked() {
+        let ctx = ValidateContext::default();
+        let base = "topics = [\"readings\"]\n";
+        assert!(KafkaSourceFactory.output_type(&config(base), &ctx).is_ok());
+        for (extra, field) in [
+            ("brokers = \"localhost\"", "brokers"),
+            ("batch_size = 0", "batch_size"),
+            ("max_in_flight_records = 0", "max_in_flight_records"),
+            ("commit_interval_ms = 0", "commit_interval_ms"),
+            ("librdkafka = { \"enable.auto.commit\" = \"true\" }", "librdkafka"),
+            ("[tls]\nclient_cert_file = \"c.pem\"", "tls.client_key_file"),
+        ] {
+            let error = KafkaSourceFactory
+                .output_type(&config(&format!("{base}{extra}")), &ctx)
+                .expect_err(extra);
+            assert_eq!(error.field.as_deref(), Some(field), "{extra}");
+        }
+        let error = KafkaSourceFactory.output_type(&config("topics = []"), &ctx).expect_err("[]");
+        assert_eq!(error.field.as_deref(), Some("topics"));
+        // Payload options belong to normalize; unknown options are errors.
+        for unknown in [
+            "format = \"json\"",
+            "group = \"g\"",
+            "[sasl]\nmechanism = \"PLAIN\"\nusername = \"u\"\npassword = \"p\"\nextra = 1",
+        ] {
+            let parsed = ConfigValue::parse(&format!("{base}{unknown}"))
+                .expect("toml")
+                .deserialize::<KafkaSourceConfig>();
+            assert!(parsed.is_err(), "{unknown}");
+        }
+        let source = KafkaSource::new(&config(base), &ComponentContext::for_test("in", "kafka"))
+            .expect("source");
+        assert_eq!(source.group(), "tidewatch-pipeline-in");
+        assert!(!source.ready(), "not ready before the group assigned partitions");
+    }
+
+    #[test]
+    fn offsets_advance_only_over_a_prefix_of_processed_batches() {
+        let mut order = AckOrder::default();
+        let key = |partition| ("t".to_owned(), partition);
+        let (first, second, third) = (order.issue(), order.issue(), order.issue());
+        // The second batch is done first: nothing is safe while the first is in the pipeline.
+        let (safe, covered) = order.done(second, 2, vec![(key(0), 11), (key(1), 5)]);
+        assert!(safe.is_empty());
+        assert_eq!(covered, 0);
+        assert_eq!(order.outstanding(), 3);
+        let (mut safe, covered) = order.done(first, 3, vec![(key(0), 9)]);
+        safe.sort();
+        assert_eq!(safe, [(key(0), 12), (key(1), 6)], "next offsets: greatest + 1");
+        assert_eq!(covered, 5);
+        let (safe, covered) = order.done(third, 1, vec![(key(1), 6)]);
+        assert_eq!(safe, [(key(1), 7)]);
+        assert_eq!((covered, order.outstanding()), (1, 0));
+    }
+
+    #[test]
+    fn snapshots_are_the_stored_positions_and_restore_them() {
+        let ctx = ComponentContext::for_test("in", "kafka");
+        let mut source =
+            KafkaSource::new(&config("topics = [\"readings\"]"), &ctx).expect("source");
+        let seq = source.order.issue();
+        source.done_tx.send((seq, 4, vec![(("readings".to_owned(), 2), 41)])).expect("send");
+        let snapshot = source.snapshot().expect("snapshot").expect("some");
+        let positions: Positions = serde_json::from_slice(&snapshot).expect("json");
+        assert_eq!(positions.get("readings", 2), Some(42));
+        let mut other = KafkaSource::new(&config("topics = [\"readings\"]"), &ctx).expect("source");
+        other.restore(&snapshot).expect("restore");
+        assert_eq!(other.restored, positions);
+        assert!(other.restore(b"not json").is_err());
+    }
+}
