@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Kafka ingest: tidewatch (kafka -> normalize -> window -> stats -> blackhole, offsets stored
 # as normalize finishes each batch) against a raw librdkafka consumer of the same topic
-# (benches/src/bin/kafka_raw_consume.rs: the same bundled librdkafka, counting messages and
-# nothing else).
+# (connectors/examples/kafka_raw_consume.rs: the same bundled librdkafka, counting messages
+# and nothing else).
 #
 #   benches/kafka_ingest.sh [MESSAGES] [WORKERS]      # default 1000000 messages, 2 workers
 #
@@ -26,8 +26,11 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
 scripts/services.sh start kafka >/dev/null
-[ -x "$target/tidewatch" ] && [ -x "$target/kafka_raw_consume" ] \
-  || cargo build --release -p tidewatch --bin tidewatch -p tidewatch-benches --bin kafka_raw_consume
+# Only what the benchmark runs: no inference backend.
+[ -x "$target/tidewatch" ] && [ -x "$target/examples/kafka_raw_consume" ] || {
+  cargo build --release -p tidewatch --no-default-features --features mqtt,kafka --bin tidewatch
+  cargo build --release -p tidewatch-connectors --example kafka_raw_consume
+}
 now() { date +%s.%N; }
 calc() { awk "BEGIN { printf \"%.6f\", $1 }"; }
 
@@ -36,7 +39,7 @@ echo "producing $messages readings to $topic ..."
   --devices 1000 --count "$messages" --interval-ms 1000 2>&1 | tail -n 1
 
 # --- raw librdkafka ---------------------------------------------------------------------------
-raw=$("$target/kafka_raw_consume" "$brokers" "$topic" "$messages")
+raw=$("$target/examples/kafka_raw_consume" "$brokers" "$topic" "$messages")
 echo "raw:       $raw"
 raw_secs=$(echo "$raw" | awk '{ for (i = 1; i <= NF; i++) if ($i == "in") print $(i + 1) }')
 

@@ -1,5 +1,5 @@
 //! The baseline of `benches/kafka_ingest.sh`: a raw librdkafka consumer (rdkafka's
-//! `BaseConsumer`, the same bundled librdkafka as tidewatch) that reads a topic from the start
+//! `BaseConsumer`, the same bundled librdkafka as tidewatch's `kafka` source) that reads a topic from the start
 //! of every partition and counts the messages and bytes, nothing else.
 //!
 //!   kafka_raw_consume BROKERS TOPIC MESSAGES
