@@ -62,6 +62,7 @@ impl DeadLetterFile {
     }
 
     /// The component the file belongs to.
+    #[cfg(feature = "kafka")]
     pub(crate) fn component(&self) -> &str {
         &self.component
     }

@@ -12,8 +12,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use serde::Deserialize;
 use tidewatch_api::json::write_json_lines;
 use tidewatch_api::{
-    Batch, ComponentContext, ComponentError, ConfigError, DeviceId, Kind, ProcessShared, Sink,
-    SinkFactory, ValidateContext,
+    Batch, ComponentContext, ComponentError, ConfigError, Kind, ProcessShared, Sink, SinkFactory,
+    ValidateContext,
 };
 
 /// A batch buffer that grew beyond this is shrunk back after use.
@@ -161,7 +161,8 @@ fn canonical_target(path: &Path) -> io::Result<PathBuf> {
 
 /// The device of every record of a batch, in order (`None` for raw messages and errors): the
 /// topic or key of what the broker sinks publish.
-pub(crate) fn record_devices(batch: &Batch) -> Vec<Option<DeviceId>> {
+#[cfg(any(feature = "mqtt", feature = "kafka"))]
+pub(crate) fn record_devices(batch: &Batch) -> Vec<Option<tidewatch_api::DeviceId>> {
     match batch {
         Batch::Raw(raw) => vec![None; raw.len()],
         Batch::Readings(readings) => readings.devices.iter().copied().map(Some).collect(),
