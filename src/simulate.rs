@@ -40,7 +40,7 @@ pub struct SimulateArgs {
     /// Broker URL: mqtt://host:port or mqtts://host:port.
     #[arg(long, value_name = "URL", required_unless_present = "kafka", conflicts_with = "kafka")]
     pub mqtt: Option<String>,
-    /// Kafka bootstrap brokers (host:port[,host:port]): publish to the topic --topic instead,
+    /// Kafka bootstrap brokers (host:port, comma-separated): publish to the topic --topic instead,
     /// each message keyed by its device.
     #[arg(long, value_name = "BROKERS")]
     pub kafka: Option<String>,
