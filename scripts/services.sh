@@ -472,7 +472,7 @@ CONF
 
 kafka_start() {
   local dir=$state/kafka
-  if already_running kafka "$dir/kafka.pid" poll 60 kafka_ready; then
+  if already_running kafka "$dir/kafka.pid" poll 180 kafka_ready; then
     echo "kafka bootstrap servers: 127.0.0.1:$KAFKA_PORT"
     return 0
   fi
@@ -487,7 +487,7 @@ kafka_start() {
     -XX:MaxGCPauseMillis=20 -Djava.awt.headless=true \
     -Dlog4j2.configurationFile="$dir/log4j2.properties" \
     -cp "$KAFKA_LIBS/*" kafka.Kafka "$dir/server.properties"
-  await kafka "$dir/kafka.pid" "$dir/kafka.log" 60 kafka_ready
+  await kafka "$dir/kafka.pid" "$dir/kafka.log" 180 kafka_ready
   echo "kafka running (pid $(cat "$dir/kafka.pid")): bootstrap servers 127.0.0.1:$KAFKA_PORT"
 }
 

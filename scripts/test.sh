@@ -27,6 +27,18 @@ if ! command -v cargo >/dev/null 2>&1; then
 fi
 command -v cargo >/dev/null 2>&1 || { echo "cargo not found: install Rust (rustup, stable >= 1.88)" >&2; exit 1; }
 
+# Build dependencies of librdkafka (bundled by the rdkafka crate, built from source with
+# gcc and make: no cmake): pkg-config, zlib and OpenSSL headers. Installed once, as root.
+step "build dependencies (librdkafka)"
+missing=()
+for package in pkg-config zlib1g-dev libssl-dev; do
+  dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+fi
+
 # The Python side: training/train.py and the ONNX Runtime library the engine loads
 # (onnxruntime's wheel ships libonnxruntime.so). Reinstalled only when requirements change.
 step "python environment (.venv)"
@@ -43,7 +55,7 @@ trap cleanup EXIT
 # Services the integration tests need (each issue adds its own), started through
 # scripts/services.sh. TIDEWATCH_TEST_SERVICES overrides the list (empty: start none).
 # A service that was already running is reused and left running afterwards.
-for service in ${TIDEWATCH_TEST_SERVICES-mosquitto prometheus alertmanager ceph}; do
+for service in ${TIDEWATCH_TEST_SERVICES-mosquitto prometheus alertmanager kafka ceph}; do
   step "starting $service"
   if scripts/services.sh status "$service" >/dev/null 2>&1; then
     scripts/services.sh start "$service"

@@ -35,6 +35,11 @@ def verified(secret: bytes, headers, body: bytes, max_age_s: int = 300) -> bool:
     return fresh and hmac.compare_digest(expected, headers.get("X-Tidewatch-Signature", ""))
 
 
+# Serializes the lines printed by the request threads: print() writes the text and the line end
+# separately, so two threads could interleave them.
+OUTPUT = Lock()
+
+
 class Seen:
     """The keys processed recently (bounded, oldest forgotten first)."""
 
@@ -71,7 +76,10 @@ def handler(secret, seen):
                 "device": alert.get("labels", {}).get("device"),
                 "body": payload,
             }
-            print(json.dumps(event), flush=True)  # act on the event here
+            line = json.dumps(event) + "\n"  # act on the event here
+            with OUTPUT:  # one whole line per event, whatever the threads do
+                sys.stdout.write(line)
+                sys.stdout.flush()
             self.answer(200)
 
         def answer(self, code):

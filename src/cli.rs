@@ -124,8 +124,9 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = ReportFormat::Text)]
         format: ReportFormat,
     },
-    /// Publish the simulated pump fleet (or replay a CSV file) to an MQTT broker.
-    #[cfg(feature = "mqtt")]
+    /// Publish the simulated pump fleet (or replay a CSV file) to an MQTT broker or a Kafka
+    /// topic.
+    #[cfg(any(feature = "mqtt", feature = "kafka"))]
     Simulate(crate::simulate::SimulateArgs),
     /// The model registry in the lake's store: push, list, promote, sync.
     #[cfg(feature = "s3")]
@@ -297,7 +298,7 @@ pub fn main(registry: Registry) -> ExitCode {
 pub fn execute(command: Command, registry: &Registry) -> anyhow::Result<ExitCode> {
     match command {
         Command::Validate { pipelines } => Ok(validate(&pipelines, registry)),
-        #[cfg(feature = "mqtt")]
+        #[cfg(any(feature = "mqtt", feature = "kafka"))]
         Command::Simulate(args) => {
             crate::simulate::run(&args)?;
             Ok(ExitCode::SUCCESS)

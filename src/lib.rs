@@ -22,7 +22,7 @@
 
 pub mod backtest;
 pub mod cli;
-#[cfg(feature = "mqtt")]
+#[cfg(any(feature = "mqtt", feature = "kafka"))]
 pub mod simulate;
 
 pub use tidewatch_api as api;

@@ -1,5 +1,5 @@
 //! `tidewatch simulate`: publishes the simulated pump fleet, or replays a CSV file, to an MQTT
-//! broker.
+//! broker or a Kafka topic (`--kafka BROKERS --topic T`, each message keyed by its device).
 //!
 //! The fleet is the `simulator` source's (same physics, same seed, same payloads); a replayed
 //! CSV file (SKAB files as they are: `;`-separated, CRLF) is published row by row as JSON
@@ -19,6 +19,9 @@ use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
 use tidewatch_api::codec::{Delimiter, csv};
 use tidewatch_api::{Batch, ComponentContext, Outputs, RawBatch, Source, SourcePoll};
+#[cfg(feature = "kafka")]
+use tidewatch_connectors::kafka::KafkaPublisher;
+#[cfg(feature = "mqtt")]
 use tidewatch_connectors::mqtt::{ConnectionSettings, MqttPublisher, Protocol};
 use tidewatch_connectors::{FileSource, FileSourceConfig, SimulatorConfig, SimulatorSource};
 
@@ -35,8 +38,12 @@ pub enum ProtocolArg {
 #[derive(Debug, Clone, Args)]
 pub struct SimulateArgs {
     /// Broker URL: mqtt://host:port or mqtts://host:port.
-    #[arg(long, value_name = "URL")]
-    pub mqtt: String,
+    #[arg(long, value_name = "URL", required_unless_present = "kafka", conflicts_with = "kafka")]
+    pub mqtt: Option<String>,
+    /// Kafka bootstrap brokers (host:port, comma-separated): publish to the topic --topic instead,
+    /// each message keyed by its device.
+    #[arg(long, value_name = "BROKERS")]
+    pub kafka: Option<String>,
     /// Pumps in the simulated fleet.
     #[arg(long, default_value_t = 10)]
     pub devices: usize,
@@ -49,9 +56,10 @@ pub struct SimulateArgs {
     /// QoS of the publishes: 0, 1 or 2.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=2))]
     pub qos: u8,
-    /// Topic template; {device} is replaced with the device name.
-    #[arg(long, default_value = "factory/site-1/pump/{device}/telemetry")]
-    pub topic: String,
+    /// Topic template; {device} is replaced with the device name. With --kafka: the Kafka
+    /// topic (default `readings`).
+    #[arg(long)]
+    pub topic: Option<String>,
     /// Simulated time between two readings of one pump, ms (default: devices * 1000 / rate,
     /// so event time follows the wall clock; 1000 when --rate is 0).
     #[arg(long)]
@@ -188,12 +196,20 @@ fn row_json(header: &[Arc<str>], delimiter: Delimiter, line: &[u8], device: &str
     serde_json::to_vec(&object).unwrap_or_default()
 }
 
-fn settings(args: &SimulateArgs) -> ConnectionSettings {
+/// The MQTT topic template when none is given.
+#[cfg(feature = "mqtt")]
+const DEFAULT_MQTT_TOPIC: &str = "factory/site-1/pump/{device}/telemetry";
+/// The Kafka topic when none is given.
+#[cfg(feature = "kafka")]
+const DEFAULT_KAFKA_TOPIC: &str = "readings";
+
+#[cfg(feature = "mqtt")]
+fn settings(args: &SimulateArgs, url: &str) -> ConnectionSettings {
     let client_id = args
         .client_id
         .clone()
         .unwrap_or_else(|| format!("tidewatch-simulate-{}", std::process::id()));
-    let mut settings = ConnectionSettings::new(args.mqtt.clone(), client_id);
+    let mut settings = ConnectionSettings::new(url.to_owned(), client_id);
     let connection = &mut settings.connection;
     connection.protocol = match args.protocol {
         ProtocolArg::V4 => Protocol::V4,
@@ -210,7 +226,8 @@ fn settings(args: &SimulateArgs) -> ConnectionSettings {
     settings
 }
 
-fn feed(args: &SimulateArgs) -> anyhow::Result<Feed> {
+/// `topic`: the simulator's topic template (with Kafka, `{device}`: the key).
+fn feed(args: &SimulateArgs, topic: &str) -> anyhow::Result<Feed> {
     let ctx = ComponentContext::for_test("simulate", "simulator");
     match &args.replay {
         None => {
@@ -229,7 +246,7 @@ fn feed(args: &SimulateArgs) -> anyhow::Result<Feed> {
                 rate_per_sec: args.rate,
                 interval_ms,
                 batch_size: 256,
-                topic: args.topic.clone(),
+                topic: topic.to_owned(),
                 ..SimulatorConfig::default()
             };
             let source = SimulatorSource::new(&config, &ctx).context("the fleet simulator")?;
@@ -255,7 +272,7 @@ fn feed(args: &SimulateArgs) -> anyhow::Result<Feed> {
             Ok(Feed::Replay {
                 source: Box::new(source),
                 device,
-                topic: args.topic.clone(),
+                topic: topic.to_owned(),
                 delimiter,
             })
         }
@@ -264,18 +281,74 @@ fn feed(args: &SimulateArgs) -> anyhow::Result<Feed> {
 
 /// Runs `tidewatch simulate`.
 pub fn run(args: &SimulateArgs) -> anyhow::Result<()> {
-    if !args.topic.contains("{device}") {
-        eprintln!("note: --topic has no {{device}}: every message goes to {}", args.topic);
-    }
-    let settings = settings(args);
-    settings.validate().map_err(|error| {
-        anyhow::anyhow!("{}: {}", error.field.as_deref().unwrap_or("options"), error.message)
-    })?;
-    let mut feed = feed(args)?;
     let stop = Arc::new(AtomicBool::new(false));
     let stopper = Arc::clone(&stop);
     tidewatch_engine::signals::install(move || stopper.store(true, Ordering::SeqCst))
         .context("installing signal handlers")?;
+    match (&args.kafka, &args.mqtt) {
+        #[cfg(feature = "kafka")]
+        (Some(brokers), _) => run_kafka(args, brokers, &stop),
+        #[cfg(feature = "mqtt")]
+        (None, Some(url)) => run_mqtt(args, url, &stop),
+        (None, None) => bail!("give --mqtt URL or --kafka BROKERS"),
+        #[allow(unreachable_patterns)]
+        _ => bail!("this build of tidewatch has no support for that broker (cargo features)"),
+    }
+}
+
+#[cfg(feature = "kafka")]
+/// Publishes to a Kafka topic, keyed by device, and waits for every acknowledgement.
+fn run_kafka(args: &SimulateArgs, brokers: &str, stop: &AtomicBool) -> anyhow::Result<()> {
+    let topic = args.topic.clone().unwrap_or_else(|| DEFAULT_KAFKA_TOPIC.to_owned());
+    // The simulator's "topic" is the device: the message key.
+    let mut feed = feed(args, "{device}")?;
+    let publisher = KafkaPublisher::connect(brokers, &topic).context("connecting to Kafka")?;
+    eprintln!("producing to {brokers}, topic {topic}");
+    let limit = args.count.unwrap_or(u64::MAX);
+    let mut out = Outputs::new("simulate");
+    let mut published: u64 = 0;
+    let started = Instant::now();
+    let mut last_report = Instant::now();
+    'feed: while published < limit {
+        let Some(messages) = feed.next(&mut out, stop)? else { break };
+        for message in messages {
+            if published >= limit || stop.load(Ordering::SeqCst) {
+                break 'feed;
+            }
+            publisher.publish(message.topic.as_bytes(), &message.payload)?;
+            published += 1;
+            if last_report.elapsed() >= Duration::from_secs(1) {
+                eprintln!("published {published} (acknowledged {})", publisher.acknowledged());
+                last_report = Instant::now();
+            }
+        }
+    }
+    let flushed = publisher.flush(Duration::from_secs(30));
+    let elapsed = started.elapsed().as_secs_f64();
+    let rate = if elapsed > 0.0 { published as f64 / elapsed } else { 0.0 };
+    eprintln!(
+        "published {published} messages in {elapsed:.2} s: {rate:.0} msg/s (acknowledged {}, failed {})",
+        publisher.acknowledged(),
+        publisher.failed()
+    );
+    flushed.context("waiting for the brokers' acknowledgements")?;
+    if publisher.failed() > 0 {
+        bail!("{} messages were not delivered", publisher.failed());
+    }
+    Ok(())
+}
+
+#[cfg(feature = "mqtt")]
+fn run_mqtt(args: &SimulateArgs, url: &str, stop: &AtomicBool) -> anyhow::Result<()> {
+    let topic = args.topic.clone().unwrap_or_else(|| DEFAULT_MQTT_TOPIC.to_owned());
+    if !topic.contains("{device}") {
+        eprintln!("note: --topic has no {{device}}: every message goes to {topic}");
+    }
+    let settings = settings(args, url);
+    settings.validate().map_err(|error| {
+        anyhow::anyhow!("{}: {}", error.field.as_deref().unwrap_or("options"), error.message)
+    })?;
+    let mut feed = feed(args, &topic)?;
     let mut publisher = MqttPublisher::connect(&settings).context("connecting")?;
     eprintln!("connected to {} as {}", settings.url, settings.client_id);
 
@@ -286,7 +359,7 @@ pub fn run(args: &SimulateArgs) -> anyhow::Result<()> {
     let mut last_report = Instant::now();
     let mut reported: u64 = 0;
     'feed: while published < limit {
-        let Some(messages) = feed.next(&mut out, &stop)? else { break };
+        let Some(messages) = feed.next(&mut out, stop)? else { break };
         for message in messages {
             if published >= limit || stop.load(Ordering::SeqCst) {
                 break 'feed;
@@ -326,6 +399,7 @@ pub fn run(args: &SimulateArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+#[cfg(feature = "mqtt")]
 /// Publishes the first message with QoS 1 until a subscription matches it (MQTT 5 tells), up
 /// to `--wait-subscriber-secs`.
 fn wait_for_subscriber(

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{Running, root, unique, wait_until};
+use common::{Running, python, read_lake, root, unique, wait_until};
 use serde_json::Value;
 
 const FEATURES: [&str; 5] = ["vibration", "current", "pressure", "temperature", "flow"];
@@ -58,27 +58,6 @@ fn var<'a>(vars: &'a [(String, String)], name: &str) -> &'a str {
         .find(|(candidate, _)| candidate == name)
         .map(|(_, value)| value.as_str())
         .expect(name)
-}
-
-fn python() -> PathBuf {
-    let python = root().join(".venv/bin/python");
-    assert!(python.exists(), "no .venv: run scripts/python-env.sh (scripts/test.sh does)");
-    python
-}
-
-/// Reads the lake at `url` with pyarrow (tests/fixtures/lake_read.py).
-fn read_lake(url: &str, env: &[(String, String)], rows: bool) -> Value {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let out = dir.path().join("lake.json");
-    let mut command = Command::new(python());
-    command.arg(root().join("tests/fixtures/lake_read.py")).arg(url).arg(&out);
-    if rows {
-        command.arg("--rows");
-    }
-    command.envs(env.iter().map(|(name, value)| (name.as_str(), value.as_str())));
-    let status = command.status().expect("python runs");
-    assert!(status.success(), "lake_read.py failed for {url}");
-    serde_json::from_str(&std::fs::read_to_string(&out).expect("lake.json")).expect("json")
 }
 
 /// A credentials file in the AWS format, so the pipeline needs no environment.

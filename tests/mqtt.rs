@@ -598,12 +598,13 @@ qos = 1
 
 fn simulate_args(prefix: &str) -> tidewatch::simulate::SimulateArgs {
     tidewatch::simulate::SimulateArgs {
-        mqtt: PLAIN.to_owned(),
+        mqtt: Some(PLAIN.to_owned()),
+        kafka: None,
         devices: 5,
         rate: 0.0,
         count: Some(2_000),
         qos: 1,
-        topic: format!("{prefix}/{{device}}/data"),
+        topic: Some(format!("{prefix}/{{device}}/data")),
         interval_ms: None,
         seed: 3,
         replay: None,

@@ -4,11 +4,13 @@
 //! |---|---|---|
 //! | source | `simulator` | a fleet of pumps with correlated sensors and labelled anomalies ([`simulator`]) |
 //! | source | `file` | replays a CSV or JSON-lines file, optionally paced by its timestamps ([`mod@file`]) |
+//! | source | `kafka` | a consumer group member per worker, at-least-once offsets ([`kafka::source`]) |
 //! | source | `mqtt` | subscribes to an MQTT broker, at-least-once for QoS 1 and 2 ([`mqtt::source`]) |
 //! | sink | `stdout` | JSON lines on standard output ([`sinks`]) |
 //! | sink | `file` | JSON lines in a file, shared by the workers of the process ([`sinks`]) |
 //! | sink | `blackhole` | drops everything (benchmarks) ([`sinks`]) |
 //! | sink | `mqtt` | publishes every record as JSON to a topic template ([`mqtt::sink`]) |
+//! | sink | `kafka` | keyed, idempotent, compressed; dead letters; store-and-forward buffer ([`kafka::sink`]) |
 //! | sink | `prometheus` | per-device anomaly gauges and a top-N on the engine's `/metrics` ([`mod@prometheus`]) |
 //! | sink | `webhook` | anomaly events to an HTTP receiver: retries, signature, dead letters ([`webhook`]) |
 //! | sink | `parquet` | readings or scores as Parquet files in a lake on a folder or S3 (feature `s3`, [`lake`]) |
@@ -31,13 +33,24 @@
 //! The options of every component are documented in `docs/reference/sources-and-sinks.md`.
 //!
 //! Cargo features, one per connector family, all on by default: `mqtt` (the MQTT source and
+<<<<<<< HEAD
 //! sink), `kafka` (placeholder for a connector not written yet) and `s3` (the Parquet lake on a
 //! folder or S3, and its model registry).
+=======
+//! sink), `kafka` (the Kafka source and sink, on rdkafka) and `s3` (a placeholder for a
+//! connector not written yet).
+>>>>>>> main
 
 mod backoff;
+mod dead_letter;
 pub mod file;
+<<<<<<< HEAD
 #[cfg(feature = "s3")]
 pub mod lake;
+=======
+#[cfg(feature = "kafka")]
+pub mod kafka;
+>>>>>>> main
 #[cfg(feature = "mqtt")]
 pub mod mqtt;
 pub mod prometheus;
@@ -48,8 +61,13 @@ pub mod tls;
 pub mod webhook;
 
 pub use file::{FileFormat, FileSource, FileSourceConfig, FileSourceFactory};
+<<<<<<< HEAD
 #[cfg(feature = "s3")]
 pub use lake::{ParquetSink, ParquetSinkConfig, ParquetSinkFactory};
+=======
+#[cfg(feature = "kafka")]
+pub use kafka::{KafkaSinkConfig, KafkaSinkFactory, KafkaSourceConfig, KafkaSourceFactory};
+>>>>>>> main
 #[cfg(feature = "mqtt")]
 pub use mqtt::{MqttSinkConfig, MqttSinkFactory, MqttSourceConfig, MqttSourceFactory};
 pub use prometheus::{LabelField, PrometheusSink, PrometheusSinkConfig, PrometheusSinkFactory};
@@ -72,11 +90,15 @@ pub fn builtins() -> Vec<(&'static str, ComponentFactory)> {
         ("file", ComponentFactory::source(FileSourceFactory)),
         #[cfg(feature = "mqtt")]
         ("mqtt", ComponentFactory::source(MqttSourceFactory)),
+        #[cfg(feature = "kafka")]
+        ("kafka", ComponentFactory::source(KafkaSourceFactory)),
         ("stdout", ComponentFactory::sink(StdoutSinkFactory)),
         ("file", ComponentFactory::sink(FileSinkFactory)),
         ("blackhole", ComponentFactory::sink(BlackholeSinkFactory)),
         #[cfg(feature = "mqtt")]
         ("mqtt", ComponentFactory::sink(MqttSinkFactory)),
+        #[cfg(feature = "kafka")]
+        ("kafka", ComponentFactory::sink(KafkaSinkFactory)),
         ("prometheus", ComponentFactory::sink(PrometheusSinkFactory)),
         ("webhook", ComponentFactory::sink(WebhookSinkFactory)),
         #[cfg(feature = "s3")]
@@ -91,7 +113,7 @@ mod tests {
     use super::*;
 
     #[test]
-    #[cfg(feature = "mqtt")]
+    #[cfg(all(feature = "mqtt", feature = "kafka"))]
     fn builtins_configure_from_toml() {
         let ctx = ValidateContext::default();
         let mut seen = Vec::new();
@@ -101,6 +123,8 @@ mod tests {
                 ("file", "sink") => "path = \"out.jsonl\"",
                 ("mqtt", "source") => "url = \"mqtt://127.0.0.1\"\ntopics = [\"a/#\"]",
                 ("mqtt", "sink") => "url = \"mqtt://127.0.0.1\"\ntopic = \"a/{device}\"",
+                ("kafka", "source") => "topics = [\"readings\"]",
+                ("kafka", "sink") => "topic = \"readings\"",
                 ("webhook", "sink") => "url = \"http://127.0.0.1:9/hook\"",
                 ("parquet", "sink") => "path = \"file://./lake\"",
                 _ => "",
@@ -135,10 +159,12 @@ mod tests {
                 ("source", "simulator"),
                 ("source", "file"),
                 ("source", "mqtt"),
+                ("source", "kafka"),
                 ("sink", "stdout"),
                 ("sink", "file"),
                 ("sink", "blackhole"),
                 ("sink", "mqtt"),
+                ("sink", "kafka"),
                 ("sink", "prometheus"),
                 ("sink", "webhook"),
                 #[cfg(feature = "s3")]

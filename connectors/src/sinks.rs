@@ -159,6 +159,20 @@ fn canonical_target(path: &Path) -> io::Result<PathBuf> {
     Ok(parent.canonicalize()?.join(name))
 }
 
+/// The device of every record of a batch, in order (`None` for raw messages and errors): the
+/// topic or key of what the broker sinks publish.
+#[cfg(any(feature = "mqtt", feature = "kafka"))]
+pub(crate) fn record_devices(batch: &Batch) -> Vec<Option<tidewatch_api::DeviceId>> {
+    match batch {
+        Batch::Raw(raw) => vec![None; raw.len()],
+        Batch::Readings(readings) => readings.devices.iter().copied().map(Some).collect(),
+        Batch::Windows(windows) => windows.iter().map(|window| Some(window.device)).collect(),
+        Batch::Scores(scores) => scores.iter().map(|score| Some(score.device)).collect(),
+        Batch::Events(events) => events.iter().map(|event| Some(event.device)).collect(),
+        Batch::Errors(errors) => vec![None; errors.len()],
+    }
+}
+
 /// The writer of `path` in this engine run and process ([`ProcessShared`], keyed by the
 /// canonical path), opened (truncated unless `append`) by the first caller; the next run opens
 /// (and truncates) the file again.

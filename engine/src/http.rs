@@ -6,7 +6,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
@@ -32,10 +32,12 @@ pub enum HttpError {
     },
 }
 
-/// Whether the pipeline is ready (all workers built their dataflow) and not stopping.
+/// Whether the pipeline is ready (all workers built their dataflow, every source instance
+/// reports [`Source::ready`](tidewatch_api::Source::ready)) and not stopping.
 #[derive(Debug, Default)]
 pub struct Health {
     ready: AtomicBool,
+    sources_waiting: AtomicUsize,
 }
 
 impl Health {
@@ -43,9 +45,19 @@ impl Health {
     pub fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::SeqCst);
     }
+    /// One more source instance that is not ready yet.
+    pub fn source_waiting(&self) {
+        self.sources_waiting.fetch_add(1, Ordering::SeqCst);
+    }
+    /// A source instance counted by [`Health::source_waiting`] became ready (or finished).
+    pub fn source_ready(&self) {
+        let _ = self
+            .sources_waiting
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |waiting| waiting.checked_sub(1));
+    }
     /// True once ready.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::SeqCst)
+        self.ready.load(Ordering::SeqCst) && self.sources_waiting.load(Ordering::SeqCst) == 0
     }
 }
 

@@ -334,6 +334,9 @@ fn source_operator<'scope>(
         let out_of_orderness = ctx.pipeline.out_of_orderness_ms as i64;
         // Resolved at the first backlog report: sources without one export no series.
         let mut backlog_gauges: Option<BacklogGauges> = None;
+        // Counted as waiting until it reports ready (`/readyz`).
+        let mut waiting = true;
+        run.health.source_waiting();
         move |_frontiers| {
             let Some(held) = caps.as_mut() else { return };
             let mut finished = false;
@@ -363,6 +366,10 @@ fn source_operator<'scope>(
             // A source receives what it reads from the outside world and sends it on: both
             // counters count it (Vector's convention), so "received" works for every component.
             metrics.received(outs.pending_records());
+            if waiting && (finished || source.ready()) {
+                waiting = false;
+                run.health.source_ready();
+            }
             if let Some(backlog) = source.backlog() {
                 let worker = ctx.worker_index;
                 backlog_gauges.get_or_insert_with(|| metrics.backlog_gauges(worker)).set(backlog);

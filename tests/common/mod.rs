@@ -332,3 +332,25 @@ impl Drop for Subscriber {
         let _ = self.client.disconnect();
     }
 }
+
+/// The project's Python (`.venv`, made by scripts/python-env.sh).
+pub fn python() -> PathBuf {
+    let python = root().join(".venv/bin/python");
+    assert!(python.exists(), "no .venv: run scripts/python-env.sh (scripts/test.sh does)");
+    python
+}
+
+/// Reads the lake at `url` with pyarrow (tests/fixtures/lake_read.py).
+pub fn read_lake(url: &str, env: &[(String, String)], rows: bool) -> serde_json::Value {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("lake.json");
+    let mut command = std::process::Command::new(python());
+    command.arg(root().join("tests/fixtures/lake_read.py")).arg(url).arg(&out);
+    if rows {
+        command.arg("--rows");
+    }
+    command.envs(env.iter().map(|(name, value)| (name.as_str(), value.as_str())));
+    let status = command.status().expect("python runs");
+    assert!(status.success(), "lake_read.py failed for {url}");
+    serde_json::from_str(&std::fs::read_to_string(&out).expect("lake.json")).expect("json")
+}

@@ -25,6 +25,7 @@ use tidewatch_api::{
 
 use super::connection::{ConnectionSettings, MQTT_MOVED_OPTIONS, MqttConnection, check_qos};
 use super::publisher::MqttPublisher;
+use crate::sinks::record_devices;
 use crate::tls::TlsConfig;
 
 fn default_qos() -> u8 {
@@ -211,18 +212,6 @@ impl SinkFactory for MqttSinkFactory {
     }
 }
 
-/// The device of every record of a batch, in order (`None` for raw messages and errors).
-fn devices(batch: &Batch) -> Vec<Option<DeviceId>> {
-    match batch {
-        Batch::Raw(raw) => vec![None; raw.len()],
-        Batch::Readings(readings) => readings.devices.iter().copied().map(Some).collect(),
-        Batch::Windows(windows) => windows.iter().map(|window| Some(window.device)).collect(),
-        Batch::Scores(scores) => scores.iter().map(|score| Some(score.device)).collect(),
-        Batch::Events(events) => events.iter().map(|event| Some(event.device)).collect(),
-        Batch::Errors(errors) => vec![None; errors.len()],
-    }
-}
-
 /// A device name fit for a topic level: `/`, `+`, `#` and NUL become `_`.
 fn topic_level(name: &str) -> String {
     name.chars().map(|c| if matches!(c, '/' | '+' | '#' | '\0') { '_' } else { c }).collect()
@@ -301,7 +290,7 @@ impl Sink for MqttSink {
         let encoded = write_json_lines(&batch, &mut buf)
             .map_err(|error| ComponentError::io("cannot encode records as JSON", error));
         let result = encoded.and_then(|()| {
-            let devices = devices(&batch);
+            let devices = record_devices(&batch);
             let qos = self.config.qos;
             let retain = self.config.retain;
             let topics: Vec<String> =
@@ -485,12 +474,12 @@ mod tests {
         let mut readings = ReadingBatch::new(schema);
         readings.push(DeviceId::intern("p/1"), 1, &[1.0], 0);
         readings.push(DeviceId::intern("p2"), 2, &[2.0], 0);
-        let names: Vec<Option<String>> = devices(&Batch::Readings(readings))
+        let names: Vec<Option<String>> = record_devices(&Batch::Readings(readings))
             .into_iter()
             .map(|device| device.map(|device| topic_level(&device.name())))
             .collect();
         assert_eq!(names, [Some("p_1".to_owned()), Some("p2".to_owned())]);
         let errors = vec![ErrorRecord::new(Arc::from("n"), "parse", "bad", None, None)];
-        assert_eq!(devices(&Batch::Errors(errors)), [None]);
+        assert_eq!(record_devices(&Batch::Errors(errors)), [None]);
     }
 }

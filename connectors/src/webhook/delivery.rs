@@ -7,7 +7,6 @@
 //! retries. [`Dispatcher::enqueue`] never blocks: past `queue_capacity` queued events it writes
 //! the event to the dead-letter file instead, so a slow or dead receiver never stalls detection.
 
-use std::io::Write as _;
 use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
@@ -23,13 +22,12 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts};
 use serde_json::json;
-use tidewatch_api::time::format_rfc3339;
 use tidewatch_api::{AnomalyEvent, ComponentError, ProcessShared};
 use tokio::sync::{mpsc, watch};
 
 use super::payload::sign;
 use crate::backoff::Backoff;
-use crate::sinks::{SharedWriter, shared_writer};
+use crate::dead_letter::DeadLetterFile;
 
 /// One event to deliver.
 #[derive(Debug)]
@@ -162,11 +160,8 @@ impl WebhookMetrics {
 /// The dead-letter file: one JSON line per event that was not delivered.
 #[derive(Debug)]
 pub(crate) struct DeadLetters {
-    path: PathBuf,
-    writer: SharedWriter,
-    component: String,
+    file: DeadLetterFile,
     url: String,
-    metrics: WebhookMetrics,
 }
 
 impl DeadLetters {
@@ -177,49 +172,23 @@ impl DeadLetters {
         url: &str,
         metrics: WebhookMetrics,
     ) -> Result<DeadLetters, ComponentError> {
-        let writer = shared_writer(shared, &path, true).map_err(|error| {
-            ComponentError::io(
-                format!("cannot open the dead-letter file {}", path.display()),
-                error,
-            )
-        })?;
-        Ok(DeadLetters {
-            path,
-            writer,
-            component: component.to_owned(),
-            url: url.to_owned(),
-            metrics,
-        })
+        let file = DeadLetterFile::open(shared, path, component, metrics.dead_letters)?;
+        Ok(DeadLetters { file, url: url.to_owned() })
     }
 
     /// Appends `job` with why it was not delivered, and flushes (dead letters are rare and
     /// must survive a crash that follows).
     pub(crate) fn write(&self, job: &Job, reason: &'static str, attempts: u32, last_error: &str) {
-        let line = json!({
-            "time": format_rfc3339(now_ms()),
-            "component": self.component,
+        let fields = json!({
             "url": self.url,
-            "reason": reason,
             "attempts": attempts,
             "last_error": last_error,
             "idempotency_key": job.key,
             "event": job.event,
             "body": String::from_utf8_lossy(&job.body),
         });
-        let mut writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
-        let written = serde_json::to_writer(&mut *writer, &line)
-            .map_err(std::io::Error::from)
-            .and_then(|()| writer.write_all(b"\n"))
-            .and_then(|()| writer.flush());
-        self.metrics.dead_letters.with_label_values(&[reason]).inc();
-        if let Err(error) = written {
-            tracing::error!(path = %self.path.display(), %error, key = %job.key, "cannot write a webhook dead letter; the event is lost");
-        }
+        self.file.write(reason, fields, "webhook event");
     }
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|since| since.as_millis() as i64).unwrap_or(0)
 }
 
 fn unix_seconds() -> u64 {

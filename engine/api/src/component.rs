@@ -342,6 +342,12 @@ pub trait Source {
     fn backlog(&self) -> Option<Backlog> {
         None
     }
+    /// True once the source can take data (a Kafka consumer that has its partitions); the
+    /// engine's `/readyz` answers ready only when every source instance is. Checked after each
+    /// poll; a source that finishes counts as ready.
+    fn ready(&self) -> bool {
+        true
+    }
 }
 
 /// What waits at a source (see [`Source::backlog`]).

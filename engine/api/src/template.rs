@@ -58,33 +58,82 @@ pub struct Template {
     parts: Vec<Part>,
 }
 
+/// A piece of a text with `{name}` placeholders, as [`pieces`] finds them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Piece<'a> {
+    /// Literal text (`{{` stands for the text `{`).
+    Text(&'a str),
+    /// A placeholder's name.
+    Name(&'a str),
+    /// A brace that opens or closes no placeholder.
+    Brace(char),
+}
+
+/// Whether `name` can be a placeholder's name: ASCII letters, digits, `_` and `-`.
+pub(crate) fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.bytes().all(|byte| byte.is_ascii_alphanumeric() || byte == b'_' || byte == b'-')
+}
+
+/// Splits `text` into literal text, `{name}` placeholders and stray braces: the one scanner of
+/// `{name}` syntax, for rendered templates (stray braces are literal) and topic templates
+/// (stray braces are errors).
+pub(crate) fn pieces(text: &str) -> Vec<Piece<'_>> {
+    let mut out = Vec::new();
+    let mut rest = text;
+    while let Some(at) = rest.find(['{', '}']) {
+        if at > 0 {
+            out.push(Piece::Text(&rest[..at]));
+        }
+        let after = &rest[at + 1..];
+        if rest.as_bytes().get(at) == Some(&b'}') {
+            out.push(Piece::Brace('}'));
+            rest = after;
+            continue;
+        }
+        if let Some(escaped) = after.strip_prefix('{') {
+            out.push(Piece::Text("{"));
+            rest = escaped;
+            continue;
+        }
+        match after.find('}') {
+            Some(close) if valid_name(&after[..close]) => {
+                out.push(Piece::Name(&after[..close]));
+                rest = &after[close + 1..];
+            }
+            _ => {
+                out.push(Piece::Brace('{'));
+                rest = after;
+            }
+        }
+    }
+    if !rest.is_empty() {
+        out.push(Piece::Text(rest));
+    }
+    out
+}
+
 impl Template {
     /// Parses `text`, whose placeholders must be among `fields`.
     ///
-    /// A placeholder is `{name}` with `name` made of ASCII letters, digits and `_`; every other
-    /// brace is literal, so JSON bodies need no escaping (`{"device": "{device}"}`). `{{`
+    /// A placeholder is `{name}` with `name` made of ASCII letters, digits, `_` and `-`; every
+    /// other brace is literal, so JSON bodies need no escaping (`{"device": "{device}"}`). `{{`
     /// stands for a literal `{`, to write a literal `{name}`.
     pub fn parse(text: &str, fields: &[&str]) -> Result<Template, TemplateError> {
         let mut parts = Vec::new();
         let mut literal = String::new();
-        let mut rest = text;
-        while let Some(at) = rest.find('{') {
-            literal.push_str(&rest[..at]);
-            let after = &rest[at + 1..];
-            if let Some(escaped) = after.strip_prefix('{') {
-                literal.push('{');
-                rest = escaped;
-                continue;
-            }
-            let name_len = after
-                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-                .unwrap_or(after.len());
-            if name_len == 0 || !after[name_len..].starts_with('}') {
-                literal.push('{');
-                rest = after;
-                continue;
-            }
-            let name = &after[..name_len];
+        for piece in pieces(text) {
+            let name = match piece {
+                Piece::Text(text) => {
+                    literal.push_str(text);
+                    continue;
+                }
+                Piece::Brace(brace) => {
+                    literal.push(brace);
+                    continue;
+                }
+                Piece::Name(name) => name,
+            };
             let Some(index) = fields.iter().position(|field| *field == name) else {
                 let known: Vec<String> =
                     fields.iter().map(|field| format!("{{{field}}}")).collect();
@@ -97,9 +146,7 @@ impl Template {
                 parts.push(Part::Literal(std::mem::take(&mut literal)));
             }
             parts.push(Part::Field(index));
-            rest = &after[name_len + 1..];
         }
-        literal.push_str(rest);
         if !literal.is_empty() {
             parts.push(Part::Literal(literal));
         }

@@ -11,6 +11,7 @@
 use std::ops::Range;
 
 use crate::factory::ConfigError;
+use crate::template::{self, Piece as Scanned};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Segment {
@@ -41,44 +42,21 @@ pub struct TopicTemplate {
     device: Option<Vec<Piece>>,
 }
 
-fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.bytes().all(|byte| byte.is_ascii_alphanumeric() || byte == b'_' || byte == b'-')
-}
-
-/// Splits `text` into literal pieces and `{name}` captures; `Err` names the problem.
+/// Splits `text` into literal pieces (`Ok`) and `{name}` captures (`Err`); `Err` names the
+/// problem. The `{name}` syntax is the one of [`crate::template`].
 fn pieces(text: &str) -> Result<Vec<Result<&str, &str>>, String> {
-    let mut out = Vec::new();
-    let mut rest = text;
-    while !rest.is_empty() {
-        match rest.find(['{', '}']) {
-            None => {
-                out.push(Ok(rest));
-                break;
+    template::pieces(text)
+        .into_iter()
+        .map(|piece| match piece {
+            Scanned::Text(text) => Ok(Ok(text)),
+            Scanned::Name(name) => Ok(Err(name)),
+            Scanned::Brace('}') => Err("a `}` without its `{`".to_owned()),
+            Scanned::Brace(_) => {
+                Err("a `{` that opens no capture (`{name}`: letters, digits, `_` and `-`)"
+                    .to_owned())
             }
-            Some(open) => {
-                if rest.as_bytes().get(open) == Some(&b'}') {
-                    return Err("a `}` without its `{`".to_owned());
-                }
-                if open > 0 {
-                    out.push(Ok(&rest[..open]));
-                }
-                let after = &rest[open + 1..];
-                let Some(close) = after.find('}') else {
-                    return Err("a `{` without its `}`".to_owned());
-                };
-                let name = &after[..close];
-                if !valid_name(name) {
-                    return Err(format!(
-                        "`{{{name}}}` is not a capture name (letters, digits, `_` and `-`)"
-                    ));
-                }
-                out.push(Err(name));
-                rest = &after[close + 1..];
-            }
-        }
-    }
-    Ok(out)
+        })
+        .collect()
 }
 
 impl TopicTemplate {
