@@ -33,24 +33,16 @@
 //! The options of every component are documented in `docs/reference/sources-and-sinks.md`.
 //!
 //! Cargo features, one per connector family, all on by default: `mqtt` (the MQTT source and
-<<<<<<< HEAD
-//! sink), `kafka` (placeholder for a connector not written yet) and `s3` (the Parquet lake on a
+//! sink), `kafka` (the Kafka source and sink, on rdkafka) and `s3` (the Parquet lake on a
 //! folder or S3, and its model registry).
-=======
-//! sink), `kafka` (the Kafka source and sink, on rdkafka) and `s3` (a placeholder for a
-//! connector not written yet).
->>>>>>> main
 
 mod backoff;
 mod dead_letter;
 pub mod file;
-<<<<<<< HEAD
-#[cfg(feature = "s3")]
-pub mod lake;
-=======
 #[cfg(feature = "kafka")]
 pub mod kafka;
->>>>>>> main
+#[cfg(feature = "s3")]
+pub mod lake;
 #[cfg(feature = "mqtt")]
 pub mod mqtt;
 pub mod prometheus;
@@ -61,13 +53,10 @@ pub mod tls;
 pub mod webhook;
 
 pub use file::{FileFormat, FileSource, FileSourceConfig, FileSourceFactory};
-<<<<<<< HEAD
-#[cfg(feature = "s3")]
-pub use lake::{ParquetSink, ParquetSinkConfig, ParquetSinkFactory};
-=======
 #[cfg(feature = "kafka")]
 pub use kafka::{KafkaSinkConfig, KafkaSinkFactory, KafkaSourceConfig, KafkaSourceFactory};
->>>>>>> main
+#[cfg(feature = "s3")]
+pub use lake::{ParquetSink, ParquetSinkConfig, ParquetSinkFactory};
 #[cfg(feature = "mqtt")]
 pub use mqtt::{MqttSinkConfig, MqttSinkFactory, MqttSourceConfig, MqttSourceFactory};
 pub use prometheus::{LabelField, PrometheusSink, PrometheusSinkConfig, PrometheusSinkFactory};
