@@ -309,7 +309,8 @@ impl PartialEq for AckToken {
     }
 }
 
-/// A batch of raw messages: every topic, key, header and payload lives in one shared buffer.
+/// A batch of raw messages: every key, header and payload lives in one shared buffer, the
+/// topics in one text buffer (a run of messages on one topic stores it once).
 ///
 /// A source says nothing of what the payloads mean; the codec
 /// ([`codec`](crate::codec)) decodes them. A source whose stream starts with a line that
@@ -318,6 +319,7 @@ impl PartialEq for AckToken {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct RawBatch {
     header: Option<Arc<[u8]>>,
+    topics: String,
     buf: Vec<u8>,
     metas: Vec<RawMeta>,
     headers: Vec<(Span, Span)>,
@@ -362,6 +364,18 @@ impl RawBatch {
         span_of(start, self.buf.len())
     }
 
+    /// The span of `topic` in the topic buffer: the previous message's when it is the same.
+    fn append_topic(&mut self, topic: &str) -> Span {
+        if let Some(last) = self.metas.last()
+            && self.topics.get(last.topic.0 as usize..last.topic.1 as usize) == Some(topic)
+        {
+            return last.topic;
+        }
+        let start = self.topics.len();
+        self.topics.push_str(topic);
+        span_of(start, self.topics.len())
+    }
+
     /// Appends a message.
     pub fn push(&mut self, topic: &str, payload: &[u8], arrival_ms: EventTime, position: u64) {
         self.push_with_extras(topic, payload, arrival_ms, position, &MessageExtras::default());
@@ -376,7 +390,7 @@ impl RawBatch {
         position: u64,
         extras: &MessageExtras<'_>,
     ) {
-        let topic = self.append(topic.as_bytes());
+        let topic = self.append_topic(topic);
         let payload = self.append(payload);
         let key = extras.key.map(|key| self.append(key));
         let first_header = self.headers.len();
@@ -403,7 +417,7 @@ impl RawBatch {
     where
         F: FnOnce(&mut Vec<u8>),
     {
-        let topic = self.append(topic.as_bytes());
+        let topic = self.append_topic(topic);
         let payload_start = self.buf.len();
         write(&mut self.buf);
         let payload = span_of(payload_start, self.buf.len());
@@ -442,7 +456,7 @@ impl RawBatch {
 
     /// Total payload, topic, key and header bytes.
     pub fn byte_len(&self) -> usize {
-        self.buf.len()
+        self.topics.len() + self.buf.len()
     }
 
     /// The `index`-th message.
@@ -450,10 +464,14 @@ impl RawBatch {
         self.metas.get(index).map(|meta| self.message(meta))
     }
 
+    #[inline]
     fn message<'a>(&'a self, meta: &RawMeta) -> RawMessage<'a> {
         let bytes = |span: Span| self.buf.get(span.0 as usize..span.1 as usize).unwrap_or_default();
         RawMessage {
-            topic: std::str::from_utf8(bytes(meta.topic)).unwrap_or_default(),
+            topic: self
+                .topics
+                .get(meta.topic.0 as usize..meta.topic.1 as usize)
+                .unwrap_or_default(),
             payload: bytes(meta.payload),
             key: meta.key.map(bytes),
             partition: meta.partition,
@@ -469,12 +487,14 @@ impl RawBatch {
     }
 
     /// Iterates over the messages.
+    #[inline]
     pub fn iter(&self) -> impl Iterator<Item = RawMessage<'_>> + '_ {
         self.metas.iter().map(move |meta| self.message(meta))
     }
 
     /// Removes every message, keeping the allocations (and the header line).
     pub fn clear(&mut self) {
+        self.topics.clear();
         self.buf.clear();
         self.metas.clear();
         self.headers.clear();

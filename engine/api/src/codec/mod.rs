@@ -103,6 +103,7 @@ pub struct NotANumber;
 
 impl Value<'_> {
     /// The value as a number: numbers, numeric text and booleans (1/0); `Ok(None)` for null.
+    #[inline]
     pub fn as_f32(self) -> Result<Option<f32>, NotANumber> {
         match self {
             Value::Null => Ok(None),
@@ -353,6 +354,11 @@ impl Decoder {
             _ => false,
         });
         if let Some(index) = found {
+            // The same line in a new allocation (each batch of a file carries its own): keep
+            // the newest, so the batch's next messages match by pointer.
+            if let (Some(layout), Some(header)) = (self.layouts.get_mut(index), header) {
+                layout.header = Some(Arc::clone(header));
+            }
             return Ok(index);
         }
         let (names, delimiter) = match (&self.columns, header) {
@@ -502,14 +508,26 @@ impl Decoder {
         }
         let line = csv::trim_line_end(payload);
         // Fast path: a valid UTF-8 line without quotes is split as text, checked once.
-        if !line.contains(&b'"')
+        if memchr::memchr(b'"', line).is_none()
             && let Ok(text) = std::str::from_utf8(line)
         {
-            let delimiter = char::from(layout.delimiter.byte());
-            for (column, text) in text.split(delimiter).take(needed).enumerate() {
+            // The delimiter is ASCII, so every cut is at a character boundary (`str::split`
+            // with a `char` pattern would compare each match's UTF-8 bytes again).
+            let delimiter = layout.delimiter.byte();
+            let (mut start, mut column) = (0, 0);
+            while column < needed {
+                let end = text
+                    .as_bytes()
+                    .get(start..)
+                    .and_then(|rest| memchr::memchr(delimiter, rest))
+                    .map_or(text.len(), |at| start + at);
                 if let Some(Some(field)) = layout.column_fields.get(column) {
-                    each(*field, Value::Str(text));
+                    each(*field, Value::Str(text.get(start..end).unwrap_or_default()));
                 }
+                if end == text.len() {
+                    break;
+                }
+                (start, column) = (end + 1, column + 1);
             }
             return Ok(());
         }
