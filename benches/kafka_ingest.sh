@@ -31,8 +31,7 @@ scripts/services.sh start kafka >/dev/null
   cargo build --release -p tidewatch --no-default-features --features mqtt,kafka --bin tidewatch
   cargo build --release -p tidewatch-connectors --example kafka_raw_consume
 }
-now() { date +%s.%N; }
-calc() { awk "BEGIN { printf \"%.6f\", $1 }"; }
+source benches/lib.sh
 
 echo "producing $messages readings to $topic ..."
 "$target/tidewatch" --log-level warn simulate --kafka "$brokers" --topic "$topic" \
@@ -78,22 +77,7 @@ inputs = ["windows"]
 type = "blackhole"
 inputs = ["baseline", "readings.errors", "in.errors"]
 TOML
-received() {
-  curl -s "http://$http/metrics" 2>/dev/null \
-    | awk '/^tidewatch_component_received_events_total\{.*component_type="normalize"/ { sum += $2 } END { print sum + 0 }'
-}
-start=$(now)
-"$target/tidewatch" --log-level warn run "$work/bench.toml" >/dev/null &
-pid=$!
-while :; do
-  count=$(received)
-  [ "${count%.*}" -ge "$messages" ] && break
-  kill -0 "$pid" 2>/dev/null || { echo "tidewatch exited early" >&2; exit 1; }
-  sleep 0.01
-done
-tw_secs=$(calc "$(now) - $start")
-kill -INT "$pid"
-wait "$pid" || true
+tw_secs=$(time_pipeline "$target/tidewatch" "$work/bench.toml" "$http" "$messages")
 
 raw_rate=$(calc "$messages / $raw_secs")
 tw_rate=$(calc "$messages / $tw_secs")

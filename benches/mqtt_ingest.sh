@@ -24,8 +24,7 @@ trap 'rm -rf "$work"' EXIT
 
 scripts/services.sh start mosquitto >/dev/null
 [ -x "$bin" ] || cargo build --release --bin tidewatch
-now() { date +%s.%N; }
-calc() { awk "BEGIN { printf \"%.6f\", $1 }"; }
+source benches/lib.sh
 
 # Publishes the fleet's messages to TOPIC_PREFIX/<device>/data and waits for every PUBACK.
 publish() {
@@ -73,23 +72,7 @@ features = ["vibration", "current", "pressure", "temperature", "flow"]
 type = "blackhole"
 inputs = ["readings", "readings.errors", "in.errors"]
 TOML
-received() {
-  curl -s "http://$http/metrics" 2>/dev/null \
-    | awk '/^tidewatch_component_received_events_total\{.*component_type="normalize"/ { print $2 }' \
-    | head -n 1
-}
-start=$(now)
-"$bin" --log-level warn run "$work/bench.toml" >/dev/null &
-pid=$!
-while :; do
-  count=$(received)
-  [ -n "$count" ] && [ "${count%.*}" -ge "$messages" ] && break
-  kill -0 "$pid" 2>/dev/null || { echo "tidewatch exited early" >&2; exit 1; }
-  sleep 0.01
-done
-tw_secs=$(calc "$(now) - $start")
-kill -INT "$pid"
-wait "$pid" || true
+tw_secs=$(time_pipeline "$bin" "$work/bench.toml" "$http" "$messages")
 
 sub_rate=$(calc "$messages / $sub_secs")
 tw_rate=$(calc "$messages / $tw_secs")

@@ -329,42 +329,8 @@ fn hot_swap_under_load_loses_and_repeats_no_window() {
     for file in ["model.onnx", "model.json"] {
         std::fs::copy(first.join(file), live.join(file)).expect("install v1");
     }
-    let text = format!(
-        r#"
-[pipeline]
-out_of_orderness_ms = 0
-http_address = ""
-[sources.fleet]
-type = "simulator"
-devices = 40
-count = 400000
-rate_per_sec = 200000
-start_ms = 1700000000000
-[transforms.readings]
-type = "normalize"
-inputs = ["fleet"]
-device_field = "device"
-timestamp_field = "ts"
-features = {features:?}
-[transforms.windows]
-type = "window"
-inputs = ["readings"]
-size_ms = 5000
-[transforms.model]
-type = "autoencoder"
-inputs = ["windows"]
-model = "{live}"
-reload_interval_ms = 20
-max_batch_rows = 64
-[sinks.out]
-type = "file"
-inputs = ["model"]
-path = "{out}"
-"#,
-        features = columns,
-        live = live.display(),
-        out = dir.path().join("scores.jsonl").display(),
-    );
+    let text =
+        common::hot_swap_pipeline(&columns, &live, &dir.path().join("scores.jsonl"), 200_000);
     let pipeline = common::load(&text, &[]).expect("valid");
     let context = tidewatch::RunContext::default();
     let runner = {

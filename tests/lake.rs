@@ -460,41 +460,7 @@ fn promoting_a_model_in_the_registry_swaps_it_in_a_running_pipeline() {
         })
     };
     let scores = dir.path().join("scores.jsonl");
-    let text = format!(
-        r#"
-[pipeline]
-out_of_orderness_ms = 0
-http_address = ""
-[sources.fleet]
-type = "simulator"
-devices = 40
-count = 400000
-rate_per_sec = 50000
-start_ms = 1700000000000
-[transforms.readings]
-type = "normalize"
-inputs = ["fleet"]
-device_field = "device"
-timestamp_field = "ts"
-features = {FEATURES:?}
-[transforms.windows]
-type = "window"
-inputs = ["readings"]
-size_ms = 5000
-[transforms.model]
-type = "autoencoder"
-inputs = ["windows"]
-model = "{live}"
-reload_interval_ms = 20
-max_batch_rows = 64
-[sinks.out]
-type = "file"
-inputs = ["model"]
-path = "{out}"
-"#,
-        live = live.display(),
-        out = scores.display(),
-    );
+    let text = common::hot_swap_pipeline(&FEATURES, &live, &scores, 50_000);
     let mut running = Running::start(&text, &[], 2);
     wait_until("2000 windows scored with reg-1", Duration::from_secs(120), || {
         running.context.metrics.sent("model", "autoencoder") >= 2000

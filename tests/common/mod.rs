@@ -354,3 +354,44 @@ pub fn read_lake(url: &str, env: &[(String, String)], rows: bool) -> serde_json:
     assert!(status.success(), "lake_read.py failed for {url}");
     serde_json::from_str(&std::fs::read_to_string(&out).expect("lake.json")).expect("json")
 }
+
+/// A fleet of 40 simulated pumps (400,000 readings at `rate_per_sec`) -> 5 s windows -> the
+/// `autoencoder` of the folder `model` (watched every 20 ms) -> JSON lines in `out`: the
+/// pipeline of the hot-swap tests.
+pub fn hot_swap_pipeline(features: &[&str], model: &Path, out: &Path, rate_per_sec: u64) -> String {
+    format!(
+        r#"
+[pipeline]
+out_of_orderness_ms = 0
+http_address = ""
+[sources.fleet]
+type = "simulator"
+devices = 40
+count = 400000
+rate_per_sec = {rate_per_sec}
+start_ms = 1700000000000
+[transforms.readings]
+type = "normalize"
+inputs = ["fleet"]
+device_field = "device"
+timestamp_field = "ts"
+features = {features:?}
+[transforms.windows]
+type = "window"
+inputs = ["readings"]
+size_ms = 5000
+[transforms.model]
+type = "autoencoder"
+inputs = ["windows"]
+model = "{model}"
+reload_interval_ms = 20
+max_batch_rows = 64
+[sinks.out]
+type = "file"
+inputs = ["model"]
+path = "{out}"
+"#,
+        model = model.display(),
+        out = out.display(),
+    )
+}

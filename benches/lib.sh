@@ -1,0 +1,29 @@
+# Helpers of the benches/*.sh scripts (sourced, not run).
+
+now() { date +%s.%N; }
+calc() { awk "BEGIN { printf \"%.6f\", $1 }"; }
+
+# normalize_received HTTP_ADDRESS: records the pipeline's normalize transforms received, summed
+# over workers (0 while /metrics does not answer).
+normalize_received() {
+  curl -s "http://$1/metrics" 2>/dev/null \
+    | awk '/^tidewatch_component_received_events_total\{.*component_type="normalize"/ { sum += $2 } END { print sum + 0 }'
+}
+
+# time_pipeline BINARY PIPELINE HTTP_ADDRESS COUNT: runs the pipeline until its normalize has
+# received COUNT records, stops it (SIGINT) and prints the seconds from its start to then.
+time_pipeline() {
+  local bin=$1 pipeline=$2 http=$3 count=$4 start pid received
+  start=$(now)
+  "$bin" --log-level warn run "$pipeline" >/dev/null &
+  pid=$!
+  while :; do
+    received=$(normalize_received "$http")
+    [ "${received%.*}" -ge "$count" ] && break
+    kill -0 "$pid" 2>/dev/null || { echo "tidewatch exited early" >&2; return 1; }
+    sleep 0.01
+  done
+  calc "$(now) - $start"
+  kill -INT "$pid"
+  wait "$pid" || true
+}
