@@ -262,7 +262,9 @@ per_listener_settings true
 pid_file $dir/mosquitto.pid
 persistence true
 persistence_location $dir/data/
-autosave_interval 1
+# Saved on a clean stop, and every 60 s: saving blocks the broker (tens of ms for a few MB of
+# queued session state), which every message in flight then waits out (benches/latency.sh).
+autosave_interval 60
 log_dest file $dir/mosquitto.log
 log_type error
 log_type warning
@@ -274,6 +276,9 @@ max_inflight_messages 1000
 max_queued_messages 0
 max_queued_bytes 0
 persistent_client_expiration 2d
+# Send each packet at once (no Nagle delay): a lone command or reading would otherwise wait
+# for the peer's delayed ACK (benches/latency.sh measures it).
+set_tcp_nodelay true
 
 listener 1883 127.0.0.1
 allow_anonymous true

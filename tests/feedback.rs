@@ -165,3 +165,65 @@ fn the_command_sink_takes_only_anomaly_events() {
     assert!(errors.to_string().contains("record-kind mismatch"), "{errors}");
     assert!(errors.to_string().contains("`commands` (mqtt) accepts anomaly events"), "{errors}");
 }
+
+/// With `out_of_orderness_ms = 0` and `n = m = hysteresis = 1`, the reading that shows an
+/// anomaly is commanded on its own: no later reading, and no idle timeout (an hour here), has
+/// to come first.
+#[test]
+fn an_anomaly_is_commanded_without_waiting_for_the_next_reading() {
+    require_broker();
+    let prefix = unique("feedback-now");
+    let client_id = format!("{prefix}-tw");
+    prepare_session(&format!("{client_id}-telemetry"), &[format!("{prefix}/+/telemetry")], 1, true);
+    let subscriber = Subscriber::new(&format!("{prefix}-pumps"), &format!("{prefix}/+/commands"));
+    let derived: String = common::shipped(PIPELINE)
+        .lines()
+        .map(|line| {
+            for (option, value) in [
+                ("out_of_orderness_ms", "0"),
+                ("idle_timeout_ms", "3600000"),
+                ("n", "1"),
+                ("m", "1"),
+                ("hysteresis", "1"),
+            ] {
+                if line.starts_with(&format!("{option} = ")) {
+                    return format!("{option} = {value}\n");
+                }
+            }
+            format!("{line}\n")
+        })
+        .collect();
+    assert!(derived.contains("idle_timeout_ms = 3600000") && derived.contains("hysteresis = 1\n"));
+    let vars = [
+        ("FEEDBACK_TOPIC_PREFIX", prefix.clone()),
+        ("FEEDBACK_CLIENT_ID", client_id),
+        ("TIDEWATCH_HTTP_ADDRESS", String::new()),
+    ];
+    let pipeline = common::load_shipped(&derived, &vars)
+        .unwrap_or_else(|errors| panic!("the derived pipeline does not load:\n{errors}"));
+    let running = Running::run(pipeline, 1);
+
+    // pump-2's first 12 readings are calm (the 10-reading windows fill), its 13th is far off.
+    let publisher = Publisher::new(&format!("{prefix}-telemetry-pub"));
+    let topic = format!("{prefix}/{ANOMALOUS}/telemetry");
+    let start = tidewatch::api::records::now_ms();
+    for second in 0..12 {
+        publisher.publish(&topic, 1, telemetry(1, second, start + second * 1_000));
+    }
+    let anomalous_ts = start + 12_000;
+    let mut reading: Value = serde_json::from_str(&telemetry(1, 12, anomalous_ts)).expect("json");
+    reading["pressure"] = (number(&reading, "pressure") + 8.0).into();
+    reading["flow"] = (number(&reading, "flow") - 30.0).into();
+    publisher.publish(&topic, 1, reading.to_string());
+    publisher.wait_acked(13, Duration::from_secs(30));
+
+    wait_until("the anomaly_open of the 13th reading", Duration::from_secs(30), || {
+        subscriber.count() >= 1
+    });
+    let messages = subscriber.messages();
+    let command: Value = serde_json::from_slice(&messages[0].1).expect("the command is JSON");
+    assert_eq!(text(&command, "command"), "anomaly_open", "{command}");
+    assert_eq!(number(&command, "time_ms") as i64, anomalous_ts + 1, "{command}");
+    assert_eq!(running.received("readings", "normalize"), 13);
+    running.stop().expect("the pipeline ran");
+}

@@ -4,11 +4,12 @@
 //! `component_id` and `component_type` (bounded: one series per component):
 //! `tidewatch_component_received_events_total`, `..._sent_events_total`,
 //! `..._errors_total{error_type}` and `..._discarded_events_total{reason}`; event-time progress
-//! is `tidewatch_watermark_lag_seconds{component_id}`.
+//! is `tidewatch_watermark_lag_seconds{component_id}`, and how far behind the wall clock the
+//! records reach each sink is the histogram `tidewatch_sink_event_lag_seconds{component_id}`.
 
 use prometheus::{
-    Encoder, GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use tidewatch_api::{EventTime, MetricsRegistry};
 
@@ -22,6 +23,7 @@ pub struct Metrics {
     errors: IntCounterVec,
     discarded: IntCounterVec,
     watermark_lag: GaugeVec,
+    event_lag: HistogramVec,
     backlog: IntGaugeVec,
     backlog_capacity: IntGaugeVec,
     workers: IntGauge,
@@ -81,6 +83,18 @@ impl Metrics {
         )
         .unwrap_or_else(|error| unreachable!("static metric definition is valid: {error}"));
         let _ = registry.register(Box::new(watermark_lag.clone()));
+        let event_lag = HistogramVec::new(
+            HistogramOpts::new(
+                "tidewatch_sink_event_lag_seconds",
+                "Wall clock minus the event time of the newest record of each batch a sink \
+                 writes: with event time taken at the device, the latency from reading to \
+                 output.",
+            )
+            .buckets(EVENT_LAG_BUCKETS.to_vec()),
+            &["component_id"],
+        )
+        .unwrap_or_else(|error| unreachable!("static metric definition is valid: {error}"));
+        let _ = registry.register(Box::new(event_lag.clone()));
         let gauge = |name: &str, help: &str| {
             let gauge = IntGaugeVec::new(Opts::new(name, help), &["component_id", "worker"])
                 .unwrap_or_else(|error| unreachable!("static metric definition is valid: {error}"));
@@ -113,6 +127,7 @@ impl Metrics {
             errors,
             discarded,
             watermark_lag,
+            event_lag,
             backlog,
             backlog_capacity,
             workers,
@@ -128,6 +143,7 @@ impl Metrics {
             errors: self.errors.clone(),
             discarded: self.discarded.clone(),
             watermark_lag: self.watermark_lag.clone(),
+            event_lag: self.event_lag.clone(),
             backlog: self.backlog.clone(),
             backlog_capacity: self.backlog_capacity.clone(),
             id: component_id.to_owned(),
@@ -202,6 +218,11 @@ impl Metrics {
     }
 }
 
+/// Buckets of `tidewatch_sink_event_lag_seconds`, s: milliseconds for the edge loop up to a
+/// minute for a cloud pipeline behind Kafka.
+const EVENT_LAG_BUCKETS: [f64; 16] =
+    [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0];
+
 /// The counters of one component instance.
 #[derive(Clone, Debug)]
 pub struct ComponentMetrics {
@@ -210,6 +231,7 @@ pub struct ComponentMetrics {
     errors: IntCounterVec,
     discarded: IntCounterVec,
     watermark_lag: GaugeVec,
+    event_lag: HistogramVec,
     backlog: IntGaugeVec,
     backlog_capacity: IntGaugeVec,
     id: String,
@@ -234,6 +256,11 @@ impl ComponentMetrics {
     /// Counts records discarded for a reason.
     pub fn discarded(&self, reason: &str, count: u64) {
         self.discarded.with_label_values(&[&self.id, &self.type_name, reason]).inc_by(count);
+    }
+    /// Records how far behind the wall clock a sink wrote the record of time `event_time_ms`.
+    pub fn event_lag(&self, event_time_ms: EventTime) {
+        let lag = (tidewatch_api::records::now_ms() - event_time_ms).max(0) as f64 / 1000.0;
+        self.event_lag.with_label_values(&[&self.id]).observe(lag);
     }
     /// Records the watermark's lag behind the wall clock.
     pub fn watermark(&self, watermark_ms: EventTime) {

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use tidewatch_api::{
     Batch, ComponentContext, ComponentError, ErrorRecord, EventTime, Outputs, ProcessShared,
-    ReadingBatch, Sink, Source, SourcePoll, Transform,
+    ReadingBatch, Sink, Source, SourcePoll, Transform, Waker,
 };
 use timely::dataflow::channels::pact::{
     Exchange as ExchangePact, ParallelizationContract, Pipeline as PipelinePact,
@@ -323,6 +323,12 @@ fn source_operator<'scope>(
     let mut builder = OperatorBuilder::new(ctx.component_id.to_string(), scope);
     let info = builder.operator_info();
     let activator = scope.activator_for(Rc::clone(&info.address));
+    // A source's own threads wake this operator when they queued data (no poll interval).
+    let sync_activator = scope.worker().sync_activator_for(info.address.to_vec());
+    let ctx = ctx.with_waker(Waker::new(move || {
+        // An error means the worker is gone: the run is over, nothing to wake.
+        let _ = sync_activator.activate();
+    }));
     let (mut main_out, main) = builder.new_output::<Vec<Batch>>();
     let (mut error_out, errors) = builder.new_output::<Vec<Batch>>();
     builder.build(move |caps| {
@@ -662,8 +668,14 @@ fn sink_operator<'scope>(
                         metrics.discarded("sink_unavailable", count as u64);
                         continue;
                     }
+                    let newest = batch.max_event_time();
                     match sink.write_batch(batch) {
-                        Ok(()) => metrics.sent(count),
+                        Ok(()) => {
+                            metrics.sent(count);
+                            if let Some(time) = newest {
+                                metrics.event_lag(time);
+                            }
+                        }
                         Err(error) => {
                             metrics.error("write", count);
                             tracing::warn!(component = %ctx.component_id, %error, records = count, "sink write failed");

@@ -35,7 +35,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -44,6 +44,7 @@ use tidewatch_api::records::now_ms;
 use tidewatch_api::{
     AckToken, Backlog, Batch, ComponentContext, ComponentError, ConfigError, EventTime, Kind,
     MovedOption, Outputs, PortType, RawBatch, Source, SourceFactory, SourcePoll, ValidateContext,
+    Waker,
 };
 use tokio::sync::mpsc;
 
@@ -297,6 +298,8 @@ pub struct MqttSource {
     settings: ConnectionSettings,
     active: bool,
     inbound: Option<mpsc::Receiver<Inbound>>,
+    /// Set by the network thread when it woke the worker, cleared by `poll`.
+    woken: Arc<AtomicBool>,
     control: Option<mpsc::UnboundedSender<Control>>,
     counters: Arc<Counters>,
     thread: Option<JoinHandle<()>>,
@@ -332,6 +335,7 @@ impl MqttSource {
             settings,
             active,
             inbound: None,
+            woken: Arc::new(AtomicBool::new(false)),
             control: None,
             counters: Arc::new(Counters::default()),
             thread: None,
@@ -373,13 +377,18 @@ impl MqttSource {
 }
 
 impl Source for MqttSource {
-    fn open(&mut self, _ctx: &ComponentContext) -> Result<(), ComponentError> {
+    fn open(&mut self, ctx: &ComponentContext) -> Result<(), ComponentError> {
         if !self.active {
             return Ok(());
         }
         let (client, eventloop) = self.settings.link(true, 1_024)?;
         let runtime = runtime()?;
         let (inbound_tx, inbound_rx) = mpsc::channel(self.config.queue_capacity);
+        let inbound_tx = Inbox {
+            queue: inbound_tx,
+            waker: ctx.waker().cloned(),
+            woken: Arc::clone(&self.woken),
+        };
         let (control_tx, control_rx) = mpsc::unbounded_channel();
         let (startup_tx, startup_rx) = std::sync::mpsc::sync_channel(1);
         let (finished_tx, finished_rx) = std::sync::mpsc::sync_channel(1);
@@ -451,6 +460,8 @@ impl Source for MqttSource {
         let Some(inbound) = self.inbound.as_mut() else {
             return Ok(SourcePoll::Finished);
         };
+        // Before draining: what the network thread queues from now on wakes the worker again.
+        self.woken.store(false, Ordering::Release);
         let batch_size = self.config.batch_size;
         let mut batch = RawBatch::with_capacity(64, 8 * 1024);
         let mut acks: Vec<PendingAck> = Vec::new();
@@ -588,7 +599,7 @@ struct Network {
 impl Network {
     async fn run(
         self,
-        inbound: mpsc::Sender<Inbound>,
+        inbound: Inbox,
         control: mpsc::UnboundedReceiver<Control>,
         startup: std::sync::mpsc::SyncSender<Result<(), String>>,
     ) {
@@ -639,7 +650,7 @@ struct EventHalf<'a> {
 const DISCONNECT_DRAIN: Duration = Duration::from_secs(5);
 
 impl EventHalf<'_> {
-    async fn run(mut self, inbound: mpsc::Sender<Inbound>) {
+    async fn run(mut self, inbound: Inbox) {
         let mut subscribed = false;
         let mut connected = true;
         let mut disconnecting: Option<Instant> = None;
@@ -651,7 +662,7 @@ impl EventHalf<'_> {
         let mut taking = match self.client.subscribe(self.topics, self.qos).await {
             Ok(()) => true,
             Err(reason) => {
-                let _ = inbound.send(Inbound::Fatal(format!("cannot subscribe: {reason}"))).await;
+                inbound.send(Inbound::Fatal(format!("cannot subscribe: {reason}"))).await;
                 false
             }
         };
@@ -690,7 +701,7 @@ impl EventHalf<'_> {
                         } else {
                             Inbound::Fatal(reason)
                         };
-                        taking = inbound.send(message).await.is_ok();
+                        taking = inbound.send(message).await;
                     }
                     subscribed = true;
                 }
@@ -702,7 +713,7 @@ impl EventHalf<'_> {
                             arrival_ms: now_ms(),
                         };
                         // Waits while the queue is full: the broker then holds the rest.
-                        taking = inbound.send(message).await.is_ok();
+                        taking = inbound.send(message).await;
                     }
                 }
                 Ok(NetEvent::PubCompSent { pkid }) => {
@@ -722,7 +733,7 @@ impl EventHalf<'_> {
                     for pkid in self.qos2_pending.borrow().iter() {
                         self.eventloop.remember_qos2(*pkid);
                     }
-                    if !taking && inbound.is_closed() {
+                    if !taking && inbound.queue.is_closed() {
                         break;
                     }
                     let delay = backoff.next_delay();
@@ -742,12 +753,36 @@ impl EventHalf<'_> {
                             format!("{}; reconnecting in {} ms", error.message, delay.as_millis());
                         let message =
                             if lost { Inbound::Lost(reason) } else { Inbound::RetryFailed(reason) };
-                        taking = inbound.send(message).await.is_ok();
+                        taking = inbound.send(message).await;
                     }
                     tokio::time::sleep(delay).await;
                 }
             }
         }
+    }
+}
+
+/// The queue from the network thread to `poll`.
+struct Inbox {
+    queue: mpsc::Sender<Inbound>,
+    /// The engine's waker of this source: a message waits for no poll interval.
+    waker: Option<Waker>,
+    /// True while a wake is pending (`poll` has not run since): one wake per poll, however
+    /// many messages come meanwhile.
+    woken: Arc<AtomicBool>,
+}
+
+impl Inbox {
+    /// Queues `message`, waiting while the queue is full; false once `poll`'s side is gone.
+    async fn send(&self, message: Inbound) -> bool {
+        let sent = self.queue.send(message).await.is_ok();
+        if sent
+            && let Some(waker) = &self.waker
+            && !self.woken.swap(true, Ordering::AcqRel)
+        {
+            waker.wake();
+        }
+        sent
     }
 }
 

@@ -4,6 +4,7 @@
 //! needs. The engine calls them on the worker thread that owns the instance; one instance runs
 //! on every worker (timely builds the same dataflow everywhere).
 
+use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -82,6 +83,48 @@ pub struct ComponentContext {
     shutdown: Arc<AtomicBool>,
     metrics: Option<MetricsRegistry>,
     shared: ProcessShared,
+    waker: Option<Waker>,
+}
+
+/// Wakes the worker that polls a source, from any thread.
+///
+/// A source whose data arrives on a thread of its own (a network client) calls
+/// [`Waker::wake`] when it queued something for `poll`: the engine then polls it at once
+/// instead of after the `wake_after_ms` of its last [`SourcePoll::Idle`], so a lone reading
+/// waits for nobody.
+///
+/// ```
+/// use std::sync::Arc;
+/// use std::sync::atomic::{AtomicUsize, Ordering};
+/// use tidewatch_api::{ComponentContext, Waker};
+///
+/// let woken = Arc::new(AtomicUsize::new(0));
+/// let counter = Arc::clone(&woken);
+/// let ctx = ComponentContext::for_test("in", "mqtt")
+///     .with_waker(Waker::new(move || { counter.fetch_add(1, Ordering::Relaxed); }));
+/// let waker = ctx.waker().cloned().expect("the engine set one");
+/// std::thread::spawn(move || waker.wake()).join().expect("woken");
+/// assert_eq!(woken.load(Ordering::Relaxed), 1);
+/// ```
+#[derive(Clone)]
+pub struct Waker(Arc<dyn Fn() + Send + Sync>);
+
+impl Waker {
+    /// A waker that runs `wake` (the engine's: activate the source's operator).
+    pub fn new(wake: impl Fn() + Send + Sync + 'static) -> Waker {
+        Waker(Arc::new(wake))
+    }
+
+    /// Asks for the source to be polled soon.
+    pub fn wake(&self) {
+        (self.0)();
+    }
+}
+
+impl fmt::Debug for Waker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Waker")
+    }
 }
 
 impl ComponentContext {
@@ -103,6 +146,7 @@ impl ComponentContext {
             shutdown,
             metrics: None,
             shared: ProcessShared::new(),
+            waker: None,
         }
     }
 
@@ -152,6 +196,18 @@ impl ComponentContext {
     /// collectors of its own; `None` outside an engine (unit tests, benchmarks).
     pub fn metrics_registry(&self) -> Option<&MetricsRegistry> {
         self.metrics.as_ref()
+    }
+
+    /// Hands the source its [`Waker`] (the engine does, for every source).
+    pub fn with_waker(mut self, waker: Waker) -> ComponentContext {
+        self.waker = Some(waker);
+        self
+    }
+
+    /// The waker of the source this context belongs to; `None` outside an engine and for
+    /// transforms and sinks.
+    pub fn waker(&self) -> Option<&Waker> {
+        self.waker.as_ref()
     }
 
     /// A context for a single worker with default pipeline settings (tests, benchmarks).

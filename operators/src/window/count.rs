@@ -3,7 +3,8 @@
 //!
 //! A model trained on "W consecutive readings" needs exactly this: time windows hold a
 //! varying number of readings wherever the sampling has gaps. A reading is final once the
-//! watermark passes its time (no earlier reading can still arrive on time); final readings are
+//! watermark reaches its time (no earlier reading can still arrive on time: with
+//! `out_of_orderness_ms = 0`, as soon as it is processed); final readings are
 //! appended to the device's history in time order, and every `slide_readings`-th of them ends a
 //! window of the last `size_readings` (once that many were seen). The window spans
 //! `[time of its first reading, time of its last reading + 1 ms)`. A reading older than the
@@ -64,6 +65,9 @@ impl CountWindowOperator {
     fn add(&mut self, batch: &ReadingBatch, out: &mut Outputs) {
         let closed_until = self.watermark.max(out.batch_watermark());
         let mut late: Option<ReadingBatch> = None;
+        // A reading at the watermark itself is final at once (the watermark does not move
+        // for it: a second reading with the same time).
+        let mut final_now = false;
         for reading in batch.iter() {
             if reading.time_ms < closed_until {
                 late.get_or_insert_with(|| ReadingBatch::new(Arc::clone(&batch.schema))).push(
@@ -102,9 +106,13 @@ impl CountWindowOperator {
                 label: reading.label,
             });
             self.waiting.insert(reading.device);
+            final_now |= reading.time_ms <= self.watermark;
         }
         if let Some(late) = late {
             out.late(late);
+        }
+        if final_now {
+            self.finalise(self.watermark, out);
         }
     }
 
@@ -116,7 +124,7 @@ impl CountWindowOperator {
             let Some(history) = self.devices.get_mut(device) else { continue };
             history.pending.sort_by_key(|pending| pending.time);
             let ready =
-                history.pending.iter().take_while(|pending| pending.time < watermark).count();
+                history.pending.iter().take_while(|pending| pending.time <= watermark).count();
             let width = width_of(history);
             for pending in history.pending.drain(..ready) {
                 history.times.push_back(pending.time);
@@ -221,19 +229,43 @@ mod tests {
         let mut operator = CountWindowOperator::new(&WindowConfig::count(2, 2)).expect("valid");
         let mut out = Outputs::new("w");
         operator.process_batch(readings("d", &[1, 2, 3, 4, 5]), &mut out);
-        operator.on_watermark(4, &mut out);
-        // Final: 1, 2, 3 -> one window [1, 2] (every second reading from the second on).
+        operator.on_watermark(3, &mut out);
+        // Final: 1, 2, 3 (nothing earlier than 3 can come) -> one window [1, 2] (every second
+        // reading from the second on).
         assert_eq!(
             windows(&mut out).iter().map(|window| window.times.clone()).collect::<Vec<_>>(),
             [vec![1, 2]]
         );
-        operator.process_batch(readings("d", &[3]), &mut out);
+        operator.process_batch(readings("d", &[2]), &mut out);
         assert_eq!(out.take_late().iter().map(ReadingBatch::len).sum::<usize>(), 1);
         operator.on_watermark(EventTime::MAX, &mut out);
         assert_eq!(
             windows(&mut out).iter().map(|window| window.times.clone()).collect::<Vec<_>>(),
             [vec![3, 4]]
         );
+    }
+
+    #[test]
+    fn the_reading_that_completes_a_window_emits_it_at_once_when_nothing_can_precede_it() {
+        // out_of_orderness_ms = 0: the watermark is the newest reading's time, so the window
+        // that reading completes is emitted with it, not when the next reading arrives.
+        let mut operator = CountWindowOperator::new(&WindowConfig::count(2, 1)).expect("valid");
+        let mut out = Outputs::new("w");
+        for time in [10, 20, 30] {
+            operator.process_batch(readings("e", &[time]), &mut out);
+            operator.on_watermark(time, &mut out);
+        }
+        let ends: Vec<i64> = windows(&mut out).iter().map(|window| window.end_ms).collect();
+        assert_eq!(ends, [21, 31]);
+        // A second reading with the newest time: the watermark does not move, and it is final
+        // at once all the same (it cannot precede the first one).
+        operator.process_batch(readings("e", &[30]), &mut out);
+        let windows = windows(&mut out);
+        assert_eq!(
+            windows.iter().map(|window| window.times.clone()).collect::<Vec<_>>(),
+            [vec![30, 30]]
+        );
+        assert!(out.take_late().is_empty());
     }
 
     #[test]
