@@ -56,7 +56,10 @@ pub use file::{FileFormat, FileSource, FileSourceConfig, FileSourceFactory};
 #[cfg(feature = "kafka")]
 pub use kafka::{KafkaSinkConfig, KafkaSinkFactory, KafkaSourceConfig, KafkaSourceFactory};
 #[cfg(feature = "s3")]
-pub use lake::{ParquetSink, ParquetSinkConfig, ParquetSinkFactory};
+pub use lake::{
+    ParquetSink, ParquetSinkConfig, ParquetSinkFactory, ParquetSource, ParquetSourceConfig,
+    ParquetSourceFactory,
+};
 #[cfg(feature = "mqtt")]
 pub use mqtt::{MqttSinkConfig, MqttSinkFactory, MqttSourceConfig, MqttSourceFactory};
 pub use prometheus::{LabelField, PrometheusSink, PrometheusSinkConfig, PrometheusSinkFactory};
@@ -81,6 +84,8 @@ pub fn builtins() -> Vec<(&'static str, ComponentFactory)> {
         ("mqtt", ComponentFactory::source(MqttSourceFactory)),
         #[cfg(feature = "kafka")]
         ("kafka", ComponentFactory::source(KafkaSourceFactory)),
+        #[cfg(feature = "s3")]
+        ("parquet", ComponentFactory::source(ParquetSourceFactory)),
         ("stdout", ComponentFactory::sink(StdoutSinkFactory)),
         ("file", ComponentFactory::sink(FileSinkFactory)),
         ("blackhole", ComponentFactory::sink(BlackholeSinkFactory)),

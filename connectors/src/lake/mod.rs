@@ -1,5 +1,5 @@
-//! The Parquet lake (feature `s3`): the `parquet` sink, on a local folder or S3 (Ceph's
-//! radosgw, MinIO, AWS).
+//! The Parquet lake (feature `s3`): the `parquet` sink and source ([`source`]), on a local
+//! folder or S3 (Ceph's radosgw, MinIO, AWS).
 //!
 //! Each worker converts the readings or scores it receives to Arrow record batches, column by
 //! column ([`columns`]), and appends them to one open Parquet file (zstd) per Hive-style
@@ -23,6 +23,7 @@
 
 pub mod columns;
 pub mod registry;
+pub mod source;
 pub mod store;
 mod upload;
 
@@ -44,6 +45,7 @@ use tidewatch_api::{
 };
 
 use self::columns::{DeviceNames, Partitioner, READING_COLUMNS, SCORE_COLUMNS};
+pub use self::source::{ParquetSource, ParquetSourceConfig, ParquetSourceFactory};
 pub use self::store::{LakeUrl, S3Config, Store, StoreError};
 use self::upload::{Body, Finished, LakeMetrics, UploadSettings, Uploader};
 use crate::shared::{Registered, per_component};
