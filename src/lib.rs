@@ -16,12 +16,14 @@
 //!
 //! The built-in component types are registered here, above the engine ([`builtins`]): the
 //! engine itself depends only on the extension API. Cargo features choose what is built in,
-//! all on by default: `mqtt`, `kafka`, `s3` (connector families; `kafka` and `s3` are
-//! placeholders so far) and `onnxruntime`, `tract` (inference backends). An edge build takes
+//! all on by default: `mqtt`, `kafka`, `s3` (connector families: MQTT, Kafka, the Parquet
+//! lake with the model registry) and `onnxruntime`, `tract` (inference backends). An edge build takes
 //! what it uses: `cargo build --release --no-default-features --features mqtt,tract`.
 
 pub mod backtest;
 pub mod cli;
+#[cfg(feature = "s3")]
+pub mod model_registry;
 #[cfg(any(feature = "mqtt", feature = "kafka"))]
 pub mod simulate;
 
@@ -49,10 +51,17 @@ pub use tidewatch_engine::{Pipeline, Registry, RunContext, load_file, run};
 /// assert!(registry.names(Class::Transform).contains(&"window"));
 /// ```
 pub fn builtins() -> Registry {
-    tidewatch_connectors::builtins()
+    let registry = tidewatch_connectors::builtins()
         .into_iter()
         .chain(tidewatch_operators::builtins())
-        .fold(Registry::new(), |registry, (name, factory)| registry.register(name, factory))
+        .fold(Registry::new(), |registry, (name, factory)| registry.register(name, factory));
+    // The autoencoder that can follow a model registry in the lake's store.
+    #[cfg(feature = "s3")]
+    let registry = registry.register(
+        "autoencoder",
+        ComponentFactory::transform(model_registry::AutoencoderWithRegistry),
+    );
+    registry
 }
 
 /// `Registry::with_builtins()`, the spelling embedders know: the engine's [`Registry`] starts

@@ -471,9 +471,6 @@ fn tidewatch_cli(env: &[(String, String)], args: &[&str]) -> String {
 
 #[test]
 fn promoting_a_model_in_the_registry_swaps_it_in_a_running_pipeline() {
-    use tidewatch::connectors::lake::S3Config;
-    use tidewatch::connectors::lake::registry::ModelRegistry;
-
     let Some((env, _ceph)) = ceph() else { return };
     let dir = tempfile::tempdir().expect("tempdir");
     let url = format!("s3://tidewatch/{}/models", unique("registry"));
@@ -502,42 +499,22 @@ fn promoting_a_model_in_the_registry_swaps_it_in_a_running_pipeline() {
     let listed = tidewatch_cli(&env, &["model", "list", &url, "pump"]);
     assert_eq!(listed, "* reg-1\n  reg-2\n");
 
-    // The edge: a follower keeps the autoencoder's folder at the active version.
-    let s3 = S3Config {
-        endpoint: Some(var(&env, "AWS_ENDPOINT_URL").to_owned()),
-        region: Some(var(&env, "AWS_REGION").to_owned()),
-        credentials_file: Some(credentials_file(dir.path(), &env)),
-        profile: Some("lake".to_owned()),
-        ..S3Config::default()
-    };
-    let registry = ModelRegistry::open(&url, &s3).expect("registry");
+    // The edge: the autoencoder follows the registry (its `registry` table): validation copies
+    // the active version into the empty `live` folder, a follower thread copies reg-2 once
+    // it is promoted, and `watch` swaps it in.
     let live = dir.path().join("live");
-    assert_eq!(registry.sync_active("pump", &live).expect("sync"), Some("reg-1".to_owned()));
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let follower = {
-        let stop = std::sync::Arc::clone(&stop);
-        let live = live.clone();
-        std::thread::spawn(move || {
-            let mut synced = Vec::new();
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                if let Some(version) = registry.sync_active("pump", &live).expect("sync") {
-                    synced.push(version);
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            synced
-        })
-    };
     let scores = dir.path().join("scores.jsonl");
-    let text = common::hot_swap_pipeline(&FEATURES, &live, &scores, 50_000);
+    let text = format!(
+        "{}\n[transforms.model.registry]\nurl = \"{url}\"\nname = \"pump\"\ninterval_ms = 20\n\n{}",
+        common::hot_swap_pipeline(&FEATURES, &live, &scores, 50_000),
+        s3_table_of("transforms.model.registry", dir.path(), &env)
+    );
     let mut running = Running::start(&text, &[], 2);
     wait_until("2000 windows scored with reg-1", Duration::from_secs(120), || {
         running.context.metrics.sent("model", "autoencoder") >= 2000
     });
     tidewatch_cli(&env, &["model", "promote", &url, "pump", "reg-2"]);
     running.join(Duration::from_secs(300)).expect("runs");
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    assert_eq!(follower.join().expect("follower"), ["reg-2"]);
     let scores = common::json_lines(&scores);
     assert_eq!(scores.len(), 40 * 2000, "every window scored once");
     let v1 = scores.iter().filter(|s| s["version"] == "reg-1").count();
@@ -570,4 +547,25 @@ fn the_shipped_lake_pipeline_writes_every_reading() {
         .filter_map(Value::as_str)
         .collect();
     assert_eq!(devices.len(), 20);
+}
+
+#[test]
+fn an_autoencoder_following_an_empty_registry_is_a_validation_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let registry = dir.path().join("registry");
+    std::fs::create_dir_all(&registry).expect("registry folder");
+    let text = format!(
+        "{}\n[transforms.model.registry]\nurl = \"{}\"\nname = \"pump\"\n",
+        common::hot_swap_pipeline(
+            &FEATURES,
+            &dir.path().join("live"),
+            &dir.path().join("out.jsonl"),
+            1000
+        ),
+        registry.display()
+    );
+    let errors = common::load(&text, &[]).expect_err("no active version to run");
+    let text = errors.to_string();
+    assert!(text.contains("model `pump` has no active version"), "{text}");
+    assert!(text.contains("tidewatch model push"), "{text}");
 }

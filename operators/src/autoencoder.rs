@@ -61,6 +61,32 @@ pub struct AutoencoderConfig {
     /// A candidate model scored beside the active one (reported, never flagged).
     #[serde(default)]
     pub shadow_model: Option<String>,
+    /// Follow a model registry: `model` (a folder) is kept at the registry's active version of
+    /// a model, and `watch` swaps it in when the pointer moves. Needs the registry support of
+    /// `tidewatch::builtins()` (feature `s3`).
+    #[serde(default)]
+    pub registry: Option<RegistryFollow>,
+}
+
+/// The `registry` table of the `autoencoder`: which registry and model to follow.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryFollow {
+    /// The registry: `s3://bucket/prefix` or a folder (relative to the pipeline file).
+    pub url: String,
+    /// The model's name in the registry.
+    pub name: String,
+    /// How often the active-version pointer is read, ms. Default 5000.
+    #[serde(default = "default_registry_interval_ms")]
+    pub interval_ms: u64,
+    /// S3 options (endpoint, region, credentials file ...), as for the `parquet` sink;
+    /// default: the `AWS_*` environment.
+    #[serde(default)]
+    pub s3: Option<serde_json::Value>,
+}
+
+fn default_registry_interval_ms() -> u64 {
+    5000
 }
 
 fn default_max_batch_rows() -> usize {
@@ -109,6 +135,13 @@ impl TransformFactory for AutoencoderFactory {
         config: &AutoencoderConfig,
         ctx: &ValidateContext,
     ) -> Result<(), ConfigError> {
+        if config.registry.is_some() {
+            return Err(ConfigError::at_field(
+                "registry",
+                "this build's `autoencoder` cannot follow a model registry: `registry` needs \
+                 `tidewatch::builtins()` built with the `s3` feature",
+            ));
+        }
         if config.max_batch_rows == 0 {
             return Err(ConfigError::at_field(
                 "max_batch_rows",

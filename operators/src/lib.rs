@@ -29,7 +29,9 @@ pub mod window;
 
 use tidewatch_api::ComponentFactory;
 
-pub use autoencoder::{Autoencoder, AutoencoderConfig, AutoencoderFactory, Scorer, WindowScore};
+pub use autoencoder::{
+    Autoencoder, AutoencoderConfig, AutoencoderFactory, RegistryFollow, Scorer, WindowScore,
+};
 pub use filter::{Condition, Filter, FilterConfig, FilterFactory, Matcher, Op, Stat};
 pub use normalize::{
     Conversion, MediationConfig, Normalize, NormalizeConfig, NormalizeFactory, NormalizeOptions,

@@ -83,8 +83,14 @@ impl ModelRegistry {
     /// folders resolve against the current folder).
     pub fn open(url: &str, s3: &S3Config) -> Result<ModelRegistry, RegistryError> {
         let base = std::env::current_dir().unwrap_or_else(|_| Path::new(".").to_path_buf());
-        let url = LakeUrl::parse(url, &base)?;
-        let store = Store::open(&url, s3, &base)?;
+        ModelRegistry::open_in(url, s3, &base)
+    }
+
+    /// Opens the registry at `url`, relative folders (and credential files) resolving
+    /// against `base` (a pipeline file's folder).
+    pub fn open_in(url: &str, s3: &S3Config, base: &Path) -> Result<ModelRegistry, RegistryError> {
+        let url = LakeUrl::parse(url, base)?;
+        let store = Store::open(&url, s3, base)?;
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(
             |error| StoreError::Io { context: "starting a runtime".into(), source: error },
         )?;
