@@ -107,7 +107,7 @@ mod tests {
     use super::*;
 
     #[test]
-    #[cfg(all(feature = "mqtt", feature = "kafka"))]
+    #[cfg(all(feature = "mqtt", feature = "kafka", feature = "s3"))]
     fn builtins_configure_from_toml() {
         let ctx = ValidateContext::default();
         let mut seen = Vec::new();
@@ -121,13 +121,19 @@ mod tests {
                 ("kafka", "sink") => "topic = \"readings\"",
                 ("webhook", "sink") => "url = \"http://127.0.0.1:9/hook\"",
                 ("parquet", "sink") => "path = \"file://./lake\"",
+                ("parquet", "source") => "path = \"file://./lake\"\nfeatures = [\"a\"]",
                 _ => "",
             };
             let options = ConfigValue::parse(options).expect("toml");
             match &factory {
                 ComponentFactory::Source(source) => {
                     let configured = source.configure(&options, &ctx).expect(name);
-                    assert_eq!(configured.output_type().kind, tidewatch_api::Kind::Raw);
+                    // The lake holds readings already; every other source emits raw messages.
+                    let expected = match name {
+                        "parquet" => tidewatch_api::Kind::Readings,
+                        _ => tidewatch_api::Kind::Raw,
+                    };
+                    assert_eq!(configured.output_type().kind, expected);
                 }
                 ComponentFactory::Sink(sink) => {
                     let configured = sink.configure(&options, &ctx).expect(name);
@@ -154,6 +160,7 @@ mod tests {
                 ("source", "file"),
                 ("source", "mqtt"),
                 ("source", "kafka"),
+                ("source", "parquet"),
                 ("sink", "stdout"),
                 ("sink", "file"),
                 ("sink", "blackhole"),
