@@ -54,7 +54,9 @@ pub mod webhook;
 
 pub use file::{FileFormat, FileSource, FileSourceConfig, FileSourceFactory};
 #[cfg(feature = "kafka")]
-pub use kafka::{KafkaSinkConfig, KafkaSinkFactory, KafkaSourceConfig, KafkaSourceFactory};
+pub use kafka::{
+    KafkaClientOptions, KafkaSinkConfig, KafkaSinkFactory, KafkaSourceConfig, KafkaSourceFactory,
+};
 #[cfg(feature = "s3")]
 pub use lake::{
     ParquetSink, ParquetSinkConfig, ParquetSinkFactory, ParquetSource, ParquetSourceConfig,

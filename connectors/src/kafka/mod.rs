@@ -9,8 +9,8 @@
 //! - [`buffer`]: a bounded on-disk queue of records (segment files) that survives restarts.
 //! - [`publisher`]: the blocking publisher of `tidewatch simulate --kafka` and the tests.
 //!
-//! The options both share (TLS, SASL, extra librdkafka properties) are read through
-//! [`KafkaConnection`]. Every option is documented in `docs/reference/sources-and-sinks.md`,
+//! The options both share (brokers, TLS, SASL, extra librdkafka properties) are one
+//! [`KafkaClientOptions`], flattened into both configs. Every option is documented in `docs/reference/sources-and-sinks.md`,
 //! the delivery guarantees in `docs/operations.md`.
 
 pub mod buffer;
@@ -67,18 +67,28 @@ pub struct KafkaSasl {
     pub password: String,
 }
 
-/// How a Kafka client reaches the brokers: the options the source and the sink share (their
-/// `tls`, `sasl` and `librdkafka` tables), borrowed from either's config.
-#[derive(Clone, Copy, Debug)]
-pub struct KafkaConnection<'a> {
+fn default_brokers() -> String {
+    "127.0.0.1:9092".to_owned()
+}
+
+/// How a Kafka client reaches the brokers: the options the source and the sink share, at the
+/// top level of either's table (`brokers`, and the `tls`, `sasl` and `librdkafka` tables).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+pub struct KafkaClientOptions {
+    /// Bootstrap brokers, `host:port[,host:port...]`.
+    #[serde(default = "default_brokers")]
+    pub brokers: String,
     /// TLS towards the brokers (the shared nested `tls` table); present (even empty) means
     /// TLS.
-    pub tls: Option<&'a TlsConfig>,
-    /// SASL authentication.
-    pub sasl: Option<&'a KafkaSasl>,
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    /// SASL authentication (the nested `sasl` table).
+    #[serde(default)]
+    pub sasl: Option<KafkaSasl>,
     /// Further librdkafka properties, by name (`"socket.keepalive.enable" = "true"`); the
     /// options above win over them.
-    pub librdkafka: &'a BTreeMap<String, String>,
+    #[serde(default)]
+    pub librdkafka: BTreeMap<String, String>,
 }
 
 /// Properties tidewatch sets itself: not accepted in `librdkafka`.
@@ -115,10 +125,21 @@ pub(crate) fn validate_brokers(brokers: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
-impl KafkaConnection<'_> {
+impl KafkaClientOptions {
+    /// `brokers`, no TLS, no SASL, no extra properties.
+    pub fn new(brokers: impl Into<String>) -> KafkaClientOptions {
+        KafkaClientOptions {
+            brokers: brokers.into(),
+            tls: None,
+            sasl: None,
+            librdkafka: BTreeMap::new(),
+        }
+    }
+
     /// Checks the options beyond their types.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if let Some(tls) = self.tls {
+        validate_brokers(&self.brokers)?;
+        if let Some(tls) = &self.tls {
             tls.validate(true, "")?;
         }
         for name in self.librdkafka.keys() {
@@ -133,14 +154,14 @@ impl KafkaConnection<'_> {
         Ok(())
     }
 
-    /// A librdkafka configuration for `brokers` with the security options and the extra
+    /// A librdkafka configuration for the brokers with the security options and the extra
     /// properties; paths resolve against the pipeline file's folder.
-    pub(crate) fn client_config(&self, brokers: &str, ctx: &ComponentContext) -> ClientConfig {
+    pub(crate) fn client_config(&self, ctx: &ComponentContext) -> ClientConfig {
         let mut config = ClientConfig::new();
-        for (name, value) in self.librdkafka {
+        for (name, value) in &self.librdkafka {
             config.set(name, value);
         }
-        config.set("bootstrap.servers", brokers);
+        config.set("bootstrap.servers", &self.brokers);
         let protocol = match (&self.tls, &self.sasl) {
             (None, None) => "plaintext",
             (Some(_), None) => "ssl",
@@ -161,7 +182,7 @@ impl KafkaConnection<'_> {
                 config.set("ssl.key.location", path(key));
             }
         }
-        if let Some(sasl) = self.sasl {
+        if let Some(sasl) = &self.sasl {
             config.set("sasl.mechanism", sasl.mechanism.name());
             config.set("sasl.username", &sasl.username);
             config.set("sasl.password", &sasl.password);
@@ -197,19 +218,25 @@ mod tests {
             password: "p".into(),
         };
         let extra = BTreeMap::from([("socket.keepalive.enable".into(), "true".into())]);
-        let connection = KafkaConnection { tls: Some(&tls), sasl: Some(&sasl), librdkafka: &extra };
+        let connection = KafkaClientOptions {
+            brokers: "h:9092".into(),
+            tls: Some(tls),
+            sasl: Some(sasl),
+            librdkafka: extra,
+        };
         assert!(connection.validate().is_ok());
-        let config = connection.client_config("h:9092", &ComponentContext::for_test("k", "kafka"));
+        let config = connection.client_config(&ComponentContext::for_test("k", "kafka"));
+        assert_eq!(config.get("bootstrap.servers"), Some("h:9092"));
         assert_eq!(config.get("security.protocol"), Some("sasl_ssl"));
         assert_eq!(config.get("sasl.mechanism"), Some("SCRAM-SHA-512"));
         assert_eq!(config.get("ssl.ca.location"), Some("./ca.pem"));
         assert_eq!(config.get("socket.keepalive.enable"), Some("true"));
-        let owned = BTreeMap::from([("group.id".into(), "x".into())]);
-        let owned = KafkaConnection { tls: None, sasl: None, librdkafka: &owned };
+        let mut owned = KafkaClientOptions::new("h:9092");
+        owned.librdkafka.insert("group.id".into(), "x".into());
         assert_eq!(owned.validate().expect_err("owned").field.as_deref(), Some("librdkafka"));
-        let half = TlsConfig { client_cert_file: Some("c.pem".into()), ..TlsConfig::default() };
-        let none = BTreeMap::new();
-        let half = KafkaConnection { tls: Some(&half), sasl: None, librdkafka: &none };
+        let mut half = KafkaClientOptions::new("h:9092");
+        half.tls =
+            Some(TlsConfig { client_cert_file: Some("c.pem".into()), ..TlsConfig::default() });
         assert_eq!(
             half.validate().expect_err("half").field.as_deref(),
             Some("tls.client_key_file")

@@ -29,7 +29,6 @@
 //! detecting. Records handed to the producer but not acknowledged when tidewatch stops stay
 //! in the buffer and are sent again at the next start (at-least-once).
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -50,14 +49,11 @@ use tidewatch_api::{
 };
 
 use super::buffer::{BufferConfig, DiskBuffer};
-use super::{KafkaConnection, KafkaSasl, TlsConfig, error_text, validate_brokers};
+use super::{KafkaClientOptions, error_text};
 use crate::dead_letter::DeadLetterFile;
 use crate::shared::{Registered, per_component};
 use crate::sinks::record_devices;
 
-fn default_brokers() -> String {
-    "127.0.0.1:9092".to_owned()
-}
 fn default_linger_ms() -> u64 {
     5
 }
@@ -116,9 +112,9 @@ impl Compression {
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KafkaSinkConfig {
-    /// Bootstrap brokers, `host:port[,host:port...]`.
-    #[serde(default = "default_brokers")]
-    pub brokers: String,
+    /// How the client reaches the brokers: `brokers`, `tls`, `sasl`, `librdkafka`.
+    #[serde(flatten)]
+    pub client: KafkaClientOptions,
     /// The topic records are produced to.
     pub topic: String,
     /// Compression: `none`, `gzip`, `snappy`, `lz4` or `zstd`.
@@ -155,22 +151,13 @@ pub struct KafkaSinkConfig {
     /// producer.
     #[serde(default)]
     pub buffer: Option<BufferConfig>,
-    /// TLS towards the brokers (`[sinks.x.tls]`); present means TLS.
-    #[serde(default)]
-    pub tls: Option<TlsConfig>,
-    /// SASL authentication (`[sinks.x.sasl]`).
-    #[serde(default)]
-    pub sasl: Option<KafkaSasl>,
-    /// Further librdkafka producer properties, by name.
-    #[serde(default)]
-    pub librdkafka: BTreeMap<String, String>,
 }
 
 impl KafkaSinkConfig {
     /// A config producing to `topic` on `brokers`, every other option at its default.
     pub fn new(brokers: impl Into<String>, topic: impl Into<String>) -> KafkaSinkConfig {
         KafkaSinkConfig {
-            brokers: brokers.into(),
+            client: KafkaClientOptions::new(brokers),
             topic: topic.into(),
             compression: Compression::default(),
             linger_ms: default_linger_ms(),
@@ -182,24 +169,12 @@ impl KafkaSinkConfig {
             flush_timeout_ms: default_flush_timeout_ms(),
             dead_letter_path: default_dead_letter_path(),
             buffer: None,
-            tls: None,
-            sasl: None,
-            librdkafka: BTreeMap::new(),
-        }
-    }
-
-    fn connection(&self) -> KafkaConnection<'_> {
-        KafkaConnection {
-            tls: self.tls.as_ref(),
-            sasl: self.sasl.as_ref(),
-            librdkafka: &self.librdkafka,
         }
     }
 
     /// Checks the options beyond their types.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        validate_brokers(&self.brokers)?;
-        self.connection().validate()?;
+        self.client.validate()?;
         let topic = self.topic.trim();
         if topic.is_empty()
             || topic.len() > 249
@@ -487,7 +462,7 @@ fn producer(
     ctx: &ComponentContext,
     deliveries: Deliveries,
 ) -> Result<KafkaProducer, ComponentError> {
-    let mut client = config.connection().client_config(&config.brokers, ctx);
+    let mut client = config.client.client_config(ctx);
     let buffered = config.buffer.is_some();
     client
         .set("client.id", format!("tidewatch-{}-{}", ctx.pipeline.name, ctx.component_id))

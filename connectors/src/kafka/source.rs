@@ -54,12 +54,9 @@ use tidewatch_api::{
     Outputs, PortType, RawBatch, Source, SourceFactory, SourcePoll, ValidateContext,
 };
 
-use super::{KafkaConnection, KafkaSasl, TlsConfig, error_text, validate_brokers};
+use super::{KafkaClientOptions, error_text};
 use crate::shared::{Registered, per_component};
 
-fn default_brokers() -> String {
-    "127.0.0.1:9092".to_owned()
-}
 fn default_batch_size() -> usize {
     1_024
 }
@@ -94,9 +91,9 @@ pub enum StartFrom {
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KafkaSourceConfig {
-    /// Bootstrap brokers, `host:port[,host:port...]`.
-    #[serde(default = "default_brokers")]
-    pub brokers: String,
+    /// How the client reaches the brokers: `brokers`, `tls`, `sasl`, `librdkafka`.
+    #[serde(flatten)]
+    pub client: KafkaClientOptions,
     /// Topics to consume.
     pub topics: Vec<String>,
     /// Consumer group; default `tidewatch-<pipeline>-<component>`. Pipelines in one group
@@ -125,22 +122,13 @@ pub struct KafkaSourceConfig {
     /// `TidewatchConsumerLag` alert fires when the lag stays above 80 % of it.
     #[serde(default = "default_max_lag_records")]
     pub max_lag_records: u64,
-    /// TLS towards the brokers (`[sources.x.tls]`); present means TLS.
-    #[serde(default)]
-    pub tls: Option<TlsConfig>,
-    /// SASL authentication (`[sources.x.sasl]`).
-    #[serde(default)]
-    pub sasl: Option<KafkaSasl>,
-    /// Further librdkafka consumer properties, by name.
-    #[serde(default)]
-    pub librdkafka: BTreeMap<String, String>,
 }
 
 impl KafkaSourceConfig {
     /// A config for `topics` on `brokers`, every other option at its default.
     pub fn new(brokers: impl Into<String>, topics: Vec<String>) -> KafkaSourceConfig {
         KafkaSourceConfig {
-            brokers: brokers.into(),
+            client: KafkaClientOptions::new(brokers),
             topics,
             group_id: None,
             start_from: StartFrom::default(),
@@ -150,24 +138,12 @@ impl KafkaSourceConfig {
             statistics_interval_ms: default_statistics_interval_ms(),
             max_in_flight_records: default_max_in_flight_records(),
             max_lag_records: default_max_lag_records(),
-            tls: None,
-            sasl: None,
-            librdkafka: BTreeMap::new(),
-        }
-    }
-
-    fn connection(&self) -> KafkaConnection<'_> {
-        KafkaConnection {
-            tls: self.tls.as_ref(),
-            sasl: self.sasl.as_ref(),
-            librdkafka: &self.librdkafka,
         }
     }
 
     /// Checks the options beyond their types.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        validate_brokers(&self.brokers)?;
-        self.connection().validate()?;
+        self.client.validate()?;
         if self.topics.is_empty() || self.topics.iter().any(|topic| topic.trim().is_empty()) {
             return Err(ConfigError::at_field("topics", "topics must name at least one topic")
                 .with_hint("for example topics = [\"readings\"]"));
@@ -440,7 +416,7 @@ pub struct KafkaSource {
 impl fmt::Debug for KafkaSource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("KafkaSource")
-            .field("brokers", &self.config.brokers)
+            .field("brokers", &self.config.client.brokers)
             .field("topics", &self.config.topics)
             .field("group", &self.group)
             .field("client_id", &self.client_id)
@@ -561,7 +537,7 @@ impl KafkaSource {
 
 impl Source for KafkaSource {
     fn open(&mut self, ctx: &ComponentContext) -> Result<(), ComponentError> {
-        let mut client = self.config.connection().client_config(&self.config.brokers, ctx);
+        let mut client = self.config.client.client_config(ctx);
         client
             .set("group.id", &self.group)
             .set("client.id", &self.client_id)
@@ -584,7 +560,7 @@ impl Source for KafkaSource {
             ("partition.assignment.strategy", "cooperative-sticky"),
             ("allow.auto.create.topics", "true"),
         ] {
-            if !self.config.librdkafka.contains_key(name) {
+            if !self.config.client.librdkafka.contains_key(name) {
                 client.set(name, value);
             }
         }
@@ -617,7 +593,7 @@ impl Source for KafkaSource {
         })?;
         tracing::info!(
             component = %self.component,
-            brokers = %self.config.brokers,
+            brokers = %self.config.client.brokers,
             group = %self.group,
             topics = ?self.config.topics,
             "joining the kafka consumer group"

@@ -108,11 +108,20 @@ impl ConfigValue {
     /// Deserializes the options into a typed config.
     pub fn deserialize<T: DeserializeOwned>(&self) -> Result<T, ConfigError> {
         let deserializer = toml::de::ValueDeserializer::from(self.value.clone());
-        T::deserialize(deserializer).map_err(|error| ConfigError {
-            message: error.message().to_owned(),
-            span: error.span(),
-            field: None,
-            hint: None,
+        T::deserialize(deserializer).map_err(|error| {
+            let message = error.message().to_owned();
+            // A config with a flattened group (`#[serde(flatten)]`) reports an unknown option
+            // without its place: point at the option's key, not at the table.
+            let unknown = message
+                .strip_prefix("unknown field `")
+                .and_then(|rest| rest.split_once('`'))
+                .and_then(|(name, _)| self.span_of(name));
+            let span = match (error.span(), unknown) {
+                (Some(span), Some(key)) if span == self.span() => Some(key),
+                (None, Some(key)) => Some(key),
+                (span, _) => span,
+            };
+            ConfigError { message, span, field: None, hint: None }
         })
     }
 
