@@ -9,14 +9,13 @@
 //! autoencoder's `watch` sees `model.json` change and swaps the model between two batches.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tidewatch_api::{
     ComponentContext, ComponentError, ConfigError, Kind, PortType, Transform, TransformFactory,
-    TransformProperties, ValidateContext,
+    TransformProperties, ValidateContext, resolve_path,
 };
 use tidewatch_connectors::lake::S3Config;
 use tidewatch_connectors::lake::registry::ModelRegistry;
@@ -25,12 +24,6 @@ use tidewatch_operators::{AutoencoderConfig, AutoencoderFactory, RegistryFollow}
 /// Makes `autoencoder` transforms that may follow a model registry (`registry` table).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct AutoencoderWithRegistry;
-
-/// The folder the registry's model is copied into.
-fn model_dir(config: &AutoencoderConfig, base: &Path) -> PathBuf {
-    let path = PathBuf::from(&config.model);
-    if path.is_absolute() { path } else { base.join(path) }
-}
 
 /// Opens the registry a `registry` table names.
 fn open(follow: &RegistryFollow, base: &Path) -> Result<ModelRegistry, String> {
@@ -54,7 +47,7 @@ fn synced(config: &AutoencoderConfig, base: &Path) -> Result<AutoencoderConfig, 
         ));
     }
     let registry = open(&follow, base).map_err(|error| ConfigError::at_field("registry", error))?;
-    let dir = model_dir(config, base);
+    let dir = resolve_path(base, &config.model);
     match registry.sync_active(&follow.name, &dir) {
         Ok(_) if dir.join("model.json").is_file() => Ok(plain),
         Ok(_) => Err(ConfigError::at_field(
@@ -71,7 +64,8 @@ fn synced(config: &AutoencoderConfig, base: &Path) -> Result<AutoencoderConfig, 
 
 /// The follower thread of one component in one process; stops when the run drops it.
 struct Follower {
-    stop: Arc<AtomicBool>,
+    /// Dropping it wakes the thread and ends it.
+    stop: Option<mpsc::Sender<()>>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -81,20 +75,13 @@ impl Follower {
         registry: ModelRegistry,
         dir: PathBuf,
         component: String,
-    ) -> Follower {
-        let stop = Arc::new(AtomicBool::new(false));
-        let stopped = Arc::clone(&stop);
+    ) -> Result<Follower, ComponentError> {
+        let (stop, stopped) = mpsc::channel::<()>();
         let interval = Duration::from_millis(follow.interval_ms);
         let thread = std::thread::Builder::new()
             .name(format!("registry-{component}"))
             .spawn(move || {
-                let mut next = Instant::now() + interval;
-                while !stopped.load(Ordering::Relaxed) {
-                    if Instant::now() < next {
-                        std::thread::sleep(Duration::from_millis(10).min(interval));
-                        continue;
-                    }
-                    next = Instant::now() + interval;
+                while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(interval) {
                     match registry.sync_active(&follow.name, &dir) {
                         Ok(Some(version)) => tracing::info!(
                             component = %component, model = %follow.name, %version,
@@ -108,14 +95,14 @@ impl Follower {
                     }
                 }
             })
-            .ok();
-        Follower { stop, thread }
+            .map_err(|error| ComponentError::io("cannot start the registry follower", error))?;
+        Ok(Follower { stop: Some(stop), thread: Some(thread) })
     }
 }
 
 impl Drop for Follower {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        self.stop.take();
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
@@ -160,12 +147,12 @@ impl TransformFactory for AutoencoderWithRegistry {
         let mut plain = config.clone();
         if let Some(follow) = plain.registry.take() {
             let base = ctx.pipeline.base_dir.clone();
-            let dir = model_dir(config, &base);
+            let dir = resolve_path(&base, &config.model);
             let component = ctx.component_id.to_string();
             // One follower per process and component, whatever the number of workers.
             ctx.shared(|| {
                 let registry = open(&follow, &base).map_err(ComponentError::External)?;
-                Ok::<_, ComponentError>(Follower::start(follow.clone(), registry, dir, component))
+                Follower::start(follow.clone(), registry, dir, component)
             })?;
         }
         AutoencoderFactory.build(&plain, ctx)

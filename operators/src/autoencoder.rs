@@ -24,6 +24,7 @@ use serde::Deserialize;
 use tidewatch_api::{
     Batch, ComponentContext, ComponentError, ConfigError, EventTime, Kind, Outputs, PortType,
     Schema, Score, Transform, TransformFactory, TransformProperties, ValidateContext, Window,
+    resolve_path,
 };
 use tidewatch_inference::{BackendKind, Model, ModelSpec, find_onnxruntime, model_files};
 
@@ -102,11 +103,6 @@ fn default_reload_interval_ms() -> u64 {
     1000
 }
 
-fn resolve(base: &Path, path: &str) -> PathBuf {
-    let path = PathBuf::from(path);
-    if path.is_absolute() { path } else { base.join(path) }
-}
-
 fn read_spec(location: &Path, field: &str) -> Result<ModelSpec, ConfigError> {
     let (json, onnx) = model_files(location);
     let spec = ModelSpec::read(&json).map_err(|error| {
@@ -155,9 +151,9 @@ impl TransformFactory for AutoencoderFactory {
                 ));
         }
         let base = &ctx.pipeline.base_dir;
-        let spec = read_spec(&resolve(base, &config.model), "model")?;
+        let spec = read_spec(&resolve_path(base, &config.model), "model")?;
         if let Some(shadow) = &config.shadow_model {
-            let candidate = read_spec(&resolve(base, shadow), "shadow_model")?;
+            let candidate = read_spec(&resolve_path(base, shadow), "shadow_model")?;
             if candidate.features != spec.features || candidate.window.length != spec.window.length
             {
                 return Err(ConfigError::at_field(
@@ -168,7 +164,11 @@ impl TransformFactory for AutoencoderFactory {
         }
         if config.backend == BackendKind::Onnxruntime
             && find_onnxruntime(
-                config.onnxruntime_library.as_deref().map(|path| resolve(base, path)).as_deref(),
+                config
+                    .onnxruntime_library
+                    .as_deref()
+                    .map(|path| resolve_path(base, path))
+                    .as_deref(),
             )
             .is_none()
         {
@@ -185,7 +185,7 @@ impl TransformFactory for AutoencoderFactory {
         ctx: &ValidateContext,
     ) -> Result<PortType, ConfigError> {
         self.validate(config, ctx)?;
-        let spec = read_spec(&resolve(&ctx.pipeline.base_dir, &config.model), "model")?;
+        let spec = read_spec(&resolve_path(&ctx.pipeline.base_dir, &config.model), "model")?;
         if let Some(schema) = &input.schema {
             let pipeline: Vec<&str> = schema.names().iter().map(|name| &**name).collect();
             if pipeline != spec.features.iter().map(String::as_str).collect::<Vec<_>>() {

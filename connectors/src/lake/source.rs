@@ -302,80 +302,80 @@ impl ParquetSource {
     fn decode_batch(&self, batch: &RecordBatch, rows: &mut Vec<Row>) -> Result<(), String> {
         let column =
             |name: &str| batch.column_by_name(name).ok_or_else(|| format!("no column `{name}`"));
-        let devices = column("device")?;
-        let device_at = |row: usize| -> Option<&str> {
-            if devices.is_null(row) {
-                return None;
-            }
-            if let Some(array) = devices.as_any().downcast_ref::<StringArray>() {
-                Some(array.value(row))
-            } else {
-                devices.as_any().downcast_ref::<LargeStringArray>().map(|array| array.value(row))
-            }
-        };
-        let times = column("time")?;
-        let any = times.as_any();
-        let time_at = |row: usize| -> Option<EventTime> {
-            if times.is_null(row) {
-                return None;
-            }
-            if let Some(array) = any.downcast_ref::<TimestampMillisecondArray>() {
-                Some(array.value(row))
-            } else if let Some(array) = any.downcast_ref::<TimestampMicrosecondArray>() {
-                Some(array.value(row).div_euclid(1_000))
-            } else if let Some(array) = any.downcast_ref::<TimestampNanosecondArray>() {
-                Some(array.value(row).div_euclid(1_000_000))
-            } else {
-                any.downcast_ref::<TimestampSecondArray>()
-                    .map(|array| array.value(row).saturating_mul(1_000))
-            }
-        };
-        if !(any.is::<TimestampMillisecondArray>()
-            || any.is::<TimestampMicrosecondArray>()
-            || any.is::<TimestampNanosecondArray>()
-            || any.is::<TimestampSecondArray>())
-        {
-            return Err(format!("column `time` is {}, not a timestamp", times.data_type()));
-        }
-        let mut features = Vec::with_capacity(self.config.features.len());
-        for name in &self.config.features {
-            let array = column(name)?;
-            let any = array.as_any();
-            if !(any.is::<Float32Array>() || any.is::<Float64Array>()) {
-                return Err(format!("column `{name}` is {}, not a float", array.data_type()));
-            }
-            features.push(array);
-        }
+        // Each column is read once, whatever its Arrow type; rows then index plain vectors.
+        let devices = strings(column("device")?.as_ref(), "device")?;
+        let times = timestamps(column("time")?.as_ref())?;
+        let features = self
+            .config
+            .features
+            .iter()
+            .map(|name| floats(column(name)?.as_ref(), name))
+            .collect::<Result<Vec<_>, String>>()?;
         let labels = batch.column_by_name("label");
         let labels = labels.and_then(|array| array.as_any().downcast_ref::<UInt8Array>());
         let mut names: BTreeMap<&str, DeviceId> = BTreeMap::new();
         'rows: for row in 0..batch.num_rows() {
-            let (Some(name), Some(time)) = (device_at(row), time_at(row)) else { continue };
-            if time < self.range.0 || time >= self.range.1 {
+            let (Some(Some(name)), Some(Some(time))) = (devices.get(row), times.get(row)) else {
+                continue;
+            };
+            if *time < self.range.0 || *time >= self.range.1 {
                 continue;
             }
             if !self.config.devices.is_empty() && !self.config.devices.iter().any(|d| d == name) {
                 continue;
             }
             let mut values = Vec::with_capacity(features.len());
-            for array in &features {
-                if array.is_null(row) {
-                    continue 'rows;
+            for column in &features {
+                match column.get(row) {
+                    Some(Some(value)) => values.push(*value),
+                    _ => continue 'rows,
                 }
-                let any = array.as_any();
-                let value = match any.downcast_ref::<Float32Array>() {
-                    Some(array) => array.value(row),
-                    None => any
-                        .downcast_ref::<Float64Array>()
-                        .map_or(f32::NAN, |array| array.value(row) as f32),
-                };
-                values.push(value);
             }
             let device = *names.entry(name).or_insert_with(|| DeviceId::intern(name));
             let label = labels.filter(|array| !array.is_null(row)).map_or(0, |a| a.value(row));
-            rows.push(Row { device, time, values, label });
+            rows.push(Row { device, time: *time, values, label });
         }
         Ok(())
+    }
+}
+
+/// A string column's values (`None` for nulls).
+fn strings<'a>(array: &'a dyn Array, name: &str) -> Result<Vec<Option<&'a str>>, String> {
+    let any = array.as_any();
+    if let Some(array) = any.downcast_ref::<StringArray>() {
+        Ok(array.iter().collect())
+    } else if let Some(array) = any.downcast_ref::<LargeStringArray>() {
+        Ok(array.iter().collect())
+    } else {
+        Err(format!("column `{name}` is {}, not a string", array.data_type()))
+    }
+}
+
+/// A timestamp column's values in ms (`None` for nulls), whatever its unit.
+fn timestamps(array: &dyn Array) -> Result<Vec<Option<EventTime>>, String> {
+    let any = array.as_any();
+    if let Some(array) = any.downcast_ref::<TimestampMillisecondArray>() {
+        Ok(array.iter().collect())
+    } else if let Some(array) = any.downcast_ref::<TimestampMicrosecondArray>() {
+        Ok(array.iter().map(|time| time.map(|us| us.div_euclid(1_000))).collect())
+    } else if let Some(array) = any.downcast_ref::<TimestampNanosecondArray>() {
+        Ok(array.iter().map(|time| time.map(|ns| ns.div_euclid(1_000_000))).collect())
+    } else if let Some(array) = any.downcast_ref::<TimestampSecondArray>() {
+        Ok(array.iter().map(|time| time.map(|s| s.saturating_mul(1_000))).collect())
+    } else {
+        Err(format!("column `time` is {}, not a timestamp", array.data_type()))
+    }
+}
+
+/// A float column's values as `f32` (`None` for nulls).
+fn floats(array: &dyn Array, name: &str) -> Result<Vec<Option<f32>>, String> {
+    let any = array.as_any();
+    if let Some(array) = any.downcast_ref::<Float32Array>() {
+        Ok(array.iter().collect())
+    } else if let Some(array) = any.downcast_ref::<Float64Array>() {
+        Ok(array.iter().map(|value| value.map(|value| value as f32)).collect())
+    } else {
+        Err(format!("column `{name}` is {}, not a float", array.data_type()))
     }
 }
 

@@ -24,6 +24,7 @@ use object_store::path::Path as ObjectPath;
 use object_store::{ClientOptions, ObjectStore, ObjectStoreExt as _, PutPayload, RetryConfig};
 use serde::Deserialize;
 use thiserror::Error;
+use tidewatch_api::resolve_path;
 
 /// Objects larger than this go up as a multipart upload, in parts of this size.
 const MULTIPART_PART_BYTES: usize = 8 * 1024 * 1024;
@@ -175,8 +176,7 @@ impl LakeUrl {
         if path.is_empty() {
             return Err(bad("no path after file://"));
         }
-        let path = PathBuf::from(path);
-        Ok(LakeUrl::Local(if path.is_absolute() { path } else { base.join(path) }))
+        Ok(LakeUrl::Local(resolve_path(base, path)))
     }
 }
 
@@ -271,7 +271,7 @@ impl Store {
                     endpoint.as_deref().is_some_and(|endpoint| endpoint.starts_with("http://"))
                 });
                 if let Some(file) = &s3.credentials_file {
-                    let file = if file.is_absolute() { file.clone() } else { base.join(file) };
+                    let file = resolve_path(base, file);
                     let profile = s3.profile.as_deref().unwrap_or("default");
                     let (key, secret, token) = read_credentials_file(&file, profile)?;
                     builder = builder.with_access_key_id(key).with_secret_access_key(secret);

@@ -5,7 +5,7 @@
 //! on every worker (timely builds the same dataflow everywhere).
 
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -229,9 +229,15 @@ impl ComponentContext {
 
     /// Resolves a path from an option against the pipeline file's folder.
     pub fn resolve_path(&self, path: &str) -> PathBuf {
-        let path = PathBuf::from(path);
-        if path.is_absolute() { path } else { self.pipeline.base_dir.join(path) }
+        resolve_path(&self.pipeline.base_dir, path)
     }
+}
+
+/// `path` as written in an option: itself when absolute, else relative to `base` (the
+/// pipeline file's folder).
+pub fn resolve_path(base: &Path, path: impl AsRef<Path>) -> PathBuf {
+    let path = path.as_ref();
+    if path.is_absolute() { path.to_path_buf() } else { base.join(path) }
 }
 
 /// Where a component puts what it produces; the engine drains it after every call.

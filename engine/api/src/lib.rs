@@ -21,7 +21,7 @@ pub use prometheus;
 
 pub use component::{
     Backlog, ComponentContext, MetricsRegistry, Outputs, PipelineInfo, Sink, Source, SourcePoll,
-    Transform, Waker,
+    Transform, Waker, resolve_path,
 };
 pub use error::ComponentError;
 pub use factory::{
