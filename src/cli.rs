@@ -391,6 +391,13 @@ pub fn execute(command: Command, registry: &Registry) -> anyhow::Result<ExitCode
             }
             let workers = workers.unwrap_or(pipeline.settings.workers).max(1);
             let run = RunContext::new(Arc::new(Metrics::new()));
+            #[cfg(feature = "s3")]
+            let run = match crate::checkpoint_store::for_pipeline(&pipeline)
+                .context("opening the checkpoint store")?
+            {
+                Some(store) => run.with_checkpoint_store(store),
+                None => run,
+            };
             let address = http_address.unwrap_or_else(|| pipeline.settings.http_address.clone());
             let _server = if address.is_empty() {
                 None

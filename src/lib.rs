@@ -21,6 +21,8 @@
 //! what it uses: `cargo build --release --no-default-features --features mqtt,tract`.
 
 pub mod backtest;
+#[cfg(feature = "s3")]
+pub mod checkpoint_store;
 pub mod cli;
 #[cfg(feature = "s3")]
 pub mod model_registry;

@@ -13,32 +13,7 @@ use tidewatch::api::{Batch, DeviceId, Schema, Window};
 use tidewatch::inference::{Backend, BackendKind, ModelSpec, OnnxRuntime, Tract, find_onnxruntime};
 use tidewatch::operators::Scorer;
 
-fn python() -> PathBuf {
-    let python = common::root().join(".venv/bin/python");
-    assert!(
-        python.is_file(),
-        "{} is missing: scripts/test.sh creates it (python3 -m venv .venv; pip install -r training/requirements.txt)",
-        python.display()
-    );
-    python
-}
-
-fn train(data: &Path, out: &Path, args: &[&str]) {
-    let output = Command::new(python())
-        .arg(common::root().join("training/train.py"))
-        .arg("--data")
-        .arg(data)
-        .arg("--out")
-        .arg(out)
-        .args(args)
-        .output()
-        .expect("train.py runs");
-    assert!(
-        output.status.success(),
-        "train.py failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
+use common::train;
 
 /// A deterministic noise in [-1, 1).
 fn noise(seed: &mut u64) -> f64 {

@@ -15,13 +15,13 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::io::{Read as _, Write as _};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
+use common::process::{Process, http_get, metric_sum};
 use common::{Publisher, root, unique, wait_until};
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -44,112 +44,6 @@ fn require_kafka() {
         "no Kafka broker on 127.0.0.1:9092: start it with `scripts/services.sh start kafka` \
          (scripts/test.sh does)",
     );
-}
-
-/// A GET over plain HTTP/1.0: the status code and body.
-fn http_get(address: &str, path: &str) -> Option<(u16, String)> {
-    let mut stream =
-        TcpStream::connect_timeout(&address.parse().ok()?, Duration::from_secs(2)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n").ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    let status = response.split(' ').nth(1)?.parse().ok()?;
-    let body = response.split_once("\r\n\r\n").map(|(_, body)| body.to_owned())?;
-    Some((status, body))
-}
-
-/// The sum of a metric's samples whose labels contain every one of `labels`.
-fn metric_sum(address: &str, name: &str, labels: &[&str]) -> Option<f64> {
-    let (_, body) = http_get(address, "/metrics")?;
-    let mut sum = None;
-    for line in body.lines() {
-        let Some(rest) = line.strip_prefix(name) else { continue };
-        if !(rest.starts_with('{') || rest.starts_with(' ')) {
-            continue;
-        }
-        if !labels.iter().all(|label| rest.contains(label)) {
-            continue;
-        }
-        let value: f64 = rest.rsplit(' ').next()?.parse().ok()?;
-        sum = Some(sum.unwrap_or(0.0) + value);
-    }
-    sum
-}
-
-fn free_address() -> String {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    listener.local_addr().expect("address").to_string()
-}
-
-/// A `tidewatch` process; killed when dropped.
-struct Process {
-    child: Child,
-    address: String,
-    log: PathBuf,
-}
-
-impl Process {
-    fn run(pipeline: &Path, env: &[(&str, String)], log: PathBuf) -> Process {
-        let address = free_address();
-        let stderr = std::fs::File::create(&log).expect("log file");
-        let mut command = Command::new(env!("CARGO_BIN_EXE_tidewatch"));
-        command
-            .args(["run", &pipeline.display().to_string(), "--http-address", &address])
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(stderr);
-        for (name, value) in env {
-            command.env(name, value);
-        }
-        let child = command.spawn().expect("tidewatch starts");
-        Process { child, address, log }
-    }
-
-    fn received(&self, component_type: &str) -> u64 {
-        let label = format!("component_type=\"{component_type}\"");
-        metric_sum(&self.address, "tidewatch_component_received_events_total", &[&label])
-            .unwrap_or(0.0) as u64
-    }
-
-    fn ready(&self) -> bool {
-        matches!(http_get(&self.address, "/readyz"), Some((200, _)))
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// SIGINT, then waits for a clean exit; returns the whole log.
-    fn stop(mut self) -> String {
-        let status = Command::new("kill")
-            .args(["-INT", &self.child.id().to_string()])
-            .status()
-            .expect("kill");
-        assert!(status.success());
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait") {
-                assert!(status.success(), "tidewatch exited with {status}:\n{}", self.log());
-                return self.log();
-            }
-            assert!(Instant::now() < deadline, "tidewatch did not stop:\n{}", self.log());
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// SIGKILL: a crash.
-    fn crash(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 fn simulate_kafka(topic: &str, devices: usize, count: u64, seed: u64) {

@@ -26,30 +26,17 @@ type Env = Vec<(String, String)>;
 /// must not see.
 static CEPH: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-/// Ceph to a test: the `export K=V` lines of `scripts/services.sh env ceph` and the lock,
-/// when radosgw answers.
+/// Ceph to a test (the variables of `scripts/services.sh env ceph`) and the lock, when
+/// radosgw answers.
 fn ceph() -> Option<(Env, std::sync::MutexGuard<'static, ()>)> {
     let guard = CEPH.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    let address = "127.0.0.1:7480".parse().expect("address");
-    if TcpStream::connect_timeout(&address, Duration::from_secs(2)).is_err() {
+    let Some(vars) = common::ceph_env() else {
         eprintln!(
             "SKIPPED: no Ceph radosgw on 127.0.0.1:7480; start it with \
              `scripts/services.sh start ceph` (scripts/test.sh does)"
         );
         return None;
-    }
-    let output = Command::new(root().join("scripts/services.sh"))
-        .args(["env", "ceph"])
-        .output()
-        .expect("scripts/services.sh env ceph");
-    assert!(output.status.success(), "services.sh env ceph failed");
-    let text = String::from_utf8(output.stdout).expect("utf8");
-    let vars: Vec<(String, String)> = text
-        .lines()
-        .filter_map(|line| line.strip_prefix("export "))
-        .filter_map(|line| line.split_once('='))
-        .map(|(name, value)| (name.to_owned(), value.trim_matches('\'').to_owned()))
-        .collect();
+    };
     Some((vars, guard))
 }
 
@@ -438,23 +425,6 @@ fn killing_tidewatch_mid_file_leaves_no_partial_file_on_ceph() {
     kill_mid_file(&url, &env, &s3_table(dir.path(), &env));
 }
 
-/// A CSV of `rows` readings of the five simulator features (deterministic noise).
-fn training_csv(path: &Path, rows: usize) {
-    let mut seed: u64 = 42;
-    let mut text = String::from("datetime;vibration;current;pressure;temperature;flow\n");
-    for row in 0..rows {
-        text.push_str(&format!("2026-01-01 00:{:02}:{:02}", row / 60 % 60, row % 60));
-        for _ in 0..5 {
-            seed = seed
-                .wrapping_mul(6_364_136_223_846_793_005)
-                .wrapping_add(1_442_695_040_888_963_407);
-            text.push_str(&format!(";{:.4}", (seed >> 33) as f64 / (1u64 << 31) as f64));
-        }
-        text.push('\n');
-    }
-    std::fs::write(path, text).expect("csv");
-}
-
 fn tidewatch_cli(env: &[(String, String)], args: &[&str]) -> String {
     let output = Command::new(env!("CARGO_BIN_EXE_tidewatch"))
         .args(args)
@@ -475,7 +445,7 @@ fn promoting_a_model_in_the_registry_swaps_it_in_a_running_pipeline() {
     let dir = tempfile::tempdir().expect("tempdir");
     let url = format!("s3://tidewatch/{}/models", unique("registry"));
     let csv = dir.path().join("fleet.csv");
-    training_csv(&csv, 400);
+    common::simulator_training_csv(&csv, 400);
     // v1: trained and published (and promoted) by train.py; v2: pushed with the CLI.
     let train = |out: &Path, version: &str, extra: &[&str]| {
         let mut command = Command::new(python());

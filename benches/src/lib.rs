@@ -208,8 +208,14 @@ pub fn bench_toml(count: usize) -> String {
 ///
 /// If the pipeline does not validate.
 pub fn bench_pipeline(count: usize) -> Pipeline {
+    bench_pipeline_with(count, "")
+}
+
+/// [`bench_pipeline`] with more `[pipeline]` options (TOML lines, e.g. checkpoints).
+pub fn bench_pipeline_with(count: usize, settings: &str) -> Pipeline {
     let registry = tidewatch::builtins();
-    match load_str(&bench_toml(count), "bench.toml", Path::new("."), &registry, |_| None) {
+    let text = bench_toml(count).replacen("[pipeline]\n", &format!("[pipeline]\n{settings}\n"), 1);
+    match load_str(&text, "bench.toml", Path::new("."), &registry, |_| None) {
         Ok(pipeline) => pipeline,
         Err(errors) => panic!("pipelines/bench.toml does not validate: {errors}"),
     }

@@ -8,15 +8,26 @@
 //! lines: with `header` (CSV files), it passes the first non-empty line along unparsed as the
 //! batches' [`RawBatch::header`], and `normalize` (the codec) reads the column names from it.
 //! Only worker 0 reads; the other workers finish at once.
+//!
+//! **Checkpoints.** Worker 0's instance snapshots its position: the file's path, the byte
+//! offset and the line number after the last line emitted (a line read but held back by
+//! `speed` is not emitted yet: it is read again), and a hash of the file's first bytes (up to
+//! 64 KiB, and not past the offset). A restore seeks there: a restarted pipeline goes on with
+//! the next line, line numbers (the messages' positions) going on too, and reads what was
+//! appended since. Pacing starts afresh from the first line after the position. When the file
+//! is now shorter than the offset, or its first bytes differ (it was replaced), or the
+//! checkpoint was taken on another `path`, a warning is logged and the file is read from its
+//! start. The other workers' instances snapshot nothing and ignore what they are given; when
+//! several positions are restored into one instance, the furthest wins.
 
 use std::fmt;
 use std::fs::File;
-use std::io::{self, BufRead, BufReader};
+use std::io::{self, BufRead, BufReader, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tidewatch_api::codec::{Decoder, DecoderOptions, Delimiter, PayloadCodec};
 use tidewatch_api::records::now_ms;
 use tidewatch_api::{
@@ -26,6 +37,9 @@ use tidewatch_api::{
 
 /// The longest line the source reads; longer lines are skipped and reported on `<id>.errors`.
 pub const MAX_LINE_BYTES: usize = 8 * 1024 * 1024;
+
+/// How many of a file's first bytes a checkpoint's hash covers (to notice a replaced file).
+const HEAD_BYTES: usize = 64 * 1024;
 
 /// How the lines of a file are encoded (deprecated on the source: it only chooses the default
 /// of `header`; the encoding is `normalize`'s `format`).
@@ -188,8 +202,8 @@ impl SourceFactory for FileSourceFactory {
 enum LineRead {
     /// End of file.
     Eof,
-    /// A line (without its `\n`) is in the buffer.
-    Line,
+    /// A line (without its `\n`) is in the buffer; the bytes it took in the file.
+    Line(usize),
     /// A line longer than the limit was skipped; its length in bytes.
     TooLong(usize),
 }
@@ -238,7 +252,7 @@ fn read_line_capped<R: BufRead>(
     } else if overflow {
         LineRead::TooLong(total)
     } else {
-        LineRead::Line
+        LineRead::Line(total)
     })
 }
 
@@ -253,6 +267,32 @@ fn trim_line(line: &mut Vec<u8>, first: bool) {
 
 fn is_blank(line: &[u8]) -> bool {
     line.iter().all(u8::is_ascii_whitespace)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Checkpoint position
+// ---------------------------------------------------------------------------------------------
+
+/// Where the source is in its file, as checkpointed (JSON).
+#[derive(Debug, Serialize, Deserialize)]
+struct Position {
+    /// The file (resolved against the pipeline's folder).
+    path: String,
+    /// Bytes of the file before the next line to read.
+    offset: u64,
+    /// Lines before it (the position of the last message emitted, or a skipped line).
+    line: u64,
+    /// How many of the file's first bytes `head_hash` covers.
+    head_len: u64,
+    /// FNV-1a (64 bits) of the file's first `head_len` bytes.
+    head_hash: u64,
+}
+
+/// FNV-1a, 64 bits: stable across versions and platforms, enough to notice a changed file.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+        (hash ^ u64::from(*byte)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -314,6 +354,12 @@ pub struct FileSource {
     header_line: Option<Arc<[u8]>>,
     line: Vec<u8>,
     line_number: u64,
+    /// Bytes of the file read so far.
+    consumed: u64,
+    /// `consumed` before the line in `line` was read (the position while it is pending).
+    line_start: u64,
+    /// The file's first bytes (up to [`HEAD_BYTES`]), for the checkpoint's hash.
+    head: Vec<u8>,
     /// `line` holds a line read but not emitted yet (waiting for its time), due at `due`.
     pending: bool,
     due: Option<Instant>,
@@ -366,6 +412,9 @@ impl FileSource {
             header_line: None,
             line: Vec::new(),
             line_number: 0,
+            consumed: 0,
+            line_start: 0,
+            head: Vec::new(),
             pending: false,
             due: None,
             pacing,
@@ -382,6 +431,18 @@ impl FileSource {
     fn open_file(&mut self) -> Result<(), ComponentError> {
         let file = File::open(&self.path).map_err(|error| self.io_error("cannot open", error))?;
         let mut reader = BufReader::with_capacity(256 * 1024, file);
+        self.line_number = 0;
+        self.consumed = 0;
+        // The first bytes, as the buffer's first fill holds them (nothing is consumed).
+        let first = loop {
+            match reader.fill_buf() {
+                Ok(available) => break available,
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+                Err(error) => return Err(self.io_error("cannot read", error)),
+            }
+        };
+        self.head.clear();
+        self.head.extend_from_slice(&first[..first.len().min(HEAD_BYTES)]);
         if self.header {
             loop {
                 match read_line_capped(&mut reader, &mut self.line, MAX_LINE_BYTES)
@@ -395,8 +456,9 @@ impl FileSource {
                             self.path.display()
                         )));
                     }
-                    LineRead::Line => {
+                    LineRead::Line(length) => {
                         self.line_number += 1;
+                        self.consumed += length as u64;
                         trim_line(&mut self.line, self.line_number == 1);
                         if !is_blank(&self.line) {
                             self.header_line = Some(Arc::from(self.line.as_slice()));
@@ -418,6 +480,35 @@ impl FileSource {
         }
         self.reader = Some(reader);
         Ok(())
+    }
+
+    /// The offset and line number after the last line emitted.
+    fn position(&self) -> (u64, u64) {
+        if self.pending {
+            (self.line_start, self.line_number.saturating_sub(1))
+        } else {
+            (self.consumed, self.line_number)
+        }
+    }
+
+    /// Why the file cannot resume at `position`, if it cannot.
+    fn mismatch(&mut self, position: &Position) -> Result<Option<String>, ComponentError> {
+        let Some(reader) = self.reader.as_ref() else {
+            return Ok(Some("it is not open".to_owned()));
+        };
+        let length = reader.get_ref().metadata().map(|metadata| metadata.len());
+        let length = length.map_err(|error| self.io_error("cannot read the metadata of", error))?;
+        if length < position.offset {
+            return Ok(Some(format!(
+                "it is {length} bytes long, shorter than the checkpoint's offset {}",
+                position.offset
+            )));
+        }
+        let head = usize::try_from(position.head_len).unwrap_or(usize::MAX);
+        if self.head.len() < head || fnv1a(&self.head[..head]) != position.head_hash {
+            return Ok(Some(format!("its first {head} bytes changed since the checkpoint")));
+        }
+        Ok(None)
     }
 }
 
@@ -450,6 +541,7 @@ impl Source for FileSource {
                     self.finished = true;
                     break;
                 };
+                self.line_start = self.consumed;
                 let read = read_line_capped(reader, &mut self.line, MAX_LINE_BYTES);
                 let read = read.map_err(|error| self.io_error("cannot read", error))?;
                 match read {
@@ -460,6 +552,7 @@ impl Source for FileSource {
                     }
                     LineRead::TooLong(length) => {
                         self.line_number += 1;
+                        self.consumed += length as u64;
                         out.error(
                             "line_too_long",
                             format!(
@@ -471,8 +564,9 @@ impl Source for FileSource {
                         );
                         continue;
                     }
-                    LineRead::Line => {
+                    LineRead::Line(length) => {
                         self.line_number += 1;
+                        self.consumed += length as u64;
                         trim_line(&mut self.line, self.line_number == 1);
                         if is_blank(&self.line) {
                             continue;
@@ -509,6 +603,74 @@ impl Source for FileSource {
             return Ok(SourcePoll::Idle { wake_after_ms });
         }
         Ok(if self.finished { SourcePoll::Finished } else { SourcePoll::Ready })
+    }
+
+    /// Worker 0's position after the last line emitted (JSON); nothing for the others.
+    fn snapshot(&mut self) -> Result<Option<Vec<u8>>, ComponentError> {
+        if !self.active {
+            return Ok(None);
+        }
+        let (offset, line) = self.position();
+        let head = self.head.len().min(usize::try_from(offset).unwrap_or(usize::MAX));
+        let position = Position {
+            path: self.path.display().to_string(),
+            offset,
+            line,
+            head_len: head as u64,
+            head_hash: fnv1a(&self.head[..head]),
+        };
+        serde_json::to_vec(&position)
+            .map(Some)
+            .map_err(|error| ComponentError::Internal(format!("file source snapshot: {error}")))
+    }
+
+    /// Seeks worker 0's file to a snapshot's position, if it is further than the current one
+    /// and the file is still the one it was taken on (else the file is read from its start).
+    fn restore(&mut self, state: &[u8]) -> Result<(), ComponentError> {
+        let position: Position = serde_json::from_slice(state).map_err(|error| {
+            ComponentError::Config(format!("not a file source snapshot: {error}"))
+        })?;
+        if !self.active {
+            return Ok(());
+        }
+        let path = self.path.display().to_string();
+        if position.path != path {
+            tracing::warn!(
+                component = %self.ctx.component_id,
+                was = %position.path,
+                now = %path,
+                "the checkpoint's position is in another file: reading from the start of `path`"
+            );
+            return Ok(());
+        }
+        if position.offset <= self.position().0 {
+            return Ok(());
+        }
+        if let Some(reason) = self.mismatch(&position)? {
+            tracing::warn!(
+                component = %self.ctx.component_id,
+                path = %path,
+                %reason,
+                "the file changed since the checkpoint: reading it from its start"
+            );
+            return Ok(());
+        }
+        let Some(reader) = self.reader.as_mut() else { return Ok(()) };
+        if let Err(error) = reader.seek(SeekFrom::Start(position.offset)) {
+            return Err(self.io_error("cannot seek in", error));
+        }
+        self.consumed = position.offset;
+        self.line_number = position.line;
+        self.pending = false;
+        self.due = None;
+        tracing::info!(
+            component = %self.ctx.component_id,
+            path = %path,
+            line = position.line,
+            offset = position.offset,
+            "resuming the file after the checkpoint's position"
+        );
+        Ok(())
     }
 
     fn close(&mut self) -> Result<(), ComponentError> {
@@ -560,6 +722,11 @@ mod tests {
 
     fn read_all(source: &mut FileSource, ctx: &ComponentContext) -> Result<Read, ComponentError> {
         source.open(ctx)?;
+        drain(source)
+    }
+
+    /// Polls an open source until it finishes.
+    fn drain(source: &mut FileSource) -> Result<Read, ComponentError> {
         let mut out = Outputs::new("replay");
         let mut read = Read { header: None, messages: Vec::new() };
         for _ in 0..1_000_000 {
@@ -794,7 +961,7 @@ mod tests {
         let mut reader = io::Cursor::new(b"abcdefgh\nxy\n".to_vec());
         let mut buf = Vec::new();
         assert!(matches!(read_line_capped(&mut reader, &mut buf, 4), Ok(LineRead::TooLong(9))));
-        assert!(matches!(read_line_capped(&mut reader, &mut buf, 4), Ok(LineRead::Line)));
+        assert!(matches!(read_line_capped(&mut reader, &mut buf, 4), Ok(LineRead::Line(3))));
         assert_eq!(buf, b"xy");
         assert!(matches!(read_line_capped(&mut reader, &mut buf, 4), Ok(LineRead::Eof)));
     }
@@ -830,6 +997,148 @@ mod tests {
         let missing_path =
             ConfigValue::parse("format = \"csv\"").expect("toml").deserialize::<FileSourceConfig>();
         assert!(missing_path.is_err());
+    }
+
+    /// Polls once; the positions of the lines emitted.
+    fn poll_once(source: &mut FileSource) -> Vec<u64> {
+        let mut out = Outputs::new("replay");
+        source.poll(&mut out).expect("poll");
+        let mut positions = Vec::new();
+        for batch in out.take_main() {
+            let Batch::Raw(raw) = batch else { panic!("raw batches only") };
+            positions.extend(raw.iter().map(|message| message.position));
+        }
+        positions
+    }
+
+    fn snapshot_of(source: &mut FileSource) -> Vec<u8> {
+        source.snapshot().expect("snapshot").expect("worker 0 has a position")
+    }
+
+    /// A fresh source of `text` on worker 0 of 1, opened, with `states` restored.
+    fn restored(text: &str, dir: &Path, states: &[&[u8]]) -> FileSource {
+        let ctx = context(dir, 0, 1);
+        let mut source = FileSource::new(&config(text), &ctx).expect("new");
+        source.open(&ctx).expect("open");
+        for state in states {
+            source.restore(state).expect("restore");
+        }
+        source
+    }
+
+    fn numbered(lines: std::ops::Range<u32>) -> String {
+        lines.map(|i| format!("{i},{}\n", i * 10)).collect()
+    }
+
+    #[test]
+    fn a_restored_source_emits_exactly_the_lines_after_its_position() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write_file(dir.path(), "r.csv", format!("a,b\n{}", numbered(0..25)).as_bytes());
+        let text = "path = \"r.csv\"\nbatch_size = 10";
+        let ctx = context(dir.path(), 0, 1);
+        let mut source = FileSource::new(&config(text), &ctx).expect("new");
+        source.open(&ctx).expect("open");
+        // A snapshot before anything was emitted resumes after the header.
+        let start = snapshot_of(&mut source);
+        assert_eq!(poll_once(&mut source), (2..12).collect::<Vec<u64>>());
+        let state = snapshot_of(&mut source);
+        let mut next = restored(text, dir.path(), &[&state]);
+        let read = drain(&mut next).expect("read");
+        assert_eq!(header_names(&read), ["a", "b"]);
+        let positions: Vec<u64> = read.messages.iter().map(|(position, ..)| *position).collect();
+        assert_eq!(positions, (12..27).collect::<Vec<u64>>());
+        assert_eq!(read.messages[0].2, b"10,100");
+        let everything = drain(&mut restored(text, dir.path(), &[&start])).expect("read");
+        assert_eq!(everything.messages.len(), 25);
+        // At the end: nothing more, until lines are appended.
+        let end = snapshot_of(&mut next);
+        assert!(drain(&mut restored(text, dir.path(), &[&end])).expect("read").messages.is_empty());
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(dir.path().join("r.csv"))
+            .expect("append");
+        file.write_all(b"25,250\n\n26,260\n").expect("write");
+        let appended = drain(&mut restored(text, dir.path(), &[&end])).expect("read");
+        let lines: Vec<(u64, &[u8])> = appended
+            .messages
+            .iter()
+            .map(|(position, _, payload)| (*position, payload.as_slice()))
+            .collect();
+        assert_eq!(lines, [(27, b"25,250".as_slice()), (29, b"26,260".as_slice())]);
+    }
+
+    #[test]
+    fn restores_merge_to_the_furthest_position_and_only_worker_0_reads() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write_file(dir.path(), "m.jsonl", numbered(0..30).as_bytes());
+        let text = "path = \"m.jsonl\"\nbatch_size = 10";
+        let ctx = context(dir.path(), 0, 1);
+        let mut source = FileSource::new(&config(text), &ctx).expect("new");
+        source.open(&ctx).expect("open");
+        poll_once(&mut source);
+        let first = snapshot_of(&mut source);
+        poll_once(&mut source);
+        let second = snapshot_of(&mut source);
+        for states in [[&first[..], &second[..]], [&second[..], &first[..]]] {
+            let read = drain(&mut restored(text, dir.path(), &states)).expect("read");
+            let positions: Vec<u64> =
+                read.messages.iter().map(|(position, ..)| *position).collect();
+            assert_eq!(positions, (21..31).collect::<Vec<u64>>());
+        }
+        // Worker 1 snapshots nothing and ignores positions.
+        let ctx = context(dir.path(), 1, 2);
+        let mut other = FileSource::new(&config(text), &ctx).expect("new");
+        other.open(&ctx).expect("open");
+        other.restore(&second).expect("restore");
+        assert_eq!(other.snapshot().expect("snapshot"), None);
+        assert_eq!(other.poll(&mut Outputs::new("replay")).expect("poll"), SourcePoll::Finished);
+        let mut source = restored(text, dir.path(), &[]);
+        assert!(matches!(source.restore(b"{\"offset\": 1}"), Err(ComponentError::Config(_))));
+    }
+
+    #[test]
+    fn a_changed_file_or_path_is_read_from_its_start() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = write_file(dir.path(), "c.jsonl", numbered(0..30).as_bytes());
+        let text = "path = \"c.jsonl\"\nbatch_size = 20";
+        let ctx = context(dir.path(), 0, 1);
+        let mut source = FileSource::new(&config(text), &ctx).expect("new");
+        source.open(&ctx).expect("open");
+        poll_once(&mut source);
+        let state = snapshot_of(&mut source);
+        drop(source);
+        let count = |state: &[u8]| drain(&mut restored(text, dir.path(), &[state])).expect("read");
+        // Shorter than the offset.
+        std::fs::write(&path, numbered(0..5)).expect("rewrite");
+        let read = count(&state);
+        assert_eq!(read.messages.len(), 5);
+        assert_eq!(read.messages[0].0, 1);
+        // As long, other first bytes (replaced).
+        std::fs::write(&path, numbered(100..130)).expect("rewrite");
+        assert_eq!(count(&state).messages.len(), 30);
+        // Another path.
+        write_file(dir.path(), "d.jsonl", numbered(0..30).as_bytes());
+        let other = "path = \"d.jsonl\"\nbatch_size = 20";
+        assert_eq!(
+            drain(&mut restored(other, dir.path(), &[&state])).expect("read").messages.len(),
+            30
+        );
+    }
+
+    #[test]
+    fn a_line_held_back_by_speed_is_read_again_after_a_restore() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write_file(dir.path(), "p.csv", b"ts,v\n1000,1\n1100,2\n1200,3\n");
+        let text = "path = \"p.csv\"\nspeed = 1.0\ntimestamp_field = \"ts\"\ntimestamp_format = \"unix_ms\"";
+        let ctx = context(dir.path(), 0, 1);
+        let mut source = FileSource::new(&config(text), &ctx).expect("new");
+        source.open(&ctx).expect("open");
+        // Line 2 goes out; line 3 is read and waits for its time.
+        assert_eq!(poll_once(&mut source), [2]);
+        let state = snapshot_of(&mut source);
+        let read = drain(&mut restored(text, dir.path(), &[&state])).expect("read");
+        let positions: Vec<u64> = read.messages.iter().map(|(position, ..)| *position).collect();
+        assert_eq!(positions, [3, 4]);
     }
 
     proptest! {

@@ -17,6 +17,18 @@
 //! The gauges are per process: every worker's instance shares one set (kept in the run's
 //! process-shared state, `ComponentContext::shared`), registered once per engine run and
 //! component id, and unregistered when the run ends.
+//!
+//! **Checkpoints.** Each series and each top-N device remembers the worker whose instance
+//! last updated it, and an instance snapshots those (so instances sharing the gauges store
+//! each series once): per series its label values, its latest score and `active` flag with
+//! their event times, and whether events set it; per device the scores of the top-N's
+//! sliding maximum (those that can still rank within `top_window_secs`); and the window's
+//! end. Entries go in least-recently-updated order, so a restore keeps the `max_series`
+//! eviction order. A restore merges every snapshot into the shared state (a series' newer
+//! value wins; a device's scores join its own) and sets the gauges and the top-N from it. A
+//! changed `labels` option makes the snapshot's series meaningless: they are skipped (with a
+//! warning) and the top-N alone is restored; a changed `top_window_secs`, `top_n` or
+//! `max_series` applies to the restored state.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::hash::Hash;
@@ -26,7 +38,7 @@ use prometheus::core::Collector;
 use prometheus::{GaugeVec, IntCounter, Opts, Registry};
 
 use crate::shared::{Registered, per_component};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tidewatch_api::{
     AnomalyEvent, AnomalyState, Batch, ComponentContext, ComponentError, ConfigError, EventTime,
     Kind, Score, Sink, SinkFactory, ValidateContext,
@@ -196,6 +208,11 @@ impl<K: Clone + Eq + Hash> Lru<K> {
     fn len(&self) -> usize {
         self.stamps.len()
     }
+
+    /// The keys, least recently updated first.
+    fn oldest_first(&self) -> impl Iterator<Item = &K> {
+        self.order.values()
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -304,6 +321,34 @@ impl TopN {
         self.devices.remove(device);
     }
 
+    /// The scores kept for `device` (oldest first): the candidates of its sliding maximum.
+    fn scores(&self, device: &Arc<str>) -> impl Iterator<Item = (EventTime, f32)> + '_ {
+        self.devices.get(device).into_iter().flatten().copied()
+    }
+
+    /// Joins `scores` to the ones kept for `device`, as if every score had been inserted in
+    /// event-time order; joining the same scores again changes nothing.
+    fn merge(&mut self, device: &Arc<str>, scores: impl IntoIterator<Item = (EventTime, f32)>) {
+        self.unindex(device);
+        let mut all: Vec<(EventTime, f32)> =
+            self.devices.remove(device).map(Vec::from).unwrap_or_default();
+        all.extend(scores);
+        all.sort_by(|a, b| a.0.cmp(&b.0).then(Ordered(a.1).cmp(&Ordered(b.1))));
+        all.dedup_by(|a, b| a.0 == b.0 && a.1.to_bits() == b.1.to_bits());
+        let cutoff = self.cutoff();
+        let deque = self.devices.entry(Arc::clone(device)).or_default();
+        for (time, score) in all {
+            if time <= cutoff {
+                continue;
+            }
+            while deque.back().is_some_and(|&(_, last)| Ordered(last) <= Ordered(score)) {
+                deque.pop_back();
+            }
+            deque.push_back((time, score));
+        }
+        self.index(device);
+    }
+
     fn top(&self, n: usize) -> impl Iterator<Item = (&Arc<str>, f32)> {
         self.by_score.iter().rev().take(n).map(|(score, device)| (device, score.0))
     }
@@ -317,6 +362,18 @@ impl TopN {
 struct Series {
     /// An anomaly event was seen for the series: events alone set `active`.
     from_events: bool,
+    /// The latest score and the end of its window (the score and reconstruction-error gauges).
+    score: Option<(EventTime, f32)>,
+    /// The latest `active` value and the event time it was set at.
+    active: Option<(EventTime, bool)>,
+    /// The worker whose instance last updated it (its checkpoints hold it).
+    worker: usize,
+}
+
+impl Series {
+    fn new(worker: usize) -> Series {
+        Series { from_events: false, score: None, active: None, worker }
+    }
 }
 
 #[derive(Debug)]
@@ -325,8 +382,53 @@ struct State {
     lru: Lru<Vec<String>>,
     top: TopN,
     top_devices: Lru<Arc<str>>,
+    /// The worker whose instance last scored each device of `top_devices`.
+    top_owners: HashMap<Arc<str>, usize>,
     /// The device published at each rank.
     published: Vec<Option<Arc<str>>>,
+}
+
+/// What one instance checkpoints (JSON).
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Snapshot {
+    /// The worker of the instance that took it.
+    worker: usize,
+    /// The label names of the series' values (the `labels` option).
+    labels: Vec<String>,
+    /// The end of the top-N's window (the greatest event time seen), ms.
+    now_ms: EventTime,
+    /// Its series, least recently updated first.
+    series: Vec<SnapshotSeries>,
+    /// Its top-N devices, least recently updated first.
+    top: Vec<SnapshotDevice>,
+}
+
+/// A series: numbers as `f32::to_bits` (JSON has no NaN).
+#[derive(Debug, Serialize, Deserialize)]
+struct SnapshotSeries {
+    values: Vec<String>,
+    from_events: bool,
+    score: Option<(EventTime, u32)>,
+    active: Option<(EventTime, bool)>,
+}
+
+/// A device's scores in the top-N's window, oldest first.
+#[derive(Debug, Serialize, Deserialize)]
+struct SnapshotDevice {
+    device: String,
+    scores: Vec<(EventTime, u32)>,
+}
+
+/// The newer of two timed values (on a tie the greater, so merging is order-independent).
+fn newer<T: PartialOrd + Copy>(
+    current: Option<(EventTime, T)>,
+    restored: Option<(EventTime, T)>,
+) -> Option<(EventTime, T)> {
+    match (current, restored) {
+        (Some(a), Some(b)) if b.0 > a.0 || (b.0 == a.0 && b.1 > a.1) => Some(b),
+        (Some(a), _) => Some(a),
+        (None, b) => b,
+    }
 }
 
 /// The gauges of one sink component in one registry, shared by its workers.
@@ -404,6 +506,7 @@ impl Shared {
                 lru: Lru::new(),
                 top: TopN::new(config.top_window_secs),
                 top_devices: Lru::new(),
+                top_owners: HashMap::new(),
                 published: Vec::new(),
             }),
         };
@@ -441,36 +544,48 @@ impl Shared {
         }
     }
 
-    fn write_scores(&self, state: &mut State, scores: &[Score]) {
+    /// Makes `device` the most recently scored of the top-N, owned by `worker`.
+    fn touch_top(&self, state: &mut State, device: &Arc<str>, worker: usize) {
+        for old in state.top_devices.touch(device, self.config.max_series) {
+            state.top.remove(&old);
+            state.top_owners.remove(&old);
+        }
+        state.top_owners.insert(Arc::clone(device), worker);
+    }
+
+    fn write_scores(&self, state: &mut State, scores: &[Score], worker: usize) {
         for score in scores {
             let device = score.device.name();
             let key = self.label_values(&device, &score.detector, &score.version);
             let values: Vec<&str> = key.iter().map(String::as_str).collect();
             self.score.with_label_values(&values).set(f64::from(score.score));
             self.error.with_label_values(&values).set(f64::from(score.score));
-            let series = state.series.entry(key.clone()).or_insert(Series { from_events: false });
+            let series = state.series.entry(key.clone()).or_insert_with(|| Series::new(worker));
+            series.worker = worker;
+            series.score = Some((score.end_ms, score.score));
             if !series.from_events {
                 self.active.with_label_values(&values).set(f64::from(u8::from(score.anomaly)));
+                series.active = Some((score.end_ms, score.anomaly));
             }
             self.touch(state, &key);
             if self.config.top_n > 0 {
-                for old in state.top_devices.touch(&device, self.config.max_series) {
-                    state.top.remove(&old);
-                }
+                self.touch_top(state, &device, worker);
                 state.top.insert(&device, score.end_ms, score.score);
             }
         }
     }
 
-    fn write_events(&self, state: &mut State, events: &[AnomalyEvent]) {
+    fn write_events(&self, state: &mut State, events: &[AnomalyEvent], worker: usize) {
         for event in events {
             let device = event.device.name();
             let key = self.label_values(&device, &event.detector, &event.version);
             let values: Vec<&str> = key.iter().map(String::as_str).collect();
             let open = event.state == AnomalyState::Open;
             self.active.with_label_values(&values).set(if open { 1.0 } else { 0.0 });
-            state.series.entry(key.clone()).or_insert(Series { from_events: true }).from_events =
-                true;
+            let series = state.series.entry(key.clone()).or_insert_with(|| Series::new(worker));
+            series.from_events = true;
+            series.worker = worker;
+            series.active = Some((event.time_ms, open));
             self.touch(state, &key);
         }
     }
@@ -504,16 +619,17 @@ impl Shared {
         }
     }
 
-    fn write(&self, batch: &Batch) -> Result<(), ComponentError> {
+    /// Writes `batch`, from the instance of `worker`.
+    fn write(&self, batch: &Batch, worker: usize) -> Result<(), ComponentError> {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         match batch {
             Batch::Scores(scores) => {
-                self.write_scores(&mut state, scores);
+                self.write_scores(&mut state, scores, worker);
                 self.publish_top(&mut state);
                 Ok(())
             }
             Batch::Events(events) => {
-                self.write_events(&mut state, events);
+                self.write_events(&mut state, events, worker);
                 Ok(())
             }
             other => Err(ComponentError::Internal(format!(
@@ -533,6 +649,96 @@ impl Shared {
             self.publish_top(&mut state);
         }
     }
+
+    fn label_names(&self) -> Vec<String> {
+        self.config.labels.iter().map(|label| label.name().to_owned()).collect()
+    }
+
+    /// The series and top-N devices the instance of `worker` last updated.
+    fn snapshot(&self, worker: usize) -> Snapshot {
+        let state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let series = state
+            .lru
+            .oldest_first()
+            .filter_map(|key| Some((key, state.series.get(key)?)))
+            .filter(|(_, series)| series.worker == worker)
+            .map(|(key, series)| SnapshotSeries {
+                values: key.clone(),
+                from_events: series.from_events,
+                score: series.score.map(|(time, score)| (time, score.to_bits())),
+                active: series.active,
+            })
+            .collect();
+        let top = state
+            .top_devices
+            .oldest_first()
+            .filter(|device| state.top_owners.get(*device) == Some(&worker))
+            .map(|device| SnapshotDevice {
+                device: device.to_string(),
+                scores: state
+                    .top
+                    .scores(device)
+                    .map(|(time, score)| (time, score.to_bits()))
+                    .collect(),
+            })
+            .filter(|device| !device.scores.is_empty())
+            .collect();
+        Snapshot { worker, labels: self.label_names(), now_ms: state.top.now, series, top }
+    }
+
+    /// Merges `snapshot` (new entries owned by `owner`) and sets the gauges from it.
+    fn restore(&self, snapshot: Snapshot, owner: usize, component: &str) {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        if snapshot.labels == self.label_names() {
+            for restored in snapshot.series {
+                if restored.values.len() != self.config.labels.len() {
+                    continue;
+                }
+                let series = state
+                    .series
+                    .entry(restored.values.clone())
+                    .or_insert_with(|| Series::new(owner));
+                series.from_events |= restored.from_events;
+                series.score = newer(
+                    series.score,
+                    restored.score.map(|(time, bits)| (time, f32::from_bits(bits))),
+                );
+                series.active = newer(series.active, restored.active);
+                let values: Vec<&str> = restored.values.iter().map(String::as_str).collect();
+                if let Some((_, score)) = series.score {
+                    self.score.with_label_values(&values).set(f64::from(score));
+                    self.error.with_label_values(&values).set(f64::from(score));
+                }
+                if let Some((_, active)) = series.active {
+                    self.active.with_label_values(&values).set(f64::from(u8::from(active)));
+                }
+                self.touch(&mut state, &restored.values);
+            }
+        } else if !snapshot.series.is_empty() {
+            tracing::warn!(
+                component,
+                was = ?snapshot.labels,
+                now = ?self.label_names(),
+                "the checkpoint's prometheus series have other `labels`: they are not restored"
+            );
+        }
+        if self.config.top_n == 0 {
+            return;
+        }
+        if snapshot.now_ms > state.top.now && snapshot.now_ms != EventTime::MAX {
+            state.top.advance(snapshot.now_ms);
+        }
+        for restored in snapshot.top {
+            let device: Arc<str> = Arc::from(restored.device);
+            if !state.top_devices.stamps.contains_key(&device) {
+                self.touch_top(&mut state, &device, owner);
+            }
+            let scores =
+                restored.scores.into_iter().map(|(time, bits)| (time, f32::from_bits(bits)));
+            state.top.merge(&device, scores);
+        }
+        self.publish_top(&mut state);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -543,6 +749,10 @@ impl Shared {
 #[derive(Debug)]
 pub struct PrometheusSink {
     shared: Arc<Shared>,
+    /// This instance's worker and the number of workers.
+    worker: usize,
+    workers: usize,
+    component: Arc<str>,
 }
 
 impl PrometheusSink {
@@ -553,7 +763,12 @@ impl PrometheusSink {
         component_id: &str,
     ) -> Result<PrometheusSink, ComponentError> {
         config.validate().map_err(|error| ComponentError::Config(error.message))?;
-        Ok(PrometheusSink { shared: Arc::new(Shared::new(config, registry, component_id)?) })
+        Ok(PrometheusSink {
+            shared: Arc::new(Shared::new(config, registry, component_id)?),
+            worker: 0,
+            workers: 1,
+            component: Arc::from(component_id),
+        })
     }
 
     /// The sink of a worker: the gauges go to the engine's registry, shared with the other
@@ -569,7 +784,12 @@ impl PrometheusSink {
             let registry = metrics.map_or(&private, |metrics| metrics.registry());
             Shared::new(config, registry, &ctx.component_id)
         })?;
-        Ok(PrometheusSink { shared })
+        Ok(PrometheusSink {
+            shared,
+            worker: ctx.worker_index,
+            workers: ctx.workers.max(1),
+            component: Arc::clone(&ctx.component_id),
+        })
     }
 
     /// Series currently kept per gauge family.
@@ -585,11 +805,28 @@ impl PrometheusSink {
 
 impl Sink for PrometheusSink {
     fn write_batch(&mut self, batch: Batch) -> Result<(), ComponentError> {
-        self.shared.write(&batch)
+        self.shared.write(&batch, self.worker)
     }
 
     fn on_watermark(&mut self, watermark_ms: EventTime) -> Result<(), ComponentError> {
         self.shared.advance(watermark_ms);
+        Ok(())
+    }
+
+    /// The series and top-N scores this instance last updated (JSON).
+    fn snapshot(&mut self) -> Result<Option<Vec<u8>>, ComponentError> {
+        serde_json::to_vec(&self.shared.snapshot(self.worker))
+            .map(Some)
+            .map_err(|error| ComponentError::Internal(format!("prometheus snapshot: {error}")))
+    }
+
+    /// Merges a snapshot into the shared state and sets the gauges and the top-N from it.
+    fn restore(&mut self, state: &[u8]) -> Result<(), ComponentError> {
+        let snapshot: Snapshot = serde_json::from_slice(state).map_err(|error| {
+            ComponentError::Config(format!("not a prometheus sink snapshot: {error}"))
+        })?;
+        let owner = snapshot.worker % self.workers;
+        self.shared.restore(snapshot, owner, &self.component);
         Ok(())
     }
 }
@@ -822,5 +1059,152 @@ mod tests {
         assert!(bad(PrometheusSinkConfig { top_window_secs: 0, ..Default::default() }));
         let options = tidewatch_api::ConfigValue::parse("labels = [\"topic\"]").expect("toml");
         assert!(options.deserialize::<PrometheusSinkConfig>().is_err());
+    }
+
+    /// The sorted series of the families that carry state (not the eviction counter).
+    fn state_lines(registry: &Registry) -> Vec<String> {
+        let mut lines: Vec<String> = render(registry)
+            .lines()
+            .filter(|line| {
+                [
+                    "tidewatch_anomaly_score{",
+                    "tidewatch_reconstruction_error{",
+                    "tidewatch_anomaly_active{",
+                    "tidewatch_anomaly_topn{",
+                ]
+                .iter()
+                .any(|family| line.starts_with(family))
+            })
+            .map(str::to_owned)
+            .collect();
+        lines.sort();
+        lines
+    }
+
+    fn snapshot_of(sink: &mut PrometheusSink) -> (Vec<u8>, serde_json::Value) {
+        let state = sink.snapshot().expect("snapshot").expect("state");
+        let value = serde_json::from_slice(&state).expect("JSON");
+        (state, value)
+    }
+
+    #[test]
+    fn snapshot_and_restore_keep_the_top_n_and_the_gauges() {
+        let config = PrometheusSinkConfig { top_n: 3, top_window_secs: 10, ..Default::default() };
+        let registry = Registry::new();
+        let mut sink = PrometheusSink::new(&config, &registry, "p").expect("sink");
+        sink.write_batch(Batch::Scores(vec![
+            score("rs-a", 1_000, 9.0, true),
+            score("rs-b", 2_000, 5.0, false),
+            score("rs-c", 3_000, 1.0, false),
+            score("rs-d", 4_000, 3.0, false),
+            score("rs-a", 5_000, 2.0, false),
+        ]))
+        .expect("write");
+        sink.write_batch(Batch::Events(vec![event("rs-b", AnomalyState::Open)])).expect("write");
+        let before = state_lines(&registry);
+        assert_eq!(before.iter().filter(|line| line.contains("topn")).count(), 3, "{before:?}");
+        let (state, _) = snapshot_of(&mut sink);
+        let fresh = Registry::new();
+        let mut restored = PrometheusSink::new(&config, &fresh, "p").expect("sink");
+        restored.restore(&state).expect("restore");
+        assert_eq!(state_lines(&fresh), before);
+        assert_eq!(restored.series(), sink.series());
+        // It goes on alike: a's 9 leaves the window at 11 s (its 2 at 5 s stays), then b's
+        // active flag follows events, not scores.
+        for target in [&mut sink, &mut restored] {
+            target.on_watermark(11_500).expect("watermark");
+            target
+                .write_batch(Batch::Scores(vec![score("rs-b", 12_000, 0.5, false)]))
+                .expect("write");
+        }
+        let after = state_lines(&registry);
+        assert_eq!(state_lines(&fresh), after);
+        assert!(
+            after.contains(
+                &"tidewatch_anomaly_topn{component_id=\"p\",device=\"rs-d\",rank=\"1\"} 3"
+                    .to_owned()
+            ),
+            "{after:?}"
+        );
+        assert!(
+            after.contains(
+                &"tidewatch_anomaly_active{component_id=\"p\",device=\"rs-b\"} 1".to_owned()
+            ),
+            "{after:?}"
+        );
+        // Other labels: the series are skipped, the top-N is restored.
+        let relabelled = Registry::new();
+        let config = PrometheusSinkConfig {
+            labels: vec![LabelField::Device, LabelField::Detector],
+            ..config
+        };
+        let mut other = PrometheusSink::new(&config, &relabelled, "p").expect("sink");
+        other.restore(&state).expect("restore");
+        assert_eq!(other.series(), 0);
+        assert_eq!(count_series(&render(&relabelled), "tidewatch_anomaly_topn"), 3);
+        assert!(matches!(other.restore(b"not a snapshot"), Err(ComponentError::Config(_))));
+    }
+
+    #[test]
+    fn restores_merge_the_snapshots_of_every_instance() {
+        let registry = Registry::new();
+        let metrics = tidewatch_api::MetricsRegistry::new(registry.clone());
+        let ctx = |worker, workers, shared: &tidewatch_api::ProcessShared| {
+            ComponentContext::new(
+                "merge-prom",
+                "prometheus",
+                worker,
+                workers,
+                Arc::new(tidewatch_api::PipelineInfo::default()),
+                Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            )
+            .with_metrics_registry(metrics.clone())
+            .with_process_shared(shared.clone())
+        };
+        let config = PrometheusSinkConfig { top_n: 4, top_window_secs: 60, ..Default::default() };
+        let run = tidewatch_api::ProcessShared::new();
+        let mut zero = PrometheusSink::for_context(&config, &ctx(0, 2, &run)).expect("worker 0");
+        let mut one = PrometheusSink::for_context(&config, &ctx(1, 2, &run)).expect("worker 1");
+        zero.write_batch(Batch::Scores(vec![
+            score("mg-a", 1_000, 7.0, false),
+            score("mg-b", 2_000, 4.0, false),
+        ]))
+        .expect("write");
+        one.write_batch(Batch::Scores(vec![
+            score("mg-c", 1_500, 8.0, false),
+            score("mg-d", 2_500, 1.0, false),
+            score("mg-c", 3_000, 2.0, false),
+        ]))
+        .expect("write");
+        one.write_batch(Batch::Events(vec![event("mg-d", AnomalyState::Open)])).expect("write");
+        let before = state_lines(&registry);
+        let (first, value) = snapshot_of(&mut zero);
+        assert_eq!(value["series"].as_array().map(Vec::len), Some(2), "{value}");
+        assert_eq!(value["top"].as_array().map(Vec::len), Some(2), "{value}");
+        let (second, value) = snapshot_of(&mut one);
+        assert_eq!(value["series"].as_array().map(Vec::len), Some(2), "{value}");
+        // c keeps its 8 (the maximum) and its later 2 (the maximum once the 8 expires).
+        let top = value["top"].as_array().expect("top");
+        let c = top.iter().find(|device| device["device"] == "mg-c").expect("mg-c");
+        assert_eq!(c["scores"].as_array().map(Vec::len), Some(2), "{value}");
+        drop((zero, one, run));
+        // One instance restores both (one of them twice): the same state.
+        let fresh = Registry::new();
+        let mut sink = PrometheusSink::new(&config, &fresh, "merge-prom").expect("sink");
+        for state in [&second, &first, &second] {
+            sink.restore(state).expect("restore");
+        }
+        assert_eq!(state_lines(&fresh), before);
+        assert_eq!(count_series(&render(&fresh), "tidewatch_anomaly_topn"), 4);
+        let (_, value) = snapshot_of(&mut sink);
+        assert_eq!(value["series"].as_array().map(Vec::len), Some(4), "{value}");
+        assert_eq!(value["top"].as_array().map(Vec::len), Some(4), "{value}");
+        // The newer value of a series wins whatever the order.
+        sink.write_batch(Batch::Scores(vec![score("mg-a", 9_000, 3.0, false)])).expect("write");
+        sink.restore(&first).expect("restore");
+        assert!(
+            render(&fresh)
+                .contains("tidewatch_anomaly_score{component_id=\"merge-prom\",device=\"mg-a\"} 3")
+        );
     }
 }

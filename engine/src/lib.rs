@@ -4,6 +4,7 @@
 //! - [`Registry`]: component types by name (the built-ins are registered above the engine, by
 //!   the `tidewatch` crate, so this crate depends only on the extension API);
 //! - [`runtime`]: the timely dataflow, event time and watermarks, workers;
+//! - [`checkpoint`]: consistent checkpoints and recovery;
 //! - [`metrics`] and [`http`]: `/metrics`, `/healthz`, `/readyz`;
 //! - [`graph`]: the pipeline as Mermaid or dot.
 //!
@@ -20,6 +21,7 @@
 //! run(&pipeline, 1, &RunContext::default()).expect("pipeline ran");
 //! ```
 
+pub mod checkpoint;
 pub mod diagnostics;
 pub mod graph;
 pub mod http;

@@ -20,8 +20,12 @@
 //! Keyed transforms (`window`, `stats`) receive each device's records on the worker that owns
 //! the device (`DeviceId::worker`); batches are split and exchanged only where the input is
 //! not partitioned already.
+//!
+//! With checkpoints (`checkpoint_interval_secs`), barriers travel with the data ([`Flow`]):
+//! every operator counts them on its input ([`Barriers`]), snapshots when it has them all, and
+//! pauses until every instance of the run has (see [`crate::checkpoint`]).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -31,22 +35,75 @@ use tidewatch_api::{
     Batch, ComponentContext, ComponentError, ErrorRecord, EventTime, Outputs, ProcessShared,
     ReadingBatch, Sink, Source, SourcePoll, Transform, Waker,
 };
+use timely::communication::Pull;
+use timely::dataflow::channels::Message;
 use timely::dataflow::channels::pact::{
     Exchange as ExchangePact, ParallelizationContract, Pipeline as PipelinePact,
 };
 use timely::dataflow::channels::pushers;
+use timely::dataflow::operators::generic::InputHandleCore;
 use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
 use timely::dataflow::operators::vec::Map;
 use timely::dataflow::operators::{Capability, Concatenate};
 use timely::dataflow::{Scope, Stream};
 use timely::progress::Antichain;
 
+use crate::checkpoint::{
+    CheckpointInstance as Instance, CheckpointReport as Report, CheckpointSettings,
+    CheckpointStore, Checkpoints, LocalStore,
+};
 use crate::http::Health;
 use crate::metrics::{BacklogGauges, ComponentMetrics, Metrics};
 use crate::spec::{Configured, Pipeline, Port};
 
-type Data<'scope> = Stream<'scope, u64, Vec<Batch>>;
-type Output = pushers::Output<u64, Vec<Batch>>;
+/// What moves between operators: data, and the checkpoint markers that travel with it.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub enum Flow {
+    /// A batch of records.
+    Data(Batch),
+    /// The cut of checkpoint `epoch`: everything before it on this channel belongs to it.
+    /// `to` is the worker an exchange routes it to.
+    Barrier {
+        /// The epoch.
+        epoch: u64,
+        /// The receiving worker (exchanges send one copy to each).
+        to: u32,
+    },
+    /// The channel ends: its sender takes part in no epoch from `from` on.
+    End {
+        /// The first epoch the sender did not reach.
+        from: u64,
+        /// The receiving worker.
+        to: u32,
+    },
+}
+
+impl Flow {
+    fn route_hash(&self) -> u64 {
+        match self {
+            Flow::Data(batch) => batch.route_hash(),
+            Flow::Barrier { to, .. } | Flow::End { to, .. } => u64::from(*to),
+        }
+    }
+
+    /// Splits for an exchange: data by owning worker, markers copied to every worker.
+    fn split(self, peers: usize) -> Vec<Flow> {
+        match self {
+            Flow::Data(batch) => {
+                batch.split_by_worker(peers).into_iter().map(|(_, part)| Flow::Data(part)).collect()
+            }
+            Flow::Barrier { epoch, .. } => {
+                (0..peers).map(|to| Flow::Barrier { epoch, to: to as u32 }).collect()
+            }
+            Flow::End { from, .. } => {
+                (0..peers).map(|to| Flow::End { from, to: to as u32 }).collect()
+            }
+        }
+    }
+}
+
+type Data<'scope> = Stream<'scope, u64, Vec<Flow>>;
+type Output = pushers::Output<u64, Vec<Flow>>;
 
 /// Why a pipeline could not run to its end.
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +123,9 @@ pub enum EngineError {
     /// A worker thread panicked (a bug: input never causes one).
     #[error("a worker stopped abnormally: {0}")]
     WorkerPanic(String),
+    /// The checkpoint store could not be opened or read.
+    #[error("checkpoints: {0}")]
+    Checkpoints(String),
 }
 
 /// Shared state of one run: metrics, health, the stop flag and the first fatal errors.
@@ -79,6 +139,7 @@ pub struct RunContext {
     pub shutdown: Arc<AtomicBool>,
     errors: Arc<Mutex<Vec<EngineError>>>,
     built: Arc<AtomicUsize>,
+    checkpoint_store: Option<Arc<dyn CheckpointStore>>,
 }
 
 impl Default for RunContext {
@@ -96,7 +157,16 @@ impl RunContext {
             shutdown: Arc::new(AtomicBool::new(false)),
             errors: Arc::new(Mutex::new(Vec::new())),
             built: Arc::new(AtomicUsize::new(0)),
+            checkpoint_store: None,
         }
+    }
+
+    /// Keeps checkpoints in `store` (when the pipeline takes any) instead of the local folder
+    /// its `checkpoint_url` names: the `tidewatch` binary passes the object store here for
+    /// `s3://` URLs.
+    pub fn with_checkpoint_store(mut self, store: Arc<dyn CheckpointStore>) -> RunContext {
+        self.checkpoint_store = Some(store);
+        self
     }
 
     /// Asks the pipeline to stop gracefully.
@@ -114,10 +184,66 @@ impl RunContext {
     }
 }
 
+/// The local folder of a `checkpoint_url` (a path or `file://PATH`), relative paths against
+/// `base`; `None` for another scheme (`s3://`: the embedder opens that store).
+pub fn local_checkpoint_folder(url: &str, base: &std::path::Path) -> Option<std::path::PathBuf> {
+    let path = match url.split_once("://") {
+        Some(("file", path)) => path,
+        Some(_) => return None,
+        None => url,
+    };
+    Some(tidewatch_api::resolve_path(base, path))
+}
+
+/// The checkpoints of a run, if the pipeline takes any.
+fn open_checkpoints(
+    pipeline: &Pipeline,
+    workers: usize,
+    run: &RunContext,
+) -> Result<Option<Arc<Checkpoints>>, EngineError> {
+    let settings = &pipeline.settings;
+    if settings.checkpoint_interval_secs == 0 {
+        return Ok(None);
+    }
+    let store: Arc<dyn CheckpointStore> = match &run.checkpoint_store {
+        Some(store) => Arc::clone(store),
+        None => {
+            let default = format!("checkpoints/{}", pipeline.info.name);
+            let url = settings.checkpoint_url.as_deref().unwrap_or(&default);
+            let folder =
+                local_checkpoint_folder(url, &pipeline.info.base_dir).ok_or_else(|| {
+                    EngineError::Checkpoints(format!(
+                        "checkpoint_url {url:?}: this build keeps checkpoints in local folders only"
+                    ))
+                })?;
+            Arc::new(
+                LocalStore::open(folder)
+                    .map_err(|error| EngineError::Checkpoints(error.to_string()))?,
+            )
+        }
+    };
+    let ids = pipeline.components.iter().map(|component| component.id.clone()).collect();
+    let checkpoints = Checkpoints::open(
+        CheckpointSettings {
+            store,
+            interval: Duration::from_secs(settings.checkpoint_interval_secs),
+            keep: settings.checkpoint_keep,
+        },
+        &pipeline.info.name,
+        ids,
+        workers,
+        run.metrics.registry(),
+    )
+    .map_err(|error| EngineError::Checkpoints(error.to_string()))?;
+    Ok(Some(Arc::new(checkpoints)))
+}
+
 /// Runs `pipeline` on `workers` threads until every source finished (or shutdown was
-/// requested and the data drained).
+/// requested and the data drained). With checkpoints it resumes from the latest one, takes
+/// one every `checkpoint_interval_secs`, and a final one at a graceful stop.
 pub fn run(pipeline: &Pipeline, workers: usize, run: &RunContext) -> Result<(), EngineError> {
     let workers = workers.max(1);
+    let checkpoints = open_checkpoints(pipeline, workers, run)?;
     run.metrics.set_workers(workers);
     run.metrics.set_running(true);
     let config =
@@ -126,11 +252,25 @@ pub fn run(pipeline: &Pipeline, workers: usize, run: &RunContext) -> Result<(), 
     let shared = run.clone();
     // What the workers of this process share in this run; dropped when the run ends.
     let process_shared = ProcessShared::new();
+    let thread = match &checkpoints {
+        Some(checkpoints) => {
+            let checkpoints = Arc::clone(checkpoints);
+            let stopping = Arc::clone(&run.shutdown);
+            Some(
+                std::thread::Builder::new()
+                    .name("tidewatch-checkpoints".into())
+                    .spawn(move || checkpoints.run_thread(&stopping))
+                    .map_err(|error| EngineError::Workers(error.to_string()))?,
+            )
+        }
+        None => None,
+    };
+    let worker_checkpoints = checkpoints.clone();
     let guards = timely::execute(config, move |worker| {
         let index = worker.index();
         let peers = worker.peers();
         worker.dataflow::<u64, _, _>(|scope| {
-            build(scope, &pipeline, index, peers, &shared, &process_shared);
+            build(scope, &pipeline, index, peers, &shared, &process_shared, &worker_checkpoints);
         });
         if shared.built.fetch_add(1, Ordering::SeqCst) + 1 == peers
             && !shared.shutdown.load(Ordering::SeqCst)
@@ -141,6 +281,14 @@ pub fn run(pipeline: &Pipeline, workers: usize, run: &RunContext) -> Result<(), 
     })
     .map_err(EngineError::Workers)?;
     let results = guards.join();
+    if let Some(checkpoints) = &checkpoints {
+        checkpoints.finish();
+    }
+    if let Some(thread) = thread
+        && thread.join().is_err()
+    {
+        tracing::error!("the checkpoint thread stopped abnormally");
+    }
     run.metrics.set_running(false);
     run.health.set_ready(false);
     for result in results {
@@ -153,6 +301,7 @@ pub fn run(pipeline: &Pipeline, workers: usize, run: &RunContext) -> Result<(), 
     if errors.is_empty() { Ok(()) } else { Err(errors.remove(0)) }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn build<'scope>(
     scope: Scope<'scope, u64>,
     pipeline: &Pipeline,
@@ -160,10 +309,11 @@ fn build<'scope>(
     peers: usize,
     run: &RunContext,
     process_shared: &ProcessShared,
+    checkpoints: &Option<Arc<Checkpoints>>,
 ) {
     let mut streams: HashMap<(String, Port), Data<'scope>> = HashMap::new();
     let mut partitioned: HashMap<String, bool> = HashMap::new();
-    for component in &pipeline.components {
+    for (position, component) in pipeline.components.iter().enumerate() {
         let ctx = ComponentContext::new(
             &component.id,
             &component.type_name,
@@ -184,31 +334,41 @@ fn build<'scope>(
             input.port != Port::Errors
                 && partitioned.get(&input.component).copied().unwrap_or(false)
         });
+        let instance = Instance { component: position, worker: index };
         match &component.configured {
             Configured::Source(configured) => {
-                let instance = configured.build(&ctx).unwrap_or_else(|error| {
+                let instance_impl = configured.build(&ctx).unwrap_or_else(|error| {
                     run.fail(&component.id, error);
                     Box::new(Finished)
                 });
-                let (main, errors) = source_operator(scope, instance, ctx, metrics, run.clone());
+                let barriers = checkpoints
+                    .as_ref()
+                    .map(|checkpoints| Barriers::new(Arc::clone(checkpoints), instance, 0));
+                let (main, errors) =
+                    source_operator(scope, instance_impl, ctx, metrics, run.clone(), barriers);
                 streams.insert((component.id.clone(), Port::Main), main);
                 streams.insert((component.id.clone(), Port::Errors), errors);
                 partitioned.insert(component.id.clone(), false);
             }
             Configured::Transform(configured, properties) => {
-                let instance = configured.build(&ctx).unwrap_or_else(|error| {
+                let transform = configured.build(&ctx).unwrap_or_else(|error| {
                     run.fail(&component.id, error);
                     Box::new(Inert)
                 });
+                let count = inputs.len();
                 let input =
                     if inputs.len() == 1 { inputs[0].clone() } else { scope.concatenate(inputs) };
-                let state = TransformState::new(instance, ctx, metrics, run.clone());
                 let assigner = properties.assigns_event_time;
-                let (main, errors, late) = if properties.keyed && peers > 1 && !inputs_partitioned {
-                    let split = input.flat_map(move |batch: Batch| {
-                        batch.split_by_worker(peers).into_iter().map(|(_, part)| part)
-                    });
-                    let pact = ExchangePact::new(|batch: &Batch| batch.route_hash());
+                let exchanged = properties.keyed && peers > 1 && !inputs_partitioned;
+                // One barrier per epoch from every upstream instance that feeds this one.
+                let expected = if exchanged { count * peers } else { count };
+                let barriers = checkpoints
+                    .as_ref()
+                    .map(|checkpoints| Barriers::new(Arc::clone(checkpoints), instance, expected));
+                let state = TransformState::new(transform, ctx, metrics, run.clone(), barriers);
+                let (main, errors, late) = if exchanged {
+                    let split = input.flat_map(move |flow: Flow| flow.split(peers));
+                    let pact = ExchangePact::new(Flow::route_hash);
                     if assigner {
                         assigner_operator(scope, split, pact, state)
                     } else {
@@ -225,13 +385,17 @@ fn build<'scope>(
                 partitioned.insert(component.id.clone(), properties.keyed || inputs_partitioned);
             }
             Configured::Sink(configured) => {
-                let instance = configured.build(&ctx).unwrap_or_else(|error| {
+                let sink = configured.build(&ctx).unwrap_or_else(|error| {
                     run.fail(&component.id, error);
                     Box::new(Inert)
                 });
+                let count = inputs.len();
                 let input =
                     if inputs.len() == 1 { inputs[0].clone() } else { scope.concatenate(inputs) };
-                sink_operator(scope, input, instance, ctx, metrics, run.clone());
+                let barriers = checkpoints
+                    .as_ref()
+                    .map(|checkpoints| Barriers::new(Arc::clone(checkpoints), instance, count));
+                sink_operator(scope, input, sink, ctx, metrics, run.clone(), barriers);
             }
         }
     }
@@ -256,6 +420,134 @@ impl Sink for Inert {
     }
 }
 
+/// One operator instance's side of the checkpoint protocol: the barriers counted on its
+/// input, the epoch it passed last, and whether it waits for the rest of the run.
+struct Barriers {
+    checkpoints: Arc<Checkpoints>,
+    instance: Instance,
+    /// Barriers per epoch: one from every upstream instance feeding this one.
+    expected: usize,
+    counts: BTreeMap<u64, usize>,
+    /// The `from` of every input channel that ended.
+    ended: Vec<u64>,
+    /// The last epoch this instance passed.
+    last: u64,
+    /// Waiting for every instance to reach this epoch.
+    paused: Option<u64>,
+    /// Passed the final barrier of a stop: nothing more is sent.
+    stopped: bool,
+    /// Input that arrived while paused, with its batch time.
+    held: Vec<(Flow, EventTime)>,
+}
+
+impl Barriers {
+    fn new(checkpoints: Arc<Checkpoints>, instance: Instance, expected: usize) -> Barriers {
+        let last = checkpoints.requested();
+        Barriers {
+            checkpoints,
+            instance,
+            expected,
+            counts: BTreeMap::new(),
+            ended: Vec::new(),
+            last,
+            paused: None,
+            stopped: false,
+            held: Vec::new(),
+        }
+    }
+
+    /// True while this instance waits for the rest of the run (resumes when it no longer must).
+    fn is_paused(&mut self) -> bool {
+        if let Some(epoch) = self.paused
+            && (self.checkpoints.aligned() >= epoch || self.checkpoints.abandoned())
+        {
+            self.paused = None;
+        }
+        self.paused.is_some()
+    }
+
+    /// Counts a marker; returns the epoch whose barriers are now all in, if any.
+    fn arrived(&mut self, flow: &Flow) -> Option<u64> {
+        match flow {
+            Flow::Barrier { epoch, .. } => *self.counts.entry(*epoch).or_default() += 1,
+            Flow::End { from, .. } => self.ended.push(*from),
+            Flow::Data(_) => return None,
+        }
+        let (&epoch, &count) = self.counts.first_key_value()?;
+        let ended = self.ended.iter().filter(|from| **from <= epoch).count();
+        (count + ended >= self.expected).then(|| {
+            self.counts.remove(&epoch);
+            epoch
+        })
+    }
+
+    /// This instance passed `epoch`: report, and pause (or stop, after a stop's barrier).
+    fn passed(&mut self, epoch: u64, report: Report) {
+        self.last = epoch;
+        if self.checkpoints.is_stop(epoch) {
+            self.stopped = true;
+        } else {
+            self.paused = Some(epoch);
+        }
+        self.checkpoints.report(self.instance, epoch, report);
+    }
+
+    /// This instance ends: its final report stands for it from the next epoch on.
+    fn end(&mut self, report: Report) -> Flow {
+        let from = self.last + 1;
+        self.checkpoints.end(self.instance, from, report);
+        Flow::End { from, to: self.instance.worker as u32 }
+    }
+
+    fn marker(&self, epoch: u64) -> Flow {
+        Flow::Barrier { epoch, to: self.instance.worker as u32 }
+    }
+
+    /// The restored states of this component, one per instance that took the checkpoint,
+    /// with the engine's watermark of each.
+    fn restored(&self, component: &str) -> Vec<(Option<EventTime>, Option<Vec<u8>>)> {
+        self.checkpoints
+            .restored()
+            .map(|loaded| {
+                loaded
+                    .component(component)
+                    .map(|(entry, state)| (entry.watermark, state.map(<[u8]>::to_vec)))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+/// Sends a marker on every output.
+fn send_marker(flow: &Flow, caps: &[Capability<u64>], outputs: &mut [&mut Output]) {
+    for (cap, output) in caps.iter().zip(outputs.iter_mut()) {
+        output.activate().give(cap, &mut vec![flow.clone()]);
+    }
+}
+
+/// Restores a component from every restored instance's state; returns the least restored
+/// engine watermark (what an event-time assigner resumes from).
+fn restore_each(
+    barriers: Option<&Barriers>,
+    ctx: &ComponentContext,
+    run: &RunContext,
+    mut restore: impl FnMut(&[u8]) -> Result<(), ComponentError>,
+) -> Option<EventTime> {
+    let barriers = barriers?;
+    let mut watermark: Option<EventTime> = None;
+    for (seen, state) in barriers.restored(&ctx.component_id) {
+        if let Some(seen) = seen {
+            watermark = Some(watermark.map_or(seen, |least| least.min(seen)));
+        }
+        if let Some(state) = state
+            && let Err(error) = restore(&state)
+        {
+            run.fail(&ctx.component_id, error);
+        }
+    }
+    watermark
+}
+
 /// Sends what a component produced: main batches, error records, late readings, discards.
 fn ship(
     outs: &mut Outputs,
@@ -264,13 +556,14 @@ fn ship(
     metrics: &ComponentMetrics,
 ) -> Option<EventTime> {
     let mut max_time: Option<EventTime> = None;
-    let mut main = outs.take_main();
+    let main = outs.take_main();
     if !main.is_empty() {
         let sent: usize = main.iter().map(Batch::len).sum();
         metrics.sent(sent);
         max_time = main.iter().filter_map(Batch::max_event_time).max();
         if let (Some(cap), Some(output)) = (caps.first(), outputs.get_mut(0)) {
-            output.activate().give(cap, &mut main);
+            let mut flows: Vec<Flow> = main.into_iter().map(Flow::Data).collect();
+            output.activate().give(cap, &mut flows);
         }
     }
     let errors: Vec<ErrorRecord> = outs.take_errors();
@@ -283,7 +576,7 @@ fn ship(
             metrics.error(error_type, count);
         }
         if let (Some(cap), Some(output)) = (caps.get(1), outputs.get_mut(1)) {
-            output.activate().give(cap, &mut vec![Batch::Errors(errors)]);
+            output.activate().give(cap, &mut vec![Flow::Data(Batch::Errors(errors))]);
         }
     }
     let late: Vec<ReadingBatch> = outs.take_late();
@@ -291,8 +584,9 @@ fn ship(
         let count: usize = late.iter().map(ReadingBatch::len).sum();
         metrics.discarded("late", count as u64);
         if let (Some(cap), Some(output)) = (caps.get(2), outputs.get_mut(2)) {
-            let mut batches: Vec<Batch> = late.into_iter().map(Batch::Readings).collect();
-            output.activate().give(cap, &mut batches);
+            let mut flows: Vec<Flow> =
+                late.into_iter().map(|batch| Flow::Data(Batch::Readings(batch))).collect();
+            output.activate().give(cap, &mut flows);
         }
     }
     for (reason, count) in outs.take_discarded() {
@@ -313,12 +607,20 @@ fn to_time(event_time: EventTime) -> u64 {
     event_time.max(0) as u64
 }
 
+/// Registers an operator to be woken when an epoch aligns or commits.
+fn wake_on_checkpoints(scope: Scope<'_, u64>, address: &[usize], barriers: Option<&Barriers>) {
+    if let Some(barriers) = barriers {
+        barriers.checkpoints.register(scope.worker().sync_activator_for(address.to_vec()));
+    }
+}
+
 fn source_operator<'scope>(
     scope: Scope<'scope, u64>,
     mut source: Box<dyn Source>,
     ctx: ComponentContext,
     metrics: ComponentMetrics,
     run: RunContext,
+    mut barriers: Option<Barriers>,
 ) -> (Data<'scope>, Data<'scope>) {
     let mut builder = OperatorBuilder::new(ctx.component_id.to_string(), scope);
     let info = builder.operator_info();
@@ -329,8 +631,9 @@ fn source_operator<'scope>(
         // An error means the worker is gone: the run is over, nothing to wake.
         let _ = sync_activator.activate();
     }));
-    let (mut main_out, main) = builder.new_output::<Vec<Batch>>();
-    let (mut error_out, errors) = builder.new_output::<Vec<Batch>>();
+    wake_on_checkpoints(scope, &info.address, barriers.as_ref());
+    let (mut main_out, main) = builder.new_output::<Vec<Flow>>();
+    let (mut error_out, errors) = builder.new_output::<Vec<Flow>>();
     builder.build(move |caps| {
         let mut caps = Some(caps);
         let mut opened = false;
@@ -342,18 +645,62 @@ fn source_operator<'scope>(
         let mut backlog_gauges: Option<BacklogGauges> = None;
         // Counted as waiting until it reports ready (`/readyz`).
         let mut waiting = true;
+        let mut committed = barriers.as_ref().map_or(0, |barriers| barriers.last);
         run.health.source_waiting();
         move |_frontiers| {
             let Some(held) = caps.as_mut() else { return };
             let mut finished = false;
             if !opened {
                 opened = true;
-                if let Err(error) = source.open(&ctx) {
-                    run.fail(&ctx.component_id, error);
-                    finished = true;
+                match source.open(&ctx) {
+                    Ok(()) => {
+                        max_seen = restore_each(barriers.as_ref(), &ctx, &run, |state| {
+                            source.restore(state)
+                        });
+                    }
+                    Err(error) => {
+                        run.fail(&ctx.component_id, error);
+                        finished = true;
+                    }
                 }
             }
-            if !finished && run.shutdown.load(Ordering::Relaxed) {
+            let mut outputs = [&mut main_out, &mut error_out];
+            if let Some(barriers) = barriers.as_mut() {
+                if barriers.is_paused() {
+                    return;
+                }
+                let checkpoints = Arc::clone(&barriers.checkpoints);
+                let durable = checkpoints.committed();
+                if durable > committed {
+                    committed = durable;
+                    if let Err(error) = source.commit() {
+                        tracing::warn!(component = %ctx.component_id, %error, "source commit failed");
+                    }
+                }
+                let epoch = checkpoints.requested();
+                if epoch > barriers.last && !finished {
+                    let report = match source.snapshot() {
+                        Ok(state) => Report { watermark: max_seen, state, ..Report::default() },
+                        Err(error) => {
+                            run.fail(&ctx.component_id, error);
+                            Report::default()
+                        }
+                    };
+                    send_marker(&barriers.marker(epoch), held, &mut outputs);
+                    barriers.passed(epoch, report);
+                    return;
+                }
+                if barriers.stopped {
+                    // After a stop's barrier: wait until the final checkpoint is durable and
+                    // commit it (MQTT acks, Kafka offsets), then end.
+                    if checkpoints.committed() < barriers.last && !checkpoints.abandoned() {
+                        return;
+                    }
+                    finished = true;
+                } else if checkpoints.abandoned() {
+                    finished = true;
+                }
+            } else if run.shutdown.load(Ordering::Relaxed) {
                 finished = true;
             }
             if !finished {
@@ -380,7 +727,6 @@ fn source_operator<'scope>(
                 let worker = ctx.worker_index;
                 backlog_gauges.get_or_insert_with(|| metrics.backlog_gauges(worker)).set(backlog);
             }
-            let mut outputs = [&mut main_out, &mut error_out];
             if let Some(time) = ship(&mut outs, held, &mut outputs, &metrics) {
                 max_seen = Some(max_seen.map_or(time, |seen| seen.max(time)));
                 if let Some(seen) = max_seen {
@@ -390,6 +736,15 @@ fn source_operator<'scope>(
                 }
             }
             if finished {
+                if let Some(barriers) = barriers.as_mut() {
+                    let state = source.snapshot().unwrap_or_else(|error| {
+                        tracing::warn!(component = %ctx.component_id, %error, "no final snapshot");
+                        None
+                    });
+                    let end =
+                        barriers.end(Report { watermark: max_seen, state, ..Report::default() });
+                    send_marker(&end, held, &mut outputs);
+                }
                 if let Err(error) = source.close() {
                     tracing::warn!(component = %ctx.component_id, %error, "error while closing source");
                 }
@@ -414,6 +769,9 @@ struct TransformState {
     opened: bool,
     /// The watermark reached so far (event time, ms).
     watermark: EventTime,
+    /// The greatest event time emitted (an event-time assigner's watermark state).
+    max_seen: Option<EventTime>,
+    barriers: Option<Barriers>,
 }
 
 impl TransformState {
@@ -422,19 +780,117 @@ impl TransformState {
         ctx: ComponentContext,
         metrics: ComponentMetrics,
         run: RunContext,
+        barriers: Option<Barriers>,
     ) -> TransformState {
         let outs = Outputs::new(&ctx.component_id);
-        TransformState { transform, ctx, metrics, run, outs, opened: false, watermark: 0 }
+        TransformState {
+            transform,
+            ctx,
+            metrics,
+            run,
+            outs,
+            opened: false,
+            watermark: 0,
+            max_seen: None,
+            barriers,
+        }
     }
 
-    /// Calls `open` at the first activation.
+    /// Calls `open` at the first activation, then restores from the checkpoint.
     fn open_once(&mut self) {
         if !self.opened {
             self.opened = true;
             if let Err(error) = self.transform.open(&self.ctx) {
                 self.run.fail(&self.ctx.component_id, error);
+                return;
+            }
+            let transform = &mut self.transform;
+            self.max_seen = restore_each(self.barriers.as_ref(), &self.ctx, &self.run, |state| {
+                transform.restore(state)
+            });
+        }
+    }
+
+    /// True while the instance waits for the rest of the run at a checkpoint.
+    fn paused(&mut self) -> bool {
+        self.barriers.as_mut().is_some_and(Barriers::is_paused)
+    }
+
+    /// The input held while paused, once the pause is over and some is held.
+    fn resumed_input(&mut self) -> Option<Vec<(Flow, EventTime)>> {
+        let barriers = self.barriers.as_mut()?;
+        if barriers.is_paused() || barriers.held.is_empty() {
+            return None;
+        }
+        Some(std::mem::take(&mut barriers.held))
+    }
+
+    /// True after the final barrier of a stop: the instance sends nothing more.
+    fn stopped(&self) -> bool {
+        self.barriers.as_ref().is_some_and(|barriers| barriers.stopped)
+    }
+
+    /// Takes the input of this activation, after what was held while paused.
+    fn take_input<P>(
+        &mut self,
+        input: &mut InputHandleCore<u64, Vec<Flow>, P>,
+    ) -> Vec<(Flow, EventTime)>
+    where
+        P: Pull<Message<u64, Vec<Flow>>>,
+    {
+        let mut items = self
+            .barriers
+            .as_mut()
+            .map(|barriers| std::mem::take(&mut barriers.held))
+            .unwrap_or_default();
+        input.for_each(|cap, data| {
+            let batch_time = cap.least().map_or(0, |time| *time as EventTime);
+            items.extend(data.drain(..).map(|flow| (flow, batch_time)));
+        });
+        items
+    }
+
+    /// Handles one input item: processes data, counts markers and passes a barrier when all
+    /// are in; returns the greatest event time sent on the main output. Items after a passed
+    /// barrier are held until the instance resumes.
+    fn handle(
+        &mut self,
+        flow: Flow,
+        batch_time: EventTime,
+        held: &[Capability<u64>],
+        outputs: &mut [&mut Output],
+    ) -> Option<EventTime> {
+        if let Some(barriers) = self.barriers.as_mut()
+            && barriers.paused.is_some()
+        {
+            barriers.held.push((flow, batch_time));
+            return None;
+        }
+        match flow {
+            Flow::Data(batch) => {
+                if self.stopped() {
+                    self.metrics.discarded("stopped", batch.len() as u64);
+                    return None;
+                }
+                self.process(batch, batch_time, held, outputs)
+            }
+            marker => {
+                let epoch = self.barriers.as_mut()?.arrived(&marker)?;
+                let report = self.report();
+                let barriers = self.barriers.as_mut()?;
+                send_marker(&barriers.marker(epoch), held, outputs);
+                barriers.passed(epoch, report);
+                None
             }
         }
+    }
+
+    fn report(&mut self) -> Report {
+        let state = self.transform.snapshot().unwrap_or_else(|error| {
+            self.run.fail(&self.ctx.component_id, error);
+            None
+        });
+        Report { watermark: self.max_seen, state, ..Report::default() }
     }
 
     /// Processes one input batch sent at `batch_time` and ships what it produced; returns the
@@ -474,11 +930,25 @@ impl TransformState {
         }
     }
 
-    /// The input ended: a last `on_watermark(MAX)`, `close`, and what they produced.
+    /// The input ended: a last `on_watermark(MAX)`, `close`, and what they produced; with
+    /// checkpoints, the final report and the end marker. After a stop's final barrier the
+    /// open state stays in the checkpoint instead (nothing is flushed).
     fn finish(&mut self, held: &[Capability<u64>], outputs: &mut [&mut Output]) {
+        if self.stopped() {
+            self.transform.close(&mut self.outs);
+            self.outs = Outputs::new(&self.ctx.component_id);
+            return;
+        }
         self.transform.on_watermark(EventTime::MAX, &mut self.outs);
         self.transform.close(&mut self.outs);
         ship(&mut self.outs, held, outputs, &self.metrics);
+        if self.barriers.is_some() {
+            let report = self.report();
+            if let Some(barriers) = self.barriers.as_mut() {
+                let end = barriers.end(report);
+                send_marker(&end, held, outputs);
+            }
+        }
     }
 }
 
@@ -496,14 +966,15 @@ fn assigner_operator<'scope, P>(
     mut state: TransformState,
 ) -> Streams<'scope>
 where
-    P: ParallelizationContract<u64, Vec<Batch>>,
+    P: ParallelizationContract<u64, Vec<Flow>>,
 {
     let mut builder = OperatorBuilder::new(state.ctx.component_id.to_string(), scope);
     let info = builder.operator_info();
     let activator = scope.activator_for(Rc::clone(&info.address));
-    let (mut main_out, main) = builder.new_output::<Vec<Batch>>();
-    let (mut error_out, errors) = builder.new_output::<Vec<Batch>>();
-    let (mut late_out, late) = builder.new_output::<Vec<Batch>>();
+    wake_on_checkpoints(scope, &info.address, state.barriers.as_ref());
+    let (mut main_out, main) = builder.new_output::<Vec<Flow>>();
+    let (mut error_out, errors) = builder.new_output::<Vec<Flow>>();
+    let (mut late_out, late) = builder.new_output::<Vec<Flow>>();
     // Its outputs do not depend on its input's timestamps.
     let mut input = builder.new_input_connection(input, pact, Vec::new());
     let shared = state
@@ -514,9 +985,9 @@ where
         let mut caps = Some(caps);
         let out_of_orderness = state.ctx.pipeline.out_of_orderness_ms as i64;
         let idle_timeout = Duration::from_millis(state.ctx.pipeline.idle_timeout_ms);
-        let mut max_seen: Option<EventTime> = None;
         let mut last_data = Instant::now();
         let mut last_tick = Instant::now();
+        let mut restored = false;
         move |frontiers| {
             state.open_once();
             let Some(held) = caps.as_mut() else {
@@ -525,26 +996,50 @@ where
                 return;
             };
             let shared = shared.as_deref().map(|shared| &shared.0);
+            if !restored {
+                restored = true;
+                // Resume at the restored watermark.
+                if let Some(seen) = state.max_seen {
+                    let mut outputs = [&mut main_out, &mut error_out, &mut late_out];
+                    state.advance_to(
+                        seen.saturating_sub(out_of_orderness),
+                        held,
+                        &mut outputs,
+                        shared,
+                    );
+                }
+            }
             let mut got_data = false;
-            input.for_each(|cap, data| {
-                let batch_time = cap.least().map_or(0, |time| *time as EventTime);
-                for batch in data.drain(..) {
-                    got_data = true;
+            let mut items = state.take_input(&mut input);
+            loop {
+                for (flow, batch_time) in items {
+                    got_data |= matches!(flow, Flow::Data(_));
                     let mut outputs = [&mut main_out, &mut error_out, &mut late_out];
                     // The watermark moves after every batch, so where it stands between
                     // batches does not depend on scheduling.
-                    if let Some(time) = state.process(batch, batch_time, held, &mut outputs) {
-                        let seen = max_seen.map_or(time, |seen: EventTime| seen.max(time));
-                        max_seen = Some(seen);
+                    if let Some(time) = state.handle(flow, batch_time, held, &mut outputs) {
+                        let seen = state.max_seen.map_or(time, |seen: EventTime| seen.max(time));
+                        state.max_seen = Some(seen);
                         let target = seen.saturating_sub(out_of_orderness);
                         state.advance_to(target, held, &mut outputs, shared);
                     }
                 }
-            });
+                // Held input goes on as soon as the checkpoint aligned.
+                match state.resumed_input() {
+                    Some(more) => items = more,
+                    None => break,
+                }
+            }
+            if state.paused() {
+                return;
+            }
             let mut outputs = [&mut main_out, &mut error_out, &mut late_out];
             if frontiers[0].frontier().is_empty() {
                 state.finish(held, &mut outputs);
                 caps = None;
+                return;
+            }
+            if state.stopped() {
                 return;
             }
             // Idle: advance with the wall clock, and catch up with the siblings.
@@ -579,12 +1074,14 @@ fn follower_operator<'scope, P>(
     mut state: TransformState,
 ) -> Streams<'scope>
 where
-    P: ParallelizationContract<u64, Vec<Batch>>,
+    P: ParallelizationContract<u64, Vec<Flow>>,
 {
     let mut builder = OperatorBuilder::new(state.ctx.component_id.to_string(), scope);
-    let (mut main_out, main) = builder.new_output::<Vec<Batch>>();
-    let (mut error_out, errors) = builder.new_output::<Vec<Batch>>();
-    let (mut late_out, late) = builder.new_output::<Vec<Batch>>();
+    let info = builder.operator_info();
+    wake_on_checkpoints(scope, &info.address, state.barriers.as_ref());
+    let (mut main_out, main) = builder.new_output::<Vec<Flow>>();
+    let (mut error_out, errors) = builder.new_output::<Vec<Flow>>();
+    let (mut late_out, late) = builder.new_output::<Vec<Flow>>();
     let connection: Vec<(usize, Antichain<u64>)> =
         (0..3).map(|output| (output, Antichain::from_elem(0))).collect();
     let mut input = builder.new_input_connection(input, pact, connection);
@@ -597,15 +1094,24 @@ where
                 input.for_each(|_cap, data| data.clear());
                 return;
             };
-            input.for_each(|cap, data| {
-                let batch_time = cap.least().map_or(0, |time| *time as EventTime);
-                for batch in data.drain(..) {
+            let mut items = state.take_input(&mut input);
+            loop {
+                for (flow, batch_time) in items {
                     let mut outputs = [&mut main_out, &mut error_out, &mut late_out];
-                    state.process(batch, batch_time, held, &mut outputs);
+                    state.handle(flow, batch_time, held, &mut outputs);
                 }
-            });
+                // Held input goes on as soon as the checkpoint aligned.
+                match state.resumed_input() {
+                    Some(more) => items = more,
+                    None => break,
+                }
+            }
+            if state.paused() {
+                return;
+            }
             let mut outputs = [&mut main_out, &mut error_out, &mut late_out];
             match frontiers[0].frontier().first().copied() {
+                Some(_) if state.stopped() => {}
                 Some(time) => state.advance_to(time as EventTime, held, &mut outputs, None),
                 None => {
                     state.finish(held, &mut outputs);
@@ -637,71 +1143,183 @@ fn advance(
     metrics.watermark(watermark);
 }
 
-fn sink_operator<'scope>(
-    scope: Scope<'scope, u64>,
-    input: Data<'scope>,
-    mut sink: Box<dyn Sink>,
+/// One worker's sink and its checkpoint side.
+struct SinkState {
+    sink: Box<dyn Sink>,
     ctx: ComponentContext,
     metrics: ComponentMetrics,
     run: RunContext,
+    barriers: Option<Barriers>,
+    failed: bool,
+    closed: bool,
+    watermark: EventTime,
+}
+
+impl SinkState {
+    /// Opens the sink, restores it, registers its publisher and publishes again what the
+    /// restored checkpoint staged for the instances this one replaces.
+    fn open(&mut self) {
+        if let Err(error) = self.sink.open(&self.ctx) {
+            self.run.fail(&self.ctx.component_id, error);
+            self.failed = true;
+            return;
+        }
+        let sink = &mut self.sink;
+        restore_each(self.barriers.as_ref(), &self.ctx, &self.run, |state| sink.restore(state));
+        let Some(barriers) = &self.barriers else { return };
+        let Some(publisher) = self.sink.publisher() else { return };
+        let checkpoints = &barriers.checkpoints;
+        checkpoints.register_publisher(&self.ctx.component_id, Arc::clone(&publisher));
+        let (index, peers) = (self.ctx.worker_index, self.ctx.workers);
+        match checkpoints
+            .republish(&self.ctx.component_id, &*publisher, |worker| worker % peers == index)
+        {
+            Ok(0) => {}
+            Ok(count) => {
+                tracing::info!(component = %self.ctx.component_id, files = count, "published the restored checkpoint's output again");
+            }
+            Err(error) => self.run.fail(&self.ctx.component_id, error),
+        }
+    }
+
+    /// The input held while paused.
+    fn held(&mut self) -> Vec<Flow> {
+        self.barriers
+            .as_mut()
+            .map(|barriers| barriers.held.drain(..).map(|(flow, _)| flow).collect())
+            .unwrap_or_default()
+    }
+
+    fn write(&mut self, batch: Batch) {
+        let count = batch.len();
+        self.metrics.received(count);
+        if self.failed || self.closed {
+            self.metrics.discarded("sink_unavailable", count as u64);
+            return;
+        }
+        let newest = batch.max_event_time();
+        match self.sink.write_batch(batch) {
+            Ok(()) => {
+                self.metrics.sent(count);
+                if let Some(time) = newest {
+                    self.metrics.event_lag(time);
+                }
+            }
+            Err(error) => {
+                self.metrics.error("write", count);
+                tracing::warn!(component = %self.ctx.component_id, %error, records = count, "sink write failed");
+            }
+        }
+    }
+
+    /// Pre-commits: what was written is durable or staged, and the sink's state.
+    fn report(&mut self) -> Report {
+        if self.failed {
+            return Report::default();
+        }
+        let (staged, failed) = match self.sink.pre_commit() {
+            Ok(staged) => (staged, false),
+            Err(error) => {
+                self.metrics.error("pre_commit", 1);
+                tracing::warn!(component = %self.ctx.component_id, %error, "sink pre-commit failed: this checkpoint is not taken");
+                (Vec::new(), true)
+            }
+        };
+        let state = self.sink.snapshot().unwrap_or_else(|error| {
+            self.run.fail(&self.ctx.component_id, error);
+            None
+        });
+        Report { watermark: None, state, staged, failed }
+    }
+
+    fn handle(&mut self, flow: Flow) {
+        if let Some(barriers) = self.barriers.as_mut()
+            && barriers.paused.is_some()
+        {
+            barriers.held.push((flow, 0));
+            return;
+        }
+        match flow {
+            Flow::Data(batch) => self.write(batch),
+            marker => {
+                let Some(epoch) =
+                    self.barriers.as_mut().and_then(|barriers| barriers.arrived(&marker))
+                else {
+                    return;
+                };
+                let report = self.report();
+                if let Some(barriers) = self.barriers.as_mut() {
+                    barriers.passed(epoch, report);
+                }
+            }
+        }
+    }
+
+    fn close(&mut self) {
+        self.closed = true;
+        if self.barriers.as_ref().is_some_and(|barriers| !barriers.stopped) {
+            let report = self.report();
+            if let Some(barriers) = self.barriers.as_mut() {
+                barriers.end(report);
+            }
+        }
+        if self.failed {
+            return;
+        }
+        if let Err(error) = self.sink.close() {
+            self.metrics.error("close", 1);
+            tracing::warn!(component = %self.ctx.component_id, %error, "sink close failed");
+        }
+    }
+}
+
+fn sink_operator<'scope>(
+    scope: Scope<'scope, u64>,
+    input: Data<'scope>,
+    sink: Box<dyn Sink>,
+    ctx: ComponentContext,
+    metrics: ComponentMetrics,
+    run: RunContext,
+    barriers: Option<Barriers>,
 ) {
     let mut builder = OperatorBuilder::new(ctx.component_id.to_string(), scope);
+    let info = builder.operator_info();
+    wake_on_checkpoints(scope, &info.address, barriers.as_ref());
     let mut input = builder.new_input(input, PipelinePact);
+    let mut state =
+        SinkState { sink, ctx, metrics, run, barriers, failed: false, closed: false, watermark: 0 };
     builder.build(move |_caps| {
         let mut opened = false;
-        let mut closed = false;
-        let mut failed = false;
-        let mut watermark: EventTime = 0;
         move |frontiers| {
             if !opened {
                 opened = true;
-                if let Err(error) = sink.open(&ctx) {
-                    run.fail(&ctx.component_id, error);
-                    failed = true;
-                }
+                state.open();
             }
-            input.for_each(|_cap, data| {
-                for batch in data.drain(..) {
-                    let count = batch.len();
-                    metrics.received(count);
-                    if failed || closed {
-                        metrics.discarded("sink_unavailable", count as u64);
-                        continue;
-                    }
-                    let newest = batch.max_event_time();
-                    match sink.write_batch(batch) {
-                        Ok(()) => {
-                            metrics.sent(count);
-                            if let Some(time) = newest {
-                                metrics.event_lag(time);
-                            }
-                        }
-                        Err(error) => {
-                            metrics.error("write", count);
-                            tracing::warn!(component = %ctx.component_id, %error, records = count, "sink write failed");
-                        }
-                    }
+            let mut items: Vec<Flow> = state.held();
+            input.for_each(|_cap, data| items.append(data));
+            loop {
+                for flow in items {
+                    state.handle(flow);
                 }
-            });
-            if closed || failed {
-                return;
+                if state.closed || state.barriers.as_mut().is_some_and(Barriers::is_paused) {
+                    return;
+                }
+                // Held input goes on as soon as the checkpoint aligned.
+                items = state.held();
+                if items.is_empty() {
+                    break;
+                }
             }
             match frontiers[0].frontier().first().copied() {
-                Some(time) if time as EventTime > watermark => {
-                    watermark = time as EventTime;
-                    if let Err(error) = sink.on_watermark(watermark) {
-                        metrics.error("watermark", 1);
-                        tracing::warn!(component = %ctx.component_id, %error, "sink watermark hook failed");
+                Some(time) if time as EventTime > state.watermark && !state.failed => {
+                    state.watermark = time as EventTime;
+                    if let Err(error) = state.sink.on_watermark(state.watermark) {
+                        state.metrics.error("watermark", 1);
+                        tracing::warn!(component = %state.ctx.component_id, %error, "sink watermark hook failed");
                     }
                 }
                 Some(_) => {}
-                None => {
-                    closed = true;
-                    if let Err(error) = sink.close() {
-                        metrics.error("close", 1);
-                        tracing::warn!(component = %ctx.component_id, %error, "sink close failed");
-                    }
-                }
+                None => state.close(),
             }
         }
     });

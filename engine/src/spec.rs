@@ -56,6 +56,23 @@ pub struct PipelineSettings {
     /// Default `127.0.0.1:9898`.
     #[serde(default = "default_http_address")]
     pub http_address: String,
+    /// Seconds between two checkpoints; 0 (the default) takes none. With checkpoints a
+    /// restarted pipeline resumes from the latest one (docs/operations.md, "Checkpoints and
+    /// recovery").
+    #[serde(default)]
+    pub checkpoint_interval_secs: u64,
+    /// Where checkpoints go: a folder (relative to the pipeline file's folder), `file://PATH`
+    /// or `s3://BUCKET/PREFIX` (endpoint and credentials from the environment, as the lake).
+    /// Default `checkpoints/<pipeline name>`.
+    #[serde(default)]
+    pub checkpoint_url: Option<String>,
+    /// Complete checkpoints kept; older ones are deleted. Default 3.
+    #[serde(default = "default_checkpoint_keep")]
+    pub checkpoint_keep: usize,
+}
+
+fn default_checkpoint_keep() -> usize {
+    3
 }
 
 fn default_workers() -> usize {
@@ -78,6 +95,9 @@ impl Default for PipelineSettings {
             workers: default_workers(),
             out_of_orderness_ms: default_out_of_orderness_ms(),
             idle_timeout_ms: default_idle_timeout_ms(),
+            checkpoint_interval_secs: 0,
+            checkpoint_url: None,
+            checkpoint_keep: default_checkpoint_keep(),
             http_address: default_http_address(),
         }
     }
@@ -256,6 +276,7 @@ pub fn load_str(
         out_of_orderness_ms: settings.out_of_orderness_ms,
         idle_timeout_ms: settings.idle_timeout_ms,
         base_dir: base_dir.to_path_buf(),
+        checkpoints: settings.checkpoint_interval_secs > 0,
     });
     let ctx = ValidateContext { pipeline: Arc::clone(&info) };
     validator.configure(&ctx);

@@ -252,6 +252,9 @@ pub struct StatsDetector {
     columns: Option<(Arc<Schema>, Arc<Schema>)>,
     baselines: HashMap<DeviceId, Baseline, IdHash>,
     accumulators: Accumulators,
+    /// This instance's worker and the number of workers: a restore keeps the devices it owns.
+    worker: usize,
+    workers: usize,
 }
 
 impl StatsDetector {
@@ -267,6 +270,8 @@ impl StatsDetector {
             columns: None,
             baselines: HashMap::default(),
             accumulators: Accumulators::default(),
+            worker: ctx.worker_index,
+            workers: ctx.workers,
         })
     }
 
@@ -393,8 +398,13 @@ impl Transform for StatsDetector {
     fn restore(&mut self, state: &[u8]) -> Result<(), ComponentError> {
         let snapshot: Snapshot = serde_json::from_slice(state)
             .map_err(|error| ComponentError::Internal(format!("stats snapshot: {error}")))?;
-        let mut baselines = HashMap::default();
+        // Several snapshots (one per instance that took the checkpoint) merge; each instance
+        // keeps the devices it owns now.
+        let mut baselines = std::mem::take(&mut self.baselines);
         for device in snapshot.devices {
+            if device.device.worker(self.workers) != self.worker {
+                continue;
+            }
             if device.mean.len() != device.var.len() || device.mean.len() != device.windows.len() {
                 return Err(ComponentError::Internal(
                     "stats snapshot: baseline columns differ in length".to_owned(),

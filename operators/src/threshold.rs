@@ -6,11 +6,14 @@
 //! `training/train.py`'s `n_of_m` evaluates models with). With `emit = "events"` (default) it emits an
 //! [`AnomalyEvent`] at each open and close; with `emit = "scores"` it passes every score on
 //! with `anomaly` replaced by the debounced state (one flag per window, as backtests pool them).
+//!
+//! The per-device state is checkpointed ([`Transform::snapshot`]); `threshold` is keyed, so a
+//! restore keeps the devices this worker owns.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tidewatch_api::{
     AnomalyEvent, AnomalyState, Batch, ComponentContext, ComponentError, ConfigError, DeviceId,
     Kind, Outputs, PortType, Score, Transform, TransformFactory, TransformProperties,
@@ -132,6 +135,10 @@ pub struct Threshold {
     hysteresis: usize,
     emit: Emit,
     devices: HashMap<DeviceId, DeviceState>,
+    /// This instance's worker and the number of workers (set by `open`): a restore keeps the
+    /// devices it owns.
+    worker: usize,
+    workers: usize,
 }
 
 impl Threshold {
@@ -144,7 +151,14 @@ impl Threshold {
             hysteresis: config.hysteresis.max(1),
             emit: config.emit,
             devices: HashMap::new(),
+            worker: 0,
+            workers: 1,
         }
+    }
+
+    /// `m`, the length of the n-of-m history.
+    fn m(&self) -> u32 {
+        self.mask.count_ones()
     }
 
     /// Feeds one score; returns the event it causes, if any.
@@ -199,6 +213,12 @@ impl Threshold {
 }
 
 impl Transform for Threshold {
+    fn open(&mut self, ctx: &ComponentContext) -> Result<(), ComponentError> {
+        self.worker = ctx.worker_index;
+        self.workers = ctx.workers;
+        Ok(())
+    }
+
     fn process_batch(&mut self, batch: Batch, out: &mut Outputs) {
         let Batch::Scores(scores) = batch else {
             out.error(
@@ -225,11 +245,91 @@ impl Transform for Threshold {
             }
         }
     }
+
+    fn snapshot(&mut self) -> Result<Option<Vec<u8>>, ComponentError> {
+        // A closed device without exceedances in its history acts as one never seen (`calm`,
+        // `started_ms` and `peak` are reset when an anomaly opens): it is left out.
+        let mut devices: Vec<SnapshotDevice> = self
+            .devices
+            .iter()
+            .filter(|(_, state)| state.open || state.history != 0)
+            .map(|(device, state)| SnapshotDevice {
+                device: *device,
+                history: state.history,
+                open: state.open,
+                calm: state.calm,
+                started_ms: state.started_ms,
+                peak: state.peak.to_bits(),
+            })
+            .collect();
+        devices.sort_unstable_by_key(|device| device.device);
+        let snapshot = Snapshot { n: self.n, m: self.m(), hysteresis: self.hysteresis, devices };
+        serde_json::to_vec(&snapshot)
+            .map(Some)
+            .map_err(|error| ComponentError::Internal(format!("threshold snapshot: {error}")))
+    }
+
+    fn restore(&mut self, state: &[u8]) -> Result<(), ComponentError> {
+        let snapshot: Snapshot = serde_json::from_slice(state)
+            .map_err(|error| ComponentError::Internal(format!("threshold snapshot: {error}")))?;
+        if (snapshot.n, snapshot.m, snapshot.hysteresis) != (self.n, self.m(), self.hysteresis) {
+            return Err(ComponentError::Config(format!(
+                "the threshold snapshot was taken with n = {}, m = {} and hysteresis = {}, not \
+                 {}, {} and {}",
+                snapshot.n,
+                snapshot.m,
+                snapshot.hysteresis,
+                self.n,
+                self.m(),
+                self.hysteresis
+            )));
+        }
+        // Several snapshots (one per instance that took the checkpoint) merge; each instance
+        // keeps the devices it owns now.
+        let restored = snapshot
+            .devices
+            .into_iter()
+            .filter(|device| device.device.worker(self.workers) == self.worker)
+            .map(|device| {
+                let state = DeviceState {
+                    history: device.history & self.mask,
+                    open: device.open,
+                    calm: device.calm,
+                    started_ms: device.started_ms,
+                    peak: f32::from_bits(device.peak),
+                };
+                (device.device, state)
+            });
+        self.devices.extend(restored);
+        Ok(())
+    }
+}
+
+/// The state of a [`Threshold`] as checkpointed (JSON).
+#[derive(Debug, Serialize, Deserialize)]
+struct Snapshot {
+    n: u32,
+    m: u32,
+    hysteresis: usize,
+    devices: Vec<SnapshotDevice>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct SnapshotDevice {
+    device: DeviceId,
+    history: u64,
+    open: bool,
+    calm: usize,
+    started_ms: i64,
+    /// `f32::to_bits` of the peak score (JSON has no NaN).
+    peak: u32,
 }
 
 #[cfg(test)]
 mod tests {
-    use tidewatch_api::Schema;
+    use std::sync::atomic::AtomicBool;
+
+    use tidewatch_api::{PipelineInfo, Schema};
 
     use super::*;
 
@@ -311,5 +411,182 @@ mod tests {
         threshold.observe(&score("x", 2, true));
         assert!(threshold.is_open(DeviceId::intern("x")));
         assert!(!threshold.is_open(DeviceId::intern("y")));
+    }
+
+    /// A score of `device` at `end_ms` with score value `value`.
+    fn valued(device: &str, end_ms: i64, anomaly: bool, value: f32) -> Score {
+        Score { score: value, ..score(device, end_ms, anomaly) }
+    }
+
+    /// Feeds `scores` as one batch; returns what was emitted.
+    fn feed(threshold: &mut Threshold, scores: &[Score]) -> Vec<Batch> {
+        let mut out = Outputs::new("th");
+        threshold.process_batch(Batch::Scores(scores.to_vec()), &mut out);
+        out.take_main()
+    }
+
+    /// An opened threshold running as worker `worker` of `workers`.
+    fn opened(config: &ThresholdConfig, worker: usize, workers: usize) -> Threshold {
+        let ctx = ComponentContext::new(
+            "th",
+            "threshold",
+            worker,
+            workers,
+            Arc::new(PipelineInfo::default()),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let mut threshold = Threshold::new(config);
+        threshold.open(&ctx).expect("open");
+        threshold
+    }
+
+    #[test]
+    fn a_restored_threshold_goes_on_as_if_never_interrupted() {
+        for emit in [Emit::Events, Emit::Scores] {
+            let config = ThresholdConfig { n: 2, m: Some(3), hysteresis: 2, emit };
+            let before = [
+                // snap-a: opens (2 of 3), then one calm score of the 2 that close it.
+                valued("snap-a", 10, true, 5.0),
+                valued("snap-a", 20, false, 0.5),
+                valued("snap-a", 30, true, 7.0),
+                valued("snap-a", 40, false, 0.2),
+                // snap-b: one exceedance of the 2 that open it.
+                valued("snap-b", 10, true, 3.0),
+                // snap-c: open, with a peak of 50 before the cut.
+                valued("snap-c", 10, true, 4.0),
+                valued("snap-c", 20, true, 50.0),
+                valued("snap-c", 30, true, 6.0),
+            ];
+            let after = [
+                valued("snap-a", 50, false, 0.1),
+                valued("snap-b", 20, true, 8.0),
+                valued("snap-c", 40, false, 0.3),
+                valued("snap-c", 50, false, 0.4),
+                valued("snap-a", 60, true, 9.0),
+                valued("snap-a", 70, true, 11.0),
+                valued("snap-b", 30, false, 0.1),
+            ];
+            let mut original = Threshold::new(&config);
+            feed(&mut original, &before);
+            let state = original.snapshot().expect("snapshot").expect("state");
+            let mut restored = Threshold::new(&config);
+            restored.restore(&state).expect("restore");
+
+            let expected = feed(&mut original, &after);
+            assert_eq!(feed(&mut restored, &after), expected, "{emit:?}");
+            // The state mattered: without it the same scores give something else.
+            assert_ne!(feed(&mut Threshold::new(&config), &after), expected, "{emit:?}");
+            if emit == Emit::Events {
+                let Some(Batch::Events(events)) = expected.first() else { panic!("events") };
+                let summary: Vec<(&str, AnomalyState, i64, i64, f32)> = events
+                    .iter()
+                    .map(|event| {
+                        let name = if event.device == DeviceId::intern("snap-a") {
+                            "snap-a"
+                        } else if event.device == DeviceId::intern("snap-b") {
+                            "snap-b"
+                        } else {
+                            "snap-c"
+                        };
+                        (name, event.state, event.time_ms, event.started_ms, event.peak_score)
+                    })
+                    .collect();
+                assert_eq!(
+                    summary,
+                    [
+                        ("snap-a", AnomalyState::Close, 50, 30, 7.0),
+                        ("snap-b", AnomalyState::Open, 20, 20, 8.0),
+                        ("snap-c", AnomalyState::Close, 50, 20, 50.0),
+                        ("snap-a", AnomalyState::Open, 70, 70, 11.0),
+                    ]
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_peak_survives_a_snapshot_even_when_it_is_nan() {
+        let config = ThresholdConfig { n: 1, m: None, hysteresis: 2, emit: Emit::Events };
+        let device = DeviceId::intern("snap-nan");
+        let mut original = Threshold::new(&config);
+        feed(&mut original, &[valued("snap-nan", 10, true, f32::NAN)]);
+        let mut restored = Threshold::new(&config);
+        restored.restore(&original.snapshot().expect("snapshot").expect("state")).expect("restore");
+        let peak = |threshold: &Threshold| threshold.devices.get(&device).map(|state| state.peak);
+        assert!(peak(&restored).is_some_and(f32::is_nan));
+        assert_eq!(peak(&restored).map(f32::to_bits), peak(&original).map(f32::to_bits));
+        assert!(restored.is_open(device));
+    }
+
+    #[test]
+    fn restores_merge_the_devices_of_every_snapshot() {
+        let config = ThresholdConfig { n: 2, m: Some(2), hysteresis: 3, emit: Emit::Events };
+        let mut first = Threshold::new(&config);
+        feed(&mut first, &[score("merge-a", 1, true), score("merge-a", 2, true)]);
+        let mut second = Threshold::new(&config);
+        feed(&mut second, &[score("merge-b", 1, true), score("merge-b", 2, true)]);
+        feed(&mut second, &[score("merge-c", 1, true)]);
+
+        let mut merged = Threshold::new(&config);
+        merged.restore(&first.snapshot().expect("snapshot").expect("state")).expect("first");
+        merged.restore(&second.snapshot().expect("snapshot").expect("state")).expect("second");
+        assert!(merged.is_open(DeviceId::intern("merge-a")));
+        assert!(merged.is_open(DeviceId::intern("merge-b")));
+        assert!(!merged.is_open(DeviceId::intern("merge-c")));
+        // merge-c kept its one exceedance: one more opens it.
+        feed(&mut merged, &[score("merge-c", 2, true)]);
+        assert!(merged.is_open(DeviceId::intern("merge-c")));
+        let state = merged.snapshot().expect("snapshot").expect("state");
+        let snapshot: Snapshot = serde_json::from_slice(&state).expect("json");
+        let names: Vec<String> =
+            snapshot.devices.iter().map(|device| device.device.name().to_string()).collect();
+        let mut sorted = names.clone();
+        sorted.sort();
+        assert_eq!(sorted, ["merge-a", "merge-b", "merge-c"]);
+    }
+
+    #[test]
+    fn a_restore_keeps_the_devices_this_worker_owns() {
+        let owned_by = |worker: usize| {
+            (0..)
+                .map(|index| format!("own-{index}"))
+                .find(|name| DeviceId::intern(name).worker(2) == worker)
+                .expect("a name")
+        };
+        let (zero, one) = (owned_by(0), owned_by(1));
+        let config = ThresholdConfig { n: 1, m: None, hysteresis: 1, emit: Emit::Events };
+        let mut single = Threshold::new(&config);
+        feed(&mut single, &[score(&zero, 1, true), score(&one, 1, true)]);
+        let state = single.snapshot().expect("snapshot").expect("state");
+        for (worker, owned, other) in [(0, &zero, &one), (1, &one, &zero)] {
+            let mut restored = opened(&config, worker, 2);
+            restored.restore(&state).expect("restore");
+            assert!(restored.is_open(DeviceId::intern(owned)), "worker {worker}");
+            assert!(!restored.is_open(DeviceId::intern(other)), "worker {worker}");
+        }
+    }
+
+    #[test]
+    fn a_snapshot_of_other_options_is_refused() {
+        let config = ThresholdConfig { n: 2, m: Some(3), hysteresis: 2, emit: Emit::Events };
+        let mut original = Threshold::new(&config);
+        feed(&mut original, &[score("opts", 1, true)]);
+        let state = original.snapshot().expect("snapshot").expect("state");
+        // The way it is emitted does not matter to the state.
+        let scores = ThresholdConfig { emit: Emit::Scores, ..config.clone() };
+        assert!(Threshold::new(&scores).restore(&state).is_ok());
+        for other in [
+            ThresholdConfig { n: 1, ..config.clone() },
+            ThresholdConfig { m: Some(4), ..config.clone() },
+            ThresholdConfig { hysteresis: 3, ..config.clone() },
+        ] {
+            let error = Threshold::new(&other).restore(&state).expect_err("other options");
+            let ComponentError::Config(message) = error else { panic!("{error:?}") };
+            assert!(message.contains("n = 2, m = 3 and hysteresis = 2"), "{message}");
+        }
+        assert!(matches!(
+            Threshold::new(&config).restore(b"not json"),
+            Err(ComponentError::Internal(_))
+        ));
     }
 }

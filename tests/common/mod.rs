@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 use rumqttc::v5;
 use tidewatch::engine::{Diagnostic, EngineError, Pipeline, RunContext, ValidationErrors};
 
+pub mod process;
+
 /// The repository root.
 pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -338,6 +340,61 @@ pub fn python() -> PathBuf {
     let python = root().join(".venv/bin/python");
     assert!(python.exists(), "no .venv: run scripts/python-env.sh (scripts/test.sh does)");
     python
+}
+
+/// Trains a model with `training/train.py` on `data` into the folder `out`.
+pub fn train(data: &Path, out: &Path, args: &[&str]) {
+    let output = std::process::Command::new(python())
+        .arg(root().join("training/train.py"))
+        .arg("--data")
+        .arg(data)
+        .arg("--out")
+        .arg(out)
+        .args(args)
+        .output()
+        .expect("train.py runs");
+    assert!(
+        output.status.success(),
+        "train.py failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// A CSV of `rows` readings of the five simulator features (deterministic noise).
+pub fn simulator_training_csv(path: &Path, rows: usize) {
+    let mut seed: u64 = 42;
+    let mut text = String::from("datetime;vibration;current;pressure;temperature;flow\n");
+    for row in 0..rows {
+        text.push_str(&format!("2026-01-01 00:{:02}:{:02}", row / 60 % 60, row % 60));
+        for _ in 0..5 {
+            seed = seed
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            text.push_str(&format!(";{:.4}", (seed >> 33) as f64 / (1u64 << 31) as f64));
+        }
+        text.push('\n');
+    }
+    std::fs::write(path, text).expect("csv");
+}
+
+/// The `export K=V` lines of `scripts/services.sh env ceph` (endpoint and credentials of the
+/// radosgw on 127.0.0.1:7480), when it answers.
+pub fn ceph_env() -> Option<Vec<(String, String)>> {
+    let address = "127.0.0.1:7480".parse().expect("address");
+    TcpStream::connect_timeout(&address, Duration::from_secs(2)).ok()?;
+    let output = std::process::Command::new(root().join("scripts/services.sh"))
+        .args(["env", "ceph"])
+        .output()
+        .expect("scripts/services.sh env ceph");
+    assert!(output.status.success(), "services.sh env ceph failed");
+    let text = String::from_utf8(output.stdout).expect("utf8");
+    Some(
+        text.lines()
+            .filter_map(|line| line.strip_prefix("export "))
+            .filter_map(|line| line.split_once('='))
+            .map(|(name, value)| (name.to_owned(), value.trim_matches('\'').to_owned()))
+            .collect(),
+    )
 }
 
 /// Reads the lake at `url` with pyarrow (tests/fixtures/lake_read.py).

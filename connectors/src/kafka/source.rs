@@ -20,6 +20,22 @@
 //! positions are what [`Source::snapshot`] returns, and [`Source::restore`] seeks to them at
 //! the next assignment: the checkpoint issue keeps them in checkpoints with no change here.
 //!
+//! # Checkpoints: exactly-once positions
+//!
+//! When the pipeline takes checkpoints, the source does not join a group: it reads the
+//! topics' partitions from the broker and assigns itself every `workers`-th one (worker `i`
+//! takes partitions `i`, `i + workers`, ... of the sorted `(topic, partition)` list), so a
+//! partition never moves in the middle of an epoch. [`Source::snapshot`] is then the position
+//! after the last message *emitted* per partition, the checkpoint holds it, and a restart
+//! (with any number of workers) seeks every partition there. The group's committed offsets
+//! follow the checkpoints ([`Source::commit`]), for lag monitoring; they start a pipeline
+//! that has no checkpoint yet.
+//!
+//! # Reading to the end
+//!
+//! With `stop_at_end = true` each worker finishes once its partitions are read up to the end
+//! offsets they had when it got them (a bounded replay of a topic).
+//!
 //! # Flow control
 //!
 //! At most `max_in_flight_records` records are emitted and not yet acknowledged; beyond it
@@ -122,6 +138,10 @@ pub struct KafkaSourceConfig {
     /// `TidewatchConsumerLag` alert fires when the lag stays above 80 % of it.
     #[serde(default = "default_max_lag_records")]
     pub max_lag_records: u64,
+    /// Finish once the partitions are read up to the end offsets they had when assigned,
+    /// instead of waiting for more.
+    #[serde(default)]
+    pub stop_at_end: bool,
 }
 
 impl KafkaSourceConfig {
@@ -138,6 +158,7 @@ impl KafkaSourceConfig {
             statistics_interval_ms: default_statistics_interval_ms(),
             max_in_flight_records: default_max_in_flight_records(),
             max_lag_records: default_max_lag_records(),
+            stop_at_end: false,
         }
     }
 
@@ -214,6 +235,18 @@ pub struct Positions {
 impl Positions {
     fn set(&mut self, (topic, partition): &PartitionKey, next: i64) {
         self.topics.entry(topic.clone()).or_default().insert(*partition, next);
+    }
+
+    /// Keeps the greater position of every partition in `self` or `other` (positions only
+    /// move forward: the greater one is the later).
+    fn merge(&mut self, other: &Positions) {
+        for (topic, partitions) in &other.topics {
+            let mine = self.topics.entry(topic.clone()).or_default();
+            for (partition, next) in partitions {
+                let entry = mine.entry(*partition).or_insert(*next);
+                *entry = (*entry).max(*next);
+            }
+        }
     }
 
     fn get(&self, topic: &str, partition: i32) -> Option<i64> {
@@ -411,6 +444,21 @@ pub struct KafkaSource {
     assignment: TopicPartitionList,
     last_data: Instant,
     received: u64,
+    /// Checkpoint mode: partitions assigned by the source itself, positions of what it
+    /// emitted.
+    checkpointed: bool,
+    worker: usize,
+    workers: usize,
+    /// Checkpoint mode: the partitions assigned (after the first poll).
+    manual: Option<Vec<PartitionKey>>,
+    /// The position after the last message emitted, per partition.
+    emitted: Positions,
+    /// The positions of the last snapshot (committed once its checkpoint is durable).
+    snapshotted: Positions,
+    /// `stop_at_end`: the end offset of each assigned partition when it was assigned.
+    ends: HashMap<PartitionKey, i64>,
+    /// Checkpoint mode: when to try again to assign partitions of a topic not created yet.
+    assign_retry: Option<Instant>,
 }
 
 impl fmt::Debug for KafkaSource {
@@ -478,6 +526,137 @@ impl KafkaSource {
             assignment: TopicPartitionList::new(),
             last_data: Instant::now(),
             received: 0,
+            checkpointed: ctx.pipeline.checkpoints,
+            worker: ctx.worker_index,
+            workers: ctx.workers.max(1),
+            manual: None,
+            emitted: Positions::default(),
+            snapshotted: Positions::default(),
+            ends: HashMap::new(),
+            assign_retry: None,
+        })
+    }
+
+    /// Checkpoint mode: assigns this worker its share of the topics' partitions, each at its
+    /// restored position (else the group's committed offset, else `start_from`).
+    fn assign_own(&mut self) -> Result<(), ComponentError> {
+        let Some(consumer) = &self.consumer else { return Ok(()) };
+        let mut all: Vec<PartitionKey> = Vec::new();
+        for topic in &self.config.topics {
+            let metadata =
+                consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).map_err(|error| {
+                    ComponentError::External(format!(
+                        "no metadata for topic {topic:?}: {}",
+                        error_text(&error)
+                    ))
+                })?;
+            let before = all.len();
+            for found in metadata.topics() {
+                for partition in found.partitions() {
+                    all.push((found.name().to_owned(), partition.id()));
+                }
+            }
+            if all.len() == before {
+                // Not created yet (the broker creates it at the first produce or metadata
+                // request): try again at a later poll.
+                tracing::debug!(component = %self.component, topic, "no partitions yet");
+                return Ok(());
+            }
+        }
+        all.sort();
+        let mine: Vec<PartitionKey> = all
+            .into_iter()
+            .enumerate()
+            .filter(|(index, _)| index % self.workers == self.worker)
+            .map(|(_, key)| key)
+            .collect();
+        let mut list = TopicPartitionList::new();
+        for (topic, partition) in &mine {
+            let offset = match self.restored.get(topic, *partition) {
+                Some(next) => Offset::Offset(next),
+                None => Offset::Stored,
+            };
+            list.add_partition_offset(topic, *partition, offset).map_err(|error| {
+                ComponentError::Internal(format!("partition list: {}", error_text(&error)))
+            })?;
+        }
+        consumer.assign(&list).map_err(|error| {
+            ComponentError::External(format!("cannot assign partitions: {}", error_text(&error)))
+        })?;
+        tracing::info!(component = %self.component, worker = self.worker, partitions = ?mine, "kafka partitions assigned by the source (checkpoint mode)");
+        self.assignment = list;
+        consumer.context().assigned.store(true, Ordering::SeqCst);
+        self.manual = Some(mine);
+        Ok(())
+    }
+
+    /// The partitions this worker reads now.
+    fn assigned(&self) -> Vec<PartitionKey> {
+        match &self.manual {
+            Some(mine) => mine.clone(),
+            None => self
+                .assignment
+                .elements()
+                .iter()
+                .map(|element| (element.topic().to_owned(), element.partition()))
+                .collect(),
+        }
+    }
+
+    /// `stop_at_end`: true once every assigned partition is read to its end offset.
+    fn at_end(&mut self) -> bool {
+        let Some(consumer) = &self.consumer else { return true };
+        if !consumer.context().assigned.load(Ordering::SeqCst) {
+            return false;
+        }
+        let assigned = self.assigned();
+        for key in &assigned {
+            if !self.ends.contains_key(key) {
+                match consumer.fetch_watermarks(&key.0, key.1, Duration::from_secs(5)) {
+                    Ok((low, high)) => {
+                        self.ends.insert(key.clone(), high);
+                        // Where reading starts: the restored position, else the group's
+                        // committed offset, else `start_from`.
+                        let start = self.restored.get(&key.0, key.1).or_else(|| {
+                            let mut list = TopicPartitionList::new();
+                            list.add_partition(&key.0, key.1);
+                            let committed =
+                                consumer.committed_offsets(list, Duration::from_secs(5)).ok()?;
+                            match committed.find_partition(&key.0, key.1)?.offset() {
+                                Offset::Offset(next) => Some(next),
+                                _ => None,
+                            }
+                        });
+                        let start = start.unwrap_or(match self.config.start_from {
+                            StartFrom::Earliest => low,
+                            StartFrom::Latest => high,
+                        });
+                        self.emitted
+                            .topics
+                            .entry(key.0.clone())
+                            .or_default()
+                            .entry(key.1)
+                            .or_insert(start);
+                    }
+                    Err(error) => {
+                        tracing::debug!(component = %self.component, error = %error_text(&error), "no end offset yet");
+                        return false;
+                    }
+                }
+            }
+        }
+        let positions = consumer.position().unwrap_or_default();
+        assigned.iter().all(|key| {
+            let end = self.ends.get(key).copied().unwrap_or(0);
+            let emitted = self.emitted.get(&key.0, key.1).unwrap_or(0);
+            let position = positions
+                .find_partition(&key.0, key.1)
+                .and_then(|element| match element.offset() {
+                    Offset::Offset(next) => Some(next),
+                    _ => None,
+                })
+                .unwrap_or(0);
+            emitted.max(position) >= end
         })
     }
 
@@ -498,7 +677,8 @@ impl KafkaSource {
                 let _ = offsets.add_partition_offset(&key.0, key.1, Offset::Offset(next));
             }
         }
-        if offsets.count() == 0 {
+        if offsets.count() == 0 || self.checkpointed {
+            // With checkpoints the group's offsets follow the checkpoints instead.
             return;
         }
         if let Some(consumer) = &self.consumer {
@@ -541,7 +721,7 @@ impl Source for KafkaSource {
         client
             .set("group.id", &self.group)
             .set("client.id", &self.client_id)
-            .set("enable.auto.commit", "true")
+            .set("enable.auto.commit", if self.checkpointed { "false" } else { "true" })
             .set("enable.auto.offset.store", "false")
             .set("auto.commit.interval.ms", self.config.commit_interval_ms.to_string())
             .set("session.timeout.ms", self.config.session_timeout_ms.to_string())
@@ -584,13 +764,15 @@ impl Source for KafkaSource {
                 tracing::warn!(component = %self.component, topic, error = %error_text(&error), "no metadata for the topic yet");
             }
         }
-        consumer.subscribe(&topics).map_err(|error| {
-            ComponentError::External(format!(
-                "cannot subscribe to {:?}: {}",
-                self.config.topics,
-                error_text(&error)
-            ))
-        })?;
+        if !self.checkpointed {
+            consumer.subscribe(&topics).map_err(|error| {
+                ComponentError::External(format!(
+                    "cannot subscribe to {:?}: {}",
+                    self.config.topics,
+                    error_text(&error)
+                ))
+            })?;
+        }
         tracing::info!(
             component = %self.component,
             brokers = %self.config.client.brokers,
@@ -603,8 +785,22 @@ impl Source for KafkaSource {
     }
 
     fn poll(&mut self, out: &mut Outputs) -> Result<SourcePoll, ComponentError> {
+        if self.checkpointed && self.manual.is_none() && self.consumer.is_some() {
+            if self.assign_retry.is_some_and(|at| Instant::now() < at) {
+                return Ok(SourcePoll::Idle { wake_after_ms: 100 });
+            }
+            // After `restore`: the positions to seek to are known now.
+            self.assign_own()?;
+            if self.manual.is_none() {
+                self.assign_retry = Some(Instant::now() + Duration::from_millis(500));
+                return Ok(SourcePoll::Idle { wake_after_ms: 100 });
+            }
+        }
         self.store_done();
         self.flow_control();
+        if self.config.stop_at_end && self.at_end() {
+            return Ok(SourcePoll::Finished);
+        }
         let Some(consumer) = &self.consumer else {
             return Ok(SourcePoll::Finished);
         };
@@ -626,6 +822,7 @@ impl Source for KafkaSource {
             };
             let key = (message.topic().to_owned(), message.partition());
             let offset = message.offset();
+            self.emitted.set(&key, offset + 1);
             let entry = greatest.entry(key).or_insert(offset);
             *entry = (*entry).max(offset);
             let Some(payload) = message.payload().filter(|payload| !payload.is_empty()) else {
@@ -703,25 +900,53 @@ impl Source for KafkaSource {
             .is_some_and(|consumer| consumer.context().assigned.load(Ordering::SeqCst))
     }
 
-    /// The next offset per partition of what is safely downstream (JSON).
+    /// The next offset per partition (JSON): with checkpoints, after what was emitted (the
+    /// checkpoint's cut); otherwise what is safely downstream.
     fn snapshot(&mut self) -> Result<Option<Vec<u8>>, ComponentError> {
         self.store_done();
-        serde_json::to_vec(&self.stored)
-            .map(Some)
-            .map_err(|error| ComponentError::Internal(format!("kafka positions: {error}")))
+        let positions = if self.checkpointed {
+            let mut positions = self.restored.clone();
+            positions.merge(&self.emitted);
+            positions
+        } else {
+            self.stored.clone()
+        };
+        let bytes = serde_json::to_vec(&positions)
+            .map_err(|error| ComponentError::Internal(format!("kafka positions: {error}")))?;
+        self.snapshotted = positions;
+        Ok(Some(bytes))
     }
 
-    /// Starts every partition assigned from now on at the snapshot's position.
+    /// Starts every partition assigned from now on at the snapshot's position; several
+    /// snapshots (one per worker that took the checkpoint) merge.
     fn restore(&mut self, state: &[u8]) -> Result<(), ComponentError> {
         let positions: Positions = serde_json::from_slice(state).map_err(|error| {
             ComponentError::Config(format!("not a kafka source snapshot: {error}"))
         })?;
+        self.restored.merge(&positions);
         if let Some(consumer) = &self.consumer {
             *consumer.context().restore.lock().unwrap_or_else(PoisonError::into_inner) =
-                positions.clone();
+                self.restored.clone();
         }
-        self.restored = positions;
         Ok(())
+    }
+
+    /// Commits the positions of the last snapshot as the group's offsets (its checkpoint is
+    /// durable), for lag monitoring and for a start without a checkpoint.
+    fn commit(&mut self) -> Result<(), ComponentError> {
+        let Some(consumer) = &self.consumer else { return Ok(()) };
+        let mut list = TopicPartitionList::new();
+        for (topic, partition) in self.assigned() {
+            if let Some(next) = self.snapshotted.get(&topic, partition) {
+                let _ = list.add_partition_offset(&topic, partition, Offset::Offset(next));
+            }
+        }
+        if list.count() == 0 {
+            return Ok(());
+        }
+        consumer.commit(&list, CommitMode::Async).map_err(|error| {
+            ComponentError::External(format!("kafka commit: {}", error_text(&error)))
+        })
     }
 
     fn close(&mut self) -> Result<(), ComponentError> {
@@ -729,6 +954,7 @@ impl Source for KafkaSource {
         // when the source is dropped, after the dataflow drained.
         self.store_done();
         if let Some(consumer) = &self.consumer
+            && !self.checkpointed
             && let Err(error) = consumer.commit_consumer_state(CommitMode::Sync)
         {
             tracing::debug!(component = %self.component, %error, "kafka commit at close");
@@ -747,10 +973,15 @@ impl Drop for KafkaSource {
         // before the consumer, whose destruction waits for every reference.
         self.assignment = TopicPartitionList::new();
         let Some(consumer) = self.consumer.take() else { return };
+        if self.checkpointed {
+            return;
+        }
         if let Err(error) = consumer.commit_consumer_state(CommitMode::Sync) {
             tracing::debug!(component = %self.component, %error, "final kafka commit");
         }
-        consumer.unsubscribe();
+        if !self.checkpointed {
+            consumer.unsubscribe();
+        }
         tracing::info!(
             component = %self.component,
             received = self.received,

@@ -6,9 +6,14 @@
 //! partition (`date=YYYY-MM-DD/hour=HH` by default). A file is finished when it reaches
 //! `max_file_bytes` or `max_file_age_secs`, or when the run ends, and is then published under
 //! its final name, atomically ([`store`]): a reader sees complete files or none. Names are
-//! `part-<worker>-<run>-<sequence>.parquet`: deterministic given the run id and sequence,
-//! which the sink's snapshot holds. Publishing runs on a thread of its own that rides out
+//! `part-<worker>-<run>-<sequence>.parquet`, the run id being the process's start time (ms),
+//! so no run reuses another's names. Publishing runs on a thread of its own that rides out
 //! store outages, holding finished files in memory and spilling them to disk.
+//!
+//! When the pipeline takes checkpoints, finished files are not published by the uploader:
+//! they are staged ([`Sink::pre_commit`]) and the engine keeps them in the checkpoint, then
+//! publishes them through [`StorePublisher`] once the checkpoint is durable (again after a
+//! crash: same key, same bytes). Every row reaches the lake exactly once.
 //!
 //! ```toml
 //! [sinks.lake]
@@ -40,8 +45,8 @@ use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
 use serde::{Deserialize, Serialize};
 use tidewatch_api::{
-    Batch, ComponentContext, ComponentError, ConfigError, EventTime, Kind, Schema, Sink,
-    SinkFactory, ValidateContext,
+    Batch, ComponentContext, ComponentError, ConfigError, EventTime, Kind, Publisher, Schema, Sink,
+    SinkFactory, Staged, ValidateContext,
 };
 
 use self::columns::{DeviceNames, Partitioner, READING_COLUMNS, SCORE_COLUMNS};
@@ -216,6 +221,7 @@ impl SinkFactory for ParquetSinkFactory {
 #[derive(Debug)]
 struct Shared {
     uploader: Uploader,
+    publisher: Arc<StorePublisher>,
     metrics: LakeMetrics,
     /// The run id in file names: the run's start, ms since the epoch.
     run: u64,
@@ -251,9 +257,42 @@ impl Shared {
             backoff_max_ms: config.backoff_max_ms,
         };
         tracing::info!(component = %ctx.component_id, lake = %store.display(), "parquet sink");
+        let publisher = Arc::new(StorePublisher::new(store.clone())?);
         let uploader = Uploader::start(store, settings, metrics.clone())?;
         let run = u64::try_from(tidewatch_api::records::now_ms()).unwrap_or(0);
-        Ok(Shared { uploader, metrics, run, _registered: registered })
+        Ok(Shared { uploader, publisher, metrics, run, _registered: registered })
+    }
+}
+
+/// Publishes staged lake files (checkpoint mode): one atomic put per file, the same key for
+/// the same file, so publishing twice leaves one copy.
+pub struct StorePublisher {
+    store: Store,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl fmt::Debug for StorePublisher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StorePublisher").field("store", &self.store.display()).finish()
+    }
+}
+
+impl StorePublisher {
+    /// A publisher into `store`.
+    pub fn new(store: Store) -> Result<StorePublisher, ComponentError> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|error| ComponentError::io("starting the lake's publish runtime", error))?;
+        Ok(StorePublisher { store, runtime })
+    }
+}
+
+impl Publisher for StorePublisher {
+    fn publish(&self, key: &str, bytes: &[u8]) -> Result<(), ComponentError> {
+        self.runtime
+            .block_on(self.store.put_atomic(key, Bytes::copy_from_slice(bytes)))
+            .map_err(|error| ComponentError::External(format!("publishing {key}: {error}")))
     }
 }
 
@@ -265,7 +304,7 @@ struct OpenFile {
     opened: Instant,
 }
 
-/// What a `parquet` sink's snapshot holds: the next file name it will use.
+/// The next file name a `parquet` sink will use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ParquetSinkState {
     /// The run id in file names.
@@ -287,6 +326,8 @@ pub struct ParquetSink {
     state: ParquetSinkState,
     open: BTreeMap<String, OpenFile>,
     names: DeviceNames,
+    /// Checkpoint mode: finished files waiting for the next pre-commit.
+    staged: Option<Vec<Staged>>,
 }
 
 impl fmt::Debug for ParquetSink {
@@ -338,6 +379,7 @@ impl ParquetSink {
             state: ParquetSinkState { run, sequence: 0 },
             open: BTreeMap::new(),
             names: DeviceNames::default(),
+            staged: ctx.pipeline.checkpoints.then(Vec::new),
         })
     }
 
@@ -390,6 +432,10 @@ impl ParquetSink {
             format!("part-{}-{}-{}.parquet", self.worker, self.state.run, self.state.sequence);
         self.state.sequence += 1;
         let key = if partition.is_empty() { name } else { format!("{partition}/{name}") };
+        if let Some(staged) = &mut self.staged {
+            staged.push(Staged { key, bytes });
+            return Ok(());
+        }
         self.shared.uploader.enqueue(Finished {
             key,
             rows: file.rows,
@@ -491,16 +537,14 @@ impl Sink for ParquetSink {
         self.finish_all()
     }
 
-    fn snapshot(&mut self) -> Result<Option<Vec<u8>>, ComponentError> {
-        serde_json::to_vec(&self.state)
-            .map(Some)
-            .map_err(|error| ComponentError::Internal(format!("parquet sink snapshot: {error}")))
+    /// Checkpoint mode: finishes every open file and hands them all to the engine.
+    fn pre_commit(&mut self) -> Result<Vec<Staged>, ComponentError> {
+        self.finish_all()?;
+        Ok(self.staged.as_mut().map(std::mem::take).unwrap_or_default())
     }
 
-    fn restore(&mut self, state: &[u8]) -> Result<(), ComponentError> {
-        self.state = serde_json::from_slice(state)
-            .map_err(|error| ComponentError::Internal(format!("parquet sink state: {error}")))?;
-        Ok(())
+    fn publisher(&self) -> Option<Arc<dyn Publisher>> {
+        self.staged.is_some().then(|| Arc::clone(&self.shared.publisher) as Arc<dyn Publisher>)
     }
 
     /// Finishes every open file and waits up to `drain_timeout_ms` for the uploader.

@@ -421,6 +421,29 @@ impl Store {
     }
 }
 
+impl Store {
+    /// Deletes the object at `key`; a missing one is not an error.
+    pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        match &self.inner {
+            Inner::Local(root) => {
+                let path = key_path(root, key);
+                match tokio::task::spawn_blocking(move || std::fs::remove_file(&path)).await {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(error)) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                    Ok(Err(error)) => Err(StoreError::io(format!("deleting {key}"), error)),
+                    Err(error) => Err(StoreError::io("deleting", std::io::Error::other(error))),
+                }
+            }
+            Inner::S3 { store, prefix } => {
+                match store.delete(&Store::object_path(prefix, key)).await {
+                    Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+                    Err(error) => Err(error.into()),
+                }
+            }
+        }
+    }
+}
+
 /// Every key under `prefix` (the object store lists as a stream; polled by hand).
 async fn collect_list(
     store: &dyn ObjectStore,

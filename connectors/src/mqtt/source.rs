@@ -15,8 +15,13 @@
 //! QoS 2) only once its records are safely downstream: every emitted [`RawBatch`] carries an
 //! [`AckToken`] whose callback runs when the engine drops the last copy of the batch, after
 //! the consuming operators processed it. The callback sends the batch's packet ids back to the
-//! network thread, which acknowledges batches in the order they were emitted. A checkpointing
-//! engine can hold the tokens until its checkpoint completes, with no change here.
+//! network thread, which acknowledges batches in the order they were emitted.
+//!
+//! When the pipeline takes checkpoints the acks wait for them instead: the messages emitted
+//! before a checkpoint's barrier are acknowledged once that checkpoint is durable
+//! ([`Source::snapshot`] sets them aside, [`Source::commit`] releases them). A crash then
+//! makes the broker redeliver only what no complete checkpoint covers (plus, if it comes
+//! between a checkpoint and its acks, that one checkpoint's messages).
 //!
 //! Acks are tied to the connection a message came on: after a reconnect the broker redelivers
 //! every unacknowledged message of a persistent session (with the DUP flag), so the acks of
@@ -268,8 +273,9 @@ struct PendingAck {
 enum Control {
     /// The ack group `seq` is safely downstream.
     Done { seq: u64, acks: Vec<PendingAck> },
-    /// The source closed: acknowledge what is outstanding, then disconnect.
-    Close,
+    /// The source closed: acknowledge what is outstanding (the ack groups before `until`,
+    /// when given: later ones will not come), then disconnect.
+    Close { until: Option<u64> },
 }
 
 /// Counters of one source instance, shared with its network thread.
@@ -307,6 +313,10 @@ pub struct MqttSource {
     position: u64,
     last_data: Instant,
     component: Arc<str>,
+    /// Checkpoint mode: acks of the messages emitted since the last snapshot, by ack group.
+    unsnapshotted: Option<Vec<(u64, Vec<PendingAck>)>>,
+    /// Acks of the messages the last snapshots covered, released at the next commit.
+    snapshotted: Vec<(u64, Vec<PendingAck>)>,
 }
 
 impl fmt::Debug for MqttSource {
@@ -343,12 +353,22 @@ impl MqttSource {
             position: 0,
             last_data: Instant::now(),
             component: Arc::clone(&ctx.component_id),
+            unsnapshotted: ctx.pipeline.checkpoints.then(Vec::new),
+            snapshotted: Vec::new(),
         })
     }
 
     /// The client id this instance connects with.
     pub fn client_id(&self) -> &str {
         &self.settings.client_id
+    }
+
+    /// Checkpoint mode: the first ack group that no durable checkpoint covers (none before
+    /// it is still to come at a close).
+    fn ack_until(&self) -> Option<u64> {
+        let pending = self.unsnapshotted.as_ref()?;
+        let first = self.snapshotted.first().or(pending.first()).map(|(seq, _)| *seq);
+        Some(first.unwrap_or_else(|| self.counters.issued.load(Ordering::SeqCst)))
     }
 
     fn send_control(&self, message: Control) {
@@ -361,6 +381,12 @@ impl MqttSource {
         let mut batch = batch;
         if !acks.is_empty() {
             let seq = self.counters.issued.fetch_add(1, Ordering::SeqCst);
+            if let Some(pending) = &mut self.unsnapshotted {
+                // Acknowledged once a checkpoint covering the batch is durable.
+                pending.push((seq, acks));
+                out.emit(Batch::Raw(batch));
+                return;
+            }
             match (&self.control, batch.is_empty()) {
                 (Some(control), false) => {
                     let control = control.clone();
@@ -544,12 +570,30 @@ impl Source for MqttSource {
         Ok(SourcePoll::Idle { wake_after_ms: if quiet { 20 } else { 1 } })
     }
 
+    /// Checkpoint mode: sets aside the acks of everything emitted so far (the barrier
+    /// follows); the source has no position of its own, the broker's session is it.
+    fn snapshot(&mut self) -> Result<Option<Vec<u8>>, ComponentError> {
+        if let Some(pending) = &mut self.unsnapshotted {
+            self.snapshotted.append(pending);
+        }
+        Ok(None)
+    }
+
+    /// Checkpoint mode: the checkpoint is durable: acknowledge what it covers.
+    fn commit(&mut self) -> Result<(), ComponentError> {
+        for (seq, acks) in std::mem::take(&mut self.snapshotted) {
+            self.send_control(Control::Done { seq, acks });
+        }
+        Ok(())
+    }
+
     fn close(&mut self) -> Result<(), ComponentError> {
         // Stop taking messages; what is queued but not emitted is not acknowledged and will be
         // redelivered (persistent session). Outstanding batches are acknowledged as they are
-        // processed, then the network thread disconnects.
+        // processed, then the network thread disconnects. With checkpoints, what no durable
+        // checkpoint covers is never acknowledged (the broker redelivers it).
         self.inbound = None;
-        self.send_control(Control::Close);
+        self.send_control(Control::Close { until: self.ack_until() });
         self.control = None;
         if self.active {
             let counters = &self.counters;
@@ -570,7 +614,7 @@ impl Source for MqttSource {
 impl Drop for MqttSource {
     fn drop(&mut self) {
         self.inbound = None;
-        self.send_control(Control::Close);
+        self.send_control(Control::Close { until: self.ack_until() });
         self.control = None;
         // Give the network thread the time to send the last acks and disconnect cleanly.
         if let Some(finished) = self.finished.take()
@@ -798,6 +842,8 @@ impl AckHalf<'_> {
         let mut next_seq: u64 = 0;
         let mut done: BTreeMap<u64, Vec<PendingAck>> = BTreeMap::new();
         let mut closing_since: Option<Instant> = None;
+        // Set by a close: the ack groups still to come end before it.
+        let mut expected: Option<u64> = None;
         loop {
             let message = match closing_since {
                 None => control.recv().await,
@@ -836,12 +882,16 @@ impl AckHalf<'_> {
                         }
                     }
                 }
-                Some(Control::Close) => {
+                Some(Control::Close { until }) => {
                     closing_since.get_or_insert_with(Instant::now);
+                    if until.is_some() {
+                        expected = until;
+                    }
                 }
                 None => break,
             }
-            if closing_since.is_some() && next_seq >= self.counters.issued.load(Ordering::SeqCst) {
+            let until = expected.unwrap_or_else(|| self.counters.issued.load(Ordering::SeqCst));
+            if closing_since.is_some() && next_seq >= until {
                 break;
             }
         }

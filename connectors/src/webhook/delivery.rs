@@ -6,7 +6,12 @@
 //! sends one request at a time, retrying it until it succeeds, is rejected, or runs out of
 //! retries. [`Dispatcher::enqueue`] never blocks: past `queue_capacity` queued events it writes
 //! the event to the dead-letter file instead, so a slow or dead receiver never stalls detection.
+//!
+//! The queue remembers each event it holds (queued or in a request) with the worker whose sink
+//! instance queued it, until it is delivered or dead-lettered: a checkpoint stores the events
+//! of each instance ([`Dispatcher::queued`]) and a restore queues them again.
 
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
@@ -40,6 +45,28 @@ pub(crate) struct Job {
     pub(crate) event: AnomalyEvent,
     /// When it was queued (delivery latency).
     pub(crate) queued_at: Instant,
+    /// The worker whose sink instance queued it (its checkpoints hold it).
+    pub(crate) worker: usize,
+    /// Its place in the queue, set by [`Dispatcher::enqueue`].
+    seq: u64,
+}
+
+impl Job {
+    /// A job queued now by the instance of `worker`.
+    pub(crate) fn new(key: String, body: Bytes, event: AnomalyEvent, worker: usize) -> Job {
+        Job { key, body, event, queued_at: Instant::now(), worker, seq: 0 }
+    }
+}
+
+/// An event in the queue, as a checkpoint stores it.
+#[derive(Clone, Debug)]
+pub(crate) struct Queued {
+    /// The worker whose sink instance queued it.
+    pub(crate) worker: usize,
+    /// Its idempotency key.
+    pub(crate) key: String,
+    /// The event.
+    pub(crate) event: AnomalyEvent,
 }
 
 /// How requests are made.
@@ -312,48 +339,91 @@ fn error_chain(error: &dyn std::error::Error) -> String {
 /// wait for the queue to empty.
 #[derive(Debug)]
 struct Pending {
-    queued: Mutex<usize>,
+    queue: Mutex<Queue>,
     drained: Condvar,
     capacity: usize,
     depth: IntGauge,
 }
 
+/// What [`Pending`] holds.
+#[derive(Debug, Default)]
+struct Queue {
+    /// The sequence number of the next event.
+    next: u64,
+    /// The events, oldest first.
+    jobs: BTreeMap<u64, Queued>,
+    /// How many of them carry each key.
+    keys: HashMap<String, usize>,
+}
+
+/// Whether [`Pending::admit`] took an event.
+#[derive(Debug, PartialEq, Eq)]
+enum Admission {
+    /// Taken, with its sequence number.
+    Taken(u64),
+    /// The queue is full.
+    Full,
+    /// An event with the same key is queued already (only when asked to check).
+    Duplicate,
+}
+
 impl Pending {
-    /// Takes a place in the queue; `false` when it is full.
-    fn admit(&self) -> bool {
-        let mut queued = self.queued.lock().unwrap_or_else(PoisonError::into_inner);
-        if *queued >= self.capacity {
-            return false;
+    /// Takes a place in the queue for `job`; with `unless_queued`, not when an event with its
+    /// key is queued already.
+    fn admit(&self, job: &Job, unless_queued: bool) -> Admission {
+        let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+        if unless_queued && queue.keys.contains_key(&job.key) {
+            return Admission::Duplicate;
         }
-        *queued += 1;
-        self.depth.set(*queued as i64);
-        true
+        if queue.jobs.len() >= self.capacity {
+            return Admission::Full;
+        }
+        let seq = queue.next;
+        queue.next += 1;
+        let queued = Queued { worker: job.worker, key: job.key.clone(), event: job.event.clone() };
+        *queue.keys.entry(job.key.clone()).or_default() += 1;
+        queue.jobs.insert(seq, queued);
+        self.depth.set(queue.jobs.len() as i64);
+        Admission::Taken(seq)
     }
 
-    /// Gives a place back (its event was delivered or dead-lettered).
-    fn release(&self) {
-        let mut queued = self.queued.lock().unwrap_or_else(PoisonError::into_inner);
-        *queued = queued.saturating_sub(1);
-        self.depth.set(*queued as i64);
+    /// Gives the place of event `seq` back (it was delivered or dead-lettered).
+    fn release(&self, seq: u64) {
+        let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(job) = queue.jobs.remove(&seq)
+            && let Some(count) = queue.keys.get_mut(&job.key)
+        {
+            *count -= 1;
+            if *count == 0 {
+                queue.keys.remove(&job.key);
+            }
+        }
+        self.depth.set(queue.jobs.len() as i64);
         self.drained.notify_all();
+    }
+
+    /// The events queued by the instance of `worker`, oldest first.
+    fn queued(&self, worker: usize) -> Vec<Queued> {
+        let queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+        queue.jobs.values().filter(|job| job.worker == worker).cloned().collect()
     }
 
     /// Waits until the queue is empty, up to `timeout`; the number still queued.
     fn wait_empty(&self, timeout: Duration) -> usize {
         let deadline = Instant::now() + timeout;
-        let mut queued = self.queued.lock().unwrap_or_else(PoisonError::into_inner);
-        while *queued > 0 {
+        let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+        while !queue.jobs.is_empty() {
             let now = Instant::now();
             if now >= deadline {
                 break;
             }
-            queued = self
+            queue = self
                 .drained
-                .wait_timeout(queued, deadline - now)
+                .wait_timeout(queue, deadline - now)
                 .unwrap_or_else(PoisonError::into_inner)
                 .0;
         }
-        *queued
+        queue.jobs.len()
     }
 }
 
@@ -441,7 +511,7 @@ impl Dispatcher {
             |error| ComponentError::io("cannot start the webhook network runtime", error),
         )?;
         let pending = Arc::new(Pending {
-            queued: Mutex::new(0),
+            queue: Mutex::new(Queue::default()),
             drained: Condvar::new(),
             capacity: settings.queue_capacity,
             depth: metrics.queue_depth.clone(),
@@ -472,8 +542,9 @@ impl Dispatcher {
                         let mut stop = stop_rx.clone();
                         tasks.spawn(async move {
                             while let Some(job) = rx.recv().await {
+                                let seq = job.seq;
                                 deliver(&client, &settings, &shared, job, &mut stop).await;
-                                shared.pending.release();
+                                shared.pending.release(seq);
                             }
                         });
                     }
@@ -495,9 +566,28 @@ impl Dispatcher {
     /// Queues `job` on its device's lane, or dead-letters it when the queue is full or the
     /// dispatcher stopped. Never blocks on the network.
     pub(crate) fn enqueue(&self, job: Job) {
-        if !self.pending.admit() {
-            self.dead.write(&job, "queue_full", 0, "the webhook queue was full (queue_capacity)");
-            return;
+        self.enqueue_with(job, false);
+    }
+
+    /// Queues `job` like [`Dispatcher::enqueue`] unless an event with its key is queued
+    /// already (a restore); `false` when it was not queued for that reason.
+    pub(crate) fn enqueue_unless_queued(&self, job: Job) -> bool {
+        self.enqueue_with(job, true)
+    }
+
+    fn enqueue_with(&self, mut job: Job, unless_queued: bool) -> bool {
+        match self.pending.admit(&job, unless_queued) {
+            Admission::Taken(seq) => job.seq = seq,
+            Admission::Duplicate => return false,
+            Admission::Full => {
+                self.dead.write(
+                    &job,
+                    "queue_full",
+                    0,
+                    "the webhook queue was full (queue_capacity)",
+                );
+                return true;
+            }
         }
         let lanes = self.lanes.lock().unwrap_or_else(PoisonError::into_inner);
         let rejected = if lanes.is_empty() {
@@ -509,8 +599,14 @@ impl Dispatcher {
         drop(lanes);
         if let Err(job) = rejected {
             self.dead.write(&job, "shutdown", 0, "the webhook sink was closed");
-            self.pending.release();
+            self.pending.release(job.seq);
         }
+        true
+    }
+
+    /// The events queued or in flight that the instance of `worker` queued, oldest first.
+    pub(crate) fn queued(&self, worker: usize) -> Vec<Queued> {
+        self.pending.queued(worker)
     }
 
     /// Waits until every queued event was delivered or dead-lettered, up to `timeout`; the

@@ -20,25 +20,37 @@
 //!
 //! The workers of a process share one queue, one network thread and one set of metrics per
 //! component (`tidewatch_webhook_*`, label `component_id`).
+//!
+//! **Checkpoints.** Each worker's instance snapshots what it is responsible for in the shared
+//! state: the events it queued that are not delivered or dead-lettered yet (queued or in a
+//! request: the key and the event), and the cooldown and dedupe entries it last updated (per
+//! device the time of the last open sent and whether the open anomaly was suppressed; the
+//! recent idempotency keys, oldest first). So N instances sharing a queue store each event
+//! once. A restore merges every snapshot into the shared cooldown and dedupe state, and the
+//! instance of worker `w % workers` (`w` the instance that took the snapshot) queues its
+//! events again, with their idempotency keys, skipping a key already queued. Their bodies are
+//! rendered with the current options (a changed `template` applies); past `queue_capacity`
+//! they go to the dead-letter file as usual; `dedupe_keys` keeps the newest keys. An event
+//! delivered after the checkpoint and before a crash is sent again with the same key.
 
 mod delivery;
 mod payload;
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use hyper::Uri;
 use hyper::header::{HeaderName, HeaderValue};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tidewatch_api::template::{JSON_TEMPLATE_HINT, check_renders_json, sample_event};
 use tidewatch_api::{
     AnomalyEvent, AnomalyState, Batch, ComponentContext, ComponentError, ConfigError, DeviceId,
-    EventTime, Kind, MovedOption, Sink, SinkFactory, ValidateContext,
+    EventTime, Kind, MovedOption, Schema, Sink, SinkFactory, ValidateContext,
 };
 
-use self::delivery::{DeadLetters, Dispatcher, Job, RequestSettings, WebhookMetrics};
+use self::delivery::{DeadLetters, Dispatcher, Job, Queued, RequestSettings, WebhookMetrics};
 use self::payload::{Body, Origin};
 pub use self::payload::{
     EXTRA_FIELDS, fingerprint, idempotency_key, sign, template_fields, verify,
@@ -371,53 +383,208 @@ impl SinkFactory for WebhookSinkFactory {
 }
 
 /// Per-device cooldown and the recent keys, deciding which events are sent.
+///
+/// Every entry names the worker whose instance last updated it (its checkpoints hold it).
 #[derive(Debug, Default)]
 struct Gate {
-    /// Per device: event time of the last open event sent, and whether the anomaly open now
-    /// was suppressed (then its close is too).
-    devices: HashMap<DeviceId, (Option<EventTime>, bool)>,
-    keys: HashSet<String>,
+    devices: HashMap<DeviceId, Cooldown>,
+    /// The recent keys and the worker that admitted each.
+    keys: HashMap<String, usize>,
+    /// The recent keys, oldest first.
     order: VecDeque<String>,
 }
 
+/// The cooldown state of one device.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Cooldown {
+    /// Event time of the last open event sent.
+    last_open: Option<EventTime>,
+    /// The anomaly open now was suppressed (then its close is too).
+    suppressed: bool,
+    /// The worker whose instance last updated it.
+    worker: usize,
+}
+
 impl Gate {
-    /// `Ok` to send `event` (its key is remembered), or why not.
+    /// `Ok` to send `event` (its key is remembered), or why not; `worker` is the instance
+    /// deciding.
     fn admit(
         &mut self,
         key: &str,
         event: &AnomalyEvent,
         cooldown_ms: u64,
         capacity: usize,
+        worker: usize,
     ) -> Result<(), &'static str> {
-        if self.keys.contains(key) {
+        if self.keys.contains_key(key) {
             return Err("duplicate");
         }
-        let (last_open, suppressed) = self.devices.entry(event.device).or_insert((None, false));
+        let device = self.devices.entry(event.device).or_default();
+        device.worker = worker;
         match event.state {
             AnomalyState::Open => {
-                let cooling = last_open.is_some_and(|last| {
+                let cooling = device.last_open.is_some_and(|last| {
                     event.time_ms >= last && ((event.time_ms - last) as u64) < cooldown_ms
                 });
-                *suppressed = cooling;
+                device.suppressed = cooling;
                 if cooling {
                     return Err("cooldown");
                 }
-                *last_open = Some(event.time_ms);
+                device.last_open = Some(event.time_ms);
             }
-            AnomalyState::Close if *suppressed => {
-                *suppressed = false;
+            AnomalyState::Close if device.suppressed => {
+                device.suppressed = false;
                 return Err("cooldown");
             }
             AnomalyState::Close => {}
         }
-        self.keys.insert(key.to_owned());
+        self.remember(key, worker, capacity);
+        Ok(())
+    }
+
+    /// Remembers `key` (admitted by `worker`) unless it is known, forgetting the oldest keys
+    /// past `capacity`.
+    fn remember(&mut self, key: &str, worker: usize, capacity: usize) {
+        if self.keys.contains_key(key) {
+            return;
+        }
+        self.keys.insert(key.to_owned(), worker);
         self.order.push_back(key.to_owned());
         while self.order.len() > capacity {
             if let Some(old) = self.order.pop_front() {
                 self.keys.remove(&old);
             }
         }
-        Ok(())
+    }
+
+    /// The devices (by name) and keys (oldest first) the instance of `worker` holds.
+    fn snapshot(&self, worker: usize) -> (Vec<SnapshotDevice>, Vec<String>) {
+        let mut devices: Vec<SnapshotDevice> = self
+            .devices
+            .iter()
+            .filter(|(_, cooldown)| cooldown.worker == worker)
+            .map(|(device, cooldown)| SnapshotDevice {
+                device: *device,
+                last_open_ms: cooldown.last_open,
+                suppressed: cooldown.suppressed,
+            })
+            .collect();
+        devices.sort_by_cached_key(|device| device.device.name());
+        let keys = self
+            .order
+            .iter()
+            .filter(|key| self.keys.get(key.as_str()) == Some(&worker))
+            .cloned()
+            .collect();
+        (devices, keys)
+    }
+
+    /// Merges a snapshot's devices and keys; new entries belong to `owner`. Merging the same
+    /// snapshot again changes nothing: the latest open wins, a suppression stays.
+    fn merge(
+        &mut self,
+        devices: &[SnapshotDevice],
+        keys: &[String],
+        owner: usize,
+        capacity: usize,
+    ) {
+        for restored in devices {
+            let device = self.devices.entry(restored.device).or_insert(Cooldown {
+                last_open: None,
+                suppressed: false,
+                worker: owner,
+            });
+            device.last_open = device.last_open.max(restored.last_open_ms);
+            device.suppressed |= restored.suppressed;
+        }
+        for key in keys {
+            self.remember(key, owner, capacity);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Checkpoint state
+// ---------------------------------------------------------------------------------------------
+
+/// What one instance checkpoints (JSON).
+#[derive(Debug, Serialize, Deserialize)]
+struct Snapshot {
+    /// The worker of the instance that took it.
+    worker: usize,
+    /// Its events queued or in flight, oldest first.
+    queued: Vec<SnapshotJob>,
+    /// The cooldown state of its devices.
+    devices: Vec<SnapshotDevice>,
+    /// The idempotency keys it admitted, oldest first.
+    keys: Vec<String>,
+}
+
+/// An event waiting for delivery.
+#[derive(Debug, Serialize, Deserialize)]
+struct SnapshotJob {
+    key: String,
+    event: SnapshotEvent,
+}
+
+/// The cooldown state of a device.
+#[derive(Debug, Serialize, Deserialize)]
+struct SnapshotDevice {
+    device: DeviceId,
+    last_open_ms: Option<EventTime>,
+    suppressed: bool,
+}
+
+/// An [`AnomalyEvent`] with its numbers as `f32::to_bits` (JSON has no NaN).
+#[derive(Debug, Serialize, Deserialize)]
+struct SnapshotEvent {
+    device: DeviceId,
+    state: AnomalyState,
+    time_ms: EventTime,
+    started_ms: EventTime,
+    score: u32,
+    peak_score: u32,
+    threshold: Option<u32>,
+    detector: String,
+    version: String,
+    label: u8,
+    columns: Schema,
+    values: Vec<u32>,
+}
+
+impl SnapshotEvent {
+    fn of(event: &AnomalyEvent) -> SnapshotEvent {
+        SnapshotEvent {
+            device: event.device,
+            state: event.state,
+            time_ms: event.time_ms,
+            started_ms: event.started_ms,
+            score: event.score.to_bits(),
+            peak_score: event.peak_score.to_bits(),
+            threshold: event.threshold.map(f32::to_bits),
+            detector: event.detector.to_string(),
+            version: event.version.to_string(),
+            label: event.label,
+            columns: Schema::clone(&event.columns),
+            values: event.values.iter().map(|value| value.to_bits()).collect(),
+        }
+    }
+
+    fn into_event(self) -> AnomalyEvent {
+        AnomalyEvent {
+            device: self.device,
+            state: self.state,
+            time_ms: self.time_ms,
+            started_ms: self.started_ms,
+            score: f32::from_bits(self.score),
+            peak_score: f32::from_bits(self.peak_score),
+            threshold: self.threshold.map(f32::from_bits),
+            detector: Arc::from(self.detector),
+            version: Arc::from(self.version),
+            label: self.label,
+            columns: Arc::new(self.columns),
+            values: self.values.into_iter().map(f32::from_bits).collect(),
+        }
     }
 }
 
@@ -482,25 +649,61 @@ impl Shared {
         })
     }
 
-    fn send(&self, event: &AnomalyEvent) {
+    /// Sends `event` (written by the instance of `worker`) unless the gate holds it back.
+    fn send(&self, event: &AnomalyEvent, worker: usize) {
         let key = idempotency_key(&self.origin.pipeline, &self.origin.component, event);
         let admitted = self.gate.lock().unwrap_or_else(PoisonError::into_inner).admit(
             &key,
             event,
             self.config.cooldown_ms,
             self.config.dedupe_keys,
+            worker,
         );
         if let Err(reason) = admitted {
             self.metrics.suppressed.with_label_values(&[reason]).inc();
             return;
         }
         let body = self.body.render(&self.origin, event, &key);
-        self.dispatcher.enqueue(Job {
-            event: event.clone(),
-            key,
-            body: Bytes::from(body),
-            queued_at: Instant::now(),
-        });
+        self.dispatcher.enqueue(Job::new(key, Bytes::from(body), event.clone(), worker));
+    }
+
+    /// The checkpoint state of the instance of `worker`.
+    fn snapshot(&self, worker: usize) -> Snapshot {
+        let queued = self
+            .dispatcher
+            .queued(worker)
+            .iter()
+            .map(|Queued { key, event, .. }| SnapshotJob {
+                key: key.clone(),
+                event: SnapshotEvent::of(event),
+            })
+            .collect();
+        let (devices, keys) =
+            self.gate.lock().unwrap_or_else(PoisonError::into_inner).snapshot(worker);
+        Snapshot { worker, queued, devices, keys }
+    }
+
+    /// Merges `snapshot` into the gate and, when `requeue`, queues its events again (under
+    /// `owner`, the restoring instance); the number of events queued.
+    fn restore(&self, snapshot: Snapshot, owner: usize, requeue: bool) -> usize {
+        self.gate.lock().unwrap_or_else(PoisonError::into_inner).merge(
+            &snapshot.devices,
+            &snapshot.keys,
+            owner,
+            self.config.dedupe_keys,
+        );
+        if !requeue {
+            return 0;
+        }
+        let mut queued = 0;
+        for SnapshotJob { key, event } in snapshot.queued {
+            let event = event.into_event();
+            let body = Bytes::from(self.body.render(&self.origin, &event, &key));
+            if self.dispatcher.enqueue_unless_queued(Job::new(key, body, event, owner)) {
+                queued += 1;
+            }
+        }
+        queued
     }
 }
 
@@ -508,6 +711,9 @@ impl Shared {
 #[derive(Debug)]
 pub struct WebhookSink {
     shared: Arc<Shared>,
+    /// This instance's worker and the number of workers.
+    worker: usize,
+    workers: usize,
 }
 
 impl WebhookSink {
@@ -520,7 +726,7 @@ impl WebhookSink {
         let shared = per_component(ctx, |metrics| {
             Shared::new(config, ctx, metrics.map(|metrics| metrics.registry()))
         })?;
-        Ok(WebhookSink { shared })
+        Ok(WebhookSink { shared, worker: ctx.worker_index, workers: ctx.workers.max(1) })
     }
 }
 
@@ -528,8 +734,44 @@ impl Sink for WebhookSink {
     fn write_batch(&mut self, batch: Batch) -> Result<(), ComponentError> {
         if let Batch::Events(events) = &batch {
             for event in events {
-                self.shared.send(event);
+                self.shared.send(event, self.worker);
             }
+        }
+        Ok(())
+    }
+
+    /// The events this instance queued that are not delivered or dead-lettered yet, and the
+    /// cooldown and dedupe entries it last updated (JSON).
+    fn snapshot(&mut self) -> Result<Option<Vec<u8>>, ComponentError> {
+        serde_json::to_vec(&self.shared.snapshot(self.worker))
+            .map(Some)
+            .map_err(|error| ComponentError::Internal(format!("webhook snapshot: {error}")))
+    }
+
+    /// Merges the cooldown and dedupe state of a snapshot; the instance of worker
+    /// `snapshot worker % workers` queues its events again (once, whatever the number of
+    /// instances sharing the queue).
+    fn restore(&mut self, state: &[u8]) -> Result<(), ComponentError> {
+        let snapshot: Snapshot = serde_json::from_slice(state).map_err(|error| {
+            ComponentError::Config(format!("not a webhook sink snapshot: {error}"))
+        })?;
+        let owner = snapshot.worker % self.workers;
+        let from = snapshot.worker;
+        let waiting = snapshot.queued.len();
+        let queued = self.shared.restore(snapshot, owner, owner == self.worker);
+        if queued > 0 {
+            tracing::info!(
+                component = %self.shared.origin.component,
+                queued,
+                from_worker = from,
+                "webhook events waiting at the checkpoint are queued again"
+            );
+        } else if waiting > 0 && owner == self.worker {
+            tracing::debug!(
+                component = %self.shared.origin.component,
+                waiting,
+                "the checkpoint's webhook events are queued already"
+            );
         }
         Ok(())
     }
@@ -552,11 +794,107 @@ impl Sink for WebhookSink {
 
 #[cfg(test)]
 mod tests {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::net::{TcpListener, TcpStream};
     use std::sync::Arc;
+    use std::sync::atomic::AtomicBool;
+    use std::time::Instant;
 
-    use tidewatch_api::{ConfigValue, Schema};
+    use tidewatch_api::{ConfigValue, PipelineInfo, ProcessShared, Schema};
 
     use super::*;
+
+    /// A receiver answering 200 to every request; the idempotency keys it got.
+    fn receiver() -> (String, Arc<Mutex<Vec<String>>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("listen");
+        let url = format!("http://{}/hook", listener.local_addr().expect("address"));
+        let keys: Arc<Mutex<Vec<String>>> = Arc::default();
+        let seen = Arc::clone(&keys);
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { break };
+                let seen = Arc::clone(&seen);
+                std::thread::spawn(move || answer(stream, &seen));
+            }
+        });
+        (url, keys)
+    }
+
+    /// Answers the requests of one (kept-alive) connection.
+    fn answer(mut stream: TcpStream, seen: &Mutex<Vec<String>>) {
+        let Ok(read) = stream.try_clone() else { return };
+        let mut reader = BufReader::new(read);
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                return;
+            }
+            let (mut length, mut key) = (0usize, None);
+            loop {
+                line.clear();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                    return;
+                }
+                let header = line.trim_end();
+                if header.is_empty() {
+                    break;
+                }
+                if let Some((name, value)) = header.split_once(':') {
+                    match name.trim().to_ascii_lowercase().as_str() {
+                        "content-length" => length = value.trim().parse().unwrap_or(0),
+                        "idempotency-key" => key = Some(value.trim().to_owned()),
+                        _ => {}
+                    }
+                }
+            }
+            let mut body = vec![0; length];
+            if reader.read_exact(&mut body).is_err() {
+                return;
+            }
+            seen.lock().expect("keys").extend(key);
+            if stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").is_err() {
+                return;
+            }
+        }
+    }
+
+    /// A config whose requests wait for an answer that does not come (the listener never
+    /// accepts): its events stay queued or in flight.
+    fn silent(dir: &std::path::Path, listener: &TcpListener) -> WebhookSinkConfig {
+        let address = listener.local_addr().expect("address");
+        let mut config = WebhookSinkConfig::new(format!("http://{address}/hook"));
+        config.timeout_ms = 600_000;
+        config.cooldown_ms = 60_000;
+        config.dead_letter_path = dir.join("dead.jsonl").display().to_string();
+        config
+    }
+
+    fn worker(index: usize, workers: usize, shared: &ProcessShared) -> ComponentContext {
+        ComponentContext::new(
+            "hook",
+            "webhook",
+            index,
+            workers,
+            Arc::new(PipelineInfo::default()),
+            Arc::new(AtomicBool::new(false)),
+        )
+        .with_process_shared(shared.clone())
+    }
+
+    fn key(event: &AnomalyEvent) -> String {
+        idempotency_key("pipeline", "hook", event)
+    }
+
+    fn snapshot_of(sink: &mut WebhookSink) -> (Vec<u8>, serde_json::Value) {
+        let state = sink.snapshot().expect("snapshot").expect("state");
+        let value = serde_json::from_slice(&state).expect("JSON");
+        (state, value)
+    }
+
+    fn queued_keys(sink: &WebhookSink, worker: usize) -> Vec<String> {
+        sink.shared.dispatcher.queued(worker).into_iter().map(|job| job.key).collect()
+    }
 
     fn config(text: &str) -> WebhookSinkConfig {
         ConfigValue::parse(text).expect("toml").deserialize().expect("config")
@@ -626,7 +964,7 @@ mod tests {
         let mut gate = Gate::default();
         let mut admit = |e: &AnomalyEvent| {
             let key = idempotency_key("p", "c", e);
-            gate.admit(&key, e, 60_000, 100)
+            gate.admit(&key, e, 60_000, 100, 0)
         };
         assert_eq!(admit(&event("d1", AnomalyState::Open, 1_000, 1_000)), Ok(()));
         assert_eq!(admit(&event("d1", AnomalyState::Close, 5_000, 1_000)), Ok(()));
@@ -646,12 +984,12 @@ mod tests {
         let mut gate = Gate::default();
         for time in 0..10 {
             let e = event("d", AnomalyState::Close, time, 0);
-            assert_eq!(gate.admit(&format!("k{time}"), &e, 0, 3), Ok(()));
+            assert_eq!(gate.admit(&format!("k{time}"), &e, 0, 3, 0), Ok(()));
         }
         assert_eq!(gate.keys.len(), 3);
         let e = event("d", AnomalyState::Close, 99, 0);
-        assert_eq!(gate.admit("k9", &e, 0, 3), Err("duplicate"));
-        assert_eq!(gate.admit("k0", &e, 0, 3), Ok(()));
+        assert_eq!(gate.admit("k9", &e, 0, 3, 0), Err("duplicate"));
+        assert_eq!(gate.admit("k0", &e, 0, 3, 0), Ok(()));
     }
 
     #[test]
@@ -665,5 +1003,128 @@ mod tests {
             panic!("built without its secret")
         };
         assert!(error.to_string().contains("TIDEWATCH_TEST_SECRET_THAT_IS_NOT_SET"), "{error}");
+    }
+
+    #[test]
+    fn queued_events_are_sent_after_a_restore_with_their_keys_and_cooldowns_go_on() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let listener = TcpListener::bind("127.0.0.1:0").expect("listen");
+        let config = silent(dir.path(), &listener);
+        let events = [
+            event("wh-r1", AnomalyState::Open, 1_000, 1_000),
+            event("wh-r2", AnomalyState::Open, 1_000, 1_000),
+            event("wh-r1", AnomalyState::Close, 5_000, 1_000),
+        ];
+        let mut expected: Vec<String> = events.iter().map(key).collect();
+        expected.sort();
+        let state = {
+            let run = ProcessShared::new();
+            let mut old = WebhookSink::for_context(&config, &worker(0, 1, &run)).expect("sink");
+            old.write_batch(Batch::Events(events.to_vec())).expect("write");
+            let (state, value) = snapshot_of(&mut old);
+            assert_eq!(value["queued"].as_array().map(Vec::len), Some(3), "{value}");
+            assert_eq!(value["keys"].as_array().map(Vec::len), Some(3), "{value}");
+            state
+            // The crash: the old run's queue goes (to the dead-letter file).
+        };
+        let (url, received) = receiver();
+        let config = WebhookSinkConfig { url, ..config };
+        let run = ProcessShared::new();
+        let mut sink = WebhookSink::for_context(&config, &worker(0, 1, &run)).expect("sink");
+        sink.restore(&state).expect("restore");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while received.lock().expect("keys").len() < 3 {
+            assert!(Instant::now() < deadline, "not delivered after the restore");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let mut keys = received.lock().expect("keys").clone();
+        keys.sort();
+        assert_eq!(keys, expected, "the same idempotency keys as before the crash");
+        // The cooldown of wh-r1 (opened at 1 s) goes on; a replayed event is a duplicate.
+        sink.write_batch(Batch::Events(vec![
+            event("wh-r1", AnomalyState::Open, 31_000, 31_000),
+            event("wh-r2", AnomalyState::Open, 1_000, 1_000),
+        ]))
+        .expect("write");
+        let suppressed =
+            |reason: &str| sink.shared.metrics.suppressed.with_label_values(&[reason]).get();
+        assert_eq!((suppressed("cooldown"), suppressed("duplicate")), (1, 1));
+        assert_eq!(sink.shared.dispatcher.drain(Duration::from_secs(20)), 0);
+        assert_eq!(received.lock().expect("keys").len(), 3);
+    }
+
+    #[test]
+    fn instances_sharing_a_queue_snapshot_their_own_events_and_restores_merge() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let listener = TcpListener::bind("127.0.0.1:0").expect("listen");
+        let config = silent(dir.path(), &listener);
+        let (a, b, c) = (
+            event("wh-m1", AnomalyState::Open, 1_000, 1_000),
+            event("wh-m2", AnomalyState::Open, 2_000, 2_000),
+            event("wh-m3", AnomalyState::Open, 3_000, 3_000),
+        );
+        let (first, second) = {
+            let run = ProcessShared::new();
+            let mut zero = WebhookSink::for_context(&config, &worker(0, 2, &run)).expect("0");
+            let mut one = WebhookSink::for_context(&config, &worker(1, 2, &run)).expect("1");
+            zero.write_batch(Batch::Events(vec![a.clone()])).expect("write");
+            one.write_batch(Batch::Events(vec![b.clone(), c.clone()])).expect("write");
+            let (first, value) = snapshot_of(&mut zero);
+            assert_eq!(value["queued"].as_array().map(Vec::len), Some(1), "{value}");
+            assert_eq!(value["devices"].as_array().map(Vec::len), Some(1), "{value}");
+            let (second, value) = snapshot_of(&mut one);
+            assert_eq!(value["queued"].as_array().map(Vec::len), Some(2), "{value}");
+            (first, second)
+        };
+        // One instance now: it queues the events of both, once each, and knows every key
+        // and device.
+        let run = ProcessShared::new();
+        let mut sink = WebhookSink::for_context(&config, &worker(0, 1, &run)).expect("sink");
+        for state in [&first, &second, &second] {
+            sink.restore(state).expect("restore");
+        }
+        assert_eq!(queued_keys(&sink, 0), [key(&a), key(&b), key(&c)]);
+        sink.write_batch(Batch::Events(vec![
+            b.clone(),
+            event("wh-m1", AnomalyState::Open, 10_000, 10_000),
+            event("wh-m3", AnomalyState::Open, 70_000, 70_000),
+        ]))
+        .expect("write");
+        let suppressed =
+            |reason: &str| sink.shared.metrics.suppressed.with_label_values(&[reason]).get();
+        assert_eq!((suppressed("duplicate"), suppressed("cooldown")), (1, 1));
+        assert_eq!(queued_keys(&sink, 0).len(), 4, "wh-m3 is past its cooldown");
+        let (_, value) = snapshot_of(&mut sink);
+        assert_eq!(value["queued"].as_array().map(Vec::len), Some(4), "{value}");
+        assert_eq!(value["devices"].as_array().map(Vec::len), Some(3), "{value}");
+        drop(sink);
+        drop(run);
+        // Two instances sharing a queue, each restoring both snapshots: each event once.
+        let run = ProcessShared::new();
+        let mut zero = WebhookSink::for_context(&config, &worker(0, 2, &run)).expect("0");
+        let mut one = WebhookSink::for_context(&config, &worker(1, 2, &run)).expect("1");
+        for state in [&first, &second] {
+            zero.restore(state).expect("restore");
+            one.restore(state).expect("restore");
+        }
+        assert_eq!(queued_keys(&zero, 0), [key(&a)]);
+        assert_eq!(queued_keys(&one, 1), [key(&b), key(&c)]);
+        assert_eq!(snapshot_of(&mut zero).1["keys"].as_array().map(Vec::len), Some(1));
+        assert_eq!(snapshot_of(&mut one).1["keys"].as_array().map(Vec::len), Some(2));
+        assert!(matches!(zero.restore(b"{}"), Err(ComponentError::Config(_))));
+    }
+
+    #[test]
+    fn snapshot_events_keep_their_numbers() {
+        let mut original = event("wh-n", AnomalyState::Open, 1, 1);
+        original.values = vec![f32::NAN, 1.5];
+        original.threshold = None;
+        let json = serde_json::to_vec(&SnapshotEvent::of(&original)).expect("JSON");
+        let back: SnapshotEvent = serde_json::from_slice(&json).expect("parse");
+        let back = back.into_event();
+        assert!(back.values[0].is_nan());
+        assert_eq!(back.values[1], 1.5);
+        assert_eq!(key(&back), key(&original));
+        assert_eq!(back.columns, original.columns);
     }
 }

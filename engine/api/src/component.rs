@@ -24,6 +24,9 @@ pub struct PipelineInfo {
     pub idle_timeout_ms: u64,
     /// The folder of the pipeline file; relative paths in options resolve against it.
     pub base_dir: PathBuf,
+    /// True when the pipeline takes checkpoints (`checkpoint_interval_secs` > 0): sinks hold
+    /// their output back until the checkpoint that covers it is durable ([`Sink::pre_commit`]).
+    pub checkpoints: bool,
 }
 
 impl Default for PipelineInfo {
@@ -33,6 +36,7 @@ impl Default for PipelineInfo {
             out_of_orderness_ms: 5_000,
             idle_timeout_ms: 1_000,
             base_dir: PathBuf::from("."),
+            checkpoints: false,
         }
     }
 }
@@ -385,12 +389,19 @@ pub trait Source {
     }
     /// Emits what is available into `out`.
     fn poll(&mut self, out: &mut Outputs) -> Result<SourcePoll, ComponentError>;
-    /// The position to restore from after a crash (offsets, acks); `None` if stateless.
+    /// The position of everything emitted so far (offsets, a line number), taken at a
+    /// checkpoint; `None` if the source cannot resume (it starts afresh after a restart).
     fn snapshot(&mut self) -> Result<Option<Vec<u8>>, ComponentError> {
         Ok(None)
     }
-    /// Resumes from a [`Source::snapshot`].
+    /// Resumes from a [`Source::snapshot`], after `open`. Called once per instance that took
+    /// the checkpoint (the number of workers may have changed): merge what they hold.
     fn restore(&mut self, _state: &[u8]) -> Result<(), ComponentError> {
+        Ok(())
+    }
+    /// The checkpoint holding the position of [`Source::snapshot`] is durable: commit it to
+    /// the outside world (Kafka offsets, MQTT acknowledgements withheld until now).
+    fn commit(&mut self) -> Result<(), ComponentError> {
         Ok(())
     }
     /// Called once when the source finished or the pipeline stops.
@@ -437,7 +448,10 @@ pub trait Transform {
     fn snapshot(&mut self) -> Result<Option<Vec<u8>>, ComponentError> {
         Ok(None)
     }
-    /// Restores from a [`Transform::snapshot`].
+    /// Restores from a [`Transform::snapshot`], after `open`. Called once per instance that
+    /// took the checkpoint (the number of workers may have changed): merge what they hold, and
+    /// a keyed transform keeps the devices this worker owns
+    /// ([`DeviceId::worker`](crate::DeviceId::worker) of `worker_index` among `workers`).
     fn restore(&mut self, _state: &[u8]) -> Result<(), ComponentError> {
         Ok(())
     }
@@ -465,12 +479,41 @@ pub trait Sink {
     fn snapshot(&mut self) -> Result<Option<Vec<u8>>, ComponentError> {
         Ok(None)
     }
-    /// Restores from a [`Sink::snapshot`].
+    /// Restores from a [`Sink::snapshot`], after `open` (once per instance that took the
+    /// checkpoint).
     fn restore(&mut self, _state: &[u8]) -> Result<(), ComponentError> {
         Ok(())
+    }
+    /// A checkpoint's cut reached the sink: everything written before it must be either
+    /// durable now (flush; the default) or returned as [`Staged`] output, which the engine
+    /// stores with the checkpoint and hands to [`Sink::publisher`] once the checkpoint is
+    /// complete (and again after a crash, so publishing must be idempotent).
+    fn pre_commit(&mut self) -> Result<Vec<Staged>, ComponentError> {
+        self.flush().map(|()| Vec::new())
+    }
+    /// Publishes staged output (see [`Sink::pre_commit`]); `None` for sinks that stage nothing.
+    fn publisher(&self) -> Option<Arc<dyn Publisher>> {
+        None
     }
     /// Called once at the end; flushes by default.
     fn close(&mut self) -> Result<(), ComponentError> {
         self.flush()
     }
+}
+
+/// Sink output held back until the checkpoint covering it is durable (see [`Sink::pre_commit`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Staged {
+    /// Where it is published (a key under the sink's destination, e.g. a Parquet file's path).
+    pub key: String,
+    /// The content.
+    pub bytes: Vec<u8>,
+}
+
+/// Publishes a sink's [`Staged`] output once its checkpoint is complete. Called from the
+/// engine's checkpoint thread, and again at recovery for the latest checkpoint: publishing
+/// the same key twice must leave one copy.
+pub trait Publisher: Send + Sync {
+    /// Makes `bytes` visible at `key`, atomically (a reader sees all of it or nothing).
+    fn publish(&self, key: &str, bytes: &[u8]) -> Result<(), ComponentError>;
 }

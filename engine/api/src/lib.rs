@@ -20,8 +20,8 @@ pub mod time;
 pub use prometheus;
 
 pub use component::{
-    Backlog, ComponentContext, MetricsRegistry, Outputs, PipelineInfo, Sink, Source, SourcePoll,
-    Transform, Waker, resolve_path,
+    Backlog, ComponentContext, MetricsRegistry, Outputs, PipelineInfo, Publisher, Sink, Source,
+    SourcePoll, Staged, Transform, Waker, resolve_path,
 };
 pub use error::ComponentError;
 pub use factory::{

@@ -1080,12 +1080,15 @@ impl Transform for Normalize {
                 snapshot.features
             )));
         }
-        self.held = snapshot
-            .devices
-            .into_iter()
-            .filter(|(_, values)| values.len() == features.len())
-            .map(|(device, values)| (device, values.into_iter().map(f32::from_bits).collect()))
-            .collect();
+        // Several snapshots (one per instance that took the checkpoint) merge: a device's
+        // readings may reach any instance (normalize is not keyed).
+        self.held.extend(
+            snapshot
+                .devices
+                .into_iter()
+                .filter(|(_, values)| values.len() == features.len())
+                .map(|(device, values)| (device, values.into_iter().map(f32::from_bits).collect())),
+        );
         Ok(())
     }
 }

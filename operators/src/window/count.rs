@@ -9,12 +9,17 @@
 //! window of the last `size_readings` (once that many were seen). The window spans
 //! `[time of its first reading, time of its last reading + 1 ms)`. A reading older than the
 //! watermark is late (`<id>.late`): the readings after it were already final.
+//!
+//! The histories and readings not yet final are checkpointed ([`Transform::snapshot`]); a
+//! restore keeps the devices this worker owns.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
 use tidewatch_api::{
-    Batch, ConfigError, DeviceId, EventTime, Outputs, ReadingBatch, Schema, Transform, Window,
+    Batch, ComponentContext, ComponentError, ConfigError, DeviceId, EventTime, Outputs,
+    ReadingBatch, Schema, Transform, Window,
 };
 
 use super::config::{WindowConfig, count_geometry};
@@ -46,7 +51,14 @@ pub struct CountWindowOperator {
     slide: usize,
     watermark: EventTime,
     devices: HashMap<DeviceId, DeviceHistory>,
+    /// The devices with readings not yet final.
     waiting: BTreeSet<DeviceId>,
+    /// This instance's worker and the number of workers (set by `open`): a restore keeps the
+    /// devices it owns.
+    worker: usize,
+    workers: usize,
+    /// True once a snapshot was restored (the next one merges).
+    restored: bool,
 }
 
 impl CountWindowOperator {
@@ -59,6 +71,9 @@ impl CountWindowOperator {
             watermark: EventTime::MIN,
             devices: HashMap::new(),
             waiting: BTreeSet::new(),
+            worker: 0,
+            workers: 1,
+            restored: false,
         })
     }
 
@@ -166,6 +181,12 @@ impl CountWindowOperator {
 }
 
 impl Transform for CountWindowOperator {
+    fn open(&mut self, ctx: &ComponentContext) -> Result<(), ComponentError> {
+        self.worker = ctx.worker_index;
+        self.workers = ctx.workers;
+        Ok(())
+    }
+
     fn process_batch(&mut self, batch: Batch, out: &mut Outputs) {
         match batch {
             Batch::Readings(readings) => self.add(&readings, out),
@@ -185,10 +206,161 @@ impl Transform for CountWindowOperator {
         self.watermark = watermark_ms;
         self.finalise(watermark_ms, out);
     }
+
+    fn snapshot(&mut self) -> Result<Option<Vec<u8>>, ComponentError> {
+        let mut schemas: Vec<Arc<Schema>> = Vec::new();
+        let mut devices: Vec<(&DeviceId, &DeviceHistory)> = self.devices.iter().collect();
+        devices.sort_unstable_by_key(|(device, _)| **device);
+        let devices = devices
+            .into_iter()
+            .map(|(device, history)| {
+                let schema = match schemas.iter().position(|known| {
+                    Arc::ptr_eq(known, &history.schema) || *known == history.schema
+                }) {
+                    Some(index) => index,
+                    None => {
+                        schemas.push(Arc::clone(&history.schema));
+                        schemas.len() - 1
+                    }
+                };
+                SnapshotDevice {
+                    device: *device,
+                    schema,
+                    pending: history
+                        .pending
+                        .iter()
+                        .map(|pending| SnapshotReading {
+                            time: pending.time,
+                            values: pending.values.iter().map(|value| value.to_bits()).collect(),
+                            label: pending.label,
+                        })
+                        .collect(),
+                    times: history.times.iter().copied().collect(),
+                    values: history.values.iter().map(|value| value.to_bits()).collect(),
+                    labels: history.labels.iter().copied().collect(),
+                    count: history.count,
+                }
+            })
+            .collect();
+        let snapshot = Snapshot {
+            size_readings: self.size,
+            slide_readings: self.slide,
+            watermark_ms: self.watermark,
+            schemas: schemas.iter().map(|schema| Schema::clone(schema)).collect(),
+            devices,
+        };
+        serde_json::to_vec(&snapshot)
+            .map(Some)
+            .map_err(|error| ComponentError::Internal(format!("count window snapshot: {error}")))
+    }
+
+    fn restore(&mut self, state: &[u8]) -> Result<(), ComponentError> {
+        let snapshot: Snapshot = serde_json::from_slice(state)
+            .map_err(|error| ComponentError::Internal(format!("count window snapshot: {error}")))?;
+        if snapshot.size_readings != self.size || snapshot.slide_readings != self.slide {
+            return Err(ComponentError::Config(format!(
+                "the count window snapshot was taken with size_readings = {} and \
+                 slide_readings = {}, not {} and {}",
+                snapshot.size_readings, snapshot.slide_readings, self.size, self.slide
+            )));
+        }
+        let invalid =
+            |what: &str| ComponentError::Internal(format!("count window snapshot: {what}"));
+        let schemas: Vec<Arc<Schema>> = snapshot.schemas.into_iter().map(Arc::new).collect();
+        // Checked in full before anything changes, so a bad snapshot leaves the state as it was.
+        let mut restored = Vec::new();
+        for device in snapshot.devices {
+            if device.device.worker(self.workers) != self.worker {
+                continue;
+            }
+            let schema =
+                schemas.get(device.schema).ok_or_else(|| invalid("unknown schema index"))?;
+            let width = schema.len();
+            if device.times.len() > self.size
+                || device.labels.len() != device.times.len()
+                || device.values.len() != device.times.len() * width
+                || device.count < device.times.len() as u64
+            {
+                return Err(invalid("the history does not match its size, schema and count"));
+            }
+            if device.pending.iter().any(|pending| pending.values.len() != width) {
+                return Err(invalid("pending values do not match the schema"));
+            }
+            let history = DeviceHistory {
+                schema: Arc::clone(schema),
+                pending: device
+                    .pending
+                    .into_iter()
+                    .map(|pending| Pending {
+                        time: pending.time,
+                        values: pending.values.into_iter().map(f32::from_bits).collect(),
+                        label: pending.label,
+                    })
+                    .collect(),
+                times: device.times.into(),
+                values: device.values.into_iter().map(f32::from_bits).collect(),
+                labels: device.labels.into(),
+                count: device.count,
+            };
+            restored.push((device.device, history));
+        }
+        // Several snapshots (one per instance that took the checkpoint) merge; each instance
+        // keeps the devices it owns now.
+        for (device, history) in restored {
+            if history.pending.is_empty() {
+                self.waiting.remove(&device);
+            } else {
+                self.waiting.insert(device);
+            }
+            self.devices.insert(device, history);
+        }
+        self.watermark = if self.restored {
+            self.watermark.min(snapshot.watermark_ms)
+        } else {
+            snapshot.watermark_ms
+        };
+        self.restored = true;
+        Ok(())
+    }
+}
+
+/// The state of a [`CountWindowOperator`] as checkpointed (JSON).
+#[derive(Debug, Serialize, Deserialize)]
+struct Snapshot {
+    size_readings: usize,
+    slide_readings: usize,
+    watermark_ms: EventTime,
+    schemas: Vec<Schema>,
+    devices: Vec<SnapshotDevice>,
+}
+
+/// One device's [`DeviceHistory`]; values are `f32::to_bits` (JSON has no NaN).
+#[derive(Debug, Serialize, Deserialize)]
+struct SnapshotDevice {
+    device: DeviceId,
+    /// Index into [`Snapshot::schemas`].
+    schema: usize,
+    /// Readings not yet final, in arrival order.
+    pending: Vec<SnapshotReading>,
+    times: Vec<EventTime>,
+    values: Vec<u32>,
+    labels: Vec<u8>,
+    count: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct SnapshotReading {
+    time: EventTime,
+    values: Vec<u32>,
+    label: u8,
 }
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::AtomicBool;
+
+    use tidewatch_api::PipelineInfo;
+
     use super::*;
 
     fn readings(device: &str, times: &[i64]) -> Batch {
@@ -276,5 +448,210 @@ mod tests {
         both.size_ms = Some(10);
         assert!(count_geometry(&both).is_err());
         assert_eq!(count_geometry(&WindowConfig::count(5, 2)), Ok((5, 2)));
+    }
+
+    /// One step of input.
+    enum Step {
+        Readings(&'static str, &'static [i64]),
+        Watermark(EventTime),
+    }
+
+    /// Runs `steps`; returns the windows and the late readings, in order.
+    fn run(operator: &mut CountWindowOperator, steps: &[Step]) -> (Vec<Window>, Vec<ReadingBatch>) {
+        let mut out = Outputs::new("w");
+        let mut emitted = Vec::new();
+        let mut late = Vec::new();
+        for step in steps {
+            match step {
+                Step::Readings(device, times) => {
+                    operator.process_batch(readings(device, times), &mut out);
+                }
+                Step::Watermark(watermark) => operator.on_watermark(*watermark, &mut out),
+            }
+            emitted.extend(windows(&mut out));
+            late.extend(out.take_late());
+        }
+        assert!(out.take_errors().is_empty());
+        (emitted, late)
+    }
+
+    fn times(windows: &[Window]) -> Vec<(String, Vec<i64>)> {
+        windows
+            .iter()
+            .map(|window| (window.device.name().to_string(), window.times.clone()))
+            .collect()
+    }
+
+    fn snapshot(operator: &mut CountWindowOperator) -> Vec<u8> {
+        operator.snapshot().expect("snapshot").expect("state")
+    }
+
+    /// An opened operator for worker `worker` of `workers`.
+    fn opened(config: &WindowConfig, worker: usize, workers: usize) -> CountWindowOperator {
+        let ctx = ComponentContext::new(
+            "w",
+            "window",
+            worker,
+            workers,
+            Arc::new(PipelineInfo::default()),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let mut operator = CountWindowOperator::new(config).expect("valid");
+        operator.open(&ctx).expect("open");
+        operator
+    }
+
+    #[test]
+    fn a_restored_operator_goes_on_as_if_never_interrupted() {
+        let config = WindowConfig::count(3, 2);
+        let before = [
+            Step::Readings("cnt-a", &[1, 2, 3, 4, 5]),
+            Step::Readings("cnt-b", &[2, 1]),
+            // cnt-a: 4 final readings (more than size_readings: the count sets the phase of
+            // the slide), 5 pending.
+            Step::Watermark(4),
+            // Not final yet: pending at the cut.
+            Step::Readings("cnt-a", &[7, 6]),
+            Step::Readings("cnt-b", &[9]),
+        ];
+        let after = [
+            Step::Readings("cnt-a", &[2]),
+            Step::Readings("cnt-b", &[4, 3]),
+            Step::Watermark(6),
+            Step::Readings("cnt-b", &[6]),
+            Step::Watermark(EventTime::MAX),
+        ];
+        let mut original = opened(&config, 0, 1);
+        let (emitted, _) = run(&mut original, &before);
+        assert_eq!(times(&emitted), [("cnt-a".to_owned(), vec![1, 2, 3])]);
+        let state = snapshot(&mut original);
+        let mut restored = opened(&config, 0, 1);
+        restored.restore(&state).expect("restore");
+        assert_eq!(restored.watermark, 4);
+
+        let expected = run(&mut original, &after);
+        assert_eq!(run(&mut restored, &after), expected);
+        assert_eq!(
+            times(&expected.0),
+            [
+                ("cnt-b".to_owned(), vec![1, 2, 4]),
+                ("cnt-a".to_owned(), vec![3, 4, 5]),
+                ("cnt-a".to_owned(), vec![5, 6, 7]),
+                ("cnt-b".to_owned(), vec![4, 6, 9]),
+            ]
+        );
+        // Older than the restored watermark: late.
+        assert_eq!(
+            expected.1.iter().map(|late| late.times.clone()).collect::<Vec<_>>(),
+            [vec![2], vec![3]]
+        );
+        // The state mattered: without it the same input gives something else.
+        assert_ne!(run(&mut opened(&config, 0, 1), &after), expected);
+        // And the restored state is the one snapshotted.
+        let mut again = opened(&config, 0, 1);
+        again.restore(&state).expect("restore");
+        assert_eq!(snapshot(&mut again), state);
+    }
+
+    #[test]
+    fn values_and_labels_survive_a_snapshot_bit_for_bit() {
+        let config = WindowConfig::count(2, 1);
+        let mut original = opened(&config, 0, 1);
+        let mut batch = ReadingBatch::new(Arc::new(Schema::new(["x", "y"])));
+        let device = DeviceId::intern("cnt-bits");
+        batch.push(device, 1, &[f32::NAN, -0.0], 1);
+        batch.push(device, 3, &[2.5, f32::INFINITY], 0);
+        let mut out = Outputs::new("w");
+        original.process_batch(Batch::Readings(batch), &mut out);
+        original.on_watermark(1, &mut out);
+        let mut restored = opened(&config, 0, 1);
+        restored.restore(&snapshot(&mut original)).expect("restore");
+        restored.on_watermark(EventTime::MAX, &mut out);
+        let emitted = windows(&mut out);
+        assert_eq!(emitted.len(), 1);
+        assert_eq!(emitted[0].schema.names().len(), 2);
+        assert_eq!(emitted[0].times, [1, 3]);
+        let bits: Vec<u32> = emitted[0].values.iter().map(|value| value.to_bits()).collect();
+        let expected: Vec<u32> =
+            [f32::NAN, -0.0, 2.5, f32::INFINITY].iter().map(|value| value.to_bits()).collect();
+        assert_eq!(bits, expected);
+        assert_eq!(emitted[0].label, 1);
+    }
+
+    #[test]
+    fn restores_merge_the_devices_of_every_snapshot() {
+        let config = WindowConfig::count(2, 1);
+        let mut first = opened(&config, 0, 1);
+        run(&mut first, &[Step::Readings("merge-a", &[1, 2]), Step::Watermark(1)]);
+        let mut second = opened(&config, 0, 1);
+        run(&mut second, &[Step::Readings("merge-b", &[5]), Step::Watermark(5)]);
+
+        let mut merged = opened(&config, 0, 1);
+        merged.restore(&snapshot(&mut first)).expect("first");
+        merged.restore(&snapshot(&mut second)).expect("second");
+        // The lowest watermark of the snapshots: nothing that was on time anywhere is late.
+        assert_eq!(merged.watermark, 1);
+        let (emitted, late) = run(
+            &mut merged,
+            &[
+                Step::Readings("merge-a", &[3]),
+                Step::Readings("merge-b", &[6]),
+                Step::Watermark(EventTime::MAX),
+            ],
+        );
+        assert!(late.is_empty());
+        assert_eq!(
+            times(&emitted),
+            [
+                ("merge-a".to_owned(), vec![1, 2]),
+                ("merge-a".to_owned(), vec![2, 3]),
+                ("merge-b".to_owned(), vec![5, 6]),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_restore_keeps_the_devices_this_worker_owns() {
+        let owned_by = |worker: usize| -> &'static str {
+            let name = (0..)
+                .map(|index| format!("cnt-own-{index}"))
+                .find(|name| DeviceId::intern(name).worker(2) == worker)
+                .expect("a name");
+            Box::leak(name.into_boxed_str())
+        };
+        let (zero, one) = (owned_by(0), owned_by(1));
+        let config = WindowConfig::count(2, 1);
+        let mut single = opened(&config, 0, 1);
+        run(
+            &mut single,
+            &[Step::Readings(zero, &[1]), Step::Readings(one, &[1]), Step::Watermark(1)],
+        );
+        // Pending at the cut as well.
+        run(&mut single, &[Step::Readings(zero, &[4]), Step::Readings(one, &[4])]);
+        let state = snapshot(&mut single);
+        for (worker, owned) in [(0, zero), (1, one)] {
+            let mut restored = opened(&config, worker, 2);
+            restored.restore(&state).expect("restore");
+            assert_eq!(restored.devices.len(), 1, "worker {worker}");
+            assert_eq!(restored.waiting.len(), 1, "worker {worker}");
+            let (emitted, _) = run(&mut restored, &[Step::Watermark(EventTime::MAX)]);
+            assert_eq!(times(&emitted), [(owned.to_owned(), vec![1, 4])], "worker {worker}");
+        }
+    }
+
+    #[test]
+    fn a_snapshot_of_other_options_is_refused() {
+        let mut original = opened(&WindowConfig::count(3, 2), 0, 1);
+        run(&mut original, &[Step::Readings("cnt-opts", &[1])]);
+        let state = snapshot(&mut original);
+        for other in [WindowConfig::count(4, 2), WindowConfig::count(3, 1)] {
+            let error = opened(&other, 0, 1).restore(&state).expect_err("other options");
+            let ComponentError::Config(message) = error else { panic!("{error:?}") };
+            assert!(message.contains("size_readings = 3 and slide_readings = 2"), "{message}");
+        }
+        assert!(matches!(
+            opened(&WindowConfig::count(3, 2), 0, 1).restore(b"[]"),
+            Err(ComponentError::Internal(_))
+        ));
     }
 }

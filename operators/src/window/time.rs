@@ -72,18 +72,26 @@ pub struct WindowOperator {
     watermark: EventTime,
     /// Open windows by end time, then device.
     open: BTreeMap<EventTime, ByDevice>,
+    /// This instance's worker and the number of workers: a restore keeps the devices it owns.
+    worker: usize,
+    workers: usize,
+    /// True once a snapshot was restored (the next one merges).
+    restored: bool,
 }
 
 impl WindowOperator {
     /// Builds the transform from its options (the same checks as the factory's).
     pub fn new(
         config: &WindowConfig,
-        _ctx: &ComponentContext,
+        ctx: &ComponentContext,
     ) -> Result<WindowOperator, ConfigError> {
         Ok(WindowOperator {
             geometry: geometry(config)?,
             watermark: EventTime::MIN,
             open: BTreeMap::new(),
+            worker: ctx.worker_index,
+            workers: ctx.workers,
+            restored: false,
         })
     }
 
@@ -262,8 +270,13 @@ impl Transform for WindowOperator {
             )));
         }
         let schemas: Vec<Arc<Schema>> = snapshot.schemas.into_iter().map(Arc::new).collect();
-        let mut open: BTreeMap<EventTime, ByDevice> = BTreeMap::new();
+        // Several snapshots (one per instance that took the checkpoint) merge; each instance
+        // keeps the devices it owns now.
+        let mut open = std::mem::take(&mut self.open);
         for window in snapshot.windows {
+            if window.device.worker(self.workers) != self.worker {
+                continue;
+            }
             let schema = schemas.get(window.schema).ok_or_else(|| {
                 ComponentError::Internal("window snapshot: unknown schema index".to_owned())
             })?;
@@ -284,7 +297,12 @@ impl Transform for WindowOperator {
                 },
             );
         }
-        self.watermark = snapshot.watermark_ms;
+        self.watermark = if self.restored {
+            self.watermark.min(snapshot.watermark_ms)
+        } else {
+            snapshot.watermark_ms
+        };
+        self.restored = true;
         self.open = open;
         Ok(())
     }

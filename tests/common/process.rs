@@ -1,0 +1,127 @@
+//! A `tidewatch run` process of the real binary, its HTTP endpoint and its metrics.
+
+use std::io::{Read as _, Write as _};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A GET over plain HTTP/1.0: the status code and body.
+pub fn http_get(address: &str, path: &str) -> Option<(u16, String)> {
+    let mut stream =
+        TcpStream::connect_timeout(&address.parse().ok()?, Duration::from_secs(2)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let status = response.split(' ').nth(1)?.parse().ok()?;
+    let body = response.split_once("\r\n\r\n").map(|(_, body)| body.to_owned())?;
+    Some((status, body))
+}
+
+/// The sum of a metric's samples whose labels contain every one of `labels`.
+pub fn metric_sum(address: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    let (_, body) = http_get(address, "/metrics")?;
+    let mut sum = None;
+    for line in body.lines() {
+        let Some(rest) = line.strip_prefix(name) else { continue };
+        if !(rest.starts_with('{') || rest.starts_with(' ')) {
+            continue;
+        }
+        if !labels.iter().all(|label| rest.contains(label)) {
+            continue;
+        }
+        let value: f64 = rest.rsplit(' ').next()?.parse().ok()?;
+        sum = Some(sum.unwrap_or(0.0) + value);
+    }
+    sum
+}
+
+pub fn free_address() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("address").to_string()
+}
+
+/// A `tidewatch` process; killed when dropped.
+pub struct Process {
+    pub child: Child,
+    pub address: String,
+    pub log: PathBuf,
+}
+
+impl Process {
+    pub fn run(pipeline: &Path, env: &[(&str, String)], log: PathBuf) -> Process {
+        let address = free_address();
+        let stderr = std::fs::File::create(&log).expect("log file");
+        let mut command = Command::new(env!("CARGO_BIN_EXE_tidewatch"));
+        command
+            .args(["run", &pipeline.display().to_string(), "--http-address", &address])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(stderr);
+        for (name, value) in env {
+            command.env(name, value);
+        }
+        let child = command.spawn().expect("tidewatch starts");
+        Process { child, address, log }
+    }
+
+    pub fn received(&self, component_type: &str) -> u64 {
+        let label = format!("component_type=\"{component_type}\"");
+        metric_sum(&self.address, "tidewatch_component_received_events_total", &[&label])
+            .unwrap_or(0.0) as u64
+    }
+
+    pub fn ready(&self) -> bool {
+        matches!(http_get(&self.address, "/readyz"), Some((200, _)))
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGINT, then waits for a clean exit; returns the whole log.
+    pub fn stop(mut self) -> String {
+        let status = Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                assert!(status.success(), "tidewatch exited with {status}:\n{}", self.log());
+                return self.log();
+            }
+            assert!(Instant::now() < deadline, "tidewatch did not stop:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits until the process ends by itself (its sources finished), successfully; returns
+    /// the whole log.
+    pub fn wait_exit(mut self, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                assert!(status.success(), "tidewatch exited with {status}:\n{}", self.log());
+                return self.log();
+            }
+            assert!(Instant::now() < deadline, "tidewatch did not finish:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL: a crash.
+    pub fn crash(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
