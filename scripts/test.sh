@@ -97,6 +97,9 @@ for broken in broken downstream_errors; do
   fi
 done
 
+step "kubernetes manifests (k8s/overlays: kustomize, kubernetes-validate --strict)"
+TIDEWATCH_BIN="$tidewatch" scripts/k8s-validate.sh
+
 # Last of the cargo steps: it rebuilds $tidewatch without the default features.
 step "edge build: --no-default-features --features mqtt,tract"
 cargo build --no-default-features --features mqtt,tract

@@ -62,6 +62,96 @@ pub enum ReportFormat {
     Json,
 }
 
+/// The options of `tidewatch run` that make a process one of a cluster.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ClusterArgs {
+    /// Processes in the cluster (each runs the same pipeline with the same --workers).
+    #[arg(long, requires = "process")]
+    pub processes: Option<usize>,
+    /// This process's index, 0 .. --processes.
+    #[arg(long, requires = "processes")]
+    pub process: Option<usize>,
+    /// host:port of every process, in index order, comma-separated (the same in every process).
+    #[arg(long, value_delimiter = ',', conflicts_with = "hostfile")]
+    pub peers: Vec<String>,
+    /// A file with one host:port per line, in index order (instead of --peers).
+    #[arg(long)]
+    pub hostfile: Option<PathBuf>,
+    /// How long start-up waits for the other processes, s.
+    #[arg(long, default_value_t = 60)]
+    pub connect_timeout_secs: u64,
+}
+
+impl ClusterArgs {
+    /// The cluster these options describe; `None` for a single process.
+    /// Without `--processes`, inside a Kubernetes StatefulSet: derived from the environment
+    /// (see [`statefulset_cluster`]).
+    pub fn cluster(&self) -> anyhow::Result<Option<tidewatch_engine::Cluster>> {
+        let (Some(processes), Some(process)) = (self.processes, self.process) else {
+            if !self.peers.is_empty() || self.hostfile.is_some() {
+                anyhow::bail!("--peers and --hostfile need --processes and --process");
+            }
+            let vars = |name: &str| std::env::var(name).ok();
+            return statefulset_cluster(vars, self.connect_timeout_secs);
+        };
+        let addresses: Vec<String> = match &self.hostfile {
+            Some(path) => std::fs::read_to_string(path)
+                .with_context(|| format!("reading the hostfile {}", path.display()))?
+                .lines()
+                .map(str::trim)
+                .filter(|line| !line.is_empty() && !line.starts_with('#'))
+                .map(str::to_owned)
+                .collect(),
+            None => self.peers.clone(),
+        };
+        if addresses.len() != processes {
+            anyhow::bail!(
+                "--processes {processes} but {} peer addresses: give one host:port per process",
+                addresses.len()
+            );
+        }
+        let cluster = tidewatch_engine::Cluster::new(
+            process,
+            addresses,
+            std::time::Duration::from_secs(self.connect_timeout_secs),
+        )?;
+        Ok(Some(cluster))
+    }
+}
+
+/// The cluster of a StatefulSet pod: `TIDEWATCH_PROCESSES` (the replicas; unset or 1: no
+/// cluster), `TIDEWATCH_CLUSTER_SERVICE` (the headless Service, `name` or `name.namespace`),
+/// `TIDEWATCH_CLUSTER_PORT` (default 7400) and `HOSTNAME` (`<statefulset>-<ordinal>`): this
+/// process is the ordinal, and process `i` is `<statefulset>-<i>.<service>:<port>`.
+pub fn statefulset_cluster(
+    vars: impl Fn(&str) -> Option<String>,
+    connect_timeout_secs: u64,
+) -> anyhow::Result<Option<tidewatch_engine::Cluster>> {
+    let Some(processes) = vars("TIDEWATCH_PROCESSES") else { return Ok(None) };
+    let processes: usize = processes
+        .trim()
+        .parse()
+        .with_context(|| format!("TIDEWATCH_PROCESSES={processes:?} is not a count"))?;
+    if processes <= 1 {
+        return Ok(None);
+    }
+    let service = vars("TIDEWATCH_CLUSTER_SERVICE")
+        .context("TIDEWATCH_PROCESSES needs TIDEWATCH_CLUSTER_SERVICE (the headless Service)")?;
+    let port = vars("TIDEWATCH_CLUSTER_PORT").unwrap_or_else(|| "7400".to_owned());
+    let hostname =
+        vars("HOSTNAME").context("TIDEWATCH_PROCESSES needs HOSTNAME (the pod's name)")?;
+    let (statefulset, ordinal) = hostname
+        .rsplit_once('-')
+        .and_then(|(name, ordinal)| Some((name, ordinal.parse::<usize>().ok()?)))
+        .with_context(|| format!("HOSTNAME={hostname:?} is not <statefulset>-<ordinal>"))?;
+    let addresses = (0..processes).map(|i| format!("{statefulset}-{i}.{service}:{port}")).collect();
+    Ok(Some(tidewatch_engine::Cluster::new(
+        ordinal,
+        addresses,
+        std::time::Duration::from_secs(connect_timeout_secs),
+    )?))
+}
+
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
@@ -75,6 +165,9 @@ pub enum Command {
         /// HTTP endpoint address (default: the pipeline's `http_address`); "" disables it.
         #[arg(long)]
         http_address: Option<String>,
+        /// Cluster options (several processes as one dataflow).
+        #[command(flatten)]
+        cluster: ClusterArgs,
     },
     /// Check pipeline files; print every error as path:line:col and exit non-zero on any.
     Validate {
@@ -378,7 +471,7 @@ pub fn execute(command: Command, registry: &Registry) -> anyhow::Result<ExitCode
             print!("{}", tidewatch_engine::render_graph(&pipeline, format));
             Ok(ExitCode::SUCCESS)
         }
-        Command::Run { pipeline, workers, http_address } => {
+        Command::Run { pipeline, workers, http_address, cluster } => {
             let pipeline = match tidewatch_engine::load_file(&pipeline, registry) {
                 Ok(pipeline) => pipeline,
                 Err(errors) => {
@@ -391,6 +484,18 @@ pub fn execute(command: Command, registry: &Registry) -> anyhow::Result<ExitCode
             }
             let workers = workers.unwrap_or(pipeline.settings.workers).max(1);
             let run = RunContext::new(Arc::new(Metrics::new()));
+            let run = match cluster.cluster()? {
+                Some(cluster) => {
+                    tracing::info!(
+                        process = cluster.process,
+                        processes = cluster.processes(),
+                        workers_per_process = workers,
+                        "joining a cluster"
+                    );
+                    run.with_cluster(cluster)
+                }
+                None => run,
+            };
             #[cfg(feature = "s3")]
             let run = match crate::checkpoint_store::for_pipeline(&pipeline)
                 .context("opening the checkpoint store")?
@@ -480,4 +585,52 @@ fn print_report(report: &crate::backtest::Report) {
         "changepoints  {} ({} detected, {} false)",
         report.changepoints, report.changepoints_detected, report.changepoints_false
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    fn from(vars: &[(&str, &str)]) -> anyhow::Result<Option<tidewatch_engine::Cluster>> {
+        let vars: HashMap<String, String> =
+            vars.iter().map(|(name, value)| ((*name).to_owned(), (*value).to_owned())).collect();
+        statefulset_cluster(|name| vars.get(name).cloned(), 60)
+    }
+
+    #[test]
+    fn a_statefulset_pod_finds_its_peers() {
+        let cluster = from(&[
+            ("TIDEWATCH_PROCESSES", "3"),
+            ("TIDEWATCH_CLUSTER_SERVICE", "tidewatch.cloud"),
+            ("HOSTNAME", "tidewatch-cloud-2"),
+        ])
+        .expect("valid")
+        .expect("a cluster");
+        assert_eq!(cluster.process, 2);
+        assert_eq!(
+            cluster.addresses,
+            vec![
+                "tidewatch-cloud-0.tidewatch.cloud:7400",
+                "tidewatch-cloud-1.tidewatch.cloud:7400",
+                "tidewatch-cloud-2.tidewatch.cloud:7400",
+            ]
+        );
+        assert!(from(&[]).expect("valid").is_none(), "no StatefulSet: one process");
+        assert!(from(&[("TIDEWATCH_PROCESSES", "1")]).expect("valid").is_none());
+        assert!(from(&[("TIDEWATCH_PROCESSES", "2"), ("HOSTNAME", "x-0")]).is_err());
+        let bad = from(&[
+            ("TIDEWATCH_PROCESSES", "2"),
+            ("TIDEWATCH_CLUSTER_SERVICE", "s"),
+            ("HOSTNAME", "no-ordinal"),
+        ]);
+        assert!(bad.is_err());
+        let outside = from(&[
+            ("TIDEWATCH_PROCESSES", "2"),
+            ("TIDEWATCH_CLUSTER_SERVICE", "s"),
+            ("HOSTNAME", "tw-5"),
+        ]);
+        assert!(outside.is_err(), "an ordinal beyond the replicas");
+    }
 }

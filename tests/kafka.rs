@@ -118,6 +118,7 @@ fn cloud_pipeline_counts_exactly_what_simulate_produced_and_commits_its_offsets(
         ("TIDEWATCH_ALERT_WEBHOOK_URL", "http://127.0.0.1:9/alerts".to_owned()),
         ("TIDEWATCH_STATE_DIR", dir.path().display().to_string()),
         ("TIDEWATCH_LAKE_URL", lake.clone()),
+        ("TIDEWATCH_CHECKPOINT_URL", dir.path().join("checkpoints").display().to_string()),
     ];
     let pipeline = root().join("pipelines/cloud.toml");
     let cloud = Process::run(&pipeline, &env, dir.path().join("cloud-1.log"));

@@ -22,6 +22,7 @@
 //! ```
 
 pub mod checkpoint;
+pub mod cluster;
 pub mod diagnostics;
 pub mod graph;
 pub mod http;
@@ -32,6 +33,7 @@ pub mod runtime;
 pub mod signals;
 pub mod spec;
 
+pub use cluster::Cluster;
 pub use diagnostics::{Diagnostic, Severity};
 pub use graph::{GraphFormat, render as render_graph};
 pub use http::{Health, HttpServer, serve};

@@ -126,6 +126,14 @@ pub enum EngineError {
     /// The checkpoint store could not be opened or read.
     #[error("checkpoints: {0}")]
     Checkpoints(String),
+    /// The cluster of processes could not be formed.
+    #[error("cluster: {0}")]
+    Cluster(#[from] crate::cluster::ClusterError),
+    /// A process of the cluster died (its connection closed): the cluster cannot go on.
+    #[error(
+        "this process lost its connection to another process of the cluster ({0}); a cluster cannot go on without one of its processes: restart every process"
+    )]
+    PeerLost(String),
 }
 
 /// Shared state of one run: metrics, health, the stop flag and the first fatal errors.
@@ -140,6 +148,7 @@ pub struct RunContext {
     errors: Arc<Mutex<Vec<EngineError>>>,
     built: Arc<AtomicUsize>,
     checkpoint_store: Option<Arc<dyn CheckpointStore>>,
+    cluster: Option<crate::cluster::Cluster>,
 }
 
 impl Default for RunContext {
@@ -158,7 +167,15 @@ impl RunContext {
             errors: Arc::new(Mutex::new(Vec::new())),
             built: Arc::new(AtomicUsize::new(0)),
             checkpoint_store: None,
+            cluster: None,
         }
+    }
+
+    /// Runs as one process of a cluster: `workers` threads here, as many in every other
+    /// process, one dataflow over all of them.
+    pub fn with_cluster(mut self, cluster: crate::cluster::Cluster) -> RunContext {
+        self.cluster = Some(cluster);
+        self
     }
 
     /// Keeps checkpoints in `store` (when the pipeline takes any) instead of the local folder
@@ -199,6 +216,7 @@ pub fn local_checkpoint_folder(url: &str, base: &std::path::Path) -> Option<std:
 fn open_checkpoints(
     pipeline: &Pipeline,
     workers: usize,
+    leader: bool,
     run: &RunContext,
 ) -> Result<Option<Arc<Checkpoints>>, EngineError> {
     let settings = &pipeline.settings;
@@ -232,6 +250,7 @@ fn open_checkpoints(
         &pipeline.info.name,
         ids,
         workers,
+        leader,
         run.metrics.registry(),
     )
     .map_err(|error| EngineError::Checkpoints(error.to_string()))?;
@@ -243,7 +262,11 @@ fn open_checkpoints(
 /// one every `checkpoint_interval_secs`, and a final one at a graceful stop.
 pub fn run(pipeline: &Pipeline, workers: usize, run: &RunContext) -> Result<(), EngineError> {
     let workers = workers.max(1);
-    let checkpoints = open_checkpoints(pipeline, workers, run)?;
+    let cluster = run.cluster.as_ref().filter(|cluster| cluster.processes() > 1);
+    // Process 0 of a cluster leads the checkpoints; the others follow (checkpoint::control).
+    let leader = cluster.is_none_or(|cluster| cluster.process == 0);
+    let all_workers = workers * cluster.map_or(1, crate::cluster::Cluster::processes);
+    let checkpoints = open_checkpoints(pipeline, all_workers, leader, run)?;
     run.metrics.set_workers(workers);
     run.metrics.set_running(true);
     let config =
@@ -253,7 +276,7 @@ pub fn run(pipeline: &Pipeline, workers: usize, run: &RunContext) -> Result<(), 
     // What the workers of this process share in this run; dropped when the run ends.
     let process_shared = ProcessShared::new();
     let thread = match &checkpoints {
-        Some(checkpoints) => {
+        Some(checkpoints) if leader => {
             let checkpoints = Arc::clone(checkpoints);
             let stopping = Arc::clone(&run.shutdown);
             Some(
@@ -263,24 +286,59 @@ pub fn run(pipeline: &Pipeline, workers: usize, run: &RunContext) -> Result<(), 
                     .map_err(|error| EngineError::Workers(error.to_string()))?,
             )
         }
-        None => None,
+        _ => None,
     };
     let worker_checkpoints = checkpoints.clone();
-    let guards = timely::execute(config, move |worker| {
+    let clustered = cluster.is_some();
+    let body = move |worker: &mut timely::worker::Worker| {
         let index = worker.index();
         let peers = worker.peers();
+        let main = worker.next_dataflow_index();
         worker.dataflow::<u64, _, _>(|scope| {
             build(scope, &pipeline, index, peers, &shared, &process_shared, &worker_checkpoints);
         });
-        if shared.built.fetch_add(1, Ordering::SeqCst) + 1 == peers
+        // A cluster's checkpoints are coordinated through a dataflow of their own.
+        let main_done = Rc::new(std::cell::Cell::new(false));
+        if let Some(checkpoints) = worker_checkpoints.as_ref().filter(|_| clustered) {
+            let (checkpoints, stop, done) =
+                (Arc::clone(checkpoints), Arc::clone(&shared.shutdown), Rc::clone(&main_done));
+            worker.dataflow::<u64, _, _>(move |scope| {
+                crate::checkpoint::control::build(scope, checkpoints, stop, done);
+            });
+        }
+        // Ready once this process's workers built the dataflow (and its sources connected).
+        if shared.built.fetch_add(1, Ordering::SeqCst) + 1 == workers
             && !shared.shutdown.load(Ordering::SeqCst)
         {
             shared.health.set_ready(true);
         }
-        while worker.step_or_park(Some(Duration::from_millis(50))) {}
-    })
+        while worker.step_or_park(Some(Duration::from_millis(50))) {
+            if clustered && !main_done.get() && !worker.installed_dataflows().contains(&main) {
+                main_done.set(true);
+            }
+        }
+    };
+    let guards = match cluster {
+        Some(cluster) => {
+            let (builders, network) = cluster.allocators(workers)?;
+            timely::execute::execute_from(builders, network, timely::WorkerConfig::default(), body)
+        }
+        _ => timely::execute(config, body),
+    }
     .map_err(EngineError::Workers)?;
-    let results = guards.join();
+    // A cluster's network threads panic when a peer's connection breaks, and joining them
+    // (when the guards drop) panics in turn: that is a lost peer, not a bug here.
+    let results = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| guards.join())) {
+        Ok(results) => results,
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|text| (*text).to_owned()))
+                .unwrap_or_default();
+            vec![Err(format!("timely communication error: {message}"))]
+        }
+    };
     if let Some(checkpoints) = &checkpoints {
         checkpoints.finish();
     }
@@ -293,6 +351,11 @@ pub fn run(pipeline: &Pipeline, workers: usize, run: &RunContext) -> Result<(), 
     run.health.set_ready(false);
     for result in results {
         if let Err(panic) = result {
+            // timely's network threads take the workers down when a peer's connection breaks.
+            if panic.contains("MergeQueue poisoned") || panic.contains("timely communication error")
+            {
+                return Err(EngineError::PeerLost(panic));
+            }
             return Err(EngineError::WorkerPanic(panic));
         }
     }

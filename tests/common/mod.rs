@@ -377,6 +377,42 @@ pub fn simulator_training_csv(path: &Path, rows: usize) {
     std::fs::write(path, text).expect("csv");
 }
 
+/// Every row of a lake as a sorted list of JSON texts (the partition columns left out).
+pub fn lake_rows(url: &str, env: &[(String, String)]) -> Vec<String> {
+    let read = read_lake(url, env, true);
+    assert_eq!(read["unreadable"], serde_json::json!([]), "{url}");
+    let Some(columns) = read["columns"].as_object() else { return Vec::new() };
+    let count = read["num_rows"].as_u64().expect("num_rows") as usize;
+    let mut rows: Vec<String> = (0..count)
+        .map(|row| {
+            let fields: serde_json::Map<String, serde_json::Value> = columns
+                .iter()
+                .filter(|(name, _)| !matches!(name.as_str(), "date" | "hour"))
+                .map(|(name, values)| (name.clone(), values[row].clone()))
+                .collect();
+            serde_json::Value::Object(fields).to_string()
+        })
+        .collect();
+    rows.sort();
+    rows
+}
+
+/// Asserts that the lake at `got` holds exactly the rows of the lake at `expected` (none
+/// missing, none extra, none twice); returns how many.
+pub fn assert_same_lake(expected: &str, got: &str) -> usize {
+    let want = lake_rows(expected, &[]);
+    let have = lake_rows(got, &[]);
+    let missing = want.iter().filter(|row| have.binary_search(row).is_err()).count();
+    let extra = have.iter().filter(|row| want.binary_search(row).is_err()).count();
+    assert_eq!(
+        (have.len(), missing, extra),
+        (want.len(), 0, 0),
+        "{got}: rows, missing and extra rows against {expected}"
+    );
+    assert_eq!(want, have, "{got}: the same rows as {expected}, none twice");
+    want.len()
+}
+
 /// The `export K=V` lines of `scripts/services.sh env ceph` (endpoint and credentials of the
 /// radosgw on 127.0.0.1:7480), when it answers.
 pub fn ceph_env() -> Option<Vec<(String, String)>> {

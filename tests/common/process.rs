@@ -51,11 +51,22 @@ pub struct Process {
 
 impl Process {
     pub fn run(pipeline: &Path, env: &[(&str, String)], log: PathBuf) -> Process {
+        Process::run_with(pipeline, &[], env, log)
+    }
+
+    /// `tidewatch run PIPELINE ARGS...` (e.g. the cluster options).
+    pub fn run_with(
+        pipeline: &Path,
+        args: &[String],
+        env: &[(&str, String)],
+        log: PathBuf,
+    ) -> Process {
         let address = free_address();
         let stderr = std::fs::File::create(&log).expect("log file");
         let mut command = Command::new(env!("CARGO_BIN_EXE_tidewatch"));
         command
             .args(["run", &pipeline.display().to_string(), "--http-address", &address])
+            .args(args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(stderr);
@@ -108,6 +119,18 @@ impl Process {
                 return self.log();
             }
             assert!(Instant::now() < deadline, "tidewatch did not finish:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits until the process ends by itself; its exit status and the whole log.
+    pub fn wait_status(mut self, timeout: Duration) -> (std::process::ExitStatus, String) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return (status, self.log());
+            }
+            assert!(Instant::now() < deadline, "tidewatch did not stop:\n{}", self.log());
             std::thread::sleep(Duration::from_millis(20));
         }
     }

@@ -19,6 +19,11 @@
 //! `tidewatch_kafka_sink_dead_letters_total{reason}`. Records of one device share a key, so
 //! they land in one partition, in order.
 //!
+//! Every record carries the header `tidewatch-dedupe-key`: 16 hex digits of a hash of its key
+//! and value. A record produced again (after a crash, from the buffer or from a pipeline
+//! resumed from its checkpoint) has the same key, so a consumer that must see it once drops
+//! the keys it has seen.
+//!
 //! # Store and forward
 //!
 //! With a `[sinks.x.buffer]` table, `write_batch` appends the records to the on-disk buffer
@@ -38,7 +43,7 @@ use std::time::{Duration, Instant};
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts};
 use rdkafka::ClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::Message;
+use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use serde::Deserialize;
 use serde_json::json;
@@ -516,11 +521,9 @@ fn forward(
         };
         for record in records {
             in_flight.fetch_add(1, Ordering::SeqCst);
-            let mut base: BaseRecord<'_, [u8], [u8], usize> =
+            let base: BaseRecord<'_, [u8], [u8], usize> =
                 BaseRecord::with_opaque_to(topic, record.seq as usize).payload(&record.value);
-            if let Some(key) = &record.key {
-                base = base.key(key);
-            }
+            let base = with_key(base, record.key.as_deref(), &record.value);
             let mut pending = base;
             loop {
                 match producer.send(pending) {
@@ -654,11 +657,9 @@ impl KafkaSink {
 
     /// Produces one record, waiting while the producer's queue is full.
     fn send(&self, key: Option<&[u8]>, value: &[u8]) -> Result<(), ComponentError> {
-        let mut record: BaseRecord<'_, [u8], [u8], usize> =
+        let record: BaseRecord<'_, [u8], [u8], usize> =
             BaseRecord::with_opaque_to(&self.shared.topic, 0).payload(value);
-        if let Some(key) = key {
-            record = record.key(key);
-        }
+        let mut record = with_key(record, key, value);
         let mut waited = Instant::now();
         loop {
             match self.shared.producer.send(record) {
@@ -683,6 +684,26 @@ impl KafkaSink {
                 }
             }
         }
+    }
+}
+
+/// The header a consumer dedupes by: the same for the same record produced again.
+pub const DEDUPE_HEADER: &str = "tidewatch-dedupe-key";
+
+/// Sets a record's key (its device) and its `tidewatch-dedupe-key` header.
+fn with_key<'a>(
+    record: BaseRecord<'a, [u8], [u8], usize>,
+    key: Option<&'a [u8]>,
+    value: &[u8],
+) -> BaseRecord<'a, [u8], [u8], usize> {
+    let mut hash = tidewatch_api::records::stable_hash(key.unwrap_or_default());
+    hash ^= tidewatch_api::records::stable_hash(value).rotate_left(1);
+    let headers = OwnedHeaders::new()
+        .insert(Header { key: DEDUPE_HEADER, value: Some(&format!("{hash:016x}")) });
+    let record = record.headers(headers);
+    match key {
+        Some(key) => record.key(key),
+        None => record,
     }
 }
 
@@ -809,6 +830,27 @@ mod tests {
             buffered.buffer.map(|buffer| buffer.when_full),
             Some(super::super::buffer::WhenFull::DropNewest)
         );
+    }
+
+    #[test]
+    fn a_record_produced_again_has_the_same_dedupe_key() {
+        use rdkafka::message::Headers as _;
+        let dedupe = |key: Option<&[u8]>, value: &[u8]| -> Vec<u8> {
+            let record: BaseRecord<'_, [u8], [u8], usize> =
+                BaseRecord::with_opaque_to("t", 0).payload(value);
+            let record = with_key(record, key, value);
+            assert_eq!(record.key, key);
+            let headers = record.headers.expect("headers");
+            let header = headers.get(0);
+            assert_eq!(header.key, DEDUPE_HEADER);
+            header.value.expect("a value").to_vec()
+        };
+        let first = dedupe(Some(b"pump-7"), b"{\"ts\":1}");
+        assert_eq!(first.len(), 16);
+        assert_eq!(first, dedupe(Some(b"pump-7"), b"{\"ts\":1}"));
+        assert_ne!(first, dedupe(Some(b"pump-8"), b"{\"ts\":1}"));
+        assert_ne!(first, dedupe(Some(b"pump-7"), b"{\"ts\":2}"));
+        assert_ne!(first, dedupe(None, b"{\"ts\":1}"));
     }
 
     #[test]

@@ -34,7 +34,9 @@
 //! # Reading to the end
 //!
 //! With `stop_at_end = true` each worker finishes once its partitions are read up to the end
-//! offsets they had when it got them (a bounded replay of a topic).
+//! offsets they had when it got them (a bounded replay of a topic). The partitions are then
+//! assigned as with checkpoints (a fixed share per worker, not the group protocol): a
+//! rebalance would hand a finished worker's partitions around.
 //!
 //! # Flow control
 //!
@@ -447,6 +449,8 @@ pub struct KafkaSource {
     /// Checkpoint mode: partitions assigned by the source itself, positions of what it
     /// emitted.
     checkpointed: bool,
+    /// Partitions assigned by the source itself (checkpoints, `stop_at_end`), not the group.
+    static_assignment: bool,
     worker: usize,
     workers: usize,
     /// Checkpoint mode: the partitions assigned (after the first poll).
@@ -527,6 +531,7 @@ impl KafkaSource {
             last_data: Instant::now(),
             received: 0,
             checkpointed: ctx.pipeline.checkpoints,
+            static_assignment: ctx.pipeline.checkpoints || config.stop_at_end,
             worker: ctx.worker_index,
             workers: ctx.workers.max(1),
             manual: None,
@@ -537,8 +542,9 @@ impl KafkaSource {
         })
     }
 
-    /// Checkpoint mode: assigns this worker its share of the topics' partitions, each at its
-    /// restored position (else the group's committed offset, else `start_from`).
+    /// Checkpoint mode (and `stop_at_end`): assigns this worker its share of the topics'
+    /// partitions, each at its restored position (else the group's committed offset, else
+    /// `start_from`).
     fn assign_own(&mut self) -> Result<(), ComponentError> {
         let Some(consumer) = &self.consumer else { return Ok(()) };
         let mut all: Vec<PartitionKey> = Vec::new();
@@ -583,7 +589,7 @@ impl KafkaSource {
         consumer.assign(&list).map_err(|error| {
             ComponentError::External(format!("cannot assign partitions: {}", error_text(&error)))
         })?;
-        tracing::info!(component = %self.component, worker = self.worker, partitions = ?mine, "kafka partitions assigned by the source (checkpoint mode)");
+        tracing::info!(component = %self.component, worker = self.worker, partitions = ?mine, "kafka partitions assigned by the source (a fixed share per worker)");
         self.assignment = list;
         consumer.context().assigned.store(true, Ordering::SeqCst);
         self.manual = Some(mine);
@@ -764,7 +770,7 @@ impl Source for KafkaSource {
                 tracing::warn!(component = %self.component, topic, error = %error_text(&error), "no metadata for the topic yet");
             }
         }
-        if !self.checkpointed {
+        if !self.static_assignment {
             consumer.subscribe(&topics).map_err(|error| {
                 ComponentError::External(format!(
                     "cannot subscribe to {:?}: {}",
@@ -785,7 +791,7 @@ impl Source for KafkaSource {
     }
 
     fn poll(&mut self, out: &mut Outputs) -> Result<SourcePoll, ComponentError> {
-        if self.checkpointed && self.manual.is_none() && self.consumer.is_some() {
+        if self.static_assignment && self.manual.is_none() && self.consumer.is_some() {
             if self.assign_retry.is_some_and(|at| Instant::now() < at) {
                 return Ok(SourcePoll::Idle { wake_after_ms: 100 });
             }
@@ -979,7 +985,7 @@ impl Drop for KafkaSource {
         if let Err(error) = consumer.commit_consumer_state(CommitMode::Sync) {
             tracing::debug!(component = %self.component, %error, "final kafka commit");
         }
-        if !self.checkpointed {
+        if !self.static_assignment {
             consumer.unsubscribe();
         }
         tracing::info!(

@@ -502,7 +502,7 @@ pub trait Sink {
 }
 
 /// Sink output held back until the checkpoint covering it is durable (see [`Sink::pre_commit`]).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Staged {
     /// Where it is published (a key under the sink's destination, e.g. a Parquet file's path).
     pub key: String,

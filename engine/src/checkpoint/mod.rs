@@ -13,6 +13,7 @@
 //!
 //! [`protocol`] is the decision logic alone, unit-tested with an in-memory store.
 
+pub(crate) mod control;
 pub mod manifest;
 pub mod protocol;
 pub mod store;
@@ -123,6 +124,15 @@ pub struct Checkpoints {
     publishers: Mutex<BTreeMap<String, Arc<dyn Publisher>>>,
     /// Staged output of a cut that could not be written: it goes into the next one.
     carried: Mutex<BTreeMap<Instance, Vec<tidewatch_api::Staged>>>,
+    /// True in a single process and in process 0 of a cluster: the protocol and the thread
+    /// run here. A follower sends its reports to the leader ([`control`]).
+    leader: bool,
+    /// A follower's reports and end notices waiting for the control dataflow.
+    outbox: Mutex<Vec<control::Control>>,
+    /// The leader's checkpoint thread is done (a follower learns it from a decision).
+    thread_done: AtomicBool,
+    /// Another process of the cluster was asked to stop.
+    remote_stop: AtomicBool,
     restored: Option<Loaded>,
     settings: CheckpointSettings,
     component_ids: Vec<String>,
@@ -148,17 +158,23 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Checkpoints {
     /// Prepares the checkpoints of a run: reads the latest complete checkpoint (skipping
     /// damaged ones) and discards the remains of later, incomplete ones.
+    ///
+    /// `workers` counts the workers of every process; `leader` is false in processes other
+    /// than 0 of a cluster (they only read the checkpoint; process 0 decides and writes).
     pub fn open(
         settings: CheckpointSettings,
         pipeline: &str,
         component_ids: Vec<String>,
         workers: usize,
+        leader: bool,
         registry: &prometheus::Registry,
     ) -> Result<Checkpoints, StoreError> {
         let store = Arc::clone(&settings.store);
         let (restored, _) = manifest::latest(&*store)?;
         let epoch = restored.as_ref().map_or(0, |loaded| loaded.manifest.epoch);
-        manifest::discard_after(&*store, epoch)?;
+        if leader {
+            manifest::discard_after(&*store, epoch)?;
+        }
         match &restored {
             Some(loaded) => tracing::info!(
                 epoch,
@@ -183,6 +199,10 @@ impl Checkpoints {
             activators: Mutex::new(Vec::new()),
             publishers: Mutex::new(BTreeMap::new()),
             carried: Mutex::new(BTreeMap::new()),
+            leader,
+            outbox: Mutex::new(Vec::new()),
+            thread_done: AtomicBool::new(false),
+            remote_stop: AtomicBool::new(false),
             restored,
             settings,
             component_ids,
@@ -254,8 +274,67 @@ impl Checkpoints {
         self.changed.notify_all();
     }
 
+    /// True where the protocol runs (a single process, or process 0 of a cluster).
+    pub fn is_leader(&self) -> bool {
+        self.leader
+    }
+
+    /// A follower's messages for the leader, taken.
+    pub(crate) fn take_outbox(&self) -> Vec<control::Control> {
+        std::mem::take(&mut *lock(&self.outbox))
+    }
+
+    /// The leader's decisions as they stand.
+    pub(crate) fn decision(&self) -> control::Decision {
+        control::Decision {
+            requested: self.requested(),
+            stop_epoch: self.stop_epoch.load(Ordering::SeqCst),
+            aligned: self.aligned(),
+            committed: self.committed(),
+            abandoned: self.abandoned(),
+            done: self.thread_done.load(Ordering::SeqCst),
+        }
+    }
+
+    /// True once the leader's thread is done (nothing more will be decided).
+    pub(crate) fn decided_done(&self) -> bool {
+        self.thread_done.load(Ordering::SeqCst)
+    }
+
+    /// A follower applies the leader's decisions and wakes its operators.
+    pub(crate) fn apply(&self, decision: control::Decision) {
+        if decision.stop_epoch > 0 {
+            self.stop_epoch.store(decision.stop_epoch, Ordering::SeqCst);
+        }
+        self.requested.fetch_max(decision.requested, Ordering::SeqCst);
+        self.aligned.fetch_max(decision.aligned, Ordering::SeqCst);
+        let before = self.committed.fetch_max(decision.committed, Ordering::SeqCst);
+        if decision.committed > before && !self.leader {
+            self.metrics.epoch.set(decision.committed as i64);
+            self.metrics.last_completed.set(tidewatch_api::records::now_ms() / 1_000);
+        }
+        if decision.abandoned {
+            self.abandoned.store(true, Ordering::SeqCst);
+        }
+        if decision.done {
+            self.thread_done.store(true, Ordering::SeqCst);
+        }
+        self.wake_all();
+    }
+
+    /// The leader takes the final checkpoint of a stop another process was asked for.
+    pub(crate) fn request_stop(&self) {
+        self.remote_stop.store(true, Ordering::SeqCst);
+        let _guard = lock(&self.protocol);
+        self.changed.notify_all();
+    }
+
     /// `instance` reached the barrier of `epoch`.
     pub fn report(&self, instance: Instance, epoch: u64, report: Report) {
+        if !self.leader {
+            lock(&self.outbox).push(control::Control::Report { instance, epoch, report });
+            return;
+        }
         let mut protocol = lock(&self.protocol);
         if !protocol.report(instance, epoch, report) {
             tracing::debug!(?instance, epoch, "a report for an epoch that is not open");
@@ -265,6 +344,10 @@ impl Checkpoints {
 
     /// `instance` ended; its final report stands for it from epoch `from` on.
     pub fn end(&self, instance: Instance, from: u64, report: Report) {
+        if !self.leader {
+            lock(&self.outbox).push(control::Control::End { instance, from, report });
+            return;
+        }
         let mut protocol = lock(&self.protocol);
         protocol.end(instance, from, report);
         self.settle(&protocol);
@@ -303,18 +386,24 @@ impl Checkpoints {
     /// The checkpoint thread: an epoch every interval, a final one at a stop (`stopping`
     /// set) or when every instance ended, until the run is over.
     pub fn run_thread(&self, stopping: &AtomicBool) {
+        self.thread_loop(stopping);
+        self.thread_done.store(true, Ordering::SeqCst);
+        self.wake_all();
+    }
+
+    fn thread_loop(&self, stopping: &AtomicBool) {
+        let stopping =
+            || stopping.load(Ordering::SeqCst) || self.remote_stop.load(Ordering::SeqCst);
         loop {
             let started = Instant::now();
             let interval_end = started + self.settings.interval;
             // Sleep out the interval, waking early for a stop or the natural end.
-            drop(self.wait_for(interval_end, |protocol| {
-                stopping.load(Ordering::SeqCst) || protocol.all_ended()
-            }));
+            drop(self.wait_for(interval_end, |protocol| stopping() || protocol.all_ended()));
             let all_ended = lock(&self.protocol).all_ended();
             if self.finished.load(Ordering::SeqCst) && !all_ended {
                 return;
             }
-            let stop = stopping.load(Ordering::SeqCst);
+            let stop = stopping();
             let opened = Instant::now();
             let epoch = {
                 let mut protocol = lock(&self.protocol);

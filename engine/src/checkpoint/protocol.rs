@@ -7,7 +7,9 @@ use std::collections::BTreeMap;
 use tidewatch_api::{EventTime, Staged};
 
 /// One operator instance: a component (by its index in the pipeline) on a worker.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub struct Instance {
     /// The component's index in `Pipeline::components`.
     pub component: usize,
@@ -16,7 +18,7 @@ pub struct Instance {
 }
 
 /// What an instance contributes to a checkpoint.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Report {
     /// The engine's watermark state of the instance (the greatest event time an event-time
     /// assigner or source has seen), if it keeps one.
