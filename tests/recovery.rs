@@ -480,3 +480,70 @@ path = "file://{lake}"
     // messages of one epoch (1 s at `rate`), with room for the batch in flight.
     assert!(duplicates as u64 <= rate * 3 / 2, "{duplicates} duplicates");
 }
+
+#[test]
+fn an_instance_whose_inputs_all_ended_still_takes_part_in_checkpoints() {
+    // The file source reads on worker 0 only: worker 1's instances of everything fed by it
+    // see their input end at once, while the global frontier waits for worker 0. They must
+    // pass each checkpoint by themselves, or the first checkpoint never completes and the
+    // paused worker 0 waits for ever.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let lines = 3_000;
+    let mut text = String::new();
+    for i in 0..lines {
+        text.push_str(&format!(
+            "{{\"device\":\"pump-{}\",\"ts\":{},\"value\":{i}}}\n",
+            i % 10,
+            1_700_000_000_000_u64 + i * 1_000
+        ));
+    }
+    std::fs::write(dir.path().join("in.jsonl"), text).expect("input");
+    // 3000 lines, 1000 s of event time at 400x: about 2.5 s, several checkpoint intervals.
+    let pipeline = write(
+        dir.path(),
+        "file.toml",
+        &format!(
+            r#"
+[pipeline]
+workers = 2
+checkpoint_interval_secs = 1
+checkpoint_url = "{checkpoints}"
+
+[sources.in]
+type = "file"
+path = "in.jsonl"
+speed = 400.0
+timestamp_field = "ts"
+timestamp_format = "unix_ms"
+
+[transforms.readings]
+type = "normalize"
+inputs = ["in"]
+device_field = "device"
+timestamp_field = "ts"
+timestamp_format = "unix_ms"
+features = ["value"]
+
+[transforms.windows]
+type = "window"
+inputs = ["readings"]
+size_ms = 10000
+
+[sinks.out]
+type = "file"
+inputs = ["windows"]
+path = "out.jsonl"
+"#,
+            checkpoints = dir.path().join("ck").display()
+        ),
+    );
+    let log = Process::run(&pipeline, &[], dir.path().join("file.log"))
+        .wait_exit(Duration::from_secs(120));
+    let completed = log.matches("checkpoint complete").count()
+        + std::fs::read_dir(dir.path().join("ck")).map(|entries| entries.count()).unwrap_or(0);
+    assert!(completed >= 2, "checkpoints were taken while the file was read:\n{log}");
+    let windows = common::json_lines(&dir.path().join("out.jsonl"));
+    let readings: usize =
+        windows.iter().map(|window| window["times"].as_array().map_or(0, Vec::len)).sum();
+    assert_eq!(readings, lines as usize, "every line in a window, once");
+}

@@ -33,12 +33,20 @@ pub enum HttpError {
 }
 
 /// Whether the pipeline is ready (all workers built their dataflow, every source instance
-/// reports [`Source::ready`](tidewatch_api::Source::ready)) and not stopping.
+/// reports [`Source::ready`](tidewatch_api::Source::ready)) and not stopping, and whether it
+/// is alive (every worker thread makes progress).
 #[derive(Debug, Default)]
 pub struct Health {
     ready: AtomicBool,
     sources_waiting: AtomicUsize,
+    /// The last time (ms since the Unix epoch) each worker of this process stepped; empty
+    /// outside a run.
+    heartbeats: std::sync::RwLock<Vec<std::sync::atomic::AtomicI64>>,
 }
+
+/// A worker that has not stepped for this long is stuck (its step never takes long: it parks
+/// for at most 50 ms between two).
+pub const STALLED_AFTER_MS: i64 = 30_000;
 
 impl Health {
     /// Marks the pipeline ready or not.
@@ -58,6 +66,47 @@ impl Health {
     /// True once ready.
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::SeqCst) && self.sources_waiting.load(Ordering::SeqCst) == 0
+    }
+
+    /// A run of `workers` worker threads starts: each reports with [`Health::heartbeat`].
+    pub fn start_workers(&self, workers: usize) {
+        let now = tidewatch_api::records::now_ms();
+        if let Ok(mut beats) = self.heartbeats.write() {
+            *beats = (0..workers).map(|_| std::sync::atomic::AtomicI64::new(now)).collect();
+        }
+    }
+
+    /// The run is over: no worker is expected to step any more.
+    pub fn stop_workers(&self) {
+        if let Ok(mut beats) = self.heartbeats.write() {
+            beats.clear();
+        }
+    }
+
+    /// Worker `worker` (of this process) stepped.
+    pub fn heartbeat(&self, worker: usize) {
+        if let Ok(beats) = self.heartbeats.read()
+            && let Some(beat) = beats.get(worker)
+        {
+            beat.store(tidewatch_api::records::now_ms(), Ordering::Relaxed);
+        }
+    }
+
+    /// The workers that have not stepped for [`STALLED_AFTER_MS`] (a worker thread that died
+    /// or hangs); empty when all are alive.
+    pub fn stalled_workers(&self) -> Vec<usize> {
+        let now = tidewatch_api::records::now_ms();
+        self.heartbeats
+            .read()
+            .map(|beats| {
+                beats
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, beat)| now - beat.load(Ordering::Relaxed) > STALLED_AFTER_MS)
+                    .map(|(worker, _)| worker)
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 }
 
@@ -106,7 +155,16 @@ async fn handle(
         (&Method::GET, "/metrics") => {
             response(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", metrics.render())
         }
-        (&Method::GET, "/healthz") => response(StatusCode::OK, text, "ok\n".into()),
+        (&Method::GET, "/healthz") => {
+            let stalled = health.stalled_workers();
+            if stalled.is_empty() {
+                response(StatusCode::OK, text, "ok\n".into())
+            } else {
+                let body =
+                    format!("workers {stalled:?} made no progress for {STALLED_AFTER_MS} ms\n");
+                response(StatusCode::SERVICE_UNAVAILABLE, text, body)
+            }
+        }
         (&Method::GET, "/readyz") => {
             if health.is_ready() {
                 response(StatusCode::OK, text, "ready\n".into())
@@ -167,4 +225,28 @@ pub fn serve(
         })
         .map_err(bind_error)?;
     Ok(HttpServer { address: local, stop: Some(stop), thread: Some(thread) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_worker_that_stops_stepping_is_reported_stalled() {
+        let health = Health::default();
+        assert!(health.stalled_workers().is_empty(), "no run: nothing to report");
+        health.start_workers(2);
+        health.heartbeat(0);
+        health.heartbeat(1);
+        assert!(health.stalled_workers().is_empty());
+        if let Ok(beats) = health.heartbeats.read() {
+            beats[1]
+                .store(tidewatch_api::records::now_ms() - STALLED_AFTER_MS - 1, Ordering::SeqCst);
+        }
+        assert_eq!(health.stalled_workers(), vec![1]);
+        health.heartbeat(1);
+        assert!(health.stalled_workers().is_empty(), "it stepped again");
+        health.stop_workers();
+        assert!(health.stalled_workers().is_empty());
+    }
 }

@@ -312,12 +312,15 @@ pub fn run(pipeline: &Pipeline, workers: usize, run: &RunContext) -> Result<(), 
         {
             shared.health.set_ready(true);
         }
+        let local = index % workers;
         while worker.step_or_park(Some(Duration::from_millis(50))) {
+            shared.health.heartbeat(local);
             if clustered && !main_done.get() && !worker.installed_dataflows().contains(&main) {
                 main_done.set(true);
             }
         }
     };
+    run.health.start_workers(workers);
     let guards = match cluster {
         Some(cluster) => {
             let (builders, network) = cluster.allocators(workers)?;
@@ -349,6 +352,7 @@ pub fn run(pipeline: &Pipeline, workers: usize, run: &RunContext) -> Result<(), 
     }
     run.metrics.set_running(false);
     run.health.set_ready(false);
+    run.health.stop_workers();
     for result in results {
         if let Err(panic) = result {
             // timely's network threads take the workers down when a peer's connection breaks.
@@ -531,6 +535,7 @@ impl Barriers {
 
     /// Counts a marker; returns the epoch whose barriers are now all in, if any.
     fn arrived(&mut self, flow: &Flow) -> Option<u64> {
+        tracing::trace!(instance = ?self.instance, ?flow, counts = ?self.counts, ended = ?self.ended, "marker");
         match flow {
             Flow::Barrier { epoch, .. } => *self.counts.entry(*epoch).or_default() += 1,
             Flow::End { from, .. } => self.ended.push(*from),
@@ -544,8 +549,22 @@ impl Barriers {
         })
     }
 
+    /// The epoch this instance must pass by itself: every channel of its input ended (their
+    /// senders on this worker finished) while the dataflow goes on elsewhere, so no barrier
+    /// will reach it any more, yet the run's checkpoints need its part.
+    fn orphaned(&self) -> Option<u64> {
+        let epoch = self.checkpoints.requested();
+        (self.paused.is_none()
+            && !self.stopped
+            && self.expected > 0
+            && self.ended.len() >= self.expected
+            && epoch > self.last)
+            .then_some(epoch)
+    }
+
     /// This instance passed `epoch`: report, and pause (or stop, after a stop's barrier).
     fn passed(&mut self, epoch: u64, report: Report) {
+        tracing::trace!(instance = ?self.instance, epoch, "passed");
         self.last = epoch;
         if self.checkpoints.is_stop(epoch) {
             self.stopped = true;
@@ -558,6 +577,7 @@ impl Barriers {
     /// This instance ends: its final report stands for it from the next epoch on.
     fn end(&mut self, report: Report) -> Flow {
         let from = self.last + 1;
+        tracing::trace!(instance = ?self.instance, from, "ended");
         self.checkpoints.end(self.instance, from, report);
         Flow::End { from, to: self.instance.worker as u32 }
     }
@@ -879,6 +899,20 @@ impl TransformState {
         self.barriers.as_mut().is_some_and(Barriers::is_paused)
     }
 
+    /// Passes the requested epoch when no barrier can reach this instance any more (see
+    /// [`Barriers::orphaned`]); true if it did (it is paused or stopped now).
+    fn pass_orphaned(&mut self, held: &[Capability<u64>], outputs: &mut [&mut Output]) -> bool {
+        let Some(epoch) = self.barriers.as_ref().and_then(Barriers::orphaned) else {
+            return false;
+        };
+        let report = self.report();
+        if let Some(barriers) = self.barriers.as_mut() {
+            send_marker(&barriers.marker(epoch), held, outputs);
+            barriers.passed(epoch, report);
+        }
+        true
+    }
+
     /// The input held while paused, once the pause is over and some is held.
     fn resumed_input(&mut self) -> Option<Vec<(Flow, EventTime)>> {
         let barriers = self.barriers.as_mut()?;
@@ -1097,6 +1131,9 @@ where
                 return;
             }
             let mut outputs = [&mut main_out, &mut error_out, &mut late_out];
+            if state.pass_orphaned(held, &mut outputs) && state.paused() {
+                return;
+            }
             if frontiers[0].frontier().is_empty() {
                 state.finish(held, &mut outputs);
                 caps = None;
@@ -1173,6 +1210,9 @@ where
                 return;
             }
             let mut outputs = [&mut main_out, &mut error_out, &mut late_out];
+            if state.pass_orphaned(held, &mut outputs) && state.paused() {
+                return;
+            }
             match frontiers[0].frontier().first().copied() {
                 Some(_) if state.stopped() => {}
                 Some(time) => state.advance_to(time as EventTime, held, &mut outputs, None),
@@ -1366,6 +1406,14 @@ fn sink_operator<'scope>(
                 }
                 if state.closed || state.barriers.as_mut().is_some_and(Barriers::is_paused) {
                     return;
+                }
+                if let Some(epoch) = state.barriers.as_ref().and_then(Barriers::orphaned) {
+                    let report = state.report();
+                    if let Some(barriers) = state.barriers.as_mut() {
+                        barriers.passed(epoch, report);
+                    }
+                    items = Vec::new();
+                    continue;
                 }
                 // Held input goes on as soon as the checkpoint aligned.
                 items = state.held();

@@ -418,7 +418,31 @@ impl Checkpoints {
             self.wake_all();
             let deadline = if stop { opened + STOP_TIMEOUT } else { opened + Duration::MAX / 4 };
             let cut = {
-                let mut protocol = self.wait_for(deadline, Protocol::is_complete);
+                // Say who holds a checkpoint up when it takes long (a stuck sink, a bug).
+                let slow = opened + (self.settings.interval * 10).max(Duration::from_secs(30));
+                let mut protocol =
+                    self.wait_for(slow.min(deadline), |protocol| protocol.is_complete());
+                if !protocol.is_complete() && !self.finished.load(Ordering::SeqCst) {
+                    let workers = self.workers;
+                    let all = (0..self.component_ids.len()).flat_map(|component| {
+                        (0..workers).map(move |worker| Instance { component, worker })
+                    });
+                    let missing: Vec<String> = protocol
+                        .missing(all)
+                        .iter()
+                        .map(|instance| {
+                            let id = self.component_ids.get(instance.component);
+                            format!("{}@{}", id.map_or("?", String::as_str), instance.worker)
+                        })
+                        .collect();
+                    tracing::warn!(
+                        epoch,
+                        ?missing,
+                        "checkpoint {epoch} is waiting for these instances"
+                    );
+                    drop(protocol);
+                    protocol = self.wait_for(deadline, Protocol::is_complete);
+                }
                 let cut = protocol.take();
                 if cut.is_none() {
                     protocol.abandon();

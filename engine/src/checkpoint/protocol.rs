@@ -124,6 +124,15 @@ impl Protocol {
         pending.reports.len() + ended >= self.participants
     }
 
+    /// The instances the open epoch still waits for, out of `all`.
+    pub fn missing(&self, all: impl Iterator<Item = Instance>) -> Vec<Instance> {
+        let Some(pending) = &self.pending else { return Vec::new() };
+        all.filter(|instance| {
+            !pending.reports.contains_key(instance) && !self.stands_in(instance, pending.epoch)
+        })
+        .collect()
+    }
+
     /// True when every instance ended.
     pub fn all_ended(&self) -> bool {
         self.ended.len() >= self.participants
