@@ -32,41 +32,7 @@ echo "producing $messages readings to $topic ..."
 
 # pipeline NAME WORKERS: writes the pipeline file (its own group, read to the end).
 pipeline() {
-  cat > "$work/$1.toml" <<TOML
-[pipeline]
-name = "bench-cluster"
-workers = $2
-out_of_orderness_ms = 0
-http_address = ""
-
-[sources.in]
-type = "kafka"
-brokers = "$brokers"
-topics = ["$topic"]
-group_id = "$topic-$1-$RANDOM"
-stop_at_end = true
-
-[transforms.readings]
-type = "normalize"
-inputs = ["in"]
-device_field = "device"
-timestamp_field = "ts"
-timestamp_format = "unix_ms"
-features = ["vibration", "current", "pressure", "temperature", "flow"]
-
-[transforms.windows]
-type = "window"
-inputs = ["readings"]
-size_ms = 10000
-
-[transforms.baseline]
-type = "stats"
-inputs = ["windows"]
-
-[sinks.out]
-type = "blackhole"
-inputs = ["baseline", "readings.errors", "in.errors"]
-TOML
+  kafka_bench_toml "$topic" "$topic-$1-$RANDOM" "$2" "" true > "$work/$1.toml"
 }
 
 # run LAYOUT: prints the seconds one run of LAYOUT (1x1, 1x2, 2x1) takes.

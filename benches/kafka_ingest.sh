@@ -43,40 +43,7 @@ echo "raw:       $raw"
 raw_secs=$(echo "$raw" | awk '{ for (i = 1; i <= NF; i++) if ($i == "in") print $(i + 1) }')
 
 # --- tidewatch --------------------------------------------------------------------------------
-cat > "$work/bench.toml" <<TOML
-[pipeline]
-name = "kafka-ingest"
-workers = $workers
-out_of_orderness_ms = 0
-http_address = "$http"
-
-[sources.in]
-type = "kafka"
-brokers = "$brokers"
-topics = ["$topic"]
-group_id = "$topic-tidewatch"
-
-[transforms.readings]
-type = "normalize"
-inputs = ["in"]
-device_field = "device"
-timestamp_field = "ts"
-timestamp_format = "unix_ms"
-features = ["vibration", "current", "pressure", "temperature", "flow"]
-
-[transforms.windows]
-type = "window"
-inputs = ["readings"]
-size_ms = 10000
-
-[transforms.baseline]
-type = "stats"
-inputs = ["windows"]
-
-[sinks.out]
-type = "blackhole"
-inputs = ["baseline", "readings.errors", "in.errors"]
-TOML
+kafka_bench_toml "$topic" "$topic-tidewatch" "$workers" "$http" false > "$work/bench.toml"
 tw_secs=$(time_pipeline "$target/tidewatch" "$work/bench.toml" "$http" "$messages")
 
 raw_rate=$(calc "$messages / $raw_secs")

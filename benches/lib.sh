@@ -27,3 +27,44 @@ time_pipeline() {
   kill -INT "$pid"
   wait "$pid" || true
 }
+
+# kafka_bench_toml TOPIC GROUP WORKERS HTTP_ADDRESS STOP_AT_END: prints the Kafka benchmark
+# pipeline (kafka -> normalize -> 10 s windows -> stats -> blackhole) on the broker
+# 127.0.0.1:9092.
+kafka_bench_toml() {
+  cat <<TOML
+[pipeline]
+name = "kafka-bench"
+workers = $3
+out_of_orderness_ms = 0
+http_address = "$4"
+
+[sources.in]
+type = "kafka"
+brokers = "127.0.0.1:9092"
+topics = ["$1"]
+group_id = "$2"
+stop_at_end = $5
+
+[transforms.readings]
+type = "normalize"
+inputs = ["in"]
+device_field = "device"
+timestamp_field = "ts"
+timestamp_format = "unix_ms"
+features = ["vibration", "current", "pressure", "temperature", "flow"]
+
+[transforms.windows]
+type = "window"
+inputs = ["readings"]
+size_ms = 10000
+
+[transforms.baseline]
+type = "stats"
+inputs = ["windows"]
+
+[sinks.out]
+type = "blackhole"
+inputs = ["baseline", "readings.errors", "in.errors"]
+TOML
+}

@@ -71,27 +71,7 @@ name = "cluster"
 workers = 1
 out_of_orderness_ms = 86400000
 idle_timeout_ms = 86400000
-{checkpoints}
-[sources.in]
-type = "kafka"
-brokers = "{BROKERS}"
-topics = ["{topic}"]
-group_id = "{group}"
-stop_at_end = {stop_at_end}
-
-[transforms.readings]
-type = "normalize"
-inputs = ["in"]
-device_field = "device"
-timestamp_field = "ts"
-timestamp_format = "unix_ms"
-features = ["vibration", "current", "pressure", "temperature", "flow"]
-
-[transforms.windows]
-type = "window"
-inputs = ["readings"]
-size_ms = 5000
-
+{checkpoints}{sources}
 [transforms.baseline]
 type = "stats"
 inputs = ["windows"]
@@ -106,7 +86,7 @@ type = "parquet"
 inputs = ["baseline"]
 path = "file://{lake}/scores"
 "#,
-        group = unique("cluster"),
+        sources = common::kafka_readings_windows_toml(topic, stop_at_end),
         lake = lake.display(),
     );
     let path = dir.join(format!("{}.toml", unique("cluster")));
@@ -139,15 +119,16 @@ fn run_cluster(
     let peers: Vec<String> = (0..processes).map(|_| free_address()).collect();
     let running: Vec<Process> = (0..processes)
         .map(|index| {
+            // Debug logs of the engine: when a run does not end, its log says where it stands.
             Process::run_with(
                 &file,
                 &cluster_args(index, &peers),
-                &[],
+                &[("RUST_LOG", "info,tidewatch_engine=debug".to_owned())],
                 dir.join(format!("run-{processes}-{index}.log")),
             )
         })
         .collect();
-    running.into_iter().map(|process| process.wait_exit(Duration::from_secs(300))).collect()
+    running.into_iter().map(|process| process.wait_exit(Duration::from_secs(180))).collect()
 }
 
 #[test]

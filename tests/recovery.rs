@@ -112,27 +112,7 @@ out_of_orderness_ms = 86400000
 idle_timeout_ms = 86400000
 checkpoint_interval_secs = 1
 checkpoint_url = "{checkpoints}"
-
-[sources.in]
-type = "kafka"
-brokers = "{BROKERS}"
-topics = ["{topic}"]
-group_id = "{group}"
-stop_at_end = {stop_at_end}
-
-[transforms.readings]
-type = "normalize"
-inputs = ["in"]
-device_field = "device"
-timestamp_field = "ts"
-timestamp_format = "unix_ms"
-features = {FEATURES:?}
-
-[transforms.windows]
-type = "window"
-inputs = ["readings"]
-size_ms = 5000
-
+{sources}
 [transforms.model]
 type = "autoencoder"
 inputs = ["windows"]
@@ -150,9 +130,7 @@ inputs = ["model"]
 path = "file://{lake}/scores"
 "#,
         checkpoints = checkpoints.display(),
-        // Its own group: no committed offsets of another run (a run without a checkpoint
-        // starts from the group's offsets).
-        group = unique("golden"),
+        sources = common::kafka_readings_windows_toml(topic, stop_at_end),
         model = model.display(),
         lake = lake.display(),
     )

@@ -947,6 +947,41 @@ impl TransformState {
         items
     }
 
+    /// Takes this activation's input (after what was held while paused) and handles it item
+    /// by item, going on with held input as soon as a checkpoint aligned; `on_sent` gets the
+    /// greatest event time each data batch sent. Returns whether data came.
+    fn handle_input<P>(
+        &mut self,
+        input: &mut InputHandleCore<u64, Vec<Flow>, P>,
+        held: &mut [Capability<u64>],
+        outputs: &mut [&mut Output],
+        mut on_sent: impl FnMut(
+            &mut TransformState,
+            EventTime,
+            &mut [Capability<u64>],
+            &mut [&mut Output],
+        ),
+    ) -> bool
+    where
+        P: Pull<Message<u64, Vec<Flow>>>,
+    {
+        let mut got_data = false;
+        let mut items = self.take_input(input);
+        loop {
+            for (flow, batch_time) in items {
+                got_data |= matches!(flow, Flow::Data(_));
+                if let Some(time) = self.handle(flow, batch_time, held, outputs) {
+                    on_sent(self, time, held, outputs);
+                }
+            }
+            match self.resumed_input() {
+                Some(more) => items = more,
+                None => break,
+            }
+        }
+        got_data
+    }
+
     /// Handles one input item: processes data, counts markers and passes a barrier when all
     /// are in; returns the greatest event time sent on the main output. Items after a passed
     /// barrier are held until the instance resumes.
@@ -1106,27 +1141,15 @@ where
                     );
                 }
             }
-            let mut got_data = false;
-            let mut items = state.take_input(&mut input);
-            loop {
-                for (flow, batch_time) in items {
-                    got_data |= matches!(flow, Flow::Data(_));
-                    let mut outputs = [&mut main_out, &mut error_out, &mut late_out];
-                    // The watermark moves after every batch, so where it stands between
-                    // batches does not depend on scheduling.
-                    if let Some(time) = state.handle(flow, batch_time, held, &mut outputs) {
-                        let seen = state.max_seen.map_or(time, |seen: EventTime| seen.max(time));
-                        state.max_seen = Some(seen);
-                        let target = seen.saturating_sub(out_of_orderness);
-                        state.advance_to(target, held, &mut outputs, shared);
-                    }
-                }
-                // Held input goes on as soon as the checkpoint aligned.
-                match state.resumed_input() {
-                    Some(more) => items = more,
-                    None => break,
-                }
-            }
+            let mut outputs = [&mut main_out, &mut error_out, &mut late_out];
+            // The watermark moves after every batch, so where it stands between batches does
+            // not depend on scheduling.
+            let got_data =
+                state.handle_input(&mut input, held, &mut outputs, |state, time, held, outputs| {
+                    let seen = state.max_seen.map_or(time, |seen: EventTime| seen.max(time));
+                    state.max_seen = Some(seen);
+                    state.advance_to(seen.saturating_sub(out_of_orderness), held, outputs, shared);
+                });
             if state.paused() {
                 return;
             }
@@ -1194,18 +1217,8 @@ where
                 input.for_each(|_cap, data| data.clear());
                 return;
             };
-            let mut items = state.take_input(&mut input);
-            loop {
-                for (flow, batch_time) in items {
-                    let mut outputs = [&mut main_out, &mut error_out, &mut late_out];
-                    state.handle(flow, batch_time, held, &mut outputs);
-                }
-                // Held input goes on as soon as the checkpoint aligned.
-                match state.resumed_input() {
-                    Some(more) => items = more,
-                    None => break,
-                }
-            }
+            let mut outputs = [&mut main_out, &mut error_out, &mut late_out];
+            state.handle_input(&mut input, held, &mut outputs, |_, _, _, _| {});
             if state.paused() {
                 return;
             }

@@ -397,6 +397,39 @@ pub fn lake_rows(url: &str, env: &[(String, String)]) -> Vec<String> {
     rows
 }
 
+/// The `[sources.in]` (Kafka on 127.0.0.1:9092, `topic`, its own group, read to the end
+/// with `stop_at_end`) and `[transforms.readings]` (normalize the simulator's JSON: device,
+/// `ts` in ms, the five features) tables of the Kafka test pipelines, then 5 s windows
+/// (`[transforms.windows]`). Nothing is late whatever the order partitions are read in when
+/// the pipeline's `out_of_orderness_ms` covers the run.
+pub fn kafka_readings_windows_toml(topic: &str, stop_at_end: bool) -> String {
+    format!(
+        r#"
+[sources.in]
+type = "kafka"
+brokers = "127.0.0.1:9092"
+topics = ["{topic}"]
+group_id = "{group}"
+stop_at_end = {stop_at_end}
+
+[transforms.readings]
+type = "normalize"
+inputs = ["in"]
+device_field = "device"
+timestamp_field = "ts"
+timestamp_format = "unix_ms"
+features = ["vibration", "current", "pressure", "temperature", "flow"]
+
+[transforms.windows]
+type = "window"
+inputs = ["readings"]
+size_ms = 5000
+"#,
+        // Its own group: no committed offsets of another run.
+        group = unique("group"),
+    )
+}
+
 /// Asserts that the lake at `got` holds exactly the rows of the lake at `expected` (none
 /// missing, none extra, none twice); returns how many.
 pub fn assert_same_lake(expected: &str, got: &str) -> usize {
