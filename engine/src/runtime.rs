@@ -22,7 +22,7 @@
 //! not partitioned already.
 //!
 //! With checkpoints (`checkpoint_interval_secs`), barriers travel with the data ([`Flow`]):
-//! every operator counts them on its input ([`Barriers`]), snapshots when it has them all, and
+//! every operator counts them on its input (`Barriers`), snapshots when it has them all, and
 //! pauses until every instance of the run has (see [`crate::checkpoint`]).
 
 use std::collections::{BTreeMap, HashMap};
@@ -509,7 +509,10 @@ struct Barriers {
 
 impl Barriers {
     fn new(checkpoints: Arc<Checkpoints>, instance: Instance, expected: usize) -> Barriers {
-        let last = checkpoints.requested();
+        // The restored epoch, not the requested one: a worker that builds its dataflow after
+        // the first epoch was opened (a slow start, a process that joins the cluster late)
+        // must still send that epoch's barrier.
+        let last = checkpoints.restored_epoch();
         Barriers {
             checkpoints,
             instance,

@@ -212,6 +212,11 @@ impl Checkpoints {
         })
     }
 
+    /// The epoch of the checkpoint the run resumes from (0: none).
+    pub fn restored_epoch(&self) -> u64 {
+        self.restored.as_ref().map_or(0, |loaded| loaded.manifest.epoch)
+    }
+
     /// The checkpoint the run resumes from.
     pub fn restored(&self) -> Option<&Loaded> {
         self.restored.as_ref()
