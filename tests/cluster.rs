@@ -195,7 +195,6 @@ fn a_dead_process_stops_the_other_with_an_error_naming_the_lost_peer() {
 }
 
 #[test]
-#[ignore = "known hang, 3 in about 35 runs, under load: after the restart, a follower's sink sometimes never reports an epoch (the leader logs `checkpoint N is waiting for these instances`); run with --ignored"]
 fn after_a_dead_process_all_resume_from_the_checkpoint() {
     let _serial = serial();
     require_kafka();

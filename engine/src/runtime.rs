@@ -1407,7 +1407,10 @@ fn sink_operator<'scope>(
     let mut input = builder.new_input(input, PipelinePact);
     let mut state =
         SinkState { sink, ctx, metrics, run, barriers, failed: false, closed: false, watermark: 0 };
-    builder.build(move |_caps| {
+    // Incomplete until closed: a sink holds no capability, and timely would otherwise shut it
+    // down once its input ended even while it waits for a checkpoint (paused), before it
+    // made its final report.
+    builder.build_reschedule(move |_caps| {
         let mut opened = false;
         move |frontiers| {
             if !opened {
@@ -1421,7 +1424,7 @@ fn sink_operator<'scope>(
                     state.handle(flow);
                 }
                 if state.closed || state.barriers.as_mut().is_some_and(Barriers::is_paused) {
-                    return;
+                    return !state.closed;
                 }
                 if let Some(epoch) = state.barriers.as_ref().and_then(Barriers::orphaned) {
                     let report = state.report();
@@ -1448,6 +1451,7 @@ fn sink_operator<'scope>(
                 Some(_) => {}
                 None => state.close(),
             }
+            !state.closed
         }
     });
 }
