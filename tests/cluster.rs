@@ -13,29 +13,14 @@
 
 mod common;
 
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use common::process::{Process, free_address};
 use common::{unique, wait_until};
 
-const BROKERS: &str = "127.0.0.1:9092";
-
-fn serial() -> MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-fn require_kafka() {
-    let address = BROKERS.parse().expect("address");
-    TcpStream::connect_timeout(&address, Duration::from_secs(2)).expect(
-        "no Kafka broker on 127.0.0.1:9092: start it with `scripts/services.sh start kafka` \
-         (scripts/test.sh does)",
-    );
-}
+const BROKERS: &str = common::KAFKA_BROKERS;
 
 fn produce(topic: &str, devices: usize, count: u64) {
     let output = Command::new(env!("CARGO_BIN_EXE_tidewatch"))
@@ -133,8 +118,8 @@ fn run_cluster(
 
 #[test]
 fn one_two_and_three_processes_write_the_same_rows() {
-    let _serial = serial();
-    require_kafka();
+    let _serial = common::kafka_serial();
+    common::require_kafka();
     let dir = tempfile::tempdir().expect("tempdir");
     let topic = unique("cluster");
     let count = 12_000;
@@ -188,16 +173,16 @@ fn kill_one_of_two(dir: &Path, topic: &str, half: u64) -> (PathBuf, PathBuf) {
 
 #[test]
 fn a_dead_process_stops_the_other_with_an_error_naming_the_lost_peer() {
-    let _serial = serial();
-    require_kafka();
+    let _serial = common::kafka_serial();
+    common::require_kafka();
     let dir = tempfile::tempdir().expect("tempdir");
     kill_one_of_two(dir.path(), &unique("cluster-dead"), 3_000);
 }
 
 #[test]
 fn after_a_dead_process_all_resume_from_the_checkpoint() {
-    let _serial = serial();
-    require_kafka();
+    let _serial = common::kafka_serial();
+    common::require_kafka();
     let dir = tempfile::tempdir().expect("tempdir");
     let topic = unique("cluster-dead");
     let half = 3_000;
@@ -232,8 +217,8 @@ fn start_up_names_the_peers_that_do_not_come() {
 
 #[test]
 fn two_processes_of_the_cloud_pipeline_share_the_topic_and_stop_on_sigint() {
-    let _serial = serial();
-    require_kafka();
+    let _serial = common::kafka_serial();
+    common::require_kafka();
     let dir = tempfile::tempdir().expect("tempdir");
     let topic = unique("cloud-2p");
     let env = [

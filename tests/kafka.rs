@@ -18,7 +18,6 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use common::process::{Process, http_get, metric_sum};
@@ -28,23 +27,9 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 
-const BROKERS: &str = "127.0.0.1:9092";
+const BROKERS: &str = common::KAFKA_BROKERS;
 /// Partitions of an auto-created topic (scripts/services.sh configures the broker so).
 const PARTITIONS: i32 = 4;
-
-/// One test at a time: they share the broker, and one stops it.
-fn serial() -> MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-fn require_kafka() {
-    let address = BROKERS.parse().expect("address");
-    TcpStream::connect_timeout(&address, Duration::from_secs(2)).expect(
-        "no Kafka broker on 127.0.0.1:9092: start it with `scripts/services.sh start kafka` \
-         (scripts/test.sh does)",
-    );
-}
 
 fn simulate_kafka(topic: &str, devices: usize, count: u64, seed: u64) {
     let output = Command::new(env!("CARGO_BIN_EXE_tidewatch"))
@@ -106,8 +91,8 @@ fn write_pipeline(dir: &Path, name: &str, text: &str) -> PathBuf {
 
 #[test]
 fn cloud_pipeline_counts_exactly_what_simulate_produced_and_commits_its_offsets() {
-    let _serial = serial();
-    require_kafka();
+    let _serial = common::kafka_serial();
+    common::require_kafka();
     let topic = unique("cloud");
     let dir = tempfile::tempdir().expect("tempdir");
     let lake = format!("file://{}", dir.path().join("lake").display());
@@ -221,8 +206,8 @@ fn readings_of(path: &Path) -> Vec<(String, i64)> {
 
 #[test]
 fn two_consumers_split_the_partitions_and_one_takes_over_when_the_other_dies() {
-    let _serial = serial();
-    require_kafka();
+    let _serial = common::kafka_serial();
+    common::require_kafka();
     let topic = unique("split");
     let group = unique("split-group");
     let dir = tempfile::tempdir().expect("tempdir");
@@ -315,8 +300,8 @@ fn publish_readings(publisher: &Publisher, prefix: &str, devices: usize, first: 
 
 #[test]
 fn edge_buffer_ships_every_reading_in_order_after_an_outage_and_a_crash() {
-    let _serial = serial();
-    require_kafka();
+    let _serial = common::kafka_serial();
+    common::require_kafka();
     common::require_broker();
     let topic = unique("edge");
     let prefix = unique("site");

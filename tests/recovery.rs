@@ -20,30 +20,15 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use common::process::{Process, metric_sum};
 use common::{root, unique, wait_until};
 
-const BROKERS: &str = "127.0.0.1:9092";
+const BROKERS: &str = common::KAFKA_BROKERS;
 const FEATURES: [&str; 5] = ["vibration", "current", "pressure", "temperature", "flow"];
-
-fn serial() -> MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-fn require_kafka() {
-    let address = BROKERS.parse().expect("address");
-    TcpStream::connect_timeout(&address, Duration::from_secs(2)).expect(
-        "no Kafka broker on 127.0.0.1:9092: start it with `scripts/services.sh start kafka` \
-         (scripts/test.sh does)",
-    );
-}
 
 /// `tidewatch simulate --kafka` of `count` readings of `devices` pumps, one simulated second
 /// apart per pump, at `rate` per second (0: as fast as the broker takes them).
@@ -177,8 +162,8 @@ fn compare(expected: &Path, got: &Path, count: usize) {
 
 #[test]
 fn killed_three_times_the_lake_equals_a_straight_run_exactly() {
-    let _serial = serial();
-    require_kafka();
+    let _serial = common::kafka_serial();
+    common::require_kafka();
     let dir = tempfile::tempdir().expect("tempdir");
     let model = model(dir.path());
     let topic = unique("golden");
@@ -220,8 +205,8 @@ fn killed_three_times_the_lake_equals_a_straight_run_exactly() {
 
 #[test]
 fn rescaling_from_a_checkpoint_two_to_one_and_one_to_two_gives_the_same_output() {
-    let _serial = serial();
-    require_kafka();
+    let _serial = common::kafka_serial();
+    common::require_kafka();
     let dir = tempfile::tempdir().expect("tempdir");
     let model = model(dir.path());
     let half = 4_000;
@@ -263,8 +248,8 @@ fn rescaling_from_a_checkpoint_two_to_one_and_one_to_two_gives_the_same_output()
 
 #[test]
 fn a_damaged_checkpoint_is_skipped_and_the_one_before_restored() {
-    let _serial = serial();
-    require_kafka();
+    let _serial = common::kafka_serial();
+    common::require_kafka();
     let dir = tempfile::tempdir().expect("tempdir");
     let model = model(dir.path());
     let topic = unique("damaged");
@@ -323,8 +308,8 @@ fn a_damaged_checkpoint_is_skipped_and_the_one_before_restored() {
 
 #[test]
 fn the_cloud_pipeline_killed_three_times_writes_every_reading_to_ceph_once() {
-    let _serial = serial();
-    require_kafka();
+    let _serial = common::kafka_serial();
+    common::require_kafka();
     let env = common::ceph_env().expect(
         "no Ceph radosgw on 127.0.0.1:7480: start it with `scripts/services.sh start ceph` \
          (scripts/test.sh does)",
@@ -371,7 +356,7 @@ fn the_cloud_pipeline_killed_three_times_writes_every_reading_to_ceph_once() {
 
 #[test]
 fn mqtt_qos1_across_kills_loses_nothing_and_repeats_at_most_one_epoch() {
-    let _serial = serial();
+    let _serial = common::kafka_serial();
     common::require_broker();
     let dir = tempfile::tempdir().expect("tempdir");
     let prefix = unique("ck-mqtt");

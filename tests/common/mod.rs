@@ -446,6 +446,24 @@ pub fn assert_same_lake(expected: &str, got: &str) -> usize {
     want.len()
 }
 
+/// The Kafka broker of the tests (`scripts/services.sh start kafka`).
+pub const KAFKA_BROKERS: &str = "127.0.0.1:9092";
+
+/// One test at a time in a test binary for the tests that share the Kafka broker.
+pub fn kafka_serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Fails with how to start it when no Kafka broker answers on 127.0.0.1:9092.
+pub fn require_kafka() {
+    let address = KAFKA_BROKERS.parse().expect("address");
+    TcpStream::connect_timeout(&address, Duration::from_secs(2)).expect(
+        "no Kafka broker on 127.0.0.1:9092: start it with `scripts/services.sh start kafka` \
+         (scripts/test.sh does)",
+    );
+}
+
 /// The `export K=V` lines of `scripts/services.sh env ceph` (endpoint and credentials of the
 /// radosgw on 127.0.0.1:7480), when it answers.
 pub fn ceph_env() -> Option<Vec<(String, String)>> {
