@@ -154,6 +154,35 @@ fn late_port_of_a_component_without_one_is_an_error() {
 }
 
 #[test]
+fn an_unknown_named_output_is_located_and_the_existing_ones_listed() {
+    let error = single_error("invalid/unknown_port.toml");
+    assert_eq!((error.line, error.column), (19, 26), "{error}");
+    assert!(error.message.contains("unknown output `.nosuch` of `by_heat`"), "{error}");
+    assert_eq!(
+        error.hint.as_deref(),
+        Some("the outputs of `by_heat` are `by_heat.hot`, `by_heat.normal` and `by_heat.errors`"),
+        "{error}"
+    );
+}
+
+#[test]
+fn a_route_has_no_main_output_and_its_named_outputs_validate() {
+    let text =
+        std::fs::read_to_string(common::root().join("tests/fixtures/invalid/unknown_port.toml"))
+            .expect("fixture");
+    let valid = text.replace(", \"by_heat.nosuch\"", "");
+    let pipeline = common::load(&valid, &[]).unwrap_or_else(|errors| panic!("{errors}"));
+    let route = pipeline.component("by_heat").expect("by_heat");
+    let names: Vec<&str> = route.named_outputs.iter().map(|name| &**name).collect();
+    assert_eq!(names, ["hot", "normal"]);
+    let main = text.replace("\"by_heat.nosuch\"", "\"by_heat\"");
+    let errors = common::load(&main, &[]).expect_err("a route has no main output");
+    let error = errors.errors().next().expect("one error");
+    assert_eq!((error.line, error.column), (19, 26), "{error}");
+    assert!(error.message.contains("`by_heat` has no main output"), "{error}");
+}
+
+#[test]
 fn every_error_is_reported_not_just_the_first() {
     let diagnostics = common::diagnostics("invalid/many_errors.toml");
     let lines: Vec<usize> =

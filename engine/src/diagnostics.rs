@@ -138,7 +138,7 @@ fn edit_distance(a: &str, b: &str) -> usize {
 }
 
 /// The closest candidate to `word`, if it is close enough to be a likely typo.
-pub(crate) fn did_you_mean<'a, I>(word: &str, candidates: I) -> Option<String>
+pub(crate) fn closest<'a, I>(word: &str, candidates: I) -> Option<&'a str>
 where
     I: IntoIterator<Item = &'a str>,
 {
@@ -149,7 +149,15 @@ where
         })
         .filter(|(distance, candidate)| *distance <= (candidate.len().max(word.len()) / 3).max(2))
         .min_by_key(|(distance, _)| *distance)
-        .map(|(_, candidate)| format!("did you mean `{candidate}`?"))
+        .map(|(_, candidate)| candidate)
+}
+
+/// "did you mean `x`?" for the [`closest`] candidate `x`.
+pub(crate) fn did_you_mean<'a, I>(word: &str, candidates: I) -> Option<String>
+where
+    I: IntoIterator<Item = &'a str>,
+{
+    closest(word, candidates).map(|candidate| format!("did you mean `{candidate}`?"))
 }
 
 #[cfg(test)]

@@ -14,13 +14,20 @@ pub enum GraphFormat {
     Dot,
 }
 
-fn edge_label(port: Port, kind: Option<&str>) -> String {
+fn edge_label(port: &Port, kind: Option<&str>) -> String {
     match (port, kind) {
         (Port::Main, Some(kind)) => kind.to_owned(),
         (Port::Main, None) => String::new(),
         (Port::Errors, _) => "errors".to_owned(),
         (Port::Late, _) => "late".to_owned(),
+        (Port::Named(name), Some(kind)) => format!("{name}: {kind}"),
+        (Port::Named(name), None) => name.to_string(),
     }
+}
+
+/// Data ports (main and named) are drawn solid, side outputs (errors, late) dashed.
+fn is_side_output(port: &Port) -> bool {
+    matches!(port, Port::Errors | Port::Late)
 }
 
 /// Renders `pipeline` in `format`.
@@ -49,8 +56,8 @@ pub fn render(pipeline: &Pipeline, format: GraphFormat) -> String {
             }
             for component in &pipeline.components {
                 for input in &component.inputs {
-                    let label = edge_label(input.port, kind_of(&input.component));
-                    let arrow = if input.port == Port::Main { "-->" } else { "-.->" };
+                    let label = edge_label(&input.port, kind_of(&input.component));
+                    let arrow = if is_side_output(&input.port) { "-.->" } else { "-->" };
                     if label.is_empty() {
                         let _ = writeln!(out, "    {} {arrow} {}", input.component, component.id);
                     } else {
@@ -83,8 +90,8 @@ pub fn render(pipeline: &Pipeline, format: GraphFormat) -> String {
             }
             for component in &pipeline.components {
                 for input in &component.inputs {
-                    let label = edge_label(input.port, kind_of(&input.component));
-                    let style = if input.port == Port::Main { "solid" } else { "dashed" };
+                    let label = edge_label(&input.port, kind_of(&input.component));
+                    let style = if is_side_output(&input.port) { "dashed" } else { "solid" };
                     let _ = writeln!(
                         out,
                         "    \"{}\" -> \"{}\" [label=\"{label}\", style={style}];",

@@ -395,7 +395,9 @@ fn build<'scope>(
         let inputs: Vec<Data<'scope>> = component
             .inputs
             .iter()
-            .filter_map(|input| streams.get(&(input.component.clone(), input.port)).cloned())
+            .filter_map(|input| {
+                streams.get(&(input.component.clone(), input.port.clone())).cloned()
+            })
             .collect();
         let inputs_partitioned = component.inputs.iter().all(|input| {
             input.port != Port::Errors
@@ -433,22 +435,26 @@ fn build<'scope>(
                     .as_ref()
                     .map(|checkpoints| Barriers::new(Arc::clone(checkpoints), instance, expected));
                 let state = TransformState::new(transform, ctx, metrics, run.clone(), barriers);
-                let (main, errors, late) = if exchanged {
+                let named = component.named_outputs.len();
+                let outputs = if exchanged {
                     let split = input.flat_map(move |flow: Flow| flow.split(peers));
                     let pact = ExchangePact::new(Flow::route_hash);
                     if assigner {
-                        assigner_operator(scope, split, pact, state)
+                        assigner_operator(scope, split, pact, state, named)
                     } else {
-                        follower_operator(scope, split, pact, state)
+                        follower_operator(scope, split, pact, state, named)
                     }
                 } else if assigner {
-                    assigner_operator(scope, input, PipelinePact, state)
+                    assigner_operator(scope, input, PipelinePact, state, named)
                 } else {
-                    follower_operator(scope, input, PipelinePact, state)
+                    follower_operator(scope, input, PipelinePact, state, named)
                 };
-                streams.insert((component.id.clone(), Port::Main), main);
-                streams.insert((component.id.clone(), Port::Errors), errors);
-                streams.insert((component.id.clone(), Port::Late), late);
+                let ports = [Port::Main, Port::Errors, Port::Late]
+                    .into_iter()
+                    .chain(component.named_outputs.iter().cloned().map(Port::Named));
+                for (port, stream) in ports.zip(outputs) {
+                    streams.insert((component.id.clone(), port), stream);
+                }
                 partitioned.insert(component.id.clone(), properties.keyed || inputs_partitioned);
             }
             Configured::Sink(configured) => {
@@ -634,7 +640,19 @@ fn restore_each(
     watermark
 }
 
-/// Sends what a component produced: main batches, error records, late readings, discards.
+/// The timely output of a transform's first named output: after main, errors and late.
+const NAMED_OUTPUTS: usize = 3;
+
+/// A transform operator's outputs: main, errors, late, then one per named output.
+fn transform_outputs<'scope>(
+    builder: &mut OperatorBuilder<'scope, u64>,
+    named: usize,
+) -> (Vec<Output>, Vec<Data<'scope>>) {
+    (0..NAMED_OUTPUTS + named).map(|_| builder.new_output::<Vec<Flow>>()).unzip()
+}
+
+/// Sends what a component produced: main batches, batches of named outputs, error records,
+/// late readings, discards.
 fn ship(
     outs: &mut Outputs,
     caps: &[Capability<u64>],
@@ -651,6 +669,16 @@ fn ship(
             let mut flows: Vec<Flow> = main.into_iter().map(Flow::Data).collect();
             output.activate().give(cap, &mut flows);
         }
+    }
+    for (port, batch) in outs.take_named() {
+        let output = NAMED_OUTPUTS + port;
+        let (Some(cap), Some(output)) = (caps.get(output), outputs.get_mut(output)) else {
+            metrics.discarded("no_such_output", batch.len() as u64);
+            continue;
+        };
+        metrics.sent(batch.len());
+        max_time = max_time.max(batch.max_event_time());
+        output.activate().give(cap, &mut vec![Flow::Data(batch)]);
     }
     let errors: Vec<ErrorRecord> = outs.take_errors();
     if !errors.is_empty() {
@@ -841,8 +869,6 @@ fn source_operator<'scope>(
     });
     (main, errors)
 }
-
-type Streams<'scope> = (Data<'scope>, Data<'scope>, Data<'scope>);
 
 /// One worker's instance of a transform and what both kinds of transform operators keep
 /// around it.
@@ -1099,7 +1125,8 @@ fn assigner_operator<'scope, P>(
     input: Data<'scope>,
     pact: P,
     mut state: TransformState,
-) -> Streams<'scope>
+    named: usize,
+) -> Vec<Data<'scope>>
 where
     P: ParallelizationContract<u64, Vec<Flow>>,
 {
@@ -1107,9 +1134,7 @@ where
     let info = builder.operator_info();
     let activator = scope.activator_for(Rc::clone(&info.address));
     wake_on_checkpoints(scope, &info.address, state.barriers.as_ref());
-    let (mut main_out, main) = builder.new_output::<Vec<Flow>>();
-    let (mut error_out, errors) = builder.new_output::<Vec<Flow>>();
-    let (mut late_out, late) = builder.new_output::<Vec<Flow>>();
+    let (mut outs, streams) = transform_outputs(&mut builder, named);
     // Its outputs do not depend on its input's timestamps.
     let mut input = builder.new_input_connection(input, pact, Vec::new());
     let shared = state
@@ -1130,12 +1155,12 @@ where
                 input.for_each(|_cap, data| data.clear());
                 return;
             };
+            let mut outputs: Vec<&mut Output> = outs.iter_mut().collect();
             let shared = shared.as_deref().map(|shared| &shared.0);
             if !restored {
                 restored = true;
                 // Resume at the restored watermark.
                 if let Some(seen) = state.max_seen {
-                    let mut outputs = [&mut main_out, &mut error_out, &mut late_out];
                     state.advance_to(
                         seen.saturating_sub(out_of_orderness),
                         held,
@@ -1144,7 +1169,6 @@ where
                     );
                 }
             }
-            let mut outputs = [&mut main_out, &mut error_out, &mut late_out];
             // The watermark moves after every batch, so where it stands between batches does
             // not depend on scheduling.
             let got_data =
@@ -1156,7 +1180,6 @@ where
             if state.paused() {
                 return;
             }
-            let mut outputs = [&mut main_out, &mut error_out, &mut late_out];
             if state.pass_orphaned(held, &mut outputs) && state.paused() {
                 return;
             }
@@ -1188,7 +1211,7 @@ where
             );
         }
     });
-    (main, errors, late)
+    streams
 }
 
 /// An ordinary transform: its capabilities follow its input frontier, and `on_watermark` runs
@@ -1198,18 +1221,17 @@ fn follower_operator<'scope, P>(
     input: Data<'scope>,
     pact: P,
     mut state: TransformState,
-) -> Streams<'scope>
+    named: usize,
+) -> Vec<Data<'scope>>
 where
     P: ParallelizationContract<u64, Vec<Flow>>,
 {
     let mut builder = OperatorBuilder::new(state.ctx.component_id.to_string(), scope);
     let info = builder.operator_info();
     wake_on_checkpoints(scope, &info.address, state.barriers.as_ref());
-    let (mut main_out, main) = builder.new_output::<Vec<Flow>>();
-    let (mut error_out, errors) = builder.new_output::<Vec<Flow>>();
-    let (mut late_out, late) = builder.new_output::<Vec<Flow>>();
+    let (mut outs, streams) = transform_outputs(&mut builder, named);
     let connection: Vec<(usize, Antichain<u64>)> =
-        (0..3).map(|output| (output, Antichain::from_elem(0))).collect();
+        (0..outs.len()).map(|output| (output, Antichain::from_elem(0))).collect();
     let mut input = builder.new_input_connection(input, pact, connection);
     builder.build(move |caps| {
         let mut caps = Some(caps);
@@ -1220,12 +1242,11 @@ where
                 input.for_each(|_cap, data| data.clear());
                 return;
             };
-            let mut outputs = [&mut main_out, &mut error_out, &mut late_out];
+            let mut outputs: Vec<&mut Output> = outs.iter_mut().collect();
             state.handle_input(&mut input, held, &mut outputs, |_, _, _, _| {});
             if state.paused() {
                 return;
             }
-            let mut outputs = [&mut main_out, &mut error_out, &mut late_out];
             if state.pass_orphaned(held, &mut outputs) && state.paused() {
                 return;
             }
@@ -1239,7 +1260,7 @@ where
             }
         }
     });
-    (main, errors, late)
+    streams
 }
 
 /// Moves an operator's watermark: `on_watermark`, ship what it closed, downgrade the

@@ -30,7 +30,7 @@ use tidewatch_api::{
 use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
-use crate::diagnostics::{Diagnostic, Reporter, Severity, did_you_mean};
+use crate::diagnostics::{Diagnostic, Reporter, Severity, closest, did_you_mean};
 use crate::interpolate::interpolate;
 use crate::registry::{Class, Registry};
 
@@ -104,7 +104,7 @@ impl Default for PipelineSettings {
 }
 
 /// Which output of a component an input reads.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Port {
     /// The main output (`<id>`).
     Main,
@@ -112,15 +112,18 @@ pub enum Port {
     Errors,
     /// The late side output (`<id>.late`), for components that have one.
     Late,
+    /// A named output (`<id>.<name>`) that the transform's options declare (`route`).
+    Named(Arc<str>),
 }
 
 impl Port {
-    /// The suffix written after the component id (`""`, `".errors"`, `".late"`).
-    pub fn suffix(self) -> &'static str {
+    /// The suffix written after the component id (`""`, `".errors"`, `".late"`, `".<name>"`).
+    pub fn suffix(&self) -> std::borrow::Cow<'static, str> {
         match self {
-            Port::Main => "",
-            Port::Errors => ".errors",
-            Port::Late => ".late",
+            Port::Main => "".into(),
+            Port::Errors => ".errors".into(),
+            Port::Late => ".late".into(),
+            Port::Named(name) => format!(".{name}").into(),
         }
     }
 }
@@ -176,10 +179,13 @@ pub struct Component {
     pub inputs: Vec<InputRef>,
     /// The configured factory.
     pub configured: Configured,
-    /// The type of its main output (`None` for sinks).
+    /// The type of its main output (`None` for sinks); a transform's named outputs carry it too.
     pub output: Option<PortType>,
     /// The type of its late output, if it has one.
     pub late: Option<PortType>,
+    /// Its named outputs (`<id>.<name>`), in the order the transform sends to them; a
+    /// transform with named outputs has no main output.
+    pub named_outputs: Vec<Arc<str>>,
 }
 
 /// A validated pipeline: components in an order where every producer precedes its consumers.
@@ -318,6 +324,40 @@ struct Entry {
     inputs_span: Range<usize>,
     options: ConfigValue,
     configured: Option<Configured>,
+    /// The named outputs its options declare (known once `configured` is).
+    named: Vec<Arc<str>>,
+}
+
+impl Entry {
+    /// Its outputs as consumers name them (`id`, `id.<name>`, `id.errors`, `id.late`);
+    /// `None` while its options are broken (its outputs are unknown).
+    fn output_names(&self) -> Option<Vec<String>> {
+        let late = match self.configured.as_ref()? {
+            Configured::Source(_) => false,
+            Configured::Transform(_, properties) => properties.late_output,
+            Configured::Sink(_) => return Some(Vec::new()),
+        };
+        let id = &self.id;
+        let mut names: Vec<String> = if self.named.is_empty() {
+            vec![id.clone()]
+        } else {
+            self.named.iter().map(|name| format!("{id}.{name}")).collect()
+        };
+        names.push(format!("{id}.errors"));
+        if late {
+            names.push(format!("{id}.late"));
+        }
+        Some(names)
+    }
+}
+
+/// `a`, `b` and `c`, each in backquotes.
+fn quoted_list(names: &[String]) -> String {
+    let quoted: Vec<String> = names.iter().map(|name| format!("`{name}`")).collect();
+    match quoted.split_last() {
+        Some((last, rest)) if !rest.is_empty() => format!("{} and {last}", rest.join(", ")),
+        _ => quoted.concat(),
+    }
 }
 
 struct Validator<'r> {
@@ -414,7 +454,7 @@ impl Validator<'_> {
                     self.reporter.error(
                         Some(id_key.span()),
                         format!("invalid component id `{id}`"),
-                        Some("ids use letters, digits, `_` and `-` (no dots: `.errors` and `.late` name side outputs)".into()),
+                        Some("ids use letters, digits, `_` and `-` (no dots: `<id>.errors`, `<id>.late` and `<id>.<name>` name outputs)".into()),
                     );
                     continue;
                 }
@@ -482,7 +522,7 @@ impl Validator<'_> {
                                 match item.get_ref().as_str() {
                                     Some(name) => list.push((name.to_owned(), item.span())),
                                     None => {
-                                        self.reporter.error(Some(item.span()), "every input must be a string (a component id, `<id>.errors` or `<id>.late`)", None);
+                                        self.reporter.error(Some(item.span()), "every input must be a string (a component id, `<id>.errors`, `<id>.late` or `<id>.<output>`)", None);
                                         ok = false;
                                     }
                                 }
@@ -550,6 +590,7 @@ impl Validator<'_> {
             inputs_span,
             options,
             configured: None,
+            named: Vec::new(),
         })
     }
 
@@ -600,7 +641,12 @@ impl Validator<'_> {
                 }
             };
             match result {
-                Ok(configured) => entry.configured = Some(configured),
+                Ok(configured) => {
+                    if let Configured::Transform(transform, _) = &configured {
+                        entry.named = self.named_outputs(entry, transform.named_outputs());
+                    }
+                    entry.configured = Some(configured);
+                }
                 Err(error) => {
                     let options = entry.options.clone();
                     self.config_error(&options, entry.id_span.clone(), error);
@@ -608,6 +654,32 @@ impl Validator<'_> {
             }
         }
         self.entries = entries;
+    }
+
+    /// The named outputs a transform declares, checked: names like ids, not `errors` or
+    /// `late`, each once (a bad name is the factory's fault, reported at the component).
+    fn named_outputs(&mut self, entry: &Entry, declared: Vec<String>) -> Vec<Arc<str>> {
+        let mut named: Vec<Arc<str>> = Vec::with_capacity(declared.len());
+        for name in declared {
+            let problem = if !valid_id(&name) {
+                Some("is not letters, digits, `_` and `-`")
+            } else if name == "errors" || name == "late" {
+                Some("names a side output")
+            } else if named.iter().any(|known| **known == *name) {
+                Some("is declared twice")
+            } else {
+                None
+            };
+            match problem {
+                Some(problem) => self.reporter.error(
+                    Some(entry.id_span.clone()),
+                    format!("`{}` declares an output named {name:?}, which {problem}", entry.id),
+                    Some("choose another name".into()),
+                ),
+                None => named.push(Arc::from(name)),
+            }
+        }
+        named
     }
 
     /// Stages 5 and 6: the graph, then warnings. Each step reports everything it finds; a
@@ -637,18 +709,9 @@ impl Validator<'_> {
         for entry in &self.entries {
             let mut list = Vec::new();
             for (name, span) in &entry.inputs {
-                let (component, port) = match name.rsplit_once('.') {
-                    Some((component, "errors")) => (component, Port::Errors),
-                    Some((component, "late")) => (component, Port::Late),
-                    Some((component, other)) => {
-                        self.reporter.error(
-                            Some(span.clone()),
-                            format!("unknown output `.{other}` of `{component}`"),
-                            Some("a component's outputs are `<id>`, `<id>.errors` and, for windows, `<id>.late`".into()),
-                        );
-                        continue;
-                    }
-                    None => (name.as_str(), Port::Main),
+                let (component, suffix) = match name.split_once('.') {
+                    Some((component, suffix)) => (component, Some(suffix)),
+                    None => (name.as_str(), None),
                 };
                 let Some(&producer) = ids.get(component) else {
                     self.reporter.error(
@@ -667,7 +730,8 @@ impl Validator<'_> {
                     );
                     continue;
                 };
-                if self.entries[producer].class == Class::Sink {
+                let source = &self.entries[producer];
+                if source.class == Class::Sink {
                     self.reporter.error(
                         Some(span.clone()),
                         format!("`{component}` is a sink and has no output to read"),
@@ -683,6 +747,45 @@ impl Validator<'_> {
                     );
                     continue;
                 }
+                let port = match suffix {
+                    None if !source.named.is_empty() => {
+                        let names = source.output_names().unwrap_or_default();
+                        self.reporter.error(
+                            Some(span.clone()),
+                            format!(
+                                "`{component}` has no main output: its records go to its named outputs"
+                            ),
+                            Some(format!("read one of {}", quoted_list(&names))),
+                        );
+                        continue;
+                    }
+                    None => Port::Main,
+                    Some("errors") => Port::Errors,
+                    Some("late") => Port::Late,
+                    Some(other) if source.named.iter().any(|known| **known == *other) => {
+                        Port::Named(Arc::from(other))
+                    }
+                    // Its options are broken (reported): its outputs are unknown, and so is
+                    // this input's type.
+                    Some(other) if source.configured.is_none() => Port::Named(Arc::from(other)),
+                    Some(other) => {
+                        let names = source.output_names().unwrap_or_default();
+                        let ports = names.iter().filter_map(|name| name.split_once('.'));
+                        let close = closest(other, ports.map(|(_, port)| port))
+                            .map(|port| format!("did you mean `{component}.{port}`?"));
+                        let outputs =
+                            format!("the outputs of `{component}` are {}", quoted_list(&names));
+                        self.reporter.error(
+                            Some(span.clone()),
+                            format!("unknown output `.{other}` of `{component}`"),
+                            Some(match close {
+                                Some(close) => format!("{close} {outputs}"),
+                                None => outputs,
+                            }),
+                        );
+                        continue;
+                    }
+                };
                 list.push(Resolved {
                     input: InputRef { component: component.to_owned(), port },
                     span: span.clone(),
@@ -786,6 +889,7 @@ impl Validator<'_> {
                 configured,
                 output,
                 late,
+                named_outputs: entry.named.clone(),
             });
         }
         components
@@ -804,8 +908,8 @@ impl Validator<'_> {
                 all_known = false;
                 continue;
             };
-            let port_type = match edge.input.port {
-                Port::Main => main.clone(),
+            let port_type = match &edge.input.port {
+                Port::Main | Port::Named(_) => main.clone(),
                 Port::Errors => PortType::of(Kind::Errors),
                 Port::Late => match late {
                     Some(late) => late.clone(),

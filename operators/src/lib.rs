@@ -1,10 +1,11 @@
-//! The built-in transforms of tidewatch: `normalize`, `filter`, `window`, `stats`,
+//! The built-in transforms of tidewatch: `normalize`, `filter`, `route`, `window`, `stats`,
 //! `autoencoder` and `threshold`.
 //!
 //! | type | in | out | side outputs | state |
 //! |---|---|---|---|---|
 //! | [`normalize`] | raw messages | readings | `<id>.errors` | last values for `hold_last` (assigns event time) |
 //! | [`filter`] | readings, windows or scores | the same | `<id>.errors` | none |
+//! | [`route`] | readings, windows or scores | the same, on `<id>.<route>` per route | `<id>.errors` | none |
 //! | [`window`] | readings | windows | `<id>.late`, `<id>.errors` | open windows per device |
 //! | [`stats`] | windows | scores | `<id>.errors` | a moving baseline per device |
 //! | [`autoencoder`] | windows | scores | `<id>.errors` | the model (hot-swapped) |
@@ -14,9 +15,6 @@
 //! configs, factories and operators are public so that benchmarks and embedders can build the
 //! operators directly (`Normalize::new(&config, &ctx)` ...) without the engine. The option
 //! reference is `docs/reference/transforms.md`.
-//!
-//! [`route`] holds content-based routing (a table of named routes), which needs named outputs
-//! from the engine and so is not registered yet; pipelines route with one `filter` per branch.
 
 pub mod autoencoder;
 pub mod filter;
@@ -37,7 +35,7 @@ pub use normalize::{
     Conversion, MediationConfig, Normalize, NormalizeConfig, NormalizeFactory, NormalizeOptions,
     OnMissing, Quantity, Unit,
 };
-pub use route::{RouteConfig, RouteSpec, Router};
+pub use route::{Route, RouteConfig, RouteFactory, RouteSpec, Router};
 pub use stats::{STATS_VERSION, StatsConfig, StatsDetector, StatsFactory, stats_columns};
 pub use threshold::{Emit, Threshold, ThresholdConfig, ThresholdFactory};
 pub use window::{CountWindowOperator, WindowConfig, WindowFactory, WindowOperator};
@@ -47,6 +45,7 @@ pub fn builtins() -> Vec<(&'static str, ComponentFactory)> {
     vec![
         ("normalize", ComponentFactory::transform(NormalizeFactory)),
         ("filter", ComponentFactory::transform(FilterFactory)),
+        ("route", ComponentFactory::transform(RouteFactory)),
         ("window", ComponentFactory::transform(WindowFactory)),
         ("stats", ComponentFactory::transform(StatsFactory)),
         ("autoencoder", ComponentFactory::transform(AutoencoderFactory)),
@@ -65,7 +64,10 @@ mod tests {
     #[test]
     fn builtins_are_transforms_under_their_names() {
         let names: Vec<&str> = builtins().iter().map(|(name, _)| *name).collect();
-        assert_eq!(names, ["normalize", "filter", "window", "stats", "autoencoder", "threshold"]);
+        assert_eq!(
+            names,
+            ["normalize", "filter", "route", "window", "stats", "autoencoder", "threshold"]
+        );
         assert!(builtins().iter().all(|(_, factory)| factory.class() == "transform"));
     }
 

@@ -1,30 +1,31 @@
-//! Content-based routing: an ordered table of named routes, each with a [`Condition`]; a
-//! record takes the first route whose condition it meets, or the `otherwise` route.
+//! `route`: content-based routing. An ordered table of named routes, each with a
+//! [`Condition`]; a record takes the first route whose condition it meets, or the `otherwise`
+//! route, and leaves on the named output of its route, `<id>.<route>`.
 //!
-//! **Not a registered transform yet.** The engine gives a transform one main output (plus
-//! `<id>.errors` and, for windows, `<id>.late` of readings), so a component cannot send records
-//! to several named outputs. Until it can, a pipeline routes with one `filter` per branch on the
-//! same input (fan-out is free: every consumer of a stream sees all of it);
-//! [`RouteConfig::as_filters`] gives the exact equivalent filters of a routing table, the
-//! earlier routes' conditions negated in the later ones, so that the branches stay disjoint.
+//! The factory declares the route names (and `otherwise`) as the transform's named outputs
+//! ([`TransformFactory::named_outputs`]); [`Route`] sends [`Router::route`]'s batches to them
+//! with [`Outputs::emit_to`]. A record that meets no `when` and has no `otherwise` route is
+//! dropped and counted as `unrouted`.
 //!
-//! [`Router`] is the routing itself, ready for an engine with named outputs: given a batch it
-//! returns one batch per route. Registering `route` then takes a factory whose properties
-//! declare the route names as outputs (`<id>.<route>`) and a `process_batch` that sends
-//! [`Router::route`]'s batches to them.
+//! [`RouteConfig::as_filters`] gives the exact equivalent `filter` of each route (the earlier
+//! routes' conditions negated in the later ones), for tests and for tools that want them.
 
 use std::sync::Arc;
 
 use serde::Deserialize;
-use tidewatch_api::{Batch, ConfigError, PortType};
+use tidewatch_api::{
+    Batch, ComponentContext, ComponentError, ConfigError, Kind, Outputs, PortType, Transform,
+    TransformFactory, ValidateContext,
+};
 
 use crate::filter::{Condition, Matcher, split};
+use crate::util::config_error;
 
 /// One route of a [`RouteConfig`].
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteSpec {
-    /// The route's name (letters, digits, `_`, `-`): its output would be `<id>.<name>`.
+    /// The route's name (letters, digits, `_`, `-`): its output is `<id>.<name>`.
     pub name: String,
     /// The records this route takes (unless an earlier route took them).
     pub when: Condition,
@@ -67,6 +68,24 @@ fn check_name(name: &str, option: &str, seen: &[&str]) -> Result<(), ConfigError
 }
 
 impl RouteConfig {
+    /// Checks the names (not the conditions, which need the input type): at least one route,
+    /// names of letters, digits, `_` and `-`, none twice, none `errors` or `late`.
+    pub fn check_names(&self) -> Result<(), ConfigError> {
+        if self.routes.is_empty() {
+            return Err(ConfigError::at_field("routes", "`routes` is empty")
+                .with_hint("[[transforms.<id>.routes]] name = \"hot\", when = { ... }"));
+        }
+        let mut seen: Vec<&str> = Vec::new();
+        for route in &self.routes {
+            check_name(&route.name, "routes", &seen)?;
+            seen.push(&route.name);
+        }
+        if let Some(otherwise) = &self.otherwise {
+            check_name(otherwise, "otherwise", &seen)?;
+        }
+        Ok(())
+    }
+
     /// The route names in output order: the routes, then `otherwise`.
     pub fn names(&self) -> Vec<&str> {
         self.routes
@@ -120,20 +139,11 @@ pub struct Router {
 impl Router {
     /// Checks `config` against the input port (see [`Matcher::new`]) and builds the router.
     pub fn new(config: &RouteConfig, input: &PortType) -> Result<Router, ConfigError> {
-        if config.routes.is_empty() {
-            return Err(ConfigError::at_field("routes", "`routes` is empty")
-                .with_hint("[[transforms.<id>.routes]] name = \"hot\", when = { ... }"));
-        }
-        let mut seen: Vec<&str> = Vec::new();
+        config.check_names()?;
         let mut matchers = Vec::with_capacity(config.routes.len());
         for (index, route) in config.routes.iter().enumerate() {
-            check_name(&route.name, "routes", &seen)?;
-            seen.push(&route.name);
             let path = format!("routes[{index}].when");
             matchers.push(Matcher::nested(&route.when, input, Some(("routes", &path)))?);
-        }
-        if let Some(otherwise) = &config.otherwise {
-            check_name(otherwise, "otherwise", &seen)?;
         }
         Ok(Router {
             names: config.names().into_iter().map(Arc::from).collect(),
@@ -155,6 +165,119 @@ impl Router {
         split(batch, names.len(), |record| {
             matchers.iter_mut().position(|matcher| matcher.matches(record)).or(*otherwise)
         })
+    }
+
+    /// A field that the records of a schema seen lately lack (compared as NaN), once.
+    fn take_unknown(&mut self) -> Option<Box<str>> {
+        self.matchers.iter_mut().find_map(Matcher::take_unknown)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The transform
+// ---------------------------------------------------------------------------------------------
+
+/// Factory of the `route` transform: its named outputs are the route names, then `otherwise`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RouteFactory;
+
+impl TransformFactory for RouteFactory {
+    type Config = RouteConfig;
+
+    fn accepts(&self, _config: &RouteConfig) -> Vec<Kind> {
+        vec![Kind::Readings, Kind::Windows, Kind::Scores]
+    }
+
+    fn validate(&self, config: &RouteConfig, _ctx: &ValidateContext) -> Result<(), ConfigError> {
+        config.check_names()
+    }
+
+    fn output_type(
+        &self,
+        config: &RouteConfig,
+        input: &PortType,
+        _ctx: &ValidateContext,
+    ) -> Result<PortType, ConfigError> {
+        Router::new(config, input)?;
+        Ok(input.clone())
+    }
+
+    fn named_outputs(&self, config: &RouteConfig) -> Vec<String> {
+        config.names().into_iter().map(str::to_owned).collect()
+    }
+
+    fn build(
+        &self,
+        config: &RouteConfig,
+        _ctx: &ComponentContext,
+    ) -> Result<Box<dyn Transform>, ComponentError> {
+        Ok(Box::new(Route::new(config)?))
+    }
+}
+
+/// The `route` transform: each record leaves on the named output of the first route whose
+/// condition it meets, or of `otherwise`.
+#[derive(Debug)]
+pub struct Route {
+    /// One router per kind of record the table applies to: the input's kind is known at
+    /// validation, not when an instance is built.
+    routers: Vec<(Kind, Router)>,
+}
+
+impl Route {
+    /// A route transform for `config` (checked for every kind it may be used with).
+    pub fn new(config: &RouteConfig) -> Result<Route, ComponentError> {
+        let mut routers = Vec::new();
+        let mut first_error = None;
+        for kind in [Kind::Readings, Kind::Windows, Kind::Scores] {
+            match Router::new(config, &PortType::of(kind)) {
+                Ok(router) => routers.push((kind, router)),
+                Err(error) => first_error = first_error.or(Some(error)),
+            }
+        }
+        match (routers.is_empty(), first_error) {
+            (true, Some(error)) => Err(config_error(error)),
+            _ => Ok(Route { routers }),
+        }
+    }
+}
+
+impl Transform for Route {
+    fn process_batch(&mut self, batch: Batch, out: &mut Outputs) {
+        let kind = batch.kind();
+        let Some((_, router)) = self.routers.iter_mut().find(|(known, _)| *known == kind) else {
+            out.error(
+                "unsupported_kind",
+                format!("this routing table does not apply to {kind}"),
+                None,
+                None,
+            );
+            return;
+        };
+        match router.route(batch) {
+            Ok((routed, unrouted)) => {
+                if let Some(field) = router.take_unknown() {
+                    out.error(
+                        "unknown_field",
+                        format!("the {kind} have no field `{field}`; it compares as NaN"),
+                        None,
+                        None,
+                    );
+                }
+                out.discard("unrouted", unrouted);
+                for (port, batch) in routed.into_iter().enumerate() {
+                    if let Some(batch) = batch {
+                        out.emit_to(port, batch);
+                    }
+                }
+            }
+            Err(other) => out.error(
+                "unsupported_kind",
+                format!("route reads readings, windows or scores, not {}", other.kind()),
+                None,
+                None,
+            ),
+        }
     }
 }
 
@@ -245,6 +368,27 @@ mod tests {
             filter.process_batch(Batch::Readings(readings()), &mut out);
             assert_eq!(times(out.take_main().pop()), times(routed), "route {name}");
         }
+    }
+
+    #[test]
+    fn the_transform_sends_each_route_to_its_named_output() {
+        let factory = RouteFactory;
+        let table = config(TABLE);
+        assert_eq!(factory.named_outputs(&table), ["critical", "warm", "normal"]);
+        let mut route = Route::new(&table).expect("route");
+        let mut out = Outputs::new("r");
+        route.process_batch(Batch::Readings(readings()), &mut out);
+        assert!(out.take_main().is_empty(), "a route has no main output");
+        let named: Vec<(usize, Vec<i64>)> =
+            out.take_named().into_iter().map(|(port, batch)| (port, times(Some(batch)))).collect();
+        assert_eq!(named, [(0, vec![0, 5]), (1, vec![1, 2]), (2, vec![3, 4])]);
+
+        let mut unrouted =
+            Route::new(&config(&TABLE.replace("otherwise = \"normal\"", ""))).expect("route");
+        unrouted.process_batch(Batch::Readings(readings()), &mut out);
+        assert_eq!(out.take_discarded(), [("unrouted", 2)]);
+        unrouted.process_batch(Batch::Errors(Vec::new()), &mut out);
+        assert_eq!(out.take_errors().len(), 1);
     }
 
     #[test]

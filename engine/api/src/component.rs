@@ -246,12 +246,14 @@ pub fn resolve_path(base: &Path, path: impl AsRef<Path>) -> PathBuf {
 
 /// Where a component puts what it produces; the engine drains it after every call.
 ///
-/// `emit` goes to the main output, `error` to `<id>.errors`, `late` to `<id>.late`, and
+/// `emit` goes to the main output, `emit_to` to a named output (`<id>.<name>`, for transforms
+/// that declare named outputs), `error` to `<id>.errors`, `late` to `<id>.late`, and
 /// `discard` only counts (`tidewatch_component_discarded_events_total{reason}`).
 #[derive(Debug)]
 pub struct Outputs {
     component: Arc<str>,
     main: Vec<Batch>,
+    named: Vec<(usize, Batch)>,
     errors: Vec<ErrorRecord>,
     late: Vec<ReadingBatch>,
     discarded: Vec<(&'static str, u64)>,
@@ -264,6 +266,7 @@ impl Outputs {
         Outputs {
             component: Arc::from(component),
             main: Vec::new(),
+            named: Vec::new(),
             errors: Vec::new(),
             late: Vec::new(),
             discarded: Vec::new(),
@@ -295,6 +298,15 @@ impl Outputs {
     pub fn emit(&mut self, batch: Batch) {
         if !batch.is_empty() {
             self.main.push(batch);
+        }
+    }
+
+    /// Sends a batch to named output number `port`: the position of its name in what the
+    /// factory's `named_outputs` returned (empty batches are dropped). The engine drops a
+    /// batch for a port the transform did not declare.
+    pub fn emit_to(&mut self, port: usize, batch: Batch) {
+        if !batch.is_empty() {
+            self.named.push((port, batch));
         }
     }
 
@@ -330,14 +342,15 @@ impl Outputs {
         }
     }
 
-    /// Records waiting on the main output.
+    /// Records waiting on the main and the named outputs.
     pub fn pending_records(&self) -> usize {
-        self.main.iter().map(Batch::len).sum()
+        self.main.iter().chain(self.named.iter().map(|(_, batch)| batch)).map(Batch::len).sum()
     }
 
     /// True when nothing was produced since the last drain.
     pub fn is_empty(&self) -> bool {
         self.main.is_empty()
+            && self.named.is_empty()
             && self.errors.is_empty()
             && self.late.is_empty()
             && self.discarded.is_empty()
@@ -346,6 +359,11 @@ impl Outputs {
     /// Takes the main-output batches.
     pub fn take_main(&mut self) -> Vec<Batch> {
         std::mem::take(&mut self.main)
+    }
+
+    /// Takes the batches sent to named outputs, each with its port number, in the order sent.
+    pub fn take_named(&mut self) -> Vec<(usize, Batch)> {
+        std::mem::take(&mut self.named)
     }
 
     /// Takes the error records.

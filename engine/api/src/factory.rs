@@ -305,6 +305,15 @@ pub trait TransformFactory: Send + Sync + 'static {
     fn properties(&self, _config: &Self::Config) -> TransformProperties {
         TransformProperties::default()
     }
+    /// The transform's named outputs, in order, as its options declare them (`route`: one per
+    /// route). Consumers read them as `<id>.<name>`; the transform sends to the `i`-th with
+    /// [`Outputs::emit_to(i, ..)`](crate::Outputs::emit_to). A transform with named outputs
+    /// has no main output (`<id>`): its records go to the named ones, each of the type
+    /// [`TransformFactory::output_type`] returns. Names are letters, digits, `_` and `-`, and
+    /// neither `errors` nor `late`. Default: none.
+    fn named_outputs(&self, _config: &Self::Config) -> Vec<String> {
+        Vec::new()
+    }
     /// Builds the instance for one worker.
     fn build(
         &self,
@@ -356,6 +365,10 @@ pub trait ConfiguredTransform: Send + Sync {
     -> Result<PortType, ConfigError>;
     /// Shape of the dataflow around the transform.
     fn properties(&self) -> TransformProperties;
+    /// Its named outputs (see [`TransformFactory::named_outputs`]); none by default.
+    fn named_outputs(&self) -> Vec<String> {
+        Vec::new()
+    }
     /// Builds the instance for one worker.
     fn build(&self, ctx: &ComponentContext) -> Result<Box<dyn Transform>, ComponentError>;
 }
@@ -432,6 +445,9 @@ impl<F: TransformFactory> ConfiguredTransform for TransformWithConfig<F> {
     }
     fn properties(&self) -> TransformProperties {
         self.factory.properties(&self.config)
+    }
+    fn named_outputs(&self) -> Vec<String> {
+        self.factory.named_outputs(&self.config)
     }
     fn build(&self, ctx: &ComponentContext) -> Result<Box<dyn Transform>, ComponentError> {
         self.factory.build(&self.config, ctx)
