@@ -231,8 +231,9 @@ class Scored:
             self.train_scores.append(tr.train_scores)
             self.trained.append(tr if keep_models else None)
 
-    def flags(self, quantile, factor, n, m, hysteresis, windows="rows"):
-        """(full-stream flags, test flags, thresholds) per file.
+    def flags(self, quantile, factor, n, m, hysteresis, windows="rows", calibrate=None):
+        """(full-stream flags, test flags, thresholds) per file. The threshold is the training
+        scores' quantile x factor, or `calibrate(training scores)` when given.
 
         windows="rows": the contract (a window = the last W rows, whatever their timestamps).
         windows="time": the engine's time windows [e - W s, e) every second, dropped unless they
@@ -241,7 +242,8 @@ class Scored:
         out_full, out_test, thresholds = [], [], []
         w = self.config.window
         for f, ts, ss in zip(self.files, self.train_scores, self.stream):
-            thr = T.calibrate_threshold(ts, quantile, factor)
+            thr = (calibrate(ts) if calibrate is not None
+                   else T.calibrate_threshold(ts, quantile, factor))
             n_rows = len(f.raw) if self.prime else len(f.raw) - TRAIN_ROWS
             if windows == "time":
                 t = f.times if self.prime else f.times[TRAIN_ROWS:]
@@ -260,13 +262,14 @@ class Scored:
         return out_full, out_test, thresholds
 
     def evaluate(self, quantile, factor, n, m, hysteresis, edges="both", nab_window_s=60.0,
-                 side="right", windows="rows"):
-        _, test, _ = self.flags(quantile, factor, n, m, hysteresis, windows)
+                 side="right", windows="rows", calibrate=None):
+        _, test, _ = self.flags(quantile, factor, n, m, hysteresis, windows, calibrate)
         return leaderboard(self.files, test, edges, nab_window_s, side)
 
 
 def export(scored: Scored, out_dir: str, cfg: T.Config) -> None:
-    full, _, thresholds = scored.flags(cfg.quantile, cfg.factor, cfg.n, cfg.m, cfg.hysteresis)
+    full, _, thresholds = scored.flags(cfg.quantile, cfg.factor, *cfg.rule(),
+                                       calibrate=lambda ts: T.calibrate(ts, cfg)["value"])
     w = cfg.window
     for f, tr, ss, flags in zip(scored.files, scored.trained, scored.stream, full):
         d = os.path.join(out_dir, f.name)
@@ -316,12 +319,17 @@ def main(argv=None) -> int:
     t0 = time.time()
     scored = Scored(files, cfg, prime=not args.no_prime, use_labels=args.use_labels,
                     keep_models=args.export is not None)
-    r = scored.evaluate(cfg.quantile, cfg.factor, cfg.n, cfg.m, cfg.hysteresis, args.edges,
-                        args.nab_window, args.nab_side, args.windows)
+    n, m, h = cfg.rule()
+    r = scored.evaluate(cfg.quantile, cfg.factor, n, m, h, args.edges,
+                        args.nab_window, args.nab_side, args.windows,
+                        calibrate=lambda ts: T.calibrate(ts, cfg)["value"])
     r["max_abs_numpy_vs_onnxruntime"] = scored.max_diff
     r["config"] = {"family": cfg.family, "window": cfg.window, "hyper": cfg.hyper,
-                   "quantile": cfg.quantile, "factor": cfg.factor, "n": cfg.n, "m": cfg.m,
-                   "hysteresis": cfg.hysteresis, "seed": cfg.seed, "prime": not args.no_prime,
+                   "threshold_method": cfg.threshold_method, "risk": cfg.risk,
+                   "initial_quantile": cfg.initial_quantile,
+                   "quantile": cfg.quantile, "factor": cfg.factor,
+                   "error_weights": cfg.error_weights, "anomaly_duration": cfg.anomaly_duration,
+                   "n": n, "m": m, "hysteresis": h, "seed": cfg.seed, "prime": not args.no_prime,
                    "use_labels": args.use_labels, "edges": args.edges,
                    "nab_window_s": args.nab_window, "nab_side": args.nab_side,
                    "windows": args.windows}
@@ -332,16 +340,18 @@ def main(argv=None) -> int:
         json.dump(r, sys.stdout, indent=2, default=float)
         print()
     else:
-        label = (f"{cfg.family} W={cfg.window} q={cfg.quantile} k={cfg.factor} "
-                 f"n/m/h={cfg.n}/{cfg.m}/{cfg.hysteresis}")
+        threshold = (f"pot risk={cfg.risk} q0={cfg.initial_quantile}"
+                     if cfg.threshold_method == "pot" else f"q={cfg.quantile} k={cfg.factor}")
+        label = f"{cfg.family} W={cfg.window} {threshold} n/m/h={n}/{m}/{h}"
         print(fmt_row(label, r))
         print(f"max |numpy - onnxruntime| score difference: {scored.max_diff:.2e}")
     return 0 if scored.max_diff < 1e-5 else 1
 
 
 # The chosen configuration (docs/detection.md); the defaults of this script.
-CHOSEN = {"family": "pca", "window": 10, "quantile": 0.995, "factor": 1.5, "n": 10, "m": 20,
-          "hysteresis": 20, "components": 0.8}
+CHOSEN = {"family": "pca", "window": 10, "threshold_method": "pot", "risk": 1e-4,
+          "initial_quantile": 0.95, "error_weights": "none", "anomaly_duration": 10,
+          "components": 0.8}
 
 if __name__ == "__main__":
     sys.exit(main())

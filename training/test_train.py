@@ -57,7 +57,8 @@ def test_train_export_reload(tmp_path, family):
     out = tmp_path / "model"
     w = 6
     rc = T.main(["--data", str(data), "--out", str(out), "--family", family, "--window", str(w),
-                 "--features", *FEATURES, "--quantile", "0.98", "--factor", "1.2",
+                 "--features", *FEATURES, "--threshold-method", "quantile",
+                 "--quantile", "0.98", "--factor", "1.2",
                  "--n", "2", "--m", "3", "--hysteresis", "4", "--seed", "3",
                  *FAMILY_ARGS[family]])
     assert rc == 0
@@ -82,7 +83,9 @@ def test_train_export_reload(tmp_path, family):
     thr = spec["threshold"]
     assert thr["method"] == "quantile" and thr["quantile"] == 0.98 and thr["factor"] == 1.2
     assert thr["value"] > 0
-    assert spec["detection"] == {"n": 2, "m": 3, "hysteresis": 4}
+    assert spec["detection"] == {"n": 2, "m": 3, "hysteresis": 4, "anomaly_duration": 10,
+                                 "rule": "given"}
+    assert spec["error_weights"] == {"method": "none"}
     width = w * len(FEATURES)
     assert spec["io"] == {"input": "input", "output": "output", "shape": [-1, width]}
 
@@ -105,7 +108,8 @@ def test_train_export_reload(tmp_path, family):
     assert got.shape == windows.shape and got.dtype == np.float32
     ort_scores = np.mean((got.astype(np.float64) - windows.astype(np.float64)) ** 2, axis=1)
 
-    trained = T.fit(raw, FEATURES, T.Config(family=family, window=w, quantile=0.98, factor=1.2,
+    trained = T.fit(raw, FEATURES, T.Config(family=family, window=w, threshold_method="quantile",
+                                            quantile=0.98, factor=1.2,
                                             seed=3, hyper=T.hyper_from_args(_ns(family))),
                     label)
     np_scores = T.window_scores(windows, trained.model.reconstruct(windows))
@@ -234,3 +238,116 @@ def test_lake_input_and_registry(tmp_path):
     spec = json.loads((registry / "pump" / "7" / "model.json").read_text())
     assert spec["version"] == "7" and spec["training"]["rows"] == 180
     assert (registry / "pump" / "7" / "model.onnx").stat().st_size > 0
+
+
+# --------------------------------------------------------------------------------------------
+# Calibration from the training data (issue #16)
+# --------------------------------------------------------------------------------------------
+
+def test_pot_threshold_extrapolates_an_exponential_tail():
+    # Exp(1) scores: the GPD of the excesses has shape 0 and scale 1, so the score a normal
+    # window exceeds with probability `risk` is -log(risk).
+    scores = np.random.default_rng(0).exponential(1.0, 200_000)
+    fit = T.pot_threshold(scores, 1e-4, 0.95)
+    assert fit["method"] == "pot" and fit["risk"] == 1e-4 and fit["initial_quantile"] == 0.95
+    assert fit["initial_value"] == pytest.approx(-np.log(0.05), rel=0.02)
+    assert abs(fit["shape"]) < 0.03 and fit["scale"] == pytest.approx(1.0, rel=0.05)
+    assert fit["value"] == pytest.approx(-np.log(1e-4), rel=0.03)
+    assert fit["excesses"] == pytest.approx(10_000, rel=0.01)
+    # a smaller risk gives a higher threshold, above every training score but a few
+    assert T.pot_threshold(scores, 1e-5, 0.95)["value"] > fit["value"]
+    assert (scores > fit["value"]).mean() == pytest.approx(1e-4, rel=0.5)
+
+
+def test_pot_threshold_adapts_to_a_heavy_tail():
+    # Pareto scores (shape 0.5): the same risk lands far above the light-tailed threshold
+    rng = np.random.default_rng(1)
+    heavy = rng.pareto(2.0, 100_000)
+    light = rng.exponential(np.mean(heavy), 100_000)
+    fit_heavy = T.pot_threshold(heavy, 1e-4, 0.95)
+    assert fit_heavy["shape"] > 0.2
+    assert fit_heavy["value"] > 2 * T.pot_threshold(light, 1e-4, 0.95)["value"]
+
+
+def test_pot_threshold_falls_back_to_the_maximum_on_a_short_tail():
+    scores = np.linspace(0.0, 1.0, 100)  # 5 excesses over the 0.95 quantile
+    fit = T.pot_threshold(scores, 1e-4, 0.95)
+    assert fit["fallback"] == "max" and fit["value"] == 1.0
+    flat = T.pot_threshold(np.ones(1000), 1e-4, 0.95)  # no excess at all
+    assert flat["value"] == 1.0 and flat["excesses"] == 0
+
+
+def test_detection_rule_follows_window_and_duration():
+    assert T.detection_rule(10, 10) == (3, 5, 5)
+    assert T.detection_rule(10, 100) == (5, 10, 10)  # capped at one window
+    assert T.detection_rule(5, 100) == (3, 5, 5)
+    assert T.detection_rule(10, 2) == (1, 1, 1)  # plain thresholding
+    assert T.detection_rule(1, 50) == (1, 1, 1)
+    assert T.Config(window=10, anomaly_duration=10, m=7).rule() == (3, 7, 5)
+
+
+def test_residual_weights_cap_a_noisy_feature():
+    errors = np.array([[1.0, 1.0, 1.0, 100.0]] * 3)
+    w = T.residual_weights(errors)
+    assert w.mean() == pytest.approx(1.0)
+    assert w[0] == w[1] == w[2] and w[3] == pytest.approx(w[0] / 100)
+    # its weighted error is no larger than the others'
+    assert (errors[0] * w)[3] == pytest.approx((errors[0] * w)[0])
+
+
+def test_defaults_calibrate_from_the_training_data(tmp_path):
+    """The trainer's defaults: pot threshold, derived n-of-m, all written to model.json."""
+    data = tmp_path / "train.csv"
+    synthetic_csv(data, rows=400, labelled=())
+    out = tmp_path / "model"
+    assert T.main(["--data", str(data), "--out", str(out), "--features", *FEATURES]) == 0
+    spec = json.loads((out / "model.json").read_text())
+    thr = spec["threshold"]
+    assert thr["method"] == "pot" and thr["risk"] == 1e-4 and thr["initial_quantile"] == 0.95
+    assert thr["value"] >= thr["initial_value"] > 0
+    assert spec["detection"] == {"n": 3, "m": 5, "hysteresis": 5, "anomaly_duration": 10,
+                                 "rule": "derived"}
+    out2 = tmp_path / "model2"
+    assert T.main(["--data", str(data), "--out", str(out2), "--features", *FEATURES,
+                   "--anomaly-duration", "40", "--window", "6"]) == 0
+    spec2 = json.loads((out2 / "model.json").read_text())
+    assert (spec2["detection"]["n"], spec2["detection"]["m"]) == (3, 6)
+
+
+@pytest.mark.parametrize("family", ["pca", "dense"])
+def test_error_weights_fold_into_scaler_and_graph(tmp_path, family):
+    """With --error-weights residual the engine's plain MSE on model.json + model.onnx equals
+    the weighted per-feature error of the unweighted model."""
+    import onnxruntime as ort
+
+    data = tmp_path / "train.csv"
+    raw, _ = synthetic_csv(data, rows=300, labelled=())
+    raw = T.read_table(str(data))[FEATURES].to_numpy(dtype=np.float64)
+    w = 5
+    cfg = T.Config(family=family, window=w, error_weights="residual",
+                   hyper={"components": 0.9} if family == "pca" else
+                   {"hidden": (6,), "max_iter": 30})
+    trained = T.fit(raw, FEATURES, cfg)
+    weights = trained.weights
+    assert weights is not None and weights.mean() == pytest.approx(1.0)
+    # c has by far the largest error in z units: it is weighted down
+    plain = T.fit(raw, FEATURES, T.Config(family=family, window=w, hyper=cfg.hyper))
+    zw = T.make_windows(plain.scaler.transform(T.as_f32(raw)), w)
+    fe = T.feature_errors(zw, plain.model.reconstruct(zw), len(FEATURES))
+    assert np.argmax(fe.mean(axis=0)) == int(np.argmin(weights))
+
+    T.save(trained, str(tmp_path / "m"), "m", "1", str(data))
+    spec = json.loads((tmp_path / "m" / "model.json").read_text())
+    assert spec["error_weights"]["method"] == "residual"
+    np.testing.assert_allclose(spec["error_weights"]["weights"], weights)
+    # the engine's path: scaler from model.json, graph, plain MSE
+    mean = np.array(spec["scaler"]["mean"]).astype(np.float32)
+    inv = (1.0 / np.array(spec["scaler"]["std"])).astype(np.float32)
+    xw = T.make_windows(((raw.astype(np.float32) - mean) * inv).astype(np.float32), w)
+    sess = ort.InferenceSession(str(tmp_path / "m" / "model.onnx"),
+                                providers=["CPUExecutionProvider"])
+    got = sess.run(["output"], {"input": xw})[0]
+    engine = T.window_scores(xw, got)
+    if family == "pca":  # the same PCA under the weights: score = weighted error / F
+        np.testing.assert_allclose(engine, fe @ weights / len(FEATURES), rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(engine, trained.train_scores, rtol=1e-9, atol=1e-12)

@@ -231,6 +231,76 @@ def calibrate_threshold(train_scores: np.ndarray, quantile: float, factor: float
     return float(np.quantile(np.asarray(train_scores, dtype=np.float64), quantile) * factor)
 
 
+POT_MIN_EXCESSES = 10  # fewer excesses over the initial threshold: no tail fit (see pot_threshold)
+
+
+def pot_threshold(train_scores: np.ndarray, risk: float, initial_quantile: float) -> dict:
+    """Peaks over threshold: the score a normal window exceeds with probability `risk`,
+    extrapolated from the tail of the training scores.
+
+    The excesses of the scores over their `initial_quantile` quantile t are fitted with a
+    generalised Pareto distribution (shape gamma, scale sigma) by the method of moments; the
+    threshold is the GPD quantile z = t + sigma/gamma * ((risk * n / n_t)^-gamma - 1), with n
+    scores and n_t excesses (z = t - sigma * log(risk * n / n_t) when gamma is 0). A heavy
+    tail (gamma > 0) pushes the threshold far out, a light or bounded one keeps it near the
+    largest scores. With fewer than POT_MIN_EXCESSES excesses, or excesses that are all equal,
+    the largest training score is the threshold. Returns the fit as written to model.json."""
+    s = np.sort(np.asarray(train_scores, dtype=np.float64))
+    t = float(np.quantile(s, initial_quantile))
+    excesses = s[s > t] - t
+    out = {"method": "pot", "risk": risk, "initial_quantile": initial_quantile,
+           "initial_value": t, "excesses": int(len(excesses)), "windows": int(len(s))}
+    mean = float(excesses.mean()) if len(excesses) else 0.0
+    var = float(excesses.var()) if len(excesses) else 0.0
+    value = None
+    if len(excesses) >= POT_MIN_EXCESSES and var > 0 and mean > 0:
+        gamma = 0.5 * (1.0 - mean * mean / var)
+        sigma = 0.5 * mean * (mean * mean / var + 1.0)
+        r = risk * len(s) / len(excesses)
+        if abs(gamma) < 1e-9:
+            value = t - sigma * np.log(r)
+        else:
+            value = t + sigma / gamma * (r ** (-gamma) - 1.0)
+        out.update(shape=gamma, scale=sigma)
+    if value is None or not np.isfinite(value) or value < t:
+        value = float(s[-1]) if len(s) else 0.0
+        out["fallback"] = "max"  # too few or degenerate excesses: the largest training score
+    out["value"] = float(value)
+    return out
+
+
+def calibrate(train_scores: np.ndarray, config: "Config") -> dict:
+    """The threshold of `config` from the training scores, with how it was chosen (the
+    `threshold` object of model.json)."""
+    if config.threshold_method == "pot":
+        return pot_threshold(train_scores, config.risk, config.initial_quantile)
+    if config.threshold_method == "quantile":
+        return {"value": calibrate_threshold(train_scores, config.quantile, config.factor),
+                "method": "quantile", "quantile": config.quantile, "factor": config.factor}
+    raise ValueError(f"unknown threshold method {config.threshold_method!r}")
+
+
+def detection_rule(window: int, anomaly_duration: int) -> tuple[int, int, int]:
+    """(n, m, hysteresis) from the window length and the expected anomaly duration (rows): an
+    alarm opens when the majority of the last m windows exceed, with m half the expected
+    duration but at most one window length (a window already smooths over W rows), and closes
+    after m quiet windows. Duration 10 and W=10 give 3 of 5, hysteresis 5; durations of 2 or
+    less give plain thresholding."""
+    m = min(max(1, int(round(anomaly_duration / 2))), max(1, window))
+    return (m + 1) // 2, m, m
+
+
+def residual_weights(errors: np.ndarray) -> np.ndarray:
+    """Per-feature error weights from the training windows' per-feature errors [n, F]: a
+    feature whose mean training error is above the median feature's is weighted down to the
+    median's level (w_f = 1 / max(e_f, median e)), so one noisy feature cannot dominate the
+    score; the weights are scaled to average 1."""
+    e = np.asarray(errors, dtype=np.float64).mean(axis=0)
+    floor = max(float(np.median(e)), 1e-12)
+    w = 1.0 / np.maximum(e, floor)
+    return w * len(w) / w.sum()
+
+
 def n_of_m(exceed: np.ndarray, n: int, m: int, hysteresis: int) -> np.ndarray:
     """The engine's alarm state machine over consecutive windows.
 
@@ -446,6 +516,44 @@ class ForecastModel:
         return nodes, inits
 
 
+class WeightedModel:
+    """Per-feature error weights folded into a fitted model: the scaler's z is multiplied by
+    s = sqrt(w) (scaler std / s), the graph divides its input by s, runs the model and
+    multiplies the reconstruction by s, so the engine's plain mean squared error becomes
+    sum_f w_f * err_f / F. The engine needs nothing new."""
+
+    def __init__(self, inner, weights: np.ndarray, window: int):
+        self.inner = inner
+        self.family = inner.family
+        self.weights = np.asarray(weights, dtype=np.float64)
+        s = np.sqrt(self.weights)
+        self.scale = _f32(np.tile(s, window))
+        self.inv_scale = _f32(np.tile(1.0 / s, window))
+
+    def reconstruct(self, x: np.ndarray) -> np.ndarray:
+        u = (x.astype(np.float32) * self.inv_scale).astype(np.float32)
+        return (self.inner.reconstruct(u) * self.scale).astype(np.float32)
+
+    def params(self) -> dict:
+        return self.inner.params()
+
+    def nodes(self, helper, numpy_helper):
+        inner_nodes, inits = self.inner.nodes(helper, numpy_helper)
+        for node in inner_nodes:
+            for i, name in enumerate(node.input):
+                if name == INPUT_NAME:
+                    node.input[i] = "unweighted"
+            for i, name in enumerate(node.output):
+                if name == OUTPUT_NAME:
+                    node.output[i] = "reconstructed"
+        inits += [numpy_helper.from_array(self.inv_scale, "inv_error_scale"),
+                  numpy_helper.from_array(self.scale, "error_scale")]
+        nodes = ([helper.make_node("Mul", [INPUT_NAME, "inv_error_scale"], ["unweighted"])]
+                 + inner_nodes
+                 + [helper.make_node("Mul", ["reconstructed", "error_scale"], [OUTPUT_NAME])])
+        return nodes, inits
+
+
 def make_model(family: str, features: int, **hyper):
     if family == "pca":
         return PcaModel(**hyper)
@@ -502,13 +610,28 @@ def ort_reconstruct(session, x: np.ndarray, batch: int = 4096) -> np.ndarray:
 class Config:
     family: str = "pca"
     window: int = 10
+    # threshold: "pot" (peaks over threshold on the training scores' tail, with risk and
+    # initial_quantile) or "quantile" (quantile x factor)
+    threshold_method: str = "pot"
+    risk: float = 1e-4
+    initial_quantile: float = 0.95
     quantile: float = 0.995
     factor: float = 1.5
-    n: int = 10
-    m: int = 20
-    hysteresis: int = 20
+    # per-feature error weights: "none" or "residual" (residual_weights)
+    error_weights: str = "none"
+    # the n-of-m rule: derived from window and anomaly_duration (rows) unless given
+    anomaly_duration: int = 10
+    n: int | None = None
+    m: int | None = None
+    hysteresis: int | None = None
     seed: int = 0
     hyper: dict = field(default_factory=dict)
+
+    def rule(self) -> tuple[int, int, int]:
+        """(n, m, hysteresis): the given ones, the others from detection_rule."""
+        n, m, h = detection_rule(self.window, self.anomaly_duration)
+        return (n if self.n is None else self.n, m if self.m is None else self.m,
+                h if self.hysteresis is None else self.hysteresis)
 
 
 @dataclass
@@ -523,6 +646,8 @@ class Trained:
     train_scores: np.ndarray
     rows: int
     windows: int
+    calibration: dict = field(default_factory=dict)  # model.json's `threshold`
+    weights: np.ndarray | None = None  # per-feature error weights (None: all 1)
 
 
 def fit(raw: np.ndarray, features: list[str], config: Config,
@@ -540,12 +665,22 @@ def fit(raw: np.ndarray, features: list[str], config: Config,
     if len(xw) < 2:
         raise ValueError(f"fewer than 2 training windows of length {config.window}")
     model = make_model(config.family, len(features), **config.hyper).fit(xw, seed=config.seed)
+    weights = None
+    if config.error_weights == "residual":
+        weights = residual_weights(feature_errors(xw, model.reconstruct(xw), len(features)))
+        scaler = Scaler(mean=scaler.mean, std=scaler.std / np.sqrt(weights))
+        model = WeightedModel(model, weights, config.window)
+        xw = make_windows(scaler.transform(x32), config.window)[
+            windows_with_labels(labels, len(z), config.window)]
+    elif config.error_weights != "none":
+        raise ValueError(f"unknown error weights {config.error_weights!r}")
     proto = to_onnx(model, xw.shape[1])
     session = ort_session(proto)
     scores = window_scores(xw, ort_reconstruct(session, xw))
-    threshold = calibrate_threshold(scores, config.quantile, config.factor)
-    return Trained(config, list(features), scaler, model, proto, session, threshold, scores,
-                   int(keep_rows.sum()), int(len(xw)))
+    calibration = calibrate(scores, config)
+    return Trained(config, list(features), scaler, model, proto, session,
+                   calibration["value"], scores, int(keep_rows.sum()), int(len(xw)),
+                   calibration, weights)
 
 
 def stream_scores(trained: Trained, raw: np.ndarray) -> np.ndarray:
@@ -568,9 +703,14 @@ def model_json(trained: Trained, name: str, version: str, data: str) -> dict:
         "window": {"length": c.window, "step": 1},
         "scaler": {"mean": [float(v) for v in trained.scaler.mean],
                    "std": [float(v) for v in trained.scaler.std]},
-        "threshold": {"value": trained.threshold, "method": "quantile", "quantile": c.quantile,
-                      "factor": c.factor},
-        "detection": {"n": c.n, "m": c.m, "hysteresis": c.hysteresis},
+        "threshold": trained.calibration,
+        "detection": dict(zip(("n", "m", "hysteresis"), c.rule()),
+                          anomaly_duration=c.anomaly_duration,
+                          rule="derived" if (c.n, c.m, c.hysteresis) == (None, None, None)
+                          else "given"),
+        "error_weights": ({"method": "none"} if trained.weights is None else
+                          {"method": c.error_weights,
+                           "weights": [float(v) for v in trained.weights]}),
         "training": {"data": data, "rows": trained.rows, "windows": trained.windows,
                      "seed": c.seed, "hyperparameters": trained.model.params()},
         "io": {"input": INPUT_NAME, "output": OUTPUT_NAME, "shape": [-1, width]},
@@ -616,15 +756,31 @@ def hyper_from_args(args) -> dict:
 
 def add_model_args(p: argparse.ArgumentParser, defaults: dict | None = None) -> None:
     # the chosen configuration (docs/detection.md)
-    d = {"family": "pca", "window": 10, "quantile": 0.995, "factor": 1.5, "n": 10, "m": 20,
-         "hysteresis": 20, "components": 0.8}
+    d = {"family": "pca", "window": 10, "threshold_method": "pot", "risk": 1e-4,
+         "initial_quantile": 0.95, "quantile": 0.995, "factor": 1.5, "error_weights": "none",
+         "anomaly_duration": 10, "n": None, "m": None, "hysteresis": None, "components": 0.8}
     d.update(defaults or {})
     p.add_argument("--family", choices=FAMILIES, default=d["family"])
     p.add_argument("--window", type=int, default=d["window"], help="window length W (steps)")
+    p.add_argument("--threshold-method", choices=("pot", "quantile"),
+                   default=d["threshold_method"],
+                   help="pot: peaks over threshold on the tail of the training scores (--risk, "
+                        "--initial-quantile); quantile: --quantile x --factor")
+    p.add_argument("--risk", type=float, default=d["risk"],
+                   help="pot: probability that a normal window exceeds the threshold")
+    p.add_argument("--initial-quantile", type=float, default=d["initial_quantile"],
+                   help="pot: the tail fitted is the scores above this quantile")
     p.add_argument("--quantile", type=float, default=d["quantile"],
-                   help="quantile of the training window scores")
-    p.add_argument("--factor", type=float, default=d["factor"], help="threshold = quantile x factor")
-    p.add_argument("--n", type=int, default=d["n"], help="exceedances needed to open an anomaly")
+                   help="quantile method: quantile of the training window scores")
+    p.add_argument("--factor", type=float, default=d["factor"],
+                   help="quantile method: threshold = quantile x factor")
+    p.add_argument("--error-weights", choices=("none", "residual"), default=d["error_weights"],
+                   help="per-feature error normalisation: residual weighs features noisier than "
+                        "the median feature down to its level")
+    p.add_argument("--anomaly-duration", type=int, default=d["anomaly_duration"],
+                   help="expected anomaly duration in rows: sets n, m and hysteresis")
+    p.add_argument("--n", type=int, default=d["n"],
+                   help="exceedances needed to open an anomaly (default: from --anomaly-duration)")
     p.add_argument("--m", type=int, default=d["m"], help="... among the last m windows")
     p.add_argument("--hysteresis", type=int, default=d["hysteresis"],
                    help="consecutive non-exceeding windows that close an anomaly")
@@ -639,9 +795,12 @@ def add_model_args(p: argparse.ArgumentParser, defaults: dict | None = None) -> 
 
 
 def config_from_args(args) -> Config:
-    return Config(family=args.family, window=args.window, quantile=args.quantile,
-                  factor=args.factor, n=args.n, m=args.m, hysteresis=args.hysteresis,
-                  seed=args.seed, hyper=hyper_from_args(args))
+    return Config(family=args.family, window=args.window,
+                  threshold_method=args.threshold_method, risk=args.risk,
+                  initial_quantile=args.initial_quantile, quantile=args.quantile,
+                  factor=args.factor, error_weights=args.error_weights,
+                  anomaly_duration=args.anomaly_duration, n=args.n, m=args.m,
+                  hysteresis=args.hysteresis, seed=args.seed, hyper=hyper_from_args(args))
 
 
 def main(argv=None) -> int:

@@ -43,20 +43,27 @@ impl Scaler {
     }
 }
 
-/// The calibrated threshold on the reconstruction error.
+/// The calibrated threshold on the reconstruction error. Only `value` is used; the rest
+/// records how the trainer chose it (older model.json files have only some of it).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Threshold {
     /// The threshold: a window whose error exceeds it is anomalous.
     pub value: f64,
-    /// How it was calibrated (`quantile`).
+    /// How it was calibrated: `quantile` (quantile x factor) or `pot` (peaks over threshold).
     #[serde(default)]
     pub method: Option<String>,
-    /// The quantile of the training errors.
+    /// `quantile`: the quantile of the training errors.
     #[serde(default)]
     pub quantile: Option<f64>,
-    /// The factor applied to that quantile.
+    /// `quantile`: the factor applied to that quantile.
     #[serde(default)]
     pub factor: Option<f64>,
+    /// `pot`: the probability that a normal window exceeds the threshold.
+    #[serde(default)]
+    pub risk: Option<f64>,
+    /// `pot`: the quantile of the training errors above which the tail was fitted.
+    #[serde(default)]
+    pub initial_quantile: Option<f64>,
 }
 
 /// The n-of-m rule the model was evaluated with.
@@ -68,12 +75,26 @@ pub struct Detection {
     pub m: usize,
     /// Consecutive non-exceeding windows that close it.
     pub hysteresis: usize,
+    /// The expected anomaly duration (rows) the rule was derived from, when it was.
+    #[serde(default)]
+    pub anomaly_duration: Option<usize>,
 }
 
 impl Default for Detection {
     fn default() -> Self {
-        Detection { n: 1, m: 1, hysteresis: 1 }
+        Detection { n: 1, m: 1, hysteresis: 1, anomaly_duration: None }
     }
+}
+
+/// Per-feature error weights. The trainer folds them into the scaler and the graph (the
+/// window's mean squared error is then the weighted one), so the engine only records them.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ErrorWeights {
+    /// `none` or `residual` (features noisier than the median one weighed down to it).
+    pub method: String,
+    /// One weight per feature (absent for `none`).
+    #[serde(default)]
+    pub weights: Vec<f64>,
 }
 
 /// Where the model was trained.
@@ -132,6 +153,9 @@ pub struct ModelSpec {
     /// Training data.
     #[serde(default)]
     pub training: TrainingInfo,
+    /// Per-feature error weights (older model.json files have none).
+    #[serde(default)]
+    pub error_weights: Option<ErrorWeights>,
     /// Tensor names.
     #[serde(default)]
     pub io: Io,
@@ -169,7 +193,16 @@ impl ModelSpec {
         if !self.threshold.value.is_finite() {
             return Err("`threshold.value` is not a finite number".into());
         }
-        let Detection { n, m, hysteresis } = self.detection;
+        if let Some(weights) = &self.error_weights
+            && !weights.weights.is_empty()
+            && weights.weights.len() != features
+        {
+            return Err(format!(
+                "`error_weights` has {} weights for {features} features",
+                weights.weights.len()
+            ));
+        }
+        let Detection { n, m, hysteresis, .. } = self.detection;
         if n == 0 || m < n || hysteresis == 0 {
             return Err(format!(
                 "detection n={n} m={m} hysteresis={hysteresis}: need 1 <= n <= m and hysteresis >= 1"
@@ -181,5 +214,46 @@ impl ModelSpec {
     /// Values per input row: window length x features.
     pub fn width(&self) -> usize {
         self.window.length * self.features.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OLD: &str = r#"{"name": "m", "version": "1", "features": ["a", "b"],
+        "window": {"length": 2, "step": 1}, "scaler": {"mean": [0, 0], "std": [1, 1]},
+        "threshold": {"value": 0.5, "method": "quantile", "quantile": 0.995, "factor": 1.5},
+        "detection": {"n": 10, "m": 20, "hysteresis": 20}}"#;
+
+    #[test]
+    fn a_model_json_without_the_calibration_fields_still_loads() {
+        let spec: ModelSpec = serde_json::from_str(OLD).expect("old model.json");
+        assert_eq!(spec.check(), Ok(()));
+        assert_eq!(spec.threshold.risk, None);
+        assert_eq!(spec.detection.anomaly_duration, None);
+        assert_eq!(spec.error_weights, None);
+        assert_eq!((spec.detection.n, spec.detection.m), (10, 20));
+    }
+
+    #[test]
+    fn the_calibration_fields_are_read_and_checked() {
+        let new = r#"{"name": "m", "version": "1", "features": ["a", "b"],
+            "window": {"length": 2, "step": 1}, "scaler": {"mean": [0, 0], "std": [1, 1]},
+            "threshold": {"value": 0.5, "method": "pot", "risk": 0.0001,
+                          "initial_quantile": 0.95, "initial_value": 0.3, "shape": 0.1,
+                          "scale": 0.05, "excesses": 20, "windows": 391},
+            "detection": {"n": 3, "m": 5, "hysteresis": 5, "anomaly_duration": 10,
+                          "rule": "derived"},
+            "error_weights": {"method": "residual", "weights": [0.5, 1.5]}}"#;
+        let mut spec: ModelSpec = serde_json::from_str(new).expect("new model.json");
+        assert_eq!(spec.check(), Ok(()));
+        assert_eq!(spec.threshold.method.as_deref(), Some("pot"));
+        assert_eq!(spec.threshold.risk, Some(0.0001));
+        assert_eq!(spec.threshold.initial_quantile, Some(0.95));
+        assert_eq!(spec.detection.anomaly_duration, Some(10));
+        assert_eq!(spec.error_weights.as_ref().map(|weights| weights.weights.len()), Some(2));
+        spec.error_weights = Some(ErrorWeights { method: "residual".into(), weights: vec![1.0] });
+        assert!(spec.check().is_err_and(|message| message.contains("1 weights for 2 features")));
     }
 }
