@@ -197,3 +197,68 @@ fn one_and_four_workers_give_the_same_output() {
     assert_eq!(one.len(), 13 * 12);
     assert_eq!(one, four);
 }
+
+/// A pump that runs in cycles, through session windows: one window per cycle, an
+/// out-of-order reading bridging two bursts merges them, a reading whose session had closed
+/// is late, and `max_size_ms` cuts a long cycle; with 1 and 2 workers alike.
+#[test]
+fn session_windows_follow_the_cycles_of_each_device() {
+    let pipeline = PIPELINE.replace("size_ms = 10000", "gap_ms = 5000\nmax_size_ms = 60000");
+    let mut lines: Vec<String> =
+        (1..=10).map(|second| reading("pump", second * 1000, 1.0)).collect();
+    lines.extend([20_000, 21_000, 27_000].map(|ts| reading("pump", ts, 2.0)));
+    // The watermark is 25 s: the burst of 20-21 s (open until 26 s) and the one from 27 s
+    // are still open, and 24 s is less than the gap from both.
+    lines.push(reading("pump", 24_000, 2.0));
+    lines.push(reading("pump", 28_000, 2.0));
+    // The watermark is 26 s: the session of 9 s ended at 14 s. Late.
+    lines.push(reading("pump", 9_000, 9.0));
+    for second in 40..=110 {
+        lines.push(reading("pump", second * 1000, 3.0));
+        if second == 50 {
+            lines.push(reading("fan", 50_000, 4.0));
+        }
+    }
+    let mut outputs = Vec::new();
+    for workers in [1, 2] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let input = dir.path().join("input.jsonl");
+        std::fs::write(&input, lines.join("\n")).expect("write input");
+        common::run(
+            &pipeline,
+            &[("INPUT", input.display().to_string()), ("OUT", dir.path().display().to_string())],
+            workers,
+        );
+        let mut sessions: Vec<(String, i64, i64, usize)> =
+            common::json_lines(&dir.path().join("windows.jsonl"))
+                .iter()
+                .map(|window| {
+                    (
+                        window["device"].as_str().expect("device").to_owned(),
+                        window["start_ms"].as_i64().expect("start"),
+                        window["end_ms"].as_i64().expect("end"),
+                        window["times"].as_array().map_or(0, Vec::len),
+                    )
+                })
+                .collect();
+        sessions.sort();
+        let late: Vec<i64> = common::json_lines(&dir.path().join("late.jsonl"))
+            .iter()
+            .filter_map(|reading| reading["time_ms"].as_i64())
+            .collect();
+        outputs.push((sessions, late));
+    }
+    let (sessions, late) = &outputs[0];
+    assert_eq!(
+        sessions,
+        &[
+            ("fan".to_owned(), 50_000, 55_000, 1),
+            ("pump".to_owned(), 1_000, 15_000, 10),
+            ("pump".to_owned(), 20_000, 33_000, 5),
+            ("pump".to_owned(), 40_000, 100_000, 60),
+            ("pump".to_owned(), 100_000, 115_000, 11),
+        ]
+    );
+    assert_eq!(late, &[9_000]);
+    assert_eq!(outputs[0], outputs[1], "1 and 2 workers");
+}

@@ -38,7 +38,9 @@ pub use normalize::{
 pub use route::{Route, RouteConfig, RouteFactory, RouteSpec, Router};
 pub use stats::{STATS_VERSION, StatsConfig, StatsDetector, StatsFactory, stats_columns};
 pub use threshold::{Emit, Threshold, ThresholdConfig, ThresholdFactory};
-pub use window::{CountWindowOperator, WindowConfig, WindowFactory, WindowOperator};
+pub use window::{
+    CountWindowOperator, SessionWindowOperator, WindowConfig, WindowFactory, WindowOperator,
+};
 
 /// The built-in transforms as `(type name, factory)`, for the engine's registry.
 pub fn builtins() -> Vec<(&'static str, ComponentFactory)> {

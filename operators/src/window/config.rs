@@ -31,6 +31,14 @@ pub struct WindowConfig {
     /// every reading). Must satisfy `0 < slide_readings <= size_readings`.
     #[serde(default)]
     pub slide_readings: Option<usize>,
+    /// Session windows: a device's session ends once `gap_ms` pass without a reading of it,
+    /// ms (greater than 0). Not with `size_ms` or `size_readings`.
+    #[serde(default)]
+    pub gap_ms: Option<u64>,
+    /// Session windows: the longest a session lasts, ms; a reading `max_size_ms` or more after
+    /// the session's first one starts the next session. Default: no limit.
+    #[serde(default)]
+    pub max_size_ms: Option<u64>,
 }
 
 fn default_min_steps() -> usize {
@@ -46,6 +54,8 @@ impl WindowConfig {
             min_steps: 1,
             size_readings: None,
             slide_readings: None,
+            gap_ms: None,
+            max_size_ms: None,
         }
     }
 
@@ -57,7 +67,28 @@ impl WindowConfig {
             min_steps: 1,
             size_readings: Some(size),
             slide_readings: Some(slide),
+            gap_ms: None,
+            max_size_ms: None,
         }
+    }
+
+    /// Session windows that end after `gap_ms` without a reading, lasting at most
+    /// `max_size_ms` when given, with `min_steps` = 1.
+    pub fn session(gap_ms: u64, max_size_ms: Option<u64>) -> WindowConfig {
+        WindowConfig {
+            size_ms: None,
+            slide_ms: None,
+            min_steps: 1,
+            size_readings: None,
+            slide_readings: None,
+            gap_ms: Some(gap_ms),
+            max_size_ms,
+        }
+    }
+
+    /// True for session windows (`gap_ms`).
+    pub fn is_session(&self) -> bool {
+        self.gap_ms.is_some()
     }
 
     /// True for count windows (`size_readings`).
@@ -73,6 +104,8 @@ impl WindowConfig {
             min_steps: 1,
             size_readings: None,
             slide_readings: None,
+            gap_ms: None,
+            max_size_ms: None,
         }
     }
 }
@@ -97,6 +130,7 @@ pub(crate) fn geometry(config: &WindowConfig) -> Result<Geometry, ConfigError> {
     if config.size_readings.is_some() || config.slide_readings.is_some() {
         return Err(ConfigError::new("these are count-window options (`size_readings`)"));
     }
+    session_options_alone(config)?;
     let Some(size_ms) = config.size_ms else {
         return Err(ConfigError::new(
             "`window` needs `size_ms` (time windows) or `size_readings` (count windows)",
@@ -142,6 +176,64 @@ pub(crate) fn geometry(config: &WindowConfig) -> Result<Geometry, ConfigError> {
     })
 }
 
+/// Rejects session-window options in time- or count-window options.
+fn session_options_alone(config: &WindowConfig) -> Result<(), ConfigError> {
+    if config.gap_ms.is_some() {
+        return Err(ConfigError::at_field(
+            "gap_ms",
+            "give one of `size_ms` (time windows), `size_readings` (count windows) and \
+             `gap_ms` (session windows)",
+        ));
+    }
+    if config.max_size_ms.is_some() {
+        return Err(ConfigError::at_field(
+            "max_size_ms",
+            "`max_size_ms` limits session windows: it needs `gap_ms`",
+        )
+        .with_hint("for time windows the length is `size_ms`"));
+    }
+    Ok(())
+}
+
+/// The checked options of session windows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct SessionGeometry {
+    pub(crate) gap: EventTime,
+    pub(crate) max_size: Option<EventTime>,
+    pub(crate) min_steps: usize,
+}
+
+/// Checks session-window options.
+pub(crate) fn session_geometry(config: &WindowConfig) -> Result<SessionGeometry, ConfigError> {
+    if config.size_ms.is_some()
+        || config.slide_ms.is_some()
+        || config.size_readings.is_some()
+        || config.slide_readings.is_some()
+    {
+        return Err(ConfigError::at_field(
+            "gap_ms",
+            "give one of `size_ms` (time windows), `size_readings` (count windows) and \
+             `gap_ms` (session windows)",
+        ));
+    }
+    let in_range = |field: &str, value: u64| {
+        if value == 0 || value > MAX_WINDOW_SIZE_MS {
+            Err(ConfigError::at_field(
+                field,
+                format!("`{field}` must be in 1..={MAX_WINDOW_SIZE_MS}"),
+            ))
+        } else {
+            Ok(value as EventTime)
+        }
+    };
+    let gap = in_range("gap_ms", config.gap_ms.unwrap_or(0))?;
+    let max_size = config.max_size_ms.map(|max| in_range("max_size_ms", max)).transpose()?;
+    if config.min_steps == 0 {
+        return Err(ConfigError::at_field("min_steps", "`min_steps` must be at least 1"));
+    }
+    Ok(SessionGeometry { gap, max_size, min_steps: config.min_steps })
+}
+
 /// Checks count-window options; returns `(size, slide)`.
 pub(crate) fn count_geometry(config: &WindowConfig) -> Result<(usize, usize), ConfigError> {
     if config.size_ms.is_some() || config.slide_ms.is_some() {
@@ -150,6 +242,7 @@ pub(crate) fn count_geometry(config: &WindowConfig) -> Result<(usize, usize), Co
             "give either `size_ms` (time windows) or `size_readings` (count windows), not both",
         ));
     }
+    session_options_alone(config)?;
     let size = config.size_readings.unwrap_or(0);
     if size == 0 {
         return Err(ConfigError::at_field("size_readings", "`size_readings` must be at least 1"));

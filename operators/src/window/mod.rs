@@ -1,5 +1,6 @@
 //! `window`: readings to per-device event-time [`Window`](tidewatch_api::Window)s, tumbling or
-//! sliding, by time (`size_ms`) or by count (`size_readings`, see [`count`]).
+//! sliding, by time (`size_ms`), by count (`size_readings`, see [`count`]), or sessions
+//! (`gap_ms`, see [`session`]).
 //!
 //! Windows are aligned on the epoch: they start at every multiple of `slide_ms` (which defaults
 //! to `size_ms`, for tumbling windows) and last `size_ms`, so a reading at time `t` belongs to
@@ -17,11 +18,12 @@
 
 //!
 //! The folder: `config.rs` holds the options and their checks, [`time`] the tumbling and
-//! sliding time windows, [`count`] the count windows, and this module the factory that picks
-//! one. `time` and `count` share `config` and never import each other.
+//! sliding time windows, [`count`] the count windows, [`session`] the session windows, and this
+//! module the factory that picks one. They share `config` and never import each other.
 
 mod config;
 pub mod count;
+pub mod session;
 pub mod time;
 
 use tidewatch_api::{
@@ -31,6 +33,7 @@ use tidewatch_api::{
 
 pub use config::{MAX_WINDOW_SIZE_MS, MAX_WINDOWS_PER_READING, WindowConfig};
 pub use count::CountWindowOperator;
+pub use session::SessionWindowOperator;
 pub use time::WindowOperator;
 
 use crate::util::config_error;
@@ -53,6 +56,8 @@ impl TransformFactory for WindowFactory {
     fn validate(&self, config: &WindowConfig, _ctx: &ValidateContext) -> Result<(), ConfigError> {
         if config.is_count() {
             config::count_geometry(config).map(|_| ())
+        } else if config.is_session() {
+            config::session_geometry(config).map(|_| ())
         } else {
             config::geometry(config).map(|_| ())
         }
@@ -88,6 +93,10 @@ impl TransformFactory for WindowFactory {
             let operator = CountWindowOperator::new(config).map_err(config_error)?;
             return Ok(Box::new(operator));
         }
+        if config.is_session() {
+            let operator = SessionWindowOperator::new(config, ctx).map_err(config_error)?;
+            return Ok(Box::new(operator));
+        }
         let operator = WindowOperator::new(config, ctx).map_err(config_error)?;
         Ok(Box::new(operator))
     }
@@ -116,12 +125,24 @@ mod tests {
         let output = factory.output_type(&parse("size_ms = 1000"), &input, &ctx).expect("valid");
         assert_eq!(output, PortType::with_schema(Kind::Windows, schema()));
         assert_eq!(parse("size_ms = 1000"), WindowConfig::tumbling(1000));
+        assert_eq!(
+            parse("gap_ms = 500\nmax_size_ms = 9000"),
+            WindowConfig::session(500, Some(9000))
+        );
+        let sessions = factory.output_type(&parse("gap_ms = 500"), &input, &ctx).expect("valid");
+        assert_eq!(sessions, PortType::with_schema(Kind::Windows, schema()));
         for (toml, field) in [
             ("size_ms = 0", "size_ms"),
             ("size_ms = 10\nslide_ms = 0", "slide_ms"),
             ("size_ms = 10\nslide_ms = 11", "slide_ms"),
             ("size_ms = 100000000\nslide_ms = 1", "slide_ms"),
             ("size_ms = 10\nmin_steps = 0", "min_steps"),
+            ("gap_ms = 0", "gap_ms"),
+            ("gap_ms = 10\nmax_size_ms = 0", "max_size_ms"),
+            ("gap_ms = 10\nsize_ms = 10", "gap_ms"),
+            ("gap_ms = 10\nsize_readings = 3", "gap_ms"),
+            ("size_ms = 10\nmax_size_ms = 10", "max_size_ms"),
+            ("gap_ms = 10\nmin_steps = 0", "min_steps"),
         ] {
             let error = factory.output_type(&parse(toml), &input, &ctx).expect_err(toml);
             assert_eq!(error.field.as_deref(), Some(field), "{toml}");
