@@ -312,6 +312,12 @@ def test_defaults_calibrate_from_the_training_data(tmp_path):
                    "--anomaly-duration", "40", "--window", "6"]) == 0
     spec2 = json.loads((out2 / "model.json").read_text())
     assert (spec2["detection"]["n"], spec2["detection"]["m"]) == (3, 6)
+    # --quantile / --factor alone choose the quantile method, as before the pot default
+    out3 = tmp_path / "model3"
+    assert T.main(["--data", str(data), "--out", str(out3), "--features", *FEATURES,
+                   "--factor", "2"]) == 0
+    thr3 = json.loads((out3 / "model.json").read_text())["threshold"]
+    assert thr3["method"] == "quantile" and thr3["quantile"] == 0.995 and thr3["factor"] == 2.0
 
 
 @pytest.mark.parametrize("family", ["pca", "dense"])

@@ -762,18 +762,20 @@ def add_model_args(p: argparse.ArgumentParser, defaults: dict | None = None) -> 
     d.update(defaults or {})
     p.add_argument("--family", choices=FAMILIES, default=d["family"])
     p.add_argument("--window", type=int, default=d["window"], help="window length W (steps)")
-    p.add_argument("--threshold-method", choices=("pot", "quantile"),
-                   default=d["threshold_method"],
+    p.add_argument("--threshold-method", choices=("pot", "quantile"), default=None,
                    help="pot: peaks over threshold on the tail of the training scores (--risk, "
-                        "--initial-quantile); quantile: --quantile x --factor")
+                        "--initial-quantile); quantile: --quantile x --factor (default: "
+                        f"quantile when --quantile or --factor is given, else {d['threshold_method']})")
     p.add_argument("--risk", type=float, default=d["risk"],
                    help="pot: probability that a normal window exceeds the threshold")
     p.add_argument("--initial-quantile", type=float, default=d["initial_quantile"],
                    help="pot: the tail fitted is the scores above this quantile")
-    p.add_argument("--quantile", type=float, default=d["quantile"],
-                   help="quantile method: quantile of the training window scores")
-    p.add_argument("--factor", type=float, default=d["factor"],
-                   help="quantile method: threshold = quantile x factor")
+    p.add_argument("--quantile", type=float, default=None,
+                   help=f"quantile method: quantile of the training window scores ({d['quantile']})")
+    p.add_argument("--factor", type=float, default=None,
+                   help=f"quantile method: threshold = quantile x factor ({d['factor']})")
+    p.set_defaults(default_threshold_method=d["threshold_method"], default_quantile=d["quantile"],
+                   default_factor=d["factor"])
     p.add_argument("--error-weights", choices=("none", "residual"), default=d["error_weights"],
                    help="per-feature error normalisation: residual weighs features noisier than "
                         "the median feature down to its level")
@@ -795,10 +797,16 @@ def add_model_args(p: argparse.ArgumentParser, defaults: dict | None = None) -> 
 
 
 def config_from_args(args) -> Config:
+    method = args.threshold_method
+    if method is None:  # --quantile / --factor alone keep their old meaning
+        quantile_given = args.quantile is not None or args.factor is not None
+        method = "quantile" if quantile_given else args.default_threshold_method
     return Config(family=args.family, window=args.window,
-                  threshold_method=args.threshold_method, risk=args.risk,
-                  initial_quantile=args.initial_quantile, quantile=args.quantile,
-                  factor=args.factor, error_weights=args.error_weights,
+                  threshold_method=method, risk=args.risk,
+                  initial_quantile=args.initial_quantile,
+                  quantile=args.default_quantile if args.quantile is None else args.quantile,
+                  factor=args.default_factor if args.factor is None else args.factor,
+                  error_weights=args.error_weights,
                   anomaly_duration=args.anomaly_duration, n=args.n, m=args.m,
                   hysteresis=args.hysteresis, seed=args.seed, hyper=hyper_from_args(args))
 
