@@ -49,7 +49,8 @@ pub enum GraphOutput {
 pub enum Protocol {
     /// SKAB's leaderboard protocol.
     Skab,
-    /// Train on one file, score another.
+    /// Train on one file and score another (--train / --test), or, with --data, every
+    /// `<entity>_train` / `<entity>_test` pair of a folder, pooled.
     Split,
 }
 
@@ -175,13 +176,23 @@ pub enum Command {
         #[arg(required = true)]
         pipelines: Vec<PathBuf>,
     },
+    /// Run the `[[tests]]` of pipeline files (no sources, sinks or brokers); print each failed
+    /// expectation as path:line:col and exit non-zero on any, or on a file without tests.
+    Test {
+        /// Pipeline files.
+        #[arg(required = true)]
+        pipelines: Vec<PathBuf>,
+    },
     /// Replay labelled data through a model pipeline and report detection quality.
     Backtest {
-        /// `skab` (SKAB's leaderboard protocol over --data) or `split` (--train / --test).
+        /// `skab` (SKAB's leaderboard protocol over --data) or `split` (--train / --test, or
+        /// a folder of `<entity>_train` / `<entity>_test` pairs as --data).
         #[arg(long, value_enum)]
         protocol: Protocol,
-        /// `skab`: the folder of labelled files (e.g. ../shared/data/skab/data).
-        #[arg(long)]
+        /// `skab`: the folder of labelled files (e.g. ../shared/data/skab/data). `split`: a
+        /// folder of `<entity>_train.csv[.gz]` / `<entity>_test.csv[.gz]` pairs (e.g.
+        /// ../shared/data/smd), one model per entity, test rows pooled.
+        #[arg(long, conflicts_with_all = ["train", "test"])]
         data: Option<PathBuf>,
         /// `skab`: rows of each file that train (the rest are scored).
         #[arg(long, default_value_t = 400)]
@@ -216,6 +227,10 @@ pub enum Command {
         /// Report format.
         #[arg(long, value_enum, default_value_t = ReportFormat::Text)]
         format: ReportFormat,
+        /// Skip the reference baseline (PCA over single readings, 5 components, 0.99 training
+        /// quantile, no debounce) that otherwise runs on the same rows.
+        #[arg(long)]
+        no_baseline: bool,
     },
     /// Publish the simulated pump fleet (or replay a CSV file) to an MQTT broker or a Kafka
     /// topic.
@@ -372,9 +387,10 @@ fn init_logging(format: LogFormat, level: &str) {
 /// Parses the process arguments and runs the command with `registry`.
 pub fn main(registry: Registry) -> ExitCode {
     let cli = Cli::parse();
-    // A backtest runs hundreds of short pipelines: only warnings unless asked for more.
+    // A backtest runs hundreds of short pipelines, a test many short subgraphs: only warnings
+    // unless asked for more.
     let level = match (&cli.command, cli.log_level.as_str()) {
-        (Command::Backtest { .. }, "info") => "warn",
+        (Command::Backtest { .. } | Command::Test { .. }, "info") => "warn",
         (_, level) => level,
     };
     init_logging(cli.log_format, level);
@@ -391,6 +407,7 @@ pub fn main(registry: Registry) -> ExitCode {
 pub fn execute(command: Command, registry: &Registry) -> anyhow::Result<ExitCode> {
     match command {
         Command::Validate { pipelines } => Ok(validate(&pipelines, registry)),
+        Command::Test { pipelines } => Ok(test(&pipelines, registry)),
         #[cfg(any(feature = "mqtt", feature = "kafka"))]
         Command::Simulate(args) => {
             crate::simulate::run(&args)?;
@@ -410,6 +427,7 @@ pub fn execute(command: Command, registry: &Registry) -> anyhow::Result<ExitCode
             trainer_args,
             work_dir,
             format,
+            no_baseline,
         } => {
             let temporary;
             let work_dir = match work_dir {
@@ -430,22 +448,25 @@ pub fn execute(command: Command, registry: &Registry) -> anyhow::Result<ExitCode
             }
             settings.trainer_args = trainer_args;
             settings.backend = backend;
-            let report = match protocol {
-                Protocol::Skab => {
+            settings.baseline = !no_baseline;
+            let columns = crate::backtest::SplitColumns {
+                label: &label_column,
+                timestamp: &timestamp_column,
+                delimiter,
+            };
+            let report = match (protocol, data) {
+                (Protocol::Skab, data) => {
                     let data = data.context("--protocol skab needs --data DIR")?;
                     crate::backtest::skab(&data, train_rows, &settings)?
                 }
-                Protocol::Split => {
-                    let train = train.context("--protocol split needs --train FILE")?;
+                (Protocol::Split, Some(data)) => {
+                    crate::backtest::split_folder(&data, columns, &settings)?
+                }
+                (Protocol::Split, None) => {
+                    let train =
+                        train.context("--protocol split needs --data DIR or --train FILE")?;
                     let test = test.context("--protocol split needs --test FILE")?;
-                    crate::backtest::split(
-                        &train,
-                        &test,
-                        &label_column,
-                        &timestamp_column,
-                        delimiter,
-                        &settings,
-                    )?
+                    crate::backtest::split(&train, &test, columns, &settings)?
                 }
             };
             match format {
@@ -550,6 +571,48 @@ fn validate(paths: &[PathBuf], registry: &Registry) -> ExitCode {
     if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS }
 }
 
+/// `tidewatch test`: every test of every file; a file that does not validate or has no tests
+/// fails.
+fn test(paths: &[PathBuf], registry: &Registry) -> ExitCode {
+    let mut failed = false;
+    for path in paths {
+        let pipeline = match tidewatch_engine::load_file(path, registry) {
+            Ok(pipeline) => pipeline,
+            Err(errors) => {
+                eprintln!("{errors}");
+                failed = true;
+                continue;
+            }
+        };
+        if pipeline.tests.is_empty() {
+            eprintln!("{}: error: no [[tests]] in this pipeline", path.display());
+            failed = true;
+            continue;
+        }
+        let mut passed = 0;
+        for test in &pipeline.tests {
+            let failures = tidewatch_engine::testing::run_test(&pipeline, test);
+            if failures.is_empty() {
+                passed += 1;
+                continue;
+            }
+            failed = true;
+            for failure in failures {
+                eprintln!(
+                    "{}:{}:{}: test `{}` failed: {}",
+                    path.display(),
+                    failure.line,
+                    failure.column,
+                    test.name,
+                    failure.message
+                );
+            }
+        }
+        println!("{}: {passed} of {} tests passed", path.display(), pipeline.tests.len());
+    }
+    if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS }
+}
+
 /// A folder removed when dropped.
 struct TempDir(PathBuf);
 
@@ -570,7 +633,8 @@ fn tempdir() -> anyhow::Result<TempDir> {
     Ok(TempDir(dir))
 }
 
-fn print_report(report: &crate::backtest::Report) {
+fn print_report(outcome: &crate::backtest::Outcome) {
+    let report = &outcome.report;
     println!("rows          {}", report.rows);
     println!("TP/FP/FN/TN   {}/{}/{}/{}", report.tp, report.fp, report.r#fn, report.tn);
     println!("precision     {:.4}", report.precision);
@@ -585,6 +649,28 @@ fn print_report(report: &crate::backtest::Report) {
         "changepoints  {} ({} detected, {} false)",
         report.changepoints, report.changepoints_detected, report.changepoints_false
     );
+    if let Some(baseline) = &outcome.baseline {
+        println!(
+            "baseline      F1 {:.4}  precision {:.4}  recall {:.4}  (PCA, 5 components, W=1, \
+             0.99 quantile, no debounce)",
+            baseline.f1, baseline.precision, baseline.recall
+        );
+    }
+    for model in &outcome.models {
+        println!(
+            "model {:<24} {} W={} threshold {} detection {}{}",
+            model.entity,
+            model.family.as_deref().unwrap_or("?"),
+            model.window.map(|window| window.to_string()).unwrap_or_else(|| "?".into()),
+            model.threshold,
+            model.detection,
+            if model.error_weights.is_null() {
+                String::new()
+            } else {
+                format!(" error_weights {}", model.error_weights)
+            },
+        );
+    }
 }
 
 #[cfg(test)]

@@ -10,7 +10,13 @@
 //! normal. Test rows of all files are pooled.
 //!
 //! - `skab`: every labelled CSV under the data folder; the first `train_rows` (400) rows train.
-//! - `split`: one file trains (its rows labelled normal), another is scored whole.
+//! - `split`: one file trains (its rows labelled normal), another is scored whole; or a folder
+//!   of `<entity>_train` / `<entity>_test` pairs (CSV or gzip-compressed CSV), one model per
+//!   entity, all test rows pooled ([`split_folder`]).
+//!
+//! Every protocol also runs the reference baseline ([`BASELINE_TRAINER_ARGS`]: PCA over single
+//! readings, 5 components, the 0.99 quantile of the training scores, no debounce) through the
+//! same trainer and pipeline on the same rows, and reports it beside the model ([`Outcome`]).
 
 pub mod metrics;
 
@@ -20,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tidewatch_api::codec::{Delimiter, csv};
 use tidewatch_api::{
     Batch, ComponentContext, ComponentError, ComponentFactory, Kind, Sink, SinkFactory,
@@ -72,6 +78,40 @@ fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> BacktestErro
     move |source| BacktestError::Io { context, source }
 }
 
+/// Whether `path` names a gzip-compressed file (`*.gz`).
+fn is_gzip(path: &Path) -> bool {
+    path.extension().and_then(|ext| ext.to_str()) == Some("gz")
+}
+
+/// Reads a text file whole; a `*.gz` file is decompressed.
+pub fn read_text(path: &Path) -> Result<String, BacktestError> {
+    let context = || format!("reading {}", path.display());
+    if !is_gzip(path) {
+        return std::fs::read_to_string(path).map_err(io(context()));
+    }
+    let file = std::fs::File::open(path).map_err(io(context()))?;
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut flate2::read::MultiGzDecoder::new(file), &mut text)
+        .map_err(io(context()))?;
+    Ok(text)
+}
+
+/// `path` as a plain file the pipeline's `file` source can stream: a `*.gz` file is
+/// decompressed into `dir` (under its name without `.gz`), any other file is used as it is.
+pub fn plain_file(path: &Path, dir: &Path) -> Result<PathBuf, BacktestError> {
+    if !is_gzip(path) {
+        return Ok(path.to_path_buf());
+    }
+    let name = path.file_stem().ok_or_else(|| BacktestError::Data {
+        path: path.to_path_buf(),
+        message: "no file name".into(),
+    })?;
+    let out = dir.join(name);
+    std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
+    std::fs::write(&out, read_text(path)?).map_err(io(format!("writing {}", out.display())))?;
+    Ok(out)
+}
+
 /// A labelled CSV file, read whole.
 #[derive(Clone, Debug)]
 pub struct LabelledFile {
@@ -99,8 +139,7 @@ impl LabelledFile {
         label: &str,
         timestamp: &str,
     ) -> Result<LabelledFile, BacktestError> {
-        let text =
-            std::fs::read_to_string(path).map_err(io(format!("reading {}", path.display())))?;
+        let text = read_text(path)?;
         let data_error =
             |message: String| BacktestError::Data { path: path.to_path_buf(), message };
         let codec_delimiter = Delimiter::new(delimiter).map_err(data_error)?;
@@ -182,6 +221,8 @@ pub struct Settings {
     pub work_dir: PathBuf,
     /// Progress on stderr.
     pub progress: bool,
+    /// Also run the reference baseline ([`BASELINE_TRAINER_ARGS`]) on the same rows.
+    pub baseline: bool,
 }
 
 impl Settings {
@@ -196,6 +237,7 @@ impl Settings {
             changepoint_window_ms: 60_000,
             work_dir,
             progress: true,
+            baseline: true,
         }
     }
 }
@@ -221,10 +263,63 @@ struct DetectionInfo {
     hysteresis: usize,
 }
 
+/// The trainer options of the reference baseline: PCA over single readings (window 1) with 5
+/// components, the threshold at the 0.99 quantile of the training scores, no debounce, no
+/// per-feature error weights.
+pub const BASELINE_TRAINER_ARGS: &[&str] = &[
+    "--family",
+    "pca",
+    "--window",
+    "1",
+    "--components",
+    "5",
+    "--threshold-method",
+    "quantile",
+    "--quantile",
+    "0.99",
+    "--factor",
+    "1",
+    "--error-weights",
+    "none",
+    "--n",
+    "1",
+    "--m",
+    "1",
+    "--hysteresis",
+    "1",
+];
+
+/// Which model a run trains: the one `training/train.py` makes with its defaults and the
+/// `--trainer-arg`s, or the reference baseline.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Variant {
+    /// The trainer's defaults and the user's trainer arguments.
+    Model,
+    /// [`BASELINE_TRAINER_ARGS`].
+    Baseline,
+}
+
+impl Variant {
+    fn trainer_args(self, settings: &Settings) -> Vec<String> {
+        match self {
+            Variant::Model => settings.trainer_args.clone(),
+            Variant::Baseline => BASELINE_TRAINER_ARGS.iter().map(|arg| arg.to_string()).collect(),
+        }
+    }
+
+    fn folder(self) -> &'static str {
+        match self {
+            Variant::Model => "model",
+            Variant::Baseline => "baseline",
+        }
+    }
+}
+
 /// Trains a model on `train_rows` rows of `data` (all rows when `None`; rows labelled
 /// anomalous are excluded by the trainer) into `out`.
 pub fn train(
     settings: &Settings,
+    variant: Variant,
     data: &Path,
     delimiter: char,
     train_rows: Option<usize>,
@@ -242,7 +337,7 @@ pub fn train(
         .arg(delimiter.to_string())
         .arg("--label-column")
         .arg(label)
-        .args(&settings.trainer_args);
+        .args(variant.trainer_args(settings));
     if let Some(rows) = train_rows {
         command.arg("--train-rows").arg(rows.to_string());
     }
@@ -495,8 +590,128 @@ fn progress(settings: &Settings, done: usize, total: usize, what: &str) {
     let _ = stderr.flush();
 }
 
+/// What a backtest reports: the model's metrics, the baseline's on the same rows, and what
+/// the trainer chose for every model (from its `model.json`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Outcome {
+    /// The model's metrics (the trainer's defaults and `--trainer-arg`s).
+    #[serde(flatten)]
+    pub report: Report,
+    /// The baseline's F1 on the same rows (`null` when the baseline did not run).
+    pub baseline_f1: Option<f64>,
+    /// The baseline's precision.
+    pub baseline_precision: Option<f64>,
+    /// The baseline's recall.
+    pub baseline_recall: Option<f64>,
+    /// The baseline's full report.
+    pub baseline: Option<Report>,
+    /// What the trainer chose, per trained model.
+    pub models: Vec<ModelSummary>,
+}
+
+/// The calibration of one trained model, as its `model.json` records it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct ModelSummary {
+    /// The entity (SKAB: the file, `split`: the `<entity>` of the pair).
+    pub entity: String,
+    /// `family`.
+    pub family: Option<String>,
+    /// `window.length`.
+    pub window: Option<u64>,
+    /// `threshold` (value and how it was chosen).
+    pub threshold: serde_json::Value,
+    /// `detection` (n, m, hysteresis, and how they were derived).
+    pub detection: serde_json::Value,
+    /// `error_weights` (per-feature error normalisation), when the model has them.
+    pub error_weights: serde_json::Value,
+}
+
+impl ModelSummary {
+    fn read(entity: &str, model_dir: &Path) -> Result<ModelSummary, BacktestError> {
+        let path = model_dir.join("model.json");
+        let text =
+            std::fs::read_to_string(&path).map_err(io(format!("reading {}", path.display())))?;
+        let json: serde_json::Value = serde_json::from_str(&text).map_err(|error| {
+            BacktestError::Data { path: path.clone(), message: error.to_string() }
+        })?;
+        let weights = match &json["error_weights"] {
+            // The per-feature weights themselves are long: their method and spread only.
+            serde_json::Value::Object(map) => serde_json::Value::Object(
+                map.iter()
+                    .filter(|(key, _)| key.as_str() != "weights")
+                    .map(|(key, value)| (key.clone(), value.clone()))
+                    .collect(),
+            ),
+            other => other.clone(),
+        };
+        Ok(ModelSummary {
+            entity: entity.to_owned(),
+            family: json["family"].as_str().map(str::to_owned),
+            window: json["window"]["length"].as_u64(),
+            threshold: json["threshold"].clone(),
+            detection: json["detection"].clone(),
+            error_weights: weights,
+        })
+    }
+}
+
+/// The pooled series of the model and of the baseline, and the models' calibration.
+#[derive(Debug, Default)]
+struct Runs {
+    model: Vec<Series>,
+    baseline: Vec<Series>,
+    models: Vec<ModelSummary>,
+}
+
+impl Runs {
+    fn outcome(self, settings: &Settings) -> Outcome {
+        let report = evaluate(&self.model, settings.changepoint_window_ms);
+        let baseline =
+            settings.baseline.then(|| evaluate(&self.baseline, settings.changepoint_window_ms));
+        Outcome {
+            report,
+            baseline_f1: baseline.as_ref().map(|report| report.f1),
+            baseline_precision: baseline.as_ref().map(|report| report.precision),
+            baseline_recall: baseline.as_ref().map(|report| report.recall),
+            baseline,
+            models: self.models,
+        }
+    }
+}
+
+/// One entity: trains the model (and the baseline) on `train` and scores the rows of `file`
+/// from `first_test_row` on.
+#[allow(clippy::too_many_arguments)]
+fn run_entity(
+    runs: &mut Runs,
+    entity: &str,
+    dir: &Path,
+    train: (&Path, Option<usize>),
+    file: &LabelledFile,
+    first_test_row: usize,
+    label: &str,
+    settings: &Settings,
+) -> Result<(), BacktestError> {
+    let variants: &[Variant] =
+        if settings.baseline { &[Variant::Model, Variant::Baseline] } else { &[Variant::Model] };
+    for variant in variants {
+        let model_dir = dir.join(variant.folder());
+        self::train(settings, *variant, train.0, file.delimiter, train.1, label, &model_dir)?;
+        let predicted = predict(file, &model_dir, settings)?;
+        let series = test_part(file, predicted, first_test_row);
+        match variant {
+            Variant::Model => {
+                runs.models.push(ModelSummary::read(entity, &model_dir)?);
+                runs.model.push(series);
+            }
+            Variant::Baseline => runs.baseline.push(series),
+        }
+    }
+    Ok(())
+}
+
 /// The SKAB leaderboard protocol over every labelled file under `dir`.
-pub fn skab(dir: &Path, train_rows: usize, settings: &Settings) -> Result<Report, BacktestError> {
+pub fn skab(dir: &Path, train_rows: usize, settings: &Settings) -> Result<Outcome, BacktestError> {
     let dir = &absolute(dir)?;
     let files = labelled_files(dir, "anomaly", ';')?;
     if files.is_empty() {
@@ -505,18 +720,25 @@ pub fn skab(dir: &Path, train_rows: usize, settings: &Settings) -> Result<Report
             message: "no labelled CSV files (with an `anomaly` column)".into(),
         });
     }
-    let mut series = Vec::with_capacity(files.len());
+    let mut runs = Runs::default();
     for (index, path) in files.iter().enumerate() {
         let name = path.strip_prefix(dir).unwrap_or(path).display().to_string();
         progress(settings, index, files.len(), &name);
         let file = LabelledFile::read(path, ';', "anomaly", "datetime")?;
-        let model_dir = settings.work_dir.join(format!("model-{index}"));
-        train(settings, path, ';', Some(train_rows), "anomaly", &model_dir)?;
-        let predicted = predict(&file, &model_dir, settings)?;
-        series.push(test_part(&file, predicted, train_rows));
+        let entity_dir = settings.work_dir.join(format!("file-{index}"));
+        run_entity(
+            &mut runs,
+            &name,
+            &entity_dir,
+            (path, Some(train_rows)),
+            &file,
+            train_rows,
+            "anomaly",
+            settings,
+        )?;
     }
     progress(settings, files.len(), files.len(), "done");
-    Ok(evaluate(&series, settings.changepoint_window_ms))
+    Ok(runs.outcome(settings))
 }
 
 fn absolute(path: &Path) -> Result<PathBuf, BacktestError> {
@@ -534,22 +756,182 @@ fn test_part(file: &LabelledFile, predicted: Vec<bool>, first: usize) -> Series 
     }
 }
 
+/// How a `split` run reads its files.
+#[derive(Clone, Copy, Debug)]
+pub struct SplitColumns<'a> {
+    /// The label column (1 = anomaly).
+    pub label: &'a str,
+    /// The timestamp column.
+    pub timestamp: &'a str,
+    /// The field delimiter.
+    pub delimiter: char,
+}
+
 /// Trains on `train` (its rows labelled normal) and scores all of `test`.
 pub fn split(
     train_path: &Path,
     test_path: &Path,
-    label: &str,
-    timestamp: &str,
-    delimiter: char,
+    columns: SplitColumns<'_>,
     settings: &Settings,
-) -> Result<Report, BacktestError> {
-    let (train_path, test_path) = (&absolute(train_path)?, &absolute(test_path)?);
-    progress(settings, 0, 2, "training");
-    let model_dir = settings.work_dir.join("model");
-    train(settings, train_path, delimiter, None, label, &model_dir)?;
-    progress(settings, 1, 2, "scoring");
-    let file = LabelledFile::read(test_path, delimiter, label, timestamp)?;
-    let predicted = predict(&file, &model_dir, settings)?;
-    progress(settings, 2, 2, "done");
-    Ok(evaluate(&[test_part(&file, predicted, 0)], settings.changepoint_window_ms))
+) -> Result<Outcome, BacktestError> {
+    let pair = EntityPair {
+        entity: test_path.display().to_string(),
+        train: absolute(train_path)?,
+        test: absolute(test_path)?,
+    };
+    let mut runs = Runs::default();
+    progress(settings, 0, 1, &pair.entity);
+    split_pair(&mut runs, &pair, &settings.work_dir, columns, settings)?;
+    progress(settings, 1, 1, "done");
+    Ok(runs.outcome(settings))
+}
+
+fn split_pair(
+    runs: &mut Runs,
+    pair: &EntityPair,
+    dir: &Path,
+    columns: SplitColumns<'_>,
+    settings: &Settings,
+) -> Result<(), BacktestError> {
+    let test = plain_file(&pair.test, dir)?;
+    let file = LabelledFile::read(&test, columns.delimiter, columns.label, columns.timestamp)?;
+    run_entity(runs, &pair.entity, dir, (&pair.train, None), &file, 0, columns.label, settings)
+}
+
+/// One entity of a `split` folder: `<entity>_train.csv[.gz]` and `<entity>_test.csv[.gz]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EntityPair {
+    /// The name before `_train` / `_test`.
+    pub entity: String,
+    /// Its training file.
+    pub train: PathBuf,
+    /// Its test file.
+    pub test: PathBuf,
+}
+
+/// The `<entity>_train` / `<entity>_test` pairs in `dir` (CSV, `.csv.gz`), sorted by entity.
+/// Other files (a licence, a README) are ignored; an entity with only one of the two is an
+/// error.
+pub fn entity_pairs(dir: &Path) -> Result<Vec<EntityPair>, BacktestError> {
+    let mut train: HashMap<String, PathBuf> = HashMap::new();
+    let mut test: HashMap<String, PathBuf> = HashMap::new();
+    let entries = std::fs::read_dir(dir).map_err(io(format!("listing {}", dir.display())))?;
+    for entry in entries {
+        let path = entry.map_err(io(format!("listing {}", dir.display())))?.path();
+        let Some(name) = path.file_name().and_then(|name| name.to_str()) else { continue };
+        let Some(stem) = name.strip_suffix(".csv.gz").or_else(|| name.strip_suffix(".csv")) else {
+            continue;
+        };
+        if let Some(entity) = stem.strip_suffix("_train") {
+            train.insert(entity.to_owned(), path.clone());
+        } else if let Some(entity) = stem.strip_suffix("_test") {
+            test.insert(entity.to_owned(), path.clone());
+        }
+    }
+    let mut unpaired: Vec<String> = train
+        .keys()
+        .filter(|entity| !test.contains_key(*entity))
+        .map(|entity| format!("{entity}_train without {entity}_test"))
+        .chain(
+            test.keys()
+                .filter(|entity| !train.contains_key(*entity))
+                .map(|entity| format!("{entity}_test without {entity}_train")),
+        )
+        .collect();
+    if !unpaired.is_empty() {
+        unpaired.sort();
+        return Err(BacktestError::Data { path: dir.to_path_buf(), message: unpaired.join(", ") });
+    }
+    let mut pairs: Vec<EntityPair> = train
+        .into_iter()
+        .filter_map(|(entity, train)| {
+            test.remove(&entity).map(|test| EntityPair { entity, train, test })
+        })
+        .collect();
+    if pairs.is_empty() {
+        return Err(BacktestError::Data {
+            path: dir.to_path_buf(),
+            message: "no <entity>_train.csv[.gz] / <entity>_test.csv[.gz] pairs".into(),
+        });
+    }
+    pairs.sort_by(|a, b| a.entity.cmp(&b.entity));
+    Ok(pairs)
+}
+
+/// The `split` protocol over a folder of entity pairs ([`entity_pairs`]): per entity, a model
+/// (and the baseline) trained on all of its training file's normal rows scores all of its test
+/// file; the test rows of every entity are pooled.
+pub fn split_folder(
+    dir: &Path,
+    columns: SplitColumns<'_>,
+    settings: &Settings,
+) -> Result<Outcome, BacktestError> {
+    let dir = &absolute(dir)?;
+    let pairs = entity_pairs(dir)?;
+    let mut runs = Runs::default();
+    for (index, pair) in pairs.iter().enumerate() {
+        progress(settings, index, pairs.len(), &pair.entity);
+        let entity_dir = settings.work_dir.join(&pair.entity);
+        split_pair(&mut runs, pair, &entity_dir, columns, settings)?;
+    }
+    progress(settings, pairs.len(), pairs.len(), "done");
+    Ok(runs.outcome(settings))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+
+    #[test]
+    fn entity_pairs_are_found_sorted_and_other_files_ignored() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for name in ["b_train.csv.gz", "b_test.csv.gz", "a_train.csv", "a_test.csv", "LICENSE"] {
+            std::fs::write(dir.path().join(name), "x").expect("write");
+        }
+        let pairs = entity_pairs(dir.path()).expect("pairs");
+        let names: Vec<(&str, String, String)> = pairs
+            .iter()
+            .map(|pair| {
+                let file = |path: &Path| {
+                    path.file_name()
+                        .map(|name| name.to_string_lossy().into_owned())
+                        .unwrap_or_default()
+                };
+                (pair.entity.as_str(), file(&pair.train), file(&pair.test))
+            })
+            .collect();
+        assert_eq!(
+            names,
+            [
+                ("a", "a_train.csv".to_owned(), "a_test.csv".to_owned()),
+                ("b", "b_train.csv.gz".to_owned(), "b_test.csv.gz".to_owned()),
+            ]
+        );
+        std::fs::remove_file(dir.path().join("a_test.csv")).expect("remove");
+        let error = entity_pairs(dir.path()).expect_err("a is unpaired");
+        assert!(error.to_string().contains("a_train without a_test"), "{error}");
+    }
+
+    #[test]
+    fn a_gzip_file_reads_as_its_text_and_streams_from_a_plain_copy() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("x_test.csv.gz");
+        let text = "timestamp,v,label\n2024-01-01T00:00:00Z,1.5,0\n2024-01-01T00:01:00Z,2.5,1\n";
+        let mut encoder = flate2::write::GzEncoder::new(
+            std::fs::File::create(&path).expect("create"),
+            flate2::Compression::fast(),
+        );
+        encoder.write_all(text.as_bytes()).expect("write");
+        encoder.finish().expect("finish");
+        assert_eq!(read_text(&path).expect("read"), text);
+        let plain = plain_file(&path, &dir.path().join("work")).expect("plain");
+        assert_eq!(plain, dir.path().join("work/x_test.csv"));
+        assert_eq!(std::fs::read_to_string(&plain).expect("read"), text);
+        let file = LabelledFile::read(&path, ',', "label", "timestamp").expect("labelled");
+        assert_eq!(file.labels, [false, true]);
+        assert_eq!(file.features, ["v"]);
+        assert_eq!(file.changepoints, [false, true]);
+    }
 }
