@@ -90,7 +90,8 @@ step "python tests (training)"
 
 step "the issue checks, as a user runs them"
 "$tidewatch" validate pipelines/*.toml
-for broken in broken downstream_errors; do
+"$tidewatch" test pipelines/*.toml
+for broken in broken downstream_errors unknown_port; do
   if "$tidewatch" validate "tests/fixtures/invalid/$broken.toml" 2>/dev/null; then
     echo "validate accepted a broken pipeline ($broken.toml)" >&2
     exit 1

@@ -116,6 +116,11 @@ impl Reporter {
         self.report(Severity::Warning, span, message, hint);
     }
 
+    /// The 1-based (line, column) of a byte offset of the file.
+    pub(crate) fn position(&self, offset: usize) -> (usize, usize) {
+        self.index.position(offset)
+    }
+
     pub(crate) fn has_errors(&self) -> bool {
         self.diagnostics.iter().any(|diagnostic| diagnostic.severity == Severity::Error)
     }

@@ -6,7 +6,8 @@
 //! - [`runtime`]: the timely dataflow, event time and watermarks, workers;
 //! - [`checkpoint`]: consistent checkpoints and recovery;
 //! - [`metrics`] and [`http`]: `/metrics`, `/healthz`, `/readyz`;
-//! - [`graph`]: the pipeline as Mermaid or dot.
+//! - [`graph`]: the pipeline as Mermaid or dot;
+//! - [`testing`]: the `[[tests]]` of a pipeline file, run without sources or sinks.
 //!
 //! ```no_run
 //! use tidewatch_api::ComponentFactory;
@@ -32,6 +33,7 @@ pub mod registry;
 pub mod runtime;
 pub mod signals;
 pub mod spec;
+pub mod testing;
 
 pub use cluster::Cluster;
 pub use diagnostics::{Diagnostic, Severity};

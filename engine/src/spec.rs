@@ -33,6 +33,7 @@ use toml::de::{DeTable, DeValue};
 use crate::diagnostics::{Diagnostic, Reporter, Severity, closest, did_you_mean};
 use crate::interpolate::interpolate;
 use crate::registry::{Class, Registry};
+use crate::testing::{PipelineTest, parse_tests};
 
 /// The `[pipeline]` table.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
@@ -201,6 +202,8 @@ pub struct Pipeline {
     pub components: Vec<Component>,
     /// Warnings found while validating.
     pub warnings: Vec<Diagnostic>,
+    /// Its `[[tests]]` (run by `tidewatch test`, see [`crate::testing`]).
+    pub tests: Vec<PipelineTest>,
 }
 
 impl Pipeline {
@@ -269,7 +272,7 @@ pub fn load_str(
     if reporter.has_errors() {
         return Err(ValidationErrors { diagnostics: reporter.diagnostics });
     }
-    let mut validator = Validator { reporter, registry, entries: Vec::new() };
+    let mut validator = Validator { reporter, registry, entries: Vec::new(), tests: None };
     let settings = validator.structure(root.get_ref());
     let name = settings.name.clone().unwrap_or_else(|| {
         Path::new(label)
@@ -287,7 +290,12 @@ pub fn load_str(
     let ctx = ValidateContext { pipeline: Arc::clone(&info) };
     validator.configure(&ctx);
     let components = validator.graph(&ctx);
-    let Validator { reporter, .. } = validator;
+    let Validator { mut reporter, tests, .. } = validator;
+    // The tests refer to components and their outputs: checked once the graph is sound.
+    let tests = match tests {
+        Some(tests) if !reporter.has_errors() => parse_tests(&tests, &components, &mut reporter),
+        _ => Vec::new(),
+    };
     if reporter.has_errors() {
         let mut diagnostics = reporter.diagnostics;
         diagnostics
@@ -300,6 +308,7 @@ pub fn load_str(
         info,
         components,
         warnings: reporter.diagnostics,
+        tests,
     })
 }
 
@@ -364,6 +373,8 @@ struct Validator<'r> {
     reporter: Reporter,
     registry: &'r Registry,
     entries: Vec<Entry>,
+    /// The `[[tests]]` array, checked after the graph.
+    tests: Option<Spanned<DeValue<'static>>>,
 }
 
 fn valid_id(id: &str) -> bool {
@@ -426,12 +437,16 @@ impl Validator<'_> {
                     }
                     continue;
                 }
+                "tests" => {
+                    self.tests = Some(value.clone());
+                    continue;
+                }
                 "sources" => Class::Source,
                 "transforms" => Class::Transform,
                 "sinks" => Class::Sink,
                 other => {
-                    let hint = did_you_mean(other, ["pipeline", "sources", "transforms", "sinks"])
-                        .or_else(|| Some("the top-level tables are [pipeline], [sources.<id>], [transforms.<id>] and [sinks.<id>]".into()));
+                    let hint = did_you_mean(other, ["pipeline", "sources", "transforms", "sinks", "tests"])
+                        .or_else(|| Some("the top-level tables are [pipeline], [sources.<id>], [transforms.<id>], [sinks.<id>] and [[tests]]".into()));
                     self.reporter.error(
                         Some(key.span()),
                         format!("unknown top-level table `{other}`"),
