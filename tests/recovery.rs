@@ -452,41 +452,10 @@ fn an_instance_whose_inputs_all_ended_still_takes_part_in_checkpoints() {
     // paused worker 0 waits for ever.
     let dir = tempfile::tempdir().expect("tempdir");
     let lines = 3_000;
-    let mut text = String::new();
-    for i in 0..lines {
-        text.push_str(&format!(
-            "{{\"device\":\"pump-{}\",\"ts\":{},\"value\":{i}}}\n",
-            i % 10,
-            1_700_000_000_000_u64 + i * 1_000
-        ));
-    }
-    std::fs::write(dir.path().join("in.jsonl"), text).expect("input");
+    common::write_pump_readings(&dir.path().join("in.jsonl"), lines, |i| i);
     // 3000 lines, 1000 s of event time at 400x: about 2.5 s, several checkpoint intervals.
-    let pipeline = write(
-        dir.path(),
-        "file.toml",
-        &format!(
-            r#"
-[pipeline]
-workers = 2
-checkpoint_interval_secs = 1
-checkpoint_url = "{checkpoints}"
-
-[sources.in]
-type = "file"
-path = "in.jsonl"
-speed = 400.0
-timestamp_field = "ts"
-timestamp_format = "unix_ms"
-
-[transforms.readings]
-type = "normalize"
-inputs = ["in"]
-device_field = "device"
-timestamp_field = "ts"
-timestamp_format = "unix_ms"
-features = ["value"]
-
+    let text = common::checkpointed_readings_toml(&dir.path().join("ck"))
+        + r#"
 [transforms.windows]
 type = "window"
 inputs = ["readings"]
@@ -496,10 +465,8 @@ size_ms = 10000
 type = "file"
 inputs = ["windows"]
 path = "out.jsonl"
-"#,
-            checkpoints = dir.path().join("ck").display()
-        ),
-    );
+"#;
+    let pipeline = write(dir.path(), "file.toml", &text);
     let log = Process::run(&pipeline, &[], dir.path().join("file.log"))
         .wait_exit(Duration::from_secs(120));
     let completed = log.matches("checkpoint complete").count()

@@ -130,46 +130,15 @@ fn named_outputs_carry_checkpoint_barriers_and_end_markers() {
     // no checkpoint completes and the run never ends.
     let dir = tempfile::tempdir().expect("tempdir");
     let lines = 3_000u64;
-    let mut text = String::new();
-    for i in 0..lines {
-        text.push_str(&format!(
-            "{{\"device\":\"pump-{}\",\"ts\":{},\"value\":{}}}\n",
-            i % 10,
-            1_700_000_000_000_u64 + i * 1_000,
-            i % 7
-        ));
-    }
-    std::fs::write(dir.path().join("in.jsonl"), text).expect("input");
+    common::write_pump_readings(&dir.path().join("in.jsonl"), lines, |i| i % 7);
     let pipeline = dir.path().join("route.toml");
-    std::fs::write(
-        &pipeline,
-        format!(
-            r#"
-[pipeline]
-workers = 2
-checkpoint_interval_secs = 1
-checkpoint_url = "{checkpoints}"
-
-[sources.in]
-type = "file"
-path = "in.jsonl"
-speed = 400.0
-timestamp_field = "ts"
-timestamp_format = "unix_ms"
-
-[transforms.readings]
-type = "normalize"
-inputs = ["in"]
-device_field = "device"
-timestamp_field = "ts"
-timestamp_format = "unix_ms"
-features = ["value"]
-
+    let text = common::checkpointed_readings_toml(&dir.path().join("ck"))
+        + r#"
 [transforms.split]
 type = "route"
 inputs = ["readings"]
 otherwise = "low"
-routes = [{{ name = "high", when = {{ field = "value", op = "ge", value = 4.0 }} }}]
+routes = [{ name = "high", when = { field = "value", op = "ge", value = 4.0 } }]
 
 [transforms.windows]
 type = "window"
@@ -185,11 +154,8 @@ path = "high.jsonl"
 type = "file"
 inputs = ["split.low"]
 path = "low.jsonl"
-"#,
-            checkpoints = dir.path().join("ck").display()
-        ),
-    )
-    .expect("pipeline");
+"#;
+    std::fs::write(&pipeline, text).expect("pipeline");
     let debug = [("RUST_LOG", "info,tidewatch_engine::checkpoint=debug".to_owned())];
     let log = Process::run(&pipeline, &debug, dir.path().join("route.log"))
         .wait_exit(Duration::from_secs(120));

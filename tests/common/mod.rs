@@ -61,6 +61,51 @@ pub fn run(text: &str, vars: &[(&str, String)], workers: usize) -> RunContext {
     context
 }
 
+/// Writes `count` JSON lines of readings to `path`: device `pump-{i % 10}`, one second apart
+/// from 1 700 000 000 000 ms, and `value(i)` as their `value`.
+pub fn write_pump_readings(path: &Path, count: u64, value: impl Fn(u64) -> u64) {
+    let mut text = String::new();
+    for i in 0..count {
+        text.push_str(&format!(
+            "{{\"device\":\"pump-{}\",\"ts\":{},\"value\":{}}}\n",
+            i % 10,
+            1_700_000_000_000_u64 + i * 1_000,
+            value(i)
+        ));
+    }
+    std::fs::write(path, text).expect("input");
+}
+
+/// The head of a pipeline that reads `in.jsonl` (of [`write_pump_readings`], at 400x) on two
+/// workers with a checkpoint every second into `checkpoints`, into readings `readings` of the
+/// feature `value`; the caller adds what follows.
+pub fn checkpointed_readings_toml(checkpoints: &Path) -> String {
+    format!(
+        r#"
+[pipeline]
+workers = 2
+checkpoint_interval_secs = 1
+checkpoint_url = "{}"
+
+[sources.in]
+type = "file"
+path = "in.jsonl"
+speed = 400.0
+timestamp_field = "ts"
+timestamp_format = "unix_ms"
+
+[transforms.readings]
+type = "normalize"
+inputs = ["in"]
+device_field = "device"
+timestamp_field = "ts"
+timestamp_format = "unix_ms"
+features = ["value"]
+"#,
+        checkpoints.display()
+    )
+}
+
 /// The JSON lines of a file.
 pub fn json_lines(path: &Path) -> Vec<serde_json::Value> {
     let text = std::fs::read_to_string(path).unwrap_or_default();

@@ -23,6 +23,7 @@ use tidewatch_api::{
 };
 
 use super::config::{WindowConfig, count_geometry};
+use super::{readings_only, schema_index};
 
 #[derive(Debug)]
 struct Pending {
@@ -188,15 +189,7 @@ impl Transform for CountWindowOperator {
     }
 
     fn process_batch(&mut self, batch: Batch, out: &mut Outputs) {
-        match batch {
-            Batch::Readings(readings) => self.add(&readings, out),
-            other => out.error(
-                "unsupported_format",
-                format!("window reads readings, got a batch of {}", other.kind()),
-                None,
-                None,
-            ),
-        }
+        readings_only(batch, out, |readings, out| self.add(readings, out));
     }
 
     fn on_watermark(&mut self, watermark_ms: EventTime, out: &mut Outputs) {
@@ -214,15 +207,7 @@ impl Transform for CountWindowOperator {
         let devices = devices
             .into_iter()
             .map(|(device, history)| {
-                let schema = match schemas.iter().position(|known| {
-                    Arc::ptr_eq(known, &history.schema) || *known == history.schema
-                }) {
-                    Some(index) => index,
-                    None => {
-                        schemas.push(Arc::clone(&history.schema));
-                        schemas.len() - 1
-                    }
-                };
+                let schema = schema_index(&mut schemas, &history.schema);
                 SnapshotDevice {
                     device: *device,
                     schema,

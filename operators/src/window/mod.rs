@@ -19,24 +19,71 @@
 //!
 //! The folder: `config.rs` holds the options and their checks, [`time`] the tumbling and
 //! sliding time windows, [`count`] the count windows, [`session`] the session windows, and this
-//! module the factory that picks one. They share `config` and never import each other.
+//! module the factory that picks one and the few helpers they share. They share `config` and
+//! never import each other.
 
 mod config;
 pub mod count;
 pub mod session;
 pub mod time;
 
+use std::sync::Arc;
+
 use tidewatch_api::{
-    ComponentContext, ComponentError, ConfigError, Kind, PortType, Transform, TransformFactory,
-    TransformProperties, ValidateContext,
+    Batch, ComponentContext, ComponentError, ConfigError, Kind, Outputs, PortType, Reading,
+    ReadingBatch, Schema, Transform, TransformFactory, TransformProperties, ValidateContext,
 };
 
+use config::MAX_ABS_TIME_MS;
 pub use config::{MAX_WINDOW_SIZE_MS, MAX_WINDOWS_PER_READING, WindowConfig};
 pub use count::CountWindowOperator;
 pub use session::SessionWindowOperator;
 pub use time::WindowOperator;
 
 use crate::util::config_error;
+
+// ---------------------------------------------------------------------------------------------
+// Shared by the window kinds
+// ---------------------------------------------------------------------------------------------
+
+/// The index of `schema` in a snapshot's table of schemas, added when new.
+fn schema_index(schemas: &mut Vec<Arc<Schema>>, schema: &Arc<Schema>) -> usize {
+    match schemas.iter().position(|known| Arc::ptr_eq(known, schema) || known == schema) {
+        Some(index) => index,
+        None => {
+            schemas.push(Arc::clone(schema));
+            schemas.len() - 1
+        }
+    }
+}
+
+/// Hands a batch of readings to `add`; any other batch is an `unsupported_format` error.
+fn readings_only(batch: Batch, out: &mut Outputs, add: impl FnOnce(&ReadingBatch, &mut Outputs)) {
+    match batch {
+        Batch::Readings(readings) => add(&readings, out),
+        other => out.error(
+            "unsupported_format",
+            format!("window reads readings, got a batch of {}", other.kind()),
+            None,
+            None,
+        ),
+    }
+}
+
+/// True when a reading's time is within ±2⁶² ms; otherwise reports a `bad_timestamp` error.
+fn time_in_range(reading: &Reading<'_>, out: &mut Outputs) -> bool {
+    let time = reading.time_ms;
+    if (-MAX_ABS_TIME_MS..=MAX_ABS_TIME_MS).contains(&time) {
+        return true;
+    }
+    out.error(
+        "bad_timestamp",
+        format!("reading of device `{}` has event time {time} ms, out of range", reading.device),
+        None,
+        None,
+    );
+    false
+}
 
 // ---------------------------------------------------------------------------------------------
 // Factory

@@ -26,7 +26,8 @@ use tidewatch_api::{
     ReadingBatch, Schema, Transform, Window,
 };
 
-use super::config::{MAX_ABS_TIME_MS, SessionGeometry, WindowConfig, session_geometry};
+use super::config::{SessionGeometry, WindowConfig, session_geometry};
+use super::{readings_only, schema_index, time_in_range};
 use crate::util::IdHash;
 
 /// The open (not yet emitted) readings of one device, in time order.
@@ -151,16 +152,7 @@ impl SessionWindowOperator {
         let mut late: Option<ReadingBatch> = None;
         for reading in batch.iter() {
             let time = reading.time_ms;
-            if !(-MAX_ABS_TIME_MS..=MAX_ABS_TIME_MS).contains(&time) {
-                out.error(
-                    "bad_timestamp",
-                    format!(
-                        "reading of device `{}` has event time {time} ms, out of range",
-                        reading.device
-                    ),
-                    None,
-                    None,
-                );
+            if !time_in_range(&reading, out) {
                 continue;
             }
             if time + reach <= closed_until {
@@ -225,15 +217,7 @@ impl SessionWindowOperator {
 
 impl Transform for SessionWindowOperator {
     fn process_batch(&mut self, batch: Batch, out: &mut Outputs) {
-        match batch {
-            Batch::Readings(readings) => self.add_readings(&readings, out),
-            other => out.error(
-                "unsupported_format",
-                format!("window reads readings, got a batch of {}", other.kind()),
-                None,
-                None,
-            ),
-        }
+        readings_only(batch, out, |readings, out| self.add_readings(readings, out));
     }
 
     fn on_watermark(&mut self, watermark_ms: EventTime, out: &mut Outputs) {
@@ -250,24 +234,12 @@ impl Transform for SessionWindowOperator {
         devices.sort_unstable_by_key(|(device, _)| **device);
         let devices = devices
             .into_iter()
-            .map(|(device, open)| {
-                let schema = match schemas
-                    .iter()
-                    .position(|known| Arc::ptr_eq(known, &open.schema) || *known == open.schema)
-                {
-                    Some(index) => index,
-                    None => {
-                        schemas.push(Arc::clone(&open.schema));
-                        schemas.len() - 1
-                    }
-                };
-                SnapshotDevice {
-                    device: *device,
-                    schema,
-                    times: open.times.clone(),
-                    values: open.values.iter().map(|value| value.to_bits()).collect(),
-                    labels: open.labels.clone(),
-                }
+            .map(|(device, open)| SnapshotDevice {
+                device: *device,
+                schema: schema_index(&mut schemas, &open.schema),
+                times: open.times.clone(),
+                values: open.values.iter().map(|value| value.to_bits()).collect(),
+                labels: open.labels.clone(),
             })
             .collect();
         let snapshot = Snapshot {

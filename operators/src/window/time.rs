@@ -9,7 +9,8 @@ use tidewatch_api::{
     ReadingBatch, Schema, Transform, Window,
 };
 
-use super::config::{Geometry, MAX_ABS_TIME_MS, WindowConfig, geometry};
+use super::config::{Geometry, WindowConfig, geometry};
+use super::{readings_only, schema_index, time_in_range};
 use crate::util::IdHash;
 
 // ---------------------------------------------------------------------------------------------
@@ -116,16 +117,7 @@ impl WindowOperator {
         let mut late: Option<ReadingBatch> = None;
         for reading in batch.iter() {
             let time = reading.time_ms;
-            if !(-MAX_ABS_TIME_MS..=MAX_ABS_TIME_MS).contains(&time) {
-                out.error(
-                    "bad_timestamp",
-                    format!(
-                        "reading of device `{}` has event time {time} ms, out of range",
-                        reading.device
-                    ),
-                    None,
-                    None,
-                );
+            if !time_in_range(&reading, out) {
                 continue;
             }
             // The latest window holding `time` starts at the last multiple of `slide` <= time.
@@ -202,15 +194,7 @@ impl WindowOperator {
 
 impl Transform for WindowOperator {
     fn process_batch(&mut self, batch: Batch, out: &mut Outputs) {
-        match batch {
-            Batch::Readings(readings) => self.add_readings(&readings, out),
-            other => out.error(
-                "unsupported_format",
-                format!("window reads readings, got a batch of {}", other.kind()),
-                None,
-                None,
-            ),
-        }
+        readings_only(batch, out, |readings, out| self.add_readings(readings, out));
     }
 
     fn on_watermark(&mut self, watermark_ms: EventTime, out: &mut Outputs) {
@@ -228,16 +212,7 @@ impl Transform for WindowOperator {
             let mut devices: Vec<_> = devices.iter().collect();
             devices.sort_unstable_by_key(|(device, _)| **device);
             for (device, window) in devices {
-                let schema = match schemas
-                    .iter()
-                    .position(|known| Arc::ptr_eq(known, &window.schema) || *known == window.schema)
-                {
-                    Some(index) => index,
-                    None => {
-                        schemas.push(Arc::clone(&window.schema));
-                        schemas.len() - 1
-                    }
-                };
+                let schema = schema_index(&mut schemas, &window.schema);
                 windows.push(SnapshotWindow {
                     device: *device,
                     end_ms: *end,
