@@ -1047,7 +1047,7 @@ impl Validator<'_> {
         }
     }
 
-    /// Warnings: components whose output nobody reads.
+    /// Warnings: components whose output nobody reads, and named outputs nobody reads.
     fn unused_outputs(&mut self, resolved: &[Vec<Resolved>]) {
         let read: BTreeSet<&str> =
             resolved.iter().flatten().map(|edge| edge.input.component.as_str()).collect();
@@ -1065,6 +1065,28 @@ impl Validator<'_> {
                         entry.id
                     )),
                 );
+                continue;
+            }
+            // A named output nobody reads drops its records (a route taken by no consumer).
+            for name in &entry.named {
+                let port = Port::Named(Arc::clone(name));
+                let is_read = resolved
+                    .iter()
+                    .flatten()
+                    .any(|edge| edge.input.component == entry.id && edge.input.port == port);
+                if !is_read {
+                    self.reporter.warning(
+                        Some(entry.id_span.clone()),
+                        format!(
+                            "unused output: nothing reads `{}.{name}`, so its records are dropped",
+                            entry.id
+                        ),
+                        Some(format!(
+                            "add \"{}.{name}\" to the inputs of a transform or sink",
+                            entry.id
+                        )),
+                    );
+                }
             }
         }
     }
@@ -1148,6 +1170,26 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_named_output_nobody_reads_is_a_warning() {
+        let pipeline = load(
+            "[sources.a]\ntype = \"simulator\"\n\
+             [transforms.n]\ntype = \"normalize\"\ninputs = [\"a\"]\ndevice = \"d\"\ntimestamp_field = \"ts\"\nfeatures = [\"x\"]\n\
+             [transforms.r]\ntype = \"route\"\ninputs = [\"n\"]\notherwise = \"rest\"\n\
+             routes = [{ name = \"big\", when = { field = \"x\", op = \"gt\", value = 1.0 } }]\n\
+             [sinks.o]\ntype = \"blackhole\"\ninputs = [\"r.big\"]\n",
+        )
+        .expect("valid");
+        let warnings: Vec<String> =
+            pipeline.warnings.iter().map(|warning| warning.message.clone()).collect();
+        assert_eq!(
+            warnings,
+            ["unused output: nothing reads `r.rest`, so its records are dropped"],
+            "{warnings:?}"
+        );
+        assert_eq!((pipeline.warnings[0].line, pipeline.warnings[0].column), (9, 13));
     }
 
     #[test]
