@@ -52,6 +52,8 @@ pub enum Protocol {
     /// Train on one file and score another (--train / --test), or, with --data, every
     /// `<entity>_train` / `<entity>_test` pair of a folder, pooled.
     Split,
+    /// The Numenta Anomaly Benchmark (--data holding data/ and labels/), scored by NAB's rules.
+    Nab,
 }
 
 /// Backtest report formats.
@@ -185,13 +187,15 @@ pub enum Command {
     },
     /// Replay labelled data through a model pipeline and report detection quality.
     Backtest {
-        /// `skab` (SKAB's leaderboard protocol over --data) or `split` (--train / --test, or
-        /// a folder of `<entity>_train` / `<entity>_test` pairs as --data).
+        /// `skab` (SKAB's leaderboard protocol over --data), `split` (--train / --test, or a
+        /// folder of `<entity>_train` / `<entity>_test` pairs as --data) or `nab` (NAB's corpus
+        /// and scoring over --data).
         #[arg(long, value_enum)]
         protocol: Protocol,
         /// `skab`: the folder of labelled files (e.g. ../shared/data/skab/data). `split`: a
         /// folder of `<entity>_train.csv[.gz]` / `<entity>_test.csv[.gz]` pairs (e.g.
-        /// ../shared/data/smd), one model per entity, test rows pooled.
+        /// ../shared/data/smd), one model per entity, test rows pooled. `nab`: NAB's folder
+        /// (e.g. ../shared/data/nab, holding data/ and labels/combined_windows.json).
         #[arg(long, conflicts_with_all = ["train", "test"])]
         data: Option<PathBuf>,
         /// `skab`: rows of each file that train (the rest are scored).
@@ -458,6 +462,10 @@ pub fn execute(command: Command, registry: &Registry) -> anyhow::Result<ExitCode
                 (Protocol::Skab, data) => {
                     let data = data.context("--protocol skab needs --data DIR")?;
                     crate::backtest::skab(&data, train_rows, &settings)?
+                }
+                (Protocol::Nab, data) => {
+                    let data = data.context("--protocol nab needs --data DIR")?;
+                    crate::backtest::nab(&data, &settings)?
                 }
                 (Protocol::Split, Some(data)) => {
                     crate::backtest::split_folder(&data, columns, &settings)?

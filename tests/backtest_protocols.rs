@@ -1,9 +1,11 @@
-//! `tidewatch backtest --protocol split --data DIR`: a folder of `<entity>_train` /
-//! `<entity>_test` pairs (plain and gzip-compressed CSV) is trained and scored entity by entity
-//! and pooled, and the reference baseline runs on the same rows.
+//! `tidewatch backtest` protocols on synthetic data made in a temporary folder:
 //!
-//! The data is synthetic, made in a temporary folder: two correlated sine channels and a noisy
-//! one; every test file holds one long segment where the correlation breaks.
+//! - `--protocol split --data DIR`: a folder of `<entity>_train` / `<entity>_test` pairs (plain
+//!   and gzip-compressed CSV) is trained and scored entity by entity and pooled, and the
+//!   reference baseline runs on the same rows. Two correlated sine channels and a noisy one;
+//!   every test file holds one long segment where the correlation breaks.
+//! - `--protocol nab --data DIR`: NAB's layout (`data/<category>/<file>.csv`,
+//!   `labels/combined_windows.json`), trained on the probationary rows, scored by NAB's rules.
 
 mod common;
 
@@ -129,4 +131,60 @@ fn an_entity_without_its_test_file_is_an_error() {
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("alpha_train without alpha_test"), "{stderr}");
+}
+
+#[test]
+fn the_nab_protocol_trains_on_the_probationary_rows_and_scores_nab_windows() {
+    let python = common::root().join(".venv/bin/python");
+    if !python.is_file() {
+        println!(".venv/bin/python not found (scripts/python-env.sh makes it): skipped");
+        return;
+    }
+    let nab = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir_all(nab.path().join("data/synthetic")).expect("mkdir");
+    std::fs::create_dir_all(nab.path().join("labels")).expect("mkdir");
+    // 1,000 five-minute rows of a daily-like sine; rows 600..640 jump far off it. The
+    // probationary period is the first 150 rows.
+    let stamp = |row: usize| {
+        let minutes = row * 5;
+        format!("2015-03-{:02} {:02}:{:02}:00", 1 + minutes / 1440, minutes / 60 % 24, minutes % 60)
+    };
+    let mut text = String::from("timestamp,value\n");
+    for row in 0..1000 {
+        let mut value = 10.0 + (row as f64 / 12.0).sin() + 0.01 * ((row * 7919) % 13) as f64;
+        if (600..640).contains(&row) {
+            value += 8.0;
+        }
+        text.push_str(&format!("{},{value:.5}\n", stamp(row)));
+    }
+    std::fs::write(nab.path().join("data/synthetic/jump.csv"), text).expect("write");
+    let labels = format!(
+        r#"{{"synthetic/jump.csv": [["{}.000000", "{}.000000"]]}}"#,
+        stamp(590),
+        stamp(660)
+    );
+    std::fs::write(nab.path().join("labels/combined_windows.json"), labels).expect("write");
+
+    let output = Command::new(env!("CARGO_BIN_EXE_tidewatch"))
+        .current_dir(common::root())
+        .args(["backtest", "--protocol", "nab", "--format", "json", "--data"])
+        .arg(nab.path())
+        .output()
+        .expect("backtest runs");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let report: serde_json::Value =
+        serde_json::from_slice(&output.stdout).expect("one JSON object");
+    // Rows after the probationary period, labelled by the window.
+    assert_eq!(report["rows"].as_u64(), Some(850), "{report}");
+    let count = |key: &str| report[key].as_u64().unwrap_or_else(|| panic!("{key}: {report}"));
+    assert_eq!(count("tp") + count("fn"), 71, "rows 590..=660");
+    // The window is found; NAB's standard score is high (early detection, few false ones).
+    assert_eq!(count("changepoints"), 1);
+    assert_eq!(count("changepoints_detected"), 1, "{report}");
+    let standard = report["nab_standard"].as_f64().expect("nab_standard");
+    assert!(standard > 50.0 && standard <= 100.0, "NAB standard {standard}: {report}");
+    assert!(report["baseline_f1"].as_f64().is_some());
+    let models = report["models"].as_array().expect("models");
+    assert_eq!(models.len(), 1);
+    assert_eq!(models[0]["entity"].as_str(), Some("synthetic/jump.csv"));
 }

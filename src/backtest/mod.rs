@@ -19,6 +19,7 @@
 //! same trainer and pipeline on the same rows, and reports it beside the model ([`Outcome`]).
 
 pub mod metrics;
+pub mod nab;
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -34,6 +35,7 @@ use tidewatch_api::{
 use tidewatch_engine::RunContext;
 
 pub use metrics::{Report, Series, evaluate};
+pub use nab::nab;
 
 /// Why a backtest could not run.
 #[derive(Debug, thiserror::Error)]
@@ -139,6 +141,24 @@ impl LabelledFile {
         label: &str,
         timestamp: &str,
     ) -> Result<LabelledFile, BacktestError> {
+        LabelledFile::read_columns(path, delimiter, Some(label), timestamp)
+    }
+
+    /// Reads `path`, whose labels (all normal here) come from elsewhere (NAB's windows).
+    pub fn read_unlabelled(
+        path: &Path,
+        delimiter: char,
+        timestamp: &str,
+    ) -> Result<LabelledFile, BacktestError> {
+        LabelledFile::read_columns(path, delimiter, None, timestamp)
+    }
+
+    fn read_columns(
+        path: &Path,
+        delimiter: char,
+        label: Option<&str>,
+        timestamp: &str,
+    ) -> Result<LabelledFile, BacktestError> {
         let text = read_text(path)?;
         let data_error =
             |message: String| BacktestError::Data { path: path.to_path_buf(), message };
@@ -153,14 +173,20 @@ impl LabelledFile {
         let column = |name: &str| header.iter().position(|candidate| candidate == name);
         let time_index =
             column(timestamp).ok_or_else(|| data_error(format!("no `{timestamp}` column")))?;
-        let label_index =
-            column(label).ok_or_else(|| data_error(format!("no `{label}` label column")))?;
+        let label_index = match label {
+            Some(label) => Some(
+                column(label).ok_or_else(|| data_error(format!("no `{label}` label column")))?,
+            ),
+            None => None,
+        };
         let changepoint_index = column("changepoint");
         let features: Vec<String> = header
             .iter()
             .enumerate()
             .filter(|(index, _)| {
-                *index != time_index && *index != label_index && Some(*index) != changepoint_index
+                *index != time_index
+                    && Some(*index) != label_index
+                    && Some(*index) != changepoint_index
             })
             .map(|(_, name)| name.clone())
             .collect();
@@ -191,7 +217,7 @@ impl LabelledFile {
                 field(index).parse::<f64>().map(|value| value != 0.0).unwrap_or(false)
             };
             file.times.push(time);
-            file.labels.push(flag(label_index));
+            file.labels.push(label_index.is_some_and(flag));
             file.changepoints.push(changepoint_index.is_some_and(flag));
         }
         if changepoint_index.is_none() {
@@ -679,6 +705,13 @@ impl Runs {
     }
 }
 
+/// The predicted flags of every row of one file: the model's, and the baseline's when it ran.
+#[derive(Debug, Default)]
+struct Predictions {
+    model: Vec<bool>,
+    baseline: Option<Vec<bool>>,
+}
+
 /// One entity: trains the model (and the baseline) on `train` and scores the rows of `file`
 /// from `first_test_row` on.
 #[allow(clippy::too_many_arguments)]
@@ -691,23 +724,28 @@ fn run_entity(
     first_test_row: usize,
     label: &str,
     settings: &Settings,
-) -> Result<(), BacktestError> {
+) -> Result<Predictions, BacktestError> {
+    let mut predictions = Predictions::default();
     let variants: &[Variant] =
         if settings.baseline { &[Variant::Model, Variant::Baseline] } else { &[Variant::Model] };
     for variant in variants {
         let model_dir = dir.join(variant.folder());
         self::train(settings, *variant, train.0, file.delimiter, train.1, label, &model_dir)?;
         let predicted = predict(file, &model_dir, settings)?;
-        let series = test_part(file, predicted, first_test_row);
+        let series = test_part(file, predicted.clone(), first_test_row);
         match variant {
             Variant::Model => {
                 runs.models.push(ModelSummary::read(entity, &model_dir)?);
                 runs.model.push(series);
+                predictions.model = predicted;
             }
-            Variant::Baseline => runs.baseline.push(series),
+            Variant::Baseline => {
+                runs.baseline.push(series);
+                predictions.baseline = Some(predicted);
+            }
         }
     }
-    Ok(())
+    Ok(predictions)
 }
 
 /// The SKAB leaderboard protocol over every labelled file under `dir`.
@@ -726,7 +764,7 @@ pub fn skab(dir: &Path, train_rows: usize, settings: &Settings) -> Result<Outcom
         progress(settings, index, files.len(), &name);
         let file = LabelledFile::read(path, ';', "anomaly", "datetime")?;
         let entity_dir = settings.work_dir.join(format!("file-{index}"));
-        run_entity(
+        let _ = run_entity(
             &mut runs,
             &name,
             &entity_dir,
@@ -795,7 +833,8 @@ fn split_pair(
 ) -> Result<(), BacktestError> {
     let test = plain_file(&pair.test, dir)?;
     let file = LabelledFile::read(&test, columns.delimiter, columns.label, columns.timestamp)?;
-    run_entity(runs, &pair.entity, dir, (&pair.train, None), &file, 0, columns.label, settings)
+    run_entity(runs, &pair.entity, dir, (&pair.train, None), &file, 0, columns.label, settings)?;
+    Ok(())
 }
 
 /// One entity of a `split` folder: `<entity>_train.csv[.gz]` and `<entity>_test.csv[.gz]`.
