@@ -51,17 +51,23 @@ fn a_failing_expectation_is_reported_at_its_line_with_the_difference() {
     assert!(stdout.contains("route.toml: 1 of 2 tests passed"), "{stdout}");
     assert!(
         stderr.contains(
-            "route.toml:58:16: test `a failing one` failed: `by_heat.hot`: record 0: `device` is \"p2\", expected \"p3\""
+            "route.toml:59:16: test `a failing one` failed: `by_heat.hot`: record 0: `device` is \"p2\", expected \"p3\""
         ),
         "{stderr}"
     );
     assert!(
         stderr.contains(
-            "route.toml:62:16: test `a failing one` failed: `by_heat.normal`: 0 records, expected 2"
+            "route.toml:63:16: test `a failing one` failed: `by_heat.normal`: 0 records, expected 2"
         ),
         "{stderr}"
     );
-    assert_eq!(stderr.matches("failed:").count(), 2, "{stderr}");
+    assert!(
+        stderr.contains(
+            "route.toml:67:16: test `a failing one` failed: `readings`: record 0: `values.temperature` is 81, expected lt 50.0"
+        ),
+        "{stderr}"
+    );
+    assert_eq!(stderr.matches("failed:").count(), 3, "{stderr}");
 }
 
 #[test]

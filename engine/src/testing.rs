@@ -20,9 +20,11 @@
 //!
 //! Each transform processes all its input, batch after batch, then its input ends
 //! (`on_watermark` to the end of time and `close`): windows close at the end, nothing is late.
-//! Records are compared in their JSON-lines form (`tidewatch_api::json`); an expected record
-//! is a subset of the actual one (keys it leaves out are not compared), numbers within 10⁻⁵
-//! relative.
+//! Records are compared in their JSON-lines form (`tidewatch_api::json`): by their number
+//! (`count`), with expected records (`records`, in order) or one expected for each (`each`),
+//! each a subset of the actual record (keys it leaves out are not compared), and with
+//! conditions on fields (`conditions`: `{ field = "score", op = "gt", value = 3.0 }`); numbers
+//! are equal within 10⁻⁵ relative.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::Range;
@@ -79,6 +81,52 @@ pub struct TestOutput {
     pub records: Option<Vec<serde_json::Value>>,
     /// A subset of every record.
     pub each: Option<serde_json::Value>,
+    /// Conditions every record meets.
+    pub conditions: Vec<TestCondition>,
+}
+
+/// A comparison every record of an output must pass: `field` `op` `value`.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TestCondition {
+    /// A field of the record's JSON form, nested fields joined by `.` (`values.temperature`).
+    pub field: String,
+    /// The comparison.
+    pub op: CompareOp,
+    /// What the field is compared with: a number for `gt`, `ge`, `lt` and `le`; any value for
+    /// `eq` and `ne`.
+    pub value: serde_json::Value,
+}
+
+/// The comparison of a [`TestCondition`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CompareOp {
+    /// Greater than.
+    Gt,
+    /// Greater than or equal.
+    Ge,
+    /// Less than.
+    Lt,
+    /// Less than or equal.
+    Le,
+    /// Equal (numbers within 10⁻⁵ relative).
+    Eq,
+    /// Not equal.
+    Ne,
+}
+
+impl CompareOp {
+    fn name(self) -> &'static str {
+        match self {
+            CompareOp::Gt => "gt",
+            CompareOp::Ge => "ge",
+            CompareOp::Lt => "lt",
+            CompareOp::Le => "le",
+            CompareOp::Eq => "eq",
+            CompareOp::Ne => "ne",
+        }
+    }
 }
 
 /// A failed expectation of a test.
@@ -144,6 +192,8 @@ struct OutputSpec {
     records: Option<Vec<serde_json::Value>>,
     #[serde(default)]
     each: Option<serde_json::Value>,
+    #[serde(default)]
+    conditions: Vec<TestCondition>,
 }
 
 /// The span of `key` in the `index`-th table of the array `array` of `table`.
@@ -208,6 +258,7 @@ pub(crate) fn parse_tests(
                         count: output.count,
                         records: output.records,
                         each: output.each,
+                        conditions: output.conditions,
                     });
                 }
                 Err((message, hint)) => {
@@ -486,7 +537,11 @@ fn check(output: &TestOutput, batches: &[Batch]) -> Option<String> {
             first_records(&actual)
         ));
     }
-    if expected_count.is_none() && output.each.is_none() && actual.is_empty() {
+    if expected_count.is_none()
+        && output.each.is_none()
+        && output.conditions.is_empty()
+        && actual.is_empty()
+    {
         return Some("no records, expected at least one".into());
     }
     if let Some(records) = &output.records {
@@ -503,7 +558,41 @@ fn check(output: &TestOutput, batches: &[Batch]) -> Option<String> {
             }
         }
     }
+    for condition in &output.conditions {
+        for (index, actual) in actual.iter().enumerate() {
+            if let Some(failure) = unmet(condition, actual) {
+                return Some(format!("record {index}: {failure} (the record: {actual})"));
+            }
+        }
+    }
     None
+}
+
+/// Why `record` does not meet `condition`, if it does not.
+fn unmet(condition: &TestCondition, record: &serde_json::Value) -> Option<String> {
+    let field = &condition.field;
+    let value = field.split('.').try_fold(record, |value, key| value.get(key));
+    let Some(value) = value else {
+        return Some(format!("`{field}` is missing"));
+    };
+    let expected = &condition.value;
+    let met = match (condition.op, value.as_f64(), expected.as_f64()) {
+        (CompareOp::Eq, _, _) => difference(expected, value, field).is_none(),
+        (CompareOp::Ne, _, _) => difference(expected, value, field).is_some(),
+        (op, Some(actual), Some(bound)) => match op {
+            CompareOp::Gt => actual > bound,
+            CompareOp::Ge => actual >= bound,
+            CompareOp::Lt => actual < bound,
+            _ => actual <= bound,
+        },
+        (op, _, _) => {
+            return Some(format!(
+                "`{field}` is {value}: `{}` compares numbers with a number",
+                op.name()
+            ));
+        }
+    };
+    (!met).then(|| format!("`{field}` is {value}, expected {} {expected}", condition.op.name()))
 }
 
 /// The first records, for a message.
@@ -564,6 +653,32 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    #[test]
+    fn conditions_compare_fields_of_every_record() {
+        let record = json!({"device": "p1", "score": 2.5, "values": {"t": 95.0}});
+        let condition = |field: &str, op: CompareOp, value: serde_json::Value| TestCondition {
+            field: field.to_owned(),
+            op,
+            value,
+        };
+        assert_eq!(unmet(&condition("score", CompareOp::Gt, json!(2.0)), &record), None);
+        assert_eq!(unmet(&condition("values.t", CompareOp::Le, json!(95)), &record), None);
+        assert_eq!(unmet(&condition("device", CompareOp::Ne, json!("p2")), &record), None);
+        assert_eq!(unmet(&condition("device", CompareOp::Eq, json!("p1")), &record), None);
+        assert_eq!(
+            unmet(&condition("score", CompareOp::Gt, json!(3.0)), &record).as_deref(),
+            Some("`score` is 2.5, expected gt 3.0")
+        );
+        assert_eq!(
+            unmet(&condition("values.x", CompareOp::Gt, json!(3.0)), &record).as_deref(),
+            Some("`values.x` is missing")
+        );
+        assert_eq!(
+            unmet(&condition("device", CompareOp::Lt, json!(3.0)), &record).as_deref(),
+            Some("`device` is \"p1\": `lt` compares numbers with a number")
+        );
+    }
 
     #[test]
     fn expected_records_are_subsets_with_close_numbers() {
