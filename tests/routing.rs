@@ -127,7 +127,8 @@ fn validate_names_the_line_and_column_of_an_unknown_port() {
 fn named_outputs_carry_checkpoint_barriers_and_end_markers() {
     // Two workers and a checkpoint every second while a file is read (on worker 0): each
     // sink behind a named output must receive every epoch's barriers and the end markers, or
-    // no checkpoint completes and the run never ends.
+    // no checkpoint completes and the run never ends. The high route goes through session
+    // windows, which snapshot at every checkpoint.
     let dir = tempfile::tempdir().expect("tempdir");
     let lines = 3_000u64;
     common::write_pump_readings(&dir.path().join("in.jsonl"), lines, |i| i % 7);
@@ -143,7 +144,8 @@ routes = [{ name = "high", when = { field = "value", op = "ge", value = 4.0 } }]
 [transforms.windows]
 type = "window"
 inputs = ["split.high"]
-size_ms = 10000
+gap_ms = 25000
+max_size_ms = 120000
 
 [sinks.high]
 type = "file"
@@ -166,7 +168,15 @@ path = "low.jsonl"
         windows.iter().map(|window| window["times"].as_array().map_or(0, Vec::len)).sum();
     let low = common::json_lines(&dir.path().join("low.jsonl"));
     let expected_high = (0..lines).filter(|i| i % 7 >= 4).count();
-    assert_eq!(high, expected_high, "every high reading in a window, once");
+    assert_eq!(high, expected_high, "every high reading in a session, once");
+    assert!(
+        windows.iter().all(|window| {
+            let span =
+                window["end_ms"].as_i64().unwrap_or(0) - window["start_ms"].as_i64().unwrap_or(0);
+            (1..=120_000).contains(&span)
+        }),
+        "sessions last at most max_size_ms"
+    );
     assert_eq!(low.len(), lines as usize - expected_high, "every low reading, once");
     let values: BTreeSet<i64> = low
         .iter()
