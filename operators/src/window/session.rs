@@ -48,14 +48,46 @@ impl Open {
     }
 
     /// Adds a reading in its place (after the readings of the same time: arrival order).
-    fn insert(&mut self, time: EventTime, values: &[f32], label: u8) {
+    fn insert(&mut self, time: EventTime, values: &[f32], label: u8, geometry: &SessionGeometry) {
         let at = self.times.partition_point(|known| *known <= time);
+        self.first = self.first_after_insert(at, time, geometry);
         let width = self.schema.len();
         self.times.insert(at, time);
         self.labels.insert(at, label);
         let row = at * width;
         self.values.splice(row..row, values.iter().copied());
-        self.first = None;
+    }
+
+    /// The cached first session once a reading at `time` goes in at `at`, when it can be told
+    /// without a scan (so a session that grows reading by reading costs no scan per reading);
+    /// `None` to compute it again.
+    fn first_after_insert(
+        &self,
+        at: usize,
+        time: EventTime,
+        geometry: &SessionGeometry,
+    ) -> Option<(EventTime, usize)> {
+        let (end, count) = self.first?;
+        if at > count {
+            // After a reading that did not join the first session: neither does this one.
+            return Some((end, count));
+        }
+        if at == 0 {
+            // A new first reading: the session starts earlier, its maximum moves.
+            return None;
+        }
+        if at < count {
+            // Between two of its readings: same first and last reading, same end.
+            return Some((end, count + 1));
+        }
+        let (start, last) = (self.times[0], self.times[count - 1]);
+        let limit = geometry.max_size.map_or(EventTime::MAX, |max| start.saturating_add(max));
+        if time >= last.saturating_add(geometry.gap) || time >= limit {
+            return Some((end, count));
+        }
+        // It extends the first session: at the end of the readings that is all; otherwise the
+        // readings after it may join too.
+        (at == self.times.len()).then(|| (time.saturating_add(geometry.gap).min(limit), count + 1))
     }
 
     /// The end of the first session and how many readings it holds.
@@ -169,7 +201,7 @@ impl SessionWindowOperator {
                 .entry(reading.device)
                 .or_insert_with(|| Open::new(Arc::clone(&batch.schema)));
             if Arc::ptr_eq(&open.schema, &batch.schema) || open.schema == batch.schema {
-                open.insert(time, reading.values, reading.label);
+                open.insert(time, reading.values, reading.label, &self.geometry);
             } else {
                 out.error(
                     "bad_value",
@@ -295,7 +327,7 @@ impl Transform for SessionWindowOperator {
                     .iter()
                     .map(|bits| f32::from_bits(*bits))
                     .collect();
-                open.insert(*time, &row, *label);
+                open.insert(*time, &row, *label, &self.geometry);
             }
         }
         self.watermark = if self.restored {
@@ -502,6 +534,43 @@ mod tests {
         assert_eq!(windows[0].values, [2.0, 7.0]);
         assert_eq!(windows[0].label, LABEL_ANOMALY);
         assert_eq!(out.take_discarded(), [("too_few_steps", 1)]);
+    }
+
+    proptest::proptest! {
+        /// The first session kept up to date across inserts is the one computed afresh.
+        #[test]
+        fn the_cached_first_session_is_the_computed_one(
+            gap in 1i64..20,
+            max in proptest::option::of(1i64..40),
+            times in proptest::collection::vec(0i64..100, 1..40),
+        ) {
+            let geometry = SessionGeometry { gap, max_size: max, min_steps: 1 };
+            let mut open = Open::new(schema());
+            for time in times {
+                open.first_session(&geometry);
+                open.insert(time, &[0.0], LABEL_NORMAL, &geometry);
+                let cached = open.first;
+                open.first = None;
+                let computed = open.first_session(&geometry);
+                if cached.is_some() {
+                    proptest::prop_assert_eq!(cached, computed, "{:?}", open.times);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn readings_appended_in_order_keep_the_first_session_without_a_scan() {
+        let geometry = SessionGeometry { gap: 10, max_size: Some(100), min_steps: 1 };
+        let mut open = Open::new(schema());
+        open.insert(0, &[0.0], LABEL_NORMAL, &geometry);
+        assert_eq!(open.first_session(&geometry), Some((10, 1)));
+        for (step, time) in [5, 12, 20].into_iter().enumerate() {
+            open.insert(time, &[0.0], LABEL_NORMAL, &geometry);
+            assert_eq!(open.first, Some((time + 10, step + 2)), "kept, not dropped");
+        }
+        open.insert(50, &[0.0], LABEL_NORMAL, &geometry);
+        assert_eq!(open.first, Some((30, 4)), "a reading after a gap leaves it as it was");
     }
 
     #[test]
