@@ -181,7 +181,7 @@ pub enum Command {
     /// Run the `[[tests]]` of pipeline files (no sources, sinks or brokers); print each failed
     /// expectation as path:line:col and exit non-zero on any, or on a file without tests.
     Test {
-        /// Pipeline files.
+        /// Pipeline files, or tests files beside them (`pipeline = "<file>"` and `[[tests]]`).
         #[arg(required = true)]
         pipelines: Vec<PathBuf>,
     },
@@ -579,26 +579,26 @@ fn validate(paths: &[PathBuf], registry: &Registry) -> ExitCode {
     if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS }
 }
 
-/// `tidewatch test`: every test of every file; a file that does not validate or has no tests
-/// fails.
+/// `tidewatch test`: every test of every file (a pipeline file, or a tests file that names its
+/// pipeline); a file that does not validate or has no tests fails.
 fn test(paths: &[PathBuf], registry: &Registry) -> ExitCode {
     let mut failed = false;
     for path in paths {
-        let pipeline = match tidewatch_engine::load_file(path, registry) {
-            Ok(pipeline) => pipeline,
+        let (pipeline, tests) = match tidewatch_engine::testing::load_for_test(path, registry) {
+            Ok(loaded) => loaded,
             Err(errors) => {
                 eprintln!("{errors}");
                 failed = true;
                 continue;
             }
         };
-        if pipeline.tests.is_empty() {
-            eprintln!("{}: error: no [[tests]] in this pipeline", path.display());
+        if tests.is_empty() {
+            eprintln!("{}: error: no [[tests]] in this file", path.display());
             failed = true;
             continue;
         }
         let mut passed = 0;
-        for test in &pipeline.tests {
+        for test in &tests {
             let failures = tidewatch_engine::testing::run_test(&pipeline, test);
             if failures.is_empty() {
                 passed += 1;
@@ -616,7 +616,7 @@ fn test(paths: &[PathBuf], registry: &Registry) -> ExitCode {
                 );
             }
         }
-        println!("{}: {passed} of {} tests passed", path.display(), pipeline.tests.len());
+        println!("{}: {passed} of {} tests passed", path.display(), tests.len());
     }
     if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS }
 }

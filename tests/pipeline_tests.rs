@@ -75,7 +75,7 @@ fn a_pipeline_without_tests_fails() {
     let output = tidewatch_test(&["tests/fixtures/pipeline_tests/no_tests.toml".into()]);
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("no_tests.toml: error: no [[tests]] in this pipeline"), "{stderr}");
+    assert!(stderr.contains("no_tests.toml: error: no [[tests]] in this file"), "{stderr}");
 }
 
 #[test]
@@ -88,5 +88,25 @@ fn validate_checks_the_outputs_a_test_names() {
     assert_eq!(
         error.hint.as_deref(),
         Some("its outputs: by_heat.hot, by_heat.normal, by_heat.errors")
+    );
+}
+
+#[test]
+fn tests_may_stand_in_a_file_beside_the_pipeline() {
+    let output = tidewatch_test(&["tests/fixtures/pipeline_tests/route.tests.toml".into()]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    // Its own test only: route.toml's failing one does not run.
+    assert!(stdout.contains("route.tests.toml: 1 of 1 tests passed"), "{stdout}");
+
+    let output = tidewatch_test(&["tests/fixtures/pipeline_tests/bad.tests.toml".into()]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(
+            "bad.tests.toml:11:16: error: test `reads a port that does not exist`: `by_heat.cold` is not an output of `by_heat`"
+        ),
+        "{stderr}"
     );
 }

@@ -5,6 +5,9 @@
 //! the outputs it checks, on one worker and without any source or sink (no broker, no file),
 //! and compares what reaches each checked output with what it expects:
 //!
+//! The tables may also stand in a file of their own beside the pipeline, which names it with
+//! `pipeline = "<file>"` ([`load_for_test`]).
+//!
 //! ```toml
 //! [[tests]]
 //! name = "hot readings take the hot route"
@@ -28,6 +31,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::Range;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
@@ -37,10 +41,12 @@ use tidewatch_api::{
     Outputs, RawBatch, ReadingBatch, Transform,
 };
 use toml::Spanned;
-use toml::de::DeValue;
+use toml::de::{DeTable, DeValue};
 
-use crate::diagnostics::Reporter;
-use crate::spec::{Component, Configured, InputRef, Pipeline, Port};
+use crate::diagnostics::{Diagnostic, Reporter, Severity};
+use crate::interpolate::interpolate;
+use crate::registry::Registry;
+use crate::spec::{Component, Configured, InputRef, Pipeline, Port, ValidationErrors, load_str};
 
 /// One `[[tests]]` table, checked against the pipeline.
 #[derive(Clone, Debug)]
@@ -138,6 +144,81 @@ pub struct TestFailure {
     pub column: usize,
     /// What differs.
     pub message: String,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Files
+// ---------------------------------------------------------------------------------------------
+
+/// Loads what `tidewatch test` runs from `path`: a pipeline file and its `[[tests]]`, or a
+/// tests file of its own beside it, which names its pipeline with `pipeline = "<file>"` (a
+/// string, relative to the tests file's folder; a pipeline file's `[pipeline]` is a table)
+/// and holds only `[[tests]]`. `${VAR}` is read from the process environment in both.
+pub fn load_for_test(
+    path: &Path,
+    registry: &Registry,
+) -> Result<(Pipeline, Vec<PipelineTest>), ValidationErrors> {
+    let label = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|error| ValidationErrors {
+        diagnostics: vec![Diagnostic {
+            severity: Severity::Error,
+            path: label.clone(),
+            line: 1,
+            column: 1,
+            message: format!("cannot read the file: {error}"),
+            hint: None,
+        }],
+    })?;
+    let base_dir = path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+    let env = |name: &str| std::env::var(name).ok();
+    let (interpolated, interpolation_errors) = interpolate(&text, env);
+    // The spans of the tests live as long as the process, like a pipeline's.
+    let interpolated: &'static str = Box::leak(interpolated.into_boxed_str());
+    let (root, syntax_errors) = DeTable::parse_recoverable(interpolated);
+    let names_pipeline =
+        root.get_ref().get("pipeline").is_some_and(|value| value.get_ref().as_str().is_some());
+    if !names_pipeline {
+        let pipeline = load_str(&text, &label, &base_dir, registry, env)?;
+        let tests = pipeline.tests.clone();
+        return Ok((pipeline, tests));
+    }
+    let mut reporter = Reporter::new(&label, interpolated);
+    for error in interpolation_errors {
+        reporter.error(Some(error.span), error.message, error.hint);
+    }
+    for error in syntax_errors {
+        reporter.error(error.span(), format!("TOML syntax: {}", error.message().trim()), None);
+    }
+    if reporter.has_errors() {
+        return Err(ValidationErrors { diagnostics: reporter.diagnostics });
+    }
+    let mut pipeline_path = None;
+    let mut tests = None;
+    for (key, value) in root.get_ref().iter() {
+        match key.get_ref().as_ref() {
+            "pipeline" => {
+                pipeline_path = value.get_ref().as_str().map(|file| base_dir.join(file));
+            }
+            "tests" => tests = Some(value.clone()),
+            other => reporter.error(
+                Some(key.span()),
+                format!("unknown key `{other}` in a tests file"),
+                Some("a tests file holds `pipeline = \"<pipeline file>\"` and [[tests]]".into()),
+            ),
+        }
+    }
+    let Some(pipeline_path) = pipeline_path else {
+        return Err(ValidationErrors { diagnostics: reporter.diagnostics });
+    };
+    let pipeline = crate::spec::load_file(&pipeline_path, registry)?;
+    let tests = match tests {
+        Some(tests) => parse_tests(&tests, &pipeline.components, &mut reporter),
+        None => Vec::new(),
+    };
+    if reporter.has_errors() {
+        return Err(ValidationErrors { diagnostics: reporter.diagnostics });
+    }
+    Ok((pipeline, tests))
 }
 
 // ---------------------------------------------------------------------------------------------
