@@ -126,6 +126,47 @@ fn trained_model_scores_in_batches_exactly_as_one_at_a_time_on_both_backends() {
     }
 }
 
+/// The conv family (banded MatMuls and Tanh) and per-feature error weights (two `Mul` nodes,
+/// the weights folded into the scaler) load and score the same on both backends (#16).
+#[test]
+fn the_conv_family_and_error_weights_score_the_same_on_both_backends() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let csv = dir.path().join("train.csv");
+    synthetic_csv(&csv, 300, 0..0, &["f0", "f1", "f2"]);
+    let features = ["--window", "6", "--features", "f0", "f1", "f2"];
+    let variants: [&[&str]; 2] = [
+        &["--family", "conv", "--channels", "2", "--epochs", "3"],
+        &["--family", "pca", "--error-weights", "residual"],
+    ];
+    for (index, variant) in variants.iter().enumerate() {
+        let model = dir.path().join(format!("model-{index}"));
+        train(&csv, &model, &[*variant, &features[..]].concat());
+        let spec: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(model.join("model.json")).expect("model.json"),
+        )
+        .expect("json");
+        assert_eq!(spec["threshold"]["method"], "pot", "{variant:?}");
+        let windows: Vec<Window> =
+            (0..40).map(|index| window("d", index * 1000, 6, 3, index as f32 * 0.05)).collect();
+        let refs: Vec<&Window> = windows.iter().collect();
+        let mut scores = Vec::new();
+        for backend in [BackendKind::Tract, BackendKind::Onnxruntime] {
+            let mut scorer = Scorer::load(&model, backend, None, None).expect("loads");
+            let scored = scorer.score(&refs).expect("scores");
+            for one in &scored {
+                assert!(one.score.is_finite() && one.score > 0.0, "{variant:?} {backend:?}");
+                let mean: f64 =
+                    one.per_feature.iter().map(|value| f64::from(*value)).sum::<f64>() / 3.0;
+                assert!((mean - one.score).abs() < 1e-4 * one.score.max(1.0), "{variant:?}");
+            }
+            scores.push(scored.iter().map(|one| one.score).collect::<Vec<f64>>());
+        }
+        for (tract, ort) in scores[0].iter().zip(&scores[1]) {
+            assert!((tract - ort).abs() <= 1e-5 * ort.max(1.0), "{variant:?}: {tract} vs {ort}");
+        }
+    }
+}
+
 const SCORING_PIPELINE: &str = r#"
 [pipeline]
 out_of_orderness_ms = 0

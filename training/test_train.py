@@ -43,6 +43,7 @@ FAMILY_ARGS = {
     "pca": ["--components", "0.9"],
     "dense": ["--hidden", "6", "--max-iter", "40"],
     "forecast": ["--ridge", "1.0"],
+    "conv": ["--channels", "2", "--kernel", "3", "--epochs", "3"],
 }
 
 
@@ -357,3 +358,52 @@ def test_error_weights_fold_into_scaler_and_graph(tmp_path, family):
     if family == "pca":  # the same PCA under the weights: score = weighted error / F
         np.testing.assert_allclose(engine, fe @ weights / len(FEATURES), rtol=1e-4, atol=1e-7)
     np.testing.assert_allclose(engine, trained.train_scores, rtol=1e-9, atol=1e-12)
+
+
+def test_conv_gradients_match_finite_differences():
+    rng = np.random.default_rng(0)
+    k, f, c, w = 3, 4, 2, 5
+    params = {"we": rng.normal(size=(k * f, c)), "be": rng.normal(size=c),
+              "wd": rng.normal(size=(k * c, f)), "bd": rng.normal(size=f)}
+    x = rng.normal(size=(7, w, f))
+    _, grads = T.ConvModel.loss_and_grads(params, x, k, 0.01)
+    for name, p in params.items():
+        numeric = np.zeros_like(p)
+        for i in np.ndindex(p.shape):
+            old = p[i]
+            p[i] = old + 1e-6
+            plus, _ = T.ConvModel.loss_and_grads(params, x, k, 0.01)
+            p[i] = old - 1e-6
+            minus, _ = T.ConvModel.loss_and_grads(params, x, k, 0.01)
+            p[i] = old
+            numeric[i] = (plus - minus) / 2e-6
+        np.testing.assert_allclose(grads[name], numeric, atol=1e-7, err_msg=name)
+
+
+def test_conv_graph_is_the_convolution_written_out():
+    """The banded MatMuls of the exported graph compute the "same" convolutions: each step's
+    reconstruction depends only on the K steps around it."""
+    raw, _ = synthetic_csv_arrays()
+    z = T.Scaler.fit(T.as_f32(raw)).transform(T.as_f32(raw))
+    xw = T.make_windows(z, 8)
+    model = T.ConvModel(features=4, channels=3, kernel=3, epochs=5).fit(xw, seed=1)
+    assert model.losses[-1] < model.losses[0]  # it learns
+    p = model.params_
+    x = xw[:5].astype(np.float64).reshape(5, 8, 4)
+    h = np.tanh(T._unfold(x, 3) @ p["we"] + p["be"])
+    direct = T._unfold(h, 3) @ p["wd"] + p["bd"]
+    np.testing.assert_allclose(model.reconstruct(xw[:5]).reshape(5, 8, 4), direct, atol=1e-4)
+    # changing step 0 leaves steps 3.. untouched (kernel 3: two layers see 2 steps away)
+    moved = xw[:1].copy()
+    moved[0, :4] += 5.0
+    delta = np.abs(model.reconstruct(moved) - model.reconstruct(xw[:1])).reshape(8, 4)
+    assert delta[:3].max() > 0 and delta[3:].max() == 0
+
+
+def synthetic_csv_arrays(rows=200):
+    rng = np.random.default_rng(3)
+    t = np.arange(rows)
+    a = np.sin(t / 7.0) + 0.05 * rng.standard_normal(rows)
+    raw = np.stack([a, 0.5 * a + 0.1 * rng.standard_normal(rows), np.cos(t / 5.0),
+                    rng.standard_normal(rows)], axis=1)
+    return raw, t

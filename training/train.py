@@ -11,6 +11,11 @@ with hysteresis over the exceedances of the windows ending at consecutive rows.
 Families (all exported with onnx.helper, float32, opset 13):
   pca       linear autoencoder: x -> (x - mu) V V^T + mu, V = top-k principal directions.
   dense     MLP autoencoder (scikit-learn MLPRegressor X -> X), tanh/relu hidden layers.
+  conv      1-D convolutional autoencoder over the window's time axis: a causal-free "same"
+            convolution (kernel K over K neighbouring steps, F features -> C channels, tanh), then
+            a linear convolution back (C -> F), trained by Adam in numpy; exported as two banded
+            MatMuls (the convolutions written out over the W steps), so the graph stays MatMul,
+            Add, Tanh.
   forecast  predictive reconstruction: the first W-1 steps are copied, the last step is predicted
             by ridge regression from the W-1 steps before it (a linear VAR). Score = one-step
             forecast error / W.
@@ -46,7 +51,7 @@ IR_VERSION = 8  # readable by onnxruntime >= 1.10 and tract
 INPUT_NAME = "input"
 OUTPUT_NAME = "output"
 
-FAMILIES = ("pca", "dense", "forecast")
+FAMILIES = ("pca", "dense", "forecast", "conv")
 
 
 # --------------------------------------------------------------------------------------------
@@ -516,6 +521,144 @@ class ForecastModel:
         return nodes, inits
 
 
+def _unfold(x: np.ndarray, kernel: int) -> np.ndarray:
+    """[B, W, C] -> [B, W, K*C]: for each step the K steps around it ("same" zero padding,
+    K // 2 before), offset-major."""
+    before = kernel // 2
+    padded = np.pad(x, ((0, 0), (before, kernel - 1 - before), (0, 0)))
+    steps = x.shape[1]
+    return np.concatenate([padded[:, o:o + steps] for o in range(kernel)], axis=2)
+
+
+def _fold(du: np.ndarray, kernel: int, channels: int) -> np.ndarray:
+    """The adjoint of _unfold: [B, W, K*C] -> [B, W, C]."""
+    before = kernel // 2
+    batch, steps, _ = du.shape
+    padded = np.zeros((batch, steps + kernel - 1, channels), dtype=du.dtype)
+    for o in range(kernel):
+        padded[:, o:o + steps] += du[:, :, o * channels:(o + 1) * channels]
+    return padded[:, before:before + steps]
+
+
+def _banded(weights: np.ndarray, kernel: int, steps: int, inputs: int, outputs: int) -> np.ndarray:
+    """A "same" convolution over `steps` steps as one matrix [steps*inputs, steps*outputs] on the
+    step-major flattened window: output step t reads input steps t + o - K // 2."""
+    before = kernel // 2
+    full = np.zeros((steps * inputs, steps * outputs), dtype=np.float64)
+    for t in range(steps):
+        for o in range(kernel):
+            s = t + o - before
+            if 0 <= s < steps:
+                full[s * inputs:(s + 1) * inputs, t * outputs:(t + 1) * outputs] = \
+                    weights[o * inputs:(o + 1) * inputs]
+    return full
+
+
+class ConvModel:
+    """1-D convolutional autoencoder over the window's steps: h = tanh(conv_K(x; F -> C)),
+    x_hat = conv_K(h; C -> F) (linear), "same" padding, so each step is rebuilt from C
+    channels that see the K steps around it. Trained by minibatch Adam on the mean squared
+    error (plus `alpha` L2) in numpy; the graph is MatMul(E) + b, Tanh, MatMul(D) + c with E and
+    D the convolutions written out as banded matrices over the W steps."""
+
+    family = "conv"
+
+    def __init__(self, channels: int = 0, kernel: int = 3, epochs: int = 30,
+                 learning_rate: float = 3e-3, alpha: float = 1e-4, batch: int = 64,
+                 features: int = 0, window: int = 0, **_):
+        self.channels = int(channels)
+        self.kernel = int(kernel)
+        self.epochs = int(epochs)
+        self.learning_rate = learning_rate
+        self.alpha = alpha
+        self.batch = int(batch)
+        self.features = int(features)
+        self.window = int(window)
+
+    def _width(self) -> int:
+        # default: a quarter of the features (at least 2 channels)
+        return self.channels if self.channels > 0 else max(2, self.features // 4)
+
+    @staticmethod
+    def loss_and_grads(params: dict, x: np.ndarray, kernel: int, alpha: float):
+        """Mean squared reconstruction error (+ alpha/2 * |W|^2) of windows x [B, W, F] and its
+        gradients with respect to params (we, be, wd, bd)."""
+        we, be, wd, bd = params["we"], params["be"], params["wd"], params["bd"]
+        c = be.shape[0]
+        u = _unfold(x, kernel)
+        h = np.tanh(u @ we + be)
+        v = _unfold(h, kernel)
+        y = v @ wd + bd
+        diff = y - x
+        loss = float(np.mean(diff * diff)) + 0.5 * alpha * float((we * we).sum() + (wd * wd).sum())
+        dy = 2.0 * diff / diff.size
+        grads = {"wd": np.einsum("bwk,bwf->kf", v, dy) + alpha * wd, "bd": dy.sum(axis=(0, 1))}
+        dh = _fold(dy @ wd.T, kernel, c)
+        da = dh * (1.0 - h * h)
+        grads["we"] = np.einsum("bwk,bwc->kc", u, da) + alpha * we
+        grads["be"] = da.sum(axis=(0, 1))
+        return loss, grads
+
+    def fit(self, x: np.ndarray, seed: int = 0) -> "ConvModel":
+        f, k = self.features, self.kernel
+        if f <= 0 or x.shape[1] % f:
+            raise ValueError("the conv family needs the feature count")
+        w = x.shape[1] // f
+        self.window = w
+        c = self._width()
+        rng = np.random.default_rng(seed)
+        params = {"we": rng.normal(0, 1 / np.sqrt(k * f), (k * f, c)), "be": np.zeros(c),
+                  "wd": rng.normal(0, 1 / np.sqrt(k * c), (k * c, f)), "bd": np.zeros(f)}
+        moments = {name: (np.zeros_like(p), np.zeros_like(p)) for name, p in params.items()}
+        data = x.astype(np.float64).reshape(len(x), w, f)
+        step, (b1, b2) = 0, (0.9, 0.999)
+        self.losses = []
+        for _ in range(self.epochs):
+            order = rng.permutation(len(data))
+            total = 0.0
+            for start in range(0, len(data), self.batch):
+                batch = data[order[start:start + self.batch]]
+                loss, grads = self.loss_and_grads(params, batch, k, self.alpha)
+                total += loss * len(batch)
+                step += 1
+                for name, g in grads.items():
+                    m1, m2 = moments[name]
+                    m1 *= b1
+                    m1 += (1 - b1) * g
+                    m2 *= b2
+                    m2 += (1 - b2) * g * g
+                    corrected = m1 / (1 - b1 ** step) / (np.sqrt(m2 / (1 - b2 ** step)) + 1e-8)
+                    params[name] -= self.learning_rate * corrected
+            self.losses.append(total / len(data))
+        self.params_ = params
+        self.encoder = _f32(_banded(params["we"], k, w, f, c))
+        self.encoder_bias = _f32(np.tile(params["be"], w))
+        self.decoder = _f32(_banded(params["wd"], k, w, c, f))
+        self.decoder_bias = _f32(np.tile(params["bd"], w))
+        return self
+
+    def reconstruct(self, x: np.ndarray) -> np.ndarray:
+        h = np.tanh((x.astype(np.float32) @ self.encoder + self.encoder_bias).astype(np.float32))
+        return (h.astype(np.float32) @ self.decoder + self.decoder_bias).astype(np.float32)
+
+    def params(self) -> dict:
+        return {"channels": self._width(), "kernel": self.kernel, "epochs": self.epochs,
+                "learning_rate": self.learning_rate, "alpha": self.alpha,
+                "final_loss": float(self.losses[-1]) if self.losses else None}
+
+    def nodes(self, helper, numpy_helper):
+        inits = [numpy_helper.from_array(self.encoder, "E"),
+                 numpy_helper.from_array(self.encoder_bias, "be"),
+                 numpy_helper.from_array(self.decoder, "D"),
+                 numpy_helper.from_array(self.decoder_bias, "bd")]
+        nodes = [helper.make_node("MatMul", [INPUT_NAME, "E"], ["conv1"]),
+                 helper.make_node("Add", ["conv1", "be"], ["pre"]),
+                 helper.make_node("Tanh", ["pre"], ["hidden"]),
+                 helper.make_node("MatMul", ["hidden", "D"], ["conv2"]),
+                 helper.make_node("Add", ["conv2", "bd"], [OUTPUT_NAME])]
+        return nodes, inits
+
+
 class WeightedModel:
     """Per-feature error weights folded into a fitted model: the scaler's z is multiplied by
     s = sqrt(w) (scaler std / s), the graph divides its input by s, runs the model and
@@ -561,6 +704,8 @@ def make_model(family: str, features: int, **hyper):
         return DenseModel(**hyper)
     if family == "forecast":
         return ForecastModel(features=features, **hyper)
+    if family == "conv":
+        return ConvModel(features=features, **hyper)
     raise ValueError(f"unknown family {family!r} (choose from {', '.join(FAMILIES)})")
 
 
@@ -751,6 +896,9 @@ def hyper_from_args(args) -> dict:
                 "alpha": args.alpha, "max_iter": args.max_iter}
     if args.family == "forecast":
         return {"ridge": args.ridge}
+    if args.family == "conv":
+        return {"channels": args.channels, "kernel": args.kernel, "epochs": args.epochs,
+                "learning_rate": args.learning_rate, "alpha": args.alpha}
     return {}
 
 
@@ -791,9 +939,14 @@ def add_model_args(p: argparse.ArgumentParser, defaults: dict | None = None) -> 
                    help="pca: components (>= 1) or explained-variance fraction (< 1)")
     p.add_argument("--hidden", default="32,8,32", help="dense: hidden layer sizes, e.g. 32,8,32")
     p.add_argument("--activation", default="tanh", choices=("tanh", "relu"), help="dense")
-    p.add_argument("--alpha", type=float, default=1e-4, help="dense: L2 penalty")
+    p.add_argument("--alpha", type=float, default=1e-4, help="dense, conv: L2 penalty")
     p.add_argument("--max-iter", type=int, default=500, help="dense: epochs at most")
     p.add_argument("--ridge", type=float, default=1.0, help="forecast: ridge strength")
+    p.add_argument("--channels", type=int, default=0,
+                   help="conv: channels of the hidden layer (default: features / 4, at least 2)")
+    p.add_argument("--kernel", type=int, default=3, help="conv: kernel size (steps)")
+    p.add_argument("--epochs", type=int, default=30, help="conv: training epochs")
+    p.add_argument("--learning-rate", type=float, default=3e-3, help="conv: Adam step size")
 
 
 def config_from_args(args) -> Config:
