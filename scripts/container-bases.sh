@@ -32,6 +32,15 @@
 #       of the official image's own CPython 3.11 build under /usr/local. The Containerfile only
 #       needs `pip download` and `python3` from it.
 #
+# TLS through an intercepting egress proxy: where the machine reaches crates.io and PyPI only
+# through a proxy whose CA it trusts in its system bundle, cargo and pip in the builder stages
+# need that CA too. The script takes the certificates of the host's bundle
+# ($HOST_CA_BUNDLE, default /etc/ssl/certs/ca-certificates.crt) that are not Debian's
+# (/usr/share/ca-certificates), i.e. the machine's local additions, and adds them to the rust and
+# python stand-ins only (/usr/local/share/ca-certificates, update-ca-certificates). The debian
+# stand-in, and so the runtime image, gets none of them. On a machine without such
+# additions nothing is added.
+#
 # Every stand-in carries the label org.tidewatch.stand-in=scripts/container-bases.sh, so
 # `podman image inspect` tells it from an official image. To go back to the official images on a
 # machine with a registry: `podman rmi` the three tags and `podman build --pull ...`.
@@ -41,6 +50,7 @@
 #   WORKDIR            scratch folder for the root file system (default
 #                      /var/tmp/tidewatch-container-bases; removed at the end)
 #   RUST_TOOLCHAIN_DIR the toolchain to copy (default: rustup's 1.95.0 toolchain)
+#   HOST_CA_BUNDLE     the host's CA bundle, for its local additions (above)
 #   FORCE=1            make the images anew even if the tags exist
 #   CONTAINERS_CONF    podman's and buildah's configuration; when a plain `podman run` fails on
 #                      this machine, the script uses scripts/containers.conf (runc, lower
@@ -56,6 +66,7 @@ WORKDIR=${WORKDIR:-/var/tmp/tidewatch-container-bases}
 RUST_VERSION=1.95.0
 RUST_TOOLCHAIN_DIR=${RUST_TOOLCHAIN_DIR:-${RUSTUP_HOME:-$HOME/.rustup}/toolchains/$RUST_VERSION-x86_64-unknown-linux-gnu}
 FORCE=${FORCE:-0}
+HOST_CA_BUNDLE=${HOST_CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}
 
 DEBIAN=docker.io/library/debian:bookworm-slim
 RUST=docker.io/library/rust:1.95-slim-bookworm
@@ -165,6 +176,33 @@ if ! have "$DEBIAN"; then
 fi
 check_runtime "$DEBIAN"
 
+# The host's local CAs (not Debian's), one PEM file each, into a builder stand-in's
+# /usr/local/share/ca-certificates.
+add_local_cas() {
+    local ctr=$1 dir n
+    [ -r "$HOST_CA_BUNDLE" ] || return 0
+    dir=$(mktemp -d)
+    python3 - "$HOST_CA_BUNDLE" /usr/share/ca-certificates "$dir" <<'PY'
+import pathlib, re, sys
+pem = lambda text: re.findall(r"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----", text, re.S)
+known = set()
+for path in pathlib.Path(sys.argv[2]).rglob("*.crt"):
+    known.update(pem(path.read_text(errors="replace")))
+local = [c for c in pem(pathlib.Path(sys.argv[1]).read_text(errors="replace")) if c not in known]
+for i, cert in enumerate(local):
+    pathlib.Path(sys.argv[3], f"host-local-ca-{i}.crt").write_text(cert + "\n")
+PY
+    n=$(find "$dir" -name '*.crt' | wc -l)
+    if [ "$n" -gt 0 ]; then
+        log "adding the host's $n local CA certificate(s) (TLS to crates.io/PyPI through the machine's proxy):"
+        for f in "$dir"/*.crt; do openssl x509 -in "$f" -noout -subject >&2 || true; done
+        buildah copy "$ctr" "$dir" /usr/local/share/ca-certificates/ >/dev/null
+        buildah run "$ctr" -- update-ca-certificates
+        buildah config --label "org.tidewatch.stand-in.local-cas=$n" "$ctr"
+    fi
+    rm -rf "$dir"
+}
+
 # --- rust:1.95-slim-bookworm -----------------------------------------------------------------
 if have "$RUST"; then
     log "$RUST exists (FORCE=1 to remake it)"
@@ -179,6 +217,7 @@ else
     buildah run "$ctr" -- sh -c 'apt-get update \
         && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends ca-certificates gcc libc6-dev \
         && rm -rf /var/lib/apt/lists/*'
+    add_local_cas "$ctr"
     mnt=$(buildah mount "$ctr")
     tc=$mnt/usr/local/rustup/toolchains/$RUST_VERSION-x86_64-unknown-linux-gnu
     mkdir -p "$tc" "$mnt/usr/local/cargo/bin"
@@ -219,6 +258,7 @@ else
         && rm -rf /var/lib/apt/lists/* \
         && ln -s /usr/bin/python3 /usr/local/bin/python \
         && python3 --version && pip --version'
+    add_local_cas "$ctr"
     buildah config --label "$LABEL" --env LANG=C.UTF-8 --cmd python3 "$ctr"
     buildah commit --rm "$ctr" "$PYTHON"
     ctr=
