@@ -234,6 +234,13 @@ impl ValidationErrors {
 
 /// Loads and validates a pipeline file, reading `${VAR}` from the process environment.
 pub fn load_file(path: &Path, registry: &Registry) -> Result<Pipeline, ValidationErrors> {
+    let (text, label, base_dir) = read_file(path)?;
+    load_str(&text, &label, &base_dir, registry, |name| std::env::var(name).ok())
+}
+
+/// The text of a file, its label in diagnostics and its folder (where relative paths in it
+/// resolve); a file that cannot be read is an error at its 1:1.
+pub(crate) fn read_file(path: &Path) -> Result<(String, String, PathBuf), ValidationErrors> {
     let label = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|error| ValidationErrors {
         diagnostics: vec![Diagnostic {
@@ -241,12 +248,12 @@ pub fn load_file(path: &Path, registry: &Registry) -> Result<Pipeline, Validatio
             path: label.clone(),
             line: 1,
             column: 1,
-            message: format!("cannot read the pipeline file: {error}"),
+            message: format!("cannot read the file: {error}"),
             hint: None,
         }],
     })?;
     let base_dir = path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
-    load_str(&text, &label, &base_dir, registry, |name| std::env::var(name).ok())
+    Ok((text, label, base_dir))
 }
 
 /// Loads and validates pipeline text. `label` names the file in diagnostics, `base_dir`

@@ -31,7 +31,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::Range;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
@@ -43,10 +43,12 @@ use tidewatch_api::{
 use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
-use crate::diagnostics::{Diagnostic, Reporter, Severity};
+use crate::diagnostics::Reporter;
 use crate::interpolate::interpolate;
 use crate::registry::Registry;
-use crate::spec::{Component, Configured, InputRef, Pipeline, Port, ValidationErrors, load_str};
+use crate::spec::{
+    Component, Configured, InputRef, Pipeline, Port, ValidationErrors, load_str, read_file,
+};
 
 /// One `[[tests]]` table, checked against the pipeline.
 #[derive(Clone, Debug)]
@@ -158,18 +160,7 @@ pub fn load_for_test(
     path: &Path,
     registry: &Registry,
 ) -> Result<(Pipeline, Vec<PipelineTest>), ValidationErrors> {
-    let label = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|error| ValidationErrors {
-        diagnostics: vec![Diagnostic {
-            severity: Severity::Error,
-            path: label.clone(),
-            line: 1,
-            column: 1,
-            message: format!("cannot read the file: {error}"),
-            hint: None,
-        }],
-    })?;
-    let base_dir = path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+    let (text, label, base_dir) = read_file(path)?;
     let env = |name: &str| std::env::var(name).ok();
     let (interpolated, interpolation_errors) = interpolate(&text, env);
     // The spans of the tests live as long as the process, like a pipeline's.
