@@ -661,7 +661,7 @@ impl ModelSummary {
             BacktestError::Data { path: path.clone(), message: error.to_string() }
         })?;
         let weights = match &json["error_weights"] {
-            // The per-feature weights themselves are long: their method and spread only.
+            // The per-feature weights themselves are long (they are in model.json): the method.
             serde_json::Value::Object(map) => serde_json::Value::Object(
                 map.iter()
                     .filter(|(key, _)| key.as_str() != "weights")
