@@ -756,6 +756,7 @@ fn webhook_to_the_shipped_python_receiver_verifies_and_dedupes() {
         label: 0,
         columns: Arc::new(tidewatch::api::Schema::new(["value"])),
         values: Vec::new(),
+        labels: Default::default(),
     };
     // The key depends on what identifies the event only.
     let first_key = tidewatch::connectors::webhook::idempotency_key("webhook-test", "hook", &event);

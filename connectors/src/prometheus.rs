@@ -853,6 +853,7 @@ mod tests {
             label: 0,
             columns: Arc::new(Schema::default()),
             values: Vec::new(),
+            labels: Default::default(),
         }
     }
 
@@ -870,6 +871,7 @@ mod tests {
             label: 0,
             columns: Arc::new(Schema::default()),
             values: Vec::new(),
+            labels: Default::default(),
         }
     }
 

@@ -403,6 +403,7 @@ mod tests {
                 label: 0,
                 columns: Arc::clone(&schema),
                 values: vec![0.1, 0.2],
+                labels: Default::default(),
             });
             errors.push(ErrorRecord::new(Arc::from("n"), "parse", "bad", Some("t"), Some(b"x")));
         }

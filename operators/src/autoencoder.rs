@@ -570,6 +570,7 @@ impl Autoencoder {
                 label: window.label,
                 columns: Arc::clone(&self.columns),
                 values,
+                labels: Default::default(),
             });
         }
         out.emit(Batch::Scores(results));

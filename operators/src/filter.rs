@@ -917,6 +917,7 @@ mod tests {
             label: LABEL_NORMAL,
             columns: Arc::new(Schema::new(["vibration", "current"])),
             values: vec![value * 2.0, 0.1],
+            labels: Default::default(),
         }
     }
 

@@ -136,7 +136,7 @@ impl TransformFactory for StatsFactory {
     }
 
     fn properties(&self, _config: &StatsConfig) -> TransformProperties {
-        TransformProperties { keyed: true, assigns_event_time: false, late_output: false }
+        TransformProperties { keyed: true, ..TransformProperties::default() }
     }
 
     fn build(
@@ -357,6 +357,7 @@ impl StatsDetector {
             label: window.label,
             columns,
             values,
+            labels: Default::default(),
         }
     }
 }

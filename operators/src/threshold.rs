@@ -203,6 +203,7 @@ impl Threshold {
             label: score.label,
             columns: Arc::clone(&score.columns),
             values: score.values.clone(),
+            labels: score.labels.clone(),
         })
     }
 
@@ -346,6 +347,7 @@ mod tests {
             label: 0,
             columns: Arc::new(Schema::new(["a"])),
             values: vec![0.5],
+            labels: Default::default(),
         }
     }
 

@@ -416,6 +416,7 @@ mod tests {
             label: 0,
             columns: Arc::new(Schema::new(["flow", "pressure"])),
             values: vec![0.25, 3.0],
+            labels: Default::default(),
         }
     }
 

@@ -584,6 +584,7 @@ impl SnapshotEvent {
             label: self.label,
             columns: Arc::new(self.columns),
             values: self.values.into_iter().map(f32::from_bits).collect(),
+            labels: Default::default(),
         }
     }
 }
@@ -919,6 +920,7 @@ mod tests {
             label: 0,
             columns: Arc::new(Schema::new(["a"])),
             values: vec![1.0],
+            labels: Default::default(),
         }
     }
 

@@ -291,6 +291,7 @@ mod tests {
             label: 0,
             columns: Arc::new(Schema::new(["flow", "pressure"])),
             values: vec![0.9, 0.2],
+            labels: Default::default(),
         }
     }
 

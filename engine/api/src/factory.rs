@@ -253,6 +253,10 @@ pub struct TransformProperties {
     pub assigns_event_time: bool,
     /// It has a `<id>.late` output (readings).
     pub late_output: bool,
+    /// Its state spans the whole fleet (`fleet`'s top-N): the engine sends all its input to
+    /// the first worker of the cluster, so that one instance sees every record; the others
+    /// receive nothing. Takes precedence over `keyed`.
+    pub gathered: bool,
 }
 
 // ---------------------------------------------------------------------------------------------

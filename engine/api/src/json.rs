@@ -14,7 +14,7 @@
 
 use std::io::{self, Write};
 
-use crate::records::{Batch, Schema};
+use crate::records::{Batch, Labels, Schema};
 
 fn write_str<W: Write>(out: &mut W, text: &str) -> io::Result<()> {
     serde_json::to_writer(&mut *out, text).map_err(io::Error::other)
@@ -33,6 +33,23 @@ fn write_named_values<W: Write>(out: &mut W, schema: &Schema, values: &[f32]) ->
         write_str(out, name)?;
         out.write_all(b":")?;
         write_f32(out, *value)?;
+    }
+    out.write_all(b"}")
+}
+
+/// Writes `,"labels":{...}` when there are labels, nothing otherwise.
+fn write_labels<W: Write>(out: &mut W, labels: &Labels) -> io::Result<()> {
+    if labels.is_empty() {
+        return Ok(());
+    }
+    out.write_all(b",\"labels\":{")?;
+    for (index, (name, value)) in labels.iter().enumerate() {
+        if index > 0 {
+            out.write_all(b",")?;
+        }
+        write_str(out, name)?;
+        out.write_all(b":")?;
+        write_str(out, value)?;
     }
     out.write_all(b"}")
 }
@@ -122,6 +139,7 @@ pub fn write_json_lines<W: Write>(batch: &Batch, out: &mut W) -> io::Result<()> 
                     score.anomaly, score.label
                 )?;
                 write_named_values(out, &score.columns, &score.values)?;
+                write_labels(out, &score.labels)?;
                 out.write_all(b"}\n")?;
             }
         }
@@ -150,6 +168,7 @@ pub fn write_json_lines<W: Write>(batch: &Batch, out: &mut W) -> io::Result<()> 
                 write_str(out, &event.version)?;
                 write!(out, ",\"label\":{},\"values\":", event.label)?;
                 write_named_values(out, &event.columns, &event.values)?;
+                write_labels(out, &event.labels)?;
                 out.write_all(b"}\n")?;
             }
         }

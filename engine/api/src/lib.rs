@@ -31,7 +31,7 @@ pub use factory::{
 };
 pub use records::{
     AckToken, AnomalyEvent, AnomalyState, Batch, DeviceId, ErrorRecord, EventTime, Kind,
-    LABEL_ANOMALY, LABEL_NORMAL, MessageExtras, RawBatch, RawMessage, Reading, ReadingBatch,
+    LABEL_ANOMALY, Labels, LABEL_NORMAL, MessageExtras, RawBatch, RawMessage, Reading, ReadingBatch,
     Schema, Score, Window,
 };
 pub use shared::ProcessShared;

@@ -190,7 +190,87 @@ impl Schema {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Labels
+// ---------------------------------------------------------------------------------------------
+
+/// Name/value pairs attached to a score or an anomaly event (`enrich` adds the device catalog's
+/// fields: `site`, `asset`, `owner` and the free labels), sorted by name, each name once.
+///
+/// Cheap to clone (one shared slice); written as a JSON object, and left out of a record's
+/// JSON when empty.
+///
+/// ```
+/// use tidewatch_api::Labels;
+///
+/// let labels = Labels::from_pairs([("site", "north"), ("asset", "pump"), ("site", "south")]);
+/// assert_eq!(labels.get("site"), Some("north"));
+/// assert_eq!(labels.iter().map(|(name, _)| name).collect::<Vec<_>>(), ["asset", "site"]);
+/// ```
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Labels(Arc<[(Arc<str>, Arc<str>)]>);
+
+impl Labels {
+    /// Labels from pairs; of a name given twice the first value stays.
+    pub fn from_pairs<N, V>(pairs: impl IntoIterator<Item = (N, V)>) -> Labels
+    where
+        N: Into<Arc<str>>,
+        V: Into<Arc<str>>,
+    {
+        let mut list: Vec<(Arc<str>, Arc<str>)> =
+            pairs.into_iter().map(|(name, value)| (name.into(), value.into())).collect();
+        // A stable sort keeps the first of equal names first; dedup keeps it.
+        list.sort_by(|a, b| a.0.cmp(&b.0));
+        list.dedup_by(|later, first| later.0 == first.0);
+        Labels(list.into())
+    }
+
+    /// The value of label `name`.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.0
+            .binary_search_by(|(key, _)| key.as_ref().cmp(name))
+            .ok()
+            .map(|index| self.0[index].1.as_ref())
+    }
+
+    /// The labels, sorted by name.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> + '_ {
+        self.0.iter().map(|(name, value)| (name.as_ref(), value.as_ref()))
+    }
+
+    /// True when there is no label.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Number of labels.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// These labels with `other`'s added; a name in both keeps `other`'s value.
+    pub fn merged(&self, other: &Labels) -> Labels {
+        Labels::from_pairs(
+            other.0.iter().chain(self.0.iter()).map(|(n, v)| (Arc::clone(n), Arc::clone(v))),
+        )
+    }
+}
+
+impl Serialize for Labels {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_map(self.iter())
+    }
+}
+
+impl<'de> Deserialize<'de> for Labels {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Labels, D::Error> {
+        let map = std::collections::BTreeMap::<String, String>::deserialize(deserializer)?;
+        Ok(Labels::from_pairs(map))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Raw messages
+
 // ---------------------------------------------------------------------------------------------
 
 type Span = (u32, u32);
@@ -680,6 +760,9 @@ pub struct Score {
     pub columns: Arc<Schema>,
     /// Detail values (per-feature statistics or errors), in `columns` order.
     pub values: Vec<f32>,
+    /// Labels of the device (`enrich` adds the catalog's); empty by default.
+    #[serde(default, skip_serializing_if = "Labels::is_empty")]
+    pub labels: Labels,
 }
 
 /// Whether an anomaly event opens or closes an anomaly.
@@ -729,6 +812,9 @@ pub struct AnomalyEvent {
     pub columns: Arc<Schema>,
     /// Detail values (per-feature errors: which sensor explains it).
     pub values: Vec<f32>,
+    /// Labels of the device (`enrich` adds the catalog's); empty by default.
+    #[serde(default, skip_serializing_if = "Labels::is_empty")]
+    pub labels: Labels,
 }
 
 /// A record that a component could not process, with the reason; sent to `<id>.errors`.

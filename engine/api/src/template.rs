@@ -277,6 +277,7 @@ pub fn sample_event() -> AnomalyEvent {
         label: 0,
         columns: std::sync::Arc::new(crate::records::Schema::new(["feature"])),
         values: vec![1.5],
+        labels: Default::default(),
     }
 }
 
@@ -349,6 +350,7 @@ mod tests {
             label: 0,
             columns: Arc::new(Schema::new(["flow", "pressure"])),
             values: vec![0.1, 0.7],
+            labels: Default::default(),
         };
         let text: String =
             EVENT_FIELDS.iter().map(|field| format!("{field}={{{field}}};")).collect();

@@ -582,7 +582,7 @@ impl TransformFactory for NormalizeFactory {
     }
 
     fn properties(&self, _config: &NormalizeOptions) -> TransformProperties {
-        TransformProperties { keyed: false, assigns_event_time: true, late_output: false }
+        TransformProperties { assigns_event_time: true, ..TransformProperties::default() }
     }
 
     fn build(

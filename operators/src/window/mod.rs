@@ -128,7 +128,7 @@ impl TransformFactory for WindowFactory {
     }
 
     fn properties(&self, _config: &WindowConfig) -> TransformProperties {
-        TransformProperties { keyed: true, assigns_event_time: false, late_output: true }
+        TransformProperties { keyed: true, late_output: true, ..TransformProperties::default() }
     }
 
     fn build(
