@@ -19,7 +19,8 @@
 //!
 //! Keyed transforms (`window`, `stats`) receive each device's records on the worker that owns
 //! the device (`DeviceId::worker`); batches are split and exchanged only where the input is
-//! not partitioned already.
+//! not partitioned already. A gathered transform (`fleet`) receives every record on the first
+//! worker.
 //!
 //! With checkpoints (`checkpoint_interval_secs`), barriers travel with the data ([`Flow`]):
 //! every operator counts them on its input (`Barriers`), snapshots when it has them all, and
@@ -86,9 +87,19 @@ impl Flow {
         }
     }
 
-    /// Splits for an exchange: data by owning worker, markers copied to every worker.
-    fn split(self, peers: usize) -> Vec<Flow> {
+    /// Routes data to the first worker and markers to their worker (a gathered transform).
+    fn route_gathered(&self) -> u64 {
         match self {
+            Flow::Data(_) => 0,
+            Flow::Barrier { to, .. } | Flow::End { to, .. } => u64::from(*to),
+        }
+    }
+
+    /// Splits for an exchange: data by owning worker (or whole, when `gathered`), markers
+    /// copied to every worker.
+    fn split(self, peers: usize, gathered: bool) -> Vec<Flow> {
+        match self {
+            Flow::Data(batch) if gathered => vec![Flow::Data(batch)],
             Flow::Data(batch) => {
                 batch.split_by_worker(peers).into_iter().map(|(_, part)| Flow::Data(part)).collect()
             }
@@ -428,7 +439,8 @@ fn build<'scope>(
                 let input =
                     if inputs.len() == 1 { inputs[0].clone() } else { scope.concatenate(inputs) };
                 let assigner = properties.assigns_event_time;
-                let exchanged = properties.keyed && peers > 1 && !inputs_partitioned;
+                let gathered = properties.gathered && peers > 1;
+                let exchanged = gathered || (properties.keyed && peers > 1 && !inputs_partitioned);
                 // One barrier per epoch from every upstream instance that feeds this one.
                 let expected = if exchanged { count * peers } else { count };
                 let barriers = checkpoints
@@ -437,8 +449,9 @@ fn build<'scope>(
                 let state = TransformState::new(transform, ctx, metrics, run.clone(), barriers);
                 let named = component.named_outputs.len();
                 let outputs = if exchanged {
-                    let split = input.flat_map(move |flow: Flow| flow.split(peers));
-                    let pact = ExchangePact::new(Flow::route_hash);
+                    let split = input.flat_map(move |flow: Flow| flow.split(peers, gathered));
+                    let route = if gathered { Flow::route_gathered } else { Flow::route_hash };
+                    let pact = ExchangePact::new(route);
                     if assigner {
                         assigner_operator(scope, split, pact, state, named)
                     } else {
@@ -455,7 +468,8 @@ fn build<'scope>(
                 for (port, stream) in ports.zip(outputs) {
                     streams.insert((component.id.clone(), port), stream);
                 }
-                partitioned.insert(component.id.clone(), properties.keyed || inputs_partitioned);
+                let keyed = properties.keyed || inputs_partitioned;
+                partitioned.insert(component.id.clone(), keyed && !properties.gathered);
             }
             Configured::Sink(configured) => {
                 let sink = configured.build(&ctx).unwrap_or_else(|error| {
