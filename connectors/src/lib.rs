@@ -37,6 +37,7 @@
 //! folder or S3, and its model registry).
 
 mod backoff;
+pub mod catalog;
 mod dead_letter;
 pub mod file;
 #[cfg(feature = "kafka")]
@@ -52,6 +53,7 @@ pub mod sinks;
 pub mod tls;
 pub mod webhook;
 
+pub use catalog::{CatalogSource, CatalogSourceConfig, CatalogSourceFactory};
 pub use file::{FileFormat, FileSource, FileSourceConfig, FileSourceFactory};
 #[cfg(feature = "kafka")]
 pub use kafka::{
@@ -82,6 +84,7 @@ pub fn builtins() -> Vec<(&'static str, ComponentFactory)> {
     vec![
         ("simulator", ComponentFactory::source(SimulatorFactory)),
         ("file", ComponentFactory::source(FileSourceFactory)),
+        ("catalog", ComponentFactory::source(CatalogSourceFactory)),
         #[cfg(feature = "mqtt")]
         ("mqtt", ComponentFactory::source(MqttSourceFactory)),
         #[cfg(feature = "kafka")]
@@ -116,6 +119,7 @@ mod tests {
         for (name, factory) in builtins() {
             let options = match (name, factory.class()) {
                 ("file", "source") => "path = \"data.csv\"",
+                ("catalog", "source") => "path = \"devices.csv\"",
                 ("file", "sink") => "path = \"out.jsonl\"",
                 ("mqtt", "source") => "url = \"mqtt://127.0.0.1\"\ntopics = [\"a/#\"]",
                 ("mqtt", "sink") => "url = \"mqtt://127.0.0.1\"\ntopic = \"a/{device}\"",
@@ -160,6 +164,7 @@ mod tests {
             [
                 ("source", "simulator"),
                 ("source", "file"),
+                ("source", "catalog"),
                 ("source", "mqtt"),
                 ("source", "kafka"),
                 ("source", "parquet"),

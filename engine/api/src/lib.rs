@@ -5,6 +5,7 @@
 //! with typed configs and an erased form over TOML values ([`factory`]), and typed errors.
 //! Connectors, operators and embedders depend on this crate only; timely types stay out of it.
 
+pub mod catalog;
 pub mod codec;
 pub mod component;
 pub mod error;

@@ -1,0 +1,419 @@
+//! The device catalog: one row of metadata per device, its file formats, and the updates that
+//! carry its changes through a pipeline.
+//!
+//! The `catalog` source reads a file of [`CatalogRow`]s ([`parse_catalog`]), and each time the
+//! file changes it sends only the difference ([`diff_catalogs`]) as [`CatalogUpdate`]s: raw
+//! messages whose payload is the update's JSON ([`CatalogUpdate::to_json`]). `enrich` and
+//! `fleet` decode them ([`CatalogUpdate::from_json`]) into a differential collection: a changed
+//! row is its old version retracted (`diff = -1`) and its new one inserted (`diff = 1`), a
+//! removed row is retracted.
+//!
+//! ```
+//! use tidewatch_api::catalog::{CatalogFormat, diff_catalogs, parse_catalog};
+//!
+//! let before = parse_catalog(b"device,site,asset,owner\np1,north,pump,ops\np2,north,fan,ops\n",
+//!     CatalogFormat::Csv).expect("parses");
+//! let after = parse_catalog(b"device,site,asset,owner\np1,south,pump,ops\n",
+//!     CatalogFormat::Csv).expect("parses");
+//! let updates = diff_catalogs(&before.rows, &after.rows);
+//! let changes: Vec<(&str, &str, i64)> =
+//!     updates.iter().map(|u| (u.row.device.as_str(), u.row.site.as_str(), u.diff)).collect();
+//! assert_eq!(changes, [("p1", "north", -1), ("p1", "south", 1), ("p2", "north", -1)]);
+//! ```
+
+use std::cmp::Ordering;
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::codec::csv::{Delimiter, header_names, split_record};
+
+/// A per-device threshold override: a finite number, ordered by value (so rows can be
+/// compared and kept in ordered collections).
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ThresholdOverride(pub f32);
+
+impl PartialEq for ThresholdOverride {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == Ordering::Equal
+    }
+}
+impl Eq for ThresholdOverride {}
+impl PartialOrd for ThresholdOverride {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for ThresholdOverride {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.0.total_cmp(&other.0)
+    }
+}
+impl std::hash::Hash for ThresholdOverride {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.to_bits().hash(state);
+    }
+}
+
+/// One device's entry in the catalog.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CatalogRow {
+    /// The device id, as readings carry it.
+    pub device: String,
+    /// The site the device is at (empty when not given).
+    #[serde(default)]
+    pub site: String,
+    /// The asset type (pump, fan ...; empty when not given).
+    #[serde(default)]
+    pub asset: String,
+    /// Who answers for the device (empty when not given).
+    #[serde(default)]
+    pub owner: String,
+    /// Free labels, by name.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// A per-device threshold override, when given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threshold: Option<ThresholdOverride>,
+}
+
+impl CatalogRow {
+    /// The row as labels: `site`, `asset`, `owner` (when not empty) and the free labels (which
+    /// never override those three).
+    pub fn labels(&self) -> crate::Labels {
+        let fixed = [("site", &self.site), ("asset", &self.asset), ("owner", &self.owner)];
+        crate::Labels::from_pairs(
+            fixed
+                .into_iter()
+                .filter(|(_, value)| !value.is_empty())
+                .map(|(name, value)| (name, value.as_str()))
+                .chain(self.labels.iter().map(|(name, value)| (name.as_str(), value.as_str()))),
+        )
+    }
+}
+
+/// One change of the catalog: a row inserted (`diff = 1`) or retracted (`diff = -1`).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CatalogUpdate {
+    /// `1` inserts the row, `-1` retracts it.
+    pub diff: i64,
+    /// The row.
+    pub row: CatalogRow,
+}
+
+/// Why a catalog update or file could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CatalogError {
+    /// A payload is not a catalog update.
+    #[error("not a catalog update: {0}")]
+    Update(String),
+    /// A line of a catalog file is not a row.
+    #[error("line {line}: {reason}")]
+    Row {
+        /// The line number, from 1.
+        line: usize,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The file as a whole cannot be read (no header, no `device` column).
+    #[error("{0}")]
+    File(String),
+}
+
+impl CatalogUpdate {
+    /// The update as a raw message payload (one JSON object).
+    pub fn to_json(&self) -> Vec<u8> {
+        // A struct of strings, maps and finite numbers always serializes.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// Decodes a payload written by [`CatalogUpdate::to_json`].
+    pub fn from_json(payload: &[u8]) -> Result<CatalogUpdate, CatalogError> {
+        let update: CatalogUpdate = serde_json::from_slice(payload)
+            .map_err(|error| CatalogError::Update(error.to_string()))?;
+        if update.diff != 1 && update.diff != -1 {
+            return Err(CatalogError::Update(format!("diff is {}, not 1 or -1", update.diff)));
+        }
+        Ok(update)
+    }
+}
+
+/// The formats of a catalog file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CatalogFormat {
+    /// A header line naming the columns, then one row a line. `device` is required; `site`,
+    /// `asset`, `owner` and `threshold` are known; every other column is a free label (empty
+    /// cells are left out).
+    Csv,
+    /// One JSON object a line: `device` (required), `site`, `asset`, `owner`, `threshold`
+    /// (a number), `labels` (an object of strings); any other key whose value is a string,
+    /// number or boolean is a free label.
+    Jsonl,
+}
+
+/// A parsed catalog file: its rows by device, and the lines that were skipped.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ParsedCatalog {
+    /// The rows, by device.
+    pub rows: BTreeMap<String, CatalogRow>,
+    /// The lines that are not rows, and devices given twice (the first row stays).
+    pub errors: Vec<CatalogError>,
+}
+
+/// Parses a catalog file. Blank lines are skipped; a bad line is reported in
+/// [`ParsedCatalog::errors`] and left out; only a file without a usable header fails.
+pub fn parse_catalog(text: &[u8], format: CatalogFormat) -> Result<ParsedCatalog, CatalogError> {
+    let mut parsed = ParsedCatalog::default();
+    let mut lines = text.split(|byte| *byte == b'\n').enumerate().map(|(i, line)| (i + 1, line));
+    let header = match format {
+        CatalogFormat::Csv => {
+            let Some((_, line)) = lines.find(|(_, line)| !is_blank(line)) else {
+                return Ok(parsed);
+            };
+            let names = header_names(line, Delimiter::COMMA)
+                .map_err(|reason| CatalogError::File(format!("header: {reason}")))?;
+            if !names.iter().any(|name| name.as_ref() == "device") {
+                return Err(CatalogError::File("the header has no `device` column".to_owned()));
+            }
+            Some(names)
+        }
+        CatalogFormat::Jsonl => None,
+    };
+    for (number, line) in lines {
+        if is_blank(line) {
+            continue;
+        }
+        let row = match &header {
+            Some(names) => csv_row(line, names),
+            None => json_row(line),
+        };
+        match row {
+            Ok(row) => {
+                if parsed.rows.contains_key(&row.device) {
+                    let reason =
+                        format!("device `{}` is listed twice; the first row stays", row.device);
+                    parsed.errors.push(CatalogError::Row { line: number, reason });
+                } else {
+                    parsed.rows.insert(row.device.clone(), row);
+                }
+            }
+            Err(reason) => parsed.errors.push(CatalogError::Row { line: number, reason }),
+        }
+    }
+    Ok(parsed)
+}
+
+fn is_blank(line: &[u8]) -> bool {
+    line.iter().all(u8::is_ascii_whitespace)
+}
+
+fn threshold_of(text: &str) -> Result<ThresholdOverride, String> {
+    match text.trim().parse::<f32>() {
+        Ok(value) if value.is_finite() => Ok(ThresholdOverride(value)),
+        _ => Err(format!("threshold `{text}` is not a finite number")),
+    }
+}
+
+fn csv_row(line: &[u8], names: &[std::sync::Arc<str>]) -> Result<CatalogRow, String> {
+    let mut row = CatalogRow {
+        device: String::new(),
+        site: String::new(),
+        asset: String::new(),
+        owner: String::new(),
+        labels: BTreeMap::new(),
+        threshold: None,
+    };
+    let mut problem = None;
+    split_record(line, Delimiter::COMMA, |column, text| {
+        let Some(name) = names.get(column) else {
+            problem = Some(format!("more cells than the header's {} columns", names.len()));
+            return false;
+        };
+        let value = String::from_utf8_lossy(&text).trim().to_owned();
+        match name.as_ref() {
+            "device" => row.device = value,
+            "site" => row.site = value,
+            "asset" => row.asset = value,
+            "owner" => row.owner = value,
+            "threshold" if value.is_empty() => {}
+            "threshold" => match threshold_of(&value) {
+                Ok(threshold) => row.threshold = Some(threshold),
+                Err(reason) => problem = Some(reason),
+            },
+            _ if value.is_empty() || name.is_empty() => {}
+            other => {
+                row.labels.insert(other.to_owned(), value);
+            }
+        }
+        problem.is_none()
+    })?;
+    if let Some(problem) = problem {
+        return Err(problem);
+    }
+    if row.device.is_empty() {
+        return Err("the device is empty".to_owned());
+    }
+    Ok(row)
+}
+
+fn json_row(line: &[u8]) -> Result<CatalogRow, String> {
+    let value: serde_json::Value =
+        serde_json::from_slice(line).map_err(|error| format!("not JSON: {error}"))?;
+    let serde_json::Value::Object(object) = value else {
+        return Err("not a JSON object".to_owned());
+    };
+    let mut row = CatalogRow {
+        device: String::new(),
+        site: String::new(),
+        asset: String::new(),
+        owner: String::new(),
+        labels: BTreeMap::new(),
+        threshold: None,
+    };
+    for (key, value) in object {
+        let text = match &value {
+            serde_json::Value::String(text) => Some(text.clone()),
+            serde_json::Value::Number(number) => Some(number.to_string()),
+            serde_json::Value::Bool(flag) => Some(flag.to_string()),
+            _ => None,
+        };
+        match (key.as_str(), text) {
+            ("labels", None) => {
+                let serde_json::Value::Object(labels) = value else {
+                    return Err("`labels` is not an object".to_owned());
+                };
+                for (name, label) in labels {
+                    let serde_json::Value::String(label) = label else {
+                        return Err(format!("label `{name}` is not a string"));
+                    };
+                    row.labels.insert(name, label);
+                }
+            }
+            ("threshold", None) if value.is_null() => {}
+            ("threshold", Some(text)) if value.is_number() => {
+                row.threshold = Some(threshold_of(&text)?)
+            }
+            ("device", Some(text)) if value.is_string() => row.device = text,
+            ("site", Some(text)) if value.is_string() => row.site = text,
+            ("asset", Some(text)) if value.is_string() => row.asset = text,
+            ("owner", Some(text)) if value.is_string() => row.owner = text,
+            ("device" | "site" | "asset" | "owner" | "threshold" | "labels", _) => {
+                return Err(format!("`{key}` has the wrong type"));
+            }
+            (_, Some(text)) => {
+                row.labels.insert(key, text);
+            }
+            (_, None) => return Err(format!("label `{key}` is not a string, number or boolean")),
+        }
+    }
+    if row.device.is_empty() {
+        return Err("no `device`, or an empty one".to_owned());
+    }
+    Ok(row)
+}
+
+/// The updates that turn catalog `before` into `after`, by device: a row that changed is
+/// retracted then inserted again, one that left is retracted, a new one inserted; unchanged
+/// rows give nothing.
+pub fn diff_catalogs(
+    before: &BTreeMap<String, CatalogRow>,
+    after: &BTreeMap<String, CatalogRow>,
+) -> Vec<CatalogUpdate> {
+    let mut updates = Vec::new();
+    let mut devices: Vec<&String> = before.keys().chain(after.keys()).collect();
+    devices.sort();
+    devices.dedup();
+    for device in devices {
+        let (old, new) = (before.get(device), after.get(device));
+        if old == new {
+            continue;
+        }
+        if let Some(old) = old {
+            updates.push(CatalogUpdate { diff: -1, row: old.clone() });
+        }
+        if let Some(new) = new {
+            updates.push(CatalogUpdate { diff: 1, row: new.clone() });
+        }
+    }
+    updates
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn csv_columns_beyond_the_known_ones_are_labels_and_bad_lines_are_reported() {
+        let text = b"device,site,asset,owner,threshold,floor\n\
+            p1,north,pump,ops,0.5,2\n\
+            p2,north,fan,ops,,\n\
+            p3,south,pump,ops,high,1\n\
+            ,south,pump,ops,,\n\
+            p1,east,pump,ops,,\n";
+        let parsed = parse_catalog(text, CatalogFormat::Csv).expect("header");
+        assert_eq!(parsed.rows.len(), 2);
+        let p1 = &parsed.rows["p1"];
+        assert_eq!(p1.site, "north");
+        assert_eq!(p1.threshold, Some(ThresholdOverride(0.5)));
+        assert_eq!(p1.labels.get("floor").map(String::as_str), Some("2"));
+        assert!(parsed.rows["p2"].labels.is_empty());
+        let lines: Vec<usize> = parsed
+            .errors
+            .iter()
+            .map(|error| match error {
+                CatalogError::Row { line, .. } => *line,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(lines, [4, 5, 6]);
+        let labels = p1.labels();
+        assert_eq!(labels.get("site"), Some("north"));
+        assert_eq!(labels.get("floor"), Some("2"));
+    }
+
+    #[test]
+    fn a_csv_file_without_a_device_column_fails() {
+        let error =
+            parse_catalog(b"id,site\np1,north\n", CatalogFormat::Csv).expect_err("no device");
+        assert!(matches!(error, CatalogError::File(_)), "{error:?}");
+        assert!(parse_catalog(b"", CatalogFormat::Csv).expect("empty").rows.is_empty());
+    }
+
+    #[test]
+    fn json_lines_take_labels_from_the_object_and_from_other_keys() {
+        let text =
+            br#"{"device":"p1","site":"north","labels":{"zone":"a"},"floor":2,"threshold":1.5}
+{"device":"p2","site":3}
+not json
+{"device":"p3","extra":[1]}
+"#;
+        let parsed = parse_catalog(text, CatalogFormat::Jsonl).expect("parses");
+        assert_eq!(parsed.rows.len(), 1);
+        let p1 = &parsed.rows["p1"];
+        assert_eq!(p1.labels.get("zone").map(String::as_str), Some("a"));
+        assert_eq!(p1.labels.get("floor").map(String::as_str), Some("2"));
+        assert_eq!(p1.threshold, Some(ThresholdOverride(1.5)));
+        assert_eq!(parsed.errors.len(), 3);
+    }
+
+    #[test]
+    fn updates_round_trip_and_a_bad_diff_is_refused() {
+        let row = CatalogRow {
+            device: "p1".to_owned(),
+            site: "north".to_owned(),
+            asset: String::new(),
+            owner: String::new(),
+            labels: BTreeMap::new(),
+            threshold: None,
+        };
+        let update = CatalogUpdate { diff: -1, row };
+        assert_eq!(CatalogUpdate::from_json(&update.to_json()), Ok(update));
+        let bad = br#"{"diff":2,"row":{"device":"p1"}}"#;
+        assert!(CatalogUpdate::from_json(bad).is_err());
+        assert!(CatalogUpdate::from_json(b"{}").is_err());
+    }
+}
