@@ -995,9 +995,12 @@ impl Validator<'_> {
             );
             ok = false;
         }
-        if let Configured::Transform(..) = configured {
-            let kinds: BTreeSet<Kind> =
+        if let Configured::Transform(_, properties) = configured {
+            let mut kinds: BTreeSet<Kind> =
                 input_types.iter().map(|(port_type, _)| port_type.kind).collect();
+            if properties.raw_side_input {
+                kinds.remove(&Kind::Raw);
+            }
             if kinds.len() > 1 {
                 self.reporter.error(
                     Some(entry.inputs_span.clone()),
@@ -1026,6 +1029,14 @@ impl Validator<'_> {
         match configured {
             Configured::Source(source) => Some((Some(source.output_type().clone()), None)),
             Configured::Transform(transform, properties) => {
+                // Raw side inputs (catalog updates) do not shape the output.
+                let side = |port_type: &PortType| {
+                    properties.raw_side_input
+                        && port_type.kind == Kind::Raw
+                        && input_types.iter().any(|(other, _)| other.kind != Kind::Raw)
+                };
+                let input_types: Vec<&(PortType, &Resolved)> =
+                    input_types.iter().filter(|(port_type, _)| !side(port_type)).collect();
                 let schemas: BTreeSet<Option<Vec<Arc<str>>>> = input_types
                     .iter()
                     .map(|(port_type, _)| {

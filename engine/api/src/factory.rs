@@ -257,6 +257,10 @@ pub struct TransformProperties {
     /// the first worker of the cluster, so that one instance sees every record; the others
     /// receive nothing. Takes precedence over `keyed`.
     pub gathered: bool,
+    /// Besides its records it reads raw messages on its inputs (`enrich`: the updates of a
+    /// `catalog` source): validation lets raw inputs stand beside inputs of one other kind,
+    /// and the output type follows that other kind.
+    pub raw_side_input: bool,
 }
 
 // ---------------------------------------------------------------------------------------------
