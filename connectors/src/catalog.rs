@@ -111,6 +111,7 @@ type Stamp = (u64, Option<SystemTime>);
 /// The `catalog` source (see the module documentation).
 #[derive(Debug)]
 pub struct CatalogSource {
+    ctx: ComponentContext,
     path: PathBuf,
     format: CatalogFormat,
     watch: bool,
@@ -127,6 +128,7 @@ impl CatalogSource {
     /// A source for one worker.
     pub fn new(config: &CatalogSourceConfig, ctx: &ComponentContext) -> CatalogSource {
         CatalogSource {
+            ctx: ctx.clone(),
             path: ctx.resolve_path(&config.path),
             format: config.format(),
             watch: config.watch,
@@ -192,6 +194,9 @@ impl Source for CatalogSource {
     }
 
     fn poll(&mut self, out: &mut Outputs) -> Result<SourcePoll, ComponentError> {
+        if self.ctx.shutdown_requested() {
+            return Ok(SourcePoll::Finished);
+        }
         let now = Instant::now();
         if self.next_check.is_some_and(|next| now < next) {
             let wait = self.next_check.map_or(self.interval, |next| next - now);
