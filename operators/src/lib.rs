@@ -17,7 +17,10 @@
 //! reference is `docs/reference/transforms.md`.
 
 pub mod autoencoder;
+mod dataflow;
+pub mod enrich;
 pub mod filter;
+pub mod fleet;
 pub mod normalize;
 pub mod route;
 pub mod stats;
@@ -30,7 +33,9 @@ use tidewatch_api::ComponentFactory;
 pub use autoencoder::{
     Autoencoder, AutoencoderConfig, AutoencoderFactory, RegistryFollow, Scorer, WindowScore,
 };
+pub use enrich::{Enrich, EnrichConfig, EnrichFactory};
 pub use filter::{Condition, Filter, FilterConfig, FilterFactory, Matcher, Op, Stat};
+pub use fleet::{Fleet, FleetConfig, FleetFactory, FleetRecord, FleetView};
 pub use normalize::{
     Conversion, MediationConfig, Normalize, NormalizeConfig, NormalizeFactory, NormalizeOptions,
     OnMissing, Quantity, Unit,
@@ -52,6 +57,8 @@ pub fn builtins() -> Vec<(&'static str, ComponentFactory)> {
         ("stats", ComponentFactory::transform(StatsFactory)),
         ("autoencoder", ComponentFactory::transform(AutoencoderFactory)),
         ("threshold", ComponentFactory::transform(ThresholdFactory)),
+        ("enrich", ComponentFactory::transform(EnrichFactory)),
+        ("fleet", ComponentFactory::transform(FleetFactory)),
     ]
 }
 
@@ -68,7 +75,17 @@ mod tests {
         let names: Vec<&str> = builtins().iter().map(|(name, _)| *name).collect();
         assert_eq!(
             names,
-            ["normalize", "filter", "route", "window", "stats", "autoencoder", "threshold"]
+            [
+                "normalize",
+                "filter",
+                "route",
+                "window",
+                "stats",
+                "autoencoder",
+                "threshold",
+                "enrich",
+                "fleet",
+            ]
         );
         assert!(builtins().iter().all(|(_, factory)| factory.class() == "transform"));
     }

@@ -1,0 +1,467 @@
+//! `fleet`: rollups over the whole fleet and the exact top-N devices by score, maintained
+//! incrementally as a differential dataflow.
+//!
+//! Each device's state is its latest record by event time (a score's `end_ms`, an event's
+//! `time_ms`; of equal times the later one to arrive): its score, whether it is anomalous (a
+//! score's `anomaly`, an event's `open`), and its `site` and `asset` labels (as `enrich` adds
+//! them; `""` when missing). From the collection of device states the dataflow maintains:
+//!
+//! - anomalous devices per site and per asset type;
+//! - devices, anomalous devices and their ratio over the fleet;
+//! - the `top` devices by score (ties by device name), with their ranks.
+//!
+//! With `require_catalog`, only devices present in the catalog (a `catalog` source among the
+//! inputs) count: a device retired from the catalog leaves every rollup and the top-N.
+//!
+//! The engine sends all of `fleet`'s input to one worker (it is *gathered*), so the answer is
+//! the same whatever the number of workers and processes. What changed after each batch
+//! leaves as scores (see [`FleetRecord`]): a rollup that went away is sent once more with
+//! `score = 0` and the label `removed = "true"`.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::sync::Arc;
+
+use differential_dataflow::input::{Input, InputSession};
+use serde::{Deserialize, Serialize};
+use tidewatch_api::catalog::CatalogUpdate;
+use tidewatch_api::{
+    AnomalyState, Batch, ComponentContext, ComponentError, ConfigError, DeviceId, EventTime, Kind,
+    Labels, Outputs, PortType, Schema, Score, Transform, TransformFactory, TransformProperties,
+    ValidateContext,
+};
+use timely::dataflow::ProbeHandle;
+
+use crate::dataflow::{Captured, Local};
+
+/// Options of the `fleet` transform.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetConfig {
+    /// How many devices the top list holds (1 to 1000).
+    #[serde(default = "default_top")]
+    pub top: usize,
+    /// Count only devices present in the catalog (a `catalog` source must be among the
+    /// inputs); a retired device leaves the rollups.
+    #[serde(default)]
+    pub require_catalog: bool,
+}
+
+fn default_top() -> usize {
+    10
+}
+
+/// The most devices `top` may ask for.
+pub const MAX_TOP: usize = 1000;
+
+/// Makes `fleet` transforms.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FleetFactory;
+
+impl TransformFactory for FleetFactory {
+    type Config = FleetConfig;
+
+    fn accepts(&self, _config: &FleetConfig) -> Vec<Kind> {
+        vec![Kind::Raw, Kind::Scores, Kind::Events]
+    }
+
+    fn validate(&self, config: &FleetConfig, _ctx: &ValidateContext) -> Result<(), ConfigError> {
+        if config.top == 0 || config.top > MAX_TOP {
+            return Err(ConfigError::at_field("top", format!("must be 1 to {MAX_TOP}")));
+        }
+        Ok(())
+    }
+
+    fn output_type(
+        &self,
+        _config: &FleetConfig,
+        input: &PortType,
+        _ctx: &ValidateContext,
+    ) -> Result<PortType, ConfigError> {
+        match input.kind {
+            Kind::Scores | Kind::Events => Ok(PortType::of(Kind::Scores)),
+            _ => Err(ConfigError::new("`fleet` rolls up scores or anomaly events")
+                .with_hint("give it the output of `enrich` (or of a detector or `threshold`)")),
+        }
+    }
+
+    fn properties(&self, _config: &FleetConfig) -> TransformProperties {
+        // Gathered: one instance sees the whole fleet. Its own watermark, as `enrich`'s.
+        TransformProperties {
+            gathered: true,
+            raw_side_input: true,
+            assigns_event_time: true,
+            ..TransformProperties::default()
+        }
+    }
+
+    fn build(
+        &self,
+        config: &FleetConfig,
+        ctx: &ComponentContext,
+    ) -> Result<Box<dyn Transform>, ComponentError> {
+        Ok(Box::new(Fleet::new(config, ctx)))
+    }
+}
+
+/// A score as a totally ordered key (greater score, greater key); NaN never gets here.
+fn score_key(score: f32) -> u32 {
+    let bits = score.to_bits();
+    if bits >> 31 == 1 { !bits } else { bits | 0x8000_0000 }
+}
+
+fn key_score(key: u32) -> f32 {
+    f32::from_bits(if key >> 31 == 1 { key & 0x7fff_ffff } else { !key })
+}
+
+/// One device's state in the dataflow.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+struct DeviceState {
+    site: String,
+    asset: String,
+    anomalous: bool,
+    score: u32,
+}
+
+/// One output of the dataflow, as captured.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+enum Rollup {
+    Site(String, isize),
+    Asset(String, isize),
+    Devices(isize),
+    Anomalous(isize),
+    /// A top entry: the score key reversed (best first), the device, site and asset.
+    Top(Reverse<u32>, String, String, String),
+}
+
+/// The rollups as they stand.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct FleetView {
+    /// Anomalous devices per site (sites with none are absent).
+    pub sites: BTreeMap<String, u64>,
+    /// Anomalous devices per asset type (types with none are absent).
+    pub assets: BTreeMap<String, u64>,
+    /// Devices counted.
+    pub devices: u64,
+    /// Anomalous devices.
+    pub anomalous: u64,
+    /// The top devices, best first: device, score, site, asset.
+    pub top: Vec<(String, f32, String, String)>,
+}
+
+impl FleetView {
+    /// Anomalous devices over devices; 0 for an empty fleet.
+    pub fn rate(&self) -> f64 {
+        if self.devices == 0 { 0.0 } else { self.anomalous as f64 / self.devices as f64 }
+    }
+}
+
+/// The output records of `fleet`, all scores with `detector` = the component id, `device` =
+/// `fleet` (or the device, for `top`), times = the greatest event time seen, and:
+///
+/// | `version` | labels | `score` | `values` |
+/// |---|---|---|---|
+/// | `site` | `rollup = "site"`, `site` | anomalous devices at the site | |
+/// | `asset` | `rollup = "asset"`, `asset` | anomalous devices of the type | |
+/// | `fleet` | `rollup = "fleet"` | anomalous / devices | `devices`, `anomalous` |
+/// | `top` | `rollup = "top"`, `rank` (1 = worst), `site`, `asset` | the device's score | |
+#[derive(Debug, Clone, Copy)]
+pub struct FleetRecord;
+
+/// The `fleet` transform (see the module documentation).
+pub struct Fleet {
+    component: Arc<str>,
+    local: Local,
+    states: InputSession<u64, (String, DeviceState), isize>,
+    catalog: InputSession<u64, String, isize>,
+    probe: ProbeHandle<u64>,
+    captured: Captured<Rollup>,
+    /// Each device's latest record: event time, state.
+    latest: HashMap<String, (EventTime, DeviceState)>,
+    /// The dataflow's outputs as they stand.
+    current: BTreeMap<Rollup, isize>,
+    view: FleetView,
+    watermark: EventTime,
+    empty: Arc<Schema>,
+    fleet_columns: Arc<Schema>,
+}
+
+impl fmt::Debug for Fleet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Fleet")
+            .field("component", &self.component)
+            .field("devices", &self.latest.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Fleet {
+    /// An instance for one worker.
+    pub fn new(config: &FleetConfig, ctx: &ComponentContext) -> Fleet {
+        let mut local = Local::new();
+        let captured: Captured<Rollup> = Captured::default();
+        let sink = captured.clone();
+        let probe = ProbeHandle::new();
+        let probe_in = probe.clone();
+        let top = config.top.clamp(1, MAX_TOP);
+        let require_catalog = config.require_catalog;
+        let (states, catalog) = local.worker.dataflow::<u64, _, _>(move |scope| {
+            let (states_in, states) = scope.new_collection::<(String, DeviceState), isize>();
+            let (catalog_in, catalog) = scope.new_collection::<String, isize>();
+            let states = if require_catalog { states.semijoin(catalog.distinct()) } else { states };
+            let anomalous = states.clone().filter(|(_, state)| state.anomalous);
+            let sites = anomalous
+                .clone()
+                .map(|(_, state)| state.site)
+                .count()
+                .map(|(site, count)| Rollup::Site(site, count));
+            let assets = anomalous
+                .clone()
+                .map(|(_, state)| state.asset)
+                .count()
+                .map(|(asset, count)| Rollup::Asset(asset, count));
+            let devices = states.clone().map(|_| ()).count().map(|((), n)| Rollup::Devices(n));
+            let flagged = anomalous.map(|_| ()).count().map(|((), n)| Rollup::Anomalous(n));
+            let best = states
+                .map(|(device, state)| {
+                    ((), (Reverse(state.score), device, state.site, state.asset))
+                })
+                .reduce(move |_key, input, output| {
+                    for (entry, _) in input.iter().take(top) {
+                        output.push(((*entry).clone(), 1));
+                    }
+                })
+                .map(|((), (score, device, site, asset))| Rollup::Top(score, device, site, asset));
+            sites
+                .concat(assets)
+                .concat(devices)
+                .concat(flagged)
+                .concat(best)
+                .inspect(move |(rollup, time, diff)| {
+                    sink.borrow_mut().push((rollup.clone(), *time, *diff));
+                })
+                .probe_with(&probe_in);
+            (states_in, catalog_in)
+        });
+        Fleet {
+            component: Arc::clone(&ctx.component_id),
+            local,
+            states,
+            catalog,
+            probe,
+            captured,
+            latest: HashMap::new(),
+            current: BTreeMap::new(),
+            view: FleetView::default(),
+            watermark: EventTime::MIN,
+            empty: Arc::new(Schema::new(Vec::<String>::new())),
+            fleet_columns: Arc::new(Schema::new(["devices", "anomalous"])),
+        }
+    }
+
+    /// The rollups as they stand after the last batch.
+    pub fn view(&self) -> &FleetView {
+        &self.view
+    }
+
+    /// Takes a device's new record into account.
+    fn observe(&mut self, device: DeviceId, time: EventTime, state: DeviceState) {
+        self.watermark = self.watermark.max(time);
+        let name = device.name().to_string();
+        match self.latest.get(&name) {
+            Some((seen, _)) if *seen > time => return,
+            Some((_, old)) if *old == state => {}
+            Some((_, old)) => {
+                self.states.remove((name.clone(), old.clone()));
+                self.states.insert((name.clone(), state.clone()));
+            }
+            None => self.states.insert((name.clone(), state.clone())),
+        }
+        self.latest.insert(name, (time, state));
+    }
+
+    /// Closes the round, runs the dataflow and emits what changed.
+    fn advance(&mut self, out: &mut Outputs) {
+        self.local.round += 1;
+        self.states.advance_to(self.local.round);
+        self.catalog.advance_to(self.local.round);
+        self.states.flush();
+        self.catalog.flush();
+        self.local.settle(&self.probe);
+        let updates = std::mem::take(&mut *self.captured.borrow_mut());
+        if updates.is_empty() {
+            return;
+        }
+        for (rollup, _, diff) in updates {
+            let count = self.current.entry(rollup.clone()).or_default();
+            *count += diff;
+            if *count == 0 {
+                self.current.remove(&rollup);
+            }
+        }
+        let view = self.current_view();
+        let records = self.changes(&view);
+        self.view = view;
+        out.emit(Batch::Scores(records));
+    }
+
+    fn current_view(&self) -> FleetView {
+        let mut view = FleetView::default();
+        let count = |n: isize| u64::try_from(n).unwrap_or(0);
+        for rollup in self.current.keys() {
+            match rollup {
+                Rollup::Site(site, n) => drop(view.sites.insert(site.clone(), count(*n))),
+                Rollup::Asset(asset, n) => drop(view.assets.insert(asset.clone(), count(*n))),
+                Rollup::Devices(n) => view.devices = count(*n),
+                Rollup::Anomalous(n) => view.anomalous = count(*n),
+                Rollup::Top(Reverse(key), device, site, asset) => {
+                    view.top.push((device.clone(), key_score(*key), site.clone(), asset.clone()))
+                }
+            }
+        }
+        view
+    }
+
+    fn record(&self, device: &str, version: &str, score: f32, labels: Labels) -> Score {
+        Score {
+            device: DeviceId::intern(device),
+            start_ms: self.watermark,
+            end_ms: self.watermark,
+            detector: Arc::clone(&self.component),
+            version: Arc::from(version),
+            score,
+            threshold: None,
+            anomaly: false,
+            label: 0,
+            columns: Arc::clone(&self.empty),
+            values: Vec::new(),
+            labels,
+        }
+    }
+
+    /// The records for what differs between the last view and `view`.
+    fn changes(&self, view: &FleetView) -> Vec<Score> {
+        let mut records = Vec::new();
+        for (rollup, old, new) in
+            [("site", &self.view.sites, &view.sites), ("asset", &self.view.assets, &view.assets)]
+        {
+            for (name, count) in new {
+                if old.get(name) != Some(count) {
+                    let labels = Labels::from_pairs([("rollup", rollup), (rollup, name)]);
+                    records.push(self.record("fleet", rollup, *count as f32, labels));
+                }
+            }
+            for name in old.keys().filter(|name| !new.contains_key(*name)) {
+                let labels =
+                    Labels::from_pairs([("rollup", rollup), (rollup, name), ("removed", "true")]);
+                records.push(self.record("fleet", rollup, 0.0, labels));
+            }
+        }
+        if (view.devices, view.anomalous) != (self.view.devices, self.view.anomalous) {
+            let mut record = self.record(
+                "fleet",
+                "fleet",
+                view.rate() as f32,
+                Labels::from_pairs([("rollup", "fleet")]),
+            );
+            record.columns = Arc::clone(&self.fleet_columns);
+            record.values = vec![view.devices as f32, view.anomalous as f32];
+            records.push(record);
+        }
+        let ranks = view.top.len().max(self.view.top.len());
+        for index in 0..ranks {
+            let rank = (index + 1).to_string();
+            match (self.view.top.get(index), view.top.get(index)) {
+                (old, Some(entry)) if old != Some(entry) => {
+                    let (device, score, site, asset) = entry;
+                    let labels = Labels::from_pairs([
+                        ("rollup", "top"),
+                        ("rank", rank.as_str()),
+                        ("site", site.as_str()),
+                        ("asset", asset.as_str()),
+                    ]);
+                    records.push(self.record(device, "top", *score, labels));
+                }
+                (Some(_), None) => {
+                    let labels = Labels::from_pairs([
+                        ("rollup", "top"),
+                        ("rank", rank.as_str()),
+                        ("removed", "true"),
+                    ]);
+                    records.push(self.record("fleet", "top", 0.0, labels));
+                }
+                _ => {}
+            }
+        }
+        records
+    }
+}
+
+fn state_of(labels: &Labels, anomalous: bool, score: f32) -> DeviceState {
+    DeviceState {
+        site: labels.get("site").unwrap_or("").to_owned(),
+        asset: labels.get("asset").unwrap_or("").to_owned(),
+        anomalous,
+        score: score_key(score),
+    }
+}
+
+impl Transform for Fleet {
+    fn process_batch(&mut self, batch: Batch, out: &mut Outputs) {
+        match batch {
+            Batch::Raw(raw) => {
+                for message in raw.iter() {
+                    match CatalogUpdate::from_json(message.payload) {
+                        Ok(update) => self.catalog.update(update.row.device, update.diff as isize),
+                        Err(error) => out.error(
+                            "catalog",
+                            error.to_string(),
+                            Some(message.topic),
+                            Some(message.payload),
+                        ),
+                    }
+                }
+            }
+            Batch::Scores(scores) => {
+                for score in scores {
+                    if score.score.is_nan() {
+                        out.discard("nan_score", 1);
+                        continue;
+                    }
+                    let state = state_of(&score.labels, score.anomaly, score.score);
+                    self.observe(score.device, score.end_ms, state);
+                }
+            }
+            Batch::Events(events) => {
+                for event in events {
+                    if event.score.is_nan() {
+                        out.discard("nan_score", 1);
+                        continue;
+                    }
+                    let open = event.state == AnomalyState::Open;
+                    let state = state_of(&event.labels, open, event.score);
+                    self.observe(event.device, event.time_ms, state);
+                }
+            }
+            other => out.discard("unsupported_kind", other.len() as u64),
+        }
+        self.advance(out);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn score_keys_order_like_scores() {
+        let scores = [f32::NEG_INFINITY, -2.5, -0.0, 0.0, 1e-9, 0.5, 3.0, f32::INFINITY];
+        for pair in scores.windows(2) {
+            assert!(score_key(pair[0]) <= score_key(pair[1]), "{pair:?}");
+        }
+        for score in scores {
+            assert_eq!(key_score(score_key(score)).to_bits(), score.to_bits());
+        }
+    }
+}
