@@ -1,0 +1,500 @@
+//! The fleet view (#14): `catalog` -> `enrich` -> `fleet`.
+//!
+//! - `fleet`'s rollups and top-N equal a brute-force recomputation over random update
+//!   sequences (scores, devices moving between sites, catalog insertions and retirements);
+//! - a pipeline gives the same fleet view on 1, 2 and 4 workers, equal to a brute-force
+//!   recomputation over the enriched scores that entered `fleet`;
+//! - a catalog file edited while the pipeline runs gives the later records the new site.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::time::Duration;
+
+use common::{Running, json_lines, run, wait_until};
+use proptest::prelude::*;
+use tidewatch_api::catalog::{CatalogRow, CatalogUpdate};
+use tidewatch_api::{
+    Batch, ComponentContext, DeviceId, Labels, Outputs, RawBatch, Schema, Score, Transform,
+};
+use tidewatch_operators::{Fleet, FleetConfig, FleetView};
+
+// ---------------------------------------------------------------------------------------------
+// Brute force
+// ---------------------------------------------------------------------------------------------
+
+/// One device's latest record, as the brute force sees it.
+#[derive(Clone, Debug)]
+struct Latest {
+    time: i64,
+    score: f32,
+    anomalous: bool,
+    site: String,
+    asset: String,
+}
+
+/// The fleet view of devices' latest records, recomputed from scratch.
+fn brute_force(latest: &HashMap<String, Latest>, top: usize) -> FleetView {
+    let mut view = FleetView::default();
+    for state in latest.values() {
+        view.devices += 1;
+        if state.anomalous {
+            view.anomalous += 1;
+            *view.sites.entry(state.site.clone()).or_default() += 1;
+            *view.assets.entry(state.asset.clone()).or_default() += 1;
+        }
+    }
+    let mut ranked: Vec<(&String, &Latest)> = latest.iter().collect();
+    ranked.sort_by(|a, b| b.1.score.total_cmp(&a.1.score).then_with(|| a.0.cmp(b.0)));
+    view.top = ranked
+        .into_iter()
+        .take(top)
+        .map(|(device, state)| {
+            (device.clone(), state.score, state.site.clone(), state.asset.clone())
+        })
+        .collect();
+    view
+}
+
+/// Keeps a record if it is the device's latest (by event time; the later of equal times).
+fn observe(latest: &mut HashMap<String, Latest>, device: &str, record: Latest) {
+    if latest.get(device).is_none_or(|seen| seen.time <= record.time) {
+        latest.insert(device.to_owned(), record);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The transform on its own: random update sequences
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Clone, Debug)]
+enum Op {
+    /// A score of device `device` at `time`, labelled with site and asset (a new site is a move).
+    Score { device: u8, time: i64, score: u8, anomalous: bool, site: u8, asset: u8 },
+    /// The device enters the catalog.
+    Catalog(u8),
+    /// The device leaves the catalog.
+    Retire(u8),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        6 => (0u8..12, 0i64..40, 0u8..8, any::<bool>(), 0u8..3, 0u8..2).prop_map(
+            |(device, time, score, anomalous, site, asset)| Op::Score {
+                device,
+                time,
+                score,
+                anomalous,
+                site,
+                asset
+            }
+        ),
+        1 => (0u8..12).prop_map(Op::Catalog),
+        1 => (0u8..12).prop_map(Op::Retire),
+    ]
+}
+
+fn score(device: &str, time: i64, value: f32, anomalous: bool, labels: Labels) -> Score {
+    Score {
+        device: DeviceId::intern(device),
+        start_ms: time - 10,
+        end_ms: time,
+        detector: "test".into(),
+        version: "1".into(),
+        score: value,
+        threshold: None,
+        anomaly: anomalous,
+        label: 0,
+        columns: std::sync::Arc::new(Schema::new(Vec::<String>::new())),
+        values: Vec::new(),
+        labels,
+    }
+}
+
+fn catalog_batch(device: &str, diff: i64) -> Batch {
+    let row = CatalogRow {
+        device: device.to_owned(),
+        site: String::new(),
+        asset: String::new(),
+        owner: String::new(),
+        labels: BTreeMap::new(),
+        threshold: None,
+    };
+    let mut raw = RawBatch::new();
+    raw.push("catalog", &CatalogUpdate { diff, row }.to_json(), 0, 0);
+    Batch::Raw(raw)
+}
+
+/// The view rebuilt from `fleet`'s output records alone (as a consumer of the stream would).
+#[derive(Default)]
+struct Replayed {
+    sites: BTreeMap<String, u64>,
+    assets: BTreeMap<String, u64>,
+    devices: u64,
+    anomalous: u64,
+    top: BTreeMap<usize, (String, f32, String, String)>,
+}
+
+impl Replayed {
+    fn apply(
+        &mut self,
+        version: &str,
+        device: &str,
+        score: f32,
+        labels: &dyn Fn(&str) -> Option<String>,
+        values: (f32, f32),
+    ) {
+        let removed = labels("removed").as_deref() == Some("true");
+        match version {
+            "site" | "asset" => {
+                let map = if version == "site" { &mut self.sites } else { &mut self.assets };
+                let name = labels(version).expect("named rollup");
+                if removed {
+                    map.remove(&name);
+                } else {
+                    map.insert(name, score as u64);
+                }
+            }
+            "fleet" => (self.devices, self.anomalous) = (values.0 as u64, values.1 as u64),
+            "top" => {
+                let rank: usize = labels("rank").and_then(|r| r.parse().ok()).expect("rank");
+                if removed {
+                    self.top.remove(&rank);
+                } else {
+                    let entry = (
+                        device.to_owned(),
+                        score,
+                        labels("site").unwrap_or_default(),
+                        labels("asset").unwrap_or_default(),
+                    );
+                    self.top.insert(rank, entry);
+                }
+            }
+            other => panic!("unknown fleet record {other}"),
+        }
+    }
+
+    fn view(&self) -> FleetView {
+        FleetView {
+            sites: self.sites.clone(),
+            assets: self.assets.clone(),
+            devices: self.devices,
+            anomalous: self.anomalous,
+            top: self.top.values().cloned().collect(),
+        }
+    }
+}
+
+fn replay_scores(replayed: &mut Replayed, out: &mut Outputs) {
+    for batch in out.take_main() {
+        let Batch::Scores(scores) = batch else { panic!("fleet emits scores") };
+        for record in scores {
+            let values = (
+                record.values.first().copied().unwrap_or(0.0),
+                record.values.get(1).copied().unwrap_or(0.0),
+            );
+            let labels = |name: &str| record.labels.get(name).map(str::to_owned);
+            replayed.apply(&record.version, &record.device.name(), record.score, &labels, values);
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    #[test]
+    fn fleet_equals_a_brute_force_recomputation(
+        ops in prop::collection::vec(op(), 1..60),
+        top in 1usize..5,
+        require_catalog in any::<bool>(),
+    ) {
+        let config = FleetConfig { top, require_catalog };
+        let mut fleet = Fleet::new(&config, &ComponentContext::for_test("rollups", "fleet"));
+        let mut out = Outputs::new("rollups");
+        let mut latest: HashMap<String, Latest> = HashMap::new();
+        let mut catalogued: BTreeMap<String, i64> = BTreeMap::new();
+        let mut replayed = Replayed::default();
+        for op in ops {
+            match op {
+                Op::Score { device, time, score: value, anomalous, site, asset } => {
+                    let device = format!("d{device}");
+                    let (site, asset) = (format!("s{site}"), format!("a{asset}"));
+                    let labels = Labels::from_pairs([("site", site.as_str()), ("asset", asset.as_str())]);
+                    let value = f32::from(value) / 2.0;
+                    fleet.process_batch(Batch::Scores(vec![score(&device, time, value, anomalous, labels)]), &mut out);
+                    observe(&mut latest, &device, Latest { time, score: value, anomalous, site, asset });
+                }
+                Op::Catalog(device) => {
+                    let device = format!("d{device}");
+                    // The catalog source sends a row once; inserting twice would be a bug there.
+                    if catalogued.get(&device).copied().unwrap_or(0) == 0 {
+                        fleet.process_batch(catalog_batch(&device, 1), &mut out);
+                        *catalogued.entry(device).or_default() += 1;
+                    }
+                }
+                Op::Retire(device) => {
+                    let device = format!("d{device}");
+                    if catalogued.get(&device).copied().unwrap_or(0) == 1 {
+                        fleet.process_batch(catalog_batch(&device, -1), &mut out);
+                        catalogued.insert(device, 0);
+                    }
+                }
+            }
+            replay_scores(&mut replayed, &mut out);
+            let counted: HashMap<String, Latest> = latest
+                .iter()
+                .filter(|(device, _)| !require_catalog || catalogued.get(*device).copied() == Some(1))
+                .map(|(device, state)| (device.clone(), state.clone()))
+                .collect();
+            let expected = brute_force(&counted, top);
+            prop_assert_eq!(fleet.view(), &expected);
+            prop_assert_eq!(replayed.view(), expected);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Whole pipelines on 1, 2 and 4 workers
+// ---------------------------------------------------------------------------------------------
+
+const PIPELINE: &str = r#"
+[pipeline]
+name = "fleet-test"
+
+[sources.devices]
+type = "catalog"
+path = "${CATALOG}"
+watch = ${WATCH}
+poll_interval_ms = 10
+
+[sources.in]
+SOURCE_BLOCK
+
+[transforms.readings]
+type = "normalize"
+inputs = ["in"]
+device_field = "device"
+timestamp_field = "ts"
+timestamp_format = "unix_ms"
+features = ["value"]
+
+[transforms.windows]
+type = "window"
+inputs = ["readings"]
+size_ms = 1000
+
+[transforms.scores]
+type = "stats"
+inputs = ["windows"]
+warmup_windows = 1
+threshold = 1.0
+
+[transforms.enriched]
+type = "enrich"
+inputs = ["devices", "scores"]
+
+[transforms.rollups]
+type = "fleet"
+inputs = ["enriched.matched"]
+top = 4
+
+[sinks.enriched_out]
+type = "file"
+inputs = ["enriched.matched"]
+path = "${DIR}/enriched.jsonl"
+
+[sinks.unmatched_out]
+type = "file"
+inputs = ["enriched.unmatched"]
+path = "${DIR}/unmatched.jsonl"
+
+[sinks.fleet_out]
+type = "file"
+inputs = ["rollups"]
+path = "${DIR}/fleet.jsonl"
+
+[sinks.rejects]
+type = "blackhole"
+inputs = ["windows.late", "readings.errors", "devices.errors"]
+"#;
+
+fn label(record: &serde_json::Value, name: &str) -> Option<String> {
+    record["labels"][name].as_str().map(str::to_owned)
+}
+
+/// The brute-force view over the enriched scores of a run.
+fn expected_from(enriched: &[serde_json::Value], top: usize) -> FleetView {
+    let mut latest = HashMap::new();
+    for record in enriched {
+        let device = record["device"].as_str().expect("device");
+        let state = Latest {
+            time: record["end_ms"].as_i64().expect("end_ms"),
+            score: record["score"].as_f64().expect("a finite score") as f32,
+            anomalous: record["anomaly"].as_bool().expect("anomaly"),
+            site: label(record, "site").unwrap_or_default(),
+            asset: label(record, "asset").unwrap_or_default(),
+        };
+        observe(&mut latest, device, state);
+    }
+    brute_force(&latest, top)
+}
+
+/// The view replayed from the `fleet` output records of a run.
+fn replayed_from(records: &[serde_json::Value]) -> FleetView {
+    let mut replayed = Replayed::default();
+    for record in records {
+        let labels = |name: &str| label(record, name);
+        let values = (
+            record["values"]["devices"].as_f64().unwrap_or(0.0) as f32,
+            record["values"]["anomalous"].as_f64().unwrap_or(0.0) as f32,
+        );
+        replayed.apply(
+            record["version"].as_str().expect("version"),
+            record["device"].as_str().expect("device"),
+            record["score"].as_f64().expect("score") as f32,
+            &labels,
+            values,
+        );
+    }
+    replayed.view()
+}
+
+/// The test pipeline with `source` as the options of its source `in`.
+fn pipeline(source: &str) -> String {
+    PIPELINE.replace("SOURCE_BLOCK", source)
+}
+
+fn file_vars(dir: &Path, watch: bool) -> Vec<(&'static str, String)> {
+    vec![
+        ("CATALOG", dir.join("devices.csv").display().to_string()),
+        ("WATCH", watch.to_string()),
+        ("DIR", dir.display().to_string()),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 6, ..ProptestConfig::default() })]
+
+    #[test]
+    fn the_fleet_view_is_the_same_on_1_2_and_4_workers_and_equals_a_brute_force(
+        sites in prop::collection::vec(prop::option::of(0u8..3), 12),
+        values in prop::collection::vec(0u8..20, 40..120),
+    ) {
+        let data = tempfile::tempdir().expect("dir");
+        let mut catalog = String::from("device,site,asset,owner\n");
+        for (device, site) in sites.iter().enumerate() {
+            if let Some(site) = site {
+                catalog.push_str(&format!("pump-{device},site-{site},type-{},ops\n", device % 2));
+            }
+        }
+        let mut readings = String::new();
+        for (i, value) in values.iter().enumerate() {
+            let device = i % sites.len();
+            let ts = 1_700_000_000_000_u64 + (i / sites.len()) as u64 * 1_000;
+            readings.push_str(&format!("{{\"device\":\"pump-{device}\",\"ts\":{ts},\"value\":{value}}}\n"));
+        }
+        let readings_path = data.path().join("in.jsonl");
+        std::fs::write(&readings_path, readings).expect("readings");
+        let mut views = Vec::new();
+        for workers in [1, 2, 4] {
+            let dir = tempfile::tempdir().expect("dir");
+            std::fs::write(dir.path().join("devices.csv"), &catalog).expect("catalog");
+            let source = format!("type = \"file\"\npath = \"{}\"", readings_path.display());
+            let context = run(&pipeline(&source), &file_vars(dir.path(), false), workers);
+            drop(context);
+            let enriched = json_lines(&dir.path().join("enriched.jsonl"));
+            let unmatched = json_lines(&dir.path().join("unmatched.jsonl"));
+            for record in &enriched {
+                let device: usize = record["device"].as_str().and_then(|d| d.strip_prefix("pump-")).and_then(|d| d.parse().ok()).expect("pump");
+                prop_assert_eq!(label(record, "site"), sites[device].map(|site| format!("site-{site}")));
+            }
+            for record in &unmatched {
+                let device: usize = record["device"].as_str().and_then(|d| d.strip_prefix("pump-")).and_then(|d| d.parse().ok()).expect("pump");
+                prop_assert!(sites[device].is_none(), "{record}");
+            }
+            // Every device scores: each lands on one side.
+            let scored = |records: &[serde_json::Value]| {
+                records.iter().filter_map(|record| record["device"].as_str().map(str::to_owned)).collect::<std::collections::BTreeSet<_>>().len()
+            };
+            prop_assert_eq!(scored(&enriched) + scored(&unmatched), sites.len());
+            let view = replayed_from(&json_lines(&dir.path().join("fleet.jsonl")));
+            prop_assert_eq!(&view, &expected_from(&enriched, 4), "{} workers", workers);
+            views.push((enriched.len(), unmatched.len(), view));
+        }
+        prop_assert_eq!(&views[0], &views[1]);
+        prop_assert_eq!(&views[0], &views[2]);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A catalog edited while the pipeline runs
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn a_catalog_edited_while_running_gives_later_records_the_new_site() {
+    let dir = tempfile::tempdir().expect("dir");
+    let catalog = dir.path().join("devices.csv");
+    std::fs::write(&catalog, "device,site,asset\npump-0000,north,pump\npump-0001,north,pump\n")
+        .expect("catalog");
+    let vars = vec![
+        ("CATALOG", catalog.display().to_string()),
+        ("WATCH", "true".to_owned()),
+        ("DIR", dir.path().display().to_string()),
+    ];
+    let source =
+        "type = \"simulator\"\ndevices = 2\ninterval_ms = 100\nrate_per_sec = 400\nseed = 3";
+    let pipeline = pipeline(source).replace("features = [\"value\"]", "features = [\"vibration\"]");
+    let running = Running::start(&pipeline, &vars, 2);
+    let enriched = dir.path().join("enriched.jsonl");
+    let unmatched = dir.path().join("unmatched.jsonl");
+    let site_of = |device: &str, site: &str| {
+        json_lines(&enriched).iter().any(|record| {
+            record["device"] == device && label(record, "site").as_deref() == Some(site)
+        })
+    };
+    wait_until("pump-0000 scored at north", Duration::from_secs(30), || {
+        site_of("pump-0000", "north")
+    });
+    // Written aside and renamed, as the reference asks, so no half-written file is read.
+    let edited = dir.path().join("devices.csv.new");
+    std::fs::write(&edited, "device,site,asset\npump-0000,south,pump\n").expect("edit");
+    std::fs::rename(&edited, &catalog).expect("rename");
+    wait_until("pump-0000 scored at south", Duration::from_secs(30), || {
+        site_of("pump-0000", "south")
+    });
+    wait_until("pump-0001 unmatched once retired", Duration::from_secs(30), || {
+        json_lines(&unmatched).iter().any(|record| record["device"] == "pump-0001")
+    });
+    running.stop().expect("the pipeline stops cleanly");
+
+    let records = json_lines(&enriched);
+    let sites: Vec<String> = records
+        .iter()
+        .filter(|record| record["device"] == "pump-0000")
+        .map(|record| label(record, "site").unwrap_or_default())
+        .collect();
+    let first_south = sites.iter().position(|site| site == "south").expect("a south record");
+    assert!(first_south > 0, "{sites:?}");
+    assert!(sites[..first_south].iter().all(|site| site == "north"), "{sites:?}");
+    assert!(sites[first_south..].iter().all(|site| site == "south"), "{sites:?}");
+    // Once retired, pump-0001 never comes out enriched again.
+    let retired_at = json_lines(&unmatched)
+        .iter()
+        .filter(|record| record["device"] == "pump-0001")
+        .filter_map(|record| record["end_ms"].as_i64())
+        .min()
+        .expect("an unmatched pump-0001");
+    assert!(
+        records
+            .iter()
+            .filter(|record| record["device"] == "pump-0001")
+            .all(|record| record["end_ms"].as_i64().is_some_and(|end| end < retired_at)),
+        "pump-0001 enriched after it was retired"
+    );
+    // The fleet view followed: pump-0000 is counted at south (if anomalous) and never at
+    // north any more; the view equals the brute force over what entered it.
+    let view = replayed_from(&json_lines(&dir.path().join("fleet.jsonl")));
+    assert_eq!(view, expected_from(&records, 4));
+    assert!(view.top.iter().any(|(device, _, site, _)| device == "pump-0000" && site == "south"));
+}
