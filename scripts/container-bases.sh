@@ -265,5 +265,8 @@ else
 fi
 
 rmdir "$WORKDIR" 2>/dev/null || true
-podman image ls --filter "label=$LABEL"
+for image in "$DEBIAN" "$RUST" "$PYTHON"; do
+    printf '%s\t%s\t%s\n' "$image" "$(podman image inspect --format '{{.Id}}' "$image" | cut -c1-12)" \
+        "$(podman image inspect --format '{{.Size}}' "$image") bytes"
+done
 [ -z "${CONTAINERS_CONF:-}" ] || log "build and run with CONTAINERS_CONF=$CONTAINERS_CONF"
