@@ -113,14 +113,7 @@ fn score(device: &str, time: i64, value: f32, anomalous: bool, labels: Labels) -
 }
 
 fn catalog_batch(device: &str, diff: i64) -> Batch {
-    let row = CatalogRow {
-        device: device.to_owned(),
-        site: String::new(),
-        asset: String::new(),
-        owner: String::new(),
-        labels: BTreeMap::new(),
-        threshold: None,
-    };
+    let row = CatalogRow { device: device.to_owned(), ..CatalogRow::default() };
     let mut raw = RawBatch::new();
     raw.push("catalog", &CatalogUpdate { diff, row }.to_json(), 0, 0);
     Batch::Raw(raw)

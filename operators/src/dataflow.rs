@@ -8,6 +8,8 @@
 use std::cell::RefCell;
 use std::rc::Rc;
 
+use tidewatch_api::catalog::CatalogUpdate;
+use tidewatch_api::{Outputs, RawBatch};
 use timely::WorkerConfig;
 use timely::communication::Allocator;
 use timely::communication::allocator::thread::Thread;
@@ -48,4 +50,19 @@ pub(crate) fn take_inserted<D: Ord + Clone>(captured: &Captured<D>, round: u64) 
         *sums.entry(data.clone()).or_default() += diff;
     }
     sums.into_iter().filter(|(_, diff)| *diff > 0).map(|(data, _)| data).collect()
+}
+
+/// The catalog updates of a batch of raw messages; a message that is not one goes to
+/// `<id>.errors` (`error_type = "catalog"`).
+pub(crate) fn catalog_updates(batch: &RawBatch, out: &mut Outputs) -> Vec<CatalogUpdate> {
+    let mut updates = Vec::with_capacity(batch.len());
+    for message in batch.iter() {
+        match CatalogUpdate::from_json(message.payload) {
+            Ok(update) => updates.push(update),
+            Err(error) => {
+                out.error("catalog", error.to_string(), Some(message.topic), Some(message.payload))
+            }
+        }
+    }
+    updates
 }

@@ -24,8 +24,7 @@
 //! let mut enrich = Enrich::new(&ctx);
 //! let mut out = Outputs::new("enrich");
 //! let row = CatalogRow {
-//!     device: "p1".into(), site: "north".into(), asset: "pump".into(), owner: "ops".into(),
-//!     labels: Default::default(), threshold: None,
+//!     device: "p1".into(), site: "north".into(), asset: "pump".into(), ..Default::default()
 //! };
 //! let mut raw = RawBatch::new();
 //! raw.push("catalog", &CatalogUpdate { diff: 1, row }.to_json(), 0, 0);
@@ -48,7 +47,7 @@ use std::fmt;
 
 use differential_dataflow::input::{Input, InputSession};
 use serde::Deserialize;
-use tidewatch_api::catalog::{CatalogRow, CatalogUpdate};
+use tidewatch_api::catalog::CatalogRow;
 use tidewatch_api::prometheus::{IntCounter, Opts};
 use tidewatch_api::{
     AnomalyEvent, Batch, ComponentContext, ComponentError, ConfigError, DeviceId, Kind, Labels,
@@ -56,7 +55,7 @@ use tidewatch_api::{
 };
 use timely::dataflow::ProbeHandle;
 
-use crate::dataflow::{Captured, Local, take_inserted};
+use crate::dataflow::{Captured, Local, catalog_updates, take_inserted};
 
 /// Options of the `enrich` transform (none yet).
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
@@ -222,18 +221,8 @@ impl Enrich {
     }
 
     fn apply_catalog(&mut self, batch: &tidewatch_api::RawBatch, out: &mut Outputs) {
-        for message in batch.iter() {
-            match CatalogUpdate::from_json(message.payload) {
-                Ok(update) => self
-                    .catalog
-                    .update((update.row.device.clone(), update.row), update.diff as isize),
-                Err(error) => out.error(
-                    "catalog",
-                    error.to_string(),
-                    Some(message.topic),
-                    Some(message.payload),
-                ),
-            }
+        for update in catalog_updates(batch, out) {
+            self.catalog.update((update.row.device.clone(), update.row), update.diff as isize);
         }
         self.advance();
         self.matched.borrow_mut().clear();
@@ -319,6 +308,7 @@ impl Transform for Enrich {
 mod tests {
     use std::sync::Arc;
 
+    use tidewatch_api::catalog::CatalogUpdate;
     use tidewatch_api::{RawBatch, Schema};
 
     use super::*;
@@ -328,9 +318,8 @@ mod tests {
             device: device.into(),
             site: site.into(),
             asset: "pump".into(),
-            owner: String::new(),
             labels: [("zone".to_owned(), "a".to_owned())].into(),
-            threshold: None,
+            ..CatalogRow::default()
         }
     }
 

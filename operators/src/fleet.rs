@@ -25,7 +25,6 @@ use std::sync::Arc;
 
 use differential_dataflow::input::{Input, InputSession};
 use serde::{Deserialize, Serialize};
-use tidewatch_api::catalog::CatalogUpdate;
 use tidewatch_api::{
     AnomalyState, Batch, ComponentContext, ComponentError, ConfigError, DeviceId, EventTime, Kind,
     Labels, Outputs, PortType, Schema, Score, Transform, TransformFactory, TransformProperties,
@@ -33,7 +32,7 @@ use tidewatch_api::{
 };
 use timely::dataflow::ProbeHandle;
 
-use crate::dataflow::{Captured, Local};
+use crate::dataflow::{Captured, Local, catalog_updates};
 
 /// Options of the `fleet` transform.
 #[derive(Clone, Debug, PartialEq, Deserialize)]
@@ -411,16 +410,8 @@ impl Transform for Fleet {
     fn process_batch(&mut self, batch: Batch, out: &mut Outputs) {
         match batch {
             Batch::Raw(raw) => {
-                for message in raw.iter() {
-                    match CatalogUpdate::from_json(message.payload) {
-                        Ok(update) => self.catalog.update(update.row.device, update.diff as isize),
-                        Err(error) => out.error(
-                            "catalog",
-                            error.to_string(),
-                            Some(message.topic),
-                            Some(message.payload),
-                        ),
-                    }
+                for update in catalog_updates(&raw, out) {
+                    self.catalog.update(update.row.device, update.diff as isize);
                 }
             }
             Batch::Scores(scores) => {

@@ -57,7 +57,7 @@ impl std::hash::Hash for ThresholdOverride {
 }
 
 /// One device's entry in the catalog.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CatalogRow {
     /// The device id, as readings carry it.
@@ -219,14 +219,7 @@ fn threshold_of(text: &str) -> Result<ThresholdOverride, String> {
 }
 
 fn csv_row(line: &[u8], names: &[std::sync::Arc<str>]) -> Result<CatalogRow, String> {
-    let mut row = CatalogRow {
-        device: String::new(),
-        site: String::new(),
-        asset: String::new(),
-        owner: String::new(),
-        labels: BTreeMap::new(),
-        threshold: None,
-    };
+    let mut row = CatalogRow::default();
     let mut problem = None;
     split_record(line, Delimiter::COMMA, |column, text| {
         let Some(name) = names.get(column) else {
@@ -266,14 +259,7 @@ fn json_row(line: &[u8]) -> Result<CatalogRow, String> {
     let serde_json::Value::Object(object) = value else {
         return Err("not a JSON object".to_owned());
     };
-    let mut row = CatalogRow {
-        device: String::new(),
-        site: String::new(),
-        asset: String::new(),
-        owner: String::new(),
-        labels: BTreeMap::new(),
-        threshold: None,
-    };
+    let mut row = CatalogRow::default();
     for (key, value) in object {
         let text = match &value {
             serde_json::Value::String(text) => Some(text.clone()),
@@ -405,10 +391,7 @@ not json
         let row = CatalogRow {
             device: "p1".to_owned(),
             site: "north".to_owned(),
-            asset: String::new(),
-            owner: String::new(),
-            labels: BTreeMap::new(),
-            threshold: None,
+            ..CatalogRow::default()
         };
         let update = CatalogUpdate { diff: -1, row };
         assert_eq!(CatalogUpdate::from_json(&update.to_json()), Ok(update));
