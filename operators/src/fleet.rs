@@ -25,6 +25,7 @@ use std::sync::Arc;
 
 use differential_dataflow::input::{Input, InputSession};
 use serde::{Deserialize, Serialize};
+use tidewatch_api::prometheus::{Gauge, GaugeVec, Opts};
 use tidewatch_api::{
     AnomalyState, Batch, ComponentContext, ComponentError, ConfigError, DeviceId, EventTime, Kind,
     Labels, Outputs, PortType, Schema, Score, Transform, TransformFactory, TransformProperties,
@@ -184,6 +185,7 @@ pub struct Fleet {
     watermark: EventTime,
     empty: Arc<Schema>,
     fleet_columns: Arc<Schema>,
+    gauges: Option<Arc<FleetGauges>>,
 }
 
 impl fmt::Debug for Fleet {
@@ -256,6 +258,10 @@ impl Fleet {
             watermark: EventTime::MIN,
             empty: Arc::new(Schema::new(Vec::<String>::new())),
             fleet_columns: Arc::new(Schema::new(["devices", "anomalous"])),
+            gauges: ctx
+                .shared(|| FleetGauges::new(ctx))
+                .map_err(|error| tracing::warn!(component = %ctx.component_id, "metrics: {error}"))
+                .ok(),
         }
     }
 
@@ -301,6 +307,9 @@ impl Fleet {
         }
         let view = self.current_view();
         let records = self.changes(&view);
+        if let Some(gauges) = &self.gauges {
+            gauges.publish(&self.view, &view);
+        }
         self.view = view;
         out.emit(Batch::Scores(records));
     }
@@ -397,6 +406,94 @@ impl Fleet {
     }
 }
 
+/// `fleet`'s view as Prometheus gauges, one set per component (only the instance that
+/// receives the records sets them). Series: one per site and asset type with anomalous
+/// devices, and `top` ranks.
+struct FleetGauges {
+    sites: GaugeVec,
+    assets: GaugeVec,
+    devices: Gauge,
+    anomalous: Gauge,
+    ratio: Gauge,
+    top: GaugeVec,
+}
+
+impl FleetGauges {
+    fn new(ctx: &ComponentContext) -> Result<FleetGauges, ComponentError> {
+        let id = ctx.component_id.as_ref();
+        let opts = |name: &str, help: &str| Opts::new(name, help).const_label("component_id", id);
+        let failed = |error: tidewatch_api::prometheus::Error| {
+            ComponentError::Internal(format!("fleet gauges: {error}"))
+        };
+        let vec = |name: &str, help: &str, labels: &[&str]| {
+            GaugeVec::new(opts(name, help), labels).map_err(failed)
+        };
+        let one = |name: &str, help: &str| Gauge::with_opts(opts(name, help)).map_err(failed);
+        let gauges = FleetGauges {
+            sites: vec(
+                "tidewatch_fleet_site_anomalous_devices",
+                "Anomalous devices at a site.",
+                &["site"],
+            )?,
+            assets: vec(
+                "tidewatch_fleet_asset_anomalous_devices",
+                "Anomalous devices of an asset type.",
+                &["asset"],
+            )?,
+            devices: one("tidewatch_fleet_devices", "Devices counted by fleet.")?,
+            anomalous: one("tidewatch_fleet_anomalous_devices", "Anomalous devices in the fleet.")?,
+            ratio: one("tidewatch_fleet_anomaly_ratio", "Anomalous devices over devices.")?,
+            top: vec(
+                "tidewatch_fleet_top_score",
+                "Score of the device at a rank of the fleet's top-N (1 = highest).",
+                &["rank", "device"],
+            )?,
+        };
+        if let Some(registry) = ctx.metrics_registry() {
+            let registry = registry.registry();
+            let collectors: [Box<dyn tidewatch_api::prometheus::core::Collector>; 6] = [
+                Box::new(gauges.sites.clone()),
+                Box::new(gauges.assets.clone()),
+                Box::new(gauges.devices.clone()),
+                Box::new(gauges.anomalous.clone()),
+                Box::new(gauges.ratio.clone()),
+                Box::new(gauges.top.clone()),
+            ];
+            for collector in collectors {
+                registry.register(collector).map_err(failed)?;
+            }
+        }
+        Ok(gauges)
+    }
+
+    /// Moves the gauges from view `old` to view `new`: series that went away are removed.
+    fn publish(&self, old: &FleetView, new: &FleetView) {
+        for (vec, old, new) in
+            [(&self.sites, &old.sites, &new.sites), (&self.assets, &old.assets, &new.assets)]
+        {
+            for name in old.keys().filter(|name| !new.contains_key(*name)) {
+                let _ = vec.remove_label_values(&[name.as_str()]);
+            }
+            for (name, count) in new {
+                vec.with_label_values(&[name.as_str()]).set(*count as f64);
+            }
+        }
+        self.devices.set(new.devices as f64);
+        self.anomalous.set(new.anomalous as f64);
+        self.ratio.set(new.rate());
+        for (index, (device, ..)) in old.top.iter().enumerate() {
+            if new.top.get(index).is_none_or(|entry| &entry.0 != device) {
+                let _ = self.top.remove_label_values(&[(index + 1).to_string().as_str(), device]);
+            }
+        }
+        for (index, (device, score, ..)) in new.top.iter().enumerate() {
+            self.top
+                .with_label_values(&[(index + 1).to_string().as_str(), device])
+                .set(f64::from(*score));
+        }
+    }
+}
+
 fn state_of(labels: &Labels, anomalous: bool, score: f32) -> DeviceState {
     DeviceState {
         site: labels.get("site").unwrap_or("").to_owned(),
@@ -443,7 +540,97 @@ impl Transform for Fleet {
 
 #[cfg(test)]
 mod tests {
+    use tidewatch_api::MetricsRegistry;
+    use tidewatch_api::prometheus::Registry;
+
     use super::*;
+
+    fn scored(device: &str, time: EventTime, score: f32, anomaly: bool, site: &str) -> Score {
+        Score {
+            device: DeviceId::intern(device),
+            start_ms: time - 10,
+            end_ms: time,
+            detector: "m".into(),
+            version: "1".into(),
+            score,
+            threshold: None,
+            anomaly,
+            label: 0,
+            columns: Arc::new(Schema::new(Vec::<String>::new())),
+            values: Vec::new(),
+            labels: Labels::from_pairs([("site", site), ("asset", "pump")]),
+        }
+    }
+
+    /// The series of a gauge family: label values (without `component_id`, in the order of
+    /// their names) and value.
+    fn series(registry: &Registry, name: &str) -> Vec<(Vec<String>, f64)> {
+        let families = registry.gather();
+        let Some(family) = families.iter().find(|family| family.name() == name) else {
+            return Vec::new();
+        };
+        let mut series: Vec<(Vec<String>, f64)> = family
+            .get_metric()
+            .iter()
+            .map(|metric| {
+                let labels = metric
+                    .get_label()
+                    .iter()
+                    .filter(|label| label.name() != "component_id")
+                    .map(|label| label.value().to_owned())
+                    .collect();
+                (labels, metric.get_gauge().get_value())
+            })
+            .collect();
+        series.sort_by(|a, b| a.0.cmp(&b.0));
+        series
+    }
+
+    #[test]
+    fn the_gauges_follow_the_view_and_drop_series_that_went_away() {
+        let registry = Registry::new();
+        let ctx = ComponentContext::for_test("rollups", "fleet")
+            .with_metrics_registry(MetricsRegistry::new(registry.clone()));
+        let config = FleetConfig { top: 2, require_catalog: false };
+        let mut fleet = Fleet::new(&config, &ctx);
+        let mut out = Outputs::new("rollups");
+        let batch = vec![
+            scored("p1", 10, 5.0, true, "north"),
+            scored("p2", 10, 1.0, false, "north"),
+            scored("p3", 10, 3.0, true, "south"),
+        ];
+        fleet.process_batch(Batch::Scores(batch), &mut out);
+        let names = |values: &[&str]| values.iter().map(|value| value.to_string()).collect();
+        assert_eq!(
+            series(&registry, "tidewatch_fleet_site_anomalous_devices"),
+            [(names(&["north"]), 1.0), (names(&["south"]), 1.0)]
+        );
+        assert_eq!(
+            series(&registry, "tidewatch_fleet_top_score"),
+            [(names(&["p1", "1"]), 5.0), (names(&["p3", "2"]), 3.0)]
+        );
+        assert_eq!(series(&registry, "tidewatch_fleet_anomaly_ratio"), [(vec![], 2.0 / 3.0)]);
+
+        // p1 recovers and moves south, p2 climbs to the top.
+        let batch =
+            vec![scored("p1", 20, 0.5, false, "south"), scored("p2", 20, 4.0, true, "north")];
+        fleet.process_batch(Batch::Scores(batch), &mut out);
+        assert_eq!(
+            series(&registry, "tidewatch_fleet_site_anomalous_devices"),
+            [(names(&["north"]), 1.0), (names(&["south"]), 1.0)]
+        );
+        assert_eq!(
+            series(&registry, "tidewatch_fleet_top_score"),
+            [(names(&["p2", "1"]), 4.0), (names(&["p3", "2"]), 3.0)]
+        );
+        // p3 recovers: south has no anomalous device left and its series goes.
+        fleet.process_batch(Batch::Scores(vec![scored("p3", 30, 0.1, false, "south")]), &mut out);
+        assert_eq!(
+            series(&registry, "tidewatch_fleet_site_anomalous_devices"),
+            [(names(&["north"]), 1.0)]
+        );
+        assert_eq!(series(&registry, "tidewatch_fleet_devices"), [(vec![], 3.0)]);
+    }
 
     #[test]
     fn score_keys_order_like_scores() {
