@@ -166,11 +166,14 @@ impl ModelSpec {
     pub fn read(path: &Path) -> Result<ModelSpec, InferenceError> {
         let text = std::fs::read_to_string(path)
             .map_err(|source| InferenceError::Io { path: path.to_path_buf(), source })?;
-        let spec: ModelSpec = serde_json::from_str(&text).map_err(|error| {
-            InferenceError::Spec { path: path.to_path_buf(), message: error.to_string() }
-        })?;
-        spec.check()
-            .map_err(|message| InferenceError::Spec { path: path.to_path_buf(), message })?;
+        ModelSpec::parse(&text)
+            .map_err(|message| InferenceError::Spec { path: path.to_path_buf(), message })
+    }
+
+    /// Parses and checks the text of a `model.json` (what [`ModelSpec::read`] does with it).
+    pub fn parse(text: &str) -> Result<ModelSpec, String> {
+        let spec: ModelSpec = serde_json::from_str(text).map_err(|error| error.to_string())?;
+        spec.check()?;
         Ok(spec)
     }
 
