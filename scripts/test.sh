@@ -107,6 +107,12 @@ cargo build --no-default-features --features mqtt,tract
 cargo clippy --no-default-features --features mqtt,tract -- -D warnings
 "$tidewatch" validate pipelines/edge-mqtt.toml
 
+# cargo-fuzz targets of fuzz/ (its own workspace, nightly only), 60 s each: about 5 minutes
+# plus the fuzz crate's build (several minutes from scratch). Skipped, with a line saying
+# so, when the nightly toolchain is absent. TIDEWATCH_FUZZ_SECONDS sets the time per target.
+step "fuzzing: scripts/fuzz.sh ${TIDEWATCH_FUZZ_SECONDS:-60} (nightly only)"
+scripts/fuzz.sh "${TIDEWATCH_FUZZ_SECONDS:-60}"
+
 step "shipped monitoring config (promtool, amtool)"
 for tool in promtool amtool; do
   command -v "$tool" >/dev/null 2>&1 || {
