@@ -126,6 +126,11 @@ impl Default for Io {
     }
 }
 
+/// The most values one input row (window length x features) may have: 16 Mi (64 MiB of
+/// `f32`), far beyond any real model, and a `window.length` that overflows the product is an
+/// error rather than a panic (found by the `model_json` fuzz target's check).
+pub const MAX_WIDTH: usize = 1 << 24;
+
 /// `model.json`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ModelSpec {
@@ -186,6 +191,16 @@ impl ModelSpec {
         if self.window.length == 0 || self.window.step == 0 {
             return Err("`window.length` and `window.step` must be at least 1".into());
         }
+        match self.window.length.checked_mul(features) {
+            Some(width) if width <= MAX_WIDTH => {}
+            _ => {
+                return Err(format!(
+                    "`window.length` {} x {features} features is more than the {MAX_WIDTH} \
+                     values an input row may have",
+                    self.window.length
+                ));
+            }
+        }
         if self.scaler.mean.len() != features || self.scaler.std.len() != features {
             return Err(format!(
                 "the scaler has {} means and {} deviations for {features} features",
@@ -214,9 +229,10 @@ impl ModelSpec {
         Ok(())
     }
 
-    /// Values per input row: window length x features.
+    /// Values per input row: window length x features (at most [`MAX_WIDTH`] in a checked
+    /// spec; saturating in one that is not).
     pub fn width(&self) -> usize {
-        self.window.length * self.features.len()
+        self.window.length.saturating_mul(self.features.len())
     }
 }
 
@@ -237,6 +253,22 @@ mod tests {
         assert_eq!(spec.detection.anomaly_duration, None);
         assert_eq!(spec.error_weights, None);
         assert_eq!((spec.detection.n, spec.detection.m), (10, 20));
+    }
+
+    #[test]
+    fn a_window_too_long_for_its_features_is_an_error_not_an_overflow() {
+        // Once `width()` multiplied with overflow (a panic with debug assertions, a wrapped
+        // width in release); fuzz/corpus/model_json/window-length-overflow.json.
+        let text = OLD.replace(r#""length": 2"#, r#""length": 18446744073709551615"#);
+        let error = ModelSpec::parse(&text).expect_err("overflowing width");
+        assert!(error.contains("more than the 16777216 values"), "{error}");
+        let text = OLD.replace(r#""length": 2"#, r#""length": 8388609"#);
+        assert!(ModelSpec::parse(&text).is_err());
+        let text = OLD.replace(r#""length": 2"#, r#""length": 8388608"#);
+        assert_eq!(ModelSpec::parse(&text).map(|spec| spec.width()), Ok(MAX_WIDTH));
+        let mut spec: ModelSpec = serde_json::from_str(OLD).expect("old model.json");
+        spec.window.length = usize::MAX;
+        assert_eq!(spec.width(), usize::MAX);
     }
 
     #[test]
