@@ -256,3 +256,95 @@ fn two_processes_of_the_cloud_pipeline_share_the_topic_and_stop_on_sigint() {
         process.stop();
     }
 }
+
+/// MQTT (a non-shared subscription: worker 0 of process 0 reads it all) -> normalize ->
+/// 1 s windows, with a short idle timeout.
+fn idle_process_pipeline(dir: &Path, prefix: &str) -> PathBuf {
+    let text = format!(
+        r#"
+[pipeline]
+name = "cluster-idle"
+workers = 1
+out_of_orderness_ms = 0
+idle_timeout_ms = 200
+
+[sources.in]
+type = "mqtt"
+url = "mqtt://127.0.0.1:1883"
+topics = ["{prefix}/+"]
+qos = 1
+
+[transforms.readings]
+type = "normalize"
+inputs = ["in"]
+device_field = "device"
+timestamp_field = "ts"
+timestamp_format = "unix_ms"
+features = ["vibration"]
+
+[transforms.windows]
+type = "window"
+inputs = ["readings"]
+size_ms = 1000
+
+[sinks.out]
+type = "blackhole"
+inputs = ["windows"]
+"#
+    );
+    let path = dir.join("idle.toml");
+    std::fs::write(&path, text).expect("pipeline file");
+    path
+}
+
+/// Windows of every process close while the pipeline runs, although only process 0 reads:
+/// process 1's idle `normalize` takes process 0's watermark (the gossip dataflow) instead of
+/// holding every window of the cluster back.
+#[test]
+fn a_process_without_input_keeps_up_with_the_watermark_of_the_one_that_reads() {
+    common::require_broker();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let prefix = unique("cluster-idle");
+    let file = idle_process_pipeline(dir.path(), &prefix);
+    let peers: Vec<String> = (0..2).map(|_| free_address()).collect();
+    let processes: Vec<Process> = (0..2)
+        .map(|index| {
+            Process::run_with(
+                &file,
+                &cluster_args(index, &peers),
+                &[],
+                dir.path().join(format!("idle-{index}.log")),
+            )
+        })
+        .collect();
+    wait_until("/readyz of both processes", Duration::from_secs(60), || {
+        processes.iter().all(Process::ready)
+    });
+    let publisher = common::Publisher::new(&unique("cluster-idle-pub"));
+    let (devices, steps, first) = (20, 30, 1_700_000_000_000_i64);
+    for step in 0..steps {
+        for device in 0..devices {
+            let payload = serde_json::json!({
+                "device": format!("pump-{device}"), "ts": first + step * 100, "vibration": 1.0,
+            });
+            publisher.publish(&format!("{prefix}/pump-{device}"), 1, payload.to_string());
+        }
+    }
+    publisher.wait_acked((devices * steps) as u64, Duration::from_secs(30));
+    let windows = |process: &Process| {
+        common::process::metric_sum(
+            &process.address,
+            "tidewatch_component_sent_events_total",
+            &["component_id=\"windows\""],
+        )
+        .unwrap_or(0.0)
+    };
+    // 3 s of event time: the first two seconds' windows of every device close.
+    wait_until("both processes' windows close", Duration::from_secs(30), || {
+        processes.iter().all(|process| windows(process) > 0.0)
+    });
+    assert_eq!(processes[1].received("mqtt"), 0, "process 1 reads nothing itself");
+    for process in processes {
+        process.stop();
+    }
+}

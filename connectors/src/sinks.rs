@@ -176,6 +176,10 @@ pub(crate) fn record_devices(batch: &Batch) -> Vec<Option<tidewatch_api::DeviceI
 /// The writer of `path` in this engine run and process ([`ProcessShared`], keyed by the
 /// canonical path), opened (truncated unless `append`) by the first caller; the next run opens
 /// (and truncates) the file again.
+///
+/// The writer holds an exclusive lock on the file (`flock`) while the run lasts: another
+/// process (another run, or another process of a cluster on the same host or volume) that
+/// opens the same path gets an error naming the remedy instead of interleaving its lines.
 pub(crate) fn shared_writer(
     shared: &ProcessShared,
     path: &Path,
@@ -189,9 +193,27 @@ pub(crate) fn shared_writer(
         if append {
             options.append(true);
         } else {
-            options.write(true).truncate(true);
+            // Truncated only once the lock is ours.
+            options.write(true);
         }
         let file = options.open(&target)?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::ResourceBusy,
+                    "another process writes this file; give each process its own path \
+                     (in a cluster, e.g. `path = \"out-${HOSTNAME}.jsonl\"`)",
+                ));
+            }
+            // A file system without locks: write as before.
+            Err(std::fs::TryLockError::Error(error))
+                if error.kind() == io::ErrorKind::Unsupported => {}
+            Err(std::fs::TryLockError::Error(error)) => return Err(error),
+        }
+        if !append {
+            file.set_len(0)?;
+        }
         Ok(Mutex::new(BufWriter::with_capacity(256 * 1024, file)))
     })
 }
@@ -504,6 +526,29 @@ mod tests {
         for run in kinds.chunks(50) {
             assert!(run.iter().all(|kind| *kind == run[0]));
         }
+    }
+
+    #[test]
+    fn a_second_process_writing_the_same_file_gets_an_error_and_truncates_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = FileSinkConfig::new("out.jsonl");
+        // Two runs (as two processes of a cluster sharing a volume would be): two maps.
+        let (one, other) = (ProcessShared::new(), ProcessShared::new());
+        let first_ctx = context(dir.path(), 0, &one);
+        let mut first = FileSink::new(&config, &first_ctx);
+        first.open(&first_ctx).expect("open");
+        first.write_batch(batches(4).remove(1)).expect("write");
+        first.flush().expect("flush");
+        let ctx = context(dir.path(), 0, &other);
+        let error = FileSink::new(&config, &ctx).open(&ctx).expect_err("the file is taken");
+        let message = error.to_string();
+        assert!(message.contains("another process writes this file"), "{message}");
+        assert!(message.contains("out.jsonl"), "{message}");
+        assert_eq!(read_lines(&dir.path().join("out.jsonl")).len(), 4, "nothing truncated");
+        // Once the first run is over, the file is free again.
+        first.close().expect("close");
+        drop((first, first_ctx, one));
+        FileSink::new(&config, &ctx).open(&ctx).expect("free after the first run");
     }
 
     #[test]

@@ -7,8 +7,9 @@
 //!   disconnected from its input in timely's progress tracking and holds its own capability at
 //!   its watermark: the greatest event time it emitted minus `out_of_orderness_ms`. When it has
 //!   seen no data for `idle_timeout_ms` its watermark advances with the wall clock and catches
-//!   up with its siblings on other workers of the process (a watermark kept in the run's
-//!   [`ProcessShared`]), so an idle worker or a silent device stalls nothing;
+//!   up with its siblings on the other workers of the run, in this process and (through the
+//!   gossip dataflow of [`crate::gossip`]) the others, so an idle worker or a silent device
+//!   stalls nothing;
 //! - every other transform is built by `follower_operator`: it holds a capability at its
 //!   input frontier and calls `on_watermark` when it advances; an empty frontier means the input
 //!   ended (`on_watermark(MAX)`, `close`). Sinks follow their input frontier the same way.
@@ -32,6 +33,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::gossip::AssignerWatermarks;
 use tidewatch_api::{
     Batch, ComponentContext, ComponentError, ErrorRecord, EventTime, Outputs, ProcessShared,
     ReadingBatch, Sink, Source, SourcePoll, Transform, Waker,
@@ -315,6 +317,14 @@ pub fn run(pipeline: &Pipeline, workers: usize, run: &RunContext) -> Result<(), 
                 (Arc::clone(checkpoints), Arc::clone(&shared.shutdown), Rc::clone(&main_done));
             worker.dataflow::<u64, _, _>(move |scope| {
                 crate::checkpoint::control::build(scope, checkpoints, stop, done);
+            });
+        }
+        // So do the watermarks of idle assigners, which catch up with other processes'.
+        if clustered {
+            let (watermarks, done) =
+                (AssignerWatermarks::of(&process_shared), Rc::clone(&main_done));
+            worker.dataflow::<u64, _, _>(move |scope| {
+                crate::gossip::build(scope, watermarks, workers, done);
             });
         }
         // Ready once this process's workers built the dataflow (and its sources connected).
@@ -1127,10 +1137,6 @@ impl TransformState {
     }
 }
 
-/// The watermark of an event-time assigner, shared by its instances on the workers of one
-/// process (kept in the run's [`ProcessShared`]): an idle instance catches up with it.
-struct AssignerWatermark(AtomicI64);
-
 /// An event-time assigner (`normalize`): disconnected from its input's timestamps, it holds
 /// its capabilities at its own watermark, the greatest event time it emitted minus the
 /// out-of-orderness, advanced after every batch and, when idle, with the wall clock.
@@ -1151,10 +1157,9 @@ where
     let (mut outs, streams) = transform_outputs(&mut builder, named);
     // Its outputs do not depend on its input's timestamps.
     let mut input = builder.new_input_connection(input, pact, Vec::new());
-    let shared = state
-        .ctx
-        .shared(|| Ok::<_, ComponentError>(AssignerWatermark(AtomicI64::new(EventTime::MIN))))
-        .ok();
+    // Shared by its instances on every worker (and, through `gossip`, every process): an idle
+    // instance catches up with it.
+    let shared = AssignerWatermarks::of(state.ctx.process_shared()).slot(&state.ctx.component_id);
     builder.build(move |caps| {
         let mut caps = Some(caps);
         let out_of_orderness = state.ctx.pipeline.out_of_orderness_ms as i64;
@@ -1170,7 +1175,7 @@ where
                 return;
             };
             let mut outputs: Vec<&mut Output> = outs.iter_mut().collect();
-            let shared = shared.as_deref().map(|shared| &shared.0);
+            let shared = Some(&*shared);
             if !restored {
                 restored = true;
                 // Resume at the restored watermark.
