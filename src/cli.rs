@@ -3,7 +3,7 @@
 //! [`main`] takes the registry, so an embedder that registered its own components gets the
 //! same command line for them.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -63,6 +63,15 @@ pub enum ReportFormat {
     Text,
     /// One JSON object.
     Json,
+}
+
+/// Loads a pipeline file of process `process` of its cluster (`${TIDEWATCH_PROCESS}`).
+fn load_pipeline(
+    path: &Path,
+    registry: &tidewatch_engine::Registry,
+    process: usize,
+) -> Result<tidewatch_engine::Pipeline, tidewatch_engine::ValidationErrors> {
+    tidewatch_engine::load_file_with(path, registry, tidewatch_engine::spec::process_env(process))
 }
 
 /// The options of `tidewatch run` that make a process one of a cluster.
@@ -501,7 +510,11 @@ pub fn execute(command: Command, registry: &Registry) -> anyhow::Result<ExitCode
             Ok(ExitCode::SUCCESS)
         }
         Command::Run { pipeline, workers, http_address, cluster } => {
-            let pipeline = match tidewatch_engine::load_file(&pipeline, registry) {
+            let cluster = cluster.cluster()?;
+            // `${TIDEWATCH_PROCESS}`: this process's index in its cluster (0 alone), for what
+            // must differ per process, such as the paths of files on a shared volume.
+            let process = cluster.as_ref().map_or(0, |cluster| cluster.process);
+            let pipeline = match load_pipeline(&pipeline, registry, process) {
                 Ok(pipeline) => pipeline,
                 Err(errors) => {
                     eprintln!("{errors}");
@@ -513,7 +526,7 @@ pub fn execute(command: Command, registry: &Registry) -> anyhow::Result<ExitCode
             }
             let workers = workers.unwrap_or(pipeline.settings.workers).max(1);
             let run = RunContext::new(Arc::new(Metrics::new()));
-            let run = match cluster.cluster()? {
+            let run = match cluster {
                 Some(cluster) => {
                     tracing::info!(
                         process = cluster.process,
@@ -726,5 +739,22 @@ mod tests {
             ("HOSTNAME", "tw-5"),
         ]);
         assert!(outside.is_err(), "an ordinal beyond the replicas");
+    }
+
+    #[test]
+    fn pipelines_see_their_process_index_as_tidewatch_process() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("p.toml");
+        let text = "[pipeline]\nname = \"p${TIDEWATCH_PROCESS}\"\n\n[sources.in]\n\
+                    type = \"simulator\"\n\n[sinks.out]\ntype = \"blackhole\"\ninputs = [\"in\"]\n";
+        std::fs::write(&path, text).expect("pipeline file");
+        let registry = crate::builtins();
+        let names: Vec<String> = [0, 2]
+            .into_iter()
+            .map(|process| {
+                load_pipeline(&path, &registry, process).expect("valid").info.name.clone()
+            })
+            .collect();
+        assert_eq!(names, ["p0", "p2"]);
     }
 }

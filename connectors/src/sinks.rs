@@ -203,7 +203,7 @@ pub(crate) fn shared_writer(
                 return Err(io::Error::new(
                     io::ErrorKind::ResourceBusy,
                     "another process writes this file; give each process its own path \
-                     (in a cluster, e.g. `path = \"out-${HOSTNAME}.jsonl\"`)",
+                     (in a cluster, e.g. `path = \"out-${TIDEWATCH_PROCESS}.jsonl\"`)",
                 ));
             }
             // A file system without locks: write as before.

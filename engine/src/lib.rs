@@ -44,5 +44,6 @@ pub use metrics::Metrics;
 pub use registry::{Class, Registry};
 pub use runtime::{EngineError, RunContext, run};
 pub use spec::{
-    Component, Pipeline, PipelineSettings, Port, ValidationErrors, load_file, load_str,
+    Component, Pipeline, PipelineSettings, Port, ValidationErrors, load_file, load_file_with,
+    load_str,
 };

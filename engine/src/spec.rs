@@ -232,10 +232,33 @@ impl ValidationErrors {
     }
 }
 
-/// Loads and validates a pipeline file, reading `${VAR}` from the process environment.
+/// The variable tidewatch sets for a pipeline file when the environment does not: the
+/// process's index in its cluster (`--process`, or the StatefulSet ordinal; 0 alone).
+pub const PROCESS_VARIABLE: &str = "TIDEWATCH_PROCESS";
+
+/// How `${VAR}` is looked up in a pipeline file of process `process`: the environment, and
+/// [`PROCESS_VARIABLE`] when the environment does not set it.
+pub fn process_env(process: usize) -> impl Fn(&str) -> Option<String> {
+    move |name| {
+        std::env::var(name).ok().or_else(|| (name == PROCESS_VARIABLE).then(|| process.to_string()))
+    }
+}
+
+/// Loads and validates a pipeline file, reading `${VAR}` from the process environment (and
+/// `${TIDEWATCH_PROCESS}` as 0, see [`process_env`]).
 pub fn load_file(path: &Path, registry: &Registry) -> Result<Pipeline, ValidationErrors> {
+    load_file_with(path, registry, process_env(0))
+}
+
+/// Loads and validates a pipeline file, looking `${VAR}` up with `env` (e.g. the process
+/// environment with a few variables of the engine's own on top).
+pub fn load_file_with(
+    path: &Path,
+    registry: &Registry,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<Pipeline, ValidationErrors> {
     let (text, label, base_dir) = read_file(path)?;
-    load_str(&text, &label, &base_dir, registry, |name| std::env::var(name).ok())
+    load_str(&text, &label, &base_dir, registry, env)
 }
 
 /// The text of a file, its label in diagnostics and its folder (where relative paths in it

@@ -161,15 +161,14 @@ pub fn load_for_test(
     registry: &Registry,
 ) -> Result<(Pipeline, Vec<PipelineTest>), ValidationErrors> {
     let (text, label, base_dir) = read_file(path)?;
-    let env = |name: &str| std::env::var(name).ok();
-    let (interpolated, interpolation_errors) = interpolate(&text, env);
+    let (interpolated, interpolation_errors) = interpolate(&text, crate::spec::process_env(0));
     // The spans of the tests live as long as the process, like a pipeline's.
     let interpolated: &'static str = Box::leak(interpolated.into_boxed_str());
     let (root, syntax_errors) = DeTable::parse_recoverable(interpolated);
     let names_pipeline =
         root.get_ref().get("pipeline").is_some_and(|value| value.get_ref().as_str().is_some());
     if !names_pipeline {
-        let pipeline = load_str(&text, &label, &base_dir, registry, env)?;
+        let pipeline = load_str(&text, &label, &base_dir, registry, crate::spec::process_env(0))?;
         let tests = pipeline.tests.clone();
         return Ok((pipeline, tests));
     }

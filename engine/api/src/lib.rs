@@ -32,8 +32,8 @@ pub use factory::{
 };
 pub use records::{
     AckToken, AnomalyEvent, AnomalyState, Batch, DeviceId, ErrorRecord, EventTime, Kind,
-    LABEL_ANOMALY, Labels, LABEL_NORMAL, MessageExtras, RawBatch, RawMessage, Reading, ReadingBatch,
-    Schema, Score, Window,
+    LABEL_ANOMALY, LABEL_NORMAL, Labels, MessageExtras, RawBatch, RawMessage, Reading,
+    ReadingBatch, Schema, Score, Window,
 };
 pub use shared::ProcessShared;
 pub use time::{TimestampFormat, parse_timestamp, timestamp_from_number};
