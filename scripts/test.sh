@@ -25,13 +25,14 @@ step() { printf '\n==> %s\n' "$*"; }
 if ! command -v cargo >/dev/null 2>&1; then
   [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
 fi
-command -v cargo >/dev/null 2>&1 || { echo "cargo not found: install Rust (rustup, stable >= 1.88)" >&2; exit 1; }
+command -v cargo >/dev/null 2>&1 || { echo "cargo not found: install Rust (rustup, stable >= 1.89)" >&2; exit 1; }
 
 # Build dependencies of librdkafka (bundled by the rdkafka crate, built from source with
-# gcc and make: no cmake): pkg-config, zlib and OpenSSL headers. Installed once, as root.
-step "build dependencies (librdkafka)"
+# gcc and make: no cmake): pkg-config, zlib and OpenSSL headers; and what tests/netns.rs uses
+# (ip netns, curl). Installed once, as root.
+step "build and test dependencies (librdkafka, iproute2, curl)"
 missing=()
-for package in pkg-config zlib1g-dev libssl-dev; do
+for package in pkg-config zlib1g-dev libssl-dev iproute2 curl; do
   dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
 done
 if [ "${#missing[@]}" -gt 0 ]; then
@@ -101,7 +102,12 @@ done
 step "kubernetes manifests (k8s/overlays: kustomize, kubernetes-validate --strict)"
 TIDEWATCH_BIN="$tidewatch" scripts/k8s-validate.sh
 
-# Last of the cargo steps: it rebuilds $tidewatch without the default features.
+# Last of the cargo steps: they rebuild $tidewatch without the default features: the edge
+# image's set (the Containerfile's FEATURES for k8s/overlays/edge), then the smallest one.
+step "edge build: --no-default-features --features mqtt,kafka,tract"
+cargo build --no-default-features --features mqtt,kafka,tract
+cargo clippy --no-default-features --features mqtt,kafka,tract -- -D warnings
+"$tidewatch" validate pipelines/edge.toml pipelines/edge-mqtt.toml k8s/overlays/edge/pipeline.toml
 step "edge build: --no-default-features --features mqtt,tract"
 cargo build --no-default-features --features mqtt,tract
 cargo clippy --no-default-features --features mqtt,tract -- -D warnings

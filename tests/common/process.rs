@@ -22,6 +22,12 @@ pub fn http_get(address: &str, path: &str) -> Option<(u16, String)> {
 /// The sum of a metric's samples whose labels contain every one of `labels`.
 pub fn metric_sum(address: &str, name: &str, labels: &[&str]) -> Option<f64> {
     let (_, body) = http_get(address, "/metrics")?;
+    sum_samples(&body, name, labels)
+}
+
+/// The sum of the samples of metric `name` in a Prometheus text exposition whose labels
+/// contain every one of `labels`; `None` when there is none.
+pub fn sum_samples(body: &str, name: &str, labels: &[&str]) -> Option<f64> {
     let mut sum = None;
     for line in body.lines() {
         let Some(rest) = line.strip_prefix(name) else { continue };
