@@ -216,7 +216,8 @@ fn settings(args: &SimulateArgs, url: &str) -> ConnectionSettings {
         ProtocolArg::V5 => Protocol::V5,
     };
     connection.username = args.username.clone().or_else(|| std::env::var("MQTT_USER").ok());
-    connection.password = args.password.clone().or_else(|| std::env::var("MQTT_PASSWORD").ok());
+    connection.password =
+        args.password.clone().or_else(|| std::env::var("MQTT_PASSWORD").ok()).map(Into::into);
     connection.max_inflight = 1_000;
     // Persistent (for a minute on MQTT 5), so that QoS 1/2 publishes in flight when the
     // connection drops are sent again after reconnecting.

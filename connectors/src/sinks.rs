@@ -58,10 +58,19 @@ impl SinkFactory for StdoutSinkFactory {
 
 /// Writes JSON lines to standard output, one batch at a time under the stdout lock (so the
 /// lines of a batch never interleave with another worker's), flushed after every batch.
+///
+/// When stdout is closed (`tidewatch run ... | head -1`: the reader went away), the sink
+/// stops the pipeline as SIGINT would, with one log line for the whole process, and drops
+/// what it is given from then on.
 #[derive(Debug, Default)]
 pub struct StdoutSink {
     buf: Vec<u8>,
+    ctx: Option<ComponentContext>,
+    closed: bool,
 }
+
+/// Whether a `stdout` sink of this process saw its stdout closed (one log line in all).
+static STDOUT_CLOSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 impl StdoutSink {
     /// A new stdout sink.
@@ -70,21 +79,55 @@ impl StdoutSink {
     }
 }
 
+impl StdoutSink {
+    /// The outcome of a write or flush: a closed stdout stops the pipeline instead of failing.
+    fn outcome(&mut self, result: io::Result<()>, what: &str) -> Result<(), ComponentError> {
+        match result {
+            Err(error) if error.kind() == io::ErrorKind::BrokenPipe => {
+                self.closed = true;
+                if !STDOUT_CLOSED.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                    tracing::info!(
+                        "stdout was closed (its reader went away): stopping the pipeline"
+                    );
+                }
+                if let Some(ctx) = &self.ctx {
+                    ctx.request_shutdown();
+                }
+                Ok(())
+            }
+            result => result.map_err(|error| ComponentError::io(what, error)),
+        }
+    }
+}
+
 impl Sink for StdoutSink {
+    fn open(&mut self, ctx: &ComponentContext) -> Result<(), ComponentError> {
+        self.ctx = Some(ctx.clone());
+        Ok(())
+    }
+
     fn write_batch(&mut self, batch: Batch) -> Result<(), ComponentError> {
+        if self.closed {
+            return Ok(());
+        }
         encode(&batch, &mut self.buf)?;
         if self.buf.is_empty() {
             return Ok(());
         }
-        let stdout = io::stdout();
-        let mut lock = stdout.lock();
-        lock.write_all(&self.buf)
-            .and_then(|()| lock.flush())
-            .map_err(|error| ComponentError::io("writing to stdout", error))
+        let result = {
+            let stdout = io::stdout();
+            let mut lock = stdout.lock();
+            lock.write_all(&self.buf).and_then(|()| lock.flush())
+        };
+        self.outcome(result, "writing to stdout")
     }
 
     fn flush(&mut self) -> Result<(), ComponentError> {
-        io::stdout().lock().flush().map_err(|error| ComponentError::io("flushing stdout", error))
+        if self.closed {
+            return Ok(());
+        }
+        let result = io::stdout().lock().flush();
+        self.outcome(result, "flushing stdout")
     }
 }
 

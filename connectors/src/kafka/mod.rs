@@ -23,7 +23,7 @@ use std::path::PathBuf;
 
 use rdkafka::ClientConfig;
 use serde::Deserialize;
-use tidewatch_api::{ComponentContext, ConfigError};
+use tidewatch_api::{ComponentContext, ConfigError, Secret};
 
 pub use crate::tls::TlsConfig;
 
@@ -63,8 +63,8 @@ pub struct KafkaSasl {
     pub mechanism: SaslMechanism,
     /// User name (usually `${KAFKA_USER}`).
     pub username: String,
-    /// Password (usually `${KAFKA_PASSWORD}`).
-    pub password: String,
+    /// Password (usually `${KAFKA_PASSWORD}`). Never shown (`Secret`).
+    pub password: Secret,
 }
 
 fn default_brokers() -> String {
@@ -185,7 +185,7 @@ impl KafkaClientOptions {
         if let Some(sasl) = &self.sasl {
             config.set("sasl.mechanism", sasl.mechanism.name());
             config.set("sasl.username", &sasl.username);
-            config.set("sasl.password", &sasl.password);
+            config.set("sasl.password", sasl.password.expose());
         }
         config
     }
@@ -215,7 +215,7 @@ mod tests {
         let sasl = KafkaSasl {
             mechanism: SaslMechanism::ScramSha512,
             username: "u".into(),
-            password: "p".into(),
+            password: "p-secret".into(),
         };
         let extra = BTreeMap::from([("socket.keepalive.enable".into(), "true".into())]);
         let connection = KafkaClientOptions {
@@ -231,6 +231,9 @@ mod tests {
         assert_eq!(config.get("sasl.mechanism"), Some("SCRAM-SHA-512"));
         assert_eq!(config.get("ssl.ca.location"), Some("./ca.pem"));
         assert_eq!(config.get("socket.keepalive.enable"), Some("true"));
+        // The password reaches librdkafka, and nothing that prints the options.
+        assert_eq!(config.get("sasl.password"), Some("p-secret"));
+        assert!(!format!("{connection:?}").contains("p-secret"));
         let mut owned = KafkaClientOptions::new("h:9092");
         owned.librdkafka.insert("group.id".into(), "x".into());
         assert_eq!(owned.validate().expect_err("owned").field.as_deref(), Some("librdkafka"));

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use rumqttc::v5;
 use serde::Deserialize;
-use tidewatch_api::{ComponentContext, ComponentError, ConfigError, MovedOption};
+use tidewatch_api::{ComponentContext, ComponentError, ConfigError, MovedOption, Secret};
 
 use crate::tls::TlsConfig;
 
@@ -141,8 +141,8 @@ pub struct MqttConnection {
     pub client_id: Option<String>,
     /// User name (usually `${MQTT_USER}`); empty means none.
     pub username: Option<String>,
-    /// Password (usually `${MQTT_PASSWORD}`); empty means none.
-    pub password: Option<String>,
+    /// Password (usually `${MQTT_PASSWORD}`); empty means none. Never shown (`Secret`).
+    pub password: Option<Secret>,
     /// Keep-alive interval, s (0 disables pings); default 30.
     pub keep_alive_secs: u64,
     /// Start a new session at each connection (true), or resume the session the broker keeps
@@ -247,8 +247,7 @@ impl MqttConnection {
             .with_hint("set protocol = \"v5\", or remove session_expiry_secs (MQTT 3.1.1 brokers keep persistent sessions by their own settings)"));
         }
         let username = self.username.as_deref().filter(|name| !name.is_empty());
-        if self.password.as_deref().is_some_and(|password| !password.is_empty())
-            && username.is_none()
+        if self.password.as_ref().is_some_and(|password| !password.is_empty()) && username.is_none()
         {
             return Err(ConfigError::at_field(
                 "connection.password",
@@ -378,7 +377,11 @@ impl ConnectionSettings {
         let keep_alive = Duration::from_secs(options.keep_alive_secs);
         // Empty means none, so that `${MQTT_USER:-}` works in pipeline files.
         let username = options.username.clone().filter(|name| !name.is_empty());
-        let password = options.password.clone().filter(|password| !password.is_empty());
+        let password = options
+            .password
+            .as_ref()
+            .filter(|password| !password.is_empty())
+            .map(|password| password.expose().to_owned());
         let capacity = request_capacity.max(1);
         match options.protocol {
             Protocol::V4 => {
@@ -896,7 +899,7 @@ mod tests {
                 }),
                 "connection.session_expiry_secs",
             ),
-            (with(|s| s.connection.password = Some("p".into())), "connection.password"),
+            (with(|s| s.connection.password = Some(Secret::from("p"))), "connection.password"),
             (with(|s| s.connection.reconnect_max_ms = 1), "connection.reconnect_max_ms"),
             (with(|s| s.connection.connect_timeout_secs = 0), "connection.connect_timeout_secs"),
             (with(|s| s.connection.max_inflight = 0), "connection.max_inflight"),

@@ -27,7 +27,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts};
 use serde_json::json;
-use tidewatch_api::{AnomalyEvent, ComponentError, ProcessShared};
+use tidewatch_api::{AnomalyEvent, ComponentError, ProcessShared, Secret};
 use tokio::sync::{mpsc, watch};
 
 use super::payload::sign;
@@ -76,7 +76,7 @@ pub(crate) struct RequestSettings {
     pub(crate) content_type: HeaderValue,
     pub(crate) headers: Vec<(HeaderName, HeaderValue)>,
     /// HMAC key, when requests are signed.
-    pub(crate) secret: Option<Vec<u8>>,
+    pub(crate) secret: Option<Secret>,
     pub(crate) signature_header: HeaderName,
     pub(crate) timeout: Duration,
     pub(crate) connect_timeout: Duration,
@@ -288,9 +288,10 @@ async fn attempt(
         .header("Idempotency-Key", job.key.as_str());
     if let Some(secret) = &settings.secret {
         let timestamp = unix_seconds();
-        request = request
-            .header("X-Tidewatch-Timestamp", timestamp.to_string())
-            .header(settings.signature_header.clone(), sign(secret, timestamp, &job.body));
+        request = request.header("X-Tidewatch-Timestamp", timestamp.to_string()).header(
+            settings.signature_header.clone(),
+            sign(secret.expose().as_bytes(), timestamp, &job.body),
+        );
     }
     for (name, value) in &settings.headers {
         request = request.header(name.clone(), value.clone());

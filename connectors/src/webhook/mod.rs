@@ -47,7 +47,7 @@ use serde::{Deserialize, Serialize};
 use tidewatch_api::template::{JSON_TEMPLATE_HINT, check_renders_json, sample_event};
 use tidewatch_api::{
     AnomalyEvent, AnomalyState, Batch, ComponentContext, ComponentError, ConfigError, DeviceId,
-    EventTime, Kind, MovedOption, Schema, Sink, SinkFactory, ValidateContext,
+    EventTime, Kind, MovedOption, Schema, Secret, Sink, SinkFactory, ValidateContext,
 };
 
 use self::delivery::{DeadLetters, Dispatcher, Job, Queued, RequestSettings, WebhookMetrics};
@@ -116,7 +116,8 @@ pub struct WebhookSinkConfig {
     pub content_type: String,
     /// Extra request headers, e.g. `Authorization = "Bearer ${HOOK_TOKEN}"`.
     #[serde(default)]
-    pub headers: BTreeMap<String, String>,
+    /// Their values are never shown (`Secret`): they often carry tokens.
+    pub headers: BTreeMap<String, Secret>,
     /// `alertname` label of the default payload.
     #[serde(default = "default_alertname")]
     pub alertname: String,
@@ -234,12 +235,13 @@ impl WebhookSinkConfig {
                 let header = HeaderName::try_from(name.as_str()).map_err(|_| {
                     ConfigError::at_field("headers", format!("{name:?} is not a valid header name"))
                 })?;
-                let value = HeaderValue::try_from(value.as_str()).map_err(|_| {
+                let mut value = HeaderValue::try_from(value.expose()).map_err(|_| {
                     ConfigError::at_field(
                         "headers",
                         format!("the value of {name:?} is not a valid header value"),
                     )
                 })?;
+                value.set_sensitive(true);
                 Ok((header, value))
             })
             .collect()
@@ -304,7 +306,7 @@ impl WebhookSinkConfig {
         let config_error = |error: ConfigError| ComponentError::Config(error.message);
         let secret = match &self.secret_env {
             Some(name) => match std::env::var(name) {
-                Ok(secret) if !secret.is_empty() => Some(secret.into_bytes()),
+                Ok(secret) if !secret.is_empty() => Some(Secret::from(secret)),
                 _ => {
                     return Err(ComponentError::Config(format!(
                         "secret_env: the environment variable {name} that holds the webhook \

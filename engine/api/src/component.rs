@@ -231,6 +231,12 @@ impl ComponentContext {
         self.shutdown.load(Ordering::Relaxed)
     }
 
+    /// Asks the engine to stop the pipeline gracefully, as SIGINT does: sources end, what is
+    /// in flight drains (e.g. the `stdout` sink once its reader went away).
+    pub fn request_shutdown(&self) {
+        self.shutdown.store(true, Ordering::SeqCst);
+    }
+
     /// Resolves a path from an option against the pipeline file's folder.
     pub fn resolve_path(&self, path: &str) -> PathBuf {
         resolve_path(&self.pipeline.base_dir, path)

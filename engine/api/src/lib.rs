@@ -12,6 +12,7 @@ pub mod error;
 pub mod factory;
 pub mod json;
 pub mod records;
+pub mod secret;
 pub mod shared;
 pub mod template;
 pub mod time;
@@ -35,5 +36,6 @@ pub use records::{
     LABEL_ANOMALY, LABEL_NORMAL, Labels, MessageExtras, RawBatch, RawMessage, Reading,
     ReadingBatch, Schema, Score, Window,
 };
+pub use secret::Secret;
 pub use shared::ProcessShared;
 pub use time::{TimestampFormat, parse_timestamp, timestamp_from_number};

@@ -1,0 +1,245 @@
+//! Robustness through the real binary:
+//!
+//! - secrets (an MQTT password, a Kafka SASL password, a webhook token and HMAC secret, S3
+//!   keys) set in the environment never appear in what tidewatch prints: `validate` of a
+//!   good and of a bad file, `graph`, the logs of a run at debug level against a real broker
+//!   and unreachable endpoints, and `/metrics`;
+//! - a closed stdout (`tidewatch run ... | head -1`) stops the pipeline cleanly, with one log
+//!   line.
+#![cfg(all(feature = "mqtt", feature = "kafka", feature = "s3"))]
+
+mod common;
+
+use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::net::TcpListener;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::process::{Process, http_get};
+use common::{unique, wait_until};
+
+const BIN: &str = env!("CARGO_BIN_EXE_tidewatch");
+
+/// The secrets of the test, by environment variable; each value is unique to this run.
+fn secrets() -> Vec<(&'static str, String)> {
+    [
+        "TW_SECRET_MQTT",
+        "TW_SECRET_KAFKA",
+        "TW_SECRET_HMAC",
+        "TW_SECRET_TOKEN",
+        "AWS_SECRET_ACCESS_KEY",
+    ]
+    .into_iter()
+    .map(|name| (name, unique(&format!("s3cr3t-{}", name.to_lowercase()))))
+    .collect()
+}
+
+/// MQTT (the test broker, with a user and password) -> normalize -> windows -> stats ->
+/// threshold -> a webhook (a token header, HMAC signed; its endpoint answers 500), a Kafka
+/// sink (SASL, unreachable) and Parquet on S3 (unreachable).
+fn pipeline(topic: &str, webhook: &str, lake: &str) -> String {
+    format!(
+        r#"
+[pipeline]
+name = "secrets"
+idle_timeout_ms = 200
+out_of_orderness_ms = 0
+
+[sources.telemetry]
+type = "mqtt"
+url = "mqtt://127.0.0.1:1883"
+topics = ["{topic}/+"]
+
+[sources.telemetry.connection]
+username = "tidewatch"
+password = "${{TW_SECRET_MQTT}}"
+
+[transforms.readings]
+type = "normalize"
+inputs = ["telemetry"]
+device_field = "device"
+timestamp_field = "ts"
+timestamp_format = "unix_ms"
+features = ["v"]
+
+[transforms.windows]
+type = "window"
+inputs = ["readings"]
+size_readings = 2
+
+[transforms.scores]
+type = "stats"
+inputs = ["windows"]
+threshold = 0.5
+warmup_windows = 1
+
+[transforms.alerts]
+type = "threshold"
+inputs = ["scores"]
+n = 1
+m = 1
+hysteresis = 1
+
+[sinks.hook]
+type = "webhook"
+inputs = ["alerts"]
+url = "{webhook}"
+secret_env = "TW_SECRET_HMAC"
+drain_timeout_ms = 500
+dead_letter_path = "hook-dead-letters.jsonl"
+headers = {{ Authorization = "Bearer ${{TW_SECRET_TOKEN}}" }}
+
+[sinks.uplink]
+type = "kafka"
+inputs = ["readings"]
+brokers = "127.0.0.1:1"
+topic = "secrets"
+flush_timeout_ms = 500
+
+[sinks.uplink.sasl]
+mechanism = "PLAIN"
+username = "tidewatch"
+password = "${{TW_SECRET_KAFKA}}"
+
+[sinks.lake]
+type = "parquet"
+inputs = ["scores"]
+path = "{lake}"
+drain_timeout_ms = 500
+spill_dir = "spill"
+
+[sinks.lake.s3]
+endpoint = "http://127.0.0.1:1"
+"#
+    )
+}
+
+/// An HTTP endpoint that answers every request with 500 and counts them.
+fn failing_endpoint() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let address = listener.local_addr().expect("address");
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = std::sync::Arc::clone(&count);
+    std::thread::spawn(move || {
+        for mut stream in listener.incoming().flatten() {
+            let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
+            let mut buf = [0_u8; 65536];
+            let _ = stream.read(&mut buf);
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let _ = stream.write_all(
+                b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+            );
+        }
+    });
+    (format!("http://{address}/hook"), count)
+}
+
+/// Fails naming every secret of `secrets` found in `text` (`what` says where).
+fn assert_no_secret(what: &str, text: &str, secrets: &[(&str, String)]) {
+    for (name, value) in secrets {
+        assert!(!text.contains(value.as_str()), "{what} shows the secret {name}:\n{text}");
+    }
+}
+
+fn run_command(args: &[&str], env: &[(&str, String)]) -> String {
+    let mut command = Command::new(BIN);
+    command.args(args).env("RUST_LOG", "debug");
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    let output = command.output().expect("tidewatch runs");
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+#[test]
+fn secrets_never_appear_in_logs_errors_metrics_graph_or_validate() {
+    common::require_broker();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let secrets = secrets();
+    let mut env = secrets.clone();
+    env.push(("AWS_ACCESS_KEY_ID", "tidewatch-test-key".to_owned()));
+    let topic = unique("secrets");
+    let (webhook, requests) = failing_endpoint();
+    let text = pipeline(&topic, &webhook, "s3://tidewatch-secrets/lake");
+    let good = dir.path().join("good.toml");
+    std::fs::write(&good, &text).expect("pipeline");
+    // A bad file: errors on the lines that hold the secrets.
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        text.replace("password = \"${TW_SECRET_MQTT}\"", "passwrd = \"${TW_SECRET_MQTT}\"")
+            .replace("username = \"tidewatch\"\npassword", "username = 5\npassword")
+            .replace("Authorization = ", "\"bad header\" = "),
+    )
+    .expect("pipeline");
+    let good = good.display().to_string();
+    let bad = bad.display().to_string();
+
+    let validated = run_command(&["validate", &good], &env);
+    assert!(validated.contains("ok"), "{validated}");
+    assert_no_secret("validate", &validated, &secrets);
+    let invalid = run_command(&["validate", &bad], &env);
+    assert!(invalid.contains("passwrd"), "the bad file's errors are reported:\n{invalid}");
+    assert_no_secret("validate of a bad file", &invalid, &secrets);
+    for format in ["mermaid", "dot"] {
+        let graph = run_command(&["graph", &good, "--format", format], &env);
+        assert!(graph.contains("hook"), "{graph}");
+        assert_no_secret("graph", &graph, &secrets);
+    }
+
+    // A run: the broker accepts the user (the plain listener takes any), the webhook answers
+    // 500, Kafka and S3 are unreachable.
+    let mut run_env = env.clone();
+    run_env.push(("RUST_LOG", "debug".to_owned()));
+    let process = Process::run(&common::root().join(&good), &run_env, dir.path().join("run.log"));
+    wait_until("the pipeline is ready", Duration::from_secs(60), || process.ready());
+    let publisher = common::Publisher::new(&unique("secrets-pub"));
+    for (step, value) in [1.0, 1.0, 1.0, 1.0, 50.0, 50.0].into_iter().enumerate() {
+        let payload = serde_json::json!({"device": "d1", "ts": 1_700_000_000_000_i64 + step as i64, "v": value});
+        publisher.publish(&format!("{topic}/d1"), 1, payload.to_string());
+    }
+    publisher.wait_acked(6, Duration::from_secs(30));
+    wait_until("the webhook is called", Duration::from_secs(60), || {
+        requests.load(std::sync::atomic::Ordering::SeqCst) > 0
+    });
+    let (_, metrics) = http_get(&process.address, "/metrics").expect("/metrics");
+    assert!(metrics.contains("tidewatch_component_received_events_total"), "{metrics}");
+    assert_no_secret("/metrics", &metrics, &secrets);
+    let log = process.stop();
+    assert!(log.contains("DEBUG"), "debug logs were on:\n{log}");
+    assert_no_secret("the run's logs", &log, &secrets);
+}
+
+#[test]
+fn a_closed_stdout_stops_the_pipeline_with_one_line() {
+    let mut child = Command::new(BIN)
+        .args(["run", &common::root().join("pipelines/demo.toml").display().to_string()])
+        .args(["--http-address", "127.0.0.1:0"])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("tidewatch runs");
+    let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    stdout.read_line(&mut line).expect("a line");
+    assert!(line.starts_with('{'), "a JSON line: {line}");
+    // The reader goes away, as `head -1` does.
+    drop(stdout);
+    let mut status = None;
+    wait_until("tidewatch stops", Duration::from_secs(30), || {
+        status = child.try_wait().expect("wait");
+        status.is_some()
+    });
+    let mut stderr = String::new();
+    child.stderr.take().expect("stderr").read_to_string(&mut stderr).expect("stderr");
+    assert!(status.is_some_and(|status| status.success()), "exit status:\n{stderr}");
+    let lines: Vec<&str> =
+        stderr.lines().filter(|line| line.contains("stdout") || line.contains("Broken pipe")).collect();
+    assert_eq!(lines.len(), 1, "one line about the closed stdout:\n{stderr}");
+    assert!(!stderr.contains("WARN") && !stderr.contains("ERROR"), "{stderr}");
+}
