@@ -238,8 +238,10 @@ fn a_closed_stdout_stops_the_pipeline_with_one_line() {
     let mut stderr = String::new();
     child.stderr.take().expect("stderr").read_to_string(&mut stderr).expect("stderr");
     assert!(status.is_some_and(|status| status.success()), "exit status:\n{stderr}");
-    let lines: Vec<&str> =
-        stderr.lines().filter(|line| line.contains("stdout") || line.contains("Broken pipe")).collect();
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|line| line.contains("stdout") || line.contains("Broken pipe"))
+        .collect();
     assert_eq!(lines.len(), 1, "one line about the closed stdout:\n{stderr}");
     assert!(!stderr.contains("WARN") && !stderr.contains("ERROR"), "{stderr}");
 }
