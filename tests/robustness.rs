@@ -245,3 +245,119 @@ fn a_closed_stdout_stops_the_pipeline_with_one_line() {
     assert_eq!(lines.len(), 1, "one line about the closed stdout:\n{stderr}");
     assert!(!stderr.contains("WARN") && !stderr.contains("ERROR"), "{stderr}");
 }
+
+/// Where a message must land: the component and `error_type` that reject it, or `None` for a
+/// good reading.
+type Outcome = Option<(&'static str, &'static str)>;
+
+/// Every kind of hostile message lands on the error output of the component that rejects it,
+/// with its `error_type`, counted; the good ones around them go through; nothing crashes.
+#[test]
+fn hostile_messages_land_on_the_error_outputs_typed_and_counted() {
+    common::require_broker();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let topic = unique("hostile");
+    let text = format!(
+        r#"
+[pipeline]
+name = "hostile"
+
+[sources.in]
+type = "mqtt"
+url = "mqtt://127.0.0.1:1883"
+topics = ["{topic}/+"]
+qos = 1
+
+[transforms.readings]
+type = "normalize"
+inputs = ["in"]
+device_field = "device"
+timestamp_field = "ts"
+timestamp_format = "unix_ms"
+features = ["v"]
+
+[sinks.good]
+type = "blackhole"
+inputs = ["readings"]
+
+[sinks.rejected]
+type = "file"
+inputs = ["in.errors", "readings.errors"]
+path = "rejected.jsonl"
+"#
+    );
+    let file = dir.path().join("hostile.toml");
+    std::fs::write(&file, text).expect("pipeline");
+    let process = Process::run(&file, &[], dir.path().join("run.log"));
+    wait_until("the pipeline is ready", Duration::from_secs(60), || process.ready());
+
+    let t = 1_700_000_000_000_i64;
+    let reading = |ts: &str, v: &str| format!(r#"{{"device":"d1","ts":{ts},"v":{v}}}"#);
+    let deep = |depth: usize| format!("{}{}", "[".repeat(depth), "]".repeat(depth));
+    let table: Vec<(Vec<u8>, Outcome)> = vec![
+        (reading(&t.to_string(), "1").into_bytes(), None),
+        (br#"{"device":"d1","ts":"#.to_vec(), Some(("readings", "parse"))),
+        (b"\xff\xfe{\"device\":\"d1\"}".to_vec(), Some(("readings", "parse"))),
+        (reading(&t.to_string(), "1e400").into_bytes(), Some(("readings", "parse"))),
+        (br#"{"device":"d1","v":1}"#.to_vec(), Some(("readings", "missing_field"))),
+        (reading("253402300800000", "1").into_bytes(), Some(("readings", "bad_timestamp"))),
+        (reading("-62135596800001", "1").into_bytes(), Some(("readings", "bad_timestamp"))),
+        (reading("\"yesterday\"", "1").into_bytes(), Some(("readings", "bad_timestamp"))),
+        (Vec::new(), Some(("in", "empty_payload"))),
+        (
+            format!(r#"{{"device":"d1","ts":{t},"v":1,"pad":"{}"}}"#, "x".repeat(3 << 20))
+                .into_bytes(),
+            Some(("readings", "too_large")),
+        ),
+        (reading(&t.to_string(), &deep(200_000)).into_bytes(), Some(("readings", "bad_value"))),
+        // Deep nesting where nothing is read: skipped without recursion, the reading is good.
+        (format!(r#"{{"device":"d1","ts":{t},"v":2,"x":{}}}"#, deep(200_000)).into_bytes(), None),
+        (reading(&(t + 1).to_string(), "3").into_bytes(), None),
+    ];
+    let publisher = common::Publisher::new(&unique("hostile-pub"));
+    for (payload, _) in &table {
+        publisher.publish(&format!("{topic}/d1"), 1, payload.clone());
+    }
+    publisher.wait_acked(table.len() as u64, Duration::from_secs(30));
+    let good = table.iter().filter(|(_, expected)| expected.is_none()).count() as u64;
+    let sent = |component: &str| {
+        common::process::metric_sum(
+            &process.address,
+            "tidewatch_component_sent_events_total",
+            &[&format!("component_id=\"{component}\"")],
+        )
+        .unwrap_or(0.0) as u64
+    };
+    let errors = |component: &str, error_type: &str| {
+        common::process::metric_sum(
+            &process.address,
+            "tidewatch_component_errors_total",
+            &[&format!("component_id=\"{component}\""), &format!("error_type=\"{error_type}\"")],
+        )
+        .unwrap_or(0.0) as u64
+    };
+    let rejected = table.len() as u64 - good;
+    wait_until("every message accounted for", Duration::from_secs(30), || {
+        process.received("file") >= rejected && sent("readings") >= good
+    });
+    let mut expected: std::collections::BTreeMap<(&str, &str), u64> = Default::default();
+    for (_, outcome) in &table {
+        if let Some(key) = outcome {
+            *expected.entry(*key).or_default() += 1;
+        }
+    }
+    for ((component, error_type), count) in &expected {
+        assert_eq!(errors(component, error_type), *count, "{component} {error_type}");
+    }
+    assert_eq!(sent("readings"), good, "the good readings, and only them");
+    assert!(matches!(http_get(&process.address, "/healthz"), Some((200, _))), "still healthy");
+    process.stop();
+    // Each rejected message is in the dead-letter file with its type and reason.
+    let lines = common::json_lines(&dir.path().join("rejected.jsonl"));
+    assert_eq!(lines.len() as u64, rejected);
+    assert!(
+        lines.iter().all(|line| line["reason"].as_str().is_some_and(|reason| !reason.is_empty()))
+    );
+    let too_large = lines.iter().find(|line| line["error_type"] == "too_large").expect("too_large");
+    assert!(too_large["payload"].as_str().is_some_and(|payload| payload.len() <= 1024));
+}

@@ -232,6 +232,8 @@ impl Publisher {
     pub fn new(client_id: &str) -> Publisher {
         let mut options = rumqttc::MqttOptions::new(client_id, "127.0.0.1", 1883);
         options.set_clean_session(false).set_inflight(200).set_keep_alive(Duration::from_secs(5));
+        // Large payloads too (the robustness tests send some of several MiB).
+        options.set_max_packet_size(32 << 20, 32 << 20);
         let (client, mut connection) = rumqttc::Client::new(options, 1_000);
         let acked = Arc::new(AtomicU64::new(0));
         let counter = Arc::clone(&acked);

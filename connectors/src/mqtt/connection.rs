@@ -160,7 +160,9 @@ pub struct MqttConnection {
     pub reconnect_initial_ms: u64,
     /// Longest delay between reconnect attempts, ms; default 10000.
     pub reconnect_max_ms: u64,
-    /// Largest MQTT packet sent or accepted, bytes; default 1048576.
+    /// Largest MQTT packet sent or accepted, bytes; default 16 MiB (so that a message beyond
+    /// `normalize`'s `max_message_bytes` reaches its error output instead of being dropped
+    /// by the broker).
     pub max_packet_size_bytes: usize,
     /// Most outgoing QoS 1/2 publishes awaiting their acknowledgement (the sink); publishing
     /// waits beyond it; default 100.
@@ -180,7 +182,7 @@ impl Default for MqttConnection {
             connect_timeout_secs: 10,
             reconnect_initial_ms: 100,
             reconnect_max_ms: 10_000,
-            max_packet_size_bytes: 1 << 20,
+            max_packet_size_bytes: 16 << 20,
             max_inflight: 100,
         }
     }

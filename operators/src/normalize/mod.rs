@@ -135,8 +135,32 @@ pub struct MediationConfig {
     pub scale_from_model: Option<String>,
 }
 
+/// What `normalize` accepts at most: a larger message, or an event time out of range, goes to
+/// `<id>.errors` (`too_large`, `bad_timestamp`) instead of into the pipeline.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NormalizeLimits {
+    /// The largest payload read, bytes (default 1 MiB). A larger message is an error
+    /// (`too_large`) whose record keeps the first KiB of the payload.
+    pub max_message_bytes: usize,
+    /// The earliest event time accepted, ms since the Unix epoch (default 0: 1970-01-01).
+    pub min_time_ms: EventTime,
+    /// How far ahead of the wall clock an event time may be, ms (default 86400000: a day);
+    /// 0 turns the check off (replays of data stamped in the future).
+    pub max_future_ms: u64,
+}
+
+impl Default for NormalizeLimits {
+    fn default() -> NormalizeLimits {
+        NormalizeLimits { max_message_bytes: 1 << 20, min_time_ms: 0, max_future_ms: 86_400_000 }
+    }
+}
+
+/// How much of an oversized payload its error record keeps, bytes.
+const TOO_LARGE_KEPT_BYTES: usize = 1024;
+
 /// Every option of the `normalize` transform, as a `[transforms.<id>]` table gives them (one
-/// flat table: the reading options of [`NormalizeConfig`] beside those of [`MediationConfig`]).
+/// flat table: the reading options of [`NormalizeConfig`] beside those of [`MediationConfig`]
+/// and the [`NormalizeLimits`]).
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(from = "FlatOptions")]
 pub struct NormalizeOptions {
@@ -144,11 +168,17 @@ pub struct NormalizeOptions {
     pub read: NormalizeConfig,
     /// What is done with the values read.
     pub mediation: MediationConfig,
+    /// What is accepted at most.
+    pub limits: NormalizeLimits,
 }
 
 impl From<NormalizeConfig> for NormalizeOptions {
     fn from(read: NormalizeConfig) -> NormalizeOptions {
-        NormalizeOptions { read, mediation: MediationConfig::default() }
+        NormalizeOptions {
+            read,
+            mediation: MediationConfig::default(),
+            limits: NormalizeLimits::default(),
+        }
     }
 }
 
@@ -191,6 +221,9 @@ struct FlatOptions {
     fill_values: BTreeMap<String, f32>,
     #[serde(default)]
     scale_from_model: Option<String>,
+    max_message_bytes: Option<usize>,
+    min_time_ms: Option<EventTime>,
+    max_future_ms: Option<u64>,
 }
 
 impl From<FlatOptions> for NormalizeOptions {
@@ -217,6 +250,15 @@ impl From<FlatOptions> for NormalizeOptions {
                 fill_value: flat.fill_value,
                 fill_values: flat.fill_values,
                 scale_from_model: flat.scale_from_model,
+            },
+            limits: NormalizeLimits {
+                max_message_bytes: flat
+                    .max_message_bytes
+                    .unwrap_or(NormalizeLimits::default().max_message_bytes),
+                min_time_ms: flat.min_time_ms.unwrap_or(NormalizeLimits::default().min_time_ms),
+                max_future_ms: flat
+                    .max_future_ms
+                    .unwrap_or(NormalizeLimits::default().max_future_ms),
             },
         }
     }
@@ -828,6 +870,7 @@ pub struct Normalize {
     devices: DeviceCache,
     msg: Message,
     device_buffer: String,
+    limits: NormalizeLimits,
 }
 
 /// What becomes of an assembled message.
@@ -878,6 +921,7 @@ impl Normalize {
             devices: DeviceCache::default(),
             msg: Message::new(width),
             device_buffer: String::new(),
+            limits: options.limits,
         })
     }
 
@@ -892,7 +936,26 @@ impl Normalize {
         let mut header_lines = 0u64;
         let mut dropped = 0u64;
         let header = raw.header();
+        let limits = self.limits;
+        let latest = match limits.max_future_ms {
+            0 => EventTime::MAX,
+            ahead => tidewatch_api::records::now_ms().saturating_add(ahead as EventTime),
+        };
         for message in raw.iter() {
+            if message.payload.len() > limits.max_message_bytes {
+                let kept = &message.payload[..TOO_LARGE_KEPT_BYTES.min(message.payload.len())];
+                out.error(
+                    "too_large",
+                    format!(
+                        "the message has {} bytes, more than max_message_bytes = {}",
+                        message.payload.len(),
+                        limits.max_message_bytes
+                    ),
+                    Some(message.topic),
+                    Some(kept),
+                );
+                continue;
+            }
             self.msg.reset(self.constant_device);
             let Normalize { plan, decoder, msg, devices, .. } = self;
             let decoded = decoder
@@ -933,6 +996,20 @@ impl Normalize {
             let (Some(device), Some(time)) = (self.msg.device, self.msg.time) else {
                 continue;
             };
+            if time < limits.min_time_ms || time > latest {
+                let bound = if time < limits.min_time_ms {
+                    format!("before min_time_ms = {}", limits.min_time_ms)
+                } else {
+                    format!("more than max_future_ms = {} ahead of the clock", limits.max_future_ms)
+                };
+                out.error(
+                    "bad_timestamp",
+                    format!("event time {time} ms is {bound}"),
+                    Some(message.topic),
+                    Some(message.payload),
+                );
+                continue;
+            }
             self.mediate(device);
             readings.push(device, time, &self.msg.values, self.msg.label);
         }
@@ -1143,6 +1220,36 @@ mod tests {
         timestamp_field = "ts"
         timestamp_format = "unix_ms"
     "#;
+
+    #[test]
+    fn oversized_messages_and_event_times_out_of_range_are_errors() {
+        let mut op = build(&format!("{JSON_CONFIG}\nmax_message_bytes = 200\nmin_time_ms = 1000"));
+        let future = tidewatch_api::records::now_ms() + 2 * 86_400_000;
+        let big = format!(
+            r#"{{"dev":"p","ts":5000,"temp":1,"pressure":1,"pad":"{}"}}"#,
+            "x".repeat(3000)
+        );
+        let payloads = [
+            r#"{"dev":"p","ts":5000,"temp":1,"pressure":1}"#.to_owned(),
+            big,
+            r#"{"dev":"p","ts":999,"temp":1,"pressure":1}"#.to_owned(),
+            format!(r#"{{"dev":"p","ts":{future},"temp":1,"pressure":1}}"#),
+        ];
+        let payloads: Vec<&str> = payloads.iter().map(String::as_str).collect();
+        let (readings, errors, _) = run(&mut op, json_batch(&payloads));
+        assert_eq!(readings.len(), 1);
+        let types: Vec<&str> = errors.iter().map(|error| &*error.error_type).collect();
+        assert_eq!(types, ["too_large", "bad_timestamp", "bad_timestamp"]);
+        // The record of an oversized message keeps only its start.
+        assert_eq!(
+            errors[0].payload.as_ref().map(|payload| payload.len()),
+            Some(TOO_LARGE_KEPT_BYTES)
+        );
+        // max_future_ms = 0: no check.
+        let mut op = build(&format!("{JSON_CONFIG}\nmax_future_ms = 0"));
+        let (readings, errors, _) = run(&mut op, json_batch(&payloads[3..]));
+        assert_eq!((readings.len(), errors.len()), (1, 0));
+    }
 
     #[test]
     fn json_messages_become_readings() {
