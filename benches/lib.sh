@@ -3,11 +3,17 @@
 now() { date +%s.%N; }
 calc() { awk "BEGIN { printf \"%.6f\", $1 }"; }
 
+# metric_sum HTTP_ADDRESS NAME REGEX: the sum of the samples of metric NAME whose labels match
+# REGEX (an awk regular expression), as an integer; 0 while /metrics does not answer.
+metric_sum() {
+  curl -s "http://$1/metrics" 2>/dev/null \
+    | awk -v name="$2" -v labels="$3" '$1 ~ ("^" name "\\{") && $1 ~ labels { sum += $2 } END { printf "%d\n", sum + 0 }'
+}
+
 # normalize_received HTTP_ADDRESS: records the pipeline's normalize transforms received, summed
 # over workers (0 while /metrics does not answer).
 normalize_received() {
-  curl -s "http://$1/metrics" 2>/dev/null \
-    | awk '/^tidewatch_component_received_events_total\{.*component_type="normalize"/ { sum += $2 } END { print sum + 0 }'
+  metric_sum "$1" tidewatch_component_received_events_total 'component_type="normalize"'
 }
 
 # time_pipeline BINARY PIPELINE HTTP_ADDRESS COUNT: runs the pipeline until its normalize has

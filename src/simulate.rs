@@ -67,6 +67,12 @@ pub struct SimulateArgs {
     /// Seed of the simulation.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Replace this fraction of the messages (0 to 1, drawn from --seed) with malformed ones,
+    /// of six kinds in turn: truncated JSON, bytes that are not UTF-8, no timestamp, a
+    /// timestamp that is not a time, JSON that is not an object, an empty payload. For soak
+    /// and robustness runs: each must land on an error output (benches/soak.sh counts them).
+    #[arg(long, default_value_t = 0.0)]
+    pub malformed: f64,
     /// Replay this CSV file instead of simulating (each row becomes one JSON message).
     #[arg(long, value_name = "FILE.csv")]
     pub replay: Option<PathBuf>,
@@ -101,6 +107,29 @@ pub struct SimulateArgs {
     /// How long to wait for a subscriber before streaming (MQTT 5 and QoS >= 1), s; 0 = no wait.
     #[arg(long, default_value_t = 10)]
     pub wait_subscriber_secs: u64,
+}
+
+/// How many kinds of malformed message `--malformed` sends.
+const MALFORMED_KINDS: u64 = 6;
+
+/// Message `index`'s payload: `payload`, or (with probability `fraction`, drawn from `seed`
+/// and `index`) a malformed one of a kind chosen by the same draw. The first message is never
+/// replaced (it finds the subscriber).
+fn malform(seed: u64, index: u64, fraction: f64, payload: Vec<u8>) -> (Vec<u8>, bool) {
+    let draw = tidewatch_connectors::simulator::splitmix64(seed ^ index.wrapping_mul(0x9e37_79b9));
+    let uniform = (draw >> 11) as f64 / (1_u64 << 53) as f64;
+    if index == 0 || uniform >= fraction {
+        return (payload, false);
+    }
+    let malformed = match draw % MALFORMED_KINDS {
+        0 => payload[..payload.len() / 2].to_vec(),
+        1 => [&[0xff_u8, 0xfe][..], &payload].concat(),
+        2 => String::from_utf8_lossy(&payload).replace("\"ts\":", "\"tz\":").into_bytes(),
+        3 => br#"{"device":"pump-0000","ts":"not a time"}"#.to_vec(),
+        4 => b"[1,2,3]".to_vec(),
+        _ => Vec::new(),
+    };
+    (malformed, true)
 }
 
 /// One message to publish.
@@ -282,6 +311,9 @@ fn feed(args: &SimulateArgs, topic: &str) -> anyhow::Result<Feed> {
 
 /// Runs `tidewatch simulate`.
 pub fn run(args: &SimulateArgs) -> anyhow::Result<()> {
+    if !(0.0..=1.0).contains(&args.malformed) {
+        bail!("--malformed {} is not a fraction between 0 and 1", args.malformed);
+    }
     let stop = Arc::new(AtomicBool::new(false));
     let stopper = Arc::clone(&stop);
     tidewatch_engine::signals::install(move || stopper.store(true, Ordering::SeqCst))
@@ -308,6 +340,7 @@ fn run_kafka(args: &SimulateArgs, brokers: &str, stop: &AtomicBool) -> anyhow::R
     let limit = args.count.unwrap_or(u64::MAX);
     let mut out = Outputs::new("simulate");
     let mut published: u64 = 0;
+    let mut malformed: u64 = 0;
     let started = Instant::now();
     let mut last_report = Instant::now();
     'feed: while published < limit {
@@ -316,7 +349,9 @@ fn run_kafka(args: &SimulateArgs, brokers: &str, stop: &AtomicBool) -> anyhow::R
             if published >= limit || stop.load(Ordering::SeqCst) {
                 break 'feed;
             }
-            publisher.publish(message.topic.as_bytes(), &message.payload)?;
+            let (payload, bad) = malform(args.seed, published, args.malformed, message.payload);
+            malformed += u64::from(bad);
+            publisher.publish(message.topic.as_bytes(), &payload)?;
             published += 1;
             if last_report.elapsed() >= Duration::from_secs(1) {
                 eprintln!("published {published} (acknowledged {})", publisher.acknowledged());
@@ -328,7 +363,7 @@ fn run_kafka(args: &SimulateArgs, brokers: &str, stop: &AtomicBool) -> anyhow::R
     let elapsed = started.elapsed().as_secs_f64();
     let rate = if elapsed > 0.0 { published as f64 / elapsed } else { 0.0 };
     eprintln!(
-        "published {published} messages in {elapsed:.2} s: {rate:.0} msg/s (acknowledged {}, failed {})",
+        "published {published} messages in {elapsed:.2} s: {rate:.0} msg/s (acknowledged {}, failed {}, malformed {malformed})",
         publisher.acknowledged(),
         publisher.failed()
     );
@@ -356,6 +391,7 @@ fn run_mqtt(args: &SimulateArgs, url: &str, stop: &AtomicBool) -> anyhow::Result
     let limit = args.count.unwrap_or(u64::MAX);
     let mut out = Outputs::new("simulate");
     let mut published: u64 = 0;
+    let mut malformed: u64 = 0;
     let mut started: Option<Instant> = None;
     let mut last_report = Instant::now();
     let mut reported: u64 = 0;
@@ -371,7 +407,9 @@ fn run_mqtt(args: &SimulateArgs, url: &str, stop: &AtomicBool) -> anyhow::Result
                 published += 1;
                 continue;
             }
-            publisher.publish(message.topic, args.qos, false, message.payload)?;
+            let (payload, bad) = malform(args.seed, published, args.malformed, message.payload);
+            malformed += u64::from(bad);
+            publisher.publish(message.topic, args.qos, false, payload)?;
             published += 1;
             if last_report.elapsed() >= Duration::from_secs(1) {
                 let stats = publisher.stats();
@@ -391,7 +429,7 @@ fn run_mqtt(args: &SimulateArgs, url: &str, stop: &AtomicBool) -> anyhow::Result
     let rate =
         if elapsed.as_secs_f64() > 0.0 { published as f64 / elapsed.as_secs_f64() } else { 0.0 };
     eprintln!(
-        "published {published} messages in {:.2} s: {rate:.0} msg/s (acknowledged {}, reconnects {})",
+        "published {published} messages in {:.2} s: {rate:.0} msg/s (acknowledged {}, reconnects {}, malformed {malformed})",
         elapsed.as_secs_f64(),
         stats.completed,
         stats.reconnects
@@ -456,5 +494,24 @@ mod tests {
         assert_eq!(value["Accelerometer1RMS"], 0.026);
         assert_eq!(value["anomaly"], 0.0);
         assert_eq!(value["device"], "valve1-0");
+    }
+
+    #[test]
+    fn malformed_messages_are_the_fraction_asked_for_of_every_kind() {
+        let good = br#"{"device":"pump-0001","ts":1000,"vibration":1.5}"#.to_vec();
+        let mut kinds = std::collections::BTreeSet::new();
+        let mut count = 0;
+        for index in 0..20_000 {
+            let (payload, bad) = malform(7, index, 0.3, good.clone());
+            assert_eq!(bad, payload != good, "message {index}");
+            if bad {
+                count += 1;
+                kinds.insert(payload);
+            }
+        }
+        assert!((5_600..6_400).contains(&count), "{count} of 20000 malformed, not about 30 %");
+        assert_eq!(kinds.len(), MALFORMED_KINDS as usize, "every kind");
+        assert!(!malform(7, 0, 1.0, good.clone()).1, "the first message stays good");
+        assert!(!malform(7, 5, 0.0, good).1, "none at 0");
     }
 }

@@ -330,7 +330,8 @@ fn default_start_ms(ctx: &ComponentContext, interval_ms: u64) -> EventTime {
 // Pumps
 // ---------------------------------------------------------------------------------------------
 
-fn splitmix64(mut z: u64) -> u64 {
+/// SplitMix64: a well-mixed 64-bit hash of `z` (the simulation's deterministic draws).
+pub fn splitmix64(mut z: u64) -> u64 {
     z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
