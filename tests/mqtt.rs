@@ -607,6 +607,7 @@ fn simulate_args(prefix: &str) -> tidewatch::simulate::SimulateArgs {
         topic: Some(format!("{prefix}/{{device}}/data")),
         interval_ms: None,
         seed: 3,
+        malformed: 0.0,
         replay: None,
         speed: 0.0,
         delimiter: ',',
