@@ -267,21 +267,7 @@ name = "cluster-idle"
 workers = 1
 out_of_orderness_ms = 0
 idle_timeout_ms = 200
-
-[sources.in]
-type = "mqtt"
-url = "mqtt://127.0.0.1:1883"
-topics = ["{prefix}/+"]
-qos = 1
-
-[transforms.readings]
-type = "normalize"
-inputs = ["in"]
-device_field = "device"
-timestamp_field = "ts"
-timestamp_format = "unix_ms"
-features = ["vibration"]
-
+{readings}
 [transforms.windows]
 type = "window"
 inputs = ["readings"]
@@ -290,7 +276,8 @@ size_ms = 1000
 [sinks.out]
 type = "blackhole"
 inputs = ["windows"]
-"#
+"#,
+        readings = common::mqtt_readings_toml(&format!("{prefix}/+"), &["vibration"]),
     );
     let path = dir.join("idle.toml");
     std::fs::write(&path, text).expect("pipeline file");

@@ -261,21 +261,7 @@ fn hostile_messages_land_on_the_error_outputs_typed_and_counted() {
         r#"
 [pipeline]
 name = "hostile"
-
-[sources.in]
-type = "mqtt"
-url = "mqtt://127.0.0.1:1883"
-topics = ["{topic}/+"]
-qos = 1
-
-[transforms.readings]
-type = "normalize"
-inputs = ["in"]
-device_field = "device"
-timestamp_field = "ts"
-timestamp_format = "unix_ms"
-features = ["v"]
-
+{readings}
 [sinks.good]
 type = "blackhole"
 inputs = ["readings"]
@@ -284,7 +270,8 @@ inputs = ["readings"]
 type = "file"
 inputs = ["in.errors", "readings.errors"]
 path = "rejected.jsonl"
-"#
+"#,
+        readings = common::mqtt_readings_toml(&format!("{topic}/+"), &["v"]),
     );
     let file = dir.path().join("hostile.toml");
     std::fs::write(&file, text).expect("pipeline");

@@ -477,6 +477,30 @@ size_ms = 5000
     )
 }
 
+/// `[sources.in]` (MQTT, the test broker, QoS 1, the topic filter `filter`) and
+/// `[transforms.readings]` (`normalize`: `device`, `ts` in unix ms and `features`).
+pub fn mqtt_readings_toml(filter: &str, features: &[&str]) -> String {
+    let features: Vec<String> = features.iter().map(|name| format!("\"{name}\"")).collect();
+    format!(
+        r#"
+[sources.in]
+type = "mqtt"
+url = "mqtt://127.0.0.1:1883"
+topics = ["{filter}"]
+qos = 1
+
+[transforms.readings]
+type = "normalize"
+inputs = ["in"]
+device_field = "device"
+timestamp_field = "ts"
+timestamp_format = "unix_ms"
+features = [{features}]
+"#,
+        features = features.join(", ")
+    )
+}
+
 /// Asserts that the lake at `got` holds exactly the rows of the lake at `expected` (none
 /// missing, none extra, none twice); returns how many.
 pub fn assert_same_lake(expected: &str, got: &str) -> usize {
