@@ -360,10 +360,16 @@ impl Sink for FileSink {
 // blackhole
 // ---------------------------------------------------------------------------------------------
 
-/// Options of the `blackhole` sink (it has none).
+/// Options of the `blackhole` sink.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct BlackholeSinkConfig {}
+pub struct BlackholeSinkConfig {
+    /// Take at most this many records per second, sleeping in each write for as long as its
+    /// records take at that rate (default 0: no limit): a deliberately slow sink, for tests
+    /// and benchmarks of backpressure.
+    #[serde(default)]
+    pub records_per_sec: u64,
+}
 
 /// Makes `blackhole` sinks.
 #[derive(Clone, Copy, Debug, Default)]
@@ -378,10 +384,12 @@ impl SinkFactory for BlackholeSinkFactory {
 
     fn build(
         &self,
-        _config: &BlackholeSinkConfig,
+        config: &BlackholeSinkConfig,
         _ctx: &ComponentContext,
     ) -> Result<Box<dyn Sink>, ComponentError> {
-        Ok(Box::new(BlackholeSink::new()))
+        let mut sink = BlackholeSink::new();
+        sink.records_per_sec = config.records_per_sec;
+        Ok(Box::new(sink))
     }
 }
 
@@ -389,6 +397,7 @@ impl SinkFactory for BlackholeSinkFactory {
 #[derive(Debug, Default)]
 pub struct BlackholeSink {
     received: u64,
+    records_per_sec: u64,
 }
 
 impl BlackholeSink {
@@ -406,6 +415,10 @@ impl BlackholeSink {
 impl Sink for BlackholeSink {
     fn write_batch(&mut self, batch: Batch) -> Result<(), ComponentError> {
         self.received += batch.len() as u64;
+        if self.records_per_sec > 0 {
+            let seconds = batch.len() as f64 / self.records_per_sec as f64;
+            std::thread::sleep(std::time::Duration::from_secs_f64(seconds));
+        }
         Ok(())
     }
 }
@@ -638,6 +651,6 @@ mod tests {
     fn every_sink_accepts_every_kind() {
         assert_eq!(StdoutSinkFactory.accepts(&StdoutSinkConfig {}), Kind::ALL);
         assert_eq!(FileSinkFactory.accepts(&FileSinkConfig::new("x")), Kind::ALL);
-        assert_eq!(BlackholeSinkFactory.accepts(&BlackholeSinkConfig {}), Kind::ALL);
+        assert_eq!(BlackholeSinkFactory.accepts(&BlackholeSinkConfig::default()), Kind::ALL);
     }
 }

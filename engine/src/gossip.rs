@@ -8,7 +8,9 @@
 //! a cluster a small timely dataflow of its own, built in every worker next to the
 //! pipeline's, carries them: the first worker of each process sends its process's watermarks,
 //! whenever they moved, to the first worker of every other process, which merges them (a
-//! maximum) into its own. The dataflow ends once every worker's pipeline ended.
+//! maximum) into its own. The same messages carry each process's records in flight
+//! ([`InFlight`], backpressure), of which every process keeps the others' last count. The
+//! dataflow ends once every worker's pipeline ended.
 
 use std::cell::Cell;
 use std::collections::BTreeMap;
@@ -19,11 +21,13 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tidewatch_api::{EventTime, ProcessShared};
+
+use crate::flow_control::InFlight;
 use timely::dataflow::Scope;
 use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
 
-/// How often the first worker of a process looks for watermarks to send.
+/// How often the first worker of a process looks for watermarks and counts to send.
 const INTERVAL: Duration = Duration::from_millis(100);
 
 /// The watermark of every event-time assigner of the run, per component id, shared by the
@@ -59,11 +63,14 @@ impl AssignerWatermarks {
     }
 }
 
-/// One process's watermarks, for the first worker of process `to / workers`.
+/// Process `from`'s watermarks and records in flight, for the first worker of process
+/// `to / workers`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct Gossip {
     to: u32,
+    from: u32,
     watermarks: Vec<(String, EventTime)>,
+    in_flight: i64,
 }
 
 /// Builds the gossip dataflow of one worker of a cluster of processes with `workers` workers
@@ -71,6 +78,7 @@ struct Gossip {
 pub(crate) fn build<'scope>(
     scope: Scope<'scope, u64>,
     watermarks: Arc<AssignerWatermarks>,
+    in_flight: Arc<InFlight>,
     workers: usize,
     main_done: Rc<Cell<bool>>,
 ) {
@@ -84,28 +92,37 @@ pub(crate) fn build<'scope>(
     let activator = scope.activator_for(Rc::clone(&info.address));
     let (mut output, stream) = builder.new_output::<Vec<Gossip>>();
     let sending = Arc::clone(&watermarks);
+    let counting = Arc::clone(&in_flight);
+    let from = (index / workers) as u32;
     builder.build(move |caps| {
         let mut cap = caps.into_iter().next();
-        let mut sent: Vec<(String, EventTime)> = Vec::new();
+        let mut sent: (Vec<(String, EventTime)>, i64) = (Vec::new(), 0);
         move |_frontiers| {
             let Some(held) = cap.as_ref() else { return };
-            if main_done.get() {
-                cap = None;
-                return;
-            }
+            // The last counts go out before the end.
+            let done = main_done.get();
             if first {
-                let now = sending.snapshot();
+                let now = (sending.snapshot(), counting.local());
                 if now != sent {
                     let mut messages: Vec<Gossip> = (0..peers)
                         .step_by(workers)
                         .filter(|&to| to != index)
-                        .map(|to| Gossip { to: to as u32, watermarks: now.clone() })
+                        .map(|to| Gossip {
+                            to: to as u32,
+                            from,
+                            watermarks: now.0.clone(),
+                            in_flight: now.1,
+                        })
                         .collect();
                     if !messages.is_empty() {
                         output.activate().give(held, &mut messages);
                     }
                     sent = now;
                 }
+            }
+            if done {
+                cap = None;
+                return;
             }
             activator.activate_after(INTERVAL);
         }
@@ -120,6 +137,7 @@ pub(crate) fn build<'scope>(
                     for (id, watermark) in &gossip.watermarks {
                         watermarks.merge(id, *watermark);
                     }
+                    in_flight.set_other(gossip.from, gossip.in_flight);
                 }
             });
         }

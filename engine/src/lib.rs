@@ -25,6 +25,7 @@
 pub mod checkpoint;
 pub mod cluster;
 pub mod diagnostics;
+mod flow_control;
 mod gossip;
 pub mod graph;
 pub mod http;

@@ -28,6 +28,7 @@ pub struct Metrics {
     backlog_capacity: IntGaugeVec,
     workers: IntGauge,
     up: IntGauge,
+    in_flight: IntGauge,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -118,6 +119,13 @@ impl Metrics {
         )
         .unwrap_or_else(|error| unreachable!("static metric definition is valid: {error}"));
         let _ = registry.register(Box::new(up.clone()));
+        let in_flight = IntGauge::new(
+            "tidewatch_in_flight_records",
+            "Records sent between the operators and not yet taken, in every process of the run: \
+             sources wait while it is above max_in_flight_records.",
+        )
+        .unwrap_or_else(|error| unreachable!("static metric definition is valid: {error}"));
+        let _ = registry.register(Box::new(in_flight.clone()));
         let shared = MetricsRegistry::new(registry.clone());
         Metrics {
             registry,
@@ -132,6 +140,7 @@ impl Metrics {
             backlog_capacity,
             workers,
             up,
+            in_flight,
         }
     }
 
@@ -148,12 +157,18 @@ impl Metrics {
             backlog_capacity: self.backlog_capacity.clone(),
             id: component_id.to_owned(),
             type_name: component_type.to_owned(),
+            flight: None,
         }
     }
 
     /// Sets the worker-count gauge.
     pub fn set_workers(&self, workers: usize) {
         self.workers.set(workers as i64);
+    }
+
+    /// Sets the records-in-flight gauge.
+    pub fn set_in_flight(&self, records: i64) {
+        self.in_flight.set(records);
     }
 
     /// Sets the running gauge.
@@ -236,9 +251,36 @@ pub struct ComponentMetrics {
     backlog_capacity: IntGaugeVec,
     id: String,
     type_name: String,
+    /// Its part in the records in flight (backpressure), once the runtime gave it one.
+    flight: Option<crate::flow_control::Flight>,
 }
 
 impl ComponentMetrics {
+    /// The same counters, taking part in the records in flight with `flight`.
+    pub(crate) fn with_flight(mut self, flight: crate::flow_control::Flight) -> ComponentMetrics {
+        self.flight = Some(flight);
+        self
+    }
+
+    /// `count` records were sent on timely output `output` (records in flight).
+    pub(crate) fn flight_sent(&self, output: usize, count: usize) {
+        if let Some(flight) = &self.flight {
+            flight.sent(output, count);
+        }
+    }
+
+    /// `count` records were taken off the input (records in flight).
+    pub(crate) fn flight_taken(&self, count: usize) {
+        if let Some(flight) = &self.flight {
+            flight.taken(count);
+        }
+    }
+
+    /// Whether a source should wait, and the run's records in flight.
+    pub(crate) fn flight_full(&self) -> (bool, i64) {
+        self.flight.as_ref().map_or((false, 0), |flight| (flight.full(), flight.total()))
+    }
+
     /// Counts records received.
     pub fn received(&self, count: usize) {
         self.received.inc_by(count as u64);

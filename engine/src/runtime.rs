@@ -33,6 +33,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::flow_control::{Flight, InFlight};
 use crate::gossip::AssignerWatermarks;
 use tidewatch_api::{
     Batch, ComponentContext, ComponentError, ErrorRecord, EventTime, Outputs, ProcessShared,
@@ -321,10 +322,13 @@ pub fn run(pipeline: &Pipeline, workers: usize, run: &RunContext) -> Result<(), 
         }
         // So do the watermarks of idle assigners, which catch up with other processes'.
         if clustered {
-            let (watermarks, done) =
-                (AssignerWatermarks::of(&process_shared), Rc::clone(&main_done));
+            let (watermarks, in_flight, done) = (
+                AssignerWatermarks::of(&process_shared),
+                InFlight::of(&process_shared),
+                Rc::clone(&main_done),
+            );
             worker.dataflow::<u64, _, _>(move |scope| {
-                crate::gossip::build(scope, watermarks, workers, done);
+                crate::gossip::build(scope, watermarks, in_flight, workers, done);
             });
         }
         // Ready once this process's workers built the dataflow (and its sources connected).
@@ -401,6 +405,13 @@ fn build<'scope>(
 ) {
     let mut streams: HashMap<(String, Port), Data<'scope>> = HashMap::new();
     let mut partitioned: HashMap<String, bool> = HashMap::new();
+    // Backpressure (flow_control): how many inputs read each output.
+    let mut readers: HashMap<(&str, &Port), i64> = HashMap::new();
+    for input in pipeline.components.iter().flat_map(|component| &component.inputs) {
+        *readers.entry((input.component.as_str(), &input.port)).or_default() += 1;
+    }
+    let in_flight = InFlight::of(process_shared);
+    let bound = pipeline.settings.max_in_flight_records;
     for (position, component) in pipeline.components.iter().enumerate() {
         let ctx = ComponentContext::new(
             &component.id,
@@ -412,7 +423,24 @@ fn build<'scope>(
         )
         .with_metrics_registry(run.metrics.shared_registry().clone())
         .with_process_shared(process_shared.clone());
-        let metrics = run.metrics.component(&component.id, &component.type_name);
+        // Its timely outputs in order: a source's main and errors, a transform's main, errors,
+        // late and named outputs, none for a sink.
+        let ports: Vec<Port> = match &component.configured {
+            Configured::Source(_) => vec![Port::Main, Port::Errors],
+            Configured::Transform(..) => [Port::Main, Port::Errors, Port::Late]
+                .into_iter()
+                .chain(component.named_outputs.iter().cloned().map(Port::Named))
+                .collect(),
+            Configured::Sink(_) => Vec::new(),
+        };
+        let fanout = ports
+            .iter()
+            .map(|port| readers.get(&(component.id.as_str(), port)).copied().unwrap_or(0))
+            .collect();
+        let metrics = run
+            .metrics
+            .component(&component.id, &component.type_name)
+            .with_flight(Flight::new(Arc::clone(&in_flight), fanout, bound));
         let inputs: Vec<Data<'scope>> = component
             .inputs
             .iter()
@@ -688,6 +716,7 @@ fn ship(
     if !main.is_empty() {
         let sent: usize = main.iter().map(Batch::len).sum();
         metrics.sent(sent);
+        metrics.flight_sent(0, sent);
         max_time = main.iter().filter_map(Batch::max_event_time).max();
         if let (Some(cap), Some(output)) = (caps.first(), outputs.get_mut(0)) {
             let mut flows: Vec<Flow> = main.into_iter().map(Flow::Data).collect();
@@ -695,12 +724,13 @@ fn ship(
         }
     }
     for (port, batch) in outs.take_named() {
-        let output = NAMED_OUTPUTS + port;
-        let (Some(cap), Some(output)) = (caps.get(output), outputs.get_mut(output)) else {
+        let index = NAMED_OUTPUTS + port;
+        let (Some(cap), Some(output)) = (caps.get(index), outputs.get_mut(index)) else {
             metrics.discarded("no_such_output", batch.len() as u64);
             continue;
         };
         metrics.sent(batch.len());
+        metrics.flight_sent(index, batch.len());
         max_time = max_time.max(batch.max_event_time());
         output.activate().give(cap, &mut vec![Flow::Data(batch)]);
     }
@@ -714,6 +744,7 @@ fn ship(
             metrics.error(error_type, count);
         }
         if let (Some(cap), Some(output)) = (caps.get(1), outputs.get_mut(1)) {
+            metrics.flight_sent(1, errors.len());
             output.activate().give(cap, &mut vec![Flow::Data(Batch::Errors(errors))]);
         }
     }
@@ -722,6 +753,7 @@ fn ship(
         let count: usize = late.iter().map(ReadingBatch::len).sum();
         metrics.discarded("late", count as u64);
         if let (Some(cap), Some(output)) = (caps.get(2), outputs.get_mut(2)) {
+            metrics.flight_sent(2, count);
             let mut flows: Vec<Flow> =
                 late.into_iter().map(|batch| Flow::Data(Batch::Readings(batch))).collect();
             output.activate().give(cap, &mut flows);
@@ -841,7 +873,12 @@ fn source_operator<'scope>(
             } else if run.shutdown.load(Ordering::Relaxed) {
                 finished = true;
             }
-            if !finished {
+            // Backpressure: not polled while the run has too many records in flight.
+            let (full, in_flight) = metrics.flight_full();
+            run.metrics.set_in_flight(in_flight);
+            if !finished && full {
+                activator.activate_after(Duration::from_millis(1));
+            } else if !finished {
                 match source.poll(&mut outs) {
                     Ok(SourcePoll::Ready) => activator.activate(),
                     Ok(SourcePoll::Idle { wake_after_ms }) => {
@@ -1088,8 +1125,10 @@ impl TransformState {
         outputs: &mut [&mut Output],
     ) -> Option<EventTime> {
         self.outs.set_batch_watermark(batch_time);
-        self.metrics.received(batch.len());
+        let count = batch.len();
+        self.metrics.received(count);
         self.transform.process_batch(batch, &mut self.outs);
+        self.metrics.flight_taken(count);
         ship(&mut self.outs, held, outputs, &self.metrics)
     }
 
@@ -1160,6 +1199,7 @@ where
     // Shared by its instances on every worker (and, through `gossip`, every process): an idle
     // instance catches up with it.
     let shared = AssignerWatermarks::of(state.ctx.process_shared()).slot(&state.ctx.component_id);
+    let in_flight = InFlight::of(state.ctx.process_shared());
     builder.build(move |caps| {
         let mut caps = Some(caps);
         let out_of_orderness = state.ctx.pipeline.out_of_orderness_ms as i64;
@@ -1210,15 +1250,21 @@ where
             if state.stopped() {
                 return;
             }
-            // Idle: advance with the wall clock, and catch up with the siblings.
+            // Idle: advance with the wall clock, and catch up with the siblings. Not with the
+            // wall clock while a source waits for backpressure (in the last second, or idle
+            // timeout): its stream is held back, not idle, and what it sends next would be late.
             let now = Instant::now();
             if got_data {
                 last_data = now;
             }
             let mut target = state.watermark;
             if now.duration_since(last_data) >= idle_timeout {
-                let elapsed = now.duration_since(last_tick).as_millis() as i64;
-                target = target.saturating_add(elapsed);
+                let held_back =
+                    in_flight.throttled_within(idle_timeout.as_millis().max(1_000) as i64);
+                if !held_back {
+                    let elapsed = now.duration_since(last_tick).as_millis() as i64;
+                    target = target.saturating_add(elapsed);
+                }
                 if let Some(shared) = shared {
                     target = target.max(shared.load(Ordering::Relaxed));
                 }
@@ -1354,6 +1400,7 @@ impl SinkState {
         self.metrics.received(count);
         if self.failed || self.closed {
             self.metrics.discarded("sink_unavailable", count as u64);
+            self.metrics.flight_taken(count);
             return;
         }
         let newest = batch.max_event_time();
@@ -1369,6 +1416,8 @@ impl SinkState {
                 tracing::warn!(component = %self.ctx.component_id, %error, records = count, "sink write failed");
             }
         }
+        // In flight until written: a sink takes what waits on its input all at once.
+        self.metrics.flight_taken(count);
     }
 
     /// Pre-commits: what was written is durable or staged, and the sink's state.

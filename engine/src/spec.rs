@@ -70,6 +70,15 @@ pub struct PipelineSettings {
     /// Complete checkpoints kept; older ones are deleted. Default 3.
     #[serde(default = "default_checkpoint_keep")]
     pub checkpoint_keep: usize,
+    /// Backpressure: sources stop polling while more records than this are in flight between
+    /// the operators (sent and not yet taken, in every process of the run); 0: no bound.
+    /// Default 100000.
+    #[serde(default = "default_max_in_flight_records")]
+    pub max_in_flight_records: u64,
+}
+
+fn default_max_in_flight_records() -> u64 {
+    100_000
 }
 
 fn default_checkpoint_keep() -> usize {
@@ -99,6 +108,7 @@ impl Default for PipelineSettings {
             checkpoint_interval_secs: 0,
             checkpoint_url: None,
             checkpoint_keep: default_checkpoint_keep(),
+            max_in_flight_records: default_max_in_flight_records(),
             http_address: default_http_address(),
         }
     }
