@@ -26,7 +26,7 @@ mod tract;
 use std::path::{Path, PathBuf};
 
 pub use locate::find_onnxruntime;
-pub use model::{Detection, Io, ModelSpec, Scaler, Threshold, TrainingInfo, WindowSpec};
+pub use model::{Detection, Io, MAX_WIDTH, ModelSpec, Scaler, Threshold, TrainingInfo, WindowSpec};
 #[cfg(feature = "onnxruntime")]
 pub use onnxruntime::OnnxRuntime;
 #[cfg(feature = "tract")]
