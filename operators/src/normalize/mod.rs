@@ -144,14 +144,19 @@ pub struct NormalizeLimits {
     pub max_message_bytes: usize,
     /// The earliest event time accepted, ms since the Unix epoch (default 0: 1970-01-01).
     pub min_time_ms: EventTime,
-    /// How far ahead of the wall clock an event time may be, ms (default 86400000: a day);
-    /// 0 turns the check off (replays of data stamped in the future).
+    /// How far ahead of the wall clock an event time may be, ms (default 31622400000: 366
+    /// days, which catches garbage such as nanoseconds read as milliseconds and lets a
+    /// simulated fleet run its clock ahead); 0 turns the check off.
     pub max_future_ms: u64,
 }
 
 impl Default for NormalizeLimits {
     fn default() -> NormalizeLimits {
-        NormalizeLimits { max_message_bytes: 1 << 20, min_time_ms: 0, max_future_ms: 86_400_000 }
+        NormalizeLimits {
+            max_message_bytes: 1 << 20,
+            min_time_ms: 0,
+            max_future_ms: 366 * 86_400_000,
+        }
     }
 }
 
@@ -1224,7 +1229,7 @@ mod tests {
     #[test]
     fn oversized_messages_and_event_times_out_of_range_are_errors() {
         let mut op = build(&format!("{JSON_CONFIG}\nmax_message_bytes = 200\nmin_time_ms = 1000"));
-        let future = tidewatch_api::records::now_ms() + 2 * 86_400_000;
+        let future = tidewatch_api::records::now_ms() + 400 * 86_400_000;
         let big = format!(
             r#"{{"dev":"p","ts":5000,"temp":1,"pressure":1,"pad":"{}"}}"#,
             "x".repeat(3000)
