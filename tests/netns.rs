@@ -233,8 +233,9 @@ fn the_edge_keeps_scoring_through_a_cut_link_and_the_cloud_gets_the_backlog_afte
     };
     edge.link(false);
     let (scored, read, received) = (scores(&edge), readings(&edge), cloud.received("kafka"));
+    // Long enough that the edge reads 500 readings (5 s at 100/s) and scores 5 windows.
     wait_until("5 windows scored on the edge during the cut", Duration::from_secs(40), || {
-        scores(&edge) >= scored + 5.0
+        scores(&edge) >= scored + 5.0 && readings(&edge) >= read + 500.0
     });
     let read_during = readings(&edge) - read;
     let received_during = cloud.received("kafka") - received;
