@@ -3,7 +3,7 @@
 //! The file (CSV or JSON lines, see [`tidewatch_api::catalog`]) is read at open; each poll after
 //! `poll_interval_ms` looks at its size and modification time and, when they changed, reads it
 //! again and compares the rows with the last ones read. Only the difference leaves the source:
-//! one raw message per [`CatalogUpdate`] (a changed row retracted and inserted again, a removed
+//! one raw message per [`CatalogUpdate`](tidewatch_api::catalog::CatalogUpdate) (a changed row retracted and inserted again, a removed
 //! row retracted). A line that is not a row goes to `<id>.errors` and counts as absent.
 //!
 //! Every worker reads the file and sends the whole difference: `enrich` keeps a copy of the

@@ -8,7 +8,7 @@
 //!   its watermark: the greatest event time it emitted minus `out_of_orderness_ms`. When it has
 //!   seen no data for `idle_timeout_ms` its watermark advances with the wall clock and catches
 //!   up with its siblings on the other workers of the run, in this process and (through the
-//!   gossip dataflow of [`crate::gossip`]) the others, so an idle worker or a silent device
+//!   gossip dataflow of `engine/src/gossip.rs`) the others, so an idle worker or a silent device
 //!   stalls nothing;
 //! - every other transform is built by `follower_operator`: it holds a capability at its
 //!   input frontier and calls `on_watermark` when it advances; an empty frontier means the input
