@@ -34,6 +34,30 @@ time_pipeline() {
   wait "$pid" || true
 }
 
+# scoring_toml: the stages every bench pipeline shares after its source `in` (the simulator's
+# payloads): normalize -> 10 s windows -> stats (`baseline`).
+scoring_toml() {
+  cat <<TOML
+[transforms.readings]
+type = "normalize"
+inputs = ["in"]
+device_field = "device"
+timestamp_field = "ts"
+timestamp_format = "unix_ms"
+features = ["vibration", "current", "pressure", "temperature", "flow"]
+label_field = "anomaly"
+
+[transforms.windows]
+type = "window"
+inputs = ["readings"]
+size_ms = 10000
+
+[transforms.baseline]
+type = "stats"
+inputs = ["windows"]
+TOML
+}
+
 # kafka_bench_toml TOPIC GROUP WORKERS HTTP_ADDRESS STOP_AT_END: prints the Kafka benchmark
 # pipeline (kafka -> normalize -> 10 s windows -> stats -> blackhole) on the broker
 # 127.0.0.1:9092.
@@ -52,23 +76,7 @@ topics = ["$1"]
 group_id = "$2"
 stop_at_end = $5
 
-[transforms.readings]
-type = "normalize"
-inputs = ["in"]
-device_field = "device"
-timestamp_field = "ts"
-timestamp_format = "unix_ms"
-features = ["vibration", "current", "pressure", "temperature", "flow"]
-
-[transforms.windows]
-type = "window"
-inputs = ["readings"]
-size_ms = 10000
-
-[transforms.baseline]
-type = "stats"
-inputs = ["windows"]
-
+$(scoring_toml)
 [sinks.out]
 type = "blackhole"
 inputs = ["baseline", "readings.errors", "in.errors"]

@@ -61,24 +61,7 @@ qos = 1
 [sources.in.connection]
 client_id = "$run_id-in"
 
-[transforms.readings]
-type = "normalize"
-inputs = ["in"]
-device_field = "device"
-timestamp_field = "ts"
-timestamp_format = "unix_ms"
-features = ["vibration", "current", "pressure", "temperature", "flow"]
-label_field = "anomaly"
-
-[transforms.windows]
-type = "window"
-inputs = ["readings"]
-size_ms = 10000
-
-[transforms.baseline]
-type = "stats"
-inputs = ["windows"]
-
+$(scoring_toml)
 [sinks.scores]
 type = "blackhole"
 inputs = ["baseline"]
