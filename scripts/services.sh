@@ -452,6 +452,10 @@ auto.create.topics.enable=true
 default.replication.factor=1
 min.insync.replicas=1
 offsets.topic.replication.factor=1
+# One partition for the group coordinator's topic (50 by default): a fresh broker creates
+# it at the first consumer group, and fewer partitions make that first group quick on a
+# slow disk (the first cluster test of a CI run once waited over a minute to read).
+offsets.topic.num.partitions=1
 transaction.state.log.replication.factor=1
 transaction.state.log.min.isr=1
 share.coordinator.state.topic.replication.factor=1

@@ -18,7 +18,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::process::{Process, free_address};
-use common::{unique, wait_until};
+use common::{unique, wait_until, wait_until_or};
 
 const BROKERS: &str = common::KAFKA_BROKERS;
 
@@ -145,12 +145,22 @@ fn kill_one_of_two(dir: &Path, topic: &str, half: u64) -> (PathBuf, PathBuf) {
     let checkpoints = dir.join("ck");
     let file = pipeline(dir, topic, &lake, false, Some(&checkpoints));
     let peers: Vec<String> = (0..2).map(|_| free_address()).collect();
-    let first = Process::run_with(&file, &cluster_args(0, &peers), &[], dir.join("first.log"));
-    let second = Process::run_with(&file, &cluster_args(1, &peers), &[], dir.join("second.log"));
-    wait_until("both processes ready", Duration::from_secs(60), || first.ready() && second.ready());
-    wait_until("the first half consumed", Duration::from_secs(60), || {
-        first.received("normalize") + second.received("normalize") >= half
-    });
+    let debug = [("RUST_LOG", "info,tidewatch_engine=debug".to_owned())];
+    let first = Process::run_with(&file, &cluster_args(0, &peers), &debug, dir.join("first.log"));
+    let second = Process::run_with(&file, &cluster_args(1, &peers), &debug, dir.join("second.log"));
+    let logs = || format!("first:\n{}\nsecond:\n{}", first.log(), second.log());
+    wait_until_or(
+        "both processes ready",
+        Duration::from_secs(60),
+        || first.ready() && second.ready(),
+        logs,
+    );
+    wait_until_or(
+        "the first half consumed",
+        Duration::from_secs(60),
+        || first.received("normalize") + second.received("normalize") >= half,
+        logs,
+    );
     // A checkpoint taken after everything was read (the leader writes them).
     let manifests = || {
         std::fs::read_dir(&checkpoints)
@@ -163,7 +173,12 @@ fn kill_one_of_two(dir: &Path, topic: &str, half: u64) -> (PathBuf, PathBuf) {
             .unwrap_or(0)
     };
     let before = manifests();
-    wait_until("a checkpoint of the cluster", Duration::from_secs(30), || manifests() > before);
+    wait_until_or(
+        "a checkpoint of the cluster",
+        Duration::from_secs(30),
+        || manifests() > before,
+        logs,
+    );
     second.crash();
     let (status, log) = first.wait_status(Duration::from_secs(60));
     assert!(!status.success(), "the survivor fails:\n{log}");

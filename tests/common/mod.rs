@@ -124,10 +124,23 @@ pub fn diagnostics(fixture: &str) -> Vec<Diagnostic> {
 }
 
 /// Polls `condition` every 20 ms until it holds or `timeout` passes.
-pub fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
+pub fn wait_until(what: &str, timeout: Duration, condition: impl FnMut() -> bool) {
+    wait_until_or(what, timeout, condition, String::new);
+}
+
+/// [`wait_until`], and on time-out the panic message carries `context()` (e.g. the logs of
+/// the processes waited on: CI keeps nothing else).
+pub fn wait_until_or(
+    what: &str,
+    timeout: Duration,
+    mut condition: impl FnMut() -> bool,
+    context: impl FnOnce() -> String,
+) {
     let deadline = Instant::now() + timeout;
     while !condition() {
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        if Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for {what}\n{}", context());
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
 }
