@@ -271,7 +271,8 @@ type = "file"
 inputs = ["in.errors", "readings.errors"]
 path = "rejected.jsonl"
 "#,
-        readings = common::mqtt_readings_toml(&format!("{topic}/+"), &["v"]),
+        // Two devices at most: a third is refused, the first two still pass.
+        readings = common::mqtt_readings_toml(&format!("{topic}/+"), &["v"]) + "max_devices = 2\n",
     );
     let file = dir.path().join("hostile.toml");
     std::fs::write(&file, text).expect("pipeline");
@@ -299,6 +300,15 @@ path = "rejected.jsonl"
         (reading(&t.to_string(), &deep(200_000)).into_bytes(), Some(("readings", "bad_value"))),
         // Deep nesting where nothing is read: skipped without recursion, the reading is good.
         (format!(r#"{{"device":"d1","ts":{t},"v":2,"x":{}}}"#, deep(200_000)).into_bytes(), None),
+        // Not finite as f32: NaN, infinity, beyond f32's range.
+        (reading(&t.to_string(), "\"NaN\"").into_bytes(), Some(("readings", "bad_value"))),
+        (reading(&t.to_string(), "\"-inf\"").into_bytes(), Some(("readings", "bad_value"))),
+        (reading(&t.to_string(), "1e39").into_bytes(), Some(("readings", "bad_value"))),
+        (format!(r#"{{"device":"d2","ts":{t},"v":1}}"#).into_bytes(), None),
+        (
+            format!(r#"{{"device":"d3","ts":{t},"v":1}}"#).into_bytes(),
+            Some(("readings", "too_many_devices")),
+        ),
         (reading(&(t + 1).to_string(), "3").into_bytes(), None),
     ];
     let publisher = common::Publisher::new(&unique("hostile-pub"));

@@ -96,6 +96,12 @@ impl DeviceId {
         id
     }
 
+    /// The id of `name` when it was interned before, without interning it.
+    pub fn lookup(name: &str) -> Option<DeviceId> {
+        let guard = interner().read().unwrap_or_else(|poisoned| poisoned.into_inner());
+        guard.ids.get(name).copied()
+    }
+
     /// The device's name.
     pub fn name(self) -> Arc<str> {
         let guard = interner().read().unwrap_or_else(|poisoned| poisoned.into_inner());

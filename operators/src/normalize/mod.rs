@@ -18,7 +18,8 @@
 
 mod units;
 
-use std::collections::{BTreeMap, HashMap};
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -135,8 +136,9 @@ pub struct MediationConfig {
     pub scale_from_model: Option<String>,
 }
 
-/// What `normalize` accepts at most: a larger message, or an event time out of range, goes to
-/// `<id>.errors` (`too_large`, `bad_timestamp`) instead of into the pipeline.
+/// What `normalize` accepts at most: a larger message, an event time out of range, or a
+/// device beyond the bound goes to `<id>.errors` (`too_large`, `bad_timestamp`,
+/// `too_many_devices`) instead of into the pipeline.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct NormalizeLimits {
     /// The largest payload read, bytes (default 1 MiB). A larger message is an error
@@ -148,6 +150,12 @@ pub struct NormalizeLimits {
     /// days, which catches garbage such as nanoseconds read as milliseconds and lets a
     /// simulated fleet run its clock ahead); 0 turns the check off.
     pub max_future_ms: u64,
+    /// How many distinct devices one worker of the transform accepts (default 1,000,000).
+    /// A message of a further device is an error (`too_many_devices`): every device costs
+    /// memory for as long as the process runs (its interned name, and its state in the
+    /// windows and detectors downstream), so a flood of made-up device ids must not grow it
+    /// without bound.
+    pub max_devices: usize,
 }
 
 impl Default for NormalizeLimits {
@@ -156,6 +164,7 @@ impl Default for NormalizeLimits {
             max_message_bytes: 1 << 20,
             min_time_ms: 0,
             max_future_ms: 366 * 86_400_000,
+            max_devices: 1_000_000,
         }
     }
 }
@@ -229,6 +238,7 @@ struct FlatOptions {
     max_message_bytes: Option<usize>,
     min_time_ms: Option<EventTime>,
     max_future_ms: Option<u64>,
+    max_devices: Option<usize>,
 }
 
 impl From<FlatOptions> for NormalizeOptions {
@@ -264,6 +274,7 @@ impl From<FlatOptions> for NormalizeOptions {
                 max_future_ms: flat
                     .max_future_ms
                     .unwrap_or(NormalizeLimits::default().max_future_ms),
+                max_devices: flat.max_devices.unwrap_or(NormalizeLimits::default().max_devices),
             },
         }
     }
@@ -690,32 +701,53 @@ impl Message {
     }
 }
 
-/// Device ids by name, so that the global interner's lock is rarely taken.
-#[derive(Debug, Default)]
+/// Device ids by name, so that the global interner's lock is rarely taken; and the devices
+/// accepted so far, at most `limit` ([`NormalizeLimits::max_devices`]).
+#[derive(Debug)]
 struct DeviceCache {
     last_name: String,
     last_id: Option<DeviceId>,
     ids: HashMap<Box<str>, DeviceId>,
+    admitted: HashSet<DeviceId, IdHash>,
+    limit: usize,
 }
 
 /// The cache forgets everything past this many names (the interner keeps them).
 const DEVICE_CACHE_LIMIT: usize = 1 << 16;
 
 impl DeviceCache {
+    fn new(limit: usize) -> DeviceCache {
+        DeviceCache {
+            last_name: String::new(),
+            last_id: None,
+            ids: HashMap::new(),
+            admitted: HashSet::default(),
+            limit,
+        }
+    }
+
+    /// The id of device `name`; `None` when it would be one device more than the limit
+    /// (such a name is not interned).
     #[inline]
-    fn get(&mut self, name: &str) -> DeviceId {
+    fn get(&mut self, name: &str) -> Option<DeviceId> {
         if let Some(id) = self.last_id
             && self.last_name == name
         {
-            return id;
+            return Some(id);
         }
         let id = match self.ids.get(name) {
             Some(id) => *id,
             None => {
+                let id = if self.admitted.len() < self.limit {
+                    DeviceId::intern(name)
+                } else {
+                    // Full: only a device accepted before (that this cache forgot) passes.
+                    DeviceId::lookup(name).filter(|id| self.admitted.contains(id))?
+                };
+                self.admitted.insert(id);
                 if self.ids.len() >= DEVICE_CACHE_LIMIT {
                     self.ids.clear();
                 }
-                let id = DeviceId::intern(name);
                 self.ids.insert(name.into(), id);
                 id
             }
@@ -723,7 +755,20 @@ impl DeviceCache {
         self.last_name.clear();
         self.last_name.push_str(name);
         self.last_id = Some(id);
-        id
+        Some(id)
+    }
+
+    /// Sets the message's device to `name`, or fails it (`too_many_devices`).
+    fn admit(&mut self, name: &str, msg: &mut Message) {
+        match self.get(name) {
+            Some(id) => msg.device = Some(id),
+            None => msg.fail("too_many_devices", || {
+                format!(
+                    "device `{name}` would be one more than max_devices = {} (per worker)",
+                    self.limit
+                )
+            }),
+        }
     }
 }
 
@@ -763,6 +808,12 @@ impl Plan {
         for target in targets {
             match *target {
                 Target::Feature(position) => match value.as_f32() {
+                    Ok(Some(number)) if !number.is_finite() => msg.fail("bad_value", || {
+                        format!(
+                            "field `{}` is {value}, not a finite number (f32: NaN, infinite or out of range)",
+                            self.field_name(field)
+                        )
+                    }),
                     Ok(Some(number)) => {
                         if let (Some(slot), Some(present)) =
                             (msg.values.get_mut(position), msg.present.get_mut(position))
@@ -780,14 +831,12 @@ impl Plan {
                     }),
                 },
                 Target::Device => {
-                    let device = match value {
-                        Value::Null => None,
-                        Value::Str(text) => Some(devices.get(text)),
-                        Value::U64(number) => Some(devices.get(&number.to_string())),
-                        Value::I64(number) => Some(devices.get(&number.to_string())),
-                        Value::F64(number) if number.is_finite() => {
-                            Some(devices.get(&number.to_string()))
-                        }
+                    let name = match value {
+                        Value::Null => continue,
+                        Value::Str(text) => Cow::Borrowed(text),
+                        Value::U64(number) => Cow::Owned(number.to_string()),
+                        Value::I64(number) => Cow::Owned(number.to_string()),
+                        Value::F64(number) if number.is_finite() => Cow::Owned(number.to_string()),
                         Value::F64(_) | Value::Bool(_) | Value::Composite => {
                             msg.fail("bad_value", || {
                                 format!(
@@ -795,12 +844,10 @@ impl Plan {
                                     self.field_name(field)
                                 )
                             });
-                            None
+                            continue;
                         }
                     };
-                    if device.is_some() {
-                        msg.device = device;
-                    }
+                    devices.admit(&name, msg);
                 }
                 Target::Timestamp => {
                     let time = match value {
@@ -923,7 +970,7 @@ impl Normalize {
             hold_positions,
             held: HashMap::default(),
             constant_device: config.device.as_deref().map(DeviceId::intern),
-            devices: DeviceCache::default(),
+            devices: DeviceCache::new(options.limits.max_devices),
             msg: Message::new(width),
             device_buffer: String::new(),
             limits: options.limits,
@@ -977,7 +1024,7 @@ impl Normalize {
             if let Some(name) =
                 self.decoder.device_from_topic(message.topic, &mut self.device_buffer)
             {
-                self.msg.device = Some(self.devices.get(name));
+                self.devices.admit(name, &mut self.msg);
             }
             if self.msg.header_echo {
                 header_lines += 1;
@@ -1254,6 +1301,39 @@ mod tests {
         let mut op = build(&format!("{JSON_CONFIG}\nmax_future_ms = 0"));
         let (readings, errors, _) = run(&mut op, json_batch(&payloads[3..]));
         assert_eq!((readings.len(), errors.len()), (1, 0));
+    }
+
+    #[test]
+    fn devices_beyond_max_devices_and_non_finite_values_are_errors() {
+        let mut op = build(&format!("{JSON_CONFIG}\nmax_devices = 2"));
+        // Past the device cache's size, so that a known device is found again by the interner.
+        let names: Vec<String> = (0..DEVICE_CACHE_LIMIT + 10).map(|i| format!("n-{i}")).collect();
+        let payloads: Vec<String> = ["bounded-a", "bounded-b", "bounded-c", "bounded-a"]
+            .iter()
+            .map(|dev| format!(r#"{{"dev":"{dev}","ts":1000,"temp":1,"pressure":1}}"#))
+            .chain(["\"NaN\"", "\"inf\"", "1e39", "-3.5e38"].iter().map(|temp| {
+                format!(r#"{{"dev":"bounded-b","ts":1000,"temp":{temp},"pressure":1}}"#)
+            }))
+            .collect();
+        let payloads: Vec<&str> = payloads.iter().map(String::as_str).collect();
+        let (readings, errors, _) = run(&mut op, json_batch(&payloads));
+        let types: Vec<&str> = errors.iter().map(|error| &*error.error_type).collect();
+        assert_eq!(types, ["too_many_devices", "bad_value", "bad_value", "bad_value", "bad_value"]);
+        assert_eq!(readings.len(), 3, "a, b and a again");
+        assert_eq!(DeviceId::lookup("bounded-c"), None, "a refused name is not interned");
+        // With the cache emptied by many other names, the admitted ones still pass.
+        let mut op = build(&format!("{JSON_CONFIG}\nmax_devices = {}", names.len()));
+        let mut payloads: Vec<String> = names
+            .iter()
+            .map(|dev| format!(r#"{{"dev":"{dev}","ts":1000,"temp":1,"pressure":1}}"#))
+            .collect();
+        payloads.push(r#"{"dev":"n-0","ts":1000,"temp":1,"pressure":1}"#.to_owned());
+        payloads.push(r#"{"dev":"one-too-many","ts":1000,"temp":1,"pressure":1}"#.to_owned());
+        let payloads: Vec<&str> = payloads.iter().map(String::as_str).collect();
+        let (readings, errors, _) = run(&mut op, json_batch(&payloads));
+        assert_eq!(readings.len(), names.len() + 1);
+        assert_eq!(errors.len(), 1);
+        assert_eq!(&*errors[0].error_type, "too_many_devices");
     }
 
     #[test]
