@@ -7,7 +7,10 @@
 //! device has a row leaves on `<id>.matched` with `site`, `asset`, `owner` and the row's free
 //! labels added (they replace labels of the same name), one whose device has none leaves on
 //! `<id>.unmatched`, unchanged, and is counted
-//! (`tidewatch_enrich_unmatched_records_total{component_id}`).
+//! (`tidewatch_enrich_unmatched_records_total{component_id}`). A row's `threshold` override
+//! replaces the detector's threshold of the device's scores (their `threshold`, and their
+//! `anomaly` flag: score above it), so a `threshold` transform placed after `enrich`
+//! debounces each device by its own bound.
 //!
 //! Every worker holds the whole catalog (every `catalog` instance sends it to its own worker's
 //! `enrich`), so records are joined on the worker they are on and nothing is exchanged.
@@ -121,6 +124,8 @@ impl TransformFactory for EnrichFactory {
 trait Labelled {
     fn device(&self) -> DeviceId;
     fn labels_mut(&mut self) -> &mut Labels;
+    /// Takes what else of the device's row applies to the record.
+    fn apply(&mut self, _row: &CatalogRow) {}
 }
 
 impl Labelled for Score {
@@ -129,6 +134,15 @@ impl Labelled for Score {
     }
     fn labels_mut(&mut self) -> &mut Labels {
         &mut self.labels
+    }
+    /// The row's threshold override replaces the detector's threshold: the score's
+    /// `threshold`, and its `anomaly` flag as the detectors set it (score above threshold),
+    /// so that a `threshold` transform after `enrich` debounces by the device's own bound.
+    fn apply(&mut self, row: &CatalogRow) {
+        if let Some(bound) = row.threshold {
+            self.threshold = Some(bound.0);
+            self.anomaly = self.score > bound.0;
+        }
     }
 }
 
@@ -251,6 +265,7 @@ impl Enrich {
             if let Some(mut record) = take(seq) {
                 let labels = record.labels_mut();
                 *labels = labels.merged(&row.labels());
+                record.apply(&row);
                 matched.push(record);
             }
         }
@@ -399,5 +414,79 @@ mod tests {
         assert_eq!(main, [("p1".into(), "south".into()), ("p3".into(), "east".into())]);
         assert_eq!(unmatched, ["p2"]);
         assert_eq!(enrich.unmatched_total.as_ref().map(IntCounter::get), Some(2));
+    }
+
+    #[test]
+    fn a_rows_threshold_override_decides_its_devices_anomalies_downstream() {
+        let ctx = ComponentContext::for_test("enrich", "enrich");
+        let mut enrich = Enrich::new(&ctx);
+        let mut out = Outputs::new("enrich");
+        let strict = CatalogRow {
+            threshold: Some(tidewatch_api::catalog::ThresholdOverride(0.5)),
+            ..row("strict", "north")
+        };
+        let lenient = CatalogRow {
+            threshold: Some(tidewatch_api::catalog::ThresholdOverride(5.0)),
+            ..row("lenient", "north")
+        };
+        enrich.process_batch(
+            updates(&[(1, strict), (1, lenient), (1, row("plain", "north"))]),
+            &mut out,
+        );
+        out.take_errors();
+        // The detector's threshold is 1.0: 2.0 is anomalous to it, 0.8 is not.
+        let score = |device: &str, value: f32| Score {
+            device: DeviceId::intern(device),
+            start_ms: 0,
+            end_ms: 10,
+            detector: "m".into(),
+            version: "1".into(),
+            score: value,
+            threshold: Some(1.0),
+            anomaly: value > 1.0,
+            label: 0,
+            columns: Arc::new(Schema::new(["a"])),
+            values: vec![1.0],
+            labels: Labels::default(),
+        };
+        let scores = vec![score("strict", 0.8), score("lenient", 2.0), score("plain", 2.0)];
+        enrich.process_batch(Batch::Scores(scores), &mut out);
+        let matched: Vec<Score> = out
+            .take_named()
+            .into_iter()
+            .filter(|(port, _)| *port == 0)
+            .flat_map(|(_, batch)| match batch {
+                Batch::Scores(scores) => scores,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        let seen: Vec<(String, Option<f32>, bool)> = matched
+            .iter()
+            .map(|score| (score.device.name().to_string(), score.threshold, score.anomaly))
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                ("strict".to_owned(), Some(0.5), true),
+                ("lenient".to_owned(), Some(5.0), false),
+                ("plain".to_owned(), Some(1.0), true),
+            ]
+        );
+        // A `threshold` transform after `enrich` opens anomalies by the overridden flags.
+        let config =
+            crate::ThresholdConfig { n: 1, m: None, hysteresis: 1, emit: crate::Emit::default() };
+        let mut threshold = crate::Threshold::new(&config);
+        let mut events = Outputs::new("threshold");
+        threshold.process_batch(Batch::Scores(matched), &mut events);
+        let opened: Vec<String> = events
+            .take_main()
+            .into_iter()
+            .flat_map(|batch| match batch {
+                Batch::Events(events) => events,
+                other => panic!("{other:?}"),
+            })
+            .map(|event| event.device.name().to_string())
+            .collect();
+        assert_eq!(opened, ["strict", "plain"]);
     }
 }
