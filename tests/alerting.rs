@@ -1,13 +1,16 @@
 //! The alerting loop end to end, against a real Prometheus and Alertmanager on 127.0.0.1
 //! (`scripts/services.sh start prometheus` and `start alertmanager`; scripts/test.sh does):
 //!
-//! a file replayed at its recorded speed (a synthetic device with an anomalous segment) ->
-//! normalize -> window -> stats (threshold) -> threshold (open/close events) -> `prometheus`
-//! sink on the engine's `/metrics` (127.0.0.1:19898) -> Prometheus scrapes it every second and
+//! a file replayed at its recorded speed (two synthetic devices with an anomalous segment) ->
+//! normalize -> window -> stats (threshold) -> threshold (open/close events) ->
+//! `enrich` (the device's site from a catalog) -> `prometheus` sink (`labels = ["device",
+//! "site"]`) on the engine's `/metrics` (127.0.0.1:19898) -> Prometheus scrapes it every second and
 //! evaluates the SHIPPED rules (k8s/monitoring/prometheus-rules.yml) -> Alertmanager, with the
 //! SHIPPED config (k8s/monitoring/alertmanager.yml, only the webhook URL substituted) -> a
 //! webhook receiver in this test (127.0.0.1:19899) gets the firing alert, then the resolved
-//! notice once the anomaly closed.
+//! notice once the anomaly closed; the alert of a device at site north at north's receiver
+//! (`/alerts/site/north`, the shipped config's example route) only, one at site south at the
+//! default receiver only.
 //!
 //! The ports are the defaults of scripts/services.sh (`TIDEWATCH_SCRAPE_TARGET`,
 //! `TIDEWATCH_ALERT_WEBHOOK_URL`). Every run uses its own device name, so the alerts of an
@@ -82,6 +85,8 @@ enum Answer {
 /// One request the receiver got.
 #[derive(Clone, Debug)]
 struct Received {
+    /// The request's path (`/alerts`, `/alerts/site/north`).
+    path: String,
     headers: Headers,
     body: Vec<u8>,
     answered: Answer,
@@ -112,8 +117,8 @@ struct Receiver {
 /// Header names (lowercase) and values, in order.
 type Headers = Vec<(String, String)>;
 
-/// Reads one HTTP/1.1 request: its headers and body (`None` at a closed connection).
-fn read_request(stream: &mut TcpStream) -> std::io::Result<Option<(Headers, Vec<u8>)>> {
+/// Reads one HTTP/1.1 request: its path, headers and body (`None` at a closed connection).
+fn read_request(stream: &mut TcpStream) -> std::io::Result<Option<(String, Headers, Vec<u8>)>> {
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
     let mut data = Vec::new();
     let mut chunk = [0u8; 4096];
@@ -127,6 +132,7 @@ fn read_request(stream: &mut TcpStream) -> std::io::Result<Option<(Headers, Vec<
             continue;
         };
         let head = String::from_utf8_lossy(&data[..end]).into_owned();
+        let path = head.split(' ').nth(1).unwrap_or_default().to_owned();
         let headers: Headers = head
             .lines()
             .skip(1)
@@ -146,7 +152,7 @@ fn read_request(stream: &mut TcpStream) -> std::io::Result<Option<(Headers, Vec<
             data.extend_from_slice(&chunk[..read]);
         }
         let body_end = (end + 4 + length).min(data.len());
-        return Ok(Some((headers, data[end + 4..body_end].to_vec())));
+        return Ok(Some((path, headers, data[end + 4..body_end].to_vec())));
     }
 }
 
@@ -167,11 +173,12 @@ impl Receiver {
                     Ok((mut stream, _)) => {
                         let _ = stream.set_nonblocking(false);
                         // One request per connection (answers say `Connection: close`).
-                        let Ok(Some((headers, body))) = read_request(&mut stream) else {
+                        let Ok(Some((path, headers, body))) = read_request(&mut stream) else {
                             continue;
                         };
                         let answered = answer();
-                        seen.lock().expect("requests").push(Received { headers, body, answered });
+                        let received = Received { path, headers, body, answered };
+                        seen.lock().expect("requests").push(received);
                         match answered {
                             Answer::Status(code) => {
                                 let _ = write!(
@@ -201,8 +208,19 @@ impl Receiver {
 
     /// The Alertmanager alerts named `alertname` for `device` received so far.
     fn alerts(&self, alertname: &str, device: &str) -> Vec<serde_json::Value> {
+        self.alerts_at(None, alertname, device)
+    }
+
+    /// The same, of the requests to `path` only (any path for `None`).
+    fn alerts_at(
+        &self,
+        path: Option<&str>,
+        alertname: &str,
+        device: &str,
+    ) -> Vec<serde_json::Value> {
         self.requests()
             .iter()
+            .filter(|request| path.is_none_or(|path| request.path == path))
             .flat_map(|request| request.json()["alerts"].as_array().cloned().unwrap_or_default())
             .filter(|alert| {
                 alert["labels"]["alertname"] == alertname && alert["labels"]["device"] == device
@@ -284,7 +302,8 @@ m = 1
 hysteresis = 5
 "#;
 
-/// The pipeline of the alerting loop: DETECTION between a paced replay and the gauges.
+/// The pipeline of the alerting loop: DETECTION between a paced replay and the gauges, its
+/// events labelled with their device's site from a catalog (`enrich`).
 fn alerting_pipeline() -> String {
     let source = r#"
 [pipeline]
@@ -299,12 +318,20 @@ path = "${DATA}"
 speed = 1.0
 timestamp_field = "ts"
 timestamp_format = "unix_ms"
+
+[sources.devices]
+type = "catalog"
+path = "${CATALOG}"
 "#;
     let sinks = r#"
+[transforms.enriched]
+type = "enrich"
+inputs = ["devices", "alerts"]
+
 [sinks.gauges]
 type = "prometheus"
-inputs = ["detector", "alerts"]
-labels = ["device"]
+inputs = ["enriched.matched"]
+labels = ["device", "site"]
 max_series = 100
 top_n = 3
 top_window_secs = 60
@@ -312,15 +339,17 @@ top_window_secs = 60
     format!("{source}{DETECTION}{sinks}")
 }
 
-/// Readings every 100 ms from now on: 10 s normal, 2 s at a far higher level (the anomaly),
-/// then normal for three minutes (the test stops the pipeline before the end).
-fn write_data(path: &std::path::Path, device: &str) {
+/// Readings every 100 ms from now on of each device: 10 s normal, 2 s at a far higher level
+/// (the anomaly), then normal for three minutes (the test stops the pipeline before the end).
+fn write_data(path: &std::path::Path, devices: &[&str]) {
     let start = tidewatch::api::records::now_ms() / 1000 * 1000;
     let mut text = String::from("device,ts,value\n");
     for step in 0..1900i64 {
-        let normal = 10.0 + 0.5 * (step as f64 * 1.3).sin();
-        let value = if (100..120).contains(&step) { 60.0 } else { normal };
-        text.push_str(&format!("{device},{},{value:.4}\n", start + step * 100));
+        for device in devices {
+            let normal = 10.0 + 0.5 * (step as f64 * 1.3).sin();
+            let value = if (100..120).contains(&step) { 60.0 } else { normal };
+            text.push_str(&format!("{device},{},{value:.4}\n", start + step * 100));
+        }
     }
     std::fs::write(path, text).expect("write the data file");
 }
@@ -342,11 +371,20 @@ fn anomaly_fires_an_alert_through_prometheus_and_alertmanager_then_resolves() {
     let receiver = Receiver::ok(WEBHOOK_ADDRESS);
 
     let dir = tempfile::tempdir().expect("temp dir");
-    let device = format!("pump-alert-{}-{}", std::process::id(), tidewatch::api::records::now_ms());
+    let run = format!("{}-{}", std::process::id(), tidewatch::api::records::now_ms());
+    // `device` is at site north, which the shipped Alertmanager config routes to its own
+    // receiver; `elsewhere` is at site south, which takes the default route.
+    let device = format!("pump-alert-{run}");
+    let elsewhere = format!("pump-south-{run}");
     let data = dir.path().join("readings.csv");
-    write_data(&data, &device);
+    write_data(&data, &[&device, &elsewhere]);
+    let catalog = dir.path().join("devices.csv");
+    std::fs::write(&catalog, format!("device,site\n{device},north\n{elsewhere},south\n"))
+        .expect("catalog");
 
-    let pipeline = common::load(&alerting_pipeline(), &[("DATA", data.display().to_string())])
+    let variables =
+        [("DATA", data.display().to_string()), ("CATALOG", catalog.display().to_string())];
+    let pipeline = common::load(&alerting_pipeline(), &variables)
         .unwrap_or_else(|errors| panic!("invalid test pipeline:\n{errors}"));
     let context = RunContext::default();
     let server = tidewatch::engine::serve(
@@ -383,6 +421,18 @@ fn anomaly_fires_an_alert_through_prometheus_and_alertmanager_then_resolves() {
         !receiver.has("TidewatchAnomalyActive", &device, "resolved"),
         "resolved before the anomaly closed"
     );
+    // Routed by the catalog's site: north's alert reached north's receiver only, south's the
+    // default receiver only.
+    assert_eq!(alert["labels"]["site"], "north");
+    wait_until("the south device's firing alert", Duration::from_secs(60), || {
+        receiver.has("TidewatchAnomalyActive", &elsewhere, "firing")
+    });
+    let at =
+        |path: &str, device: &str| receiver.alerts_at(Some(path), "TidewatchAnomalyActive", device);
+    assert!(!at("/alerts/site/north", &device).is_empty());
+    assert!(at("/alerts", &device).is_empty(), "north's alert went to the default receiver too");
+    assert!(!at("/alerts", &elsewhere).is_empty());
+    assert!(at("/alerts/site/north", &elsewhere).is_empty(), "south's alert reached north");
 
     // The anomaly closes (threshold's hysteresis), the gauge goes back to 0 ...
     wait_until("tidewatch_anomaly_active = 0 on /metrics", Duration::from_secs(90), || {

@@ -45,8 +45,8 @@ use tidewatch_api::{
 };
 
 /// A record field usable as a label.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Deserialize)]
+#[serde(try_from = "String")]
 pub enum LabelField {
     /// The device name.
     Device,
@@ -54,15 +54,49 @@ pub enum LabelField {
     Detector,
     /// The detector's or model's version.
     Version,
+    /// One of the record's labels, by name (e.g. `site` or `owner`, which `enrich` adds from
+    /// the device catalog); empty text when the record has none.
+    Record(String),
+}
+
+/// Label names the sink's families use themselves.
+const RESERVED_LABELS: [&str; 3] = ["component_id", "rank", "le"];
+
+impl TryFrom<String> for LabelField {
+    type Error = String;
+
+    fn try_from(name: String) -> Result<LabelField, String> {
+        Ok(match name.as_str() {
+            "device" => LabelField::Device,
+            "detector" => LabelField::Detector,
+            "version" => LabelField::Version,
+            _ => {
+                let mut chars = name.chars();
+                let valid = chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                    && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+                    && !name.starts_with("__");
+                if !valid {
+                    return Err(format!(
+                        "{name:?} is not a Prometheus label name ([a-zA-Z_][a-zA-Z0-9_]*, not __...)"
+                    ));
+                }
+                if RESERVED_LABELS.contains(&name.as_str()) {
+                    return Err(format!("{name:?} is a label the sink sets itself"));
+                }
+                LabelField::Record(name)
+            }
+        })
+    }
 }
 
 impl LabelField {
     /// The label name.
-    pub fn name(self) -> &'static str {
+    pub fn name(&self) -> &str {
         match self {
             LabelField::Device => "device",
             LabelField::Detector => "detector",
             LabelField::Version => "version",
+            LabelField::Record(name) => name,
         }
     }
 }
@@ -85,7 +119,8 @@ fn default_top_window_secs() -> u64 {
 #[serde(deny_unknown_fields)]
 pub struct PrometheusSinkConfig {
     /// Record fields that become labels of the per-device gauges: `device`, `detector`,
-    /// `version` (each at most once). Nothing else of a record becomes a label.
+    /// `version`, or the name of one of the record's labels (`site`, `owner`: what `enrich`
+    /// adds from the catalog), each at most once. Nothing else of a record becomes a label.
     #[serde(default = "default_labels")]
     pub labels: Vec<LabelField>,
     /// Most label sets kept per gauge family; past it the least recently updated series is
@@ -207,6 +242,13 @@ impl<K: Clone + Eq + Hash> Lru<K> {
 
     fn len(&self) -> usize {
         self.stamps.len()
+    }
+
+    /// Forgets `key`.
+    fn remove(&mut self, key: &K) {
+        if let Some(stamp) = self.stamps.remove(key) {
+            self.order.remove(&stamp);
+        }
     }
 
     /// The keys, least recently updated first.
@@ -379,6 +421,9 @@ impl Series {
 #[derive(Debug)]
 struct State {
     series: HashMap<Vec<String>, Series>,
+    /// With record labels among `labels`: each series' key by its identity (see
+    /// `Shared::identity`).
+    identities: HashMap<Vec<String>, Vec<String>>,
     lru: Lru<Vec<String>>,
     top: TopN,
     top_devices: Lru<Arc<str>>,
@@ -503,6 +548,7 @@ impl Shared {
             registered: None,
             state: Mutex::new(State {
                 series: HashMap::new(),
+                identities: HashMap::new(),
                 lru: Lru::new(),
                 top: TopN::new(config.top_window_secs),
                 top_devices: Lru::new(),
@@ -520,7 +566,13 @@ impl Shared {
         Ok(shared)
     }
 
-    fn label_values(&self, device: &str, detector: &str, version: &str) -> Vec<String> {
+    fn label_values(
+        &self,
+        device: &str,
+        detector: &str,
+        version: &str,
+        labels: &tidewatch_api::Labels,
+    ) -> Vec<String> {
         self.config
             .labels
             .iter()
@@ -528,18 +580,56 @@ impl Shared {
                 LabelField::Device => device.to_owned(),
                 LabelField::Detector => detector.to_owned(),
                 LabelField::Version => version.to_owned(),
+                LabelField::Record(name) => labels.get(name).unwrap_or_default().to_owned(),
             })
             .collect()
     }
 
+    /// With record labels among `labels`: the values of the record's own fields (device,
+    /// detector, version) of a series' key, which name the one series a record updates.
+    fn identity(&self, key: &[String]) -> Option<Vec<String>> {
+        let fixed = |label: &&LabelField| !matches!(label, LabelField::Record(_));
+        if self.config.labels.iter().all(|label| fixed(&label)) {
+            return None;
+        }
+        Some(
+            self.config
+                .labels
+                .iter()
+                .zip(key)
+                .filter(|(label, _)| fixed(label))
+                .map(|(_, value)| value.clone())
+                .collect(),
+        )
+    }
+
+    /// Removes a series from the state and its three gauges.
+    fn remove_series(&self, state: &mut State, key: &[String]) {
+        state.series.remove(key);
+        if let Some(identity) = self.identity(key)
+            && state.identities.get(&identity).is_some_and(|current| current == key)
+        {
+            state.identities.remove(&identity);
+        }
+        let values: Vec<&str> = key.iter().map(String::as_str).collect();
+        let _ = self.score.remove_label_values(&values);
+        let _ = self.error.remove_label_values(&values);
+        let _ = self.active.remove_label_values(&values);
+    }
+
     fn touch(&self, state: &mut State, key: &[String]) {
         let key = key.to_vec();
+        // A device whose record labels changed (moved to another site) has one series: the
+        // old one goes, so that it neither lingers nor keeps an alert firing.
+        if let Some(identity) = self.identity(&key)
+            && let Some(old) = state.identities.insert(identity, key.clone())
+            && old != key
+        {
+            state.lru.remove(&old);
+            self.remove_series(state, &old);
+        }
         for old in state.lru.touch(&key, self.config.max_series) {
-            state.series.remove(&old);
-            let values: Vec<&str> = old.iter().map(String::as_str).collect();
-            let _ = self.score.remove_label_values(&values);
-            let _ = self.error.remove_label_values(&values);
-            let _ = self.active.remove_label_values(&values);
+            self.remove_series(state, &old);
             self.evicted.inc();
         }
     }
@@ -556,7 +646,7 @@ impl Shared {
     fn write_scores(&self, state: &mut State, scores: &[Score], worker: usize) {
         for score in scores {
             let device = score.device.name();
-            let key = self.label_values(&device, &score.detector, &score.version);
+            let key = self.label_values(&device, &score.detector, &score.version, &score.labels);
             let values: Vec<&str> = key.iter().map(String::as_str).collect();
             self.score.with_label_values(&values).set(f64::from(score.score));
             self.error.with_label_values(&values).set(f64::from(score.score));
@@ -578,7 +668,7 @@ impl Shared {
     fn write_events(&self, state: &mut State, events: &[AnomalyEvent], worker: usize) {
         for event in events {
             let device = event.device.name();
-            let key = self.label_values(&device, &event.detector, &event.version);
+            let key = self.label_values(&device, &event.detector, &event.version, &event.labels);
             let values: Vec<&str> = key.iter().map(String::as_str).collect();
             let open = event.state == AnomalyState::Open;
             self.active.with_label_values(&values).set(if open { 1.0 } else { 0.0 });
@@ -886,6 +976,42 @@ mod tests {
     }
 
     #[test]
+    fn record_labels_become_gauge_labels_and_a_moved_device_keeps_one_series() {
+        let registry = Registry::new();
+        let labels: Vec<LabelField> = ["device", "site", "owner"]
+            .into_iter()
+            .map(|name| LabelField::try_from(name.to_owned()).expect("a label name"))
+            .collect();
+        assert_eq!(labels[1], LabelField::Record("site".into()));
+        let config = PrometheusSinkConfig { labels, ..Default::default() };
+        let mut sink = PrometheusSink::new(&config, &registry, "sites").expect("sink");
+        let at = |site: &str, open: bool| {
+            let mut event =
+                event("moving", if open { AnomalyState::Open } else { AnomalyState::Close });
+            event.labels = tidewatch_api::Labels::from_pairs([("site", site), ("zone", "z")]);
+            event
+        };
+        sink.write_batch(Batch::Events(vec![at("north", true)])).expect("write");
+        let text = render(&registry);
+        assert!(
+            text.contains(
+                "tidewatch_anomaly_active{component_id=\"sites\",device=\"moving\",owner=\"\",site=\"north\"} 1"
+            ),
+            "{text}"
+        );
+        // The device moves: its north series goes (no alert stays firing there).
+        sink.write_batch(Batch::Events(vec![at("south", false)])).expect("write");
+        let text = render(&registry);
+        assert_eq!(count_series(&text, "tidewatch_anomaly_active"), 1, "{text}");
+        assert!(text.contains("site=\"south\"} 0"), "{text}");
+        assert_eq!(sink.series(), 1);
+        // Names a label cannot have, or that the sink sets itself, are refused.
+        for bad in ["1site", "si-te", "__name", "component_id", "rank", ""] {
+            assert!(LabelField::try_from(bad.to_owned()).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn cardinality_bound_holds_with_ten_times_more_devices() {
         let registry = Registry::new();
         let config = PrometheusSinkConfig { max_series: 50, top_n: 5, ..Default::default() };
@@ -1059,7 +1185,12 @@ mod tests {
             ..Default::default()
         }));
         assert!(bad(PrometheusSinkConfig { top_window_secs: 0, ..Default::default() }));
-        let options = tidewatch_api::ConfigValue::parse("labels = [\"topic\"]").expect("toml");
+        // A record label by name; a name Prometheus refuses is an error of the option.
+        let options =
+            tidewatch_api::ConfigValue::parse("labels = [\"device\", \"site\"]").expect("toml");
+        let config = options.deserialize::<PrometheusSinkConfig>().expect("a record label");
+        assert_eq!(config.labels, [LabelField::Device, LabelField::Record("site".into())]);
+        let options = tidewatch_api::ConfigValue::parse("labels = [\"my-site\"]").expect("toml");
         assert!(options.deserialize::<PrometheusSinkConfig>().is_err());
     }
 
