@@ -7,8 +7,9 @@
 # The pipeline is pipelines/feedback-control.toml (mqtt -> normalize -> 10-reading count
 # windows -> the pump-ae autoencoder -> threshold -> mqtt commands) with
 # out_of_orderness_ms = 0 and n = m = hysteresis = 1, the release binary, and the Mosquitto of
-# scripts/services.sh. benches/latency.py publishes the readings (event time = the wall clock at
-# publishing), subscribes to the commands and prints, per case,
+# scripts/services.sh. The probe (benches/latency-probe, Rust, MQTT straight on its sockets)
+# publishes the readings (event time = the wall clock at publishing), subscribes to the
+# commands and prints, per case,
 #
 #   rate R pumps P p50 X ms p99 Y ms max Z ms (K/K alerts; /metrics p99 <= B ms)
 #
@@ -29,10 +30,13 @@ cleanup() {
 trap cleanup EXIT
 
 scripts/services.sh start mosquitto >/dev/null
-scripts/python-env.sh >/dev/null
 if [ -z "${TIDEWATCH_BIN:-}" ]; then
   cargo build --release --quiet --bin tidewatch
 fi
+cargo build --release --quiet -p tidewatch-latency-probe
+target_dir=${CARGO_TARGET_DIR:-target}
+case "$target_dir" in /*) ;; *) target_dir=$root/$target_dir ;; esac
+probe=$target_dir/release/latency-probe
 
 sed -e 's/^out_of_orderness_ms = .*/out_of_orderness_ms = 0/' \
     -e 's/^n = .*/n = 1/' -e 's/^m = .*/m = 1/' -e 's/^hysteresis = .*/hysteresis = 1/' \
@@ -41,7 +45,7 @@ sed -e 's/^out_of_orderness_ms = .*/out_of_orderness_ms = 0/' \
 grep -q '^out_of_orderness_ms = 0' "$work/latency.toml" && grep -q '^hysteresis = 1' "$work/latency.toml" \
   || { echo "could not derive the latency pipeline from pipelines/feedback-control.toml" >&2; exit 1; }
 
-free_port() { .venv/bin/python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 # run_case RATE PUMPS ANOMALIES
 run_case() {
@@ -55,7 +59,7 @@ run_case() {
     kill -0 "$pid" 2>/dev/null || { cat "$work/tidewatch.log" >&2; exit 1; }
     sleep 0.1
   done
-  .venv/bin/python benches/latency.py --prefix "$prefix" --rate "$1" --pumps "$2" \
+  "$probe" --prefix "$prefix" --rate "$1" --pumps "$2" \
     --anomalies "$3" --metrics "http://127.0.0.1:$port/metrics"
   kill -INT "$pid"
   wait "$pid" || true
