@@ -20,7 +20,9 @@ case "$target_dir" in /*) ;; *) target_dir=$root/$target_dir ;; esac
 tidewatch=$target_dir/debug/tidewatch
 export TIDEWATCH_DATA=${TIDEWATCH_DATA:-$root/../shared/data}
 
-step() { printf '\n==> %s\n' "$*"; }
+# Each step's header says when it starts (minutes:seconds since the script started), so a
+# run's log shows where its time went.
+step() { printf '\n==> [%d:%02d] %s\n' $((SECONDS / 60)) $((SECONDS % 60)) "$*"; }
 
 if ! command -v cargo >/dev/null 2>&1; then
   [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
@@ -133,4 +135,4 @@ amtool check-config k8s/monitoring/alertmanager.yml
 python3 -m json.tool k8s/monitoring/grafana-dashboard.json >/dev/null
 
 echo
-echo "all checks passed"
+echo "all checks passed in $((SECONDS / 60)) min $((SECONDS % 60)) s"
