@@ -25,10 +25,11 @@ use tidewatch_api::{
 use super::config::{WindowConfig, count_geometry};
 use super::{readings_only, schema_index};
 
+/// A reading not yet final; its values are in [`DeviceHistory::pending_values`], at the same
+/// index (one flat buffer per device: no allocation per reading).
 #[derive(Debug)]
 struct Pending {
     time: EventTime,
-    values: Vec<f32>,
     label: u8,
 }
 
@@ -37,6 +38,8 @@ struct DeviceHistory {
     schema: Arc<Schema>,
     /// Readings not yet final, in arrival order.
     pending: Vec<Pending>,
+    /// Their values, `schema.len()` per reading, in the order of `pending`.
+    pending_values: Vec<f32>,
     /// The last `size` final readings.
     times: VecDeque<EventTime>,
     values: VecDeque<f32>,
@@ -97,6 +100,7 @@ impl CountWindowOperator {
             let history = self.devices.entry(reading.device).or_insert_with(|| DeviceHistory {
                 schema: Arc::clone(&batch.schema),
                 pending: Vec::new(),
+                pending_values: Vec::new(),
                 times: VecDeque::new(),
                 values: VecDeque::new(),
                 labels: VecDeque::new(),
@@ -116,11 +120,8 @@ impl CountWindowOperator {
                 );
                 continue;
             }
-            history.pending.push(Pending {
-                time: reading.time_ms,
-                values: reading.values.to_vec(),
-                label: reading.label,
-            });
+            history.pending.push(Pending { time: reading.time_ms, label: reading.label });
+            history.pending_values.extend_from_slice(reading.values);
             self.waiting.insert(reading.device);
             final_now |= reading.time_ms <= self.watermark;
         }
@@ -138,20 +139,18 @@ impl CountWindowOperator {
         let mut done = Vec::new();
         for device in &self.waiting {
             let Some(history) = self.devices.get_mut(device) else { continue };
-            history.pending.sort_by_key(|pending| pending.time);
+            let width = width_of(history);
+            sort_pending(history, width);
             let ready =
                 history.pending.iter().take_while(|pending| pending.time <= watermark).count();
-            let width = width_of(history);
-            for pending in history.pending.drain(..ready) {
+            for (index, pending) in history.pending.drain(..ready).enumerate() {
                 history.times.push_back(pending.time);
-                history.values.extend(pending.values.iter().copied());
+                history.values.extend(&history.pending_values[index * width..(index + 1) * width]);
                 history.labels.push_back(pending.label);
                 if history.times.len() > self.size {
                     history.times.pop_front();
                     history.labels.pop_front();
-                    for _ in 0..width {
-                        history.values.pop_front();
-                    }
+                    history.values.drain(..width);
                 }
                 history.count += 1;
                 if history.times.len() == self.size
@@ -169,6 +168,7 @@ impl CountWindowOperator {
                     });
                 }
             }
+            history.pending_values.drain(..ready * width);
             if history.pending.is_empty() {
                 done.push(*device);
             }
@@ -214,10 +214,18 @@ impl Transform for CountWindowOperator {
                     pending: history
                         .pending
                         .iter()
-                        .map(|pending| SnapshotReading {
-                            time: pending.time,
-                            values: pending.values.iter().map(|value| value.to_bits()).collect(),
-                            label: pending.label,
+                        .enumerate()
+                        .map(|(index, pending)| {
+                            let width = history.schema.len();
+                            let values = history
+                                .pending_values
+                                .get(index * width..(index + 1) * width)
+                                .unwrap_or_default();
+                            SnapshotReading {
+                                time: pending.time,
+                                values: values.iter().map(|value| value.to_bits()).collect(),
+                                label: pending.label,
+                            }
                         })
                         .collect(),
                     times: history.times.iter().copied().collect(),
@@ -273,14 +281,15 @@ impl Transform for CountWindowOperator {
             }
             let history = DeviceHistory {
                 schema: Arc::clone(schema),
+                pending_values: device
+                    .pending
+                    .iter()
+                    .flat_map(|pending| pending.values.iter().copied().map(f32::from_bits))
+                    .collect(),
                 pending: device
                     .pending
                     .into_iter()
-                    .map(|pending| Pending {
-                        time: pending.time,
-                        values: pending.values.into_iter().map(f32::from_bits).collect(),
-                        label: pending.label,
-                    })
+                    .map(|pending| Pending { time: pending.time, label: pending.label })
                     .collect(),
                 times: device.times.into(),
                 values: device.values.into_iter().map(f32::from_bits).collect(),
@@ -307,6 +316,23 @@ impl Transform for CountWindowOperator {
         self.restored = true;
         Ok(())
     }
+}
+
+/// Sorts a device's pending readings by time, stably (arrival order among equal times), with
+/// their values. Readings usually arrive in order: then nothing moves.
+fn sort_pending(history: &mut DeviceHistory, width: usize) {
+    if history.pending.is_sorted_by_key(|pending| pending.time) {
+        return;
+    }
+    let mut order: Vec<usize> = (0..history.pending.len()).collect();
+    order.sort_by_key(|&index| history.pending[index].time);
+    let mut values = Vec::with_capacity(history.pending_values.len());
+    for &index in &order {
+        values.extend_from_slice(&history.pending_values[index * width..(index + 1) * width]);
+    }
+    let mut pending: Vec<Option<Pending>> = history.pending.drain(..).map(Some).collect();
+    history.pending = order.iter().filter_map(|&index| pending[index].take()).collect();
+    history.pending_values = values;
 }
 
 /// The state of a [`CountWindowOperator`] as checkpointed (JSON).
