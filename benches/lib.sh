@@ -34,9 +34,21 @@ time_pipeline() {
   wait "$pid" || true
 }
 
-# scoring_toml: the stages every bench pipeline shares after its source `in` (the simulator's
-# payloads): normalize -> 10 s windows -> stats (`baseline`).
-scoring_toml() {
+# start_pipeline BINARY PIPELINE HTTP_ADDRESS LOG: runs the pipeline in the background (its
+# pid in $pid, its stderr in LOG) and waits until its /readyz answers; fails, with the log,
+# when it exits first.
+start_pipeline() {
+  "$1" --log-level warn run "$2" >/dev/null 2>"$4" &
+  pid=$!
+  until curl -sf "http://$3/readyz" >/dev/null 2>&1; do
+    kill -0 "$pid" 2>/dev/null || { cat "$4" >&2; echo "the pipeline did not start" >&2; return 1; }
+    sleep 0.1
+  done
+}
+
+# readings_toml: the `normalize` table (`readings`) of the simulator's payloads from the
+# source `in`.
+readings_toml() {
   cat <<TOML
 [transforms.readings]
 type = "normalize"
@@ -46,6 +58,14 @@ timestamp_field = "ts"
 timestamp_format = "unix_ms"
 features = ["vibration", "current", "pressure", "temperature", "flow"]
 label_field = "anomaly"
+TOML
+}
+
+# scoring_toml: the stages every bench pipeline shares after its source `in` (the simulator's
+# payloads): normalize -> 10 s windows -> stats (`baseline`).
+scoring_toml() {
+  readings_toml
+  cat <<TOML
 
 [transforms.windows]
 type = "window"

@@ -71,12 +71,7 @@ type = "blackhole"
 inputs = ["in.errors", "readings.errors", "windows.late"]
 TOML
 
-"$bin" --log-level warn run "$work/soak.toml" >/dev/null 2>"$work/run.log" &
-pid=$!
-until curl -sf "http://$http/readyz" >/dev/null 2>&1; do
-  kill -0 "$pid" 2>/dev/null || { cat "$work/run.log" >&2; echo "the pipeline did not start" >&2; exit 1; }
-  sleep 0.1
-done
+start_pipeline "$bin" "$work/soak.toml" "$http" "$work/run.log"
 ( while kill -0 "$pid" 2>/dev/null; do
     awk -v t="$(date +%s.%N)" '/^VmRSS/ { print t, $2 / 1024 }' "/proc/$pid/status" 2>/dev/null || true
     sleep 1
