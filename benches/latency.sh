@@ -45,7 +45,7 @@ sed -e 's/^out_of_orderness_ms = .*/out_of_orderness_ms = 0/' \
 grep -q '^out_of_orderness_ms = 0' "$work/latency.toml" && grep -q '^hysteresis = 1' "$work/latency.toml" \
   || { echo "could not derive the latency pipeline from pipelines/feedback-control.toml" >&2; exit 1; }
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+source benches/lib.sh
 
 # run_case RATE PUMPS ANOMALIES
 run_case() {

@@ -1,6 +1,23 @@
 # Helpers of the benches/*.sh scripts (sourced, not run).
 
 now() { date +%s.%N; }
+# free_port: a TCP port free on 127.0.0.1 now.
+free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+
+# mqtt_source_toml ID: the [sources.in] table of an MQTT source on the test broker, QoS 1,
+# reading ID/+ with the client id ID-in.
+mqtt_source_toml() {
+  cat <<TOML
+[sources.in]
+type = "mqtt"
+url = "mqtt://127.0.0.1:1883"
+topics = ["$1/+"]
+qos = 1
+
+[sources.in.connection]
+client_id = "$1-in"
+TOML
+}
 calc() { awk "BEGIN { printf \"%.6f\", $1 }"; }
 
 # metric_sum HTTP_ADDRESS NAME REGEX: the sum of the samples of metric NAME whose labels match

@@ -53,22 +53,11 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
-free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
 # source_toml SOURCE ID: the [sources.in] table.
 source_toml() {
   case "$1" in
-    mqtt) cat <<TOML
-[sources.in]
-type = "mqtt"
-url = "mqtt://127.0.0.1:1883"
-topics = ["$2/+"]
-qos = 1
-
-[sources.in.connection]
-client_id = "$2-in"
-TOML
-    ;;
+    mqtt) mqtt_source_toml "$2" ;;
     kafka) cat <<TOML
 [sources.in]
 type = "kafka"

@@ -35,7 +35,7 @@ scripts/services.sh start mosquitto >/dev/null
 source benches/lib.sh
 
 run_id="soak-$$"
-http=127.0.0.1:$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+http=127.0.0.1:$(free_port)
 work=$(mktemp -d)
 pid=
 sampler=
@@ -52,14 +52,7 @@ name = "soak"
 workers = 2
 http_address = "$http"
 
-[sources.in]
-type = "mqtt"
-url = "mqtt://127.0.0.1:1883"
-topics = ["$run_id/+"]
-qos = 1
-
-[sources.in.connection]
-client_id = "$run_id-in"
+$(mqtt_source_toml "$run_id")
 
 $(scoring_toml)
 [sinks.scores]

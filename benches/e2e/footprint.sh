@@ -35,7 +35,6 @@ cleanup() {
 trap cleanup EXIT
 
 median() { sort -g | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
-free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
 cp "$bin" "$work/stripped" && strip "$work/stripped"
 printf 'binary %s: %.1f MB as built, %.1f MB stripped\n' "$bin" \
