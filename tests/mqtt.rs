@@ -537,6 +537,64 @@ fn backlog_counts_the_messages_waiting_for_the_pipeline() {
     source.close().expect("close");
 }
 
+/// A pipeline that takes nothing for several keep-alive periods (a slow sink, a stalled worker)
+/// must not lose its connection: the network thread goes on with pings and acks while what
+/// the broker sends waits beyond the full queue (in the spill list, up to another
+/// `queue_capacity`). Before, the thread stopped reading the socket at a full queue, the
+/// keep-alive lapsed and the broker redelivered what was in flight.
+#[test]
+fn a_source_not_polled_for_several_keep_alives_keeps_its_connection() {
+    use tidewatch::api::{ComponentContext, ConfigValue, Outputs, Source};
+    use tidewatch::connectors::MqttSourceConfig;
+    use tidewatch::connectors::mqtt::MqttSource;
+
+    let _broker = broker_shared();
+    let prefix = unique("keepalive");
+    let client_id = format!("{prefix}-in");
+    let filter = format!("{prefix}/#");
+    prepare_session(&client_id, std::slice::from_ref(&filter), 1, false);
+    // MQTT 3.1.1 (keep-alive 1 s is allowed there; the test broker lets 1000 messages out
+    // unacknowledged): 200 messages for a queue of 100, the other 100 in the spill list.
+    let options = format!(
+        "url = \"{PLAIN}\"\ntopics = [\"{filter}\"]\nqos = 1\nqueue_capacity = 100\nbatch_size = 50\n\
+         connection = {{ client_id = \"{client_id}\", protocol = \"v4\", keep_alive_secs = 1 }}"
+    );
+    let config: MqttSourceConfig =
+        ConfigValue::parse(&options).expect("toml").deserialize().expect("config");
+    let ctx = ComponentContext::for_test("in", "mqtt");
+    let mut source = MqttSource::new(&config, &ctx).expect("source");
+    source.open(&ctx).expect("connects");
+    let publisher = Publisher::new(&format!("{prefix}-pub"));
+    publisher.publish_seqs(&prefix, 0..200, 1, 1);
+    publisher.wait_acked(200, Duration::from_secs(30));
+    let waiting = |source: &MqttSource| source.backlog().map_or(0, |backlog| backlog.records);
+    wait_until("all 200 messages at the source (queue and spill)", Duration::from_secs(30), || {
+        waiting(&source) == 200
+    });
+    // Not polled for four keep-alive periods: the broker drops a client silent for 1.5.
+    std::thread::sleep(Duration::from_secs(4));
+    let mut seqs = Vec::new();
+    let mut errors = Vec::new();
+    common::wait_until("the 200 messages taken", Duration::from_secs(30), || {
+        let mut out = Outputs::new("in");
+        source.poll(&mut out).expect("poll");
+        for batch in out.take_main() {
+            let tidewatch::api::Batch::Raw(batch) = batch else { continue };
+            for message in batch.iter() {
+                let value: serde_json::Value =
+                    serde_json::from_slice(message.payload).expect("json");
+                seqs.push(value["seq"].as_u64().expect("seq"));
+            }
+        }
+        errors.extend(out.take_errors().into_iter().map(|error| error.error_type));
+        seqs.len() >= 200
+    });
+    source.close().expect("close");
+    assert!(errors.is_empty(), "the connection held: no connection_lost ({errors:?})");
+    let distinct: HashSet<u64> = seqs.iter().copied().collect();
+    assert_eq!((seqs.len(), distinct.len()), (200, 200), "each message once, none redelivered");
+}
+
 // ---------------------------------------------------------------------------------------------
 // The sink
 // ---------------------------------------------------------------------------------------------

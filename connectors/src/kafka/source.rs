@@ -721,6 +721,11 @@ impl KafkaSource {
     }
 }
 
+/// librdkafka's prefetch bound for the consumer's local queue, in KiB (its default: 65536).
+const PREFETCH_KBYTES: &str = "16384";
+/// librdkafka's prefetch target per partition, in messages (its default: 100000).
+const PREFETCH_MESSAGES: &str = "10000";
+
 impl Source for KafkaSource {
     fn open(&mut self, ctx: &ComponentContext) -> Result<(), ComponentError> {
         let mut client = self.config.client.client_config(ctx);
@@ -740,11 +745,15 @@ impl Source for KafkaSource {
                 },
             );
         // Defaults the `librdkafka` table may override: moving only the partitions that must
-        // move at a rebalance, and a topic that does not exist yet is created (with the
-        // broker's default partitions) rather than waited for.
+        // move at a rebalance, a topic that does not exist yet is created (with the broker's
+        // default partitions) rather than waited for, and a prefetch queue sized for a small
+        // box (librdkafka's own defaults let it prefetch 64 MB and 100000 messages a
+        // partition ahead of a pipeline that is not taking them).
         for (name, value) in [
             ("partition.assignment.strategy", "cooperative-sticky"),
             ("allow.auto.create.topics", "true"),
+            ("queued.max.messages.kbytes", PREFETCH_KBYTES),
+            ("queued.min.messages", PREFETCH_MESSAGES),
         ] {
             if !self.config.client.librdkafka.contains_key(name) {
                 client.set(name, value);

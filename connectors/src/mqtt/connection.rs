@@ -119,6 +119,9 @@ pub(crate) fn check_qos(field: &str, qos: u8) -> Result<(), ConfigError> {
 /// The session expiry of MQTT 5 persistent sessions when `session_expiry_secs` is not set.
 pub const DEFAULT_SESSION_EXPIRY_SECS: u32 = 86_400;
 
+/// The shortest keep-alive rumqttc accepts on an MQTT 5 connection, in seconds.
+pub const MIN_KEEP_ALIVE_V5_SECS: u64 = 5;
+
 /// The options of the connection to the broker, the `connection` table of the `mqtt` source
 /// and sink (the URL stays at the component's top level, the TLS files are in its `tls`
 /// table):
@@ -143,7 +146,8 @@ pub struct MqttConnection {
     pub username: Option<String>,
     /// Password (usually `${MQTT_PASSWORD}`); empty means none. Never shown (`Secret`).
     pub password: Option<Secret>,
-    /// Keep-alive interval, s (0 disables pings); default 30.
+    /// Keep-alive interval, s; default 30. At least 5 with MQTT 5; with MQTT 3.1.1, 0
+    /// disables pings.
     pub keep_alive_secs: u64,
     /// Start a new session at each connection (true), or resume the session the broker keeps
     /// for the client id (false: messages published while tidewatch was away are delivered,
@@ -240,6 +244,15 @@ impl MqttConnection {
                 "connection.keep_alive_secs",
                 format!("keep_alive_secs must be at most {}", u16::MAX),
             ));
+        }
+        if self.protocol == Protocol::V5 && self.keep_alive_secs < MIN_KEEP_ALIVE_V5_SECS {
+            return Err(ConfigError::at_field(
+                "connection.keep_alive_secs",
+                format!(
+                    "keep_alive_secs must be at least {MIN_KEEP_ALIVE_V5_SECS} with protocol = \"v5\" (the MQTT client's bound)"
+                ),
+            )
+            .with_hint("raise it, or set protocol = \"v4\" (where 0 turns keep-alive off)"));
         }
         if self.protocol == Protocol::V4 && self.session_expiry_secs.is_some() {
             return Err(ConfigError::at_field(

@@ -5,9 +5,16 @@
 //!
 //! A network thread per source instance runs rumqttc's event loop on a current-thread tokio
 //! runtime and hands each message to [`Source::poll`] through a bounded queue of
-//! `queue_capacity` messages. When the queue is full the thread stops reading the socket: the
-//! broker's in-flight window for the client fills and the broker keeps the rest, so memory
-//! stays bounded however slow the pipeline is.
+//! `queue_capacity` messages. The event loop does not stop at a full queue: it must keep
+//! reading the socket and sending pings and acks, or the connection lapses (keep-alive) and
+//! the broker redelivers everything unacknowledged, processed messages included. What arrives
+//! while the queue is full waits in a spill list on the network thread, and a second task moves
+//! it into the queue as room frees up. A broker that honours the receive maximum (MQTT 5; set
+//! to `queue_capacity`) never fills the spill list, as the source acknowledges only what went
+//! through the pipeline. One that does not (Mosquitto 2.0.11 sends past it) fills it to
+//! `queue_capacity` too; then the event loop waits for room and stops reading the socket, and
+//! the broker and the TCP buffers hold the rest. Memory stays bounded (two `queue_capacity`s of
+//! messages) however slow the pipeline is.
 //!
 //! # Acknowledgements
 //!
@@ -36,7 +43,7 @@
 //! id and the broker splits the stream between them.
 
 use std::cell::{Cell, RefCell};
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::fmt;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -51,7 +58,7 @@ use tidewatch_api::{
     MovedOption, Outputs, PortType, RawBatch, Source, SourceFactory, SourcePoll, ValidateContext,
     Waker,
 };
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 
 use super::connection::{
     Backoff, ConnectionSettings, Delivery, LinkClient, LinkLoop, MQTT_MOVED_OPTIONS,
@@ -288,6 +295,10 @@ struct Counters {
     stale_acks: AtomicU64,
     redelivered: AtomicU64,
     reconnects: AtomicU64,
+    /// Messages in the network thread's spill list (waiting for room in the queue).
+    spilled: AtomicU64,
+    /// The most that list held.
+    spilled_peak: AtomicU64,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -410,11 +421,13 @@ impl Source for MqttSource {
         let (client, eventloop) = self.settings.link(true, 1_024)?;
         let runtime = runtime()?;
         let (inbound_tx, inbound_rx) = mpsc::channel(self.config.queue_capacity);
-        let inbound_tx = Inbox {
-            queue: inbound_tx,
-            waker: ctx.waker().cloned(),
-            woken: Arc::clone(&self.woken),
-        };
+        let inbound_tx = Inbox::new(
+            inbound_tx,
+            ctx.waker().cloned(),
+            Arc::clone(&self.woken),
+            self.config.queue_capacity,
+            Arc::clone(&self.counters),
+        );
         let (control_tx, control_rx) = mpsc::unbounded_channel();
         let (startup_tx, startup_rx) = std::sync::mpsc::sync_channel(1);
         let (finished_tx, finished_rx) = std::sync::mpsc::sync_channel(1);
@@ -472,11 +485,16 @@ impl Source for MqttSource {
         }
     }
 
-    /// Messages the network thread received and queued for `poll` (at most `queue_capacity`;
-    /// when full, the thread stops reading and the broker holds the rest).
+    /// Messages the network thread received and not yet handed to `poll`: the queue (at most
+    /// `queue_capacity`) and what waits for room in it (bounded by the broker's in-flight
+    /// window for QoS 1 and 2).
     fn backlog(&self) -> Option<Backlog> {
         let inbound = self.inbound.as_ref()?;
-        Some(Backlog { records: inbound.len() as u64, capacity: self.config.queue_capacity as u64 })
+        let spilled = self.counters.spilled.load(Ordering::Relaxed);
+        Some(Backlog {
+            records: inbound.len() as u64 + spilled,
+            capacity: self.config.queue_capacity as u64,
+        })
     }
 
     fn poll(&mut self, out: &mut Outputs) -> Result<SourcePoll, ComponentError> {
@@ -604,6 +622,7 @@ impl Source for MqttSource {
                 acknowledged = counters.acked.load(Ordering::Relaxed),
                 stale_acks_dropped = counters.stale_acks.load(Ordering::Relaxed),
                 reconnects = counters.reconnects.load(Ordering::Relaxed),
+                spilled_peak = counters.spilled_peak.load(Ordering::Relaxed),
                 "mqtt source closing; acknowledging what is still in the pipeline"
             );
         }
@@ -694,7 +713,16 @@ struct EventHalf<'a> {
 const DISCONNECT_DRAIN: Duration = Duration::from_secs(5);
 
 impl EventHalf<'_> {
-    async fn run(mut self, inbound: Inbox) {
+    /// Runs the event loop and, beside it, the forwarder of its spill list.
+    async fn run(self, inbound: Inbox) {
+        let events = async {
+            self.event_loop(&inbound).await;
+            inbound.finish();
+        };
+        tokio::join!(events, inbound.forward());
+    }
+
+    async fn event_loop(mut self, inbound: &Inbox) {
         let mut subscribed = false;
         let mut connected = true;
         let mut disconnecting: Option<Instant> = None;
@@ -706,7 +734,7 @@ impl EventHalf<'_> {
         let mut taking = match self.client.subscribe(self.topics, self.qos).await {
             Ok(()) => true,
             Err(reason) => {
-                inbound.send(Inbound::Fatal(format!("cannot subscribe: {reason}"))).await;
+                inbound.send(Inbound::Fatal(format!("cannot subscribe: {reason}")));
                 false
             }
         };
@@ -745,7 +773,7 @@ impl EventHalf<'_> {
                         } else {
                             Inbound::Fatal(reason)
                         };
-                        taking = inbound.send(message).await;
+                        taking = inbound.send(message);
                     }
                     subscribed = true;
                 }
@@ -756,8 +784,9 @@ impl EventHalf<'_> {
                             generation: self.generation.get(),
                             arrival_ms: now_ms(),
                         };
-                        // Waits while the queue is full: the broker then holds the rest.
-                        taking = inbound.send(message).await;
+                        // Waits only when the spill list is full too: the loop must go on
+                        // sending pings and acks.
+                        taking = inbound.send_message(message).await;
                     }
                 }
                 Ok(NetEvent::PubCompSent { pkid }) => {
@@ -797,7 +826,7 @@ impl EventHalf<'_> {
                             format!("{}; reconnecting in {} ms", error.message, delay.as_millis());
                         let message =
                             if lost { Inbound::Lost(reason) } else { Inbound::RetryFailed(reason) };
-                        taking = inbound.send(message).await;
+                        taking = inbound.send(message);
                     }
                     tokio::time::sleep(delay).await;
                 }
@@ -806,7 +835,7 @@ impl EventHalf<'_> {
     }
 }
 
-/// The queue from the network thread to `poll`.
+/// The queue from the network thread to `poll`, and the spill list in front of it.
 struct Inbox {
     queue: mpsc::Sender<Inbound>,
     /// The engine's waker of this source: a message waits for no poll interval.
@@ -814,19 +843,124 @@ struct Inbox {
     /// True while a wake is pending (`poll` has not run since): one wake per poll, however
     /// many messages come meanwhile.
     woken: Arc<AtomicBool>,
+    /// What arrived while the queue was full, in arrival order; [`Inbox::forward`] moves it
+    /// into the queue as room frees up (network thread only).
+    spill: RefCell<VecDeque<Inbound>>,
+    /// Signalled when the spill list gains an entry, and when the event loop ends.
+    spilled: Notify,
+    /// Signalled when the forwarder took an entry from the spill list.
+    room: Notify,
+    /// The event loop ended: the forwarder ends once the spill list is empty.
+    done: Cell<bool>,
+    /// `queue_capacity`: the most messages the spill list takes before the event loop waits.
+    capacity: usize,
+    counters: Arc<Counters>,
 }
 
 impl Inbox {
-    /// Queues `message`, waiting while the queue is full; false once `poll`'s side is gone.
-    async fn send(&self, message: Inbound) -> bool {
-        let sent = self.queue.send(message).await.is_ok();
-        if sent
-            && let Some(waker) = &self.waker
+    fn new(
+        queue: mpsc::Sender<Inbound>,
+        waker: Option<Waker>,
+        woken: Arc<AtomicBool>,
+        capacity: usize,
+        counters: Arc<Counters>,
+    ) -> Inbox {
+        Inbox {
+            queue,
+            waker,
+            woken,
+            spill: RefCell::default(),
+            spilled: Notify::new(),
+            room: Notify::new(),
+            done: Cell::new(false),
+            capacity,
+            counters,
+        }
+    }
+
+    /// Hands `message` on without waiting (into the queue, or behind what is spilled); false
+    /// once `poll`'s side is gone.
+    fn send(&self, message: Inbound) -> bool {
+        if self.queue.is_closed() {
+            return false;
+        }
+        let mut spill = self.spill.borrow_mut();
+        if spill.is_empty() {
+            match self.queue.try_send(message) {
+                Ok(()) => {
+                    self.wake();
+                    return true;
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => return false,
+                Err(mpsc::error::TrySendError::Full(message)) => spill.push_back(message),
+            }
+        } else {
+            spill.push_back(message);
+        }
+        self.count_spill(spill.len());
+        self.spilled.notify_one();
+        true
+    }
+
+    /// Hands on a message; waits while the spill list holds `capacity` messages (the event
+    /// loop then stops reading the socket).
+    async fn send_message(&self, message: Inbound) -> bool {
+        if !self.send(message) {
+            return false;
+        }
+        while self.spill.borrow().len() >= self.capacity && !self.queue.is_closed() {
+            self.room.notified().await;
+        }
+        true
+    }
+
+    /// Moves the spill list into the queue as room frees up, until the event loop ended and
+    /// nothing is left, or `poll`'s side is gone.
+    async fn forward(&self) {
+        loop {
+            if self.spill.borrow().is_empty() {
+                if self.done.get() {
+                    return;
+                }
+                self.spilled.notified().await;
+                continue;
+            }
+            let Ok(permit) = self.queue.reserve().await else {
+                self.spill.borrow_mut().clear();
+                self.count_spill(0);
+                self.room.notify_one();
+                return;
+            };
+            let (message, left) = {
+                let mut spill = self.spill.borrow_mut();
+                (spill.pop_front(), spill.len())
+            };
+            if let Some(message) = message {
+                permit.send(message);
+                self.wake();
+            }
+            self.count_spill(left);
+            self.room.notify_one();
+        }
+    }
+
+    /// The event loop ended.
+    fn finish(&self) {
+        self.done.set(true);
+        self.spilled.notify_one();
+    }
+
+    fn count_spill(&self, len: usize) {
+        self.counters.spilled.store(len as u64, Ordering::Relaxed);
+        self.counters.spilled_peak.fetch_max(len as u64, Ordering::Relaxed);
+    }
+
+    fn wake(&self) {
+        if let Some(waker) = &self.waker
             && !self.woken.swap(true, Ordering::AcqRel)
         {
             waker.wake();
         }
-        sent
     }
 }
 
@@ -926,6 +1060,8 @@ mod tests {
                 "connection = { protocol = \"v4\", session_expiry_secs = 10 }",
                 "connection.session_expiry_secs",
             ),
+            ("connection = { keep_alive_secs = 2 }", "connection.keep_alive_secs"),
+            ("connection = { keep_alive_secs = 0 }", "connection.keep_alive_secs"),
             ("tls.ca_file = \"ca.crt\"", "tls.ca_file"),
         ] {
             let mut text = String::new();
