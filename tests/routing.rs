@@ -116,7 +116,7 @@ fn validate_names_the_line_and_column_of_an_unknown_port() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
         stderr.contains(
-            "tests/fixtures/invalid/unknown_port.toml:19:26: error: unknown output `.nosuch` of `by_heat`"
+            "tests/fixtures/invalid/unknown_port.toml:19:26: error: unknown output `by_heat.nosuch`: `by_heat` has no output `nosuch`"
         ),
         "{stderr}"
     );

@@ -157,7 +157,10 @@ fn late_port_of_a_component_without_one_is_an_error() {
 fn an_unknown_named_output_is_located_and_the_existing_ones_listed() {
     let error = single_error("invalid/unknown_port.toml");
     assert_eq!((error.line, error.column), (19, 26), "{error}");
-    assert!(error.message.contains("unknown output `.nosuch` of `by_heat`"), "{error}");
+    assert!(
+        error.message.contains("unknown output `by_heat.nosuch`: `by_heat` has no output `nosuch`"),
+        "{error}"
+    );
     assert_eq!(
         error.hint.as_deref(),
         Some("the outputs of `by_heat` are `by_heat.hot`, `by_heat.normal` and `by_heat.errors`"),

@@ -832,7 +832,7 @@ impl Validator<'_> {
                             format!("the outputs of `{component}` are {}", quoted_list(&names));
                         self.reporter.error(
                             Some(span.clone()),
-                            format!("unknown output `.{other}` of `{component}`"),
+                            format!("unknown output `{component}.{other}`: `{component}` has no output `{other}`"),
                             Some(match close {
                                 Some(close) => format!("{close} {outputs}"),
                                 None => outputs,
