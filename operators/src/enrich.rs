@@ -2,11 +2,20 @@
 //! fields as labels.
 //!
 //! Its inputs are the records and a `catalog` source (whose updates are raw messages, see
-//! [`tidewatch_api::catalog`]). The catalog is a differential collection arranged by device;
-//! each batch of records is joined with it as it stands when the batch arrives: a record whose
-//! device has a row leaves on `<id>.matched` with `site`, `asset`, `owner` and the row's free
-//! labels added (they replace labels of the same name), one whose device has none leaves on
-//! `<id>.unmatched`, unchanged, and is counted
+//! [`tidewatch_api::catalog`]). The catalog is a differential collection of row *versions*
+//! arranged by device, each valid from an event time on; each record is joined with the
+//! version valid at its own event time (an as-of join: the newest version valid at or before
+//! it). A version is valid from the row's `valid_from`, when the catalog gives one, or else
+//! from the greatest event time of the records this instance has seen when the update
+//! reaches it: an update applies to the records after it in event time, and a record of an
+//! earlier time that arrives later still gets the row as it was. A retracted row is a version
+//! that says "not in the catalog". Versions that no record on time can use any more (followed
+//! by a newer one valid at or before the watermark) are dropped; a late record takes the
+//! oldest version kept.
+//!
+//! A record whose device has a row at its time leaves on `<id>.matched` with `site`, `asset`,
+//! `owner` and the row's free labels added (they replace labels of the same name), one whose
+//! device has none leaves on `<id>.unmatched`, unchanged, and is counted
 //! (`tidewatch_enrich_unmatched_records_total{component_id}`). A row's `threshold` override
 //! replaces the detector's threshold of the device's scores (their `threshold`, and their
 //! `anomaly` flag: score above it), so a `threshold` transform placed after `enrich`
@@ -46,6 +55,7 @@
 //! assert_eq!(unmatched[0].device.name().as_ref(), "p9");
 //! ```
 
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 
 use differential_dataflow::input::{Input, InputSession};
@@ -53,8 +63,9 @@ use serde::Deserialize;
 use tidewatch_api::catalog::CatalogRow;
 use tidewatch_api::prometheus::{IntCounter, Opts};
 use tidewatch_api::{
-    AnomalyEvent, Batch, ComponentContext, ComponentError, ConfigError, DeviceId, Kind, Labels,
-    Outputs, PortType, Score, Transform, TransformFactory, TransformProperties, ValidateContext,
+    AnomalyEvent, Batch, ComponentContext, ComponentError, ConfigError, DeviceId, EventTime, Kind,
+    Labels, Outputs, PortType, Score, Transform, TransformFactory, TransformProperties,
+    ValidateContext,
 };
 use timely::dataflow::ProbeHandle;
 
@@ -123,6 +134,8 @@ impl TransformFactory for EnrichFactory {
 /// A record `enrich` can label.
 trait Labelled {
     fn device(&self) -> DeviceId;
+    /// Its event time: the catalog as it stood then applies.
+    fn time(&self) -> EventTime;
     fn labels_mut(&mut self) -> &mut Labels;
     /// Takes what else of the device's row applies to the record.
     fn apply(&mut self, _row: &CatalogRow) {}
@@ -131,6 +144,9 @@ trait Labelled {
 impl Labelled for Score {
     fn device(&self) -> DeviceId {
         self.device
+    }
+    fn time(&self) -> EventTime {
+        self.end_ms
     }
     fn labels_mut(&mut self) -> &mut Labels {
         &mut self.labels
@@ -150,21 +166,38 @@ impl Labelled for AnomalyEvent {
     fn device(&self) -> DeviceId {
         self.device
     }
+    fn time(&self) -> EventTime {
+        self.time_ms
+    }
     fn labels_mut(&mut self) -> &mut Labels {
         &mut self.labels
     }
 }
 
+/// One version of a device's row: valid from its event time on (`None`: the device is not in
+/// the catalog from then on).
+type Version = (EventTime, Option<CatalogRow>);
+
 /// The `enrich` transform (see the module documentation).
 pub struct Enrich {
     local: Local,
-    catalog: InputSession<u64, (String, CatalogRow), isize>,
-    records: InputSession<u64, (String, u64), isize>,
+    /// The catalog's versions, by device.
+    catalog: InputSession<u64, (String, Version), isize>,
+    /// The records of the round: device, then (sequence number, event time).
+    records: InputSession<u64, (String, (u64, EventTime)), isize>,
     probe: ProbeHandle<u64>,
-    matched: Captured<(u64, CatalogRow)>,
-    unmatched: Captured<u64>,
+    /// The versions each record of a round can use: (sequence number, version).
+    candidates: Captured<(u64, Version)>,
+    /// The versions in the collection, by device, oldest first (to replace and prune them).
+    versions: HashMap<String, Vec<Version>>,
+    /// The greatest event time of the records seen: where an update without `valid_from`
+    /// takes effect.
+    position: EventTime,
+    /// The greatest watermark the record batches came with: versions superseded before it
+    /// are dropped.
+    watermark: EventTime,
     /// The record keys of the last round, retracted at the next.
-    last: Vec<(String, u64)>,
+    last: Vec<(String, (u64, EventTime))>,
     next_seq: u64,
     unmatched_total: Option<IntCounter>,
 }
@@ -180,26 +213,21 @@ impl Enrich {
     /// metrics registry, if any.
     pub fn new(ctx: &ComponentContext) -> Enrich {
         let mut local = Local::new();
-        let matched: Captured<(u64, CatalogRow)> = Captured::default();
-        let unmatched: Captured<u64> = Captured::default();
-        let (matched_out, unmatched_out) = (matched.clone(), unmatched.clone());
+        let candidates: Captured<(u64, Version)> = Captured::default();
+        let candidates_out = candidates.clone();
         let probe = ProbeHandle::new();
         let probe_in = probe.clone();
         let (catalog, records) = local.worker.dataflow::<u64, _, _>(move |scope| {
-            let (catalog_in, catalog) = scope.new_collection::<(String, CatalogRow), isize>();
-            let (records_in, records) = scope.new_collection::<(String, u64), isize>();
-            let devices = catalog.clone().map(|(device, _)| device).distinct();
+            let (catalog_in, catalog) = scope.new_collection::<(String, Version), isize>();
+            let (records_in, records) = scope.new_collection::<(String, (u64, EventTime)), isize>();
+            // The as-of join: every version valid at or before the record's time; the newest
+            // of them is picked per record below.
             records
-                .clone()
-                .join_core(catalog.arrange_by_key(), |_device, seq, row| Some((*seq, row.clone())))
-                .inspect(move |(data, time, diff)| {
-                    matched_out.borrow_mut().push((data.clone(), *time, *diff));
+                .join_core(catalog.arrange_by_key(), |_device, (seq, time), (from, row)| {
+                    (*from <= *time).then(|| (*seq, (*from, row.clone())))
                 })
-                .probe_with(&probe_in);
-            records
-                .antijoin(devices)
-                .inspect(move |((_, seq), time, diff)| {
-                    unmatched_out.borrow_mut().push((*seq, *time, *diff));
+                .inspect(move |(data, time, diff)| {
+                    candidates_out.borrow_mut().push((data.clone(), *time, *diff));
                 })
                 .probe_with(&probe_in);
             (catalog_in, records_in)
@@ -214,8 +242,10 @@ impl Enrich {
             catalog,
             records,
             probe,
-            matched,
-            unmatched,
+            candidates,
+            versions: HashMap::new(),
+            position: EventTime::MIN,
+            watermark: EventTime::MIN,
             last: Vec::new(),
             next_seq: 0,
             unmatched_total,
@@ -234,43 +264,98 @@ impl Enrich {
         round
     }
 
+    /// Applies a batch of catalog updates: per device, the row it ends with (the last one
+    /// inserted; none when it was only retracted) becomes a version, valid from the row's
+    /// `valid_from` or, without one, from the greatest event time of the records seen.
     fn apply_catalog(&mut self, batch: &tidewatch_api::RawBatch, out: &mut Outputs) {
+        let mut ending: BTreeMap<String, Option<CatalogRow>> = BTreeMap::new();
         for update in catalog_updates(batch, out) {
-            self.catalog.update((update.row.device.clone(), update.row), update.diff as isize);
+            let device = update.row.device.clone();
+            if update.diff > 0 {
+                ending.insert(device, Some(update.row));
+            } else {
+                ending.entry(device).or_insert(None);
+            }
+        }
+        for (device, row) in ending {
+            let from = row.as_ref().and_then(|row| row.valid_from).unwrap_or(self.position);
+            self.set_version(device, (from, row));
         }
         self.advance();
-        self.matched.borrow_mut().clear();
-        self.unmatched.borrow_mut().clear();
+        self.candidates.borrow_mut().clear();
     }
 
-    /// Joins `records` with the catalog: the matched ones labelled, and the unmatched ones.
-    fn join<R: Labelled>(&mut self, records: Vec<R>) -> (Vec<R>, Vec<R>) {
+    /// Adds a version of `device` (replacing one valid from the same time), then drops the
+    /// versions no record on time can use any more: those followed by one valid at or before
+    /// the watermark.
+    fn set_version(&mut self, device: String, version: Version) {
+        let list = self.versions.entry(device.clone()).or_default();
+        let at = list.partition_point(|(from, _)| *from < version.0);
+        if list.get(at).is_some_and(|(from, _)| *from == version.0) {
+            let old = std::mem::replace(&mut list[at], version.clone());
+            self.catalog.remove((device.clone(), old));
+        } else {
+            list.insert(at, version.clone());
+        }
+        self.catalog.insert((device.clone(), version));
+        let watermark = self.watermark;
+        let keep_from = list.iter().rposition(|(from, _)| *from <= watermark).unwrap_or(0);
+        for old in list.drain(..keep_from) {
+            self.catalog.remove((device.clone(), old));
+        }
+        // A device whose only version says "not in the catalog" needs none.
+        if let [(_, None)] = list.as_slice()
+            && list[0].0 <= watermark
+        {
+            let old = list.remove(0);
+            self.catalog.remove((device.clone(), old));
+        }
+        if list.is_empty() {
+            self.versions.remove(&device);
+        }
+    }
+
+    /// Joins `records` with the catalog as it stood at each record's event time: the matched
+    /// ones labelled, and the unmatched ones.
+    fn join<R: Labelled>(&mut self, records: Vec<R>, watermark: EventTime) -> (Vec<R>, Vec<R>) {
+        self.watermark = self.watermark.max(watermark);
         for key in self.last.drain(..) {
             self.records.remove(key);
         }
         let first = self.next_seq;
         for record in &records {
-            let key = (record.device().name().to_string(), self.next_seq);
+            let time = record.time();
+            self.position = self.position.max(time);
+            let key = (record.device().name().to_string(), (self.next_seq, time));
             self.records.insert(key.clone());
             self.last.push(key);
             self.next_seq += 1;
         }
         let round = self.advance();
-        let mut slots: Vec<Option<R>> = records.into_iter().map(Some).collect();
-        let mut take = |seq: u64| {
-            usize::try_from(seq - first).ok().and_then(|index| slots.get_mut(index)?.take())
-        };
-        let mut matched = Vec::new();
-        for (seq, row) in take_inserted(&self.matched, round) {
-            if let Some(mut record) = take(seq) {
-                let labels = record.labels_mut();
-                *labels = labels.merged(&row.labels());
-                record.apply(&row);
-                matched.push(record);
+        // The newest version each record may use.
+        let mut picked: Vec<Option<(EventTime, Option<CatalogRow>)>> = vec![None; records.len()];
+        for (seq, (from, row)) in take_inserted(&self.candidates, round) {
+            let Some(slot) = usize::try_from(seq - first).ok().and_then(|i| picked.get_mut(i))
+            else {
+                continue;
+            };
+            if slot.as_ref().is_none_or(|(best, _)| from >= *best) {
+                *slot = Some((from, row));
             }
         }
-        let unmatched: Vec<R> =
-            take_inserted(&self.unmatched, round).into_iter().filter_map(&mut take).collect();
+        let mut matched = Vec::new();
+        let mut unmatched = Vec::new();
+        for (mut record, version) in records.into_iter().zip(picked) {
+            match version {
+                Some((_, Some(row))) => {
+                    let labels = record.labels_mut();
+                    *labels = labels.merged(&row.labels());
+                    record.apply(&row);
+                    matched.push(record);
+                }
+                _ => unmatched.push(record),
+            }
+        }
         (matched, unmatched)
     }
 
@@ -303,13 +388,13 @@ impl Transform for Enrich {
         match batch {
             Batch::Raw(raw) => self.apply_catalog(&raw, out),
             Batch::Scores(scores) => {
-                let (matched, unmatched) = self.join(scores);
+                let (matched, unmatched) = self.join(scores, out.batch_watermark());
                 self.count_unmatched(unmatched.len());
                 out.emit_to(0, Batch::Scores(matched));
                 out.emit_to(1, Batch::Scores(unmatched));
             }
             Batch::Events(events) => {
-                let (matched, unmatched) = self.join(events);
+                let (matched, unmatched) = self.join(events, out.batch_watermark());
                 self.count_unmatched(unmatched.len());
                 out.emit_to(0, Batch::Events(matched));
                 out.emit_to(1, Batch::Events(unmatched));
@@ -414,6 +499,88 @@ mod tests {
         assert_eq!(main, [("p1".into(), "south".into()), ("p3".into(), "east".into())]);
         assert_eq!(unmatched, ["p2"]);
         assert_eq!(enrich.unmatched_total.as_ref().map(IntCounter::get), Some(2));
+    }
+
+    /// Events of `device` at the given event times.
+    fn events_at(device: &str, times: &[i64]) -> Batch {
+        Batch::Events(
+            times
+                .iter()
+                .map(|time| AnomalyEvent { time_ms: *time, started_ms: *time, ..event(device) })
+                .collect(),
+        )
+    }
+
+    /// The (time, site) of the matched events and the times of the unmatched ones.
+    fn sites_at(out: &mut Outputs) -> (Vec<(i64, String)>, Vec<i64>) {
+        let mut matched = Vec::new();
+        let mut unmatched = Vec::new();
+        for (port, batch) in out.take_named() {
+            let Batch::Events(events) = batch else { panic!("{batch:?}") };
+            for event in events {
+                if port == 0 {
+                    matched.push((event.time_ms, event.labels.get("site").unwrap_or("").into()));
+                } else {
+                    unmatched.push(event.time_ms);
+                }
+            }
+        }
+        (matched, unmatched)
+    }
+
+    #[test]
+    fn an_update_applies_to_the_records_after_it_in_event_time() {
+        let ctx = ComponentContext::for_test("enrich", "enrich");
+        let mut enrich = Enrich::new(&ctx);
+        let mut out = Outputs::new("enrich");
+        let site = |s: &str| s.to_owned();
+        // The first catalog applies to every time.
+        enrich.process_batch(updates(&[(1, row("p1", "north"))]), &mut out);
+        out.take_errors();
+        enrich.process_batch(events_at("p1", &[100]), &mut out);
+        assert_eq!(sites_at(&mut out), (vec![(100, site("north"))], vec![]));
+
+        // A move without valid_from takes effect where the stream stands (100): a record of
+        // earlier time that comes later still has the old site.
+        let moved = [(-1, row("p1", "north")), (1, row("p1", "south"))];
+        enrich.process_batch(updates(&moved), &mut out);
+        out.take_errors();
+        enrich.process_batch(events_at("p1", &[50, 100, 150]), &mut out);
+        let expected = vec![(50, site("north")), (100, site("south")), (150, site("south"))];
+        assert_eq!(sites_at(&mut out), (expected, vec![]));
+
+        // A move with valid_from takes effect then, before or after the stream's position.
+        let east = CatalogRow { valid_from: Some(200), ..row("p1", "east") };
+        enrich.process_batch(updates(&[(-1, row("p1", "south")), (1, east.clone())]), &mut out);
+        out.take_errors();
+        enrich.process_batch(events_at("p1", &[120, 199, 200, 250]), &mut out);
+        let expected = vec![
+            (120, site("south")),
+            (199, site("south")),
+            (200, site("east")),
+            (250, site("east")),
+        ];
+        assert_eq!(sites_at(&mut out), (expected, vec![]));
+
+        // Retired where the stream stands (250): later records are unmatched, earlier not.
+        enrich.process_batch(updates(&[(-1, east)]), &mut out);
+        out.take_errors();
+        enrich.process_batch(events_at("p1", &[240, 260]), &mut out);
+        assert_eq!(sites_at(&mut out), (vec![(240, site("east"))], vec![260]));
+
+        // Once the watermark passed them, superseded versions are dropped; the device's
+        // retirement then needs no version at all.
+        assert_eq!(enrich.versions.get("p1").map(Vec::len), Some(4));
+        out.set_batch_watermark(300);
+        enrich.process_batch(events_at("p1", &[300]), &mut out);
+        assert_eq!(sites_at(&mut out), (vec![], vec![300]));
+        enrich.process_batch(updates(&[(1, row("p2", "west"))]), &mut out);
+        out.take_errors();
+        enrich.process_batch(updates(&[(1, row("p1", "north"))]), &mut out);
+        out.take_errors();
+        assert_eq!(enrich.versions.get("p1").map(Vec::len), Some(1), "only the live row");
+        enrich.process_batch(events_at("p1", &[310]), &mut out);
+        assert_eq!(sites_at(&mut out), (vec![(310, site("north"))], vec![]));
     }
 
     #[test]

@@ -77,6 +77,10 @@ pub struct CatalogRow {
     /// A per-device threshold override, when given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub threshold: Option<ThresholdOverride>,
+    /// From which event time on the row applies, ms since the epoch; without it, `enrich`
+    /// applies the row from the greatest event time it has seen when the row reaches it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub valid_from: Option<crate::EventTime>,
 }
 
 impl CatalogRow {
@@ -146,12 +150,12 @@ impl CatalogUpdate {
 #[serde(rename_all = "snake_case")]
 pub enum CatalogFormat {
     /// A header line naming the columns, then one row a line. `device` is required; `site`,
-    /// `asset`, `owner` and `threshold` are known; every other column is a free label (empty
-    /// cells are left out).
+    /// `asset`, `owner`, `threshold` and `valid_from` are known; every other column is a free
+    /// label (empty cells are left out).
     Csv,
     /// One JSON object a line: `device` (required), `site`, `asset`, `owner`, `threshold`
-    /// (a number), `labels` (an object of strings); any other key whose value is a string,
-    /// number or boolean is a free label.
+    /// (a number), `valid_from` (a timestamp), `labels` (an object of strings); any other key
+    /// whose value is a string, number or boolean is a free label.
     Jsonl,
 }
 
@@ -218,6 +222,12 @@ fn threshold_of(text: &str) -> Result<ThresholdOverride, String> {
     }
 }
 
+fn valid_from_of(text: &str) -> Result<crate::EventTime, String> {
+    crate::time::parse_timestamp(text.trim(), crate::time::TimestampFormat::Auto).map_err(|_| {
+        format!("valid_from `{text}` is not a timestamp (ms or s since the epoch, or RFC 3339)")
+    })
+}
+
 fn csv_row(line: &[u8], names: &[std::sync::Arc<str>]) -> Result<CatalogRow, String> {
     let mut row = CatalogRow::default();
     let mut problem = None;
@@ -235,6 +245,11 @@ fn csv_row(line: &[u8], names: &[std::sync::Arc<str>]) -> Result<CatalogRow, Str
             "threshold" if value.is_empty() => {}
             "threshold" => match threshold_of(&value) {
                 Ok(threshold) => row.threshold = Some(threshold),
+                Err(reason) => problem = Some(reason),
+            },
+            "valid_from" if value.is_empty() => {}
+            "valid_from" => match valid_from_of(&value) {
+                Ok(time) => row.valid_from = Some(time),
                 Err(reason) => problem = Some(reason),
             },
             _ if value.is_empty() || name.is_empty() => {}
@@ -283,11 +298,15 @@ fn json_row(line: &[u8]) -> Result<CatalogRow, String> {
             ("threshold", Some(text)) if value.is_number() => {
                 row.threshold = Some(threshold_of(&text)?)
             }
+            ("valid_from", None) if value.is_null() => {}
+            ("valid_from", Some(text)) if value.is_number() || value.is_string() => {
+                row.valid_from = Some(valid_from_of(&text)?)
+            }
             ("device", Some(text)) if value.is_string() => row.device = text,
             ("site", Some(text)) if value.is_string() => row.site = text,
             ("asset", Some(text)) if value.is_string() => row.asset = text,
             ("owner", Some(text)) if value.is_string() => row.owner = text,
-            ("device" | "site" | "asset" | "owner" | "threshold" | "labels", _) => {
+            ("device" | "site" | "asset" | "owner" | "threshold" | "valid_from" | "labels", _) => {
                 return Err(format!("`{key}` has the wrong type"));
             }
             (_, Some(text)) => {
@@ -359,6 +378,25 @@ mod tests {
         let labels = p1.labels();
         assert_eq!(labels.get("site"), Some("north"));
         assert_eq!(labels.get("floor"), Some("2"));
+    }
+
+    #[test]
+    fn valid_from_is_read_as_a_timestamp_in_both_formats() {
+        let csv =
+            b"device,site,valid_from\np1,north,1700000000000\np2,north,2023-11-14T22:13:20Z\n\
+                    p3,north,\np4,north,soon\n";
+        let parsed = parse_catalog(csv, CatalogFormat::Csv).expect("parses");
+        let from = |device: &str| parsed.rows.get(device).and_then(|row| row.valid_from);
+        assert_eq!(from("p1"), Some(1_700_000_000_000));
+        assert_eq!(from("p2"), Some(1_700_000_000_000));
+        assert_eq!(from("p3"), None, "empty: from where the stream stands");
+        assert!(!parsed.rows.contains_key("p4"));
+        assert_eq!(parsed.errors.len(), 1, "{:?}", parsed.errors);
+        assert!(parsed.errors[0].to_string().contains("valid_from `soon`"), "{:?}", parsed.errors);
+        let json = b"{\"device\":\"p1\",\"valid_from\":1700000000}\n{\"device\":\"p2\",\"valid_from\":[1]}\n";
+        let parsed = parse_catalog(json, CatalogFormat::Jsonl).expect("parses");
+        assert_eq!(parsed.rows["p1"].valid_from, Some(1_700_000_000_000), "seconds");
+        assert_eq!(parsed.errors.len(), 1, "{:?}", parsed.errors);
     }
 
     #[test]
