@@ -417,7 +417,62 @@ proptest! {
         }
         prop_assert_eq!(&views[0], &views[1]);
         prop_assert_eq!(&views[0], &views[2]);
+        // Two processes of one worker each: records are enriched in both; the fleet view is
+        // gathered on the first, and equals one worker's.
+        let dir = tempfile::tempdir().expect("dir");
+        std::fs::write(dir.path().join("devices.csv"), &catalog).expect("catalog");
+        let source = format!("type = \"file\"\npath = \"{}\"", readings_path.display());
+        let outputs = run_processes(dir.path(), &pipeline(&source), 2);
+        let enriched: Vec<serde_json::Value> =
+            outputs.iter().flat_map(|out| json_lines(&out.join("enriched.jsonl"))).collect();
+        let unmatched: Vec<serde_json::Value> =
+            outputs.iter().flat_map(|out| json_lines(&out.join("unmatched.jsonl"))).collect();
+        prop_assert!(
+            json_lines(&outputs[1].join("fleet.jsonl")).is_empty(),
+            "fleet is gathered on the first process"
+        );
+        let view = replayed_from(&json_lines(&outputs[0].join("fleet.jsonl")));
+        prop_assert_eq!(&view, &expected_from(&enriched, 4), "2 processes");
+        prop_assert_eq!(&(enriched.len(), unmatched.len(), view), &views[0], "2 processes");
     }
+}
+
+/// Runs `pipeline` (its catalog in `dir`/devices.csv, read once) as a cluster of `processes`
+/// processes of one worker on loopback, to the end of its input; the output folder of each.
+fn run_processes(dir: &Path, pipeline: &str, processes: usize) -> Vec<std::path::PathBuf> {
+    let file = dir.join("pipeline.toml");
+    std::fs::write(
+        &file,
+        pipeline.replace("name = \"fleet-test\"", "name = \"fleet-test\"\nworkers = 1"),
+    )
+    .expect("pipeline file");
+    let peers: Vec<String> = (0..processes).map(|_| common::process::free_address()).collect();
+    let running: Vec<(common::process::Process, std::path::PathBuf)> = (0..processes)
+        .map(|index| {
+            let out = dir.join(format!("process-{index}"));
+            std::fs::create_dir_all(&out).expect("output folder");
+            let args = [
+                "--processes".to_owned(),
+                processes.to_string(),
+                "--process".to_owned(),
+                index.to_string(),
+                "--peers".to_owned(),
+                peers.join(","),
+            ];
+            let mut vars = file_vars(dir, false);
+            vars.retain(|(name, _)| *name != "DIR");
+            vars.push(("DIR", out.display().to_string()));
+            let log = dir.join(format!("process-{index}.log"));
+            (common::process::Process::run_with(&file, &args, &vars, log), out)
+        })
+        .collect();
+    running
+        .into_iter()
+        .map(|(process, out)| {
+            process.wait_exit(Duration::from_secs(120));
+            out
+        })
+        .collect()
 }
 
 // ---------------------------------------------------------------------------------------------
