@@ -177,6 +177,11 @@ pub struct FileSourceFactory;
 impl SourceFactory for FileSourceFactory {
     type Config = FileSourceConfig;
 
+    /// Only worker 0 reads the file.
+    fn reads_on_one_worker(&self, _config: &FileSourceConfig) -> bool {
+        true
+    }
+
     fn output_type(
         &self,
         config: &FileSourceConfig,

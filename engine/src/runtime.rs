@@ -309,7 +309,8 @@ pub fn run(pipeline: &Pipeline, workers: usize, run: &RunContext) -> Result<(), 
         let peers = worker.peers();
         let main = worker.next_dataflow_index();
         worker.dataflow::<u64, _, _>(|scope| {
-            build(scope, &pipeline, index, peers, &shared, &process_shared, &worker_checkpoints);
+            let layout = Layout { index, peers, local: workers };
+            build(scope, &pipeline, layout, &shared, &process_shared, &worker_checkpoints);
         });
         // A cluster's checkpoints are coordinated through a dataflow of their own.
         let main_done = Rc::new(std::cell::Cell::new(false));
@@ -393,18 +394,47 @@ pub fn run(pipeline: &Pipeline, workers: usize, run: &RunContext) -> Result<(), 
     if errors.is_empty() { Ok(()) } else { Err(errors.remove(0)) }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Where a worker stands in the cluster.
+#[derive(Clone, Copy, Debug)]
+struct Layout {
+    /// Its index among all the workers of the cluster.
+    index: usize,
+    /// All the workers of the cluster.
+    peers: usize,
+    /// The workers of its process (indices `index - index % local ..`).
+    local: usize,
+}
+
+impl Layout {
+    /// The route that sends data round robin over the workers of this process (markers to
+    /// their worker): raw batches keep their acknowledgement tokens in the process.
+    fn round_robin(self) -> impl FnMut(&Flow) -> u64 + 'static {
+        let base = (self.index - self.index % self.local) as u64;
+        let local = self.local as u64;
+        let mut next = (self.index % self.local) as u64;
+        move |flow: &Flow| match flow {
+            Flow::Data(_) => {
+                next = (next + 1) % local;
+                base + next
+            }
+            Flow::Barrier { to, .. } | Flow::End { to, .. } => u64::from(*to),
+        }
+    }
+}
+
 fn build<'scope>(
     scope: Scope<'scope, u64>,
     pipeline: &Pipeline,
-    index: usize,
-    peers: usize,
+    layout: Layout,
     run: &RunContext,
     process_shared: &ProcessShared,
     checkpoints: &Option<Arc<Checkpoints>>,
 ) {
+    let Layout { index, peers, .. } = layout;
     let mut streams: HashMap<(String, Port), Data<'scope>> = HashMap::new();
     let mut partitioned: HashMap<String, bool> = HashMap::new();
+    // Sources only one worker reads: their raw batches may be spread (`spreadable`).
+    let mut one_reader: HashMap<String, bool> = HashMap::new();
     // Backpressure (flow_control): how many inputs read each output.
     let mut readers: HashMap<(&str, &Port), i64> = HashMap::new();
     for input in pipeline.components.iter().flat_map(|component| &component.inputs) {
@@ -467,6 +497,7 @@ fn build<'scope>(
                 streams.insert((component.id.clone(), Port::Main), main);
                 streams.insert((component.id.clone(), Port::Errors), errors);
                 partitioned.insert(component.id.clone(), false);
+                one_reader.insert(component.id.clone(), configured.reads_on_one_worker());
             }
             Configured::Transform(configured, properties) => {
                 let transform = configured.build(&ctx).unwrap_or_else(|error| {
@@ -479,8 +510,16 @@ fn build<'scope>(
                 let assigner = properties.assigns_event_time;
                 let gathered = properties.gathered && peers > 1;
                 let exchanged = gathered || (properties.keyed && peers > 1 && !inputs_partitioned);
+                // Decoding in parallel what one worker reads (the file source).
+                let spread = properties.spreadable
+                    && !exchanged
+                    && layout.local > 1
+                    && component.inputs.iter().all(|input| {
+                        input.port == Port::Main
+                            && one_reader.get(&input.component).copied().unwrap_or(false)
+                    });
                 // One barrier per epoch from every upstream instance that feeds this one.
-                let expected = if exchanged { count * peers } else { count };
+                let expected = if exchanged || spread { count * peers } else { count };
                 let barriers = checkpoints
                     .as_ref()
                     .map(|checkpoints| Barriers::new(Arc::clone(checkpoints), instance, expected));
@@ -490,6 +529,15 @@ fn build<'scope>(
                     let split = input.flat_map(move |flow: Flow| flow.split(peers, gathered));
                     let route = if gathered { Flow::route_gathered } else { Flow::route_hash };
                     let pact = ExchangePact::new(route);
+                    if assigner {
+                        assigner_operator(scope, split, pact, state, named)
+                    } else {
+                        follower_operator(scope, split, pact, state, named)
+                    }
+                } else if spread {
+                    // Batches whole, markers to every worker.
+                    let split = input.flat_map(move |flow: Flow| flow.split(peers, true));
+                    let pact = ExchangePact::new(layout.round_robin());
                     if assigner {
                         assigner_operator(scope, split, pact, state, named)
                     } else {
@@ -1552,6 +1600,21 @@ mod tests {
     use super::*;
     use crate::registry::Registry;
     use crate::spec::load_str;
+
+    #[test]
+    fn spread_batches_go_round_robin_over_the_process_workers_and_markers_to_their_worker() {
+        // Worker 5 of a cluster of 3 processes x 3 workers: process 1 has workers 3, 4, 5.
+        let mut route = Layout { index: 5, peers: 9, local: 3 }.round_robin();
+        let data = || Flow::Data(Batch::Raw(tidewatch_api::RawBatch::new()));
+        let targets: Vec<u64> = (0..6).map(|_| route(&data())).collect();
+        assert_eq!(targets, [3, 4, 5, 3, 4, 5]);
+        assert_eq!(route(&Flow::Barrier { epoch: 1, to: 7 }), 7);
+        assert_eq!(route(&Flow::End { from: 5, to: 0 }), 0);
+        assert_eq!(route(&data()), 3, "markers do not move the rotation");
+        // One process of one worker: everything stays.
+        let mut alone = Layout { index: 0, peers: 1, local: 1 }.round_robin();
+        assert_eq!((alone(&data()), alone(&data())), (0, 0));
+    }
 
     fn lines(path: &Path) -> Vec<serde_json::Value> {
         std::fs::read_to_string(path)

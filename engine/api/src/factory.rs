@@ -261,6 +261,11 @@ pub struct TransformProperties {
     /// `catalog` source): validation lets raw inputs stand beside inputs of one other kind,
     /// and the output type follows that other kind.
     pub raw_side_input: bool,
+    /// It decodes raw messages and keeps no state per device or per message order
+    /// (`normalize` without `hold_last`): when its inputs are sources that read on one worker
+    /// only ([`SourceFactory::reads_on_one_worker`]), the engine spreads their raw batches
+    /// over the workers of the process, round robin, so that the decoding runs in parallel.
+    pub spreadable: bool,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -281,6 +286,12 @@ pub trait SourceFactory: Send + Sync + 'static {
         config: &Self::Config,
         ctx: &ValidateContext,
     ) -> Result<PortType, ConfigError>;
+    /// True when only one worker of the cluster reads (the `file` source): the engine may then
+    /// spread what it reads over the process's workers for a
+    /// [spreadable](TransformProperties::spreadable) consumer. Default: false.
+    fn reads_on_one_worker(&self, _config: &Self::Config) -> bool {
+        false
+    }
     /// Builds the instance for one worker.
     fn build(
         &self,
@@ -360,6 +371,10 @@ pub trait SinkFactory: Send + Sync + 'static {
 pub trait ConfiguredSource: Send + Sync {
     /// What the source emits.
     fn output_type(&self) -> &PortType;
+    /// Only one worker of the cluster reads (see [`SourceFactory::reads_on_one_worker`]).
+    fn reads_on_one_worker(&self) -> bool {
+        false
+    }
     /// Builds the instance for one worker.
     fn build(&self, ctx: &ComponentContext) -> Result<Box<dyn Source>, ComponentError>;
 }
@@ -429,6 +444,9 @@ struct SourceWithConfig<F: SourceFactory> {
 impl<F: SourceFactory> ConfiguredSource for SourceWithConfig<F> {
     fn output_type(&self) -> &PortType {
         &self.output
+    }
+    fn reads_on_one_worker(&self) -> bool {
+        self.factory.reads_on_one_worker(&self.config)
     }
     fn build(&self, ctx: &ComponentContext) -> Result<Box<dyn Source>, ComponentError> {
         self.factory.build(&self.config, ctx)

@@ -639,8 +639,15 @@ impl TransformFactory for NormalizeFactory {
         Ok(PortType::with_schema(Kind::Readings, prepared.schema))
     }
 
-    fn properties(&self, _config: &NormalizeOptions) -> TransformProperties {
-        TransformProperties { assigns_event_time: true, ..TransformProperties::default() }
+    fn properties(&self, config: &NormalizeOptions) -> TransformProperties {
+        // `hold_last` keeps each device's last values: its readings must stay on one worker.
+        let holds = config.read.on_missing == OnMissing::HoldLast
+            || config.mediation.missing.values().any(|policy| *policy == OnMissing::HoldLast);
+        TransformProperties {
+            assigns_event_time: true,
+            spreadable: !holds,
+            ..TransformProperties::default()
+        }
     }
 
     fn build(
