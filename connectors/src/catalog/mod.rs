@@ -1,13 +1,26 @@
-//! `catalog`: a file of device metadata, watched and re-read on change, sent as differences.
+//! `catalog`: device metadata rows, sent as differences, from one of three places:
 //!
-//! The file (CSV or JSON lines, see [`tidewatch_api::catalog`]) is read at open; each poll after
-//! `poll_interval_ms` looks at its size and modification time and, when they changed, reads it
-//! again and compares the rows with the last ones read. Only the difference leaves the source:
-//! one raw message per [`CatalogUpdate`](tidewatch_api::catalog::CatalogUpdate) (a changed row retracted and inserted again, a removed
-//! row retracted). A line that is not a row goes to `<id>.errors` and counts as absent.
+//! - a file (CSV or JSON lines, see [`tidewatch_api::catalog`]), `path`: read at open; each
+//!   poll after `poll_interval_ms` looks at its size and modification time and, when they
+//!   changed, reads it again and compares the rows with the last ones read ([`CatalogSource`]);
+//! - a Kafka compacted topic, the `kafka` table: key = device id, value = one JSON row, a
+//!   tombstone deletes the row ([`kafka::KafkaCatalogSource`], feature `kafka`);
+//! - retained MQTT messages, the `mqtt` table: one JSON row per topic, an empty payload (which
+//!   clears a retained message) deletes the row ([`mqtt::MqttCatalogSource`], feature `mqtt`).
 //!
-//! Every worker reads the file and sends the whole difference: `enrich` keeps a copy of the
-//! catalog on each worker, so records are joined wherever they are.
+//! Only the difference leaves the source: one raw message per
+//! [`CatalogUpdate`](tidewatch_api::catalog::CatalogUpdate) (a changed row retracted and
+//! inserted again, a removed row retracted). A line or message that is not a row goes to
+//! `<id>.errors` and counts as absent. The keyed sources share [`keyed::KeyedCatalog`].
+//!
+//! Every worker reads the whole catalog and sends the whole difference: `enrich` keeps a copy
+//! of the catalog on each worker, so records are joined wherever they are.
+
+#[cfg(feature = "kafka")]
+pub mod kafka;
+pub mod keyed;
+#[cfg(feature = "mqtt")]
+pub mod mqtt;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -15,27 +28,53 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde::Deserialize;
 use tidewatch_api::catalog::{CatalogFormat, CatalogRow, diff_catalogs, parse_catalog};
-use tidewatch_api::records::now_ms;
 use tidewatch_api::{
-    ComponentContext, ComponentError, ConfigError, Kind, Outputs, PortType, RawBatch, Source,
-    SourceFactory, SourcePoll, ValidateContext,
+    ComponentContext, ComponentError, ConfigError, Kind, Outputs, PortType, Source, SourceFactory,
+    SourcePoll, ValidateContext,
 };
 
-/// Options of the `catalog` source.
+use keyed::emit_updates;
+
+/// The options of a catalog on a Kafka compacted topic (the `kafka` table).
+#[cfg(feature = "kafka")]
+pub type KafkaCatalogOptions = kafka::KafkaCatalogConfig;
+/// The options of a catalog on a Kafka compacted topic: this build has no `kafka` feature, so
+/// a `kafka` table is refused when the pipeline is validated.
+#[cfg(not(feature = "kafka"))]
+pub type KafkaCatalogOptions = serde::de::IgnoredAny;
+
+/// The options of a catalog in retained MQTT messages (the `mqtt` table).
+#[cfg(feature = "mqtt")]
+pub type MqttCatalogOptions = mqtt::MqttCatalogConfig;
+/// The options of a catalog in retained MQTT messages: this build has no `mqtt` feature, so
+/// an `mqtt` table is refused when the pipeline is validated.
+#[cfg(not(feature = "mqtt"))]
+pub type MqttCatalogOptions = serde::de::IgnoredAny;
+
+/// Options of the `catalog` source: exactly one of `path`, `kafka` and `mqtt` says where the
+/// rows are.
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CatalogSourceConfig {
     /// The catalog file; relative to the pipeline file.
-    pub path: String,
+    #[serde(default)]
+    pub path: Option<String>,
+    /// A Kafka compacted topic of rows keyed by device (`kafka = { brokers, topic, ... }`).
+    #[serde(default)]
+    pub kafka: Option<KafkaCatalogOptions>,
+    /// Retained MQTT messages of one row each (`mqtt = { url, topics, ... }`).
+    #[serde(default)]
+    pub mqtt: Option<MqttCatalogOptions>,
     /// `csv` or `jsonl`; by default from the file's extension (`.jsonl`/`.ndjson`/`.json` are
-    /// JSON lines, anything else CSV).
+    /// JSON lines, anything else CSV). Kafka and MQTT rows are JSON (`jsonl` or unset).
     #[serde(default)]
     pub format: Option<CatalogFormat>,
-    /// Keep watching the file after the first read (an unbounded source); `false` reads it
-    /// once and finishes.
+    /// Keep watching the file, or the Kafka topic, after the first read (an unbounded
+    /// source); `false` reads the file once, or the topic up to its end offsets as of the
+    /// start, and finishes. An MQTT catalog is always watched.
     #[serde(default = "default_watch")]
     pub watch: bool,
-    /// How often the file is checked for changes, ms.
+    /// How often the file is checked for changes, ms (the file only).
     #[serde(default = "default_poll_interval_ms")]
     pub poll_interval_ms: u64,
     /// The topic written on every update message.
@@ -55,21 +94,113 @@ fn default_topic() -> String {
     "catalog".to_owned()
 }
 
+/// An error about an option of a nested table, named `<table>.<option>`.
+pub(crate) fn nested(table: &str, mut error: ConfigError) -> ConfigError {
+    error.field = Some(match error.field.take() {
+        Some(field) => format!("{table}.{field}"),
+        None => table.to_owned(),
+    });
+    error
+}
+
 impl CatalogSourceConfig {
-    fn validate(&self) -> Result<(), ConfigError> {
-        if self.path.trim().is_empty() {
-            return Err(ConfigError::at_field("path", "the catalog's path is empty"));
+    /// A config for the catalog file `path`, every other option at its default.
+    pub fn file(path: impl Into<String>) -> CatalogSourceConfig {
+        CatalogSourceConfig {
+            path: Some(path.into()),
+            kafka: None,
+            mqtt: None,
+            format: None,
+            watch: default_watch(),
+            poll_interval_ms: default_poll_interval_ms(),
+            topic: default_topic(),
+        }
+    }
+
+    /// Checks the options beyond their types: exactly one of `path`, `kafka` and `mqtt`, and
+    /// each one's own options.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let given: Vec<&str> = [
+            ("path", self.path.is_some()),
+            ("kafka", self.kafka.is_some()),
+            ("mqtt", self.mqtt.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(name, given)| given.then_some(name))
+        .collect();
+        let hint = "for example path = \"devices.csv\", \
+            kafka = { brokers = \"127.0.0.1:9092\", topic = \"device-catalog\" } or \
+            mqtt = { url = \"mqtt://127.0.0.1:1883\", topics = [\"catalog/#\"] }";
+        match given.as_slice() {
+            [] => {
+                return Err(ConfigError::new("the catalog needs one of `path`, `kafka` or `mqtt`")
+                    .with_hint(hint));
+            }
+            [_] => {}
+            [first, second, ..] => {
+                return Err(ConfigError::at_field(
+                    second,
+                    format!("`{second}` and `{first}` are both given: a catalog has one origin"),
+                )
+                .with_hint("keep one of `path`, `kafka` and `mqtt`"));
+            }
         }
         if self.poll_interval_ms == 0 {
             return Err(ConfigError::at_field("poll_interval_ms", "must be at least 1 ms"));
         }
+        if let Some(path) = &self.path
+            && path.trim().is_empty()
+        {
+            return Err(ConfigError::at_field("path", "the catalog's path is empty"));
+        }
+        if self.path.is_none() && self.format == Some(CatalogFormat::Csv) {
+            return Err(ConfigError::at_field(
+                "format",
+                "the rows of a Kafka or MQTT catalog are JSON, one row per message",
+            )
+            .with_hint("remove `format` (or set it to \"jsonl\")"));
+        }
+        if let Some(kafka) = &self.kafka {
+            #[cfg(feature = "kafka")]
+            kafka.validate().map_err(|error| nested("kafka", error))?;
+            #[cfg(not(feature = "kafka"))]
+            let _ = kafka;
+            #[cfg(not(feature = "kafka"))]
+            return Err(ConfigError::at_field(
+                "kafka",
+                "this tidewatch was built without the `kafka` feature: no Kafka catalog",
+            )
+            .with_hint("build with `--features kafka`, or read the catalog from a file"));
+        }
+        if let Some(mqtt) = &self.mqtt {
+            #[cfg(feature = "mqtt")]
+            mqtt.validate().map_err(|error| nested("mqtt", error))?;
+            #[cfg(not(feature = "mqtt"))]
+            let _ = mqtt;
+            #[cfg(not(feature = "mqtt"))]
+            return Err(ConfigError::at_field(
+                "mqtt",
+                "this tidewatch was built without the `mqtt` feature: no MQTT catalog",
+            )
+            .with_hint("build with `--features mqtt`, or read the catalog from a file"));
+            #[cfg(feature = "mqtt")]
+            if !self.watch {
+                return Err(ConfigError::at_field(
+                    "watch",
+                    "an MQTT catalog is always watched: MQTT does not tell when the retained \
+                     messages are all delivered",
+                )
+                .with_hint("remove `watch = false`"));
+            }
+        }
         Ok(())
     }
 
-    /// The format: the option, or the file's extension.
+    /// The format: the option, or the file's extension (JSON for Kafka and MQTT).
     pub fn format(&self) -> CatalogFormat {
         self.format.unwrap_or_else(|| {
-            let lower = self.path.to_ascii_lowercase();
+            let Some(path) = &self.path else { return CatalogFormat::Jsonl };
+            let lower = path.to_ascii_lowercase();
             if [".jsonl", ".ndjson", ".json"].iter().any(|ext| lower.ends_with(ext)) {
                 CatalogFormat::Jsonl
             } else {
@@ -101,6 +232,14 @@ impl SourceFactory for CatalogSourceFactory {
         ctx: &ComponentContext,
     ) -> Result<Box<dyn Source>, ComponentError> {
         config.validate().map_err(|error| ComponentError::Config(error.to_string()))?;
+        #[cfg(feature = "kafka")]
+        if let Some(kafka) = &config.kafka {
+            return Ok(Box::new(kafka::KafkaCatalogSource::new(kafka, config, ctx)));
+        }
+        #[cfg(feature = "mqtt")]
+        if let Some(mqtt) = &config.mqtt {
+            return Ok(Box::new(mqtt::MqttCatalogSource::new(mqtt, config, ctx)));
+        }
         Ok(Box::new(CatalogSource::new(config, ctx)))
     }
 }
@@ -108,7 +247,7 @@ impl SourceFactory for CatalogSourceFactory {
 /// What the file looked like when last read: size and modification time.
 type Stamp = (u64, Option<SystemTime>);
 
-/// The `catalog` source (see the module documentation).
+/// The `catalog` source reading a file (see the module documentation).
 #[derive(Debug)]
 pub struct CatalogSource {
     ctx: ComponentContext,
@@ -125,11 +264,11 @@ pub struct CatalogSource {
 }
 
 impl CatalogSource {
-    /// A source for one worker.
+    /// A source for one worker, reading the file of `config.path`.
     pub fn new(config: &CatalogSourceConfig, ctx: &ComponentContext) -> CatalogSource {
         CatalogSource {
             ctx: ctx.clone(),
-            path: ctx.resolve_path(&config.path),
+            path: ctx.resolve_path(config.path.as_deref().unwrap_or_default()),
             format: config.format(),
             watch: config.watch,
             interval: Duration::from_millis(config.poll_interval_ms),
@@ -172,13 +311,7 @@ impl CatalogSource {
             out.error("catalog", error.to_string(), topic, None);
         }
         let updates = diff_catalogs(&self.rows, &parsed.rows);
-        let arrival = now_ms();
-        let mut batch = RawBatch::with_capacity(updates.len(), updates.len() * 96);
-        for update in &updates {
-            batch.push(&self.topic, &update.to_json(), arrival, self.sent);
-            self.sent += 1;
-        }
-        out.emit(tidewatch_api::Batch::Raw(batch));
+        emit_updates(out, &self.topic, &updates, &mut self.sent);
         self.rows = parsed.rows;
         self.stamp = Some(stamp);
         Ok(!updates.is_empty())
@@ -245,16 +378,35 @@ mod tests {
     }
 
     #[test]
+    fn exactly_one_origin_is_given_and_old_files_stay_valid() {
+        let parse = |text: &str| {
+            tidewatch_api::ConfigValue::parse(text)
+                .and_then(|value| value.deserialize::<CatalogSourceConfig>())
+                .expect(text)
+        };
+        let old = parse("path = \"devices.csv\"\nwatch = false\npoll_interval_ms = 5");
+        assert_eq!(old.validate(), Ok(()));
+        assert_eq!(old.path.as_deref(), Some("devices.csv"));
+        assert_eq!(old.format(), CatalogFormat::Csv);
+        let none = parse("watch = true").validate().expect_err("no origin");
+        assert!(none.message.contains("`path`, `kafka` or `mqtt`"), "{}", none.message);
+        let both =
+            parse("path = \"d.csv\"\nmqtt = { url = \"mqtt://h\", topics = [\"catalog/#\"] }");
+        assert_eq!(both.validate().expect_err("two").field.as_deref(), Some("mqtt"));
+        assert_eq!(
+            parse("path = \" \"").validate().expect_err("empty").field.as_deref(),
+            Some("path")
+        );
+    }
+
+    #[test]
     fn an_edited_file_sends_only_what_changed() {
         let dir = tempfile::tempdir().expect("dir");
         let path = dir.path().join("devices.csv");
         std::fs::write(&path, "device,site\np1,north\np2,north\n").expect("write");
         let config = CatalogSourceConfig {
-            path: path.display().to_string(),
-            format: None,
-            watch: true,
             poll_interval_ms: 1,
-            topic: default_topic(),
+            ..CatalogSourceConfig::file(path.display().to_string())
         };
         let ctx = ComponentContext::for_test("catalog", "catalog");
         let mut source = CatalogSource::new(&config, &ctx);
@@ -288,11 +440,9 @@ mod tests {
     fn a_missing_file_fails_at_open_and_a_read_once_catalog_finishes() {
         let dir = tempfile::tempdir().expect("dir");
         let config = CatalogSourceConfig {
-            path: dir.path().join("none.jsonl").display().to_string(),
-            format: None,
             watch: false,
             poll_interval_ms: 1,
-            topic: default_topic(),
+            ..CatalogSourceConfig::file(dir.path().join("none.jsonl").display().to_string())
         };
         assert_eq!(config.format(), CatalogFormat::Jsonl);
         let ctx = ComponentContext::for_test("catalog", "catalog");
