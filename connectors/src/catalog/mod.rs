@@ -95,6 +95,7 @@ fn default_topic() -> String {
 }
 
 /// An error about an option of a nested table, named `<table>.<option>`.
+#[cfg(any(feature = "kafka", feature = "mqtt"))]
 pub(crate) fn nested(table: &str, mut error: ConfigError) -> ConfigError {
     error.field = Some(match error.field.take() {
         Some(field) => format!("{table}.{field}"),
@@ -397,6 +398,29 @@ mod tests {
             parse("path = \" \"").validate().expect_err("empty").field.as_deref(),
             Some("path")
         );
+    }
+
+    #[test]
+    #[cfg(not(all(feature = "kafka", feature = "mqtt")))]
+    fn a_build_without_the_feature_refuses_its_table() {
+        for (text, feature) in [
+            ("kafka = { topic = \"device-catalog\" }", "kafka"),
+            ("mqtt = { url = \"mqtt://h\", topics = [\"catalog/#\"] }", "mqtt"),
+        ] {
+            let built = match feature {
+                "kafka" => cfg!(feature = "kafka"),
+                _ => cfg!(feature = "mqtt"),
+            };
+            if built {
+                continue;
+            }
+            let config: CatalogSourceConfig = tidewatch_api::ConfigValue::parse(text)
+                .and_then(|value| value.deserialize())
+                .expect(text);
+            let error = config.validate().expect_err(text);
+            assert_eq!(error.field.as_deref(), Some(feature));
+            assert!(error.message.contains("feature"), "{}", error.message);
+        }
     }
 
     #[test]
