@@ -4,7 +4,11 @@
 //!   sequences (scores, devices moving between sites, catalog insertions and retirements);
 //! - a pipeline gives the same fleet view on 1, 2 and 4 workers, equal to a brute-force
 //!   recomputation over the enriched scores that entered `fleet`;
-//! - a catalog file edited while the pipeline runs gives the later records the new site.
+//! - a catalog file edited while the pipeline runs gives the later records the new site;
+//! - so do a catalog on a Kafka compacted topic (the real broker on 127.0.0.1:9092: a new row
+//!   for the key, a tombstone) and one in retained MQTT messages (the Mosquitto on
+//!   127.0.0.1:1883: a new retained row, an empty retained payload); a Kafka catalog with
+//!   `watch = false` reads its topic to the end and finishes.
 
 mod common;
 
