@@ -4,7 +4,11 @@
 //!   sequences (scores, devices moving between sites, catalog insertions and retirements);
 //! - a pipeline gives the same fleet view on 1, 2 and 4 workers, equal to a brute-force
 //!   recomputation over the enriched scores that entered `fleet`;
-//! - a catalog file edited while the pipeline runs gives the later records the new site.
+//! - a catalog file edited while the pipeline runs gives the later records the new site;
+//! - so do a catalog on a Kafka compacted topic (the real broker on 127.0.0.1:9092: a new row
+//!   for the key, a tombstone) and one in retained MQTT messages (the Mosquitto on
+//!   127.0.0.1:1883: a new retained row, an empty retained payload); a Kafka catalog with
+//!   `watch = false` reads its topic to the end and finishes.
 
 mod common;
 
@@ -545,4 +549,249 @@ fn a_catalog_edited_while_running_gives_later_records_the_new_site() {
     let view = replayed_from(&json_lines(&dir.path().join("fleet.jsonl")));
     assert_eq!(view, expected_from(&records, 4));
     assert!(view.top.iter().any(|(device, _, site, _)| device == "pump-0000" && site == "south"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// A catalog on a Kafka compacted topic, and in retained MQTT messages
+// ---------------------------------------------------------------------------------------------
+
+/// The catalog rows of the keyed-catalog tests, as JSON (one row a message).
+fn row_json(device: &str, site: &str) -> String {
+    format!(r#"{{"device":"{device}","site":"{site}","asset":"pump"}}"#)
+}
+
+/// Runs the test pipeline on 2 workers over the simulator's pump-0000 and pump-0001, with
+/// `catalog` (TOML lines) as the options of its `devices` source, which already holds both
+/// pumps at north. Once both are scored at north, `change` moves pump-0000 to south and
+/// deletes pump-0001 at the source; then pump-0000's next records must carry south and
+/// pump-0001's go to `enriched.unmatched`. Returns the reasons of the source's `catalog`
+/// error records (its `devices.errors` output).
+fn moved_and_deleted(catalog: &str, change: impl FnOnce()) -> Vec<String> {
+    let dir = tempfile::tempdir().expect("dir");
+    let vars = vec![("DIR", dir.path().display().to_string())];
+    let source =
+        "type = \"simulator\"\ndevices = 2\ninterval_ms = 100\nrate_per_sec = 400\nseed = 3";
+    let pipeline = pipeline(source)
+        .replace("features = [\"value\"]", "features = [\"vibration\"]")
+        .replace("path = \"${CATALOG}\"\nwatch = ${WATCH}\npoll_interval_ms = 10", catalog)
+        .replace(", \"devices.errors\"]", "]")
+        + "\n[sinks.catalog_errors]\ntype = \"file\"\ninputs = [\"devices.errors\"]\n\
+           path = \"${DIR}/catalog_errors.jsonl\"\n";
+    assert!(pipeline.contains("type = \"catalog\"\n") && !pipeline.contains("${CATALOG}"));
+    let running = Running::start(&pipeline, &vars, 2);
+    let enriched = dir.path().join("enriched.jsonl");
+    let unmatched = dir.path().join("unmatched.jsonl");
+    let site_of = |device: &str, site: &str| {
+        json_lines(&enriched).iter().any(|record| {
+            record["device"] == device && label(record, "site").as_deref() == Some(site)
+        })
+    };
+    wait_until("both pumps scored at north", Duration::from_secs(60), || {
+        site_of("pump-0000", "north") && site_of("pump-0001", "north")
+    });
+    // Records scored before the catalog arrived went to `unmatched`: only those after this
+    // time tell the deletion.
+    let loaded_at = json_lines(&enriched)
+        .iter()
+        .filter_map(|record| record["end_ms"].as_i64())
+        .max()
+        .expect("enriched records");
+    change();
+    wait_until("pump-0000 scored at south", Duration::from_secs(60), || {
+        site_of("pump-0000", "south")
+    });
+    let deleted = |record: &serde_json::Value| {
+        record["device"] == "pump-0001"
+            && record["end_ms"].as_i64().is_some_and(|end| end > loaded_at)
+    };
+    wait_until("pump-0001 unmatched once deleted", Duration::from_secs(60), || {
+        json_lines(&unmatched).iter().any(deleted)
+    });
+    running.stop().expect("the pipeline stops cleanly");
+
+    let records = json_lines(&enriched);
+    let sites: Vec<String> = records
+        .iter()
+        .filter(|record| record["device"] == "pump-0000")
+        .map(|record| label(record, "site").unwrap_or_default())
+        .collect();
+    let first_south = sites.iter().position(|site| site == "south").expect("a south record");
+    assert!(first_south > 0, "{sites:?}");
+    assert!(sites[..first_south].iter().all(|site| site == "north"), "{sites:?}");
+    assert!(sites[first_south..].iter().all(|site| site == "south"), "{sites:?}");
+    let deleted_at = json_lines(&unmatched)
+        .iter()
+        .filter(|record| deleted(record))
+        .filter_map(|record| record["end_ms"].as_i64())
+        .min()
+        .expect("an unmatched pump-0001");
+    assert!(
+        records
+            .iter()
+            .filter(|record| record["device"] == "pump-0001")
+            .all(|record| record["end_ms"].as_i64().is_some_and(|end| end < deleted_at)),
+        "pump-0001 enriched after it was deleted"
+    );
+    let view = replayed_from(&json_lines(&dir.path().join("fleet.jsonl")));
+    assert_eq!(view, expected_from(&records, 4));
+    json_lines(&dir.path().join("catalog_errors.jsonl"))
+        .iter()
+        .filter(|record| record["error_type"] == "catalog")
+        .map(|record| record["reason"].as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
+/// A Kafka producer of the tests: keyed records, `None` a tombstone; waits for every ack.
+#[cfg(feature = "kafka")]
+fn produce(topic: &str, records: &[(&str, Option<String>)]) {
+    use rdkafka::ClientConfig;
+    use rdkafka::producer::{BaseRecord, Producer};
+    let producer: rdkafka::producer::BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", common::KAFKA_BROKERS)
+        .set("enable.idempotence", "true")
+        .create()
+        .expect("producer");
+    for (key, value) in records {
+        let record = BaseRecord::<str, str>::to(topic).key(*key);
+        let record = match value {
+            Some(value) => record.payload(value.as_str()),
+            None => record,
+        };
+        producer.send(record).map_err(|(error, _)| error).expect("queued");
+    }
+    producer.flush(Duration::from_secs(30)).expect("every record acknowledged");
+}
+
+#[test]
+#[cfg(feature = "kafka")]
+fn a_kafka_catalog_moves_and_deletes_devices_by_key() {
+    common::require_kafka();
+    let _serial = common::kafka_serial();
+    let topic = common::unique("catalog");
+    produce(
+        &topic,
+        &[
+            ("pump-0000", Some(row_json("pump-0000", "east"))),
+            ("pump-0000", Some(row_json("pump-0000", "north"))),
+            ("pump-0001", Some(row_json("pump-0001", "north"))),
+            // Refused and counted: not JSON, and a value of another device than its key.
+            ("pump-0099", Some("not json".to_owned())),
+            ("pump-0098", Some(row_json("pump-0001", "west"))),
+        ],
+    );
+    let catalog =
+        format!("kafka = {{ brokers = \"{}\", topic = \"{topic}\" }}", common::KAFKA_BROKERS);
+    let errors = moved_and_deleted(&catalog, || {
+        produce(
+            &topic,
+            &[("pump-0000", Some(row_json("pump-0000", "south"))), ("pump-0001", None)],
+        );
+    });
+    // Two bad records, read by each of the 2 workers.
+    assert_eq!(errors.len(), 4, "{errors:?}");
+    assert_eq!(errors.iter().filter(|reason| reason.contains("not JSON")).count(), 2);
+    assert_eq!(errors.iter().filter(|reason| reason.contains("must be the device id")).count(), 2);
+}
+
+#[test]
+#[cfg(feature = "kafka")]
+fn a_kafka_catalog_not_watched_reads_the_topic_to_its_end_and_finishes() {
+    use tidewatch_api::SourceFactory;
+    use tidewatch_api::SourcePoll;
+    use tidewatch_api::catalog::CatalogUpdate;
+    use tidewatch_connectors::CatalogSourceFactory;
+
+    common::require_kafka();
+    let _serial = common::kafka_serial();
+    let topic = common::unique("catalog-replay");
+    let mut records: Vec<(String, Option<String>)> = Vec::new();
+    for device in 0..30 {
+        records.push((format!("d{device:02}"), Some(row_json(&format!("d{device:02}"), "north"))));
+    }
+    for device in 0..10 {
+        records.push((format!("d{device:02}"), Some(row_json(&format!("d{device:02}"), "south"))));
+    }
+    for device in 20..30 {
+        records.push((format!("d{device:02}"), None));
+    }
+    let borrowed: Vec<(&str, Option<String>)> =
+        records.iter().map(|(key, value)| (key.as_str(), value.clone())).collect();
+    produce(&topic, &borrowed);
+    let options = tidewatch_api::ConfigValue::parse(&format!(
+        "kafka = {{ brokers = \"{}\", topic = \"{topic}\" }}\nwatch = false",
+        common::KAFKA_BROKERS
+    ))
+    .expect("toml");
+    let config = options.deserialize().expect("config");
+    let ctx = ComponentContext::for_test("devices", "catalog");
+    let mut source = CatalogSourceFactory.build(&config, &ctx).expect("source");
+    source.open(&ctx).expect("open");
+    let mut catalog: BTreeMap<(String, String), i64> = BTreeMap::new();
+    let mut out = Outputs::new("devices");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        assert!(std::time::Instant::now() < deadline, "the source did not finish");
+        let state = source.poll(&mut out).expect("poll");
+        for batch in out.take_main() {
+            let Batch::Raw(raw) = batch else { panic!("raw catalog updates") };
+            for message in raw.iter() {
+                assert_eq!(message.topic, "catalog");
+                let update = CatalogUpdate::from_json(message.payload).expect("an update");
+                let count = catalog.entry((update.row.device, update.row.site)).or_default();
+                *count += update.diff;
+                assert!((0..=1).contains(count), "a row inserted twice or retracted when absent");
+            }
+        }
+        match state {
+            SourcePoll::Finished => break,
+            SourcePoll::Idle { wake_after_ms } => {
+                // The engine would wait so long before the next poll.
+                std::thread::sleep(Duration::from_millis(wake_after_ms.min(50)));
+            }
+            SourcePoll::Ready => {}
+        }
+    }
+    source.close().expect("close");
+    catalog.retain(|_, count| *count != 0);
+    let expected: BTreeMap<(String, String), i64> = (0..20)
+        .map(|device| {
+            let site = if device < 10 { "south" } else { "north" };
+            ((format!("d{device:02}"), site.to_owned()), 1)
+        })
+        .collect();
+    assert_eq!(catalog, expected);
+    assert!(out.take_errors().is_empty());
+}
+
+#[test]
+#[cfg(feature = "mqtt")]
+fn an_mqtt_catalog_of_retained_messages_moves_and_deletes_devices_by_topic() {
+    common::require_broker();
+    let prefix = common::unique("catalog");
+    let publisher = common::Publisher::new(&format!("{prefix}-pub"));
+    publisher.publish_retained(&format!("{prefix}/pump-0000"), 1, row_json("pump-0000", "north"));
+    publisher.publish_retained(&format!("{prefix}/pump-0001"), 1, row_json("pump-0001", "north"));
+    // Refused and counted: not a row.
+    publisher.publish_retained(&format!("{prefix}/bad"), 1, "{\"site\":\"north\"}");
+    publisher.wait_acked(3, Duration::from_secs(10));
+    let catalog =
+        format!("mqtt = {{ url = \"mqtt://127.0.0.1:1883\", topics = [\"{prefix}/#\"] }}");
+    let errors = moved_and_deleted(&catalog, || {
+        publisher.publish_retained(
+            &format!("{prefix}/pump-0000"),
+            1,
+            row_json("pump-0000", "south"),
+        );
+        // An empty retained payload clears the topic: its row is deleted.
+        publisher.publish_retained(&format!("{prefix}/pump-0001"), 1, Vec::new());
+        publisher.wait_acked(5, Duration::from_secs(10));
+    });
+    // The bad retained message, delivered to each of the 2 workers.
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    assert!(errors.iter().all(|reason| reason.contains("/bad`")), "{errors:?}");
+    // Leave no retained message behind.
+    for topic in ["pump-0000", "bad"] {
+        publisher.publish_retained(&format!("{prefix}/{topic}"), 1, Vec::new());
+    }
+    publisher.wait_acked(7, Duration::from_secs(10));
 }

@@ -4,6 +4,7 @@
 //! |---|---|---|
 //! | source | `simulator` | a fleet of pumps with correlated sensors and labelled anomalies ([`simulator`]) |
 //! | source | `file` | replays a CSV or JSON-lines file, optionally paced by its timestamps ([`mod@file`]) |
+//! | source | `catalog` | device metadata rows from a file, a Kafka compacted topic or retained MQTT messages, sent as differences ([`catalog`]) |
 //! | source | `kafka` | a consumer group member per worker, at-least-once offsets ([`kafka::source`]) |
 //! | source | `mqtt` | subscribes to an MQTT broker, at-least-once for QoS 1 and 2 ([`mqtt::source`]) |
 //! | sink | `stdout` | JSON lines on standard output ([`sinks`]) |

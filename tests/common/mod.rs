@@ -273,6 +273,11 @@ impl Publisher {
         self.client.publish(topic, qos_v4(qos), false, payload).expect("publish queued");
     }
 
+    /// Queues a retained publish (an empty payload clears the topic's retained message).
+    pub fn publish_retained(&self, topic: &str, qos: u8, payload: impl Into<Vec<u8>>) {
+        self.client.publish(topic, qos_v4(qos), true, payload).expect("publish queued");
+    }
+
     /// Waits until the broker acknowledged `count` publishes (QoS 0: until they were sent).
     pub fn wait_acked(&self, count: u64, timeout: Duration) {
         wait_until("the broker's acknowledgements", timeout, || {

@@ -182,7 +182,7 @@ impl MqttSourceConfig {
 
 /// Checks a subscription filter: non-empty, `#` only as the last level, `+` and `#` alone in
 /// their level, and `$share/<group>/<filter>` well formed.
-fn validate_filter(filter: &str) -> Result<(), String> {
+pub(crate) fn validate_filter(filter: &str) -> Result<(), String> {
     let filter = match filter.strip_prefix("$share/") {
         Some(rest) => {
             let (group, inner) =

@@ -6,7 +6,8 @@
 //! messages whose payload is the update's JSON ([`CatalogUpdate::to_json`]). `enrich` and
 //! `fleet` decode them ([`CatalogUpdate::from_json`]) into a differential collection: a changed
 //! row is its old version retracted (`diff = -1`) and its new one inserted (`diff = 1`), a
-//! removed row is retracted.
+//! removed row is retracted. A catalog kept as keyed messages (a Kafka compacted topic,
+//! retained MQTT messages) has one JSON row per message ([`parse_json_row`]).
 //!
 //! ```
 //! use tidewatch_api::catalog::{CatalogFormat, diff_catalogs, parse_catalog};
@@ -125,6 +126,9 @@ pub enum CatalogError {
     /// The file as a whole cannot be read (no header, no `device` column).
     #[error("{0}")]
     File(String),
+    /// A message (a Kafka record's value, an MQTT payload) is not one JSON row.
+    #[error("not a catalog row: {0}")]
+    NotARow(String),
 }
 
 impl CatalogUpdate {
@@ -266,6 +270,22 @@ fn csv_row(line: &[u8], names: &[std::sync::Arc<str>]) -> Result<CatalogRow, Str
         return Err("the device is empty".to_owned());
     }
     Ok(row)
+}
+
+/// Parses one catalog row written as a JSON object, the format of a line of a JSON-lines
+/// catalog ([`CatalogFormat::Jsonl`]): the value of a record of a Kafka catalog topic, the
+/// payload of a retained MQTT catalog message.
+///
+/// ```
+/// use tidewatch_api::catalog::parse_json_row;
+///
+/// let row = parse_json_row(br#"{"device":"p1","site":"north","line":2}"#).expect("a row");
+/// assert_eq!((row.device.as_str(), row.site.as_str()), ("p1", "north"));
+/// assert_eq!(row.labels.get("line").map(String::as_str), Some("2"));
+/// assert!(parse_json_row(br#"{"site":"north"}"#).is_err());
+/// ```
+pub fn parse_json_row(payload: &[u8]) -> Result<CatalogRow, CatalogError> {
+    json_row(payload).map_err(CatalogError::NotARow)
 }
 
 fn json_row(line: &[u8]) -> Result<CatalogRow, String> {
