@@ -397,7 +397,8 @@ proptest! {
         for workers in [1, 2, 4] {
             let dir = tempfile::tempdir().expect("dir");
             std::fs::write(dir.path().join("devices.csv"), &catalog).expect("catalog");
-            let source = format!("type = \"file\"\npath = \"{}\"", readings_path.display());
+            // Spread: the readings are decoded on every worker.
+            let source = format!("type = \"file\"\npath = \"{}\"\nspread = true\nbatch_size = 16", readings_path.display());
             let context = run(&pipeline(&source), &file_vars(dir.path(), false), workers);
             drop(context);
             let enriched = json_lines(&dir.path().join("enriched.jsonl"));

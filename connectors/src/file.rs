@@ -89,6 +89,13 @@ pub struct FileSourceConfig {
     /// Most lines emitted per poll (the batch size).
     #[serde(default = "default_batch_size")]
     pub batch_size: usize,
+    /// Deal the batches read out to every worker of the process for decoding (by a
+    /// `normalize` without `hold_last`), round robin, instead of decoding them on the worker
+    /// that reads. Faster with several workers; but each worker then holds its own watermark,
+    /// so with input out of order near `out_of_orderness_ms` which readings are late (and how
+    /// session windows merge) can depend on the interleaving. Default false.
+    #[serde(default)]
+    pub spread: bool,
 }
 
 impl FileSourceConfig {
@@ -103,6 +110,7 @@ impl FileSourceConfig {
             timestamp_format: TimestampFormat::Auto,
             delimiter: None,
             batch_size: default_batch_size(),
+            spread: false,
         }
     }
 
@@ -177,9 +185,9 @@ pub struct FileSourceFactory;
 impl SourceFactory for FileSourceFactory {
     type Config = FileSourceConfig;
 
-    /// Only worker 0 reads the file.
-    fn reads_on_one_worker(&self, _config: &FileSourceConfig) -> bool {
-        true
+    /// Only worker 0 reads the file: with `spread`, its batches may be dealt out.
+    fn reads_on_one_worker(&self, config: &FileSourceConfig) -> bool {
+        config.spread
     }
 
     fn output_type(

@@ -286,9 +286,10 @@ pub trait SourceFactory: Send + Sync + 'static {
         config: &Self::Config,
         ctx: &ValidateContext,
     ) -> Result<PortType, ConfigError>;
-    /// True when only one worker of the cluster reads (the `file` source): the engine may then
-    /// spread what it reads over the process's workers for a
-    /// [spreadable](TransformProperties::spreadable) consumer. Default: false.
+    /// True when only one worker of the cluster reads and the source lets the engine spread
+    /// what it reads over the process's workers for a
+    /// [spreadable](TransformProperties::spreadable) consumer (the `file` source with
+    /// `spread = true`). Default: false.
     fn reads_on_one_worker(&self, _config: &Self::Config) -> bool {
         false
     }
