@@ -108,6 +108,7 @@ http_address = ""
 [sources.in]
 type = "file"
 path = "$input"
+spread = true           # (c): the lines are decoded on both workers (no effect on one)
 
 [transforms.readings]
 type = "normalize"
