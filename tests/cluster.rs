@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::process::{Process, free_address};
+use common::process::{Process, cluster_args, free_address};
 use common::{unique, wait_until, wait_until_or};
 
 const BROKERS: &str = common::KAFKA_BROKERS;
@@ -77,18 +77,6 @@ path = "file://{lake}/scores"
     let path = dir.join(format!("{}.toml", unique("cluster")));
     std::fs::write(&path, text).expect("pipeline file");
     path
-}
-
-/// The cluster options of process `index` among `peers`.
-fn cluster_args(index: usize, peers: &[String]) -> Vec<String> {
-    vec![
-        "--processes".into(),
-        peers.len().to_string(),
-        "--process".into(),
-        index.to_string(),
-        "--peers".into(),
-        peers.join(","),
-    ]
 }
 
 /// Runs `processes` processes of the pipeline to their end (with checkpoints in

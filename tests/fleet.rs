@@ -456,14 +456,7 @@ fn run_processes(dir: &Path, pipeline: &str, processes: usize) -> Vec<std::path:
         .map(|index| {
             let out = dir.join(format!("process-{index}"));
             std::fs::create_dir_all(&out).expect("output folder");
-            let args = [
-                "--processes".to_owned(),
-                processes.to_string(),
-                "--process".to_owned(),
-                index.to_string(),
-                "--peers".to_owned(),
-                peers.join(","),
-            ];
+            let args = common::process::cluster_args(index, &peers);
             let mut vars = file_vars(dir, false);
             vars.retain(|(name, _)| *name != "DIR");
             vars.push(("DIR", out.display().to_string()));

@@ -48,6 +48,18 @@ pub fn free_address() -> String {
     listener.local_addr().expect("address").to_string()
 }
 
+/// The cluster options of process `index` among `peers`.
+pub fn cluster_args(index: usize, peers: &[String]) -> Vec<String> {
+    vec![
+        "--processes".into(),
+        peers.len().to_string(),
+        "--process".into(),
+        index.to_string(),
+        "--peers".into(),
+        peers.join(","),
+    ]
+}
+
 /// A `tidewatch` process; killed when dropped.
 pub struct Process {
     pub child: Child,

@@ -36,7 +36,7 @@ use crate::mqtt::connection::{
     Backoff, ConnectionSettings, LinkClient, LinkLoop, MqttConnection, NetEvent, first_connection,
     runtime,
 };
-use crate::mqtt::source::validate_filter;
+use crate::mqtt::source::{validate_filter, wake_once};
 use crate::tls::TlsConfig;
 
 /// Messages queued between the network thread and `poll`.
@@ -321,11 +321,8 @@ impl Inbox {
     /// Queues `message` (waiting while the queue is full); false once `poll`'s side is gone.
     async fn send(&self, message: Inbound) -> bool {
         let sent = self.queue.send(message).await.is_ok();
-        if sent
-            && let Some(waker) = &self.waker
-            && !self.woken.swap(true, Ordering::AcqRel)
-        {
-            waker.wake();
+        if sent {
+            wake_once(self.waker.as_ref(), &self.woken);
         }
         sent
     }

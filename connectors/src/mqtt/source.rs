@@ -956,11 +956,18 @@ impl Inbox {
     }
 
     fn wake(&self) {
-        if let Some(waker) = &self.waker
-            && !self.woken.swap(true, Ordering::AcqRel)
-        {
-            waker.wake();
-        }
+        wake_once(self.waker.as_ref(), &self.woken);
+    }
+}
+
+/// Wakes the worker of a source whose network thread queued something, unless a wake is
+/// already pending (`woken`, cleared by the source's `poll`): one wake per poll, however many
+/// messages come meanwhile.
+pub(crate) fn wake_once(waker: Option<&Waker>, woken: &AtomicBool) {
+    if let Some(waker) = waker
+        && !woken.swap(true, Ordering::AcqRel)
+    {
+        waker.wake();
     }
 }
 
