@@ -75,16 +75,26 @@ fn observe(latest: &mut HashMap<String, Latest>, device: &str, record: Latest) {
 #[derive(Clone, Debug)]
 enum Op {
     /// A score of device `device` at `time`, labelled with site and asset (a new site is a move).
-    Score { device: u8, time: i64, score: u8, anomalous: bool, site: u8, asset: u8 },
+    Score { device: u8, time: i64, score: f32, anomalous: bool, site: u8, asset: u8 },
     /// The device enters the catalog.
     Catalog(u8),
     /// The device leaves the catalog.
     Retire(u8),
 }
 
+/// Scores that tie often, scores that differ by less than one histogram bucket of `fleet`'s
+/// top-N (1e-4 apart near 1), and negative ones.
+fn score_value() -> impl Strategy<Value = f32> {
+    prop_oneof![
+        (0u8..8).prop_map(|value| f32::from(value) / 2.0),
+        (0u16..50).prop_map(|step| 1.0 + f32::from(step) * 1e-4),
+        (-4i8..4).prop_map(f32::from),
+    ]
+}
+
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        6 => (0u8..12, 0i64..40, 0u8..8, any::<bool>(), 0u8..3, 0u8..2).prop_map(
+        6 => (0u8..12, 0i64..40, score_value(), any::<bool>(), 0u8..3, 0u8..2).prop_map(
             |(device, time, score, anomalous, site, asset)| Op::Score {
                 device,
                 time,
@@ -218,7 +228,6 @@ proptest! {
                     let device = format!("d{device}");
                     let (site, asset) = (format!("s{site}"), format!("a{asset}"));
                     let labels = Labels::from_pairs([("site", site.as_str()), ("asset", asset.as_str())]);
-                    let value = f32::from(value) / 2.0;
                     fleet.process_batch(Batch::Scores(vec![score(&device, time, value, anomalous, labels)]), &mut out);
                     observe(&mut latest, &device, Latest { time, score: value, anomalous, site, asset });
                 }

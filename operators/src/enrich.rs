@@ -55,8 +55,9 @@
 //! assert_eq!(unmatched[0].device.name().as_ref(), "p9");
 //! ```
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
+use std::sync::Arc;
 
 use differential_dataflow::input::{Input, InputSession};
 use serde::Deserialize;
@@ -138,7 +139,7 @@ trait Labelled {
     fn time(&self) -> EventTime;
     fn labels_mut(&mut self) -> &mut Labels;
     /// Takes what else of the device's row applies to the record.
-    fn apply(&mut self, _row: &CatalogRow) {}
+    fn apply(&mut self, _row: &Row) {}
 }
 
 impl Labelled for Score {
@@ -154,10 +155,10 @@ impl Labelled for Score {
     /// The row's threshold override replaces the detector's threshold: the score's
     /// `threshold`, and its `anomaly` flag as the detectors set it (score above threshold),
     /// so that a `threshold` transform after `enrich` debounces by the device's own bound.
-    fn apply(&mut self, row: &CatalogRow) {
+    fn apply(&mut self, row: &Row) {
         if let Some(bound) = row.threshold {
-            self.threshold = Some(bound.0);
-            self.anomaly = self.score > bound.0;
+            self.threshold = Some(bound);
+            self.anomaly = self.score > bound;
         }
     }
 }
@@ -174,22 +175,35 @@ impl Labelled for AnomalyEvent {
     }
 }
 
-/// One version of a device's row: valid from its event time on (`None`: the device is not in
-/// the catalog from then on).
-type Version = (EventTime, Option<CatalogRow>);
+/// What a catalog row gives the records it matches: its labels and its threshold override.
+#[derive(Debug)]
+struct Row {
+    labels: Labels,
+    threshold: Option<f32>,
+}
+
+/// One version of a device's row: valid from its event time on, and the row's number in
+/// [`Enrich::rows`] (`None`: the device is not in the catalog from then on). The dataflow
+/// holds versions and records as small copyable values; the rows stay out of it, once each.
+type Version = (EventTime, Option<u64>);
 
 /// The `enrich` transform (see the module documentation).
 pub struct Enrich {
     local: Local,
     /// The catalog's versions, by device.
-    catalog: InputSession<u64, (String, Version), isize>,
+    catalog: InputSession<u64, (DeviceId, Version), isize>,
     /// The records of the round: device, then (sequence number, event time).
-    records: InputSession<u64, (String, (u64, EventTime)), isize>,
+    records: InputSession<u64, (DeviceId, (u64, EventTime)), isize>,
     probe: ProbeHandle<u64>,
     /// The versions each record of a round can use: (sequence number, version).
     candidates: Captured<(u64, Version)>,
     /// The versions in the collection, by device, oldest first (to replace and prune them).
-    versions: HashMap<String, Vec<Version>>,
+    versions: HashMap<DeviceId, Vec<Version>>,
+    /// The rows of the versions in the collection, by number.
+    rows: HashMap<u64, Arc<Row>>,
+    next_row: u64,
+    /// Label names and values, shared by the rows that have them (sites, owners repeat).
+    strings: HashSet<Arc<str>>,
     /// The greatest event time of the records seen: where an update without `valid_from`
     /// takes effect.
     position: EventTime,
@@ -197,7 +211,7 @@ pub struct Enrich {
     /// are dropped.
     watermark: EventTime,
     /// The record keys of the last round, retracted at the next.
-    last: Vec<(String, (u64, EventTime))>,
+    last: Vec<(DeviceId, (u64, EventTime))>,
     next_seq: u64,
     unmatched_total: Option<IntCounter>,
 }
@@ -218,16 +232,17 @@ impl Enrich {
         let probe = ProbeHandle::new();
         let probe_in = probe.clone();
         let (catalog, records) = local.worker.dataflow::<u64, _, _>(move |scope| {
-            let (catalog_in, catalog) = scope.new_collection::<(String, Version), isize>();
-            let (records_in, records) = scope.new_collection::<(String, (u64, EventTime)), isize>();
+            let (catalog_in, catalog) = scope.new_collection::<(DeviceId, Version), isize>();
+            let (records_in, records) =
+                scope.new_collection::<(DeviceId, (u64, EventTime)), isize>();
             // The as-of join: every version valid at or before the record's time; the newest
             // of them is picked per record below.
             records
                 .join_core(catalog.arrange_by_key(), |_device, (seq, time), (from, row)| {
-                    (*from <= *time).then(|| (*seq, (*from, row.clone())))
+                    (*from <= *time).then_some((*seq, (*from, *row)))
                 })
                 .inspect(move |(data, time, diff)| {
-                    candidates_out.borrow_mut().push((data.clone(), *time, *diff));
+                    candidates_out.borrow_mut().push((*data, *time, *diff));
                 })
                 .probe_with(&probe_in);
             (catalog_in, records_in)
@@ -244,6 +259,9 @@ impl Enrich {
             probe,
             candidates,
             versions: HashMap::new(),
+            rows: HashMap::new(),
+            next_row: 0,
+            strings: HashSet::new(),
             position: EventTime::MIN,
             watermark: EventTime::MIN,
             last: Vec::new(),
@@ -279,7 +297,8 @@ impl Enrich {
         }
         for (device, row) in ending {
             let from = row.as_ref().and_then(|row| row.valid_from).unwrap_or(self.position);
-            self.set_version(device, (from, row));
+            let number = row.map(|row| self.add_row(&row));
+            self.set_version(DeviceId::intern(&device), (from, number));
         }
         self.advance();
         self.candidates.borrow_mut().clear();
@@ -288,31 +307,56 @@ impl Enrich {
     /// Adds a version of `device` (replacing one valid from the same time), then drops the
     /// versions no record on time can use any more: those followed by one valid at or before
     /// the watermark.
-    fn set_version(&mut self, device: String, version: Version) {
-        let list = self.versions.entry(device.clone()).or_default();
+    fn set_version(&mut self, device: DeviceId, version: Version) {
+        let list = self.versions.entry(device).or_default();
+        let mut dropped = Vec::new();
         let at = list.partition_point(|(from, _)| *from < version.0);
         if list.get(at).is_some_and(|(from, _)| *from == version.0) {
-            let old = std::mem::replace(&mut list[at], version.clone());
-            self.catalog.remove((device.clone(), old));
+            dropped.push(std::mem::replace(&mut list[at], version));
         } else {
-            list.insert(at, version.clone());
+            list.insert(at, version);
         }
-        self.catalog.insert((device.clone(), version));
+        self.catalog.insert((device, version));
         let watermark = self.watermark;
         let keep_from = list.iter().rposition(|(from, _)| *from <= watermark).unwrap_or(0);
-        for old in list.drain(..keep_from) {
-            self.catalog.remove((device.clone(), old));
-        }
+        dropped.extend(list.drain(..keep_from));
         // A device whose only version says "not in the catalog" needs none.
-        if let [(_, None)] = list.as_slice()
-            && list[0].0 <= watermark
+        if let [(from, None)] = list.as_slice()
+            && *from <= watermark
         {
-            let old = list.remove(0);
-            self.catalog.remove((device.clone(), old));
+            dropped.push(list.remove(0));
         }
         if list.is_empty() {
             self.versions.remove(&device);
         }
+        for old in dropped {
+            self.catalog.remove((device, old));
+            if let Some(number) = old.1 {
+                self.rows.remove(&number);
+            }
+        }
+    }
+
+    /// Keeps a row's labels and threshold under a new number.
+    fn add_row(&mut self, row: &CatalogRow) -> u64 {
+        let labels = row.labels();
+        let labels = Labels::from_pairs(
+            labels.iter().map(|(name, value)| (self.shared(name), self.shared(value))),
+        );
+        let number = self.next_row;
+        self.next_row += 1;
+        self.rows.insert(number, Arc::new(Row { labels, threshold: row.threshold.map(|t| t.0) }));
+        number
+    }
+
+    /// The one copy of a label name or value.
+    fn shared(&mut self, text: &str) -> Arc<str> {
+        if let Some(shared) = self.strings.get(text) {
+            return Arc::clone(shared);
+        }
+        let shared: Arc<str> = Arc::from(text);
+        self.strings.insert(Arc::clone(&shared));
+        shared
     }
 
     /// Joins `records` with the catalog as it stood at each record's event time: the matched
@@ -326,14 +370,14 @@ impl Enrich {
         for record in &records {
             let time = record.time();
             self.position = self.position.max(time);
-            let key = (record.device().name().to_string(), (self.next_seq, time));
-            self.records.insert(key.clone());
+            let key = (record.device(), (self.next_seq, time));
+            self.records.insert(key);
             self.last.push(key);
             self.next_seq += 1;
         }
         let round = self.advance();
         // The newest version each record may use.
-        let mut picked: Vec<Option<(EventTime, Option<CatalogRow>)>> = vec![None; records.len()];
+        let mut picked: Vec<Option<Version>> = vec![None; records.len()];
         for (seq, (from, row)) in take_inserted(&self.candidates, round) {
             let Some(slot) = usize::try_from(seq - first).ok().and_then(|i| picked.get_mut(i))
             else {
@@ -346,11 +390,11 @@ impl Enrich {
         let mut matched = Vec::new();
         let mut unmatched = Vec::new();
         for (mut record, version) in records.into_iter().zip(picked) {
-            match version {
-                Some((_, Some(row))) => {
+            match version.and_then(|(_, number)| self.rows.get(&number?)) {
+                Some(row) => {
                     let labels = record.labels_mut();
-                    *labels = labels.merged(&row.labels());
-                    record.apply(&row);
+                    *labels = labels.merged(&row.labels);
+                    record.apply(row);
                     matched.push(record);
                 }
                 _ => unmatched.push(record),
@@ -570,7 +614,7 @@ mod tests {
 
         // Once the watermark passed them, superseded versions are dropped; the device's
         // retirement then needs no version at all.
-        assert_eq!(enrich.versions.get("p1").map(Vec::len), Some(4));
+        assert_eq!(enrich.versions.get(&DeviceId::intern("p1")).map(Vec::len), Some(4));
         out.set_batch_watermark(300);
         enrich.process_batch(events_at("p1", &[300]), &mut out);
         assert_eq!(sites_at(&mut out), (vec![], vec![300]));
@@ -578,7 +622,11 @@ mod tests {
         out.take_errors();
         enrich.process_batch(updates(&[(1, row("p1", "north"))]), &mut out);
         out.take_errors();
-        assert_eq!(enrich.versions.get("p1").map(Vec::len), Some(1), "only the live row");
+        assert_eq!(
+            enrich.versions.get(&DeviceId::intern("p1")).map(Vec::len),
+            Some(1),
+            "only the live row"
+        );
         enrich.process_batch(events_at("p1", &[310]), &mut out);
         assert_eq!(sites_at(&mut out), (vec![(310, site("north"))], vec![]));
     }

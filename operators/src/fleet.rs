@@ -10,6 +10,12 @@
 //! - devices, anomalous devices and their ratio over the fleet;
 //! - the `top` devices by score (ties by device name), with their ranks.
 //!
+//! The top-N does not read every device each round: a histogram of the scores (devices per
+//! bucket of under 1 % of a score) picks the highest buckets that together hold at least `top`
+//! devices, and only the devices in those buckets are ranked. A round costs what its changes
+//! touch plus the devices in the chosen buckets; only when most devices share one score (a
+//! fleet that scores all alike) does it read them all.
+//!
 //! With `require_catalog`, only devices present in the catalog (a `catalog` source among the
 //! inputs) count: a device retired from the catalog leaves every rollup and the top-N.
 //!
@@ -115,24 +121,67 @@ fn key_score(key: u32) -> f32 {
     f32::from_bits(if key >> 31 == 1 { key & 0x7fff_ffff } else { !key })
 }
 
-/// One device's state in the dataflow.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+/// The histogram bucket of a score key: its top 16 bits (the sign, the exponent and 7 bits of
+/// the mantissa). Buckets order like scores, and one spans less than 1 % of its scores.
+fn bucket(key: u32) -> u32 {
+    key >> 16
+}
+
+/// One device's state in the dataflow: its `site` and `asset` as indexes into
+/// [`Fleet::names`], whether it is anomalous, its score key and its [`name_prefix`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 struct DeviceState {
-    site: String,
-    asset: String,
+    prefix: u128,
+    site: u32,
+    asset: u32,
     anomalous: bool,
     score: u32,
 }
 
-/// One output of the dataflow, as captured.
+/// One output of the dataflow, as captured (sites and asset types as indexes into
+/// [`Fleet::names`]).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 enum Rollup {
-    Site(String, isize),
-    Asset(String, isize),
+    Site(u32, isize),
+    Asset(u32, isize),
     Devices(isize),
     Anomalous(isize),
-    /// A top entry: the score key reversed (best first), the device, site and asset.
-    Top(Reverse<u32>, String, String, String),
+    /// A top entry: the score key reversed (best first), the name prefix and the device.
+    Top(Reverse<u32>, u128, DeviceId),
+}
+
+/// The first 16 bytes of a device name as a number: names that differ in them order like
+/// their prefixes, so ties of score are mostly broken without looking names up.
+fn name_prefix(name: &str) -> u128 {
+    let mut bytes = [0u8; 16];
+    let head = &name.as_bytes()[..name.len().min(16)];
+    bytes[..head.len()].copy_from_slice(head);
+    u128::from_be_bytes(bytes)
+}
+
+/// A top-N candidate: its score key reversed (best first), its name prefix, the device.
+type Entry = (Reverse<u32>, u128, DeviceId);
+
+/// The first `top` of `input` (sorted by score, best first, then by name prefix), with
+/// devices of equal score and prefix ordered by their whole names: the exact top list.
+fn first_by_score_then_name(input: &[(&Entry, isize)], top: usize) -> Vec<Entry> {
+    let mut chosen: Vec<Entry> = input.iter().take(top).map(|(entry, _)| **entry).collect();
+    let Some(&(score, prefix, _)) = chosen.last() else { return chosen };
+    let same = |entry: &Entry| entry.0 == score && entry.1 == prefix;
+    if input.get(top).is_some_and(|(entry, _)| same(entry)) {
+        // More devices share the last score and prefix than there are places left: take
+        // them by name.
+        let first_tie = chosen.iter().position(same).unwrap_or(0);
+        let mut ties: Vec<(Arc<str>, Entry)> = input[first_tie..]
+            .iter()
+            .take_while(|(entry, _)| same(entry))
+            .map(|(entry, _)| (entry.2.name(), **entry))
+            .collect();
+        ties.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        chosen.truncate(first_tie);
+        chosen.extend(ties.into_iter().take(top - first_tie).map(|(_, entry)| entry));
+    }
+    chosen
 }
 
 /// The rollups as they stand.
@@ -173,12 +222,15 @@ pub struct FleetRecord;
 pub struct Fleet {
     component: Arc<str>,
     local: Local,
-    states: InputSession<u64, (String, DeviceState), isize>,
-    catalog: InputSession<u64, String, isize>,
+    states: InputSession<u64, (DeviceId, DeviceState), isize>,
+    catalog: InputSession<u64, DeviceId, isize>,
     probe: ProbeHandle<u64>,
     captured: Captured<Rollup>,
     /// Each device's latest record: event time, state.
-    latest: HashMap<String, (EventTime, DeviceState)>,
+    latest: HashMap<DeviceId, (EventTime, DeviceState)>,
+    /// The site and asset names seen, by index (sites and asset types are few).
+    names: Vec<Arc<str>>,
+    indexes: HashMap<Arc<str>, u32>,
     /// The dataflow's outputs as they stand.
     current: BTreeMap<Rollup, isize>,
     view: FleetView,
@@ -208,8 +260,8 @@ impl Fleet {
         let top = config.top.clamp(1, MAX_TOP);
         let require_catalog = config.require_catalog;
         let (states, catalog) = local.worker.dataflow::<u64, _, _>(move |scope| {
-            let (states_in, states) = scope.new_collection::<(String, DeviceState), isize>();
-            let (catalog_in, catalog) = scope.new_collection::<String, isize>();
+            let (states_in, states) = scope.new_collection::<(DeviceId, DeviceState), isize>();
+            let (catalog_in, catalog) = scope.new_collection::<DeviceId, isize>();
             let states = if require_catalog { states.semijoin(catalog.distinct()) } else { states };
             let anomalous = states.clone().filter(|(_, state)| state.anomalous);
             let sites = anomalous
@@ -224,16 +276,36 @@ impl Fleet {
                 .map(|(asset, count)| Rollup::Asset(asset, count));
             let devices = states.clone().map(|_| ()).count().map(|((), n)| Rollup::Devices(n));
             let flagged = anomalous.map(|_| ()).count().map(|((), n)| Rollup::Anomalous(n));
-            let best = states
-                .map(|(device, state)| {
-                    ((), (Reverse(state.score), device, state.site, state.asset))
-                })
+            // The top-N without reading every device each round: a histogram of the scores
+            // (devices per bucket) picks the highest buckets that hold at least `top` devices,
+            // and only the devices in those take part in the final selection.
+            let scored = states
+                .map(|(device, state)| (bucket(state.score), (state.score, state.prefix, device)));
+            let selected = scored
+                .clone()
+                .map(|(bucket, _)| bucket)
+                .count()
+                .map(|(bucket, count)| ((), (Reverse(bucket), count)))
                 .reduce(move |_key, input, output| {
-                    for (entry, _) in input.iter().take(top) {
-                        output.push(((*entry).clone(), 1));
+                    let mut devices = 0;
+                    for ((Reverse(bucket), count), _) in input {
+                        output.push((*bucket, 1));
+                        devices += *count;
+                        if devices >= top as isize {
+                            break;
+                        }
                     }
                 })
-                .map(|((), (score, device, site, asset))| Rollup::Top(score, device, site, asset));
+                .map(|((), bucket)| bucket);
+            let best = scored
+                .semijoin(selected)
+                .map(|(_, (score, prefix, device))| ((), (Reverse(score), prefix, device)))
+                .reduce(move |_key, input, output| {
+                    for entry in first_by_score_then_name(input, top) {
+                        output.push((entry, 1));
+                    }
+                })
+                .map(|((), (score, prefix, device))| Rollup::Top(score, prefix, device));
             sites
                 .concat(assets)
                 .concat(devices)
@@ -253,6 +325,8 @@ impl Fleet {
             probe,
             captured,
             latest: HashMap::new(),
+            names: Vec::new(),
+            indexes: HashMap::new(),
             current: BTreeMap::new(),
             view: FleetView::default(),
             watermark: EventTime::MIN,
@@ -271,19 +345,53 @@ impl Fleet {
     }
 
     /// Takes a device's new record into account.
-    fn observe(&mut self, device: DeviceId, time: EventTime, state: DeviceState) {
+    fn observe(
+        &mut self,
+        device: DeviceId,
+        time: EventTime,
+        labels: &Labels,
+        anomalous: bool,
+        score: f32,
+    ) {
         self.watermark = self.watermark.max(time);
-        let name = device.name().to_string();
-        match self.latest.get(&name) {
-            Some((seen, _)) if *seen > time => return,
+        let known = self.latest.get(&device);
+        if known.is_some_and(|(seen, _)| *seen > time) {
+            return;
+        }
+        let prefix = known.map_or_else(|| name_prefix(&device.name()), |(_, old)| old.prefix);
+        let state = DeviceState {
+            prefix,
+            site: self.index_of(labels.get("site").unwrap_or("")),
+            asset: self.index_of(labels.get("asset").unwrap_or("")),
+            anomalous,
+            score: score_key(score),
+        };
+        match self.latest.get(&device) {
             Some((_, old)) if *old == state => {}
             Some((_, old)) => {
-                self.states.remove((name.clone(), old.clone()));
-                self.states.insert((name.clone(), state.clone()));
+                self.states.remove((device, *old));
+                self.states.insert((device, state));
             }
-            None => self.states.insert((name.clone(), state.clone())),
+            None => self.states.insert((device, state)),
         }
-        self.latest.insert(name, (time, state));
+        self.latest.insert(device, (time, state));
+    }
+
+    /// The index of a site or asset name in [`Fleet::names`].
+    fn index_of(&mut self, name: &str) -> u32 {
+        if let Some(index) = self.indexes.get(name) {
+            return *index;
+        }
+        let index = u32::try_from(self.names.len()).unwrap_or(u32::MAX);
+        let name: Arc<str> = Arc::from(name);
+        self.names.push(Arc::clone(&name));
+        self.indexes.insert(name, index);
+        index
+    }
+
+    /// A site or asset name by its index.
+    fn name(&self, index: u32) -> String {
+        self.names.get(index as usize).map(|name| name.to_string()).unwrap_or_default()
     }
 
     /// Closes the round, runs the dataflow and emits what changed.
@@ -295,9 +403,6 @@ impl Fleet {
         self.catalog.flush();
         self.local.settle(&self.probe);
         let updates = std::mem::take(&mut *self.captured.borrow_mut());
-        if updates.is_empty() {
-            return;
-        }
         for (rollup, _, diff) in updates {
             let count = self.current.entry(rollup.clone()).or_default();
             *count += diff;
@@ -305,7 +410,12 @@ impl Fleet {
                 self.current.remove(&rollup);
             }
         }
+        // The top entries take their sites and asset types from the devices' latest states,
+        // which may have changed without moving any rollup.
         let view = self.current_view();
+        if view == self.view {
+            return;
+        }
         let records = self.changes(&view);
         if let Some(gauges) = &self.gauges {
             gauges.publish(&self.view, &view);
@@ -317,16 +427,24 @@ impl Fleet {
     fn current_view(&self) -> FleetView {
         let mut view = FleetView::default();
         let count = |n: isize| u64::try_from(n).unwrap_or(0);
+        let mut top = Vec::new();
         for rollup in self.current.keys() {
             match rollup {
-                Rollup::Site(site, n) => drop(view.sites.insert(site.clone(), count(*n))),
-                Rollup::Asset(asset, n) => drop(view.assets.insert(asset.clone(), count(*n))),
+                Rollup::Site(site, n) => drop(view.sites.insert(self.name(*site), count(*n))),
+                Rollup::Asset(asset, n) => drop(view.assets.insert(self.name(*asset), count(*n))),
                 Rollup::Devices(n) => view.devices = count(*n),
                 Rollup::Anomalous(n) => view.anomalous = count(*n),
-                Rollup::Top(Reverse(key), device, site, asset) => {
-                    view.top.push((device.clone(), key_score(*key), site.clone(), asset.clone()))
-                }
+                Rollup::Top(Reverse(key), _, device) => top.push((*key, device.name(), *device)),
             }
+        }
+        // Best first; equal scores by device name.
+        top.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+        for (key, name, device) in top {
+            let (site, asset) = match self.latest.get(&device) {
+                Some((_, state)) => (self.name(state.site), self.name(state.asset)),
+                None => (String::new(), String::new()),
+            };
+            view.top.push((name.to_string(), key_score(key), site, asset));
         }
         view
     }
@@ -494,21 +612,13 @@ impl FleetGauges {
     }
 }
 
-fn state_of(labels: &Labels, anomalous: bool, score: f32) -> DeviceState {
-    DeviceState {
-        site: labels.get("site").unwrap_or("").to_owned(),
-        asset: labels.get("asset").unwrap_or("").to_owned(),
-        anomalous,
-        score: score_key(score),
-    }
-}
-
 impl Transform for Fleet {
     fn process_batch(&mut self, batch: Batch, out: &mut Outputs) {
         match batch {
             Batch::Raw(raw) => {
                 for update in catalog_updates(&raw, out) {
-                    self.catalog.update(update.row.device, update.diff as isize);
+                    let device = DeviceId::intern(&update.row.device);
+                    self.catalog.update(device, update.diff as isize);
                 }
             }
             Batch::Scores(scores) => {
@@ -517,8 +627,13 @@ impl Transform for Fleet {
                         out.discard("nan_score", 1);
                         continue;
                     }
-                    let state = state_of(&score.labels, score.anomaly, score.score);
-                    self.observe(score.device, score.end_ms, state);
+                    self.observe(
+                        score.device,
+                        score.end_ms,
+                        &score.labels,
+                        score.anomaly,
+                        score.score,
+                    );
                 }
             }
             Batch::Events(events) => {
@@ -528,8 +643,7 @@ impl Transform for Fleet {
                         continue;
                     }
                     let open = event.state == AnomalyState::Open;
-                    let state = state_of(&event.labels, open, event.score);
-                    self.observe(event.device, event.time_ms, state);
+                    self.observe(event.device, event.time_ms, &event.labels, open, event.score);
                 }
             }
             other => out.discard("unsupported_kind", other.len() as u64),

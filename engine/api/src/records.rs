@@ -255,6 +255,12 @@ impl Labels {
 
     /// These labels with `other`'s added; a name in both keeps `other`'s value.
     pub fn merged(&self, other: &Labels) -> Labels {
+        if self.is_empty() {
+            return other.clone();
+        }
+        if other.is_empty() {
+            return self.clone();
+        }
         Labels::from_pairs(
             other.0.iter().chain(self.0.iter()).map(|(n, v)| (Arc::clone(n), Arc::clone(v))),
         )
