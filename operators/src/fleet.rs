@@ -238,6 +238,8 @@ pub struct Fleet {
     empty: Arc<Schema>,
     fleet_columns: Arc<Schema>,
     gauges: Option<Arc<FleetGauges>>,
+    /// True on the instance that receives the records (the first worker's).
+    receives: bool,
 }
 
 impl fmt::Debug for Fleet {
@@ -332,6 +334,7 @@ impl Fleet {
             watermark: EventTime::MIN,
             empty: Arc::new(Schema::new(Vec::<String>::new())),
             fleet_columns: Arc::new(Schema::new(["devices", "anomalous"])),
+            receives: true,
             gauges: ctx
                 .shared(|| FleetGauges::new(ctx))
                 .map_err(|error| tracing::warn!(component = %ctx.component_id, "metrics: {error}"))
@@ -345,14 +348,7 @@ impl Fleet {
     }
 
     /// Takes a device's new record into account.
-    fn observe(
-        &mut self,
-        device: DeviceId,
-        time: EventTime,
-        labels: &Labels,
-        anomalous: bool,
-        score: f32,
-    ) {
+    fn observe(&mut self, device: DeviceId, time: EventTime, record: Observed<'_>) {
         self.watermark = self.watermark.max(time);
         let known = self.latest.get(&device);
         if known.is_some_and(|(seen, _)| *seen > time) {
@@ -361,10 +357,10 @@ impl Fleet {
         let prefix = known.map_or_else(|| name_prefix(&device.name()), |(_, old)| old.prefix);
         let state = DeviceState {
             prefix,
-            site: self.index_of(labels.get("site").unwrap_or("")),
-            asset: self.index_of(labels.get("asset").unwrap_or("")),
-            anomalous,
-            score: score_key(score),
+            site: self.index_of(record.site),
+            asset: self.index_of(record.asset),
+            anomalous: record.anomalous,
+            score: score_key(record.score),
         };
         match self.latest.get(&device) {
             Some((_, old)) if *old == state => {}
@@ -612,7 +608,86 @@ impl FleetGauges {
     }
 }
 
+/// What `fleet` keeps of a record.
+#[derive(Clone, Copy, Debug)]
+struct Observed<'a> {
+    site: &'a str,
+    asset: &'a str,
+    anomalous: bool,
+    score: f32,
+}
+
+impl<'a> Observed<'a> {
+    fn of(labels: &'a Labels, anomalous: bool, score: f32) -> Observed<'a> {
+        let label = |name: &str| labels.get(name).unwrap_or("");
+        Observed { site: label("site"), asset: label("asset"), anomalous, score }
+    }
+}
+
+/// One device in a checkpoint of `fleet`: its latest record.
+#[derive(Debug, Serialize, Deserialize)]
+struct SavedDevice {
+    device: String,
+    time_ms: EventTime,
+    site: String,
+    asset: String,
+    anomalous: bool,
+    score: f32,
+}
+
+/// A checkpoint of `fleet`: every device's latest record. The catalog is not in it: the
+/// `catalog` source sends the whole catalog again when the pipeline starts.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Snapshot {
+    devices: Vec<SavedDevice>,
+}
+
 impl Transform for Fleet {
+    fn open(&mut self, ctx: &ComponentContext) -> Result<(), ComponentError> {
+        self.receives = ctx.worker_index == 0;
+        Ok(())
+    }
+
+    fn snapshot(&mut self) -> Result<Option<Vec<u8>>, ComponentError> {
+        let mut devices: Vec<SavedDevice> = self
+            .latest
+            .iter()
+            .map(|(device, (time, state))| SavedDevice {
+                device: device.name().to_string(),
+                time_ms: *time,
+                site: self.name(state.site),
+                asset: self.name(state.asset),
+                anomalous: state.anomalous,
+                score: key_score(state.score),
+            })
+            .collect();
+        devices.sort_by(|a, b| a.device.cmp(&b.device));
+        serde_json::to_vec(&Snapshot { devices })
+            .map(Some)
+            .map_err(|error| ComponentError::Internal(format!("fleet snapshot: {error}")))
+    }
+
+    /// Takes the devices of a snapshot (of any instance: the one that received the records
+    /// holds them all); only the instance that receives the records keeps them. They count
+    /// from the next batch on.
+    fn restore(&mut self, state: &[u8]) -> Result<(), ComponentError> {
+        let snapshot: Snapshot = serde_json::from_slice(state)
+            .map_err(|error| ComponentError::Internal(format!("fleet snapshot: {error}")))?;
+        if !self.receives {
+            return Ok(());
+        }
+        for saved in snapshot.devices.iter().filter(|saved| !saved.score.is_nan()) {
+            let record = Observed {
+                site: &saved.site,
+                asset: &saved.asset,
+                anomalous: saved.anomalous,
+                score: saved.score,
+            };
+            self.observe(DeviceId::intern(&saved.device), saved.time_ms, record);
+        }
+        Ok(())
+    }
+
     fn process_batch(&mut self, batch: Batch, out: &mut Outputs) {
         match batch {
             Batch::Raw(raw) => {
@@ -627,13 +702,8 @@ impl Transform for Fleet {
                         out.discard("nan_score", 1);
                         continue;
                     }
-                    self.observe(
-                        score.device,
-                        score.end_ms,
-                        &score.labels,
-                        score.anomaly,
-                        score.score,
-                    );
+                    let record = Observed::of(&score.labels, score.anomaly, score.score);
+                    self.observe(score.device, score.end_ms, record);
                 }
             }
             Batch::Events(events) => {
@@ -643,7 +713,8 @@ impl Transform for Fleet {
                         continue;
                     }
                     let open = event.state == AnomalyState::Open;
-                    self.observe(event.device, event.time_ms, &event.labels, open, event.score);
+                    let record = Observed::of(&event.labels, open, event.score);
+                    self.observe(event.device, event.time_ms, record);
                 }
             }
             other => out.discard("unsupported_kind", other.len() as u64),
@@ -744,6 +815,55 @@ mod tests {
             [(names(&["north"]), 1.0)]
         );
         assert_eq!(series(&registry, "tidewatch_fleet_devices"), [(vec![], 3.0)]);
+    }
+
+    #[test]
+    fn a_restored_fleet_counts_the_devices_of_its_checkpoint() {
+        let config = FleetConfig { top: 3, require_catalog: false };
+        let mut before = Fleet::new(&config, &ComponentContext::for_test("rollups", "fleet"));
+        let mut out = Outputs::new("rollups");
+        let batch = vec![
+            scored("p1", 10, 5.0, true, "north"),
+            scored("p2", 10, 1.0, false, "north"),
+            scored("p3", 12, 3.0, true, "south"),
+            scored("p1", 20, 2.0, false, "south"),
+        ];
+        before.process_batch(Batch::Scores(batch), &mut out);
+        let state = before.snapshot().expect("snapshot").expect("fleet has state");
+
+        let opened = |worker: usize| {
+            let ctx = ComponentContext::new(
+                "rollups",
+                "fleet",
+                worker,
+                2,
+                Arc::new(tidewatch_api::PipelineInfo::default()),
+                Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            );
+            let mut fleet = Fleet::new(&config, &ctx);
+            fleet.open(&ctx).expect("open");
+            fleet.restore(&state).expect("restore");
+            fleet
+        };
+        let mut after = opened(0);
+        let mut other = opened(1);
+        let next = || Batch::Scores(vec![scored("p4", 30, 4.0, true, "west")]);
+        before.process_batch(next(), &mut out);
+        after.process_batch(next(), &mut out);
+        assert_eq!(after.view(), before.view());
+        assert_eq!(after.view().devices, 4);
+        assert_eq!(after.view().top[0].0, "p4");
+        // An older record than the restored one does not replace it.
+        after.process_batch(Batch::Scores(vec![scored("p1", 15, 9.0, true, "east")]), &mut out);
+        assert_eq!(after.view(), before.view());
+        // Only the instance that receives the records keeps them.
+        other.process_batch(next(), &mut out);
+        assert_eq!(other.view().devices, 1);
+        assert!(
+            Fleet::new(&config, &ComponentContext::for_test("r", "fleet"))
+                .restore(b"not json")
+                .is_err()
+        );
     }
 
     #[test]
