@@ -8,7 +8,9 @@
 //! - so do a catalog on a Kafka compacted topic (the real broker on 127.0.0.1:9092: a new row
 //!   for the key, a tombstone) and one in retained MQTT messages (the Mosquitto on
 //!   127.0.0.1:1883: a new retained row, an empty retained payload); a Kafka catalog with
-//!   `watch = false` reads its topic to the end and finishes.
+//!   `watch = false` reads its topic to the end and finishes;
+//! - `fleet` with checkpoints, reading Kafka, stopped and started again: the second run counts
+//!   the devices of the first with its own.
 
 mod common;
 
@@ -797,4 +799,122 @@ fn an_mqtt_catalog_of_retained_messages_moves_and_deletes_devices_by_topic() {
         publisher.publish_retained(&format!("{prefix}/{topic}"), 1, Vec::new());
     }
     publisher.wait_acked(7, Duration::from_secs(10));
+}
+
+/// `fleet` with checkpoints, reading Kafka: stopped (SIGINT's way: a final checkpoint) and
+/// started again, it counts the devices of the first run with those of the second, whose
+/// records the first run never saw, and the view equals a brute force over both runs' scores.
+#[test]
+#[cfg(feature = "kafka")]
+fn a_fleet_restarted_from_its_checkpoint_counts_the_devices_of_the_first_run() {
+    common::require_kafka();
+    let _serial = common::kafka_serial();
+    let topic = common::unique("fleet-restart");
+    let dir = tempfile::tempdir().expect("dir");
+    let text = format!(
+        r#"
+[pipeline]
+name = "fleet-restart"
+out_of_orderness_ms = 0
+checkpoint_interval_secs = 1
+checkpoint_url = "{checkpoints}"
+
+[sources.in]
+type = "kafka"
+brokers = "{brokers}"
+topics = ["{topic}"]
+group_id = "{group}"
+
+[transforms.readings]
+type = "normalize"
+inputs = ["in"]
+device_field = "device"
+timestamp_field = "ts"
+timestamp_format = "unix_ms"
+features = ["value"]
+
+[transforms.windows]
+type = "window"
+inputs = ["readings"]
+size_ms = 1000
+
+[transforms.scores]
+type = "stats"
+inputs = ["windows"]
+warmup_windows = 1
+threshold = 1.0
+
+[transforms.rollups]
+type = "fleet"
+inputs = ["scores"]
+top = 3
+
+[sinks.scores_out]
+type = "file"
+inputs = ["scores"]
+path = "${{DIR}}/scores-${{RUN}}.jsonl"
+
+[sinks.fleet_out]
+type = "file"
+inputs = ["rollups"]
+path = "${{DIR}}/fleet-${{RUN}}.jsonl"
+"#,
+        checkpoints = dir.path().join("checkpoints").display(),
+        brokers = common::KAFKA_BROKERS,
+        group = common::unique("group"),
+    );
+    let readings =
+        |devices: std::ops::Range<usize>, from_s: u64| -> Vec<(String, Option<String>)> {
+            let mut records = Vec::new();
+            for second in 0..6u64 {
+                for device in devices.clone() {
+                    let ts = 1_700_000_000_000 + (from_s + second) * 1_000;
+                    let value = (device * 7 + second as usize * 3) % 11;
+                    let reading =
+                        format!("{{\"device\":\"pump-{device}\",\"ts\":{ts},\"value\":{value}}}");
+                    records.push((format!("pump-{device}"), Some(reading)));
+                }
+            }
+            records
+        };
+    let send = |records: &[(String, Option<String>)]| {
+        let borrowed: Vec<(&str, Option<String>)> =
+            records.iter().map(|(key, value)| (key.as_str(), value.clone())).collect();
+        produce(&topic, &borrowed);
+    };
+    let vars = |run: &str| vec![("DIR", dir.path().display().to_string()), ("RUN", run.to_owned())];
+
+    // The first run sees pump-0 to pump-3.
+    send(&readings(0..4, 0));
+    let first = Running::start(&text, &vars("1"), 1);
+    wait_until("the first run counts 4 devices", Duration::from_secs(60), || {
+        replayed_from(&json_lines(&dir.path().join("fleet-1.jsonl"))).devices == 4
+    });
+    first.stop().expect("a graceful stop");
+
+    // The second run reads only what came after the checkpoint: pump-4.
+    send(&readings(4..5, 10));
+    let second = Running::start(&text, &vars("2"), 1);
+    let first_scores = json_lines(&dir.path().join("scores-1.jsonl"));
+    let both = || {
+        let mut scores = first_scores.clone();
+        scores.extend(json_lines(&dir.path().join("scores-2.jsonl")));
+        scores
+    };
+    let fleet_2 = dir.path().join("fleet-2.jsonl");
+    wait_until("the second run's fleet view covers both runs", Duration::from_secs(60), || {
+        let scores = both();
+        scores.len() > first_scores.len()
+            && replayed_from(&json_lines(&fleet_2)) == expected_from(&scores, 3)
+    });
+    second.stop().expect("a graceful stop");
+    let devices_second: std::collections::BTreeSet<String> =
+        json_lines(&dir.path().join("scores-2.jsonl"))
+            .iter()
+            .filter_map(|record| record["device"].as_str().map(str::to_owned))
+            .collect();
+    assert_eq!(Vec::from_iter(devices_second), ["pump-4"], "the second run reads only pump-4");
+    let view = replayed_from(&json_lines(&fleet_2));
+    assert_eq!(view.devices, 5, "the restored devices count: {view:?}");
+    assert_eq!(view, expected_from(&both(), 3));
 }
