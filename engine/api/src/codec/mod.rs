@@ -50,7 +50,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 
 pub use self::csv::Delimiter;
-pub use self::plan::{FieldPlan, MetaField};
+pub use self::plan::{FieldPlan, KeyOrder, MetaField};
 pub use self::topic::TopicTemplate;
 use crate::factory::ConfigError;
 use crate::records::{EventTime, RawMessage};
@@ -209,6 +209,8 @@ const CSV_LAYOUT_LIMIT: usize = 8;
 #[derive(Debug)]
 pub struct Decoder {
     plan: FieldPlan,
+    /// The key order of the JSON objects decoded so far.
+    key_order: KeyOrder,
     format: PayloadCodec,
     delimiter: Option<Delimiter>,
     columns: Option<Arc<[Arc<str>]>>,
@@ -308,6 +310,7 @@ impl Decoder {
         };
         Ok(Decoder {
             plan,
+            key_order: KeyOrder::default(),
             format,
             delimiter: options.delimiter,
             columns,
@@ -495,7 +498,7 @@ impl Decoder {
         if !csv {
             return self
                 .plan
-                .read_json(payload, &mut each)
+                .read_json(payload, &mut self.key_order, &mut each)
                 .map_err(|error| DecodeError::new("parse", error.to_string()));
         }
         let layout = self.layout(header)?;
@@ -595,6 +598,45 @@ mod tests {
             ]
         );
         assert_eq!(results[1].as_ref().expect_err("mismatch").error_type, "topic_mismatch");
+    }
+
+    #[test]
+    fn json_keys_in_a_changing_order_read_the_right_fields() {
+        let mut decoder = Decoder::new(
+            &DecoderOptions { format: PayloadCodec::Json, ..DecoderOptions::default() },
+            &[("f", "a"), ("f", "bb"), ("f", "ab")],
+        )
+        .expect("ok");
+        let mut batch = RawBatch::default();
+        // The order of the first object is the hint for the next ones, right or wrong.
+        for payload in [
+            &br#"{"a":1,"bb":2,"ab":3}"#[..],
+            br#"{"a":4,"bb":5,"ab":6}"#,
+            br#"{"ab":7,"a":8,"x":0,"bb":9}"#,
+            br#"{"x":0,"bb":10,"ab":11,"a":12}"#,
+            br#"{"a":13,"b":0,"ab":14}"#,
+        ] {
+            batch.push("t", payload, 0, 0);
+        }
+        let fields = |values: &Vec<(usize, String)>| {
+            let mut sorted = values.clone();
+            sorted.sort();
+            sorted.into_iter().map(|(field, value)| format!("{field}={value}")).collect::<Vec<_>>()
+        };
+        let results: Vec<Vec<String>> = decode_all(&mut decoder, &batch)
+            .iter()
+            .map(|result| fields(result.as_ref().expect("decoded")))
+            .collect();
+        assert_eq!(
+            results,
+            [
+                vec!["0=1", "1=2", "2=3"],
+                vec!["0=4", "1=5", "2=6"],
+                vec!["0=8", "1=9", "2=7"],
+                vec!["0=12", "1=10", "2=11"],
+                vec!["0=13", "2=14"],
+            ]
+        );
     }
 
     #[test]

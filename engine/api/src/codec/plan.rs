@@ -3,7 +3,10 @@
 //!
 //! JSON objects are read by a serde visitor that matches keys against the needed names and
 //! skips every other value; a pointer descends only into the objects and arrays on its path.
-//! Nothing is allocated per message.
+//! Nothing is allocated per message. Producers write an object's keys in the same order
+//! message after message, so each top-level key is first compared with the needed name found
+//! at its position in the last object ([`KeyOrder`]): one comparison per key instead of a
+//! search.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -264,19 +267,60 @@ impl FieldPlan {
     }
 
     /// Reads one JSON object, calling `each(field, value)` for every needed field it has.
-    pub fn read_json<F>(&self, payload: &[u8], each: &mut F) -> Result<(), serde_json::Error>
+    /// `order` holds the key order of the objects read before (a hint, right or wrong).
+    pub fn read_json<F>(
+        &self,
+        payload: &[u8],
+        order: &mut KeyOrder,
+        each: &mut F,
+    ) -> Result<(), serde_json::Error>
     where
         F: FnMut(usize, Value<'_>),
     {
         let mut deserializer = serde_json::Deserializer::from_slice(payload);
-        (&mut deserializer).deserialize_map(ObjectVisitor { plan: self, each })?;
+        (&mut deserializer).deserialize_map(ObjectVisitor { plan: self, order, each })?;
         deserializer.end()
     }
+
+    /// [`FieldPlan::lookup`], trying the key index `hint` first.
+    #[inline]
+    fn lookup_hinted(&self, key: &str, hint: Option<usize>) -> Option<usize> {
+        if let Some(hint) = hint
+            && self.names.get(hint).is_some_and(|name| name.as_bytes() == key.as_bytes())
+        {
+            return Some(hint);
+        }
+        self.lookup(key)
+    }
 }
+
+/// The needed top-level keys of the last JSON object read, by position in the object: the
+/// key at a position is first compared with the one found there last time.
+#[derive(Debug, Default)]
+pub struct KeyOrder(Vec<Option<usize>>);
+
+impl KeyOrder {
+    fn hint(&self, position: usize) -> Option<usize> {
+        self.0.get(position).copied().flatten()
+    }
+
+    fn note(&mut self, position: usize, key: Option<usize>) {
+        match self.0.get_mut(position) {
+            Some(slot) => *slot = key,
+            // Bounded: an object of more keys than this is remembered only so far.
+            None if position < MAX_KEY_ORDER => self.0.push(key),
+            None => {}
+        }
+    }
+}
+
+/// How many positions a [`KeyOrder`] remembers.
+const MAX_KEY_ORDER: usize = 256;
 
 /// Visits the top-level object.
 struct ObjectVisitor<'p, F> {
     plan: &'p FieldPlan,
+    order: &'p mut KeyOrder,
     each: &'p mut F,
 }
 
@@ -289,7 +333,12 @@ impl<'de, F: FnMut(usize, Value<'_>)> Visitor<'de> for ObjectVisitor<'_, F> {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
         let plan = self.plan;
-        while let Some(key) = map.next_key_seed(KeySeed(plan))? {
+        let mut position = 0;
+        while let Some(key) =
+            map.next_key_seed(KeySeed { plan, hint: self.order.hint(position) })?
+        {
+            self.order.note(position, key);
+            position += 1;
             match key.and_then(|key| plan.root(key)) {
                 Some(node) => {
                     map.next_value_seed(ValueSeed { plan, node, each: &mut *self.each })?
@@ -303,8 +352,11 @@ impl<'de, F: FnMut(usize, Value<'_>)> Visitor<'de> for ObjectVisitor<'_, F> {
     }
 }
 
-/// Reads a top-level key and tells which needed key it is, if any.
-struct KeySeed<'p>(&'p FieldPlan);
+/// Reads a top-level key and tells which needed key it is, if any (`hint` first).
+struct KeySeed<'p> {
+    plan: &'p FieldPlan,
+    hint: Option<usize>,
+}
 
 impl<'de> DeserializeSeed<'de> for KeySeed<'_> {
     type Value = Option<usize>;
@@ -325,7 +377,7 @@ impl<'de> Visitor<'de> for KeySeed<'_> {
     }
 
     fn visit_str<E: de::Error>(self, key: &str) -> Result<Self::Value, E> {
-        Ok(self.0.lookup(key))
+        Ok(self.plan.lookup_hinted(key, self.hint))
     }
 }
 
