@@ -194,11 +194,11 @@ impl Times {
 
     /// Goes back to offsets when i64 times now span less than 2³² ms.
     fn narrow(&mut self) {
-        if let Times::Wide(times) = self {
-            let narrowed = Times::from_times(times, times.capacity());
-            if matches!(narrowed, Times::Narrow { .. }) {
-                *self = narrowed;
-            }
+        if let Times::Wide(times) = self
+            && let (Some(&min), Some(&max)) = (times.iter().min(), times.iter().max())
+            && offset(min, max).is_some()
+        {
+            *self = Times::from_times(times, times.capacity());
         }
     }
 }
