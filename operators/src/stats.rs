@@ -153,19 +153,20 @@ impl TransformFactory for StatsFactory {
 // The detector
 // ---------------------------------------------------------------------------------------------
 
-/// A device's moving baseline, per feature.
-#[derive(Clone, Debug, PartialEq)]
-struct Baseline {
-    mean: Vec<f64>,
-    var: Vec<f64>,
-    /// Windows absorbed by each feature's baseline.
-    windows: Vec<u64>,
+/// One feature's moving baseline.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+struct FeatureBaseline {
+    mean: f64,
+    var: f64,
+    /// Windows absorbed.
+    windows: u64,
 }
 
-impl Baseline {
-    fn new(width: usize) -> Baseline {
-        Baseline { mean: vec![0.0; width], var: vec![0.0; width], windows: vec![0; width] }
-    }
+/// A device's moving baseline, per feature: one allocation per device (24 bytes a feature).
+type Baseline = Box<[FeatureBaseline]>;
+
+fn new_baseline(width: usize) -> Baseline {
+    vec![FeatureBaseline::default(); width].into_boxed_slice()
 }
 
 /// Per-feature accumulators for one window; reused from window to window.
@@ -293,21 +294,20 @@ impl StatsDetector {
         let stats = &mut self.accumulators;
         stats.compute(window, width);
 
-        let baseline = self.baselines.entry(window.device).or_insert_with(|| Baseline::new(width));
-        if baseline.mean.len() != width {
-            *baseline = Baseline::new(width);
+        let baseline = self.baselines.entry(window.device).or_insert_with(|| new_baseline(width));
+        if baseline.len() != width {
+            *baseline = new_baseline(width);
         }
         let mut score = 0.0f64;
         for column in 0..width {
-            let (Some(mean), Some(var), Some(base_mean), Some(base_var), Some(seen)) = (
+            let (Some(mean), Some(var), Some(feature)) = (
                 stats.mean.get(column).copied(),
                 stats.var.get(column).copied(),
-                baseline.mean.get_mut(column),
-                baseline.var.get_mut(column),
-                baseline.windows.get_mut(column),
+                baseline.get_mut(column),
             ) else {
                 continue;
             };
+            let FeatureBaseline { mean: base_mean, var: base_var, windows: seen } = feature;
             if mean.is_nan() {
                 continue;
             }
@@ -385,9 +385,9 @@ impl Transform for StatsDetector {
             .iter()
             .map(|(device, baseline)| SnapshotBaseline {
                 device: *device,
-                mean: baseline.mean.iter().map(|value| value.to_bits()).collect(),
-                var: baseline.var.iter().map(|value| value.to_bits()).collect(),
-                windows: baseline.windows.clone(),
+                mean: baseline.iter().map(|feature| feature.mean.to_bits()).collect(),
+                var: baseline.iter().map(|feature| feature.var.to_bits()).collect(),
+                windows: baseline.iter().map(|feature| feature.windows).collect(),
             })
             .collect();
         devices.sort_unstable_by_key(|baseline| baseline.device);
@@ -413,11 +413,17 @@ impl Transform for StatsDetector {
             }
             baselines.insert(
                 device.device,
-                Baseline {
-                    mean: device.mean.into_iter().map(f64::from_bits).collect(),
-                    var: device.var.into_iter().map(f64::from_bits).collect(),
-                    windows: device.windows,
-                },
+                device
+                    .mean
+                    .iter()
+                    .zip(&device.var)
+                    .zip(&device.windows)
+                    .map(|((mean, var), windows)| FeatureBaseline {
+                        mean: f64::from_bits(*mean),
+                        var: f64::from_bits(*var),
+                        windows: *windows,
+                    })
+                    .collect(),
             );
         }
         self.baselines = baselines;

@@ -12,8 +12,13 @@
 //!
 //! The histories and readings not yet final are checkpointed ([`Transform::snapshot`]); a
 //! restore keeps the devices this worker owns.
+//!
+//! Memory: a device's history is a ring of exactly `size_readings` steps once full (no
+//! doubling slack), its times `u32` offsets from a base while they span less than 49.7 days
+//! (`i64` otherwise), its labels held only while one is not 0; readings not yet final wait in
+//! one buffer for all devices.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -24,26 +29,339 @@ use tidewatch_api::{
 
 use super::config::{WindowConfig, count_geometry};
 use super::{readings_only, schema_index};
+use crate::util::IdHash;
 
-/// A reading not yet final; its values are in [`DeviceHistory::pending_values`], at the same
-/// index (one flat buffer per device: no allocation per reading).
-#[derive(Debug)]
+/// A device's history takes room for at most this many values (16 KiB of `f32`) before its
+/// first window; a longer window grows by doubling, capped at the window's size, as readings
+/// come (a device that sends a few readings does not hold a whole window's room).
+const PRESIZE_VALUES: usize = 4096;
+
+/// The operator-wide pending buffers are shrunk when they held less than a quarter of a
+/// capacity greater than this many elements.
+const SHRINK_ABOVE: usize = 4096;
+
+/// A reading not yet final, of any device; its values are in
+/// [`CountWindowOperator::pending_values`] at `start..start + width` (one flat buffer for all
+/// devices: no allocation per reading, and none per device).
+#[derive(Clone, Copy, Debug)]
 struct Pending {
+    device: DeviceId,
     time: EventTime,
+    start: usize,
+    width: usize,
     label: u8,
+}
+
+/// The event times of a device's history: `u32` offsets from a base while the times held
+/// span less than 2³² ms (49.7 days), `i64` otherwise (any input stays exact).
+#[derive(Debug)]
+enum Times {
+    /// Time of step `i` = `base + offsets[i]`.
+    Narrow { base: EventTime, offsets: Vec<u32> },
+    /// The times themselves.
+    Wide(Vec<EventTime>),
+}
+
+impl Default for Times {
+    fn default() -> Self {
+        Times::Narrow { base: 0, offsets: Vec::new() }
+    }
+}
+
+/// `time - base` as an offset, when it is one.
+fn offset(base: EventTime, time: EventTime) -> Option<u32> {
+    time.checked_sub(base).and_then(|delta| u32::try_from(delta).ok())
+}
+
+impl Times {
+    /// The narrowest form of `times`, with room for `capacity` steps.
+    fn from_times(times: &[EventTime], capacity: usize) -> Times {
+        let capacity = capacity.max(times.len());
+        let (Some(&min), Some(&max)) = (times.iter().min(), times.iter().max()) else {
+            return Times::Narrow { base: 0, offsets: Vec::with_capacity(capacity) };
+        };
+        if offset(min, max).is_some() {
+            let mut offsets = Vec::with_capacity(capacity);
+            offsets.extend(times.iter().map(|&time| offset(min, time).unwrap_or(0)));
+            Times::Narrow { base: min, offsets }
+        } else {
+            let mut wide = Vec::with_capacity(capacity);
+            wide.extend_from_slice(times);
+            Times::Wide(wide)
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Times::Narrow { offsets, .. } => offsets.len(),
+            Times::Wide(times) => times.len(),
+        }
+    }
+
+    fn capacity(&self) -> usize {
+        match self {
+            Times::Narrow { offsets, .. } => offsets.capacity(),
+            Times::Wide(times) => times.capacity(),
+        }
+    }
+
+    fn reserve_exact(&mut self, additional: usize) {
+        match self {
+            Times::Narrow { offsets, .. } => offsets.reserve_exact(additional),
+            Times::Wide(times) => times.reserve_exact(additional),
+        }
+    }
+
+    /// The time of storage slot `index` (`EventTime::MIN` past the end, which never happens).
+    fn get(&self, index: usize) -> EventTime {
+        match self {
+            Times::Narrow { base, offsets } => offsets
+                .get(index)
+                .map_or(EventTime::MIN, |offset| base.wrapping_add(i64::from(*offset))),
+            Times::Wide(times) => times.get(index).copied().unwrap_or(EventTime::MIN),
+        }
+    }
+
+    /// Appends the times of storage slots `range` to `out`.
+    fn extend_into(&self, range: std::ops::Range<usize>, out: &mut Vec<EventTime>) {
+        match self {
+            Times::Narrow { base, offsets } => out.extend(
+                offsets
+                    .get(range)
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|offset| base.wrapping_add(i64::from(*offset))),
+            ),
+            Times::Wide(times) => out.extend_from_slice(times.get(range).unwrap_or_default()),
+        }
+    }
+
+    /// All times, in storage order.
+    fn to_vec(&self) -> Vec<EventTime> {
+        let mut times = Vec::with_capacity(self.len());
+        self.extend_into(0..self.len(), &mut times);
+        times
+    }
+
+    /// Appends `time`.
+    fn push(&mut self, time: EventTime) {
+        match self {
+            Times::Narrow { base, offsets } => {
+                if offsets.is_empty() {
+                    *base = time;
+                    offsets.push(0);
+                    return;
+                }
+                if let Some(offset) = offset(*base, time) {
+                    offsets.push(offset);
+                    return;
+                }
+            }
+            Times::Wide(times) => {
+                times.push(time);
+                return;
+            }
+        }
+        // Out of the offsets' range: a new base, or i64 times.
+        let mut times = self.to_vec();
+        let capacity = self.capacity();
+        times.push(time);
+        *self = Times::from_times(&times, capacity);
+    }
+
+    /// Replaces the time of storage slot `index` (< `len`).
+    fn set(&mut self, index: usize, time: EventTime) {
+        match self {
+            Times::Narrow { base, offsets } => {
+                if let (Some(slot), Some(offset)) = (offsets.get_mut(index), offset(*base, time)) {
+                    *slot = offset;
+                    return;
+                }
+            }
+            Times::Wide(times) => {
+                if let Some(slot) = times.get_mut(index) {
+                    *slot = time;
+                }
+                return;
+            }
+        }
+        let mut times = self.to_vec();
+        if let Some(slot) = times.get_mut(index) {
+            *slot = time;
+        }
+        *self = Times::from_times(&times, self.capacity());
+    }
+
+    /// Goes back to offsets when i64 times now span less than 2³² ms.
+    fn narrow(&mut self) {
+        if let Times::Wide(times) = self
+            && let (Some(&min), Some(&max)) = (times.iter().min(), times.iter().max())
+            && offset(min, max).is_some()
+        {
+            *self = Times::from_times(times, times.capacity());
+        }
+    }
+}
+
+/// The last `size` final readings of a device: a ring of steps, allocated at its final size
+/// (no doubling slack) once full.
+#[derive(Debug, Default)]
+struct Ring {
+    /// `width` values per step, in storage order.
+    values: Vec<f32>,
+    /// One time per step, in storage order.
+    times: Times,
+    /// One label per step, in storage order; empty while every label held is 0.
+    labels: Vec<u8>,
+    /// Storage slot of the oldest step once the ring is full (0 until then).
+    head: usize,
+}
+
+impl Ring {
+    /// A ring holding `times`, `values` and `labels` (oldest first, as checked by the caller).
+    fn from_parts(
+        size: usize,
+        width: usize,
+        times: &[EventTime],
+        values: Vec<f32>,
+        labels: Vec<u8>,
+    ) -> Ring {
+        let capacity = times.len().max(first_capacity(size, width));
+        let mut ring_values = Vec::with_capacity(capacity.saturating_mul(width));
+        ring_values.extend_from_slice(&values);
+        let labels = if labels.iter().all(|label| *label == 0) {
+            Vec::new()
+        } else {
+            let mut ring_labels = Vec::with_capacity(capacity);
+            ring_labels.extend_from_slice(&labels);
+            ring_labels
+        };
+        Ring { values: ring_values, times: Times::from_times(times, capacity), labels, head: 0 }
+    }
+
+    /// Steps held.
+    fn len(&self) -> usize {
+        self.times.len()
+    }
+
+    /// Makes room for more steps: the first time `first_capacity`, then twice as many, never
+    /// more than `size`.
+    fn grow(&mut self, size: usize, width: usize) {
+        let len = self.len();
+        let capacity = self.times.capacity();
+        let target = if capacity == 0 {
+            first_capacity(size, width)
+        } else {
+            capacity.saturating_mul(2).min(size)
+        }
+        .max(len + 1);
+        let additional = target - len;
+        self.times.reserve_exact(additional);
+        self.values.reserve_exact(additional.saturating_mul(width));
+        if !self.labels.is_empty() {
+            self.labels.reserve_exact(target - self.labels.len());
+        }
+    }
+
+    /// Appends a step; once `size` are held, it takes the place of the oldest.
+    fn push(&mut self, size: usize, width: usize, time: EventTime, values: &[f32], label: u8) {
+        let len = self.len();
+        if len < size {
+            if len == self.times.capacity() {
+                self.grow(size, width);
+            }
+            self.times.push(time);
+            self.values.extend_from_slice(values);
+            if self.labels.is_empty() && label != 0 {
+                self.labels.reserve_exact(self.times.capacity());
+                self.labels.resize(len, 0);
+                self.labels.push(label);
+            } else if !self.labels.is_empty() {
+                self.labels.push(label);
+            }
+            return;
+        }
+        let head = self.head;
+        self.times.set(head, time);
+        if let Some(slot) = self.values.get_mut(head * width..(head + 1) * width) {
+            slot.copy_from_slice(values);
+        }
+        if label != 0 && self.labels.is_empty() {
+            self.labels.reserve_exact(len);
+            self.labels.resize(len, 0);
+        }
+        if let Some(slot) = self.labels.get_mut(head) {
+            *slot = label;
+        }
+        self.head = (head + 1) % len;
+        if self.head == 0 {
+            // Once a turn: back to the compact forms when the input allows it.
+            self.times.narrow();
+            if self.labels.iter().all(|label| *label == 0) {
+                self.labels = Vec::new();
+            }
+        }
+    }
+
+    /// The storage slots in time order: `head..len`, then `0..head`.
+    fn order(&self) -> [std::ops::Range<usize>; 2] {
+        [self.head..self.len(), 0..self.head]
+    }
+
+    /// The time of the oldest step.
+    fn first_time(&self) -> EventTime {
+        self.times.get(self.head)
+    }
+
+    /// The times, oldest first.
+    fn times(&self) -> Vec<EventTime> {
+        let mut times = Vec::with_capacity(self.len());
+        for range in self.order() {
+            self.times.extend_into(range, &mut times);
+        }
+        times
+    }
+
+    /// The values, oldest step first.
+    fn values(&self, width: usize) -> Vec<f32> {
+        let mut values = Vec::with_capacity(self.values.len());
+        for range in self.order() {
+            values.extend_from_slice(
+                self.values.get(range.start * width..range.end * width).unwrap_or_default(),
+            );
+        }
+        values
+    }
+
+    /// The labels, oldest first.
+    fn labels(&self) -> Vec<u8> {
+        if self.labels.is_empty() {
+            return vec![0; self.len()];
+        }
+        let mut labels = Vec::with_capacity(self.len());
+        for range in self.order() {
+            labels.extend_from_slice(self.labels.get(range).unwrap_or_default());
+        }
+        labels
+    }
+
+    /// The greatest label held.
+    fn max_label(&self) -> u8 {
+        self.labels.iter().copied().max().unwrap_or(0)
+    }
+}
+
+/// Steps of room a history takes at its first reading: the whole window when it is at most
+/// [`PRESIZE_VALUES`] values.
+fn first_capacity(size: usize, width: usize) -> usize {
+    size.min((PRESIZE_VALUES / width.max(1)).max(1))
 }
 
 #[derive(Debug)]
 struct DeviceHistory {
     schema: Arc<Schema>,
-    /// Readings not yet final, in arrival order.
-    pending: Vec<Pending>,
-    /// Their values, `schema.len()` per reading, in the order of `pending`.
-    pending_values: Vec<f32>,
     /// The last `size` final readings.
-    times: VecDeque<EventTime>,
-    values: VecDeque<f32>,
-    labels: VecDeque<u8>,
+    ring: Ring,
     /// Final readings so far.
     count: u64,
 }
@@ -54,9 +372,13 @@ pub struct CountWindowOperator {
     size: usize,
     slide: usize,
     watermark: EventTime,
-    devices: HashMap<DeviceId, DeviceHistory>,
-    /// The devices with readings not yet final.
-    waiting: BTreeSet<DeviceId>,
+    devices: HashMap<DeviceId, DeviceHistory, IdHash>,
+    /// The readings not yet final, of every device, in arrival order.
+    pending: Vec<Pending>,
+    /// Their values.
+    pending_values: Vec<f32>,
+    /// The readings a finalise makes final (kept from call to call for its buffer).
+    ready: Vec<Pending>,
     /// This instance's worker and the number of workers (set by `open`): a restore keeps the
     /// devices it owns.
     worker: usize,
@@ -73,8 +395,10 @@ impl CountWindowOperator {
             size,
             slide,
             watermark: EventTime::MIN,
-            devices: HashMap::new(),
-            waiting: BTreeSet::new(),
+            devices: HashMap::default(),
+            pending: Vec::new(),
+            pending_values: Vec::new(),
+            ready: Vec::new(),
             worker: 0,
             workers: 1,
             restored: false,
@@ -99,11 +423,7 @@ impl CountWindowOperator {
             }
             let history = self.devices.entry(reading.device).or_insert_with(|| DeviceHistory {
                 schema: Arc::clone(&batch.schema),
-                pending: Vec::new(),
-                pending_values: Vec::new(),
-                times: VecDeque::new(),
-                values: VecDeque::new(),
-                labels: VecDeque::new(),
+                ring: Ring::default(),
                 count: 0,
             });
             if !(Arc::ptr_eq(&history.schema, &batch.schema) || history.schema == batch.schema) {
@@ -120,9 +440,14 @@ impl CountWindowOperator {
                 );
                 continue;
             }
-            history.pending.push(Pending { time: reading.time_ms, label: reading.label });
-            history.pending_values.extend_from_slice(reading.values);
-            self.waiting.insert(reading.device);
+            self.pending.push(Pending {
+                device: reading.device,
+                time: reading.time_ms,
+                start: self.pending_values.len(),
+                width: reading.values.len(),
+                label: reading.label,
+            });
+            self.pending_values.extend_from_slice(reading.values);
             final_now |= reading.time_ms <= self.watermark;
         }
         if let Some(late) = late {
@@ -134,50 +459,95 @@ impl CountWindowOperator {
     }
 
     fn finalise(&mut self, watermark: EventTime, out: &mut Outputs) {
+        if self.pending.is_empty() {
+            return;
+        }
+        // The readings now final, out of the pending ones (which keep their arrival order),
+        // in time order (arrival order among equal times): per device, the order in which
+        // they join its history.
+        let mut ready = std::mem::take(&mut self.ready);
+        ready.clear();
+        let (pending_before, values_before) = (self.pending.len(), self.pending_values.len());
+        self.pending.retain(|pending| {
+            let is_final = pending.time <= watermark;
+            if is_final {
+                ready.push(*pending);
+            }
+            !is_final
+        });
+        if !ready.is_sorted_by_key(|pending| pending.time) {
+            ready.sort_by_key(|pending| pending.time);
+        }
         let mut windows = Vec::new();
-        let width_of = |history: &DeviceHistory| history.schema.len();
-        let mut done = Vec::new();
-        for device in &self.waiting {
-            let Some(history) = self.devices.get_mut(device) else { continue };
-            let width = width_of(history);
-            sort_pending(history, width);
-            let ready =
-                history.pending.iter().take_while(|pending| pending.time <= watermark).count();
-            for (index, pending) in history.pending.drain(..ready).enumerate() {
-                history.times.push_back(pending.time);
-                history.values.extend(&history.pending_values[index * width..(index + 1) * width]);
-                history.labels.push_back(pending.label);
-                if history.times.len() > self.size {
-                    history.times.pop_front();
-                    history.labels.pop_front();
-                    history.values.drain(..width);
-                }
-                history.count += 1;
-                if history.times.len() == self.size
-                    && (history.count - self.size as u64).is_multiple_of(self.slide as u64)
-                {
-                    let first = history.times.front().copied().unwrap_or(pending.time);
-                    windows.push(Window {
-                        device: *device,
-                        start_ms: first,
-                        end_ms: pending.time.saturating_add(1),
-                        schema: Arc::clone(&history.schema),
-                        times: history.times.iter().copied().collect(),
-                        values: history.values.iter().copied().collect(),
-                        label: history.labels.iter().copied().max().unwrap_or(0),
-                    });
-                }
-            }
-            history.pending_values.drain(..ready * width);
-            if history.pending.is_empty() {
-                done.push(*device);
+        for pending in &ready {
+            let Some(history) = self.devices.get_mut(&pending.device) else { continue };
+            let values = self
+                .pending_values
+                .get(pending.start..pending.start + pending.width)
+                .unwrap_or_default();
+            history.ring.push(self.size, pending.width, pending.time, values, pending.label);
+            history.count += 1;
+            if history.ring.len() == self.size
+                && (history.count - self.size as u64).is_multiple_of(self.slide as u64)
+            {
+                windows.push(Window {
+                    device: pending.device,
+                    start_ms: history.ring.first_time(),
+                    end_ms: pending.time.saturating_add(1),
+                    schema: Arc::clone(&history.schema),
+                    times: history.ring.times(),
+                    values: history.ring.values(pending.width),
+                    label: history.ring.max_label(),
+                });
             }
         }
-        for device in done {
-            self.waiting.remove(&device);
+        // The values of the readings still pending move to the front, in order.
+        let mut end = 0;
+        for pending in &mut self.pending {
+            self.pending_values.copy_within(pending.start..pending.start + pending.width, end);
+            pending.start = end;
+            end += pending.width;
         }
+        self.pending_values.truncate(end);
+        shrink_if_sparse(&mut self.pending, pending_before);
+        shrink_if_sparse(&mut self.pending_values, values_before);
+        let ready_len = ready.len();
+        ready.clear();
+        shrink_if_sparse(&mut ready, ready_len);
+        self.ready = ready;
         windows.sort_by_key(|window| (window.end_ms, window.device));
         out.emit(Batch::Windows(windows));
+    }
+
+    /// Drops the pending readings of `devices` (their restored state replaces them).
+    fn drop_pending(&mut self, devices: &HashSet<DeviceId, IdHash>) {
+        if devices.is_empty() || self.pending.is_empty() {
+            return;
+        }
+        let mut values = Vec::with_capacity(self.pending_values.len());
+        let old_values = std::mem::take(&mut self.pending_values);
+        self.pending.retain_mut(|pending| {
+            if devices.contains(&pending.device) {
+                return false;
+            }
+            let start = values.len();
+            values.extend_from_slice(
+                old_values.get(pending.start..pending.start + pending.width).unwrap_or_default(),
+            );
+            pending.start = start;
+            true
+        });
+        self.pending_values = values;
+    }
+}
+
+/// Frees most of a buffer's room when it held less than a quarter of a large capacity at its
+/// fullest (`high_water`) since the last call: the room a burst took, not what every call
+/// needs.
+fn shrink_if_sparse<T>(buffer: &mut Vec<T>, high_water: usize) {
+    let high_water = high_water.max(buffer.len());
+    if buffer.capacity() > SHRINK_ABOVE && high_water < buffer.capacity() / 4 {
+        buffer.shrink_to(high_water.saturating_mul(2).max(SHRINK_ABOVE));
     }
 }
 
@@ -201,6 +571,19 @@ impl Transform for CountWindowOperator {
     }
 
     fn snapshot(&mut self) -> Result<Option<Vec<u8>>, ComponentError> {
+        // Each device's pending readings, in arrival order.
+        let mut pending: BTreeMap<DeviceId, Vec<SnapshotReading>> = BTreeMap::new();
+        for reading in &self.pending {
+            let values = self
+                .pending_values
+                .get(reading.start..reading.start + reading.width)
+                .unwrap_or_default();
+            pending.entry(reading.device).or_default().push(SnapshotReading {
+                time: reading.time,
+                values: values.iter().map(|value| value.to_bits()).collect(),
+                label: reading.label,
+            });
+        }
         let mut schemas: Vec<Arc<Schema>> = Vec::new();
         let mut devices: Vec<(&DeviceId, &DeviceHistory)> = self.devices.iter().collect();
         devices.sort_unstable_by_key(|(device, _)| **device);
@@ -211,26 +594,15 @@ impl Transform for CountWindowOperator {
                 SnapshotDevice {
                     device: *device,
                     schema,
-                    pending: history
-                        .pending
-                        .iter()
-                        .enumerate()
-                        .map(|(index, pending)| {
-                            let width = history.schema.len();
-                            let values = history
-                                .pending_values
-                                .get(index * width..(index + 1) * width)
-                                .unwrap_or_default();
-                            SnapshotReading {
-                                time: pending.time,
-                                values: values.iter().map(|value| value.to_bits()).collect(),
-                                label: pending.label,
-                            }
-                        })
+                    pending: pending.remove(device).unwrap_or_default(),
+                    times: history.ring.times(),
+                    values: history
+                        .ring
+                        .values(history.schema.len())
+                        .into_iter()
+                        .map(f32::to_bits)
                         .collect(),
-                    times: history.times.iter().copied().collect(),
-                    values: history.values.iter().map(|value| value.to_bits()).collect(),
-                    labels: history.labels.iter().copied().collect(),
+                    labels: history.ring.labels(),
                     count: history.count,
                 }
             })
@@ -281,30 +653,33 @@ impl Transform for CountWindowOperator {
             }
             let history = DeviceHistory {
                 schema: Arc::clone(schema),
-                pending_values: device
-                    .pending
-                    .iter()
-                    .flat_map(|pending| pending.values.iter().copied().map(f32::from_bits))
-                    .collect(),
-                pending: device
-                    .pending
-                    .into_iter()
-                    .map(|pending| Pending { time: pending.time, label: pending.label })
-                    .collect(),
-                times: device.times.into(),
-                values: device.values.into_iter().map(f32::from_bits).collect(),
-                labels: device.labels.into(),
+                ring: Ring::from_parts(
+                    self.size,
+                    width,
+                    &device.times,
+                    device.values.into_iter().map(f32::from_bits).collect(),
+                    device.labels,
+                ),
                 count: device.count,
             };
-            restored.push((device.device, history));
+            restored.push((device.device, history, device.pending));
         }
         // Several snapshots (one per instance that took the checkpoint) merge; each instance
-        // keeps the devices it owns now.
-        for (device, history) in restored {
-            if history.pending.is_empty() {
-                self.waiting.remove(&device);
-            } else {
-                self.waiting.insert(device);
+        // keeps the devices it owns now (a device restored again replaces its earlier state).
+        let replaced: HashSet<DeviceId, IdHash> =
+            restored.iter().map(|(device, _, _)| *device).collect();
+        self.drop_pending(&replaced);
+        for (device, history, pending) in restored {
+            let width = history.schema.len();
+            for reading in pending {
+                self.pending.push(Pending {
+                    device,
+                    time: reading.time,
+                    start: self.pending_values.len(),
+                    width,
+                    label: reading.label,
+                });
+                self.pending_values.extend(reading.values.into_iter().map(f32::from_bits));
             }
             self.devices.insert(device, history);
         }
@@ -316,23 +691,6 @@ impl Transform for CountWindowOperator {
         self.restored = true;
         Ok(())
     }
-}
-
-/// Sorts a device's pending readings by time, stably (arrival order among equal times), with
-/// their values. Readings usually arrive in order: then nothing moves.
-fn sort_pending(history: &mut DeviceHistory, width: usize) {
-    if history.pending.is_sorted_by_key(|pending| pending.time) {
-        return;
-    }
-    let mut order: Vec<usize> = (0..history.pending.len()).collect();
-    order.sort_by_key(|&index| history.pending[index].time);
-    let mut values = Vec::with_capacity(history.pending_values.len());
-    for &index in &order {
-        values.extend_from_slice(&history.pending_values[index * width..(index + 1) * width]);
-    }
-    let mut pending: Vec<Option<Pending>> = history.pending.drain(..).map(Some).collect();
-    history.pending = order.iter().filter_map(|&index| pending[index].take()).collect();
-    history.pending_values = values;
 }
 
 /// The state of a [`CountWindowOperator`] as checkpointed (JSON).
@@ -644,7 +1002,9 @@ mod tests {
             let mut restored = opened(&config, worker, 2);
             restored.restore(&state).expect("restore");
             assert_eq!(restored.devices.len(), 1, "worker {worker}");
-            assert_eq!(restored.waiting.len(), 1, "worker {worker}");
+            let waiting: HashSet<DeviceId> =
+                restored.pending.iter().map(|pending| pending.device).collect();
+            assert_eq!(waiting.len(), 1, "worker {worker}");
             let (emitted, _) = run(&mut restored, &[Step::Watermark(EventTime::MAX)]);
             assert_eq!(times(&emitted), [(owned.to_owned(), vec![1, 4])], "worker {worker}");
         }
@@ -664,5 +1024,248 @@ mod tests {
             opened(&WindowConfig::count(3, 2), 0, 1).restore(b"[]"),
             Err(ComponentError::Internal(_))
         ));
+    }
+
+    /// A window as compared in the tests below: values as bits (NaN included).
+    type Seen = (DeviceId, EventTime, EventTime, Vec<EventTime>, Vec<u32>, u8);
+
+    fn seen(window: &Window) -> Seen {
+        (
+            window.device,
+            window.start_ms,
+            window.end_ms,
+            window.times.clone(),
+            window.values.iter().map(|value| value.to_bits()).collect(),
+            window.label,
+        )
+    }
+
+    /// A reading: time, value bits, label.
+    type Input = (EventTime, u32, u8);
+
+    /// The count window as first written (a `VecDeque` of whole readings per device, pending
+    /// readings sorted per device): the reference the rings and the shared pending buffer must
+    /// match window for window, bit for bit.
+    #[derive(Default)]
+    struct Reference {
+        size: usize,
+        slide: usize,
+        watermark: EventTime,
+        devices: BTreeMap<DeviceId, (Vec<Input>, std::collections::VecDeque<Input>, u64)>,
+    }
+
+    impl Reference {
+        fn new(size: usize, slide: usize) -> Reference {
+            Reference { size, slide, watermark: EventTime::MIN, devices: BTreeMap::new() }
+        }
+
+        fn add(&mut self, device: DeviceId, readings: &[Input]) -> (Vec<Seen>, usize) {
+            let mut late = 0;
+            let mut final_now = false;
+            for reading in readings {
+                if reading.0 < self.watermark {
+                    late += 1;
+                    continue;
+                }
+                self.devices.entry(device).or_default().0.push(*reading);
+                final_now |= reading.0 <= self.watermark;
+            }
+            let windows = if final_now { self.finalise(self.watermark) } else { Vec::new() };
+            (windows, late)
+        }
+
+        fn on_watermark(&mut self, watermark: EventTime) -> Vec<Seen> {
+            if watermark <= self.watermark {
+                return Vec::new();
+            }
+            self.watermark = watermark;
+            self.finalise(watermark)
+        }
+
+        fn finalise(&mut self, watermark: EventTime) -> Vec<Seen> {
+            let mut windows = Vec::new();
+            for (device, (pending, history, count)) in &mut self.devices {
+                pending.sort_by_key(|reading| reading.0);
+                let ready = pending.iter().take_while(|reading| reading.0 <= watermark).count();
+                for reading in pending.drain(..ready) {
+                    history.push_back(reading);
+                    if history.len() > self.size {
+                        history.pop_front();
+                    }
+                    *count += 1;
+                    if history.len() == self.size
+                        && (*count - self.size as u64).is_multiple_of(self.slide as u64)
+                    {
+                        windows.push((
+                            *device,
+                            history.front().map_or(0, |first| first.0),
+                            reading.0.saturating_add(1),
+                            history.iter().map(|step| step.0).collect(),
+                            history.iter().map(|step| step.1).collect(),
+                            history.iter().map(|step| step.2).max().unwrap_or(0),
+                        ));
+                    }
+                }
+            }
+            windows.sort_by_key(|window| (window.2, window.0));
+            windows
+        }
+    }
+
+    /// One step of a generated run: readings of device `0..3`, or a watermark, or a
+    /// snapshot and restore into a new operator.
+    #[derive(Clone, Debug)]
+    enum Event {
+        Readings(usize, Vec<Input>),
+        Watermark(EventTime),
+        Restart,
+    }
+
+    /// Runs `events` through the operator and the reference; returns both outputs.
+    fn both(size: usize, slide: usize, events: &[Event]) -> (Vec<Seen>, Vec<Seen>, usize, usize) {
+        let config = WindowConfig::count(size, slide);
+        let mut operator = opened(&config, 0, 1);
+        let mut reference = Reference::new(size, slide);
+        let names = ["ref-a", "ref-b", "ref-c"].map(DeviceId::intern);
+        let (mut got, mut want, mut got_late, mut want_late) = (Vec::new(), Vec::new(), 0, 0);
+        let mut out = Outputs::new("w");
+        for event in events {
+            match event {
+                Event::Readings(device, readings) => {
+                    let device = names[device % names.len()];
+                    let mut batch = ReadingBatch::new(Arc::new(Schema::new(["x", "y"])));
+                    for (time, bits, label) in readings {
+                        let values = [f32::from_bits(*bits), f32::from_bits(bits.rotate_left(7))];
+                        batch.push(device, *time, &values, *label);
+                    }
+                    operator.process_batch(Batch::Readings(batch), &mut out);
+                    let (windows, late) = reference.add(device, readings);
+                    want.extend(windows.into_iter().map(|mut window| {
+                        // The reference holds one value per step: widen it as pushed.
+                        window.4 =
+                            window.4.iter().flat_map(|bits| [*bits, bits.rotate_left(7)]).collect();
+                        window
+                    }));
+                    want_late += late;
+                }
+                Event::Watermark(watermark) => {
+                    operator.on_watermark(*watermark, &mut out);
+                    want.extend(reference.on_watermark(*watermark).into_iter().map(
+                        |mut window| {
+                            window.4 = window
+                                .4
+                                .iter()
+                                .flat_map(|bits| [*bits, bits.rotate_left(7)])
+                                .collect();
+                            window
+                        },
+                    ));
+                }
+                Event::Restart => {
+                    let state = snapshot(&mut operator);
+                    operator = opened(&config, 0, 1);
+                    operator.restore(&state).expect("restore");
+                    assert_eq!(snapshot(&mut operator), state, "a restore changes nothing");
+                }
+            }
+            got.extend(windows(&mut out).iter().map(seen));
+            got_late += out.take_late().iter().map(ReadingBatch::len).sum::<usize>();
+        }
+        assert!(out.take_errors().is_empty());
+        (got, want, got_late, want_late)
+    }
+
+    fn time() -> impl proptest::strategy::Strategy<Value = EventTime> {
+        use proptest::prelude::*;
+        prop_oneof![
+            6 => 0i64..40,
+            1 => (0i64..6).prop_map(|step| step * (1 << 31)),
+            1 => (-2i64..2).prop_map(|step| step * (1 << 62)),
+            1 => prop_oneof![Just(EventTime::MIN), Just(EventTime::MAX), Just(-1i64)],
+        ]
+    }
+
+    fn events() -> impl proptest::strategy::Strategy<Value = Vec<Event>> {
+        use proptest::prelude::*;
+        let input = (time(), any::<u32>(), prop_oneof![4 => Just(0u8), 1 => any::<u8>()]);
+        let event = prop_oneof![
+            6 => (0usize..3, proptest::collection::vec(input, 0..6))
+                .prop_map(|(device, readings)| Event::Readings(device, readings)),
+            2 => time().prop_map(Event::Watermark),
+            1 => Just(Event::Restart),
+        ];
+        proptest::collection::vec(event, 0..40)
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(300))]
+
+        /// Any input, times anywhere in i64 (the offsets' rebase and the i64 fallback),
+        /// labels, restarts: the same windows and late readings as the reference.
+        #[test]
+        fn windows_match_the_reference(size in 1usize..5, slide_seed in 0usize..5, events in events()) {
+            let slide = slide_seed % size + 1;
+            let (got, want, got_late, want_late) = both(size, slide, &events);
+            proptest::prop_assert_eq!(got, want);
+            proptest::prop_assert_eq!(got_late, want_late);
+        }
+    }
+
+    #[test]
+    fn times_far_apart_stay_exact_through_rebases_and_the_wide_fallback() {
+        // Steps 2³¹ ms apart (rebased every other reading), then a jump past 2³² ms and one
+        // across the whole i64 range (i64 times), then back to close times (offsets again).
+        let mut times: Vec<EventTime> = (0..10).map(|step| step * (1 << 31)).collect();
+        times.push(times[9] + (1 << 40));
+        times.push(EventTime::MAX - 5);
+        times.extend((0..8).map(|step| EventTime::MAX - 4 + step / 2));
+        let readings: Vec<Input> = times
+            .iter()
+            .enumerate()
+            .map(|(index, time)| (*time, index as u32, u8::from(index == 3)))
+            .collect();
+        let events = [Event::Readings(0, readings), Event::Watermark(EventTime::MAX)];
+        for (size, slide) in [(1, 1), (3, 1), (4, 2), (5, 5)] {
+            let (got, want, _, _) = both(size, slide, &events);
+            assert!(!got.is_empty());
+            assert_eq!(got, want, "size {size}, slide {slide}");
+        }
+        let mut operator = opened(&WindowConfig::count(3, 1), 0, 1);
+        run(
+            &mut operator,
+            &[Step::Readings("wide", &[0, 1 << 40, 2]), Step::Watermark(EventTime::MAX)],
+        );
+        let history = operator.devices.get(&DeviceId::intern("wide")).expect("history");
+        assert!(matches!(history.ring.times, Times::Wide(_)));
+        let mut operator = opened(&WindowConfig::count(2, 1), 0, 1);
+        run(
+            &mut operator,
+            &[
+                Step::Readings("narrow", &[0, 1 << 40, 1 << 40, (1 << 40) + 1]),
+                Step::Watermark(EventTime::MAX),
+            ],
+        );
+        let history = operator.devices.get(&DeviceId::intern("narrow")).expect("history");
+        assert!(matches!(history.ring.times, Times::Narrow { .. }), "{:?}", history.ring.times);
+    }
+
+    #[test]
+    fn a_full_history_takes_exactly_its_window_and_no_labels_when_all_are_0() {
+        let mut operator = opened(&WindowConfig::count(60, 60), 0, 1);
+        let mut batch =
+            ReadingBatch::new(Arc::new(Schema::new(["a", "b", "c", "d", "e", "f", "g", "h"])));
+        let device = DeviceId::intern("cnt-exact");
+        for step in 0..150 {
+            batch.push(device, 1_700_000_000_000 + step * 100_000, &[step as f32; 8], 0);
+        }
+        let mut out = Outputs::new("w");
+        operator.process_batch(Batch::Readings(batch), &mut out);
+        operator.on_watermark(EventTime::MAX, &mut out);
+        assert_eq!(windows(&mut out).len(), 2);
+        let ring = &operator.devices.get(&device).expect("history").ring;
+        assert_eq!((ring.values.capacity(), ring.times.capacity()), (480, 60));
+        assert!(matches!(ring.times, Times::Narrow { .. }));
+        assert_eq!(ring.labels.capacity(), 0);
+        assert!(operator.pending.is_empty() && operator.pending_values.is_empty());
     }
 }
