@@ -3,8 +3,11 @@
 # devices, against the same pipeline without them, side by side in one run; and what the
 # catalog arrangement and the fleet state cost in memory per device.
 #
-#   benches/fleet.sh [--devices N] [--readings-per-device R] [--runs K]
+#   benches/fleet.sh [--devices N] [--readings-per-device R] [--runs K] [--alike]
 #                                       # defaults 100000, 20, 3
+#
+# --alike: every device reads the same values (no noise), so almost all devices score alike:
+# the worst case of `fleet`'s top-N, which then ranks every device each round.
 #
 # Input (generated once): a catalog of N devices (CSV: 50 sites, 5 asset types, an owner per
 # site, a free label), and N x R readings as JSON lines, devices round robin, event time
@@ -23,12 +26,14 @@ root=$(pwd)
 devices=100000
 per_device=20
 runs=3
+alike=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --devices) devices=$2; shift 2 ;;
     --readings-per-device) per_device=$2; shift 2 ;;
     --runs) runs=$2; shift 2 ;;
-    *) echo "usage: $0 [--devices N] [--readings-per-device R] [--runs K]" >&2; exit 2 ;;
+    --alike) alike=1; shift ;;
+    *) echo "usage: $0 [--devices N] [--readings-per-device R] [--runs K] [--alike]" >&2; exit 2 ;;
   esac
 done
 bin=${TIDEWATCH_BIN:-$root/target/release/tidewatch}
@@ -38,9 +43,10 @@ source benches/lib.sh
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
-python3 - "$work" "$devices" "$per_device" <<'PY'
+python3 - "$work" "$devices" "$per_device" "$alike" <<'PY'
 import sys
 work, devices, per_device = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+alike = sys.argv[4] == "1"
 with open(f"{work}/devices.csv", "w") as f:
     f.write("device,site,asset,owner,line\n")
     for d in range(devices):
@@ -50,9 +56,11 @@ with open(f"{work}/readings.jsonl", "w") as f:
     lines = []
     for i in range(devices * per_device):
         d = i % devices
-        # a slow wave per device, and a jump now and then so some windows are anomalous
-        a = (i // devices) % 10 + (25 if (d * 7 + i // devices) % 97 == 0 else 0)
-        lines.append(f'{{"device":"dev-{d:06d}","ts":{base + i},"a":{a},"b":{d % 13}}}\n')
+        # a slow wave per device, noise (a fixed hash of the line: the same input every run),
+        # and a jump now and then so some windows are anomalous
+        noise = 0 if alike else (i * 2654435761 % 10007) / 5003.5
+        a = (i // devices) % 10 + noise + (25 if (d * 7 + i // devices) % 97 == 0 else 0)
+        lines.append(f'{{"device":"dev-{d:06d}","ts":{base + i},"a":{a:.3f},"b":{d % 13}}}\n')
         if len(lines) == 100_000:
             f.writelines(lines)
             lines = []
