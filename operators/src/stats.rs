@@ -400,8 +400,8 @@ impl Transform for StatsDetector {
         let snapshot: Snapshot = serde_json::from_slice(state)
             .map_err(|error| ComponentError::Internal(format!("stats snapshot: {error}")))?;
         // Several snapshots (one per instance that took the checkpoint) merge; each instance
-        // keeps the devices it owns now.
-        let mut baselines = std::mem::take(&mut self.baselines);
+        // keeps the devices it owns now. Checked in full first: a bad snapshot changes nothing.
+        let mut restored = Vec::new();
         for device in snapshot.devices {
             if device.device.worker(self.workers) != self.worker {
                 continue;
@@ -411,22 +411,20 @@ impl Transform for StatsDetector {
                     "stats snapshot: baseline columns differ in length".to_owned(),
                 ));
             }
-            baselines.insert(
-                device.device,
-                device
-                    .mean
-                    .iter()
-                    .zip(&device.var)
-                    .zip(&device.windows)
-                    .map(|((mean, var), windows)| FeatureBaseline {
-                        mean: f64::from_bits(*mean),
-                        var: f64::from_bits(*var),
-                        windows: *windows,
-                    })
-                    .collect(),
-            );
+            let baseline: Baseline = device
+                .mean
+                .iter()
+                .zip(&device.var)
+                .zip(&device.windows)
+                .map(|((mean, var), windows)| FeatureBaseline {
+                    mean: f64::from_bits(*mean),
+                    var: f64::from_bits(*var),
+                    windows: *windows,
+                })
+                .collect();
+            restored.push((device.device, baseline));
         }
-        self.baselines = baselines;
+        self.baselines.extend(restored);
         Ok(())
     }
 }
@@ -581,6 +579,13 @@ mod tests {
         let state = op.snapshot().expect("snapshot").expect("state");
         let mut restored = detector(&config);
         restored.restore(&state).expect("restore");
+        // A damaged snapshot is refused and changes nothing.
+        let mut damaged: serde_json::Value = serde_json::from_slice(&state).expect("json");
+        if let Some(mean) = damaged["devices"][0]["mean"].as_array_mut() {
+            mean.push(serde_json::json!(0));
+        }
+        let damaged = serde_json::to_vec(&damaged).expect("json");
+        assert!(restored.restore(&damaged).is_err());
         let shifted = window("snap-stats", 10, &[9.0, 11.0], &[0.0, 0.0]);
         let expected = scores(&mut op, vec![shifted.clone()]);
         let actual = scores(&mut restored, vec![shifted]);
