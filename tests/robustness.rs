@@ -443,8 +443,10 @@ records_per_sec = 2500
     let peak = peak_in_flight(&bounded, count);
     bounded.stop().expect("clean stop");
     // Beyond the bound: the source's last batch (1024 lines), counted once in each of the
-    // stages it passes before the sink (raw, readings, windows), and one more.
-    assert!(peak <= (bound + 4 * 1024) as f64, "in flight peaked at {peak}, bound {bound}");
+    // stages it passes before the sink (raw, readings, windows), and one more; and the
+    // windows of a batch before it, which the window stage holds until the watermark passes
+    // (worker 1 follows after its 10 ms idle timeout) and may release together with them.
+    assert!(peak <= (bound + 5 * 1024) as f64, "in flight peaked at {peak}, bound {bound}");
     let unbounded = common::Running::start(&pipeline(0), &[], 2);
     let peak_unbounded = peak_in_flight(&unbounded, count);
     unbounded.stop().expect("clean stop");
