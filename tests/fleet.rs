@@ -811,63 +811,29 @@ fn a_fleet_restarted_from_its_checkpoint_counts_the_devices_of_the_first_run() {
     let _serial = common::kafka_serial();
     let topic = common::unique("fleet-restart");
     let dir = tempfile::tempdir().expect("dir");
-    let text = format!(
-        r#"
-[pipeline]
-name = "fleet-restart"
-out_of_orderness_ms = 0
-checkpoint_interval_secs = 1
-checkpoint_url = "{checkpoints}"
-
-[sources.in]
-type = "kafka"
-brokers = "{brokers}"
-topics = ["{topic}"]
-group_id = "{group}"
-
-[transforms.readings]
-type = "normalize"
-inputs = ["in"]
-device_field = "device"
-timestamp_field = "ts"
-timestamp_format = "unix_ms"
-features = ["value"]
-
-[transforms.windows]
-type = "window"
-inputs = ["readings"]
-size_ms = 1000
-
-[transforms.scores]
-type = "stats"
-inputs = ["windows"]
-warmup_windows = 1
-threshold = 1.0
-
-[transforms.rollups]
-type = "fleet"
-inputs = ["scores"]
-top = 3
-
-[sinks.scores_out]
-type = "file"
-inputs = ["scores"]
-path = "${{DIR}}/scores-${{RUN}}.jsonl"
-
-[sinks.fleet_out]
-type = "file"
-inputs = ["rollups"]
-path = "${{DIR}}/fleet-${{RUN}}.jsonl"
-"#,
-        checkpoints = dir.path().join("checkpoints").display(),
-        brokers = common::KAFKA_BROKERS,
-        group = common::unique("group"),
+    // The shared test pipeline (catalog -> enrich -> fleet) reading Kafka, with checkpoints.
+    let source = format!(
+        "type = \"kafka\"\nbrokers = \"{}\"\ntopics = [\"{topic}\"]\ngroup_id = \"{}\"",
+        common::KAFKA_BROKERS,
+        common::unique("group"),
     );
+    let settings = format!(
+        "name = \"fleet-test\"\nout_of_orderness_ms = 0\ncheckpoint_interval_secs = 1\n\
+         checkpoint_url = \"{}\"",
+        dir.path().join("checkpoints").display()
+    );
+    let text = pipeline(&source).replace("name = \"fleet-test\"", &settings);
+    let catalog: String =
+        (0..5).map(|device| format!("pump-{device},site-{},pump,ops\n", device % 2)).collect();
+    std::fs::write(dir.path().join("devices.csv"), format!("device,site,asset,owner\n{catalog}"))
+        .expect("catalog");
     let readings =
         |devices: std::ops::Range<usize>, from_s: u64| -> Vec<(String, Option<String>)> {
             let mut records = Vec::new();
             for second in 0..6u64 {
-                for device in devices.clone() {
+                // pump-0 stops early: its windows all close in the first run, so only the
+                // checkpoint carries it into the second.
+                for device in devices.clone().filter(|device| *device != 0 || second < 3) {
                     let ts = 1_700_000_000_000 + (from_s + second) * 1_000;
                     let value = (device * 7 + second as usize * 3) % 11;
                     let reading =
@@ -882,30 +848,38 @@ path = "${{DIR}}/fleet-${{RUN}}.jsonl"
             records.iter().map(|(key, value)| (key.as_str(), value.clone())).collect();
         produce(&topic, &borrowed);
     };
-    let vars = |run: &str| vec![("DIR", dir.path().display().to_string()), ("RUN", run.to_owned())];
+    // Each run writes into its own folder.
+    let run_dir = |run: &str| dir.path().join(format!("run-{run}"));
+    let vars = |run: &str| {
+        std::fs::create_dir_all(run_dir(run)).expect("run folder");
+        let mut vars = file_vars(dir.path(), false);
+        vars.retain(|(name, _)| *name != "DIR");
+        vars.push(("DIR", run_dir(run).display().to_string()));
+        vars
+    };
+    let scores_of = |run: &str| json_lines(&run_dir(run).join("enriched.jsonl"));
+    let fleet_of = |run: &str| replayed_from(&json_lines(&run_dir(run).join("fleet.jsonl")));
 
     // The first run sees pump-0 to pump-3.
     send(&readings(0..4, 0));
     let first = Running::start(&text, &vars("1"), 1);
     wait_until("the first run counts 4 devices", Duration::from_secs(60), || {
-        replayed_from(&json_lines(&dir.path().join("fleet-1.jsonl"))).devices == 4
+        fleet_of("1").devices == 4
     });
     first.stop().expect("a graceful stop");
 
     // The second run reads only what came after the checkpoint: pump-4.
     send(&readings(4..5, 10));
     let second = Running::start(&text, &vars("2"), 1);
-    let first_scores = json_lines(&dir.path().join("scores-1.jsonl"));
+    let first_scores = scores_of("1");
     let both = || {
         let mut scores = first_scores.clone();
-        scores.extend(json_lines(&dir.path().join("scores-2.jsonl")));
+        scores.extend(scores_of("2"));
         scores
     };
-    let fleet_2 = dir.path().join("fleet-2.jsonl");
     wait_until("the second run's fleet view covers both runs", Duration::from_secs(60), || {
         let scores = both();
-        scores.len() > first_scores.len()
-            && replayed_from(&json_lines(&fleet_2)) == expected_from(&scores, 3)
+        scores.len() > first_scores.len() && fleet_of("2") == expected_from(&scores, 4)
     });
     second.stop().expect("a graceful stop");
     // The second run reads only what came after the checkpoint: pump-4's readings, and the
@@ -922,12 +896,16 @@ path = "${{DIR}}/fleet-${{RUN}}.jsonl"
     };
     let first_windows: std::collections::BTreeSet<(String, i64)> =
         windows(&first_scores).into_iter().collect();
-    let second_windows = windows(&json_lines(&dir.path().join("scores-2.jsonl")));
+    let second_windows = windows(&scores_of("2"));
     assert!(second_windows.iter().any(|(device, _)| device == "pump-4"));
+    assert!(
+        second_windows.iter().all(|(device, _)| device != "pump-0"),
+        "pump-0 counts in the second run only through the checkpoint"
+    );
     for window in &second_windows {
         assert!(!first_windows.contains(window), "{window:?} scored in both runs");
     }
-    let view = replayed_from(&json_lines(&fleet_2));
+    let view = fleet_of("2");
     assert_eq!(view.devices, 5, "the restored devices count: {view:?}");
-    assert_eq!(view, expected_from(&both(), 3));
+    assert_eq!(view, expected_from(&both(), 4));
 }
