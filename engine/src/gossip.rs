@@ -121,6 +121,7 @@ pub(crate) fn build<'scope>(
                 }
             }
             if done {
+                tracing::debug!(worker = index, "the watermark gossip dataflow ends");
                 cap = None;
                 return;
             }

@@ -342,9 +342,11 @@ pub fn run(pipeline: &Pipeline, workers: usize, run: &RunContext) -> Result<(), 
         while worker.step_or_park(Some(Duration::from_millis(50))) {
             shared.health.heartbeat(local);
             if clustered && !main_done.get() && !worker.installed_dataflows().contains(&main) {
+                tracing::debug!(worker = index, "the pipeline's dataflow ended");
                 main_done.set(true);
             }
         }
+        tracing::debug!(worker = index, "worker done");
     };
     run.health.start_workers(workers);
     let guards = match cluster {
@@ -368,6 +370,7 @@ pub fn run(pipeline: &Pipeline, workers: usize, run: &RunContext) -> Result<(), 
             vec![Err(format!("timely communication error: {message}"))]
         }
     };
+    tracing::debug!("every worker of this process is done");
     if let Some(checkpoints) = &checkpoints {
         checkpoints.finish();
     }
@@ -686,7 +689,7 @@ impl Barriers {
     /// This instance ends: its final report stands for it from the next epoch on.
     fn end(&mut self, report: Report) -> Flow {
         let from = self.last + 1;
-        tracing::trace!(instance = ?self.instance, from, "ended");
+        tracing::debug!(instance = ?self.instance, from, "instance ended");
         self.checkpoints.end(self.instance, from, report);
         Flow::End { from, to: self.instance.worker as u32 }
     }

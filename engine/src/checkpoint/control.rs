@@ -79,6 +79,10 @@ pub(crate) fn build<'scope>(
         let checkpoints = source_checkpoints;
         move |_frontiers| {
             let Some(held) = cap.as_ref() else { return };
+            // Read before the decision below: the leader's thread may finish in between, and
+            // its last decision (`done`) must go out before this operator ends, or the
+            // followers wait for it forever.
+            let done = checkpoints.decided_done();
             let mut messages: Vec<Control> = checkpoints.take_outbox();
             if !checkpoints.is_leader() && !stop_sent && shutdown.load(Ordering::SeqCst) {
                 stop_sent = true;
@@ -95,7 +99,8 @@ pub(crate) fn build<'scope>(
             if !messages.is_empty() {
                 output.activate().give(held, &mut messages);
             }
-            if checkpoints.decided_done() && main_done.get() {
+            if done && main_done.get() {
+                tracing::debug!(worker = index, "the checkpoint control dataflow ends");
                 cap = None;
                 return;
             }

@@ -321,8 +321,8 @@ impl Checkpoints {
         if decision.abandoned {
             self.abandoned.store(true, Ordering::SeqCst);
         }
-        if decision.done {
-            self.thread_done.store(true, Ordering::SeqCst);
+        if decision.done && !self.thread_done.swap(true, Ordering::SeqCst) {
+            tracing::debug!("the leader's checkpoint thread is done");
         }
         self.wake_all();
     }
@@ -392,6 +392,7 @@ impl Checkpoints {
     /// set) or when every instance ended, until the run is over.
     pub fn run_thread(&self, stopping: &AtomicBool) {
         self.thread_loop(stopping);
+        tracing::debug!("the checkpoint thread is done");
         self.thread_done.store(true, Ordering::SeqCst);
         self.wake_all();
     }
