@@ -461,8 +461,12 @@ pub struct KafkaSource {
     snapshotted: Positions,
     /// `stop_at_end`: the end offset of each assigned partition when it was assigned.
     ends: HashMap<PartitionKey, i64>,
-    /// Checkpoint mode: when to try again to assign partitions of a topic not created yet.
+    /// Checkpoint mode: when to try again to assign partitions of a topic not created yet,
+    /// or whose group's committed offsets could not be read yet.
     assign_retry: Option<Instant>,
+    /// Static assignment: the group's committed offset of each assigned partition that has
+    /// one and no restored position.
+    committed: HashMap<PartitionKey, i64>,
 }
 
 impl fmt::Debug for KafkaSource {
@@ -539,6 +543,7 @@ impl KafkaSource {
             snapshotted: Positions::default(),
             ends: HashMap::new(),
             assign_retry: None,
+            committed: HashMap::new(),
         })
     }
 
@@ -576,11 +581,41 @@ impl KafkaSource {
             .filter(|(index, _)| index % self.workers == self.worker)
             .map(|(_, key)| key)
             .collect();
+        // The group's committed offsets of the partitions no checkpoint positions, read
+        // here rather than left to librdkafka (`Offset::Stored`): on a broker that just
+        // started, the group coordinator may not be ready, and a manually assigned partition
+        // whose committed offset could not be fetched then waits forever. A failed lookup is
+        // tried again at a later poll.
+        let mut unknown = TopicPartitionList::new();
+        for (topic, partition) in &mine {
+            if self.restored.get(topic, *partition).is_none() {
+                unknown.add_partition(topic, *partition);
+            }
+        }
+        self.committed.clear();
+        if unknown.count() > 0 {
+            let found = match consumer.committed_offsets(unknown, Duration::from_secs(5)) {
+                Ok(found) => found,
+                Err(error) => {
+                    tracing::info!(component = %self.component, error = %error_text(&error), "the group's committed offsets cannot be read yet; trying again");
+                    return Ok(());
+                }
+            };
+            for element in found.elements() {
+                if let Offset::Offset(next) = element.offset() {
+                    self.committed.insert((element.topic().to_owned(), element.partition()), next);
+                }
+            }
+        }
         let mut list = TopicPartitionList::new();
         for (topic, partition) in &mine {
-            let offset = match self.restored.get(topic, *partition) {
-                Some(next) => Offset::Offset(next),
-                None => Offset::Stored,
+            let key = (topic.clone(), *partition);
+            let offset = match (self.restored.get(topic, *partition), self.committed.get(&key)) {
+                (Some(next), _) | (None, Some(&next)) => Offset::Offset(next),
+                (None, None) => match self.config.start_from {
+                    StartFrom::Earliest => Offset::Beginning,
+                    StartFrom::Latest => Offset::End,
+                },
             };
             list.add_partition_offset(topic, *partition, offset).map_err(|error| {
                 ComponentError::Internal(format!("partition list: {}", error_text(&error)))
@@ -623,16 +658,10 @@ impl KafkaSource {
                         self.ends.insert(key.clone(), high);
                         // Where reading starts: the restored position, else the group's
                         // committed offset, else `start_from`.
-                        let start = self.restored.get(&key.0, key.1).or_else(|| {
-                            let mut list = TopicPartitionList::new();
-                            list.add_partition(&key.0, key.1);
-                            let committed =
-                                consumer.committed_offsets(list, Duration::from_secs(5)).ok()?;
-                            match committed.find_partition(&key.0, key.1)?.offset() {
-                                Offset::Offset(next) => Some(next),
-                                _ => None,
-                            }
-                        });
+                        let start = self
+                            .restored
+                            .get(&key.0, key.1)
+                            .or_else(|| self.committed.get(key).copied());
                         let start = start.unwrap_or(match self.config.start_from {
                             StartFrom::Earliest => low,
                             StartFrom::Latest => high,
