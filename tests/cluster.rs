@@ -97,11 +97,11 @@ fn run_cluster(
                 &file,
                 &cluster_args(index, &peers),
                 &[("RUST_LOG", "info,tidewatch_engine=debug".to_owned())],
-                dir.join(format!("run-{processes}-{index}.log")),
+                dir.join(format!("{topic}-run-{processes}-{index}.log")),
             )
         })
         .collect();
-    running.into_iter().map(|process| process.wait_exit(Duration::from_secs(180))).collect()
+    Process::wait_exit_all(running, Duration::from_secs(180))
 }
 
 #[test]

@@ -475,13 +475,9 @@ fn run_processes(dir: &Path, pipeline: &str, processes: usize) -> Vec<std::path:
             (common::process::Process::run_with(&file, &args, &vars, log), out)
         })
         .collect();
-    running
-        .into_iter()
-        .map(|(process, out)| {
-            process.wait_exit(Duration::from_secs(120));
-            out
-        })
-        .collect()
+    let (processes, outs): (Vec<_>, Vec<_>) = running.into_iter().unzip();
+    common::process::Process::wait_exit_all(processes, Duration::from_secs(120));
+    outs
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -355,7 +355,7 @@ fn the_cloud_pipeline_killed_three_times_writes_every_reading_to_ceph_once() {
 }
 
 #[test]
-fn mqtt_qos1_across_kills_loses_nothing_and_repeats_at_most_one_epoch() {
+fn mqtt_qos1_across_kills_loses_nothing_and_repeats_at_most_one_epoch_per_crash() {
     let _serial = common::kafka_serial();
     common::require_broker();
     let dir = tempfile::tempdir().expect("tempdir");
@@ -421,7 +421,8 @@ path = "file://{lake}"
         }
     });
     let mut random = seed();
-    for kill in 0..3 {
+    let kills = 3;
+    for kill in 0..kills {
         let process = Process::run(&pipeline, &[], dir.path().join(format!("mqtt-{kill}.log")));
         std::thread::sleep(Duration::from_millis(random_in(&mut random, 800..2_000)));
         process.crash();
@@ -439,9 +440,11 @@ path = "file://{lake}"
     let duplicates = rows - pairs.len();
     eprintln!("lake: {rows} rows, {} distinct, {duplicates} duplicates", pairs.len());
     assert_eq!(pairs.len() as u64, count, "no message lost");
-    // A duplicate comes only from a crash between a checkpoint and its acks: at most the
-    // messages of one epoch (1 s at `rate`), with room for the batch in flight.
-    assert!(duplicates as u64 <= rate * 3 / 2, "{duplicates} duplicates");
+    // A duplicate comes only from a crash between a checkpoint being durable and its acks
+    // reaching the broker: each crash repeats at most the messages of that one epoch (1 s at
+    // `rate`, with room for what queued at the broker while the process started).
+    let allowance = kills * rate * 3 / 2;
+    assert!(duplicates as u64 <= allowance, "{duplicates} duplicates over {kills} crashes");
 }
 
 #[test]

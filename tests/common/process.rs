@@ -141,6 +141,37 @@ impl Process {
         }
     }
 
+    /// Waits until every process of a cluster ends by itself, successfully; returns their
+    /// logs. When one fails or does not end, the panic message carries every log (the
+    /// cause is often in a peer's).
+    pub fn wait_exit_all(processes: Vec<Process>, timeout: Duration) -> Vec<String> {
+        let deadline = Instant::now() + timeout;
+        let mut processes = processes;
+        let mut statuses = vec![None; processes.len()];
+        while statuses.iter().any(Option::is_none) && Instant::now() < deadline {
+            for (process, status) in processes.iter_mut().zip(statuses.iter_mut()) {
+                if status.is_none() {
+                    *status = process.child.try_wait().expect("wait");
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let logs: Vec<String> = processes.iter().map(Process::log).collect();
+        if statuses.iter().any(|status| !status.is_some_and(|status| status.success())) {
+            let report: Vec<String> = statuses
+                .iter()
+                .zip(&logs)
+                .enumerate()
+                .map(|(index, (status, log))| match status {
+                    Some(status) => format!("process {index} exited with {status}:\n{log}"),
+                    None => format!("process {index} did not finish:\n{log}"),
+                })
+                .collect();
+            panic!("a process of the cluster failed:\n{}", report.join("\n"));
+        }
+        logs
+    }
+
     /// Waits until the process ends by itself; its exit status and the whole log.
     pub fn wait_status(mut self, timeout: Duration) -> (std::process::ExitStatus, String) {
         let deadline = Instant::now() + timeout;
