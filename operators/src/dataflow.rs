@@ -8,8 +8,8 @@
 use std::cell::RefCell;
 use std::rc::Rc;
 
-use tidewatch_api::catalog::CatalogUpdate;
-use tidewatch_api::{Outputs, RawBatch};
+use tidewatch_api::catalog::{CatalogError, CatalogUpdate};
+use tidewatch_api::{DeviceId, Outputs, RawBatch};
 use timely::WorkerConfig;
 use timely::communication::Allocator;
 use timely::communication::allocator::thread::Thread;
@@ -52,17 +52,36 @@ pub(crate) fn take_inserted<D: Ord + Clone>(captured: &Captured<D>, round: u64) 
     sums.into_iter().filter(|(_, diff)| *diff > 0).map(|(data, _)| data).collect()
 }
 
+/// The devices and diffs of the catalog updates in a batch of raw messages (see
+/// [`catalog_updates`]).
+pub(crate) fn catalog_devices(batch: &RawBatch, out: &mut Outputs) -> Vec<(DeviceId, i64)> {
+    decode_each(batch, out, |payload| {
+        CatalogUpdate::device_and_diff(payload)
+            .map(|(device, diff)| (DeviceId::intern(&device), diff))
+    })
+}
+
 /// The catalog updates of a batch of raw messages; a message that is not one goes to
 /// `<id>.errors` (`error_type = "catalog"`).
 pub(crate) fn catalog_updates(batch: &RawBatch, out: &mut Outputs) -> Vec<CatalogUpdate> {
-    let mut updates = Vec::with_capacity(batch.len());
+    decode_each(batch, out, CatalogUpdate::from_json)
+}
+
+/// Decodes every message of `batch`; a message that does not decode goes to `<id>.errors`
+/// (`error_type = "catalog"`).
+fn decode_each<T>(
+    batch: &RawBatch,
+    out: &mut Outputs,
+    decode: impl Fn(&[u8]) -> Result<T, CatalogError>,
+) -> Vec<T> {
+    let mut decoded = Vec::with_capacity(batch.len());
     for message in batch.iter() {
-        match CatalogUpdate::from_json(message.payload) {
-            Ok(update) => updates.push(update),
+        match decode(message.payload) {
+            Ok(value) => decoded.push(value),
             Err(error) => {
                 out.error("catalog", error.to_string(), Some(message.topic), Some(message.payload))
             }
         }
     }
-    updates
+    decoded
 }

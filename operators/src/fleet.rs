@@ -10,14 +10,17 @@
 //! - devices, anomalous devices and their ratio over the fleet;
 //! - the `top` devices by score (ties by device name), with their ranks.
 //!
-//! The top-N does not read every device each round: a histogram of the scores (devices per
-//! bucket of under 1 % of a score) picks the highest buckets that together hold at least `top`
-//! devices, and only the devices in those buckets are ranked. A round costs what its changes
-//! touch plus the devices in the chosen buckets; only when most devices share one score (a
-//! fleet that scores all alike) does it read them all.
+//! The rollups are one `count` over the states. The top-N does not read every device each
+//! round: a histogram of the scores (devices per bucket of under 1 % of a score) picks the
+//! highest buckets that together hold at least `top` devices; the devices in those buckets
+//! are the candidates, which the dataflow sends as changes and `Fleet` keeps in rank order (a
+//! sorted map), so the top is its first `top` entries. A round costs what its changes touch,
+//! also when most devices share one score (a starting fleet, whose first windows all score
+//! 0): the candidates are then most devices, but only those that changed move.
 //!
 //! With `require_catalog`, only devices present in the catalog (a `catalog` source among the
-//! inputs) count: a device retired from the catalog leaves every rollup and the top-N.
+//! inputs) count: a device retired from the catalog leaves every rollup and the top-N. The
+//! catalog's changes take a device's latest state into the dataflow's input or out of it.
 //!
 //! The engine sends all of `fleet`'s input to one worker (it is *gathered*), so the answer is
 //! the same whatever the number of workers and processes. What changed after each batch
@@ -39,7 +42,7 @@ use tidewatch_api::{
 };
 use timely::dataflow::ProbeHandle;
 
-use crate::dataflow::{Captured, Local, catalog_updates};
+use crate::dataflow::{Captured, Local, catalog_devices};
 
 /// Options of the `fleet` transform.
 #[derive(Clone, Debug, PartialEq, Deserialize)]
@@ -138,16 +141,33 @@ struct DeviceState {
     score: u32,
 }
 
-/// One output of the dataflow, as captured (sites and asset types as indexes into
-/// [`Fleet::names`]).
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+/// What a rollup counts devices by (sites and asset types as indexes into
+/// [`Fleet::names`]): one `count` of the dataflow keeps them all.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 enum Rollup {
-    Site(u32, isize),
-    Asset(u32, isize),
-    Devices(isize),
-    Anomalous(isize),
-    /// A top entry: the score key reversed (best first), the name prefix and the device.
-    Top(Reverse<u32>, u128, DeviceId),
+    /// Anomalous devices at a site.
+    Site(u32),
+    /// Anomalous devices of an asset type.
+    Asset(u32),
+    /// Devices.
+    Devices,
+    /// Anomalous devices.
+    Anomalous,
+}
+
+impl Rollup {
+    /// The rollups a device in `state` counts in.
+    fn of(state: &DeviceState) -> impl Iterator<Item = Rollup> + use<> {
+        let flagged = state.anomalous;
+        [
+            Some(Rollup::Devices),
+            flagged.then_some(Rollup::Anomalous),
+            flagged.then_some(Rollup::Site(state.site)),
+            flagged.then_some(Rollup::Asset(state.asset)),
+        ]
+        .into_iter()
+        .flatten()
+    }
 }
 
 /// The first 16 bytes of a device name as a number: names that differ in them order like
@@ -162,21 +182,25 @@ fn name_prefix(name: &str) -> u128 {
 /// A top-N candidate: its score key reversed (best first), its name prefix, the device.
 type Entry = (Reverse<u32>, u128, DeviceId);
 
-/// The first `top` of `input` (sorted by score, best first, then by name prefix), with
-/// devices of equal score and prefix ordered by their whole names: the exact top list.
-fn first_by_score_then_name(input: &[(&Entry, isize)], top: usize) -> Vec<Entry> {
-    let mut chosen: Vec<Entry> = input.iter().take(top).map(|(entry, _)| **entry).collect();
+/// The first `top` of `candidates` (in order: by score, best first, then by name prefix),
+/// with devices of equal score and prefix ordered by their whole names: the exact top list.
+fn first_by_score_then_name<'a>(
+    candidates: impl Iterator<Item = &'a Entry>,
+    top: usize,
+) -> Vec<Entry> {
+    let mut candidates = candidates.peekable();
+    let mut chosen: Vec<Entry> = candidates.by_ref().take(top).copied().collect();
     let Some(&(score, prefix, _)) = chosen.last() else { return chosen };
     let same = |entry: &Entry| entry.0 == score && entry.1 == prefix;
-    if input.get(top).is_some_and(|(entry, _)| same(entry)) {
+    if candidates.peek().is_some_and(|entry| same(entry)) {
         // More devices share the last score and prefix than there are places left: take
         // them by name.
         let first_tie = chosen.iter().position(same).unwrap_or(0);
-        let mut ties: Vec<(Arc<str>, Entry)> = input[first_tie..]
-            .iter()
-            .take_while(|(entry, _)| same(entry))
-            .map(|(entry, _)| (entry.2.name(), **entry))
-            .collect();
+        let mut ties: Vec<(Arc<str>, Entry)> =
+            chosen[first_tie..].iter().map(|entry| (entry.2.name(), *entry)).collect();
+        ties.extend(
+            candidates.take_while(|entry| same(entry)).map(|entry| (entry.2.name(), *entry)),
+        );
         ties.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         chosen.truncate(first_tie);
         chosen.extend(ties.into_iter().take(top - first_tie).map(|(_, entry)| entry));
@@ -223,16 +247,24 @@ pub struct Fleet {
     component: Arc<str>,
     local: Local,
     states: InputSession<u64, (DeviceId, DeviceState), isize>,
-    catalog: InputSession<u64, DeviceId, isize>,
+    /// With `require_catalog`: the catalog rows of each device (a device counts while it
+    /// has one). Only the states of devices that count are in the dataflow's input.
+    catalogued: Option<HashMap<DeviceId, i64>>,
     probe: ProbeHandle<u64>,
-    captured: Captured<Rollup>,
+    /// The rollups' counts, as captured.
+    captured: Captured<(Rollup, isize)>,
+    /// The top-N candidates (the devices in the chosen buckets), as captured.
+    captured_candidates: Captured<Entry>,
+    /// The top-N candidates as they stand, in rank order.
+    candidates: BTreeMap<Entry, isize>,
+    top: usize,
     /// Each device's latest record: event time, state.
     latest: HashMap<DeviceId, (EventTime, DeviceState)>,
     /// The site and asset names seen, by index (sites and asset types are few).
     names: Vec<Arc<str>>,
     indexes: HashMap<Arc<str>, u32>,
-    /// The dataflow's outputs as they stand.
-    current: BTreeMap<Rollup, isize>,
+    /// The rollups' counts as they stand.
+    current: BTreeMap<(Rollup, isize), isize>,
     view: FleetView,
     watermark: EventTime,
     empty: Arc<Schema>,
@@ -255,32 +287,27 @@ impl Fleet {
     /// An instance for one worker.
     pub fn new(config: &FleetConfig, ctx: &ComponentContext) -> Fleet {
         let mut local = Local::new();
-        let captured: Captured<Rollup> = Captured::default();
-        let sink = captured.clone();
+        let captured: Captured<(Rollup, isize)> = Captured::default();
+        let captured_candidates: Captured<Entry> = Captured::default();
+        let (sink, candidate_sink) = (captured.clone(), captured_candidates.clone());
         let probe = ProbeHandle::new();
         let probe_in = probe.clone();
         let top = config.top.clamp(1, MAX_TOP);
-        let require_catalog = config.require_catalog;
-        let (states, catalog) = local.worker.dataflow::<u64, _, _>(move |scope| {
+        let states = local.worker.dataflow::<u64, _, _>(move |scope| {
             let (states_in, states) = scope.new_collection::<(DeviceId, DeviceState), isize>();
-            let (catalog_in, catalog) = scope.new_collection::<DeviceId, isize>();
-            let states = if require_catalog { states.semijoin(catalog.distinct()) } else { states };
-            let anomalous = states.clone().filter(|(_, state)| state.anomalous);
-            let sites = anomalous
+            // Every rollup in one count: devices, anomalous devices, and those per site and
+            // per asset type.
+            states
                 .clone()
-                .map(|(_, state)| state.site)
+                .flat_map(|(_, state)| Rollup::of(&state))
                 .count()
-                .map(|(site, count)| Rollup::Site(site, count));
-            let assets = anomalous
-                .clone()
-                .map(|(_, state)| state.asset)
-                .count()
-                .map(|(asset, count)| Rollup::Asset(asset, count));
-            let devices = states.clone().map(|_| ()).count().map(|((), n)| Rollup::Devices(n));
-            let flagged = anomalous.map(|_| ()).count().map(|((), n)| Rollup::Anomalous(n));
+                .inspect(move |(counted, time, diff)| {
+                    sink.borrow_mut().push((*counted, *time, *diff));
+                })
+                .probe_with(&probe_in);
             // The top-N without reading every device each round: a histogram of the scores
-            // (devices per bucket) picks the highest buckets that hold at least `top` devices,
-            // and only the devices in those take part in the final selection.
+            // (devices per bucket) picks the highest buckets that hold at least `top` devices;
+            // the devices in those are the candidates, which `Fleet` keeps in rank order.
             let scored = states
                 .map(|(device, state)| (bucket(state.score), (state.score, state.prefix, device)));
             let selected = scored
@@ -299,33 +326,25 @@ impl Fleet {
                     }
                 })
                 .map(|((), bucket)| bucket);
-            let best = scored
+            scored
                 .semijoin(selected)
-                .map(|(_, (score, prefix, device))| ((), (Reverse(score), prefix, device)))
-                .reduce(move |_key, input, output| {
-                    for entry in first_by_score_then_name(input, top) {
-                        output.push((entry, 1));
-                    }
-                })
-                .map(|((), (score, prefix, device))| Rollup::Top(score, prefix, device));
-            sites
-                .concat(assets)
-                .concat(devices)
-                .concat(flagged)
-                .concat(best)
-                .inspect(move |(rollup, time, diff)| {
-                    sink.borrow_mut().push((rollup.clone(), *time, *diff));
+                .map(|(_, (score, prefix, device))| (Reverse(score), prefix, device))
+                .inspect(move |(entry, time, diff)| {
+                    candidate_sink.borrow_mut().push((*entry, *time, *diff));
                 })
                 .probe_with(&probe_in);
-            (states_in, catalog_in)
+            states_in
         });
         Fleet {
             component: Arc::clone(&ctx.component_id),
             local,
             states,
-            catalog,
+            catalogued: config.require_catalog.then(HashMap::new),
             probe,
             captured,
+            captured_candidates,
+            candidates: BTreeMap::new(),
+            top,
             latest: HashMap::new(),
             names: Vec::new(),
             indexes: HashMap::new(),
@@ -362,15 +381,38 @@ impl Fleet {
             anomalous: record.anomalous,
             score: score_key(record.score),
         };
-        match self.latest.get(&device) {
-            Some((_, old)) if *old == state => {}
-            Some((_, old)) => {
-                self.states.remove((device, *old));
-                self.states.insert((device, state));
+        if self.counts(device) {
+            match self.latest.get(&device) {
+                Some((_, old)) if *old == state => {}
+                Some((_, old)) => {
+                    self.states.remove((device, *old));
+                    self.states.insert((device, state));
+                }
+                None => self.states.insert((device, state)),
             }
-            None => self.states.insert((device, state)),
         }
         self.latest.insert(device, (time, state));
+    }
+
+    /// True when `device` counts in the rollups (always, without `require_catalog`).
+    fn counts(&self, device: DeviceId) -> bool {
+        self.catalogued.as_ref().is_none_or(|rows| rows.get(&device).is_some_and(|n| *n > 0))
+    }
+
+    /// A catalog row of `device` was added (`diff = 1`) or retracted (`-1`): a device that
+    /// enters or leaves the catalog brings its latest state into the rollups or takes it out.
+    fn catalog_update(&mut self, device: DeviceId, diff: i64) {
+        let before = self.counts(device);
+        let Some(rows) = self.catalogued.as_mut() else { return };
+        let count = rows.entry(device).or_default();
+        *count += diff;
+        if *count == 0 {
+            rows.remove(&device);
+        }
+        let after = self.counts(device);
+        if let Some((_, state)) = self.latest.get(&device).filter(|_| before != after) {
+            self.states.update((device, *state), if after { 1 } else { -1 });
+        }
     }
 
     /// The index of a site or asset name in [`Fleet::names`].
@@ -394,18 +436,12 @@ impl Fleet {
     fn advance(&mut self, out: &mut Outputs) {
         self.local.round += 1;
         self.states.advance_to(self.local.round);
-        self.catalog.advance_to(self.local.round);
         self.states.flush();
-        self.catalog.flush();
         self.local.settle(&self.probe);
         let updates = std::mem::take(&mut *self.captured.borrow_mut());
-        for (rollup, _, diff) in updates {
-            let count = self.current.entry(rollup.clone()).or_default();
-            *count += diff;
-            if *count == 0 {
-                self.current.remove(&rollup);
-            }
-        }
+        apply(&mut self.current, updates);
+        let updates = std::mem::take(&mut *self.captured_candidates.borrow_mut());
+        apply(&mut self.candidates, updates);
         // The top entries take their sites and asset types from the devices' latest states,
         // which may have changed without moving any rollup.
         let view = self.current_view();
@@ -424,14 +460,17 @@ impl Fleet {
         let mut view = FleetView::default();
         let count = |n: isize| u64::try_from(n).unwrap_or(0);
         let mut top = Vec::new();
-        for rollup in self.current.keys() {
+        for (rollup, n) in self.current.keys() {
             match rollup {
-                Rollup::Site(site, n) => drop(view.sites.insert(self.name(*site), count(*n))),
-                Rollup::Asset(asset, n) => drop(view.assets.insert(self.name(*asset), count(*n))),
-                Rollup::Devices(n) => view.devices = count(*n),
-                Rollup::Anomalous(n) => view.anomalous = count(*n),
-                Rollup::Top(Reverse(key), _, device) => top.push((*key, device.name(), *device)),
+                Rollup::Site(site) => drop(view.sites.insert(self.name(*site), count(*n))),
+                Rollup::Asset(asset) => drop(view.assets.insert(self.name(*asset), count(*n))),
+                Rollup::Devices => view.devices = count(*n),
+                Rollup::Anomalous => view.anomalous = count(*n),
             }
+        }
+        for (Reverse(key), _, device) in first_by_score_then_name(self.candidates.keys(), self.top)
+        {
+            top.push((key, device.name(), device));
         }
         // Best first; equal scores by device name.
         top.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
@@ -517,6 +556,24 @@ impl Fleet {
             }
         }
         records
+    }
+}
+
+/// Adds captured `updates` to a collection kept as counts (records whose count drops to
+/// zero leave it).
+fn apply<D: Ord>(collection: &mut BTreeMap<D, isize>, updates: Vec<(D, u64, isize)>) {
+    for (data, _, diff) in updates {
+        match collection.entry(data) {
+            std::collections::btree_map::Entry::Occupied(mut entry) => {
+                *entry.get_mut() += diff;
+                if *entry.get() == 0 {
+                    entry.remove();
+                }
+            }
+            std::collections::btree_map::Entry::Vacant(entry) => {
+                entry.insert(diff);
+            }
+        }
     }
 }
 
@@ -691,9 +748,8 @@ impl Transform for Fleet {
     fn process_batch(&mut self, batch: Batch, out: &mut Outputs) {
         match batch {
             Batch::Raw(raw) => {
-                for update in catalog_updates(&raw, out) {
-                    let device = DeviceId::intern(&update.row.device);
-                    self.catalog.update(device, update.diff as isize);
+                for (device, diff) in catalog_devices(&raw, out) {
+                    self.catalog_update(device, diff);
                 }
             }
             Batch::Scores(scores) => {

@@ -22,6 +22,7 @@
 //! assert_eq!(changes, [("p1", "north", -1), ("p1", "south", 1), ("p2", "north", -1)]);
 //! ```
 
+use std::borrow::Cow;
 use std::cmp::Ordering;
 use std::collections::BTreeMap;
 
@@ -138,6 +139,28 @@ impl CatalogUpdate {
         serde_json::to_vec(self).unwrap_or_default()
     }
 
+    /// The device and the diff of a payload written by [`CatalogUpdate::to_json`], without
+    /// decoding the rest of the row: for consumers that only track who is catalogued.
+    pub fn device_and_diff(payload: &[u8]) -> Result<(Cow<'_, str>, i64), CatalogError> {
+        #[derive(Deserialize)]
+        struct Head<'a> {
+            diff: i64,
+            #[serde(borrow)]
+            row: RowHead<'a>,
+        }
+        #[derive(Deserialize)]
+        struct RowHead<'a> {
+            #[serde(borrow)]
+            device: Cow<'a, str>,
+        }
+        let head: Head<'_> = serde_json::from_slice(payload)
+            .map_err(|error| CatalogError::Update(error.to_string()))?;
+        if head.diff != 1 && head.diff != -1 {
+            return Err(CatalogError::Update(format!("diff is {}, not 1 or -1", head.diff)));
+        }
+        Ok((head.row.device, head.diff))
+    }
+
     /// Decodes a payload written by [`CatalogUpdate::to_json`].
     pub fn from_json(payload: &[u8]) -> Result<CatalogUpdate, CatalogError> {
         let update: CatalogUpdate = serde_json::from_slice(payload)
@@ -200,15 +223,16 @@ pub fn parse_catalog(text: &[u8], format: CatalogFormat) -> Result<ParsedCatalog
             None => json_row(line),
         };
         match row {
-            Ok(row) => {
-                if parsed.rows.contains_key(&row.device) {
+            Ok(row) => match parsed.rows.entry(row.device.clone()) {
+                std::collections::btree_map::Entry::Occupied(_) => {
                     let reason =
                         format!("device `{}` is listed twice; the first row stays", row.device);
                     parsed.errors.push(CatalogError::Row { line: number, reason });
-                } else {
-                    parsed.rows.insert(row.device.clone(), row);
                 }
-            }
+                std::collections::btree_map::Entry::Vacant(entry) => {
+                    entry.insert(row);
+                }
+            },
             Err(reason) => parsed.errors.push(CatalogError::Row { line: number, reason }),
         }
     }
@@ -349,19 +373,28 @@ pub fn diff_catalogs(
     after: &BTreeMap<String, CatalogRow>,
 ) -> Vec<CatalogUpdate> {
     let mut updates = Vec::new();
-    let mut devices: Vec<&String> = before.keys().chain(after.keys()).collect();
-    devices.sort();
-    devices.dedup();
-    for device in devices {
-        let (old, new) = (before.get(device), after.get(device));
-        if old == new {
-            continue;
+    // Both maps in device order at once: one pass, no lookups.
+    let (mut old, mut new) = (before.iter().peekable(), after.iter().peekable());
+    loop {
+        let order = match (old.peek(), new.peek()) {
+            (None, None) => break,
+            (Some(_), None) => Ordering::Less,
+            (None, Some(_)) => Ordering::Greater,
+            (Some((a, _)), Some((b, _))) => a.cmp(b),
+        };
+        let (gone, came) = match order {
+            Ordering::Less => (old.next().map(|(_, row)| row), None),
+            Ordering::Greater => (None, new.next().map(|(_, row)| row)),
+            Ordering::Equal => match (old.next(), new.next()) {
+                (Some((_, a)), Some((_, b))) if a != b => (Some(a), Some(b)),
+                _ => (None, None),
+            },
+        };
+        if let Some(row) = gone {
+            updates.push(CatalogUpdate { diff: -1, row: row.clone() });
         }
-        if let Some(old) = old {
-            updates.push(CatalogUpdate { diff: -1, row: old.clone() });
-        }
-        if let Some(new) = new {
-            updates.push(CatalogUpdate { diff: 1, row: new.clone() });
+        if let Some(row) = came {
+            updates.push(CatalogUpdate { diff: 1, row: row.clone() });
         }
     }
     updates
