@@ -489,5 +489,42 @@ not json
         let bad = br#"{"diff":2,"row":{"device":"p1"}}"#;
         assert!(CatalogUpdate::from_json(bad).is_err());
         assert!(CatalogUpdate::from_json(b"{}").is_err());
+        // The device-only reading agrees, escapes included, and refuses the same.
+        let escaped = CatalogUpdate {
+            diff: 1,
+            row: CatalogRow { device: "p\"1\u{e9}".to_owned(), ..CatalogRow::default() },
+        };
+        let payload = escaped.to_json();
+        let (device, diff) = CatalogUpdate::device_and_diff(&payload).expect("reads");
+        assert_eq!((device.as_ref(), diff), ("p\"1\u{e9}", 1));
+        assert!(CatalogUpdate::device_and_diff(bad).is_err());
+        assert!(CatalogUpdate::device_and_diff(b"{}").is_err());
+    }
+
+    #[test]
+    fn a_diff_retracts_what_went_and_changed_and_inserts_what_came_in_device_order() {
+        let row = |device: &str, site: &str| CatalogRow {
+            device: device.to_owned(),
+            site: site.to_owned(),
+            ..CatalogRow::default()
+        };
+        let map = |rows: &[CatalogRow]| -> BTreeMap<String, CatalogRow> {
+            rows.iter().map(|row| (row.device.clone(), row.clone())).collect()
+        };
+        let before = map(&[row("a", "n"), row("b", "n"), row("c", "n"), row("e", "n")]);
+        let after = map(&[row("b", "s"), row("c", "n"), row("d", "n"), row("e", "n")]);
+        let updates: Vec<(i64, String, String)> = diff_catalogs(&before, &after)
+            .into_iter()
+            .map(|update| (update.diff, update.row.device, update.row.site))
+            .collect();
+        let expected = [(-1, "a", "n"), (-1, "b", "n"), (1, "b", "s"), (1, "d", "n")];
+        let expected: Vec<(i64, String, String)> = expected
+            .iter()
+            .map(|(diff, device, site)| (*diff, (*device).to_owned(), (*site).to_owned()))
+            .collect();
+        assert_eq!(updates, expected);
+        assert!(diff_catalogs(&after, &after).is_empty());
+        assert_eq!(diff_catalogs(&BTreeMap::new(), &after).len(), after.len());
+        assert_eq!(diff_catalogs(&before, &BTreeMap::new()).len(), before.len());
     }
 }
