@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Runs every cargo-fuzz target of fuzz/ (libFuzzer) for SECONDS each (default 60), one after
-# the other, on one core. Needs the nightly toolchain; installs cargo-fuzz when it is missing.
+# Runs every cargo-fuzz target of fuzz/ (libFuzzer) for SECONDS each (default 60), as many at
+# a time as the machine has cores (TIDEWATCH_FUZZ_JOBS to choose). Needs the nightly toolchain; installs cargo-fuzz when it is missing.
 # Without nightly it says so and exits 0 (the fuzz crate is not part of the workspace build).
 #
 #   scripts/fuzz.sh            # 60 s per target
@@ -57,16 +57,35 @@ start=$SECONDS
 cargo +nightly fuzz build "${flags[@]}"
 echo "fuzz: built in $((SECONDS - start)) s"
 
-failed=()
-for target in "${targets[@]}"; do
-  mkdir -p "fuzz/work/$target" "fuzz/artifacts/$target"
-  echo "fuzz: $target for ${seconds} s"
+# One target per core at a time (TIDEWATCH_FUZZ_JOBS): each still gets SECONDS of a core,
+# and the whole run takes a fraction of the time on a machine with more than one.
+jobs_max=${TIDEWATCH_FUZZ_JOBS:-$(nproc 2>/dev/null || echo 1)}
+case "$jobs_max" in '' | *[!0-9]* | 0) jobs_max=1 ;; esac
+run_target() {
+  local target=$1 status=0
   # load_str keeps each pipeline's text for the life of the process (spans point into it),
   # so the loader targets grow by what they read: a bounded input size and memory limit.
-  if ! nice -n 10 cargo +nightly fuzz run "${flags[@]}" "$target" \
+  nice -n 10 cargo +nightly fuzz run "${flags[@]}" "$target" \
     "$root/fuzz/work/$target" "$root/fuzz/corpus/$target" -- \
     "${limit[@]}" -max_len=16384 -rss_limit_mb=4096 -timeout=10 \
-    -print_final_stats=1 2>"fuzz/work/$target.log"; then
+    -print_final_stats=1 2>"fuzz/work/$target.log" || status=$?
+  echo "$status" >"fuzz/work/$target.status"
+}
+for target in "${targets[@]}"; do
+  mkdir -p "fuzz/work/$target" "fuzz/artifacts/$target"
+  rm -f "fuzz/work/$target.status"
+  while [ "$(jobs -rp | wc -l)" -ge "$jobs_max" ]; do
+    wait -n || true
+  done
+  echo "fuzz: $target for ${seconds} s"
+  run_target "$target" &
+done
+wait || true
+
+failed=()
+for target in "${targets[@]}"; do
+  echo -n "fuzz: $target: "
+  if [ "$(cat "fuzz/work/$target.status" 2>/dev/null || echo missing)" != 0 ]; then
     failed+=("$target")
     tail -n 60 "fuzz/work/$target.log" >&2
   fi

@@ -115,7 +115,8 @@ cargo build --no-default-features --features mqtt,tract
 cargo clippy --no-default-features --features mqtt,tract -- -D warnings
 "$tidewatch" validate pipelines/edge-mqtt.toml
 
-# cargo-fuzz targets of fuzz/ (its own workspace, nightly only), 60 s each: about 5 minutes
+# cargo-fuzz targets of fuzz/ (its own workspace, nightly only), 60 s each, one per core at a
+# time: about 3 minutes on 2 cores
 # plus the fuzz crate's build (several minutes from scratch). Skipped, with a line saying
 # so, when the nightly toolchain is absent. TIDEWATCH_FUZZ_SECONDS sets the time per target.
 step "fuzzing: scripts/fuzz.sh ${TIDEWATCH_FUZZ_SECONDS:-60} (nightly only)"
