@@ -4,6 +4,7 @@
 //! - the issue's check: `tidewatch run pipelines/cloud.toml` + `tidewatch simulate --kafka`
 //!   counts exactly what was produced, `/readyz` waits for the assignment, and offsets are
 //!   committed (a restart reads nothing again);
+//! - a run to the end of the topic (`stop_at_end`) resumes at its group's committed offsets;
 //! - two processes in one group split the partitions; one is killed; the other takes over
 //!   and together they saw every record;
 //! - `pipelines/edge.toml` through a 30 s broker outage and a crash of tidewatch during it:
@@ -152,6 +153,62 @@ fn cloud_pipeline_counts_exactly_what_simulate_produced_and_commits_its_offsets(
     });
     assert_eq!(again.received("kafka"), 100, "{}", again.log());
     again.stop();
+}
+
+// ---------------------------------------------------------------------------------------------
+// A group's committed offsets when the source assigns the partitions itself
+// ---------------------------------------------------------------------------------------------
+
+/// `stop_at_end` (each worker takes a fixed share of the partitions, no group rebalance): a
+/// run reads from the offsets its group committed in the run before, and a new group from the
+/// start of the topic.
+#[test]
+fn a_run_to_the_end_resumes_at_the_offsets_its_group_committed() {
+    let _serial = common::kafka_serial();
+    common::require_kafka();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let topic = unique("resume");
+    let group = unique("resume-group");
+    let run = |group: &str, name: &str| -> usize {
+        let out = dir.path().join(format!("{name}.jsonl"));
+        let text = format!(
+            r#"
+[pipeline]
+name = "resume"
+workers = 2
+
+[sources.in]
+type = "kafka"
+brokers = "{BROKERS}"
+topics = ["{topic}"]
+group_id = "{group}"
+stop_at_end = true
+
+[transforms.readings]
+type = "normalize"
+inputs = ["in"]
+device_field = "device"
+timestamp_field = "ts"
+timestamp_format = "unix_ms"
+features = ["vibration", "current", "pressure", "temperature", "flow"]
+
+[sinks.out]
+type = "file"
+inputs = ["readings"]
+path = "{out}"
+"#,
+            out = out.display()
+        );
+        let pipeline = write_pipeline(dir.path(), &format!("{name}.toml"), &text);
+        Process::run(&pipeline, &[], dir.path().join(format!("{name}.log")))
+            .wait_exit(Duration::from_secs(120));
+        common::json_lines(&out).len()
+    };
+    simulate_kafka(&topic, 10, 1_000, 1);
+    assert_eq!(run(&group, "first"), 1_000, "a new group reads the topic from its start");
+    simulate_kafka(&topic, 10, 500, 2);
+    assert_eq!(run(&group, "second"), 500, "the group goes on where it committed");
+    assert_eq!(run(&unique("other-group"), "other"), 1_500, "another group reads it all");
 }
 
 // ---------------------------------------------------------------------------------------------
