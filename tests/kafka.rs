@@ -171,34 +171,8 @@ fn a_run_to_the_end_resumes_at_the_offsets_its_group_committed() {
     let group = unique("resume-group");
     let run = |group: &str, name: &str| -> usize {
         let out = dir.path().join(format!("{name}.jsonl"));
-        let text = format!(
-            r#"
-[pipeline]
-name = "resume"
-workers = 2
-
-[sources.in]
-type = "kafka"
-brokers = "{BROKERS}"
-topics = ["{topic}"]
-group_id = "{group}"
-stop_at_end = true
-
-[transforms.readings]
-type = "normalize"
-inputs = ["in"]
-device_field = "device"
-timestamp_field = "ts"
-timestamp_format = "unix_ms"
-features = ["vibration", "current", "pressure", "temperature", "flow"]
-
-[sinks.out]
-type = "file"
-inputs = ["readings"]
-path = "{out}"
-"#,
-            out = out.display()
-        );
+        let pipeline_table = "[pipeline]\nname = \"resume\"\nworkers = 2\n";
+        let text = readings_to_file(pipeline_table, &topic, group, "stop_at_end = true", &out);
         let pipeline = write_pipeline(dir.path(), &format!("{name}.toml"), &text);
         Process::run(&pipeline, &[], dir.path().join(format!("{name}.log")))
             .wait_exit(Duration::from_secs(120));
@@ -216,36 +190,26 @@ path = "{out}"
 // ---------------------------------------------------------------------------------------------
 
 fn split_pipeline(topic: &str, group: &str, out: &Path) -> String {
-    format!(
-        r#"
-[pipeline]
-name = "split"
-workers = 1
-idle_timeout_ms = 500
+    let pipeline_table = "[pipeline]\nname = \"split\"\nworkers = 1\nidle_timeout_ms = 500\n";
+    let source_options = "session_timeout_ms = 6000\ncommit_interval_ms = 200";
+    readings_to_file(pipeline_table, topic, group, source_options, out)
+}
 
-[sources.in]
-type = "kafka"
-brokers = "{BROKERS}"
-topics = ["{topic}"]
-group_id = "{group}"
-session_timeout_ms = 6000
-commit_interval_ms = 200
-
-[transforms.readings]
-type = "normalize"
-inputs = ["in"]
-device_field = "device"
-timestamp_field = "ts"
-timestamp_format = "unix_ms"
-features = ["vibration", "current", "pressure", "temperature", "flow"]
-
-[sinks.out]
-type = "file"
-inputs = ["readings"]
-path = "{}"
-"#,
+/// A pipeline: `pipeline_table`, the Kafka readings of `topic` in consumer group `group`
+/// ([`common::kafka_readings_toml`]) and a file sink of the readings to `out`.
+fn readings_to_file(
+    pipeline_table: &str,
+    topic: &str,
+    group: &str,
+    source_options: &str,
+    out: &Path,
+) -> String {
+    let readings = common::kafka_readings_toml(topic, group, source_options);
+    let sink = format!(
+        "[sinks.out]\ntype = \"file\"\ninputs = [\"readings\"]\npath = \"{}\"\n",
         out.display()
-    )
+    );
+    format!("{pipeline_table}{readings}\n{sink}")
 }
 
 /// The (device, time) of every reading a file sink wrote.

@@ -468,14 +468,26 @@ pub fn lake_rows(url: &str, env: &[(String, String)]) -> Vec<String> {
 /// (`[transforms.windows]`). Nothing is late whatever the order partitions are read in when
 /// the pipeline's `out_of_orderness_ms` covers the run.
 pub fn kafka_readings_windows_toml(topic: &str, stop_at_end: bool) -> String {
+    // Its own group: no committed offsets of another run.
+    let source_options = format!("stop_at_end = {stop_at_end}");
+    let readings = kafka_readings_toml(topic, &unique("group"), &source_options);
+    format!(
+        "{readings}\n[transforms.windows]\ntype = \"window\"\ninputs = [\"readings\"]\nsize_ms = 5000\n"
+    )
+}
+
+/// `[sources.in]` (Kafka, the test broker, `topic`, consumer group `group`, then the lines of
+/// `source_options`) and `[transforms.readings]` (normalize the simulator's JSON: device, `ts`
+/// in ms, the five features).
+pub fn kafka_readings_toml(topic: &str, group: &str, source_options: &str) -> String {
     format!(
         r#"
 [sources.in]
 type = "kafka"
-brokers = "127.0.0.1:9092"
+brokers = "{KAFKA_BROKERS}"
 topics = ["{topic}"]
 group_id = "{group}"
-stop_at_end = {stop_at_end}
+{source_options}
 
 [transforms.readings]
 type = "normalize"
@@ -484,14 +496,7 @@ device_field = "device"
 timestamp_field = "ts"
 timestamp_format = "unix_ms"
 features = ["vibration", "current", "pressure", "temperature", "flow"]
-
-[transforms.windows]
-type = "window"
-inputs = ["readings"]
-size_ms = 5000
-"#,
-        // Its own group: no committed offsets of another run.
-        group = unique("group"),
+"#
     )
 }
 
