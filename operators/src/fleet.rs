@@ -369,8 +369,8 @@ impl Fleet {
     /// Takes a device's new record into account.
     fn observe(&mut self, device: DeviceId, time: EventTime, record: Observed<'_>) {
         self.watermark = self.watermark.max(time);
-        let known = self.latest.get(&device);
-        if known.is_some_and(|(seen, _)| *seen > time) {
+        let known = self.latest.get(&device).map(|(seen, old)| (*seen, *old));
+        if known.is_some_and(|(seen, _)| seen > time) {
             return;
         }
         let prefix = known.map_or_else(|| name_prefix(&device.name()), |(_, old)| old.prefix);
@@ -382,10 +382,10 @@ impl Fleet {
             score: score_key(record.score),
         };
         if self.counts(device) {
-            match self.latest.get(&device) {
-                Some((_, old)) if *old == state => {}
+            match known {
+                Some((_, old)) if old == state => {}
                 Some((_, old)) => {
-                    self.states.remove((device, *old));
+                    self.states.remove((device, old));
                     self.states.insert((device, state));
                 }
                 None => self.states.insert((device, state)),

@@ -581,7 +581,7 @@ impl KafkaSource {
             .filter(|(index, _)| index % self.workers == self.worker)
             .map(|(_, key)| key)
             .collect();
-        // The group's committed offsets of the partitions no checkpoint positions, read
+        // The group's committed offsets of the partitions that no checkpoint positions, read
         // here rather than left to librdkafka (`Offset::Stored`): on a broker that just
         // started, the group coordinator may not be ready, and a manually assigned partition
         // whose committed offset could not be fetched then waits forever. A failed lookup is
