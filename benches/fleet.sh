@@ -13,10 +13,14 @@
 # site, a free label), and N x R readings as JSON lines, devices round robin, event time
 # +1 ms a line. Both pipelines run file -> normalize -> count windows of 10 (slide 10) ->
 # stats, on one worker; `with` adds enrich (catalog and scores) -> fleet (top 10,
-# require_catalog) -> blackhole, `without` sends the scores to a blackhole. The runs are
-# interleaved (without, with, without, with ...), K each; medians. Prints:
+# require_catalog) -> blackhole, `without` sends the scores to a blackhole. Both also run on
+# an empty readings file (`without0`, `with0`): what `with0` takes more than `without0` is the
+# catalog's load (a one-off per catalog change), and the steady-state ratio leaves both
+# start-ups out: (without - without0) / (with - with0), in seconds. The runs are interleaved
+# (without, with, without0, with0, without ...), K each; medians. Prints:
 #
 #   devices N readings M without X/s with Y/s ratio Y/X rss_without_mb A rss_with_mb B per_device_bytes (B-A)/N
+#   catalog_load_s L steady_state_ratio S
 #
 # Uses TIDEWATCH_BIN, or target/release/tidewatch (built when missing; the edge feature
 # set, `--no-default-features --features mqtt`, is enough and builds quicker).
@@ -134,6 +138,10 @@ TOML
 }
 pipeline_toml 0 > "$work/without.toml"
 pipeline_toml 1 > "$work/with.toml"
+: > "$work/empty.jsonl"
+for name in without with; do
+  sed "s|$work/readings.jsonl|$work/empty.jsonl|" "$work/$name.toml" > "$work/${name}0.toml"
+done
 
 # run NAME: runs the pipeline to the end of its input; prints "seconds peak_rss_kb".
 run() {
@@ -144,15 +152,15 @@ run() {
 
 median() { sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
 
-: > "$work/without.runs"
-: > "$work/with.runs"
+for name in without with without0 with0; do : > "$work/$name.runs"; done
 for _ in $(seq "$runs"); do
-  for name in without with; do
+  for name in without with without0 with0; do
     run "$name" >> "$work/$name.runs"
   done
 done
 rate() { awk -v n="$readings" '{ print n / $1 }' "$work/$1.runs" | median; }
 rss() { awk '{ print $2 / 1024 }' "$work/$1.runs" | median; }
+seconds() { awk '{ print $1 }' "$work/$1.runs" | median; }
 without=$(rate without)
 with=$(rate with)
 rss_without=$(rss without)
@@ -160,3 +168,6 @@ rss_with=$(rss with)
 printf 'devices %d readings %d without %.0f/s with %.0f/s ratio %.3f rss_without_mb %.1f rss_with_mb %.1f per_device_bytes %.0f\n' \
   "$devices" "$readings" "$without" "$with" "$(calc "$with / $without")" "$rss_without" "$rss_with" \
   "$(calc "($rss_with - $rss_without) * 1048576 / $devices")"
+printf 'catalog_load_s %.2f steady_state_ratio %.3f\n' \
+  "$(calc "$(seconds with0) - $(seconds without0)")" \
+  "$(calc "($(seconds without) - $(seconds without0)) / ($(seconds with) - $(seconds with0))")"

@@ -8,7 +8,7 @@
 use std::cell::RefCell;
 use std::rc::Rc;
 
-use tidewatch_api::catalog::{CatalogError, CatalogUpdate};
+use tidewatch_api::catalog::{CatalogError, CatalogUpdate, CatalogUpdateRef};
 use tidewatch_api::{DeviceId, Outputs, RawBatch};
 use timely::WorkerConfig;
 use timely::communication::Allocator;
@@ -40,39 +40,30 @@ impl Local {
 /// Updates captured from a collection: `(data, time, diff)`, drained after each round.
 pub(crate) type Captured<D> = Rc<RefCell<Vec<(D, u64, isize)>>>;
 
-/// Takes the captured updates of round `round` whose diffs sum to more than zero (the
-/// records that entered the collection at that round), in their order of arrival.
-pub(crate) fn take_inserted<D: Ord + Clone>(captured: &Captured<D>, round: u64) -> Vec<D> {
-    let mut updates = std::mem::take(&mut *captured.borrow_mut());
-    updates.retain(|(_, time, _)| *time == round);
-    let mut sums: std::collections::BTreeMap<D, isize> = std::collections::BTreeMap::new();
-    for (data, _, diff) in &updates {
-        *sums.entry(data.clone()).or_default() += diff;
-    }
-    sums.into_iter().filter(|(_, diff)| *diff > 0).map(|(data, _)| data).collect()
-}
-
 /// The devices and diffs of the catalog updates in a batch of raw messages (see
 /// [`catalog_updates`]).
 pub(crate) fn catalog_devices(batch: &RawBatch, out: &mut Outputs) -> Vec<(DeviceId, i64)> {
     decode_each(batch, out, |payload| {
-        CatalogUpdate::device_and_diff(payload)
-            .map(|(device, diff)| (DeviceId::intern(&device), diff))
+        CatalogUpdate::decode(payload)
+            .map(|update| (DeviceId::intern(&update.row.device), update.diff))
     })
 }
 
-/// The catalog updates of a batch of raw messages; a message that is not one goes to
-/// `<id>.errors` (`error_type = "catalog"`).
-pub(crate) fn catalog_updates(batch: &RawBatch, out: &mut Outputs) -> Vec<CatalogUpdate> {
-    decode_each(batch, out, CatalogUpdate::from_json)
+/// The catalog updates of a batch of raw messages, their strings borrowed from it; a message
+/// that is not one goes to `<id>.errors` (`error_type = "catalog"`).
+pub(crate) fn catalog_updates<'a>(
+    batch: &'a RawBatch,
+    out: &mut Outputs,
+) -> Vec<CatalogUpdateRef<'a>> {
+    decode_each(batch, out, CatalogUpdate::decode)
 }
 
 /// Decodes every message of `batch`; a message that does not decode goes to `<id>.errors`
 /// (`error_type = "catalog"`).
-fn decode_each<T>(
-    batch: &RawBatch,
+fn decode_each<'a, T>(
+    batch: &'a RawBatch,
     out: &mut Outputs,
-    decode: impl Fn(&[u8]) -> Result<T, CatalogError>,
+    decode: impl Fn(&'a [u8]) -> Result<T, CatalogError>,
 ) -> Vec<T> {
     let mut decoded = Vec::with_capacity(batch.len());
     for message in batch.iter() {

@@ -5,7 +5,8 @@
 //! [`tidewatch_api::catalog`]). The catalog is a differential collection of row *versions*
 //! arranged by device, each valid from an event time on; each record is joined with the
 //! version valid at its own event time (an as-of join: the newest version valid at or before
-//! it). A version is valid from the row's `valid_from`, when the catalog gives one, or else
+//! it), looked up in the arrangement: a batch's records, in device order, read it with one
+//! forward pass of a cursor, so records never enter the dataflow. A version is valid from the row's `valid_from`, when the catalog gives one, or else
 //! from the greatest event time of the records this instance has seen when the update
 //! reaches it: an update applies to the records after it in event time, and a record of an
 //! earlier time that arrives later still gets the row as it was. A retracted row is a version
@@ -55,13 +56,17 @@
 //! assert_eq!(unmatched[0].device.name().as_ref(), "p9");
 //! ```
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::Arc;
 
 use differential_dataflow::input::{Input, InputSession};
+use differential_dataflow::operators::arrange::TraceAgent;
+use differential_dataflow::trace::TraceReader;
+use differential_dataflow::trace::cursor::{Cursor, cursor_list};
+use differential_dataflow::trace::implementations::ValSpine;
 use serde::Deserialize;
-use tidewatch_api::catalog::CatalogRow;
+use tidewatch_api::catalog::CatalogRowRef;
 use tidewatch_api::prometheus::{IntCounter, Opts};
 use tidewatch_api::{
     AnomalyEvent, Batch, ComponentContext, ComponentError, ConfigError, DeviceId, EventTime, Kind,
@@ -69,8 +74,10 @@ use tidewatch_api::{
     ValidateContext,
 };
 use timely::dataflow::ProbeHandle;
+use timely::dataflow::operators::Probe;
+use timely::progress::frontier::{Antichain, AntichainRef};
 
-use crate::dataflow::{Captured, Local, catalog_updates, take_inserted};
+use crate::dataflow::{Local, catalog_updates};
 
 /// Options of the `enrich` transform (none yet).
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
@@ -184,19 +191,20 @@ struct Row {
 
 /// One version of a device's row: valid from its event time on, and the row's number in
 /// [`Enrich::rows`] (`None`: the device is not in the catalog from then on). The dataflow
-/// holds versions and records as small copyable values; the rows stay out of it, once each.
+/// holds versions as small copyable values; the rows stay out of it, once each.
 type Version = (EventTime, Option<u64>);
+
+/// The catalog's versions arranged by device: what records are looked up in.
+type CatalogTrace = TraceAgent<ValSpine<DeviceId, Version, u64, isize>>;
 
 /// The `enrich` transform (see the module documentation).
 pub struct Enrich {
     local: Local,
     /// The catalog's versions, by device.
     catalog: InputSession<u64, (DeviceId, Version), isize>,
-    /// The records of the round: device, then (sequence number, event time).
-    records: InputSession<u64, (DeviceId, (u64, EventTime)), isize>,
+    /// The catalog's arrangement, read by the records' lookups.
+    trace: CatalogTrace,
     probe: ProbeHandle<u64>,
-    /// The versions each record of a round can use: (sequence number, version).
-    candidates: Captured<(u64, Version)>,
     /// The versions in the collection, by device, oldest first (to replace and prune them).
     versions: HashMap<DeviceId, Vec<Version>>,
     /// The rows of the versions in the collection, by number.
@@ -210,9 +218,6 @@ pub struct Enrich {
     /// The greatest watermark the record batches came with: versions superseded before it
     /// are dropped.
     watermark: EventTime,
-    /// The record keys of the last round, retracted at the next.
-    last: Vec<(DeviceId, (u64, EventTime))>,
-    next_seq: u64,
     unmatched_total: Option<IntCounter>,
 }
 
@@ -227,25 +232,13 @@ impl Enrich {
     /// metrics registry, if any.
     pub fn new(ctx: &ComponentContext) -> Enrich {
         let mut local = Local::new();
-        let candidates: Captured<(u64, Version)> = Captured::default();
-        let candidates_out = candidates.clone();
         let probe = ProbeHandle::new();
         let probe_in = probe.clone();
-        let (catalog, records) = local.worker.dataflow::<u64, _, _>(move |scope| {
+        let (catalog, trace) = local.worker.dataflow::<u64, _, _>(move |scope| {
             let (catalog_in, catalog) = scope.new_collection::<(DeviceId, Version), isize>();
-            let (records_in, records) =
-                scope.new_collection::<(DeviceId, (u64, EventTime)), isize>();
-            // The as-of join: every version valid at or before the record's time; the newest
-            // of them is picked per record below.
-            records
-                .join_core(catalog.arrange_by_key(), |_device, (seq, time), (from, row)| {
-                    (*from <= *time).then_some((*seq, (*from, *row)))
-                })
-                .inspect(move |(data, time, diff)| {
-                    candidates_out.borrow_mut().push((*data, *time, *diff));
-                })
-                .probe_with(&probe_in);
-            (catalog_in, records_in)
+            let arranged = catalog.arrange_by_key();
+            arranged.stream.probe_with(&probe_in);
+            (catalog_in, arranged.trace)
         });
         let unmatched_total = ctx
             .shared(|| unmatched_counter(ctx))
@@ -255,40 +248,37 @@ impl Enrich {
         Enrich {
             local,
             catalog,
-            records,
+            trace,
             probe,
-            candidates,
             versions: HashMap::new(),
             rows: HashMap::new(),
             next_row: 0,
             strings: HashSet::new(),
             position: EventTime::MIN,
             watermark: EventTime::MIN,
-            last: Vec::new(),
-            next_seq: 0,
             unmatched_total,
         }
     }
 
-    /// Closes the round now open and runs the dataflow until it is complete.
-    fn advance(&mut self) -> u64 {
-        let round = self.local.round;
+    /// Closes the round now open, runs the dataflow until the arrangement holds it, and lets
+    /// the arrangement compact what came before.
+    fn advance(&mut self) {
         self.local.round += 1;
         self.catalog.advance_to(self.local.round);
-        self.records.advance_to(self.local.round);
         self.catalog.flush();
-        self.records.flush();
         self.local.settle(&self.probe);
-        round
+        let frontier = [self.local.round];
+        self.trace.set_logical_compaction(AntichainRef::new(&frontier));
+        self.trace.set_physical_compaction(AntichainRef::new(&frontier));
     }
 
     /// Applies a batch of catalog updates: per device, the row it ends with (the last one
     /// inserted; none when it was only retracted) becomes a version, valid from the row's
     /// `valid_from` or, without one, from the greatest event time of the records seen.
     fn apply_catalog(&mut self, batch: &tidewatch_api::RawBatch, out: &mut Outputs) {
-        let mut ending: BTreeMap<String, Option<CatalogRow>> = BTreeMap::new();
+        let mut ending: HashMap<DeviceId, Option<CatalogRowRef<'_>>> = HashMap::new();
         for update in catalog_updates(batch, out) {
-            let device = update.row.device.clone();
+            let device = DeviceId::intern(&update.row.device);
             if update.diff > 0 {
                 ending.insert(device, Some(update.row));
             } else {
@@ -298,10 +288,9 @@ impl Enrich {
         for (device, row) in ending {
             let from = row.as_ref().and_then(|row| row.valid_from).unwrap_or(self.position);
             let number = row.map(|row| self.add_row(&row));
-            self.set_version(DeviceId::intern(&device), (from, number));
+            self.set_version(device, (from, number));
         }
         self.advance();
-        self.candidates.borrow_mut().clear();
     }
 
     /// Adds a version of `device` (replacing one valid from the same time), then drops the
@@ -338,10 +327,9 @@ impl Enrich {
     }
 
     /// Keeps a row's labels and threshold under a new number.
-    fn add_row(&mut self, row: &CatalogRow) -> u64 {
-        let labels = row.labels();
+    fn add_row(&mut self, row: &CatalogRowRef<'_>) -> u64 {
         let labels = Labels::from_pairs(
-            labels.iter().map(|(name, value)| (self.shared(name), self.shared(value))),
+            row.label_pairs().map(|(name, value)| (self.shared(name), self.shared(value))),
         );
         let number = self.next_row;
         self.next_row += 1;
@@ -360,32 +348,42 @@ impl Enrich {
     }
 
     /// Joins `records` with the catalog as it stood at each record's event time: the matched
-    /// ones labelled, and the unmatched ones.
+    /// ones labelled, and the unmatched ones. Each record is looked up in the catalog's
+    /// arrangement (the records in device order, one forward pass of a cursor over it).
     fn join<R: Labelled>(&mut self, records: Vec<R>, watermark: EventTime) -> (Vec<R>, Vec<R>) {
         self.watermark = self.watermark.max(watermark);
-        for key in self.last.drain(..) {
-            self.records.remove(key);
+        let mut order: Vec<(DeviceId, usize)> = Vec::with_capacity(records.len());
+        for (index, record) in records.iter().enumerate() {
+            self.position = self.position.max(record.time());
+            order.push((record.device(), index));
         }
-        let first = self.next_seq;
-        for record in &records {
-            let time = record.time();
-            self.position = self.position.max(time);
-            let key = (record.device(), (self.next_seq, time));
-            self.records.insert(key);
-            self.last.push(key);
-            self.next_seq += 1;
-        }
-        let round = self.advance();
-        // The newest version each record may use.
+        order.sort_unstable();
+        // The newest version each record may use: valid at or before its time.
         let mut picked: Vec<Option<Version>> = vec![None; records.len()];
-        for (seq, (from, row)) in take_inserted(&self.candidates, round) {
-            let Some(slot) = usize::try_from(seq - first).ok().and_then(|i| picked.get_mut(i))
-            else {
-                continue;
-            };
-            if slot.as_ref().is_none_or(|(best, _)| from >= *best) {
-                *slot = Some((from, row));
+        let batches = self.trace.batches_through(Antichain::new().borrow()).unwrap_or_default();
+        let (mut cursor, storage) = cursor_list(batches);
+        // The versions in the catalog now of the device being looked up, oldest first.
+        let mut present: Vec<Version> = Vec::new();
+        let mut looked_up: Option<DeviceId> = None;
+        for (device, index) in order {
+            if looked_up != Some(device) {
+                looked_up = Some(device);
+                present.clear();
+                cursor.seek_key(&storage, &device);
+                if cursor.get_key(&storage) == Some(&device) {
+                    while let Some(version) = cursor.get_val(&storage) {
+                        let version = *version;
+                        let mut count = 0;
+                        cursor.map_times(&storage, |_, diff| count += *diff);
+                        if count > 0 {
+                            present.push(version);
+                        }
+                        cursor.step_val(&storage);
+                    }
+                }
             }
+            let time = records[index].time();
+            picked[index] = present.iter().rev().find(|(from, _)| *from <= time).copied();
         }
         let mut matched = Vec::new();
         let mut unmatched = Vec::new();
@@ -450,9 +448,10 @@ impl Transform for Enrich {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
     use std::sync::Arc;
 
-    use tidewatch_api::catalog::CatalogUpdate;
+    use tidewatch_api::catalog::{CatalogRow, CatalogUpdate};
     use tidewatch_api::{RawBatch, Schema};
 
     use super::*;
@@ -703,5 +702,113 @@ mod tests {
             .map(|event| event.device.name().to_string())
             .collect();
         assert_eq!(opened, ["strict", "plain"]);
+    }
+
+    /// A step of the property test: catalog updates (diff, device, site, valid_from) or
+    /// records (device, event time).
+    #[derive(Clone, Debug)]
+    enum Step {
+        Catalog(Vec<(i64, usize, usize, Option<i64>)>),
+        Records(Vec<(usize, i64)>),
+    }
+
+    fn steps() -> impl proptest::strategy::Strategy<Value = Vec<Step>> {
+        use proptest::prelude::*;
+        let update =
+            (prop_oneof![Just(1i64), Just(-1i64)], 0usize..6, 0usize..3, (0i64..4, 0i64..100))
+                .prop_map(|(diff, device, site, (with, from))| {
+                    (diff, device, site, (with == 0).then_some(from))
+                });
+        let step = prop_oneof![
+            1 => proptest::collection::vec(update, 0..6).prop_map(Step::Catalog),
+            2 => proptest::collection::vec((0usize..7, 0i64..100), 0..12).prop_map(Step::Records),
+        ];
+        proptest::collection::vec(step, 0..20)
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(200))]
+
+        /// Catalog updates (moves, retractions, rows valid from a given time) and records of
+        /// many devices in any order: each record gets the row an as-of lookup in the catalog's
+        /// history finds (the newest version valid at or before its time), in input order.
+        #[test]
+        fn records_get_the_row_an_as_of_lookup_finds(steps in steps()) {
+            let ctx = ComponentContext::for_test("enrich", "enrich");
+            let mut enrich = Enrich::new(&ctx);
+            let mut out = Outputs::new("enrich");
+            let name = |device: usize| format!("prop-{device}");
+            // The model: each device's versions by start, and the stream's position.
+            let mut history: BTreeMap<usize, BTreeMap<i64, Option<usize>>> = BTreeMap::new();
+            let mut position = EventTime::MIN;
+            for step in steps {
+                match step {
+                    Step::Catalog(list) => {
+                        let rows: Vec<(i64, CatalogRow)> = list
+                            .iter()
+                            .map(|(diff, device, site, from)| {
+                                let row = CatalogRow { valid_from: *from, ..row(&name(*device), &format!("s{site}")) };
+                                (*diff, row)
+                            })
+                            .collect();
+                        enrich.process_batch(updates(&rows), &mut out);
+                        out.take_errors();
+                        let mut ending: BTreeMap<usize, Option<(usize, Option<i64>)>> = BTreeMap::new();
+                        for (diff, device, site, from) in list {
+                            if diff > 0 {
+                                ending.insert(device, Some((site, from)));
+                            } else {
+                                ending.entry(device).or_insert(None);
+                            }
+                        }
+                        for (device, row) in ending {
+                            let from = row.and_then(|(_, from)| from).unwrap_or(position);
+                            history.entry(device).or_default().insert(from, row.map(|(site, _)| site));
+                        }
+                    }
+                    Step::Records(list) => {
+                        let batch = Batch::Events(
+                            list.iter()
+                                .map(|(device, time)| AnomalyEvent {
+                                    time_ms: *time,
+                                    started_ms: *time,
+                                    ..event(&name(*device))
+                                })
+                                .collect(),
+                        );
+                        enrich.process_batch(batch, &mut out);
+                        let mut matched = Vec::new();
+                        let mut unmatched = Vec::new();
+                        for (device, time) in list {
+                            position = position.max(time);
+                            let site = history
+                                .get(&device)
+                                .and_then(|versions| versions.range(..=time).next_back())
+                                .and_then(|(_, site)| *site);
+                            match site {
+                                Some(site) => matched.push((name(device), time, format!("s{site}"))),
+                                None => unmatched.push((name(device), time)),
+                            }
+                        }
+                        let mut got_matched = Vec::new();
+                        let mut got_unmatched = Vec::new();
+                        for (port, batch) in out.take_named() {
+                            let Batch::Events(events) = batch else { panic!("{batch:?}") };
+                            for event in events {
+                                let device = event.device.name().to_string();
+                                if port == 0 {
+                                    let site = event.labels.get("site").unwrap_or("").to_owned();
+                                    got_matched.push((device, event.time_ms, site));
+                                } else {
+                                    got_unmatched.push((device, event.time_ms));
+                                }
+                            }
+                        }
+                        proptest::prop_assert_eq!(got_matched, matched);
+                        proptest::prop_assert_eq!(got_unmatched, unmatched);
+                    }
+                }
+            }
+        }
     }
 }

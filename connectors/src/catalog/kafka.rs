@@ -271,7 +271,7 @@ impl Source for KafkaCatalogSource {
         if read > 0 {
             self.last_data = Instant::now();
         }
-        emit_updates(out, &self.topic, &updates, &mut self.sent);
+        emit_updates(out, &self.topic, updates.iter().map(CatalogUpdate::change), &mut self.sent);
         if !self.watch && self.at_end() {
             tracing::info!(component = %self.ctx.component_id, devices = self.catalog.len(), "the catalog topic is read to its end");
             return Ok(SourcePoll::Finished);

@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use tidewatch_api::catalog::{CatalogRow, CatalogUpdate, parse_json_row};
+use tidewatch_api::catalog::{CatalogChange, CatalogRow, CatalogUpdate, parse_json_row};
 use tidewatch_api::records::now_ms;
 use tidewatch_api::{Batch, Outputs, RawBatch};
 
@@ -167,14 +167,14 @@ impl KeyedCatalog {
 }
 
 /// Sends `updates` as raw messages on `topic` (one per update, payload
-/// [`CatalogUpdate::to_json`]), numbering them from `*sent`, as every catalog source does.
-pub(crate) fn emit_updates(
+/// [`CatalogChange::to_json`]), numbering them from `*sent`, as every catalog source does.
+pub(crate) fn emit_updates<'a>(
     out: &mut Outputs,
     topic: &str,
-    updates: &[CatalogUpdate],
+    updates: impl ExactSizeIterator<Item = CatalogChange<'a>>,
     sent: &mut u64,
 ) {
-    if updates.is_empty() {
+    if updates.len() == 0 {
         return;
     }
     let arrival = now_ms();
@@ -294,8 +294,13 @@ mod tests {
         let applied = catalog.apply("p1", Some(&row("p1", "north")));
         let mut out = Outputs::new("devices");
         let mut sent = 7;
-        emit_updates(&mut out, "catalog", &applied.updates, &mut sent);
-        emit_updates(&mut out, "catalog", &[], &mut sent);
+        emit_updates(
+            &mut out,
+            "catalog",
+            applied.updates.iter().map(CatalogUpdate::change),
+            &mut sent,
+        );
+        emit_updates(&mut out, "catalog", std::iter::empty(), &mut sent);
         assert_eq!(sent, 8);
         let batches = out.take_main();
         assert_eq!(batches.len(), 1);

@@ -312,10 +312,11 @@ impl CatalogSource {
             out.error("catalog", error.to_string(), topic, None);
         }
         let updates = diff_catalogs(&self.rows, &parsed.rows);
-        emit_updates(out, &self.topic, &updates, &mut self.sent);
+        let changed = !updates.is_empty();
+        emit_updates(out, &self.topic, updates.into_iter(), &mut self.sent);
         self.rows = parsed.rows;
         self.stamp = Some(stamp);
-        Ok(!updates.is_empty())
+        Ok(changed)
     }
 }
 

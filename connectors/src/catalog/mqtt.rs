@@ -278,7 +278,7 @@ impl Source for MqttCatalogSource {
                 }
             }
         }
-        emit_updates(out, &self.topic, &updates, &mut self.sent);
+        emit_updates(out, &self.topic, updates.iter().map(CatalogUpdate::change), &mut self.sent);
         if stopped {
             return Err(ComponentError::External(format!(
                 "the MQTT network thread of `{}` stopped",

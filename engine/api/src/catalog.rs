@@ -3,8 +3,8 @@
 //!
 //! The `catalog` source reads a file of [`CatalogRow`]s ([`parse_catalog`]), and each time the
 //! file changes it sends only the difference ([`diff_catalogs`]) as [`CatalogUpdate`]s: raw
-//! messages whose payload is the update's JSON ([`CatalogUpdate::to_json`]). `enrich` and
-//! `fleet` decode them ([`CatalogUpdate::from_json`]) into a differential collection: a changed
+//! messages whose payload is the update's JSON ([`CatalogChange::to_json`]). `enrich` and
+//! `fleet` decode them ([`CatalogUpdate::decode`], without copying strings) into a differential collection: a changed
 //! row is its old version retracted (`diff = -1`) and its new one inserted (`diff = 1`), a
 //! removed row is retracted. A catalog kept as keyed messages (a Kafka compacted topic,
 //! retained MQTT messages) has one JSON row per message ([`parse_json_row`]).
@@ -89,15 +89,21 @@ impl CatalogRow {
     /// The row as labels: `site`, `asset`, `owner` (when not empty) and the free labels (which
     /// never override those three).
     pub fn labels(&self) -> crate::Labels {
-        let fixed = [("site", &self.site), ("asset", &self.asset), ("owner", &self.owner)];
-        crate::Labels::from_pairs(
-            fixed
-                .into_iter()
-                .filter(|(_, value)| !value.is_empty())
-                .map(|(name, value)| (name, value.as_str()))
-                .chain(self.labels.iter().map(|(name, value)| (name.as_str(), value.as_str()))),
-        )
+        let free = self.labels.iter().map(|(name, value)| (name.as_str(), value.as_str()));
+        crate::Labels::from_pairs(label_pairs([&self.site, &self.asset, &self.owner], free))
     }
+}
+
+/// A row's labels as pairs: `site`, `asset` and `owner` when not empty, then the free labels.
+fn label_pairs<'a>(
+    fixed: [&'a str; 3],
+    free: impl Iterator<Item = (&'a str, &'a str)>,
+) -> impl Iterator<Item = (&'a str, &'a str)> {
+    ["site", "asset", "owner"]
+        .into_iter()
+        .zip(fixed)
+        .filter(|(_, value)| !value.is_empty())
+        .chain(free)
 }
 
 /// One change of the catalog: a row inserted (`diff = 1`) or retracted (`diff = -1`).
@@ -135,41 +141,136 @@ pub enum CatalogError {
 impl CatalogUpdate {
     /// The update as a raw message payload (one JSON object).
     pub fn to_json(&self) -> Vec<u8> {
-        // A struct of strings, maps and finite numbers always serializes.
-        serde_json::to_vec(self).unwrap_or_default()
+        self.change().to_json()
     }
 
-    /// The device and the diff of a payload written by [`CatalogUpdate::to_json`], without
-    /// decoding the rest of the row: for consumers that only track who is catalogued.
-    pub fn device_and_diff(payload: &[u8]) -> Result<(Cow<'_, str>, i64), CatalogError> {
-        #[derive(Deserialize)]
-        struct Head<'a> {
-            diff: i64,
-            #[serde(borrow)]
-            row: RowHead<'a>,
-        }
-        #[derive(Deserialize)]
-        struct RowHead<'a> {
-            #[serde(borrow)]
-            device: Cow<'a, str>,
-        }
-        let head: Head<'_> = serde_json::from_slice(payload)
-            .map_err(|error| CatalogError::Update(error.to_string()))?;
-        if head.diff != 1 && head.diff != -1 {
-            return Err(CatalogError::Update(format!("diff is {}, not 1 or -1", head.diff)));
-        }
-        Ok((head.row.device, head.diff))
+    /// The update as a change that borrows its row.
+    pub fn change(&self) -> CatalogChange<'_> {
+        CatalogChange { diff: self.diff, row: &self.row }
     }
 
-    /// Decodes a payload written by [`CatalogUpdate::to_json`].
-    pub fn from_json(payload: &[u8]) -> Result<CatalogUpdate, CatalogError> {
-        let update: CatalogUpdate = serde_json::from_slice(payload)
+    /// Decodes a payload written by [`CatalogUpdate::to_json`] without copying its strings
+    /// (those without escapes stay in the payload).
+    pub fn decode(payload: &[u8]) -> Result<CatalogUpdateRef<'_>, CatalogError> {
+        let update: CatalogUpdateRef<'_> = serde_json::from_slice(payload)
             .map_err(|error| CatalogError::Update(error.to_string()))?;
         if update.diff != 1 && update.diff != -1 {
             return Err(CatalogError::Update(format!("diff is {}, not 1 or -1", update.diff)));
         }
         Ok(update)
     }
+
+    /// Decodes a payload written by [`CatalogUpdate::to_json`].
+    pub fn from_json(payload: &[u8]) -> Result<CatalogUpdate, CatalogError> {
+        CatalogUpdate::decode(payload)
+            .map(|update| CatalogUpdate { diff: update.diff, row: update.row.to_row() })
+    }
+}
+
+/// A change of the catalog that borrows its row: what [`diff_catalogs`] gives. Its payload is
+/// the one of the [`CatalogUpdate`] it stands for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct CatalogChange<'a> {
+    /// `1` inserts the row, `-1` retracts it.
+    pub diff: i64,
+    /// The row.
+    pub row: &'a CatalogRow,
+}
+
+impl CatalogChange<'_> {
+    /// The change as a raw message payload (one JSON object).
+    pub fn to_json(&self) -> Vec<u8> {
+        // A struct of strings, maps and finite numbers always serializes.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
+/// A catalog update decoded without copying its strings ([`CatalogUpdate::decode`]).
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CatalogUpdateRef<'a> {
+    /// `1` inserts the row, `-1` retracts it.
+    pub diff: i64,
+    /// The row.
+    #[serde(borrow)]
+    pub row: CatalogRowRef<'a>,
+}
+
+/// A [`CatalogRow`] whose strings borrow from the payload it was decoded from.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CatalogRowRef<'a> {
+    /// The device id.
+    #[serde(borrow)]
+    pub device: Cow<'a, str>,
+    /// The site (empty when not given).
+    #[serde(borrow, default)]
+    pub site: Cow<'a, str>,
+    /// The asset type (empty when not given).
+    #[serde(borrow, default)]
+    pub asset: Cow<'a, str>,
+    /// Who answers for the device (empty when not given).
+    #[serde(borrow, default)]
+    pub owner: Cow<'a, str>,
+    /// Free labels, in the payload's order.
+    #[serde(borrow, default, deserialize_with = "text_pairs")]
+    pub labels: Vec<(Cow<'a, str>, Cow<'a, str>)>,
+    /// The threshold override, when given.
+    #[serde(default)]
+    pub threshold: Option<ThresholdOverride>,
+    /// From which event time on the row applies, when given.
+    #[serde(default)]
+    pub valid_from: Option<crate::EventTime>,
+}
+
+impl CatalogRowRef<'_> {
+    /// The row's labels as pairs, as [`CatalogRow::labels`] gives them.
+    pub fn label_pairs(&self) -> impl Iterator<Item = (&str, &str)> {
+        let free = self.labels.iter().map(|(name, value)| (name.as_ref(), value.as_ref()));
+        label_pairs([&self.site, &self.asset, &self.owner], free)
+    }
+
+    /// The row with strings of its own.
+    pub fn to_row(&self) -> CatalogRow {
+        CatalogRow {
+            device: self.device.to_string(),
+            site: self.site.to_string(),
+            asset: self.asset.to_string(),
+            owner: self.owner.to_string(),
+            labels: self.labels.iter().map(|(n, v)| (n.to_string(), v.to_string())).collect(),
+            threshold: self.threshold,
+            valid_from: self.valid_from,
+        }
+    }
+}
+
+/// A string that borrows from the payload when it has no escapes.
+#[derive(Deserialize)]
+struct Text<'a>(#[serde(borrow)] Cow<'a, str>);
+
+/// Decodes a JSON object of strings into its pairs, in order, borrowing where it can.
+fn text_pairs<'de, D>(deserializer: D) -> Result<Vec<(Cow<'de, str>, Cow<'de, str>)>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    struct Pairs;
+    impl<'de> serde::de::Visitor<'de> for Pairs {
+        type Value = Vec<(Cow<'de, str>, Cow<'de, str>)>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("an object of strings")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut pairs = Vec::with_capacity(map.size_hint().unwrap_or(0));
+            while let Some((Text(name), Text(value))) = map.next_entry::<Text<'de>, Text<'de>>()? {
+                pairs.push((name, value));
+            }
+            Ok(pairs)
+        }
+    }
+    deserializer.deserialize_map(Pairs)
 }
 
 /// The formats of a catalog file.
@@ -368,10 +469,10 @@ fn json_row(line: &[u8]) -> Result<CatalogRow, String> {
 /// The updates that turn catalog `before` into `after`, by device: a row that changed is
 /// retracted then inserted again, one that left is retracted, a new one inserted; unchanged
 /// rows give nothing.
-pub fn diff_catalogs(
-    before: &BTreeMap<String, CatalogRow>,
-    after: &BTreeMap<String, CatalogRow>,
-) -> Vec<CatalogUpdate> {
+pub fn diff_catalogs<'a>(
+    before: &'a BTreeMap<String, CatalogRow>,
+    after: &'a BTreeMap<String, CatalogRow>,
+) -> Vec<CatalogChange<'a>> {
     let mut updates = Vec::new();
     // Both maps in device order at once: one pass, no lookups.
     let (mut old, mut new) = (before.iter().peekable(), after.iter().peekable());
@@ -391,10 +492,10 @@ pub fn diff_catalogs(
             },
         };
         if let Some(row) = gone {
-            updates.push(CatalogUpdate { diff: -1, row: row.clone() });
+            updates.push(CatalogChange { diff: -1, row });
         }
         if let Some(row) = came {
-            updates.push(CatalogUpdate { diff: 1, row: row.clone() });
+            updates.push(CatalogChange { diff: 1, row });
         }
     }
     updates
@@ -489,16 +590,36 @@ not json
         let bad = br#"{"diff":2,"row":{"device":"p1"}}"#;
         assert!(CatalogUpdate::from_json(bad).is_err());
         assert!(CatalogUpdate::from_json(b"{}").is_err());
-        // The device-only reading agrees, escapes included, and refuses the same.
+        // The borrowing decode agrees, escapes and labels included, and refuses the same;
+        // strings without escapes borrow from the payload.
         let escaped = CatalogUpdate {
             diff: 1,
-            row: CatalogRow { device: "p\"1\u{e9}".to_owned(), ..CatalogRow::default() },
+            row: CatalogRow {
+                device: "p\"1\u{e9}".to_owned(),
+                site: "north".to_owned(),
+                labels: [("a\\b".to_owned(), "1".to_owned()), ("z".to_owned(), "2".to_owned())]
+                    .into(),
+                threshold: Some(ThresholdOverride(0.5)),
+                valid_from: Some(7),
+                ..CatalogRow::default()
+            },
         };
         let payload = escaped.to_json();
-        let (device, diff) = CatalogUpdate::device_and_diff(&payload).expect("reads");
-        assert_eq!((device.as_ref(), diff), ("p\"1\u{e9}", 1));
-        assert!(CatalogUpdate::device_and_diff(bad).is_err());
-        assert!(CatalogUpdate::device_and_diff(b"{}").is_err());
+        let decoded = CatalogUpdate::decode(&payload).expect("reads");
+        assert_eq!((decoded.diff, decoded.row.to_row()), (1, escaped.row.clone()));
+        assert!(matches!(decoded.row.site, Cow::Borrowed("north")));
+        let pairs: Vec<(&str, &str)> = decoded.row.label_pairs().collect();
+        assert_eq!(pairs, [("site", "north"), ("a\\b", "1"), ("z", "2")]);
+        let labels = escaped.row.labels();
+        assert_eq!(
+            labels.iter().collect::<Vec<_>>(),
+            [("a\\b", "1"), ("site", "north"), ("z", "2")]
+        );
+        assert!(CatalogUpdate::decode(bad).is_err());
+        assert!(CatalogUpdate::decode(b"{}").is_err());
+        assert!(
+            CatalogUpdate::decode(br#"{"diff":1,"row":{"device":"p","labels":{"a":1}}}"#).is_err()
+        );
     }
 
     #[test]
@@ -515,7 +636,7 @@ not json
         let after = map(&[row("b", "s"), row("c", "n"), row("d", "n"), row("e", "n")]);
         let updates: Vec<(i64, String, String)> = diff_catalogs(&before, &after)
             .into_iter()
-            .map(|update| (update.diff, update.row.device, update.row.site))
+            .map(|update| (update.diff, update.row.device.clone(), update.row.site.clone()))
             .collect();
         let expected = [(-1, "a", "n"), (-1, "b", "n"), (1, "b", "s"), (1, "d", "n")];
         let expected: Vec<(i64, String, String)> = expected
