@@ -212,6 +212,9 @@ pub struct Enrich {
     next_row: u64,
     /// Label names and values, shared by the rows that have them (sites, owners repeat).
     strings: HashSet<Arc<str>>,
+    /// Label sets, shared by the rows that have the same (devices of a site and asset type):
+    /// the records of all of them then take one set, which stays in the cache.
+    label_sets: HashSet<Labels>,
     /// The greatest event time of the records seen: where an update without `valid_from`
     /// takes effect.
     position: EventTime,
@@ -254,6 +257,7 @@ impl Enrich {
             rows: HashMap::new(),
             next_row: 0,
             strings: HashSet::new(),
+            label_sets: HashSet::new(),
             position: EventTime::MIN,
             watermark: EventTime::MIN,
             unmatched_total,
@@ -331,6 +335,13 @@ impl Enrich {
         let labels = Labels::from_pairs(
             row.label_pairs().map(|(name, value)| (self.shared(name), self.shared(value))),
         );
+        let labels = match self.label_sets.get(&labels) {
+            Some(shared) => shared.clone(),
+            None => {
+                self.label_sets.insert(labels.clone());
+                labels
+            }
+        };
         let number = self.next_row;
         self.next_row += 1;
         self.rows.insert(number, Arc::new(Row { labels, threshold: row.threshold.map(|t| t.0) }));

@@ -10,7 +10,9 @@
 //! - devices, anomalous devices and their ratio over the fleet;
 //! - the `top` devices by score (ties by device name), with their ranks.
 //!
-//! The rollups are one `count` over the states. The top-N does not read every device each
+//! The rollups are one `count` over the states' standings (site, asset type, anomalous), an
+//! input of their own apart from the scores, so that a new score of a device whose standing
+//! did not change leaves the rollups alone. The top-N does not read every device each
 //! round: a histogram of the scores (devices per bucket of under 1 % of a score) picks the
 //! highest buckets that together hold at least `top` devices; the devices in those buckets
 //! are the candidates, which the dataflow sends as changes and `Fleet` keeps in rank order (a
@@ -130,8 +132,8 @@ fn bucket(key: u32) -> u32 {
     key >> 16
 }
 
-/// One device's state in the dataflow: its `site` and `asset` as indexes into
-/// [`Fleet::names`], whether it is anomalous, its score key and its [`name_prefix`].
+/// One device's state: its `site` and `asset` as indexes into [`Fleet::names`], whether it
+/// is anomalous, its score key and its [`name_prefix`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 struct DeviceState {
     prefix: u128,
@@ -139,6 +141,22 @@ struct DeviceState {
     asset: u32,
     anomalous: bool,
     score: u32,
+}
+
+/// What the rollups count a device by: its site, its asset type, whether it is anomalous.
+type Standing = (u32, u32, bool);
+
+/// What ranks a device in the top-N: its score key and its name prefix.
+type Rank = (u32, u128);
+
+impl DeviceState {
+    fn standing(&self) -> Standing {
+        (self.site, self.asset, self.anomalous)
+    }
+
+    fn rank(&self) -> Rank {
+        (self.score, self.prefix)
+    }
 }
 
 /// What a rollup counts devices by (sites and asset types as indexes into
@@ -156,14 +174,13 @@ enum Rollup {
 }
 
 impl Rollup {
-    /// The rollups a device in `state` counts in.
-    fn of(state: &DeviceState) -> impl Iterator<Item = Rollup> + use<> {
-        let flagged = state.anomalous;
+    /// The rollups a device of `standing` counts in.
+    fn of((site, asset, flagged): Standing) -> impl Iterator<Item = Rollup> {
         [
             Some(Rollup::Devices),
             flagged.then_some(Rollup::Anomalous),
-            flagged.then_some(Rollup::Site(state.site)),
-            flagged.then_some(Rollup::Asset(state.asset)),
+            flagged.then_some(Rollup::Site(site)),
+            flagged.then_some(Rollup::Asset(asset)),
         ]
         .into_iter()
         .flatten()
@@ -246,7 +263,11 @@ pub struct FleetRecord;
 pub struct Fleet {
     component: Arc<str>,
     local: Local,
-    states: InputSession<u64, (DeviceId, DeviceState), isize>,
+    /// The standings of the devices that count (they change rarely: a device's anomaly
+    /// state, a move) and their ranks (they change with nearly every score): two inputs, so
+    /// that a new score does not churn the rollups.
+    standings: InputSession<u64, (DeviceId, Standing), isize>,
+    ranks: InputSession<u64, (DeviceId, Rank), isize>,
     /// With `require_catalog`: the catalog rows of each device (a device counts while it
     /// has one). Only the states of devices that count are in the dataflow's input.
     catalogued: Option<HashMap<DeviceId, i64>>,
@@ -293,13 +314,13 @@ impl Fleet {
         let probe = ProbeHandle::new();
         let probe_in = probe.clone();
         let top = config.top.clamp(1, MAX_TOP);
-        let states = local.worker.dataflow::<u64, _, _>(move |scope| {
-            let (states_in, states) = scope.new_collection::<(DeviceId, DeviceState), isize>();
+        let (standings, ranks) = local.worker.dataflow::<u64, _, _>(move |scope| {
+            let (standings_in, standings) = scope.new_collection::<(DeviceId, Standing), isize>();
+            let (ranks_in, ranks) = scope.new_collection::<(DeviceId, Rank), isize>();
             // Every rollup in one count: devices, anomalous devices, and those per site and
             // per asset type.
-            states
-                .clone()
-                .flat_map(|(_, state)| Rollup::of(&state))
+            standings
+                .flat_map(|(_, standing)| Rollup::of(standing))
                 .count()
                 .inspect(move |(counted, time, diff)| {
                     sink.borrow_mut().push((*counted, *time, *diff));
@@ -308,8 +329,8 @@ impl Fleet {
             // The top-N without reading every device each round: a histogram of the scores
             // (devices per bucket) picks the highest buckets that hold at least `top` devices;
             // the devices in those are the candidates, which `Fleet` keeps in rank order.
-            let scored = states
-                .map(|(device, state)| (bucket(state.score), (state.score, state.prefix, device)));
+            let scored =
+                ranks.map(|(device, (score, prefix))| (bucket(score), (score, prefix, device)));
             let selected = scored
                 .clone()
                 .map(|(bucket, _)| bucket)
@@ -333,12 +354,13 @@ impl Fleet {
                     candidate_sink.borrow_mut().push((*entry, *time, *diff));
                 })
                 .probe_with(&probe_in);
-            states_in
+            (standings_in, ranks_in)
         });
         Fleet {
             component: Arc::clone(&ctx.component_id),
             local,
-            states,
+            standings,
+            ranks,
             catalogued: config.require_catalog.then(HashMap::new),
             probe,
             captured,
@@ -382,16 +404,32 @@ impl Fleet {
             score: score_key(record.score),
         };
         if self.counts(device) {
-            match known {
-                Some((_, old)) if old == state => {}
-                Some((_, old)) => {
-                    self.states.remove((device, old));
-                    self.states.insert((device, state));
-                }
-                None => self.states.insert((device, state)),
-            }
+            self.replace(device, known.map(|(_, old)| old), Some(state));
         }
         self.latest.insert(device, (time, state));
+    }
+
+    /// Replaces a device's state in the dataflow's inputs (`None`: not counted), changing
+    /// only the input whose part of the state changed.
+    fn replace(&mut self, device: DeviceId, old: Option<DeviceState>, new: Option<DeviceState>) {
+        let (old_standing, new_standing) = (old.map(|s| s.standing()), new.map(|s| s.standing()));
+        if old_standing != new_standing {
+            if let Some(standing) = old_standing {
+                self.standings.remove((device, standing));
+            }
+            if let Some(standing) = new_standing {
+                self.standings.insert((device, standing));
+            }
+        }
+        let (old_rank, new_rank) = (old.map(|s| s.rank()), new.map(|s| s.rank()));
+        if old_rank != new_rank {
+            if let Some(rank) = old_rank {
+                self.ranks.remove((device, rank));
+            }
+            if let Some(rank) = new_rank {
+                self.ranks.insert((device, rank));
+            }
+        }
     }
 
     /// True when `device` counts in the rollups (always, without `require_catalog`).
@@ -411,7 +449,9 @@ impl Fleet {
         }
         let after = self.counts(device);
         if let Some((_, state)) = self.latest.get(&device).filter(|_| before != after) {
-            self.states.update((device, *state), if after { 1 } else { -1 });
+            let state = *state;
+            let (old, new) = if after { (None, Some(state)) } else { (Some(state), None) };
+            self.replace(device, old, new);
         }
     }
 
@@ -435,8 +475,10 @@ impl Fleet {
     /// Closes the round, runs the dataflow and emits what changed.
     fn advance(&mut self, out: &mut Outputs) {
         self.local.round += 1;
-        self.states.advance_to(self.local.round);
-        self.states.flush();
+        self.standings.advance_to(self.local.round);
+        self.standings.flush();
+        self.ranks.advance_to(self.local.round);
+        self.ranks.flush();
         self.local.settle(&self.probe);
         let updates = std::mem::take(&mut *self.captured.borrow_mut());
         apply(&mut self.current, updates);
