@@ -43,9 +43,32 @@ pub fn sum_samples(body: &str, name: &str, labels: &[&str]) -> Option<f64> {
     sum
 }
 
+/// A loopback address (`127.0.0.1:PORT`) whose port no one listens on.
+///
+/// The port is below Linux's ephemeral range (32768 and up): a port the kernel hands out for
+/// `bind(:0)` can be taken by any outgoing connection (a cluster peer's, say) before the
+/// process that was given it binds it, and then that process fails with "address in use".
+/// Outgoing connections never take a port below the range. Each call tries the next port of a
+/// sequence that starts at a place given by the process id (test binaries run one at a time,
+/// their tests in parallel), skipping ports in use.
 pub fn free_address() -> String {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    listener.local_addr().expect("address").to_string()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 20_000;
+    const PORTS: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        std::process::id() * 97 % PORTS,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    for _ in 0..PORTS {
+        let port = FIRST + NEXT.fetch_add(1, Ordering::SeqCst) % PORTS;
+        if let Ok(listener) = std::net::TcpListener::bind(("127.0.0.1", port as u16)) {
+            return listener.local_addr().expect("address").to_string();
+        }
+    }
+    panic!("no free port from {FIRST} to {}", FIRST + PORTS)
 }
 
 /// The cluster options of process `index` among `peers`.
