@@ -284,7 +284,7 @@ pub struct CatalogRowRef<'a> {
     pub owner: Cow<'a, str>,
     /// Free labels, in the payload's order.
     #[serde(borrow, default, deserialize_with = "text_pairs")]
-    pub labels: Vec<(Cow<'a, str>, Cow<'a, str>)>,
+    pub labels: Vec<TextPair<'a>>,
     /// The threshold override, when given.
     #[serde(default)]
     pub threshold: Option<ThresholdOverride>,
@@ -314,18 +314,21 @@ impl CatalogRowRef<'_> {
     }
 }
 
+/// A label's name and value, borrowed from the payload where they have no escapes.
+pub type TextPair<'a> = (Cow<'a, str>, Cow<'a, str>);
+
 /// A string that borrows from the payload when it has no escapes.
 #[derive(Deserialize)]
 struct Text<'a>(#[serde(borrow)] Cow<'a, str>);
 
 /// Decodes a JSON object of strings into its pairs, in order, borrowing where it can.
-fn text_pairs<'de, D>(deserializer: D) -> Result<Vec<(Cow<'de, str>, Cow<'de, str>)>, D::Error>
+fn text_pairs<'de, D>(deserializer: D) -> Result<Vec<TextPair<'de>>, D::Error>
 where
     D: serde::Deserializer<'de>,
 {
     struct Pairs;
     impl<'de> serde::de::Visitor<'de> for Pairs {
-        type Value = Vec<(Cow<'de, str>, Cow<'de, str>)>;
+        type Value = Vec<TextPair<'de>>;
         fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
             f.write_str("an object of strings")
         }
