@@ -208,7 +208,7 @@ pub struct Enrich {
     /// The versions in the collection, by device, oldest first (to replace and prune them).
     versions: HashMap<DeviceId, Vec<Version>>,
     /// The rows of the versions in the collection, by number.
-    rows: HashMap<u64, Arc<Row>>,
+    rows: HashMap<u64, Row>,
     next_row: u64,
     /// Label names and values, shared by the rows that have them (sites, owners repeat).
     strings: HashSet<Arc<str>>,
@@ -344,7 +344,7 @@ impl Enrich {
         };
         let number = self.next_row;
         self.next_row += 1;
-        self.rows.insert(number, Arc::new(Row { labels, threshold: row.threshold.map(|t| t.0) }));
+        self.rows.insert(number, Row { labels, threshold: row.threshold.map(|t| t.0) });
         number
     }
 
