@@ -280,7 +280,8 @@ impl Enrich {
     /// inserted; none when it was only retracted) becomes a version, valid from the row's
     /// `valid_from` or, without one, from the greatest event time of the records seen.
     fn apply_catalog(&mut self, batch: &tidewatch_api::RawBatch, out: &mut Outputs) {
-        let mut ending: HashMap<DeviceId, Option<CatalogRowRef<'_>>> = HashMap::new();
+        let mut ending: HashMap<DeviceId, Option<CatalogRowRef<'_>>> =
+            HashMap::with_capacity(batch.len());
         for update in catalog_updates(batch, out) {
             let device = DeviceId::intern(&update.row.device);
             if update.diff > 0 {
