@@ -412,24 +412,11 @@ impl Fleet {
     /// Replaces a device's state in the dataflow's inputs (`None`: not counted), changing
     /// only the input whose part of the state changed.
     fn replace(&mut self, device: DeviceId, old: Option<DeviceState>, new: Option<DeviceState>) {
-        let (old_standing, new_standing) = (old.map(|s| s.standing()), new.map(|s| s.standing()));
-        if old_standing != new_standing {
-            if let Some(standing) = old_standing {
-                self.standings.remove((device, standing));
-            }
-            if let Some(standing) = new_standing {
-                self.standings.insert((device, standing));
-            }
-        }
-        let (old_rank, new_rank) = (old.map(|s| s.rank()), new.map(|s| s.rank()));
-        if old_rank != new_rank {
-            if let Some(rank) = old_rank {
-                self.ranks.remove((device, rank));
-            }
-            if let Some(rank) = new_rank {
-                self.ranks.insert((device, rank));
-            }
-        }
+        let (old, new) = (old.as_ref(), new.as_ref());
+        let standing = (old.map(DeviceState::standing), new.map(DeviceState::standing));
+        replace_in(&mut self.standings, device, standing.0, standing.1);
+        let rank = (old.map(DeviceState::rank), new.map(DeviceState::rank));
+        replace_in(&mut self.ranks, device, rank.0, rank.1);
     }
 
     /// True when `device` counts in the rollups (always, without `require_catalog`).
@@ -598,6 +585,27 @@ impl Fleet {
             }
         }
         records
+    }
+}
+
+/// Replaces `device`'s `old` record in `input` with `new` (`None`: no record), when they
+/// differ.
+fn replace_in<D>(
+    input: &mut InputSession<u64, (DeviceId, D), isize>,
+    device: DeviceId,
+    old: Option<D>,
+    new: Option<D>,
+) where
+    D: differential_dataflow::ExchangeData + PartialEq,
+{
+    if old == new {
+        return;
+    }
+    if let Some(old) = old {
+        input.remove((device, old));
+    }
+    if let Some(new) = new {
+        input.insert((device, new));
     }
 }
 
