@@ -13,10 +13,11 @@
 //! The rollups are one `count` over the states' standings (site, asset type, anomalous), an
 //! input of their own apart from the scores, so that a new score of a device whose standing
 //! did not change leaves the rollups alone. The top-N does not read every device each
-//! round: a histogram of the scores (devices per bucket of under 1 % of a score) picks the
-//! highest buckets that together hold at least `top` devices; the devices in those buckets
-//! are the candidates, which the dataflow sends as changes and `Fleet` keeps in rank order (a
-//! sorted map), so the top is its first `top` entries. A round costs what its changes touch,
+//! round: a histogram of the scores (devices per bucket of under 1 % of a score, a `count` in
+//! the dataflow) picks the highest buckets that together hold at least `top` devices (a
+//! `reduce`); the devices in those buckets are the candidates, which `Fleet` keeps in rank
+//! order (a sorted set, from an index of the devices by bucket), so the top is its first
+//! `top` entries. A round costs what its changes touch,
 //! also when most devices share one score (a starting fleet, whose first windows all score
 //! 0): the candidates are then most devices, but only those that changed move.
 //!
@@ -30,7 +31,7 @@
 //! `score = 0` and the label `removed = "true"`.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::sync::Arc;
 
@@ -267,17 +268,22 @@ pub struct Fleet {
     /// state, a move) and their ranks (they change with nearly every score): two inputs, so
     /// that a new score does not churn the rollups.
     standings: InputSession<u64, (DeviceId, Standing), isize>,
-    ranks: InputSession<u64, (DeviceId, Rank), isize>,
+    /// The score buckets of the devices that count (the histogram's input).
+    buckets: InputSession<u64, u32, isize>,
     /// With `require_catalog`: the catalog rows of each device (a device counts while it
     /// has one). Only the states of devices that count are in the dataflow's input.
     catalogued: Option<HashMap<DeviceId, i64>>,
     probe: ProbeHandle<u64>,
     /// The rollups' counts, as captured.
     captured: Captured<(Rollup, isize)>,
-    /// The top-N candidates (the devices in the chosen buckets), as captured.
-    captured_candidates: Captured<Entry>,
-    /// The top-N candidates as they stand, in rank order.
-    candidates: BTreeMap<Entry, isize>,
+    /// The buckets the top-N is chosen from, as captured.
+    captured_selected: Captured<u32>,
+    /// The buckets the top-N is chosen from, as they stand.
+    selected: HashSet<u32>,
+    /// The devices that count, by score bucket.
+    by_bucket: HashMap<u32, HashSet<DeviceId>>,
+    /// The top-N candidates (the devices in the selected buckets), in rank order.
+    candidates: BTreeSet<Entry>,
     top: usize,
     /// Each device's latest record: event time, state.
     latest: HashMap<DeviceId, (EventTime, DeviceState)>,
@@ -309,14 +315,14 @@ impl Fleet {
     pub fn new(config: &FleetConfig, ctx: &ComponentContext) -> Fleet {
         let mut local = Local::new();
         let captured: Captured<(Rollup, isize)> = Captured::default();
-        let captured_candidates: Captured<Entry> = Captured::default();
-        let (sink, candidate_sink) = (captured.clone(), captured_candidates.clone());
+        let captured_selected: Captured<u32> = Captured::default();
+        let (sink, selected_sink) = (captured.clone(), captured_selected.clone());
         let probe = ProbeHandle::new();
         let probe_in = probe.clone();
         let top = config.top.clamp(1, MAX_TOP);
-        let (standings, ranks) = local.worker.dataflow::<u64, _, _>(move |scope| {
+        let (standings, buckets) = local.worker.dataflow::<u64, _, _>(move |scope| {
             let (standings_in, standings) = scope.new_collection::<(DeviceId, Standing), isize>();
-            let (ranks_in, ranks) = scope.new_collection::<(DeviceId, Rank), isize>();
+            let (buckets_in, buckets) = scope.new_collection::<u32, isize>();
             // Every rollup in one count: devices, anomalous devices, and those per site and
             // per asset type.
             standings
@@ -329,11 +335,7 @@ impl Fleet {
             // The top-N without reading every device each round: a histogram of the scores
             // (devices per bucket) picks the highest buckets that hold at least `top` devices;
             // the devices in those are the candidates, which `Fleet` keeps in rank order.
-            let scored =
-                ranks.map(|(device, (score, prefix))| (bucket(score), (score, prefix, device)));
-            let selected = scored
-                .clone()
-                .map(|(bucket, _)| bucket)
+            buckets
                 .count()
                 .map(|(bucket, count)| ((), (Reverse(bucket), count)))
                 .reduce(move |_key, input, output| {
@@ -346,26 +348,25 @@ impl Fleet {
                         }
                     }
                 })
-                .map(|((), bucket)| bucket);
-            scored
-                .semijoin(selected)
-                .map(|(_, (score, prefix, device))| (Reverse(score), prefix, device))
-                .inspect(move |(entry, time, diff)| {
-                    candidate_sink.borrow_mut().push((*entry, *time, *diff));
+                .map(|((), bucket)| bucket)
+                .inspect(move |(bucket, time, diff)| {
+                    selected_sink.borrow_mut().push((*bucket, *time, *diff));
                 })
                 .probe_with(&probe_in);
-            (standings_in, ranks_in)
+            (standings_in, buckets_in)
         });
         Fleet {
             component: Arc::clone(&ctx.component_id),
             local,
             standings,
-            ranks,
+            buckets,
             catalogued: config.require_catalog.then(HashMap::new),
             probe,
             captured,
-            captured_candidates,
-            candidates: BTreeMap::new(),
+            captured_selected,
+            selected: HashSet::new(),
+            by_bucket: HashMap::new(),
+            candidates: BTreeSet::new(),
             top,
             latest: HashMap::new(),
             names: Vec::new(),
@@ -414,9 +415,64 @@ impl Fleet {
     fn replace(&mut self, device: DeviceId, old: Option<DeviceState>, new: Option<DeviceState>) {
         let (old, new) = (old.as_ref(), new.as_ref());
         let standing = (old.map(DeviceState::standing), new.map(DeviceState::standing));
-        replace_in(&mut self.standings, device, standing.0, standing.1);
-        let rank = (old.map(DeviceState::rank), new.map(DeviceState::rank));
-        replace_in(&mut self.ranks, device, rank.0, rank.1);
+        replace_in(&mut self.standings, standing.0, standing.1, |standing| (device, standing));
+        let (old, new) = (old.map(DeviceState::rank), new.map(DeviceState::rank));
+        if old == new {
+            return;
+        }
+        let (old_bucket, new_bucket) = (old.map(|r| bucket(r.0)), new.map(|r| bucket(r.0)));
+        replace_in(&mut self.buckets, old_bucket, new_bucket, |bucket| bucket);
+        if old_bucket != new_bucket {
+            if let Some(b) = old_bucket
+                && let Some(devices) = self.by_bucket.get_mut(&b)
+            {
+                devices.remove(&device);
+                if devices.is_empty() {
+                    self.by_bucket.remove(&b);
+                }
+            }
+            if let Some(b) = new_bucket {
+                self.by_bucket.entry(b).or_default().insert(device);
+            }
+        }
+        // The candidates follow the buckets selected now; the selection's own changes are
+        // applied after the round (`select`).
+        if let Some((score, prefix)) =
+            old.filter(|(score, _)| self.selected.contains(&bucket(*score)))
+        {
+            self.candidates.remove(&(Reverse(score), prefix, device));
+        }
+        if let Some((score, prefix)) =
+            new.filter(|(score, _)| self.selected.contains(&bucket(*score)))
+        {
+            self.candidates.insert((Reverse(score), prefix, device));
+        }
+    }
+
+    /// Applies the round's changes of the selected buckets: the devices of a bucket that
+    /// came in become candidates, those of one that left stop being.
+    fn select(&mut self, updates: Vec<(u32, u64, isize)>) {
+        let mut changes: BTreeMap<u32, isize> = BTreeMap::new();
+        for (bucket, _, diff) in updates {
+            *changes.entry(bucket).or_default() += diff;
+        }
+        for (bucket, diff) in changes {
+            let entering = match diff.signum() {
+                1 if self.selected.insert(bucket) => true,
+                -1 if self.selected.remove(&bucket) => false,
+                _ => continue,
+            };
+            let Some(devices) = self.by_bucket.get(&bucket) else { continue };
+            for device in devices {
+                let Some((_, state)) = self.latest.get(device) else { continue };
+                let entry = (Reverse(state.score), state.prefix, *device);
+                if entering {
+                    self.candidates.insert(entry);
+                } else {
+                    self.candidates.remove(&entry);
+                }
+            }
+        }
     }
 
     /// True when `device` counts in the rollups (always, without `require_catalog`).
@@ -464,13 +520,13 @@ impl Fleet {
         self.local.round += 1;
         self.standings.advance_to(self.local.round);
         self.standings.flush();
-        self.ranks.advance_to(self.local.round);
-        self.ranks.flush();
+        self.buckets.advance_to(self.local.round);
+        self.buckets.flush();
         self.local.settle(&self.probe);
         let updates = std::mem::take(&mut *self.captured.borrow_mut());
         apply(&mut self.current, updates);
-        let updates = std::mem::take(&mut *self.captured_candidates.borrow_mut());
-        apply(&mut self.candidates, updates);
+        let updates = std::mem::take(&mut *self.captured_selected.borrow_mut());
+        self.select(updates);
         // The top entries take their sites and asset types from the devices' latest states,
         // which may have changed without moving any rollup.
         let view = self.current_view();
@@ -497,7 +553,7 @@ impl Fleet {
                 Rollup::Anomalous => view.anomalous = count(*n),
             }
         }
-        for (Reverse(key), _, device) in first_by_score_then_name(self.candidates.keys(), self.top)
+        for (Reverse(key), _, device) in first_by_score_then_name(self.candidates.iter(), self.top)
         {
             top.push((key, device.name(), device));
         }
@@ -588,24 +644,25 @@ impl Fleet {
     }
 }
 
-/// Replaces `device`'s `old` record in `input` with `new` (`None`: no record), when they
-/// differ.
-fn replace_in<D>(
-    input: &mut InputSession<u64, (DeviceId, D), isize>,
-    device: DeviceId,
-    old: Option<D>,
-    new: Option<D>,
+/// Replaces the record of `old` in `input` with that of `new` (`None`: no record; `record`
+/// makes a record of either), when they differ.
+fn replace_in<T, D>(
+    input: &mut InputSession<u64, D, isize>,
+    old: Option<T>,
+    new: Option<T>,
+    record: impl Fn(T) -> D,
 ) where
-    D: differential_dataflow::ExchangeData + PartialEq,
+    T: PartialEq,
+    D: differential_dataflow::ExchangeData,
 {
     if old == new {
         return;
     }
     if let Some(old) = old {
-        input.remove((device, old));
+        input.remove(record(old));
     }
     if let Some(new) = new {
-        input.insert((device, new));
+        input.insert(record(new));
     }
 }
 
