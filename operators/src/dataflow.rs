@@ -8,7 +8,7 @@
 use std::cell::RefCell;
 use std::rc::Rc;
 
-use tidewatch_api::catalog::{CatalogError, CatalogUpdate, CatalogUpdateRef};
+use tidewatch_api::catalog::{CatalogUpdate, CatalogUpdateRef};
 use tidewatch_api::{DeviceId, Outputs, RawBatch};
 use timely::WorkerConfig;
 use timely::communication::Allocator;
@@ -43,10 +43,10 @@ pub(crate) type Captured<D> = Rc<RefCell<Vec<(D, u64, isize)>>>;
 /// The devices and diffs of the catalog updates in a batch of raw messages (see
 /// [`catalog_updates`]).
 pub(crate) fn catalog_devices(batch: &RawBatch, out: &mut Outputs) -> Vec<(DeviceId, i64)> {
-    decode_each(batch, out, |payload| {
-        CatalogUpdate::decode(payload)
-            .map(|update| (DeviceId::intern(&update.row.device), update.diff))
-    })
+    catalog_updates(batch, out)
+        .into_iter()
+        .map(|update| (DeviceId::intern(&update.row.device), update.diff))
+        .collect()
 }
 
 /// The catalog updates of a batch of raw messages, their strings borrowed from it; a message
@@ -55,24 +55,14 @@ pub(crate) fn catalog_updates<'a>(
     batch: &'a RawBatch,
     out: &mut Outputs,
 ) -> Vec<CatalogUpdateRef<'a>> {
-    decode_each(batch, out, CatalogUpdate::decode)
-}
-
-/// Decodes every message of `batch`; a message that does not decode goes to `<id>.errors`
-/// (`error_type = "catalog"`).
-fn decode_each<'a, T>(
-    batch: &'a RawBatch,
-    out: &mut Outputs,
-    decode: impl Fn(&'a [u8]) -> Result<T, CatalogError>,
-) -> Vec<T> {
-    let mut decoded = Vec::with_capacity(batch.len());
+    let mut updates = Vec::with_capacity(batch.len());
     for message in batch.iter() {
-        match decode(message.payload) {
-            Ok(value) => decoded.push(value),
+        match CatalogUpdate::decode(message.payload) {
+            Ok(update) => updates.push(update),
             Err(error) => {
                 out.error("catalog", error.to_string(), Some(message.topic), Some(message.payload))
             }
         }
     }
-    decoded
+    updates
 }

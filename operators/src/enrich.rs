@@ -6,10 +6,11 @@
 //! arranged by device, each valid from an event time on; each record is joined with the
 //! version valid at its own event time (an as-of join: the newest version valid at or before
 //! it), looked up in the arrangement: a batch's records, in device order, read it with one
-//! forward pass of a cursor, so records never enter the dataflow. A version is valid from the row's `valid_from`, when the catalog gives one, or else
-//! from the greatest event time of the records this instance has seen when the update
-//! reaches it: an update applies to the records after it in event time, and a record of an
-//! earlier time that arrives later still gets the row as it was. A retracted row is a version
+//! forward pass of a cursor, so records never enter the dataflow. A version is valid from
+//! the row's `valid_from`, when the catalog gives one, or else from the greatest event time
+//! of the records this instance has seen when the update reaches it: an update applies to the
+//! records after it in event time, and a record of an earlier time that arrives later still
+//! gets the row as it was. A retracted row is a version
 //! that says "not in the catalog". Versions that no record on time can use any more (followed
 //! by a newer one valid at or before the watermark) are dropped; a late record takes the
 //! oldest version kept.
@@ -205,8 +206,6 @@ pub struct Enrich {
     /// The catalog's arrangement, read by the records' lookups.
     trace: CatalogTrace,
     probe: ProbeHandle<u64>,
-    /// The versions in the collection, by device, oldest first (to replace and prune them).
-    versions: HashMap<DeviceId, Vec<Version>>,
     /// The rows of the versions in the collection, by number.
     rows: HashMap<u64, Row>,
     next_row: u64,
@@ -253,7 +252,6 @@ impl Enrich {
             catalog,
             trace,
             probe,
-            versions: HashMap::new(),
             rows: HashMap::new(),
             next_row: 0,
             strings: HashSet::new(),
@@ -290,19 +288,24 @@ impl Enrich {
                 ending.entry(device).or_insert(None);
             }
         }
+        // In device order: the arrangement is read in one pass.
+        let mut ending: Vec<(DeviceId, Option<CatalogRowRef<'_>>)> = ending.into_iter().collect();
+        ending.sort_unstable_by_key(|(device, _)| *device);
+        let mut read = versions_reader(&mut self.trace);
+        let mut list = Vec::new();
         for (device, row) in ending {
             let from = row.as_ref().and_then(|row| row.valid_from).unwrap_or(self.position);
             let number = row.map(|row| self.add_row(&row));
-            self.set_version(device, (from, number));
+            read(device, &mut list);
+            self.set_version(device, &mut list, (from, number));
         }
         self.advance();
     }
 
-    /// Adds a version of `device` (replacing one valid from the same time), then drops the
-    /// versions no record on time can use any more: those followed by one valid at or before
-    /// the watermark.
-    fn set_version(&mut self, device: DeviceId, version: Version) {
-        let list = self.versions.entry(device).or_default();
+    /// Adds a version of `device`, whose versions in the arrangement are `list` (oldest
+    /// first), replacing one valid from the same time; then drops the versions no record on
+    /// time can use any more: those followed by one valid at or before the watermark.
+    fn set_version(&mut self, device: DeviceId, list: &mut Vec<Version>, version: Version) {
         let mut dropped = Vec::new();
         let at = list.partition_point(|(from, _)| *from < version.0);
         if list.get(at).is_some_and(|(from, _)| *from == version.0) {
@@ -319,9 +322,6 @@ impl Enrich {
             && *from <= watermark
         {
             dropped.push(list.remove(0));
-        }
-        if list.is_empty() {
-            self.versions.remove(&device);
         }
         for old in dropped {
             self.catalog.remove((device, old));
@@ -372,27 +372,14 @@ impl Enrich {
         order.sort_unstable();
         // The newest version each record may use: valid at or before its time.
         let mut picked: Vec<Option<Version>> = vec![None; records.len()];
-        let batches = self.trace.batches_through(Antichain::new().borrow()).unwrap_or_default();
-        let (mut cursor, storage) = cursor_list(batches);
+        let mut read = versions_reader(&mut self.trace);
         // The versions in the catalog now of the device being looked up, oldest first.
         let mut present: Vec<Version> = Vec::new();
         let mut looked_up: Option<DeviceId> = None;
         for (device, index) in order {
             if looked_up != Some(device) {
                 looked_up = Some(device);
-                present.clear();
-                cursor.seek_key(&storage, &device);
-                if cursor.get_key(&storage) == Some(&device) {
-                    while let Some(version) = cursor.get_val(&storage) {
-                        let version = *version;
-                        let mut count = 0;
-                        cursor.map_times(&storage, |_, diff| count += *diff);
-                        if count > 0 {
-                            present.push(version);
-                        }
-                        cursor.step_val(&storage);
-                    }
-                }
+                read(device, &mut present);
             }
             let time = records[index].time();
             picked[index] = present.iter().rev().find(|(from, _)| *from <= time).copied();
@@ -416,6 +403,30 @@ impl Enrich {
     fn count_unmatched(&self, count: usize) {
         if let Some(counter) = &self.unmatched_total {
             counter.inc_by(count as u64);
+        }
+    }
+}
+
+/// A reader of the catalog's arrangement as it stands: called with devices in ascending
+/// order, it fills `list` with each one's versions, oldest first (one forward pass of a
+/// cursor).
+fn versions_reader(trace: &mut CatalogTrace) -> impl FnMut(DeviceId, &mut Vec<Version>) + use<> {
+    let batches = trace.batches_through(Antichain::new().borrow()).unwrap_or_default();
+    let (mut cursor, storage) = cursor_list(batches);
+    move |device, list| {
+        list.clear();
+        cursor.seek_key(&storage, &device);
+        if cursor.get_key(&storage) != Some(&device) {
+            return;
+        }
+        while let Some(version) = cursor.get_val(&storage) {
+            let version = *version;
+            let mut count = 0;
+            cursor.map_times(&storage, |_, diff| count += *diff);
+            if count > 0 {
+                list.push(version);
+            }
+            cursor.step_val(&storage);
         }
     }
 }
@@ -527,6 +538,15 @@ mod tests {
         (main, unmatched)
     }
 
+    impl Enrich {
+        /// The versions of `device` in the catalog's arrangement, oldest first.
+        fn versions_of(&mut self, device: DeviceId) -> Vec<Version> {
+            let mut list = Vec::new();
+            versions_reader(&mut self.trace)(device, &mut list);
+            list
+        }
+    }
+
     #[test]
     fn records_take_the_catalog_as_it_stands_when_they_arrive() {
         let ctx = ComponentContext::for_test("enrich", "enrich");
@@ -625,7 +645,7 @@ mod tests {
 
         // Once the watermark passed them, superseded versions are dropped; the device's
         // retirement then needs no version at all.
-        assert_eq!(enrich.versions.get(&DeviceId::intern("p1")).map(Vec::len), Some(4));
+        assert_eq!(enrich.versions_of(DeviceId::intern("p1")).len(), 4);
         out.set_batch_watermark(300);
         enrich.process_batch(events_at("p1", &[300]), &mut out);
         assert_eq!(sites_at(&mut out), (vec![], vec![300]));
@@ -633,13 +653,26 @@ mod tests {
         out.take_errors();
         enrich.process_batch(updates(&[(1, row("p1", "north"))]), &mut out);
         out.take_errors();
-        assert_eq!(
-            enrich.versions.get(&DeviceId::intern("p1")).map(Vec::len),
-            Some(1),
-            "only the live row"
-        );
+        assert_eq!(enrich.versions_of(DeviceId::intern("p1")).len(), 1, "only the live row");
         enrich.process_batch(events_at("p1", &[310]), &mut out);
         assert_eq!(sites_at(&mut out), (vec![(310, site("north"))], vec![]));
+    }
+
+    #[test]
+    fn a_device_retired_twice_where_the_stream_stands_stays_retired() {
+        let ctx = ComponentContext::for_test("enrich", "enrich");
+        let mut enrich = Enrich::new(&ctx);
+        let mut out = Outputs::new("enrich");
+        enrich.process_batch(updates(&[(1, row("p1", "north"))]), &mut out);
+        enrich.process_batch(events_at("p1", &[100]), &mut out);
+        out.take_named();
+        // Two retirements at the same position: the second replaces the first with itself
+        // (an insertion and a removal of one version in one round) and must not undo it.
+        enrich.process_batch(updates(&[(-1, row("p1", "north"))]), &mut out);
+        enrich.process_batch(updates(&[(-1, row("p1", "north"))]), &mut out);
+        out.take_errors();
+        enrich.process_batch(events_at("p1", &[50, 150]), &mut out);
+        assert_eq!(sites_at(&mut out), (vec![(50, "north".to_owned())], vec![150]));
     }
 
     #[test]

@@ -17,9 +17,9 @@
 //! the dataflow) picks the highest buckets that together hold at least `top` devices (a
 //! `reduce`); the devices in those buckets are the candidates, which `Fleet` keeps in rank
 //! order (a sorted set, from an index of the devices by bucket), so the top is its first
-//! `top` entries. A round costs what its changes touch,
-//! also when most devices share one score (a starting fleet, whose first windows all score
-//! 0): the candidates are then most devices, but only those that changed move.
+//! `top` entries. A round costs what its changes touch, also when most devices share one
+//! score (a starting fleet, whose first windows all score 0): the candidates are then most
+//! devices, but only those that changed move.
 //!
 //! With `require_catalog`, only devices present in the catalog (a `catalog` source among the
 //! inputs) count: a device retired from the catalog leaves every rollup and the top-N. The
@@ -135,7 +135,7 @@ fn bucket(key: u32) -> u32 {
 
 /// One device's state: its `site` and `asset` as indexes into [`Fleet::names`], whether it
 /// is anomalous, its score key and its [`name_prefix`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct DeviceState {
     prefix: u128,
     site: u32,
@@ -265,8 +265,8 @@ pub struct Fleet {
     component: Arc<str>,
     local: Local,
     /// The standings of the devices that count (they change rarely: a device's anomaly
-    /// state, a move) and their ranks (they change with nearly every score): two inputs, so
-    /// that a new score does not churn the rollups.
+    /// state, a move), apart from their scores, so that a new score does not churn the
+    /// rollups.
     standings: InputSession<u64, (DeviceId, Standing), isize>,
     /// The score buckets of the devices that count (the histogram's input).
     buckets: InputSession<u64, u32, isize>,

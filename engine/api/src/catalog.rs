@@ -4,9 +4,9 @@
 //! The `catalog` source reads a file of [`CatalogRow`]s ([`parse_catalog`]), and each time the
 //! file changes it sends only the difference ([`diff_catalogs`]) as [`CatalogUpdate`]s: raw
 //! messages whose payload is the update's JSON ([`CatalogChange::to_json`]). `enrich` and
-//! `fleet` decode them ([`CatalogUpdate::decode`], without copying strings) into a differential collection: a changed
-//! row is its old version retracted (`diff = -1`) and its new one inserted (`diff = 1`), a
-//! removed row is retracted. A catalog kept as keyed messages (a Kafka compacted topic,
+//! `fleet` decode them ([`CatalogUpdate::decode`], without copying strings) into a
+//! differential collection: a changed row is its old version retracted (`diff = -1`) and its
+//! new one inserted (`diff = 1`), a removed row is retracted. A catalog kept as keyed messages (a Kafka compacted topic,
 //! retained MQTT messages) has one JSON row per message ([`parse_json_row`]).
 //!
 //! ```
