@@ -67,7 +67,7 @@ use differential_dataflow::trace::TraceReader;
 use differential_dataflow::trace::cursor::{Cursor, cursor_list};
 use differential_dataflow::trace::implementations::ValSpine;
 use serde::Deserialize;
-use tidewatch_api::catalog::CatalogRowRef;
+use tidewatch_api::catalog::{CatalogRowRef, CatalogUpdateRef};
 use tidewatch_api::prometheus::{IntCounter, Opts};
 use tidewatch_api::{
     AnomalyEvent, Batch, ComponentContext, ComponentError, ConfigError, DeviceId, EventTime, Kind,
@@ -79,6 +79,7 @@ use timely::dataflow::operators::Probe;
 use timely::progress::frontier::{Antichain, AntichainRef};
 
 use crate::dataflow::{Local, catalog_updates};
+use crate::util::IdHash;
 
 /// Options of the `enrich` transform (none yet).
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
@@ -207,7 +208,7 @@ pub struct Enrich {
     trace: CatalogTrace,
     probe: ProbeHandle<u64>,
     /// The rows of the versions in the collection, by number.
-    rows: HashMap<u64, Row>,
+    rows: HashMap<u64, Row, IdHash>,
     next_row: u64,
     /// Label names and values, shared by the rows that have them (sites, owners repeat).
     strings: HashSet<Arc<str>>,
@@ -252,7 +253,7 @@ impl Enrich {
             catalog,
             trace,
             probe,
-            rows: HashMap::new(),
+            rows: HashMap::default(),
             next_row: 0,
             strings: HashSet::new(),
             label_sets: HashSet::new(),
@@ -278,19 +279,29 @@ impl Enrich {
     /// inserted; none when it was only retracted) becomes a version, valid from the row's
     /// `valid_from` or, without one, from the greatest event time of the records seen.
     fn apply_catalog(&mut self, batch: &tidewatch_api::RawBatch, out: &mut Outputs) {
-        let mut ending: HashMap<DeviceId, Option<CatalogRowRef<'_>>> =
-            HashMap::with_capacity(batch.len());
-        for update in catalog_updates(batch, out) {
-            let device = DeviceId::intern(&update.row.device);
-            if update.diff > 0 {
-                ending.insert(device, Some(update.row));
-            } else {
-                ending.entry(device).or_insert(None);
+        let mut updates: Vec<Option<CatalogUpdateRef<'_>>> =
+            catalog_updates(batch, out).into_iter().map(Some).collect();
+        // The updates by device, in the order they came: the arrangement is read in one pass.
+        let mut order: Vec<(DeviceId, usize)> = updates
+            .iter()
+            .enumerate()
+            .filter_map(|(at, update)| Some((DeviceId::intern(&update.as_ref()?.row.device), at)))
+            .collect();
+        order.sort_unstable();
+        let mut ending: Vec<(DeviceId, Option<CatalogRowRef<'_>>)> =
+            Vec::with_capacity(order.len());
+        for (device, at) in order {
+            let Some(update) = updates[at].take() else { continue };
+            let row = (update.diff > 0).then_some(update.row);
+            match ending.last_mut() {
+                Some((last, ends_with)) if *last == device => {
+                    if row.is_some() {
+                        *ends_with = row;
+                    }
+                }
+                _ => ending.push((device, row)),
             }
         }
-        // In device order: the arrangement is read in one pass.
-        let mut ending: Vec<(DeviceId, Option<CatalogRowRef<'_>>)> = ending.into_iter().collect();
-        ending.sort_unstable_by_key(|(device, _)| *device);
         let mut read = versions_reader(&mut self.trace);
         let mut list = Vec::new();
         for (device, row) in ending {

@@ -14,10 +14,10 @@
 //! input of their own apart from the scores, so that a new score of a device whose standing
 //! did not change leaves the rollups alone. The top-N does not read every device each
 //! round: a histogram of the scores (devices per bucket of under 1 % of a score, a `count` in
-//! the dataflow) picks the highest buckets that together hold at least `top` devices (a
-//! `reduce`); the devices in those buckets are the candidates, which `Fleet` keeps in rank
-//! order (a sorted set, from an index of the devices by bucket), so the top is its first
-//! `top` entries. A round costs what its changes touch, also when most devices share one
+//! the dataflow) gives the highest buckets that together hold at least `top` devices (a walk
+//! down the histogram's few top buckets after each round); the devices in those buckets are
+//! the candidates, which `Fleet` keeps in rank order (a sorted set, from an index of the
+//! devices by bucket), so the top is its first `top` entries. A round costs what its changes touch, also when most devices share one
 //! score (a starting fleet, whose first windows all score 0): the candidates are then most
 //! devices, but only those that changed move.
 //!
@@ -46,6 +46,7 @@ use tidewatch_api::{
 use timely::dataflow::ProbeHandle;
 
 use crate::dataflow::{Captured, Local, catalog_devices};
+use crate::util::IdHash;
 
 /// Options of the `fleet` transform.
 #[derive(Clone, Debug, PartialEq, Deserialize)]
@@ -272,21 +273,23 @@ pub struct Fleet {
     buckets: InputSession<u64, u32, isize>,
     /// With `require_catalog`: the catalog rows of each device (a device counts while it
     /// has one). Only the states of devices that count are in the dataflow's input.
-    catalogued: Option<HashMap<DeviceId, i64>>,
+    catalogued: Option<HashMap<DeviceId, i64, IdHash>>,
     probe: ProbeHandle<u64>,
     /// The rollups' counts, as captured.
     captured: Captured<(Rollup, isize)>,
-    /// The buckets the top-N is chosen from, as captured.
-    captured_selected: Captured<u32>,
+    /// The score histogram's counts (devices per bucket), as captured.
+    captured_histogram: Captured<(u32, isize)>,
+    /// The score histogram as it stands: `(bucket, devices)`, ascending.
+    histogram: BTreeMap<(u32, isize), isize>,
     /// The buckets the top-N is chosen from, as they stand.
-    selected: HashSet<u32>,
+    selected: HashSet<u32, IdHash>,
     /// The devices that count, by score bucket.
-    by_bucket: HashMap<u32, HashSet<DeviceId>>,
+    by_bucket: HashMap<u32, HashSet<DeviceId, IdHash>, IdHash>,
     /// The top-N candidates (the devices in the selected buckets), in rank order.
     candidates: BTreeSet<Entry>,
     top: usize,
     /// Each device's latest record: event time, state.
-    latest: HashMap<DeviceId, (EventTime, DeviceState)>,
+    latest: HashMap<DeviceId, (EventTime, DeviceState), IdHash>,
     /// The site and asset names seen, by index (sites and asset types are few).
     names: Vec<Arc<str>>,
     indexes: HashMap<Arc<str>, u32>,
@@ -315,8 +318,8 @@ impl Fleet {
     pub fn new(config: &FleetConfig, ctx: &ComponentContext) -> Fleet {
         let mut local = Local::new();
         let captured: Captured<(Rollup, isize)> = Captured::default();
-        let captured_selected: Captured<u32> = Captured::default();
-        let (sink, selected_sink) = (captured.clone(), captured_selected.clone());
+        let captured_histogram: Captured<(u32, isize)> = Captured::default();
+        let (sink, histogram_sink) = (captured.clone(), captured_histogram.clone());
         let probe = ProbeHandle::new();
         let probe_in = probe.clone();
         let top = config.top.clamp(1, MAX_TOP);
@@ -333,24 +336,12 @@ impl Fleet {
                 })
                 .probe_with(&probe_in);
             // The top-N without reading every device each round: a histogram of the scores
-            // (devices per bucket) picks the highest buckets that hold at least `top` devices;
-            // the devices in those are the candidates, which `Fleet` keeps in rank order.
+            // (devices per bucket); `Fleet` selects the highest buckets that hold at least
+            // `top` devices, whose devices are the candidates it keeps in rank order.
             buckets
                 .count()
-                .map(|(bucket, count)| ((), (Reverse(bucket), count)))
-                .reduce(move |_key, input, output| {
-                    let mut devices = 0;
-                    for ((Reverse(bucket), count), _) in input {
-                        output.push((*bucket, 1));
-                        devices += *count;
-                        if devices >= top as isize {
-                            break;
-                        }
-                    }
-                })
-                .map(|((), bucket)| bucket)
-                .inspect(move |(bucket, time, diff)| {
-                    selected_sink.borrow_mut().push((*bucket, *time, *diff));
+                .inspect(move |(counted, time, diff)| {
+                    histogram_sink.borrow_mut().push((*counted, *time, *diff));
                 })
                 .probe_with(&probe_in);
             (standings_in, buckets_in)
@@ -360,15 +351,16 @@ impl Fleet {
             local,
             standings,
             buckets,
-            catalogued: config.require_catalog.then(HashMap::new),
+            catalogued: config.require_catalog.then(HashMap::default),
             probe,
             captured,
-            captured_selected,
-            selected: HashSet::new(),
-            by_bucket: HashMap::new(),
+            captured_histogram,
+            histogram: BTreeMap::new(),
+            selected: HashSet::default(),
+            by_bucket: HashMap::default(),
             candidates: BTreeSet::new(),
             top,
-            latest: HashMap::new(),
+            latest: HashMap::default(),
             names: Vec::new(),
             indexes: HashMap::new(),
             current: BTreeMap::new(),
@@ -449,27 +441,36 @@ impl Fleet {
         }
     }
 
-    /// Applies the round's changes of the selected buckets: the devices of a bucket that
+    /// Selects the highest buckets of the histogram that together hold at least `top`
+    /// devices (all of them when fewer), and applies the change: the devices of a bucket that
     /// came in become candidates, those of one that left stop being.
-    fn select(&mut self, updates: Vec<(u32, u64, isize)>) {
-        let mut changes: BTreeMap<u32, isize> = BTreeMap::new();
-        for (bucket, _, diff) in updates {
-            *changes.entry(bucket).or_default() += diff;
+    fn select(&mut self) {
+        let mut selected: HashSet<u32, IdHash> = HashSet::default();
+        let mut devices = 0;
+        for (bucket, count) in self.histogram.keys().rev() {
+            if devices >= self.top as isize {
+                break;
+            }
+            selected.insert(*bucket);
+            devices += *count;
         }
-        for (bucket, diff) in changes {
-            let entering = match diff.signum() {
-                1 if self.selected.insert(bucket) => true,
-                -1 if self.selected.remove(&bucket) => false,
-                _ => continue,
-            };
-            let Some(devices) = self.by_bucket.get(&bucket) else { continue };
-            for device in devices {
-                let Some((_, state)) = self.latest.get(device) else { continue };
-                let entry = (Reverse(state.score), state.prefix, *device);
-                if entering {
-                    self.candidates.insert(entry);
-                } else {
-                    self.candidates.remove(&entry);
+        if selected == self.selected {
+            return;
+        }
+        let entering: Vec<u32> = selected.difference(&self.selected).copied().collect();
+        let leaving: Vec<u32> = self.selected.difference(&selected).copied().collect();
+        self.selected = selected;
+        for (buckets, entering) in [(leaving, false), (entering, true)] {
+            for bucket in buckets {
+                let Some(devices) = self.by_bucket.get(&bucket) else { continue };
+                for device in devices {
+                    let Some((_, state)) = self.latest.get(device) else { continue };
+                    let entry = (Reverse(state.score), state.prefix, *device);
+                    if entering {
+                        self.candidates.insert(entry);
+                    } else {
+                        self.candidates.remove(&entry);
+                    }
                 }
             }
         }
@@ -525,8 +526,9 @@ impl Fleet {
         self.local.settle(&self.probe);
         let updates = std::mem::take(&mut *self.captured.borrow_mut());
         apply(&mut self.current, updates);
-        let updates = std::mem::take(&mut *self.captured_selected.borrow_mut());
-        self.select(updates);
+        let updates = std::mem::take(&mut *self.captured_histogram.borrow_mut());
+        apply(&mut self.histogram, updates);
+        self.select();
         // The top entries take their sites and asset types from the devices' latest states,
         // which may have changed without moving any rollup.
         let view = self.current_view();
