@@ -13,11 +13,10 @@
 //! The rollups are one `count` over the states' standings (site, asset type, anomalous), an
 //! input of their own apart from the scores, so that a new score of a device whose standing
 //! did not change leaves the rollups alone. The top-N does not read every device each
-//! round: a histogram of the scores (devices per bucket of under 1 % of a score, a `count` in
-//! the dataflow) gives the highest buckets that together hold at least `top` devices (a walk
-//! down the histogram's few top buckets after each round); the devices in those buckets are
-//! the candidates, which `Fleet` keeps in rank order (a sorted set, from an index of the
-//! devices by bucket), so the top is its first `top` entries. A round costs what its changes touch, also when most devices share one
+//! round: an index of the devices by score bucket (buckets of under 1 % of a score, in score
+//! order) gives the highest buckets that together hold at least `top` devices (a walk down
+//! its few top buckets after each round); the devices in those buckets are the candidates,
+//! which `Fleet` keeps in rank order (a sorted set), so the top is its first `top` entries. A round costs what its changes touch, also when most devices share one
 //! score (a starting fleet, whose first windows all score 0): the candidates are then most
 //! devices, but only those that changed move.
 //!
@@ -269,22 +268,16 @@ pub struct Fleet {
     /// state, a move), apart from their scores, so that a new score does not churn the
     /// rollups.
     standings: InputSession<u64, (DeviceId, Standing), isize>,
-    /// The score buckets of the devices that count (the histogram's input).
-    buckets: InputSession<u64, u32, isize>,
     /// With `require_catalog`: the catalog rows of each device (a device counts while it
     /// has one). Only the states of devices that count are in the dataflow's input.
     catalogued: Option<HashMap<DeviceId, i64, IdHash>>,
     probe: ProbeHandle<u64>,
     /// The rollups' counts, as captured.
     captured: Captured<(Rollup, isize)>,
-    /// The score histogram's counts (devices per bucket), as captured.
-    captured_histogram: Captured<(u32, isize)>,
-    /// The score histogram as it stands: `(bucket, devices)`, ascending.
-    histogram: BTreeMap<(u32, isize), isize>,
     /// The buckets the top-N is chosen from, as they stand.
     selected: HashSet<u32, IdHash>,
     /// The devices that count, by score bucket.
-    by_bucket: HashMap<u32, HashSet<DeviceId, IdHash>, IdHash>,
+    by_bucket: BTreeMap<u32, HashSet<DeviceId, IdHash>>,
     /// The top-N candidates (the devices in the selected buckets), in rank order.
     candidates: BTreeSet<Entry>,
     top: usize,
@@ -318,14 +311,12 @@ impl Fleet {
     pub fn new(config: &FleetConfig, ctx: &ComponentContext) -> Fleet {
         let mut local = Local::new();
         let captured: Captured<(Rollup, isize)> = Captured::default();
-        let captured_histogram: Captured<(u32, isize)> = Captured::default();
-        let (sink, histogram_sink) = (captured.clone(), captured_histogram.clone());
+        let sink = captured.clone();
         let probe = ProbeHandle::new();
         let probe_in = probe.clone();
         let top = config.top.clamp(1, MAX_TOP);
-        let (standings, buckets) = local.worker.dataflow::<u64, _, _>(move |scope| {
+        let standings = local.worker.dataflow::<u64, _, _>(move |scope| {
             let (standings_in, standings) = scope.new_collection::<(DeviceId, Standing), isize>();
-            let (buckets_in, buckets) = scope.new_collection::<u32, isize>();
             // Every rollup in one count: devices, anomalous devices, and those per site and
             // per asset type.
             standings
@@ -335,29 +326,17 @@ impl Fleet {
                     sink.borrow_mut().push((*counted, *time, *diff));
                 })
                 .probe_with(&probe_in);
-            // The top-N without reading every device each round: a histogram of the scores
-            // (devices per bucket); `Fleet` selects the highest buckets that hold at least
-            // `top` devices, whose devices are the candidates it keeps in rank order.
-            buckets
-                .count()
-                .inspect(move |(counted, time, diff)| {
-                    histogram_sink.borrow_mut().push((*counted, *time, *diff));
-                })
-                .probe_with(&probe_in);
-            (standings_in, buckets_in)
+            standings_in
         });
         Fleet {
             component: Arc::clone(&ctx.component_id),
             local,
             standings,
-            buckets,
             catalogued: config.require_catalog.then(HashMap::default),
             probe,
             captured,
-            captured_histogram,
-            histogram: BTreeMap::new(),
             selected: HashSet::default(),
-            by_bucket: HashMap::default(),
+            by_bucket: BTreeMap::new(),
             candidates: BTreeSet::new(),
             top,
             latest: HashMap::default(),
@@ -402,8 +381,9 @@ impl Fleet {
         self.latest.insert(device, (time, state));
     }
 
-    /// Replaces a device's state in the dataflow's inputs (`None`: not counted), changing
-    /// only the input whose part of the state changed.
+    /// Replaces a device's state (`None`: not counted) in the dataflow's input, when its
+    /// standing changed, and in the index by score bucket and the candidates, when its rank
+    /// changed.
     fn replace(&mut self, device: DeviceId, old: Option<DeviceState>, new: Option<DeviceState>) {
         let (old, new) = (old.as_ref(), new.as_ref());
         let standing = (old.map(DeviceState::standing), new.map(DeviceState::standing));
@@ -413,7 +393,6 @@ impl Fleet {
             return;
         }
         let (old_bucket, new_bucket) = (old.map(|r| bucket(r.0)), new.map(|r| bucket(r.0)));
-        replace_in(&mut self.buckets, old_bucket, new_bucket, |bucket| bucket);
         if old_bucket != new_bucket {
             if let Some(b) = old_bucket
                 && let Some(devices) = self.by_bucket.get_mut(&b)
@@ -441,18 +420,18 @@ impl Fleet {
         }
     }
 
-    /// Selects the highest buckets of the histogram that together hold at least `top`
+    /// Selects the highest buckets of the index that together hold at least `top`
     /// devices (all of them when fewer), and applies the change: the devices of a bucket that
     /// came in become candidates, those of one that left stop being.
     fn select(&mut self) {
         let mut selected: HashSet<u32, IdHash> = HashSet::default();
         let mut devices = 0;
-        for (bucket, count) in self.histogram.keys().rev() {
-            if devices >= self.top as isize {
+        for (bucket, in_bucket) in self.by_bucket.iter().rev() {
+            if devices >= self.top {
                 break;
             }
             selected.insert(*bucket);
-            devices += *count;
+            devices += in_bucket.len();
         }
         if selected == self.selected {
             return;
@@ -521,13 +500,9 @@ impl Fleet {
         self.local.round += 1;
         self.standings.advance_to(self.local.round);
         self.standings.flush();
-        self.buckets.advance_to(self.local.round);
-        self.buckets.flush();
         self.local.settle(&self.probe);
         let updates = std::mem::take(&mut *self.captured.borrow_mut());
         apply(&mut self.current, updates);
-        let updates = std::mem::take(&mut *self.captured_histogram.borrow_mut());
-        apply(&mut self.histogram, updates);
         self.select();
         // The top entries take their sites and asset types from the devices' latest states,
         // which may have changed without moving any rollup.
