@@ -21,9 +21,7 @@ use std::time::Duration;
 use common::{Running, json_lines, run, wait_until};
 use proptest::prelude::*;
 use tidewatch_api::catalog::{CatalogRow, CatalogUpdate};
-use tidewatch_api::{
-    Batch, ComponentContext, DeviceId, Labels, Outputs, RawBatch, Schema, Score, Transform,
-};
+use tidewatch_api::{Batch, ComponentContext, DeviceId, Labels, Outputs, Schema, Score, Transform};
 use tidewatch_operators::{Fleet, FleetConfig, FleetView};
 
 // ---------------------------------------------------------------------------------------------
@@ -130,9 +128,7 @@ fn score(device: &str, time: i64, value: f32, anomalous: bool, labels: Labels) -
 
 fn catalog_batch(device: &str, diff: i64) -> Batch {
     let row = CatalogRow { device: device.to_owned(), ..CatalogRow::default() };
-    let mut raw = RawBatch::new();
-    raw.push("catalog", &CatalogUpdate { diff, row }.to_json(), 0, 0);
-    Batch::Raw(raw)
+    Batch::Catalog(vec![CatalogUpdate::new(diff, row)])
 }
 
 /// The view rebuilt from `fleet`'s output records alone (as a consumer of the stream would).
@@ -699,7 +695,6 @@ fn a_kafka_catalog_moves_and_deletes_devices_by_key() {
 fn a_kafka_catalog_not_watched_reads_the_topic_to_its_end_and_finishes() {
     use tidewatch_api::SourceFactory;
     use tidewatch_api::SourcePoll;
-    use tidewatch_api::catalog::CatalogUpdate;
     use tidewatch_connectors::CatalogSourceFactory;
 
     common::require_kafka();
@@ -734,11 +729,10 @@ fn a_kafka_catalog_not_watched_reads_the_topic_to_its_end_and_finishes() {
         assert!(std::time::Instant::now() < deadline, "the source did not finish");
         let state = source.poll(&mut out).expect("poll");
         for batch in out.take_main() {
-            let Batch::Raw(raw) = batch else { panic!("raw catalog updates") };
-            for message in raw.iter() {
-                assert_eq!(message.topic, "catalog");
-                let update = CatalogUpdate::from_json(message.payload).expect("an update");
-                let count = catalog.entry((update.row.device, update.row.site)).or_default();
+            let Batch::Catalog(updates) = batch else { panic!("catalog updates") };
+            for update in updates {
+                let key = (update.row.device.clone(), update.row.site.clone());
+                let count = catalog.entry(key).or_default();
                 *count += update.diff;
                 assert!((0..=1).contains(count), "a row inserted twice or retracted when absent");
             }

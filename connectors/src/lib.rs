@@ -135,9 +135,11 @@ mod tests {
             match &factory {
                 ComponentFactory::Source(source) => {
                     let configured = source.configure(&options, &ctx).expect(name);
-                    // The lake holds readings already; every other source emits raw messages.
+                    // The lake holds readings already, the catalog its updates; every other
+                    // source emits raw messages.
                     let expected = match name {
                         "parquet" => tidewatch_api::Kind::Readings,
+                        "catalog" => tidewatch_api::Kind::Catalog,
                         _ => tidewatch_api::Kind::Raw,
                     };
                     assert_eq!(configured.output_type().kind, expected);

@@ -212,6 +212,10 @@ pub(crate) fn record_devices(batch: &Batch) -> Vec<Option<tidewatch_api::DeviceI
         Batch::Windows(windows) => windows.iter().map(|window| Some(window.device)).collect(),
         Batch::Scores(scores) => scores.iter().map(|score| Some(score.device)).collect(),
         Batch::Events(events) => events.iter().map(|event| Some(event.device)).collect(),
+        Batch::Catalog(updates) => updates
+            .iter()
+            .map(|update| Some(tidewatch_api::DeviceId::intern(&update.row.device)))
+            .collect(),
         Batch::Errors(errors) => vec![None; errors.len()],
     }
 }

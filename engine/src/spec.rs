@@ -1031,8 +1031,8 @@ impl Validator<'_> {
         if let Configured::Transform(_, properties) = configured {
             let mut kinds: BTreeSet<Kind> =
                 input_types.iter().map(|(port_type, _)| port_type.kind).collect();
-            if properties.raw_side_input {
-                kinds.remove(&Kind::Raw);
+            if properties.catalog_side_input {
+                kinds.remove(&Kind::Catalog);
             }
             if kinds.len() > 1 {
                 self.reporter.error(
@@ -1062,11 +1062,11 @@ impl Validator<'_> {
         match configured {
             Configured::Source(source) => Some((Some(source.output_type().clone()), None)),
             Configured::Transform(transform, properties) => {
-                // Raw side inputs (catalog updates) do not shape the output.
+                // Catalog side inputs do not shape the output.
                 let side = |port_type: &PortType| {
-                    properties.raw_side_input
-                        && port_type.kind == Kind::Raw
-                        && input_types.iter().any(|(other, _)| other.kind != Kind::Raw)
+                    properties.catalog_side_input
+                        && port_type.kind == Kind::Catalog
+                        && input_types.iter().any(|(other, _)| other.kind != Kind::Catalog)
                 };
                 let input_types: Vec<&(PortType, &Resolved)> =
                     input_types.iter().filter(|(port_type, _)| !side(port_type)).collect();

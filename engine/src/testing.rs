@@ -1,7 +1,8 @@
 //! Pipeline tests: `[[tests]]` tables in a pipeline file, run by `tidewatch test`.
 //!
 //! A test inserts records as the output of named components (raw payloads for a source,
-//! readings for a component that emits readings), runs only the transforms between those and
+//! catalog updates as JSON for a `catalog` source, readings for a component that emits
+//! readings), runs only the transforms between those and
 //! the outputs it checks, on one worker and without any source or sink (no broker, no file),
 //! and compares what reaches each checked output with what it expects:
 //!
@@ -36,6 +37,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
 use serde::Deserialize;
+use tidewatch_api::catalog::CatalogUpdate;
 use tidewatch_api::{
     Batch, ComponentContext, ConfigValue, DeviceId, EventTime, Kind, LABEL_ANOMALY, LABEL_NORMAL,
     Outputs, RawBatch, ReadingBatch, Transform,
@@ -375,6 +377,19 @@ fn test_input(input: InputSpec, components: &[Component]) -> Result<TestInput, P
                 raw.push(&input.topic, payload.as_bytes(), 0, position as u64);
             }
             Batch::Raw(raw)
+        }
+        (false, true, Some(Kind::Catalog)) => {
+            let mut updates = Vec::with_capacity(input.payloads.len());
+            for (index, payload) in input.payloads.iter().enumerate() {
+                let update = CatalogUpdate::from_json(payload.as_bytes()).map_err(|error| {
+                    (
+                        format!("payload {} of `{}`: {error}", index + 1, target.id),
+                        Some(r#"a catalog update is {"diff":1,"row":{"device":"pump-1","site":"north"}} (diff -1 retracts the row)"#.to_owned()),
+                    )
+                })?;
+                updates.push(update);
+            }
+            Batch::Catalog(updates)
         }
         (true, false, Some(Kind::Readings)) => {
             let schema =

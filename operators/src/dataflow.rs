@@ -8,8 +8,6 @@
 use std::cell::RefCell;
 use std::rc::Rc;
 
-use tidewatch_api::catalog::{CatalogUpdate, CatalogUpdateRef};
-use tidewatch_api::{DeviceId, Outputs, RawBatch};
 use timely::WorkerConfig;
 use timely::communication::Allocator;
 use timely::communication::allocator::thread::Thread;
@@ -39,30 +37,3 @@ impl Local {
 
 /// Updates captured from a collection: `(data, time, diff)`, drained after each round.
 pub(crate) type Captured<D> = Rc<RefCell<Vec<(D, u64, isize)>>>;
-
-/// The devices and diffs of the catalog updates in a batch of raw messages (see
-/// [`catalog_updates`]).
-pub(crate) fn catalog_devices(batch: &RawBatch, out: &mut Outputs) -> Vec<(DeviceId, i64)> {
-    catalog_updates(batch, out)
-        .into_iter()
-        .map(|update| (DeviceId::intern(&update.row.device), update.diff))
-        .collect()
-}
-
-/// The catalog updates of a batch of raw messages, their strings borrowed from it; a message
-/// that is not one goes to `<id>.errors` (`error_type = "catalog"`).
-pub(crate) fn catalog_updates<'a>(
-    batch: &'a RawBatch,
-    out: &mut Outputs,
-) -> Vec<CatalogUpdateRef<'a>> {
-    let mut updates = Vec::with_capacity(batch.len());
-    for message in batch.iter() {
-        match CatalogUpdate::decode(message.payload) {
-            Ok(update) => updates.push(update),
-            Err(error) => {
-                out.error("catalog", error.to_string(), Some(message.topic), Some(message.payload))
-            }
-        }
-    }
-    updates
-}

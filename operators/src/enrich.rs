@@ -31,7 +31,7 @@
 //! ```
 //! use std::sync::Arc;
 //! use tidewatch_api::catalog::{CatalogRow, CatalogUpdate};
-//! use tidewatch_api::{Batch, ComponentContext, DeviceId, Outputs, RawBatch, Schema, Score, Transform};
+//! use tidewatch_api::{Batch, ComponentContext, DeviceId, Outputs, Schema, Score, Transform};
 //! use tidewatch_operators::Enrich;
 //!
 //! let ctx = ComponentContext::for_test("enrich", "enrich");
@@ -40,9 +40,7 @@
 //! let row = CatalogRow {
 //!     device: "p1".into(), site: "north".into(), asset: "pump".into(), ..Default::default()
 //! };
-//! let mut raw = RawBatch::new();
-//! raw.push("catalog", &CatalogUpdate { diff: 1, row }.to_json(), 0, 0);
-//! enrich.process_batch(Batch::Raw(raw), &mut out);
+//! enrich.process_batch(Batch::Catalog(vec![CatalogUpdate::new(1, row)]), &mut out);
 //! let score = |device: &str| Score {
 //!     device: DeviceId::intern(device), start_ms: 0, end_ms: 10, detector: "m".into(),
 //!     version: "1".into(), score: 0.5, threshold: None, anomaly: false, label: 0,
@@ -67,7 +65,7 @@ use differential_dataflow::trace::TraceReader;
 use differential_dataflow::trace::cursor::{Cursor, cursor_list};
 use differential_dataflow::trace::implementations::ValSpine;
 use serde::Deserialize;
-use tidewatch_api::catalog::{CatalogRowRef, CatalogUpdateRef};
+use tidewatch_api::catalog::{CatalogRow, CatalogUpdate};
 use tidewatch_api::prometheus::{IntCounter, Opts};
 use tidewatch_api::{
     AnomalyEvent, Batch, ComponentContext, ComponentError, ConfigError, DeviceId, EventTime, Kind,
@@ -78,7 +76,7 @@ use timely::dataflow::ProbeHandle;
 use timely::dataflow::operators::Probe;
 use timely::progress::frontier::{Antichain, AntichainRef};
 
-use crate::dataflow::{Local, catalog_updates};
+use crate::dataflow::Local;
 use crate::util::IdHash;
 
 /// Options of the `enrich` transform (none yet).
@@ -100,7 +98,7 @@ impl TransformFactory for EnrichFactory {
     type Config = EnrichConfig;
 
     fn accepts(&self, _config: &EnrichConfig) -> Vec<Kind> {
-        vec![Kind::Raw, Kind::Scores, Kind::Events]
+        vec![Kind::Catalog, Kind::Scores, Kind::Events]
     }
 
     fn output_type(
@@ -122,7 +120,7 @@ impl TransformFactory for EnrichFactory {
         // A watching catalog never finishes and so holds its input's frontier: `enrich` keeps
         // a watermark of its own, from the event times of its records (as `normalize` does).
         TransformProperties {
-            raw_side_input: true,
+            catalog_side_input: true,
             assigns_event_time: true,
             ..TransformProperties::default()
         }
@@ -278,21 +276,18 @@ impl Enrich {
     /// Applies a batch of catalog updates: per device, the row it ends with (the last one
     /// inserted; none when it was only retracted) becomes a version, valid from the row's
     /// `valid_from` or, without one, from the greatest event time of the records seen.
-    fn apply_catalog(&mut self, batch: &tidewatch_api::RawBatch, out: &mut Outputs) {
-        let mut updates: Vec<Option<CatalogUpdateRef<'_>>> =
-            catalog_updates(batch, out).into_iter().map(Some).collect();
+    fn apply_catalog(&mut self, updates: &[CatalogUpdate]) {
         // The updates by device, in the order they came: the arrangement is read in one pass.
         let mut order: Vec<(DeviceId, usize)> = updates
             .iter()
             .enumerate()
-            .filter_map(|(at, update)| Some((DeviceId::intern(&update.as_ref()?.row.device), at)))
+            .map(|(at, update)| (DeviceId::intern(&update.row.device), at))
             .collect();
         order.sort_unstable();
-        let mut ending: Vec<(DeviceId, Option<CatalogRowRef<'_>>)> =
-            Vec::with_capacity(order.len());
+        let mut ending: Vec<(DeviceId, Option<&CatalogRow>)> = Vec::with_capacity(order.len());
         for (device, at) in order {
-            let Some(update) = updates[at].take() else { continue };
-            let row = (update.diff > 0).then_some(update.row);
+            let update = &updates[at];
+            let row = (update.diff > 0).then_some(&*update.row);
             match ending.last_mut() {
                 Some((last, ends_with)) if *last == device => {
                     if row.is_some() {
@@ -306,7 +301,7 @@ impl Enrich {
         let mut list = Vec::new();
         for (device, row) in ending {
             let from = row.as_ref().and_then(|row| row.valid_from).unwrap_or(self.position);
-            let number = row.map(|row| self.add_row(&row));
+            let number = row.map(|row| self.add_row(row));
             read(device, &mut list);
             self.set_version(device, &mut list, (from, number));
         }
@@ -343,7 +338,7 @@ impl Enrich {
     }
 
     /// Keeps a row's labels and threshold under a new number.
-    fn add_row(&mut self, row: &CatalogRowRef<'_>) -> u64 {
+    fn add_row(&mut self, row: &CatalogRow) -> u64 {
         let labels = Labels::from_pairs(
             row.label_pairs().map(|(name, value)| (self.shared(name), self.shared(value))),
         );
@@ -462,7 +457,7 @@ fn unmatched_counter(ctx: &ComponentContext) -> Result<IntCounter, ComponentErro
 impl Transform for Enrich {
     fn process_batch(&mut self, batch: Batch, out: &mut Outputs) {
         match batch {
-            Batch::Raw(raw) => self.apply_catalog(&raw, out),
+            Batch::Catalog(updates) => self.apply_catalog(&updates),
             Batch::Scores(scores) => {
                 let (matched, unmatched) = self.join(scores, out.batch_watermark());
                 self.count_unmatched(unmatched.len());
@@ -485,8 +480,8 @@ mod tests {
     use std::collections::BTreeMap;
     use std::sync::Arc;
 
+    use tidewatch_api::Schema;
     use tidewatch_api::catalog::{CatalogRow, CatalogUpdate};
-    use tidewatch_api::{RawBatch, Schema};
 
     use super::*;
 
@@ -501,13 +496,9 @@ mod tests {
     }
 
     fn updates(list: &[(i64, CatalogRow)]) -> Batch {
-        let mut raw = RawBatch::new();
-        for (position, (diff, row)) in list.iter().enumerate() {
-            let update = CatalogUpdate { diff: *diff, row: row.clone() };
-            raw.push("catalog", &update.to_json(), 0, position as u64);
-        }
-        raw.push("catalog", b"{\"diff\":1}", 0, 99);
-        Batch::Raw(raw)
+        Batch::Catalog(
+            list.iter().map(|(diff, row)| CatalogUpdate::new(*diff, row.clone())).collect(),
+        )
     }
 
     fn event(device: &str) -> AnomalyEvent {
@@ -565,7 +556,6 @@ mod tests {
         let mut out = Outputs::new("enrich");
         enrich
             .process_batch(updates(&[(1, row("p1", "north")), (1, row("p2", "north"))]), &mut out);
-        assert_eq!(out.take_errors().len(), 1, "the update without a row");
         enrich.process_batch(Batch::Events(vec![event("p1"), event("p3"), event("p2")]), &mut out);
         let (main, unmatched) = sites(&mut out);
         assert_eq!(main, [("p1".into(), "north".into()), ("p2".into(), "north".into())]);
@@ -579,7 +569,6 @@ mod tests {
             (1, row("p3", "east")),
         ];
         enrich.process_batch(updates(&moves), &mut out);
-        out.take_errors();
         enrich.process_batch(Batch::Events(vec![event("p1"), event("p2"), event("p3")]), &mut out);
         let (main, unmatched) = sites(&mut out);
         assert_eq!(main, [("p1".into(), "south".into()), ("p3".into(), "east".into())]);
@@ -622,7 +611,6 @@ mod tests {
         let site = |s: &str| s.to_owned();
         // The first catalog applies to every time.
         enrich.process_batch(updates(&[(1, row("p1", "north"))]), &mut out);
-        out.take_errors();
         enrich.process_batch(events_at("p1", &[100]), &mut out);
         assert_eq!(sites_at(&mut out), (vec![(100, site("north"))], vec![]));
 
@@ -630,7 +618,6 @@ mod tests {
         // earlier time that comes later still has the old site.
         let moved = [(-1, row("p1", "north")), (1, row("p1", "south"))];
         enrich.process_batch(updates(&moved), &mut out);
-        out.take_errors();
         enrich.process_batch(events_at("p1", &[50, 100, 150]), &mut out);
         let expected = vec![(50, site("north")), (100, site("south")), (150, site("south"))];
         assert_eq!(sites_at(&mut out), (expected, vec![]));
@@ -638,7 +625,6 @@ mod tests {
         // A move with valid_from takes effect then, before or after the stream's position.
         let east = CatalogRow { valid_from: Some(200), ..row("p1", "east") };
         enrich.process_batch(updates(&[(-1, row("p1", "south")), (1, east.clone())]), &mut out);
-        out.take_errors();
         enrich.process_batch(events_at("p1", &[120, 199, 200, 250]), &mut out);
         let expected = vec![
             (120, site("south")),
@@ -650,7 +636,6 @@ mod tests {
 
         // Retired where the stream stands (250): later records are unmatched, earlier not.
         enrich.process_batch(updates(&[(-1, east)]), &mut out);
-        out.take_errors();
         enrich.process_batch(events_at("p1", &[240, 260]), &mut out);
         assert_eq!(sites_at(&mut out), (vec![(240, site("east"))], vec![260]));
 
@@ -661,9 +646,7 @@ mod tests {
         enrich.process_batch(events_at("p1", &[300]), &mut out);
         assert_eq!(sites_at(&mut out), (vec![], vec![300]));
         enrich.process_batch(updates(&[(1, row("p2", "west"))]), &mut out);
-        out.take_errors();
         enrich.process_batch(updates(&[(1, row("p1", "north"))]), &mut out);
-        out.take_errors();
         assert_eq!(enrich.versions_of(DeviceId::intern("p1")).len(), 1, "only the live row");
         enrich.process_batch(events_at("p1", &[310]), &mut out);
         assert_eq!(sites_at(&mut out), (vec![(310, site("north"))], vec![]));
@@ -681,7 +664,6 @@ mod tests {
         // (an insertion and a removal of one version in one round) and must not undo it.
         enrich.process_batch(updates(&[(-1, row("p1", "north"))]), &mut out);
         enrich.process_batch(updates(&[(-1, row("p1", "north"))]), &mut out);
-        out.take_errors();
         enrich.process_batch(events_at("p1", &[50, 150]), &mut out);
         assert_eq!(sites_at(&mut out), (vec![(50, "north".to_owned())], vec![150]));
     }
@@ -703,7 +685,6 @@ mod tests {
             updates(&[(1, strict), (1, lenient), (1, row("plain", "north"))]),
             &mut out,
         );
-        out.take_errors();
         // The detector's threshold is 1.0: 2.0 is anomalous to it, 0.8 is not.
         let score = |device: &str, value: f32| Score {
             device: DeviceId::intern(device),
@@ -808,7 +789,6 @@ mod tests {
                             })
                             .collect();
                         enrich.process_batch(updates(&rows), &mut out);
-                        out.take_errors();
                         let mut ending: BTreeMap<usize, Option<(usize, Option<i64>)>> = BTreeMap::new();
                         for (diff, device, site, from) in list {
                             if diff > 0 {

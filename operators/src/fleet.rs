@@ -44,7 +44,7 @@ use tidewatch_api::{
 };
 use timely::dataflow::ProbeHandle;
 
-use crate::dataflow::{Captured, Local, catalog_devices};
+use crate::dataflow::{Captured, Local};
 use crate::util::IdHash;
 
 /// Options of the `fleet` transform.
@@ -75,7 +75,7 @@ impl TransformFactory for FleetFactory {
     type Config = FleetConfig;
 
     fn accepts(&self, _config: &FleetConfig) -> Vec<Kind> {
-        vec![Kind::Raw, Kind::Scores, Kind::Events]
+        vec![Kind::Catalog, Kind::Scores, Kind::Events]
     }
 
     fn validate(&self, config: &FleetConfig, _ctx: &ValidateContext) -> Result<(), ConfigError> {
@@ -102,7 +102,7 @@ impl TransformFactory for FleetFactory {
         // Gathered: one instance sees the whole fleet. Its own watermark, as `enrich`'s.
         TransformProperties {
             gathered: true,
-            raw_side_input: true,
+            catalog_side_input: true,
             assigns_event_time: true,
             ..TransformProperties::default()
         }
@@ -831,9 +831,9 @@ impl Transform for Fleet {
 
     fn process_batch(&mut self, batch: Batch, out: &mut Outputs) {
         match batch {
-            Batch::Raw(raw) => {
-                for (device, diff) in catalog_devices(&raw, out) {
-                    self.catalog_update(device, diff);
+            Batch::Catalog(updates) => {
+                for update in updates {
+                    self.catalog_update(DeviceId::intern(&update.row.device), update.diff);
                 }
             }
             Batch::Scores(scores) => {

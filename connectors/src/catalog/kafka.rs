@@ -61,7 +61,6 @@ pub struct KafkaCatalogSource {
     config: KafkaCatalogConfig,
     ctx: ComponentContext,
     watch: bool,
-    topic: String,
     consumer: Option<BaseConsumer>,
     /// The partitions read, once the topic's metadata named them.
     partitions: Option<Vec<i32>>,
@@ -73,7 +72,6 @@ pub struct KafkaCatalogSource {
     at_eof: BTreeSet<i32>,
     assign_retry: Option<Instant>,
     catalog: KeyedCatalog,
-    sent: u64,
     last_data: Instant,
 }
 
@@ -99,7 +97,6 @@ impl KafkaCatalogSource {
             config: config.clone(),
             ctx: ctx.clone(),
             watch: source.watch,
-            topic: source.topic.clone(),
             consumer: None,
             partitions: None,
             ends: BTreeMap::new(),
@@ -107,7 +104,6 @@ impl KafkaCatalogSource {
             at_eof: BTreeSet::new(),
             assign_retry: None,
             catalog: KeyedCatalog::new(true),
-            sent: 0,
             last_data: Instant::now(),
         }
     }
@@ -271,7 +267,7 @@ impl Source for KafkaCatalogSource {
         if read > 0 {
             self.last_data = Instant::now();
         }
-        emit_updates(out, &self.topic, updates.iter().map(CatalogUpdate::change), &mut self.sent);
+        emit_updates(out, updates);
         if !self.watch && self.at_end() {
             tracing::info!(component = %self.ctx.component_id, devices = self.catalog.len(), "the catalog topic is read to its end");
             return Ok(SourcePoll::Finished);

@@ -5,9 +5,10 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use tidewatch_api::catalog::{CatalogChange, CatalogRow, CatalogUpdate, parse_json_row};
-use tidewatch_api::records::now_ms;
-use tidewatch_api::{Batch, Outputs, RawBatch};
+use std::sync::Arc;
+
+use tidewatch_api::catalog::{CatalogRow, CatalogUpdate, parse_json_row};
+use tidewatch_api::{Batch, Outputs};
 
 /// Why a keyed message did not give a row. The key then holds no row (what it held before is
 /// retracted), as a line that is not a row counts as absent in a catalog file: the catalog
@@ -73,7 +74,7 @@ pub struct KeyedCatalog {
     /// The key is the device id (Kafka): a row of another device is refused.
     key_is_device: bool,
     /// The rows by key.
-    rows: BTreeMap<String, CatalogRow>,
+    rows: BTreeMap<String, Arc<CatalogRow>>,
     /// The keys holding a row of each device; the first one's row is the device's.
     holders: BTreeMap<String, BTreeSet<String>>,
 }
@@ -85,7 +86,7 @@ impl KeyedCatalog {
     }
 
     /// The device's row: that of the first key (in byte order) holding one.
-    pub fn row(&self, device: &str) -> Option<&CatalogRow> {
+    pub fn row(&self, device: &str) -> Option<&Arc<CatalogRow>> {
         let key = self.holders.get(device)?.first()?;
         self.rows.get(key)
     }
@@ -126,7 +127,7 @@ impl KeyedCatalog {
         {
             devices.push(row.device.clone());
         }
-        let before: Vec<Option<CatalogRow>> =
+        let before: Vec<Option<Arc<CatalogRow>>> =
             devices.iter().map(|device| self.row(device).cloned()).collect();
         if let Some(old) = self.rows.remove(key)
             && let Some(keys) = self.holders.get_mut(&old.device)
@@ -147,7 +148,7 @@ impl KeyedCatalog {
                     used,
                 });
             }
-            self.rows.insert(key.to_owned(), row);
+            self.rows.insert(key.to_owned(), Arc::new(row));
         }
         let mut updates = Vec::new();
         for (device, old) in devices.iter().zip(before) {
@@ -159,31 +160,18 @@ impl KeyedCatalog {
                 updates.push(CatalogUpdate { diff: -1, row: old });
             }
             if let Some(new) = new {
-                updates.push(CatalogUpdate { diff: 1, row: new.clone() });
+                updates.push(CatalogUpdate { diff: 1, row: Arc::clone(new) });
             }
         }
         Applied { updates, error }
     }
 }
 
-/// Sends `updates` as raw messages on `topic` (one per update, payload
-/// [`CatalogChange::to_json`]), numbering them from `*sent`, as every catalog source does.
-pub(crate) fn emit_updates<'a>(
-    out: &mut Outputs,
-    topic: &str,
-    updates: impl ExactSizeIterator<Item = CatalogChange<'a>>,
-    sent: &mut u64,
-) {
-    if updates.len() == 0 {
-        return;
+/// Sends `updates` as one batch, when there are any, as every catalog source does.
+pub(crate) fn emit_updates(out: &mut Outputs, updates: Vec<CatalogUpdate>) {
+    if !updates.is_empty() {
+        out.emit(Batch::Catalog(updates));
     }
-    let arrival = now_ms();
-    let mut batch = RawBatch::with_capacity(updates.len(), updates.len() * 96);
-    for update in updates {
-        batch.push(topic, &update.to_json(), arrival, *sent);
-        *sent += 1;
-    }
-    out.emit(Batch::Raw(batch));
 }
 
 #[cfg(test)]
@@ -289,24 +277,13 @@ mod tests {
     }
 
     #[test]
-    fn updates_leave_as_raw_messages_on_the_topic() {
+    fn updates_leave_as_one_catalog_batch_and_nothing_leaves_for_none() {
         let mut catalog = KeyedCatalog::new(true);
         let applied = catalog.apply("p1", Some(&row("p1", "north")));
         let mut out = Outputs::new("devices");
-        let mut sent = 7;
-        emit_updates(
-            &mut out,
-            "catalog",
-            applied.updates.iter().map(CatalogUpdate::change),
-            &mut sent,
-        );
-        emit_updates(&mut out, "catalog", std::iter::empty(), &mut sent);
-        assert_eq!(sent, 8);
+        emit_updates(&mut out, applied.updates.clone());
+        emit_updates(&mut out, Vec::new());
         let batches = out.take_main();
-        assert_eq!(batches.len(), 1);
-        let Batch::Raw(raw) = &batches[0] else { panic!("raw") };
-        let message = raw.iter().next().expect("one message");
-        assert_eq!(message.topic, "catalog");
-        assert_eq!(CatalogUpdate::from_json(message.payload), Ok(applied.updates[0].clone()));
+        assert_eq!(batches, [Batch::Catalog(applied.updates)]);
     }
 }

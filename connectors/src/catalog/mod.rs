@@ -8,9 +8,9 @@
 //! - retained MQTT messages, the `mqtt` table: one JSON row per topic, an empty payload (which
 //!   clears a retained message) deletes the row ([`mqtt::MqttCatalogSource`], feature `mqtt`).
 //!
-//! Only the difference leaves the source: one raw message per
-//! [`CatalogUpdate`](tidewatch_api::catalog::CatalogUpdate) (a changed row retracted and
-//! inserted again, a removed row retracted). A line or message that is not a row goes to
+//! Only the difference leaves the source, as a batch of
+//! [`CatalogUpdate`](tidewatch_api::catalog::CatalogUpdate)s (a changed row retracted and
+//! inserted again, a removed row retracted) whose rows the source shares with their readers. A line or message that is not a row goes to
 //! `<id>.errors` and counts as absent. The keyed sources share [`keyed::KeyedCatalog`].
 //!
 //! Every worker reads the whole catalog and sends the whole difference: `enrich` keeps a copy
@@ -24,6 +24,7 @@ pub mod mqtt;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use serde::Deserialize;
@@ -77,9 +78,6 @@ pub struct CatalogSourceConfig {
     /// How often the file is checked for changes, ms (the file only).
     #[serde(default = "default_poll_interval_ms")]
     pub poll_interval_ms: u64,
-    /// The topic written on every update message.
-    #[serde(default = "default_topic")]
-    pub topic: String,
 }
 
 fn default_watch() -> bool {
@@ -88,10 +86,6 @@ fn default_watch() -> bool {
 
 fn default_poll_interval_ms() -> u64 {
     1_000
-}
-
-fn default_topic() -> String {
-    "catalog".to_owned()
 }
 
 /// An error about an option of a nested table, named `<table>.<option>`.
@@ -114,7 +108,6 @@ impl CatalogSourceConfig {
             format: None,
             watch: default_watch(),
             poll_interval_ms: default_poll_interval_ms(),
-            topic: default_topic(),
         }
     }
 
@@ -224,7 +217,7 @@ impl SourceFactory for CatalogSourceFactory {
         _ctx: &ValidateContext,
     ) -> Result<PortType, ConfigError> {
         config.validate()?;
-        Ok(PortType::of(Kind::Raw))
+        Ok(PortType::of(Kind::Catalog))
     }
 
     fn build(
@@ -239,7 +232,7 @@ impl SourceFactory for CatalogSourceFactory {
         }
         #[cfg(feature = "mqtt")]
         if let Some(mqtt) = &config.mqtt {
-            return Ok(Box::new(mqtt::MqttCatalogSource::new(mqtt, config, ctx)));
+            return Ok(Box::new(mqtt::MqttCatalogSource::new(mqtt, ctx)));
         }
         Ok(Box::new(CatalogSource::new(config, ctx)))
     }
@@ -256,11 +249,9 @@ pub struct CatalogSource {
     format: CatalogFormat,
     watch: bool,
     interval: Duration,
-    topic: String,
-    rows: BTreeMap<String, CatalogRow>,
+    rows: BTreeMap<String, Arc<CatalogRow>>,
     stamp: Option<Stamp>,
     next_check: Option<Instant>,
-    sent: u64,
     missing_reported: bool,
 }
 
@@ -273,11 +264,9 @@ impl CatalogSource {
             format: config.format(),
             watch: config.watch,
             interval: Duration::from_millis(config.poll_interval_ms),
-            topic: config.topic.clone(),
             rows: BTreeMap::new(),
             stamp: None,
             next_check: None,
-            sent: 0,
             missing_reported: false,
         }
     }
@@ -298,7 +287,8 @@ impl CatalogSource {
         let text = std::fs::read(&self.path).map_err(|error| {
             ComponentError::io(format!("reading {}", self.path.display()), error)
         })?;
-        let topic = Some(self.topic.as_str());
+        let path = self.path.display().to_string();
+        let topic = Some(path.as_str());
         let parsed = match parse_catalog(&text, self.format) {
             Ok(parsed) => parsed,
             Err(error) => {
@@ -313,7 +303,7 @@ impl CatalogSource {
         }
         let updates = diff_catalogs(&self.rows, &parsed.rows);
         let changed = !updates.is_empty();
-        emit_updates(out, &self.topic, updates.into_iter(), &mut self.sent);
+        emit_updates(out, updates);
         self.rows = parsed.rows;
         self.stamp = Some(stamp);
         Ok(changed)
@@ -343,7 +333,8 @@ impl Source for CatalogSource {
             // Gone for a moment (replaced by a rename): keep the last rows, say so once.
             Err(error) if self.stamp.is_some() && self.watch => {
                 if !self.missing_reported {
-                    out.error("catalog", error.to_string(), Some(&self.topic), None);
+                    let path = self.path.display().to_string();
+                    out.error("catalog", error.to_string(), Some(&path), None);
                     self.missing_reported = true;
                 }
             }
@@ -359,7 +350,6 @@ impl Source for CatalogSource {
 #[cfg(test)]
 mod tests {
     use tidewatch_api::Batch;
-    use tidewatch_api::catalog::CatalogUpdate;
 
     use super::*;
 
@@ -367,12 +357,9 @@ mod tests {
         out.take_main()
             .into_iter()
             .flat_map(|batch| match batch {
-                Batch::Raw(raw) => raw
-                    .iter()
-                    .map(|message| {
-                        let update = CatalogUpdate::from_json(message.payload).expect("update");
-                        (update.row.device, update.row.site, update.diff)
-                    })
+                Batch::Catalog(updates) => updates
+                    .into_iter()
+                    .map(|update| (update.row.device.clone(), update.row.site.clone(), update.diff))
                     .collect::<Vec<_>>(),
                 other => panic!("{other:?}"),
             })

@@ -30,7 +30,6 @@ use tidewatch_api::{
 };
 use tokio::sync::{mpsc, oneshot};
 
-use super::CatalogSourceConfig;
 use super::keyed::{KeyedCatalog, emit_updates};
 use crate::mqtt::connection::{
     Backoff, ConnectionSettings, LinkClient, LinkLoop, MqttConnection, NetEvent, first_connection,
@@ -122,7 +121,6 @@ enum Inbound {
 pub struct MqttCatalogSource {
     config: MqttCatalogConfig,
     settings: ConnectionSettings,
-    topic: String,
     component: Arc<str>,
     inbound: Option<mpsc::Receiver<Inbound>>,
     /// Set by the network thread when it woke the worker, cleared by `poll`.
@@ -130,7 +128,6 @@ pub struct MqttCatalogSource {
     stop: Option<oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
     catalog: KeyedCatalog,
-    sent: u64,
 }
 
 impl fmt::Debug for MqttCatalogSource {
@@ -146,23 +143,17 @@ impl fmt::Debug for MqttCatalogSource {
 impl MqttCatalogSource {
     /// The source of one worker (its own client id: `<client_id>-<worker>`, or
     /// `tidewatch-<pipeline>-<component>-<worker>`); it connects at [`Source::open`].
-    pub fn new(
-        config: &MqttCatalogConfig,
-        source: &CatalogSourceConfig,
-        ctx: &ComponentContext,
-    ) -> MqttCatalogSource {
+    pub fn new(config: &MqttCatalogConfig, ctx: &ComponentContext) -> MqttCatalogSource {
         let client_id = config.connection.client_id_for(ctx, true);
         MqttCatalogSource {
             config: config.clone(),
             settings: config.settings(client_id, |path| ctx.resolve_path(path)),
-            topic: source.topic.clone(),
             component: Arc::clone(&ctx.component_id),
             inbound: None,
             woken: Arc::new(AtomicBool::new(false)),
             stop: None,
             thread: None,
             catalog: KeyedCatalog::new(false),
-            sent: 0,
         }
     }
 
@@ -278,7 +269,7 @@ impl Source for MqttCatalogSource {
                 }
             }
         }
-        emit_updates(out, &self.topic, updates.iter().map(CatalogUpdate::change), &mut self.sent);
+        emit_updates(out, updates);
         if stopped {
             return Err(ComponentError::External(format!(
                 "the MQTT network thread of `{}` stopped",
@@ -429,6 +420,7 @@ impl Network {
 mod tests {
     use tidewatch_api::ConfigValue;
 
+    use super::super::CatalogSourceConfig;
     use super::*;
 
     fn config(text: &str) -> CatalogSourceConfig {
@@ -469,8 +461,8 @@ mod tests {
             )
         };
         let mqtt = parsed.mqtt.as_ref().expect("mqtt");
-        let first = MqttCatalogSource::new(mqtt, &parsed, &context(0));
-        let second = MqttCatalogSource::new(mqtt, &parsed, &context(1));
+        let first = MqttCatalogSource::new(mqtt, &context(0));
+        let second = MqttCatalogSource::new(mqtt, &context(1));
         assert_eq!((first.client_id(), second.client_id()), ("fleet-0", "fleet-1"));
         assert!(first.settings.connection.clean_start);
         assert_eq!(first.settings.connection.session_expiry(), Some(0));

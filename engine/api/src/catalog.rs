@@ -2,12 +2,13 @@
 //! carry its changes through a pipeline.
 //!
 //! The `catalog` source reads a file of [`CatalogRow`]s ([`parse_catalog`]), and each time the
-//! file changes it sends only the difference ([`diff_catalogs`]) as [`CatalogUpdate`]s: raw
-//! messages whose payload is the update's JSON ([`CatalogChange::to_json`]). `enrich` and
-//! `fleet` decode them ([`CatalogUpdate::decode`], without copying strings) into a
+//! file changes it sends only the difference ([`diff_catalogs`]) as [`CatalogUpdate`]s, a
+//! batch of their own ([`Batch::Catalog`](crate::Batch::Catalog)) whose rows the source
+//! shares with the components that read them. `enrich` and `fleet` take them into a
 //! differential collection: a changed row is its old version retracted (`diff = -1`) and its
-//! new one inserted (`diff = 1`), a removed row is retracted. A catalog kept as keyed messages (a Kafka compacted topic,
-//! retained MQTT messages) has one JSON row per message ([`parse_json_row`]).
+//! new one inserted (`diff = 1`), a removed row is retracted. A catalog kept as keyed
+//! messages (a Kafka compacted topic, retained MQTT messages) has one JSON row per message
+//! ([`parse_json_row`]). Sinks write an update as one JSON object ([`CatalogUpdate::to_json`]).
 //!
 //! ```
 //! use tidewatch_api::catalog::{CatalogFormat, diff_catalogs, parse_catalog};
@@ -22,9 +23,9 @@
 //! assert_eq!(changes, [("p1", "north", -1), ("p1", "south", 1), ("p2", "north", -1)]);
 //! ```
 
-use std::borrow::Cow;
 use std::cmp::Ordering;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -159,31 +160,31 @@ impl CatalogRow {
     /// The row as labels: `site`, `asset`, `owner` (when not empty) and the free labels (which
     /// never override those three).
     pub fn labels(&self) -> crate::Labels {
+        crate::Labels::from_pairs(self.label_pairs())
+    }
+
+    /// The row's labels as pairs, as [`CatalogRow::labels`] takes them: `site`, `asset` and
+    /// `owner` when not empty, then the free labels.
+    pub fn label_pairs(&self) -> impl Iterator<Item = (&str, &str)> {
         let free = self.labels.iter().map(|(name, value)| (name.as_str(), value.as_str()));
-        crate::Labels::from_pairs(label_pairs([&self.site, &self.asset, &self.owner], free))
+        ["site", "asset", "owner"]
+            .into_iter()
+            .zip([self.site.as_str(), self.asset.as_str(), self.owner.as_str()])
+            .filter(|(_, value)| !value.is_empty())
+            .chain(free)
     }
 }
 
-/// A row's labels as pairs: `site`, `asset` and `owner` when not empty, then the free labels.
-fn label_pairs<'a>(
-    fixed: [&'a str; 3],
-    free: impl Iterator<Item = (&'a str, &'a str)>,
-) -> impl Iterator<Item = (&'a str, &'a str)> {
-    ["site", "asset", "owner"]
-        .into_iter()
-        .zip(fixed)
-        .filter(|(_, value)| !value.is_empty())
-        .chain(free)
-}
-
-/// One change of the catalog: a row inserted (`diff = 1`) or retracted (`diff = -1`).
+/// One change of the catalog: a row inserted (`diff = 1`) or retracted (`diff = -1`). The
+/// row is shared: the source that keeps the catalog and every component its updates reach
+/// hold the same copy.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CatalogUpdate {
     /// `1` inserts the row, `-1` retracts it.
     pub diff: i64,
     /// The row.
-    pub row: CatalogRow,
+    pub row: Arc<CatalogRow>,
 }
 
 /// Why a catalog update or file could not be read.
@@ -209,141 +210,26 @@ pub enum CatalogError {
 }
 
 impl CatalogUpdate {
-    /// The update as a raw message payload (one JSON object).
+    /// An update of `row`: `diff = 1` inserts it, `-1` retracts it.
+    pub fn new(diff: i64, row: impl Into<Arc<CatalogRow>>) -> CatalogUpdate {
+        CatalogUpdate { diff, row: row.into() }
+    }
+
+    /// The update as one JSON object, as sinks write it.
     pub fn to_json(&self) -> Vec<u8> {
-        self.change().to_json()
+        // A struct of strings, maps and finite numbers always serializes.
+        serde_json::to_vec(self).unwrap_or_default()
     }
 
-    /// The update as a change that borrows its row.
-    pub fn change(&self) -> CatalogChange<'_> {
-        CatalogChange { diff: self.diff, row: &self.row }
-    }
-
-    /// Decodes a payload written by [`CatalogUpdate::to_json`] without copying its strings
-    /// (those without escapes stay in the payload).
-    pub fn decode(payload: &[u8]) -> Result<CatalogUpdateRef<'_>, CatalogError> {
-        let update: CatalogUpdateRef<'_> = serde_json::from_slice(payload)
+    /// Reads an update written by [`CatalogUpdate::to_json`].
+    pub fn from_json(payload: &[u8]) -> Result<CatalogUpdate, CatalogError> {
+        let update: CatalogUpdate = serde_json::from_slice(payload)
             .map_err(|error| CatalogError::Update(error.to_string()))?;
         if update.diff != 1 && update.diff != -1 {
             return Err(CatalogError::Update(format!("diff is {}, not 1 or -1", update.diff)));
         }
         Ok(update)
     }
-
-    /// Decodes a payload written by [`CatalogUpdate::to_json`].
-    pub fn from_json(payload: &[u8]) -> Result<CatalogUpdate, CatalogError> {
-        CatalogUpdate::decode(payload)
-            .map(|update| CatalogUpdate { diff: update.diff, row: update.row.to_row() })
-    }
-}
-
-/// A change of the catalog that borrows its row: what [`diff_catalogs`] gives. Its payload is
-/// the one of the [`CatalogUpdate`] it stands for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-pub struct CatalogChange<'a> {
-    /// `1` inserts the row, `-1` retracts it.
-    pub diff: i64,
-    /// The row.
-    pub row: &'a CatalogRow,
-}
-
-impl CatalogChange<'_> {
-    /// The change as a raw message payload (one JSON object).
-    pub fn to_json(&self) -> Vec<u8> {
-        // A struct of strings, maps and finite numbers always serializes.
-        serde_json::to_vec(self).unwrap_or_default()
-    }
-}
-
-/// A catalog update decoded without copying its strings ([`CatalogUpdate::decode`]).
-#[derive(Clone, Debug, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CatalogUpdateRef<'a> {
-    /// `1` inserts the row, `-1` retracts it.
-    pub diff: i64,
-    /// The row.
-    #[serde(borrow)]
-    pub row: CatalogRowRef<'a>,
-}
-
-/// A [`CatalogRow`] whose strings borrow from the payload it was decoded from.
-#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CatalogRowRef<'a> {
-    /// The device id.
-    #[serde(borrow)]
-    pub device: Cow<'a, str>,
-    /// The site (empty when not given).
-    #[serde(borrow, default)]
-    pub site: Cow<'a, str>,
-    /// The asset type (empty when not given).
-    #[serde(borrow, default)]
-    pub asset: Cow<'a, str>,
-    /// Who answers for the device (empty when not given).
-    #[serde(borrow, default)]
-    pub owner: Cow<'a, str>,
-    /// Free labels, in the payload's order.
-    #[serde(borrow, default, deserialize_with = "text_pairs")]
-    pub labels: Vec<TextPair<'a>>,
-    /// The threshold override, when given.
-    #[serde(default)]
-    pub threshold: Option<ThresholdOverride>,
-    /// From which event time on the row applies, when given.
-    #[serde(default)]
-    pub valid_from: Option<crate::EventTime>,
-}
-
-impl CatalogRowRef<'_> {
-    /// The row's labels as pairs, as [`CatalogRow::labels`] gives them.
-    pub fn label_pairs(&self) -> impl Iterator<Item = (&str, &str)> {
-        let free = self.labels.iter().map(|(name, value)| (name.as_ref(), value.as_ref()));
-        label_pairs([&self.site, &self.asset, &self.owner], free)
-    }
-
-    /// The row with strings of its own.
-    pub fn to_row(&self) -> CatalogRow {
-        CatalogRow {
-            device: self.device.to_string(),
-            site: self.site.to_string(),
-            asset: self.asset.to_string(),
-            owner: self.owner.to_string(),
-            labels: self.labels.iter().map(|(n, v)| (n.to_string(), v.to_string())).collect(),
-            threshold: self.threshold,
-            valid_from: self.valid_from,
-        }
-    }
-}
-
-/// A label's name and value, borrowed from the payload where they have no escapes.
-pub type TextPair<'a> = (Cow<'a, str>, Cow<'a, str>);
-
-/// A string that borrows from the payload when it has no escapes.
-#[derive(Deserialize)]
-struct Text<'a>(#[serde(borrow)] Cow<'a, str>);
-
-/// Decodes a JSON object of strings into its pairs, in order, borrowing where it can.
-fn text_pairs<'de, D>(deserializer: D) -> Result<Vec<TextPair<'de>>, D::Error>
-where
-    D: serde::Deserializer<'de>,
-{
-    struct Pairs;
-    impl<'de> serde::de::Visitor<'de> for Pairs {
-        type Value = Vec<TextPair<'de>>;
-        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.write_str("an object of strings")
-        }
-        fn visit_map<A: serde::de::MapAccess<'de>>(
-            self,
-            mut map: A,
-        ) -> Result<Self::Value, A::Error> {
-            let mut pairs = Vec::with_capacity(map.size_hint().unwrap_or(0));
-            while let Some((Text(name), Text(value))) = map.next_entry::<Text<'de>, Text<'de>>()? {
-                pairs.push((name, value));
-            }
-            Ok(pairs)
-        }
-    }
-    deserializer.deserialize_map(Pairs)
 }
 
 /// The formats of a catalog file.
@@ -364,7 +250,7 @@ pub enum CatalogFormat {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ParsedCatalog {
     /// The rows, by device.
-    pub rows: BTreeMap<String, CatalogRow>,
+    pub rows: BTreeMap<String, Arc<CatalogRow>>,
     /// The lines that are not rows, and devices given twice (the first row stays).
     pub errors: Vec<CatalogError>,
 }
@@ -404,7 +290,7 @@ pub fn parse_catalog(text: &[u8], format: CatalogFormat) -> Result<ParsedCatalog
                     parsed.errors.push(CatalogError::Row { line: number, reason });
                 }
                 std::collections::btree_map::Entry::Vacant(entry) => {
-                    entry.insert(row);
+                    entry.insert(Arc::new(row));
                 }
             },
             Err(reason) => parsed.errors.push(CatalogError::Row { line: number, reason }),
@@ -430,7 +316,7 @@ fn valid_from_of(text: &str) -> Result<crate::EventTime, String> {
     })
 }
 
-fn csv_row(line: &[u8], names: &[std::sync::Arc<str>]) -> Result<CatalogRow, String> {
+fn csv_row(line: &[u8], names: &[Arc<str>]) -> Result<CatalogRow, String> {
     let mut row = CatalogRow::default();
     let mut problem = None;
     split_record(line, Delimiter::COMMA, |column, text| {
@@ -542,10 +428,10 @@ fn json_row(line: &[u8]) -> Result<CatalogRow, String> {
 /// The updates that turn catalog `before` into `after`, by device: a row that changed is
 /// retracted then inserted again, one that left is retracted, a new one inserted; unchanged
 /// rows give nothing.
-pub fn diff_catalogs<'a>(
-    before: &'a BTreeMap<String, CatalogRow>,
-    after: &'a BTreeMap<String, CatalogRow>,
-) -> Vec<CatalogChange<'a>> {
+pub fn diff_catalogs(
+    before: &BTreeMap<String, Arc<CatalogRow>>,
+    after: &BTreeMap<String, Arc<CatalogRow>>,
+) -> Vec<CatalogUpdate> {
     let mut updates = Vec::new();
     // Both maps in device order at once: one pass, no lookups.
     let (mut old, mut new) = (before.iter().peekable(), after.iter().peekable());
@@ -565,10 +451,10 @@ pub fn diff_catalogs<'a>(
             },
         };
         if let Some(row) = gone {
-            updates.push(CatalogChange { diff: -1, row });
+            updates.push(CatalogUpdate { diff: -1, row: Arc::clone(row) });
         }
         if let Some(row) = came {
-            updates.push(CatalogChange { diff: 1, row });
+            updates.push(CatalogUpdate { diff: 1, row: Arc::clone(row) });
         }
     }
     updates
@@ -658,16 +544,16 @@ not json
             site: "north".to_owned(),
             ..CatalogRow::default()
         };
-        let update = CatalogUpdate { diff: -1, row };
+        let update = CatalogUpdate::new(-1, row);
         assert_eq!(CatalogUpdate::from_json(&update.to_json()), Ok(update));
         let bad = br#"{"diff":2,"row":{"device":"p1"}}"#;
         assert!(CatalogUpdate::from_json(bad).is_err());
         assert!(CatalogUpdate::from_json(b"{}").is_err());
-        // The borrowing decode agrees, escapes and labels included, and refuses the same;
-        // strings without escapes borrow from the payload.
-        let escaped = CatalogUpdate {
-            diff: 1,
-            row: CatalogRow {
+        // Escapes and labels survive the trip; the labels are the fixed fields, then the
+        // free ones.
+        let escaped = CatalogUpdate::new(
+            1,
+            CatalogRow {
                 device: "p\"1\u{e9}".to_owned(),
                 site: "north".to_owned(),
                 labels: [("a\\b".to_owned(), "1".to_owned()), ("z".to_owned(), "2".to_owned())]
@@ -676,22 +562,18 @@ not json
                 valid_from: Some(7),
                 ..CatalogRow::default()
             },
-        };
-        let payload = escaped.to_json();
-        let decoded = CatalogUpdate::decode(&payload).expect("reads");
-        assert_eq!((decoded.diff, decoded.row.to_row()), (1, escaped.row.clone()));
-        assert!(matches!(decoded.row.site, Cow::Borrowed("north")));
-        let pairs: Vec<(&str, &str)> = decoded.row.label_pairs().collect();
+        );
+        assert_eq!(CatalogUpdate::from_json(&escaped.to_json()).as_ref(), Ok(&escaped));
+        let pairs: Vec<(&str, &str)> = escaped.row.label_pairs().collect();
         assert_eq!(pairs, [("site", "north"), ("a\\b", "1"), ("z", "2")]);
         let labels = escaped.row.labels();
         assert_eq!(
             labels.iter().collect::<Vec<_>>(),
             [("a\\b", "1"), ("site", "north"), ("z", "2")]
         );
-        assert!(CatalogUpdate::decode(bad).is_err());
-        assert!(CatalogUpdate::decode(b"{}").is_err());
         assert!(
-            CatalogUpdate::decode(br#"{"diff":1,"row":{"device":"p","labels":{"a":1}}}"#).is_err()
+            CatalogUpdate::from_json(br#"{"diff":1,"row":{"device":"p","labels":{"a":1}}}"#)
+                .is_err()
         );
     }
 
@@ -702,8 +584,8 @@ not json
             site: site.to_owned(),
             ..CatalogRow::default()
         };
-        let map = |rows: &[CatalogRow]| -> BTreeMap<String, CatalogRow> {
-            rows.iter().map(|row| (row.device.clone(), row.clone())).collect()
+        let map = |rows: &[CatalogRow]| -> BTreeMap<String, Arc<CatalogRow>> {
+            rows.iter().map(|row| (row.device.clone(), Arc::new(row.clone()))).collect()
         };
         let before = map(&[row("a", "n"), row("b", "n"), row("c", "n"), row("e", "n")]);
         let after = map(&[row("b", "s"), row("c", "n"), row("d", "n"), row("e", "n")]);

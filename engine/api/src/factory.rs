@@ -257,10 +257,10 @@ pub struct TransformProperties {
     /// the first worker of the cluster, so that one instance sees every record; the others
     /// receive nothing. Takes precedence over `keyed`.
     pub gathered: bool,
-    /// Besides its records it reads raw messages on its inputs (`enrich`: the updates of a
-    /// `catalog` source): validation lets raw inputs stand beside inputs of one other kind,
-    /// and the output type follows that other kind.
-    pub raw_side_input: bool,
+    /// Besides its records it reads the updates of a `catalog` source on its inputs
+    /// (`enrich`, `fleet`): validation lets catalog inputs stand beside inputs of one other
+    /// kind, and the output type follows that other kind.
+    pub catalog_side_input: bool,
     /// It decodes raw messages and keeps no state per device or per message order
     /// (`normalize` without `hold_last`): when its inputs are sources that read on one worker
     /// only ([`SourceFactory::reads_on_one_worker`]), the engine spreads their raw batches

@@ -8,6 +8,7 @@
 //! | windows | `{"device","start_ms","end_ms","label","steps","times":[..],"values":{name:[..]}}` |
 //! | scores | `{"device","start_ms","end_ms","detector","version","score","threshold","anomaly","label","values":{name: value}}` |
 //! | events | `{"device","state","time_ms","started_ms","score","peak_score","threshold","detector","version","label","values":{name: value}}` |
+//! | catalog updates | `{"diff","row":{"device","site","asset","owner","labels":{..},"threshold","valid_from"}}` (`threshold`, `valid_from` when given) |
 //! | errors | `{"component","error_type","reason","time_ms","topic","payload"}` |
 //!
 //! Floats that are not finite are written as `null`.
@@ -170,6 +171,12 @@ pub fn write_json_lines<W: Write>(batch: &Batch, out: &mut W) -> io::Result<()> 
                 write_named_values(out, &event.columns, &event.values)?;
                 write_labels(out, &event.labels)?;
                 out.write_all(b"}\n")?;
+            }
+        }
+        Batch::Catalog(updates) => {
+            for update in updates {
+                serde_json::to_writer(&mut *out, update).map_err(io::Error::other)?;
+                out.write_all(b"\n")?;
             }
         }
         Batch::Errors(errors) => {

@@ -1,6 +1,6 @@
 //! The records that flow between components, always in batches.
 //!
-//! Four kinds of data flow through a pipeline (plus error records on side outputs):
+//! These kinds of data flow through a pipeline (plus error records on side outputs):
 //!
 //! | kind | type | produced by |
 //! |---|---|---|
@@ -8,6 +8,8 @@
 //! | readings | [`ReadingBatch`] | `normalize` |
 //! | windows | [`Window`] | `window` |
 //! | scores | [`Score`] | detectors (`stats`, `autoencoder`) |
+//! | anomaly events | [`AnomalyEvent`] | `threshold` |
+//! | catalog updates | [`CatalogUpdate`] | the `catalog` source |
 //! | errors | [`ErrorRecord`] | the `<id>.errors` side output of every component |
 //!
 //! Batches are columnar where it pays: a [`RawBatch`] keeps every payload in one buffer and a
@@ -19,6 +21,8 @@ use std::fmt;
 use std::sync::{Arc, OnceLock, RwLock};
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::catalog::CatalogUpdate;
 
 /// Event time: milliseconds since the Unix epoch.
 pub type EventTime = i64;
@@ -898,14 +902,23 @@ pub enum Kind {
     Scores,
     /// Anomaly open/close events.
     Events,
+    /// Changes of the device catalog (a `catalog` source's output).
+    Catalog,
     /// Error records (`<id>.errors`).
     Errors,
 }
 
 impl Kind {
     /// Every kind.
-    pub const ALL: &'static [Kind] =
-        &[Kind::Raw, Kind::Readings, Kind::Windows, Kind::Scores, Kind::Events, Kind::Errors];
+    pub const ALL: &'static [Kind] = &[
+        Kind::Raw,
+        Kind::Readings,
+        Kind::Windows,
+        Kind::Scores,
+        Kind::Events,
+        Kind::Catalog,
+        Kind::Errors,
+    ];
 
     /// The kind's name as written in docs and messages.
     pub fn name(self) -> &'static str {
@@ -915,6 +928,7 @@ impl Kind {
             Kind::Windows => "windows",
             Kind::Scores => "scores",
             Kind::Events => "anomaly events",
+            Kind::Catalog => "catalog updates",
             Kind::Errors => "errors",
         }
     }
@@ -939,6 +953,8 @@ pub enum Batch {
     Scores(Vec<Score>),
     /// Anomaly open/close events.
     Events(Vec<AnomalyEvent>),
+    /// Catalog updates.
+    Catalog(Vec<CatalogUpdate>),
     /// Error records.
     Errors(Vec<ErrorRecord>),
 }
@@ -952,6 +968,7 @@ impl Batch {
             Batch::Windows(_) => Kind::Windows,
             Batch::Scores(_) => Kind::Scores,
             Batch::Events(_) => Kind::Events,
+            Batch::Catalog(_) => Kind::Catalog,
             Batch::Errors(_) => Kind::Errors,
         }
     }
@@ -964,6 +981,7 @@ impl Batch {
             Batch::Windows(windows) => windows.len(),
             Batch::Scores(scores) => scores.len(),
             Batch::Events(events) => events.len(),
+            Batch::Catalog(updates) => updates.len(),
             Batch::Errors(errors) => errors.len(),
         }
     }
@@ -980,7 +998,7 @@ impl Batch {
             Batch::Windows(windows) => windows.iter().map(|window| window.end_ms - 1).max(),
             Batch::Scores(scores) => scores.iter().map(|score| score.end_ms - 1).max(),
             Batch::Events(events) => events.iter().map(|event| event.time_ms - 1).max(),
-            Batch::Raw(_) | Batch::Errors(_) => None,
+            Batch::Raw(_) | Batch::Catalog(_) | Batch::Errors(_) => None,
         }
     }
 
@@ -993,7 +1011,7 @@ impl Batch {
             Batch::Windows(windows) => windows.first().map(|window| window.device),
             Batch::Scores(scores) => scores.first().map(|score| score.device),
             Batch::Events(events) => events.first().map(|event| event.device),
-            Batch::Raw(_) | Batch::Errors(_) => None,
+            Batch::Raw(_) | Batch::Catalog(_) | Batch::Errors(_) => None,
         };
         device.map(DeviceId::route).unwrap_or(0)
     }
