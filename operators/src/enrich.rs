@@ -57,6 +57,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
+use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
 
 use differential_dataflow::input::{Input, InputSession};
@@ -211,8 +212,10 @@ pub struct Enrich {
     /// Label names and values, shared by the rows that have them (sites, owners repeat).
     strings: HashSet<Arc<str>>,
     /// Label sets, shared by the rows that have the same (devices of a site and asset type):
-    /// the records of all of them then take one set, which stays in the cache.
-    label_sets: HashSet<Labels>,
+    /// the records of all of them then take one set, which stays in the cache. By a hash of
+    /// their pairs, so that a row whose set is known builds none.
+    label_sets: HashMap<u64, Vec<Labels>, IdHash>,
+    pair_hasher: RandomState,
     /// The greatest event time of the records seen: where an update without `valid_from`
     /// takes effect.
     position: EventTime,
@@ -254,7 +257,8 @@ impl Enrich {
             rows: HashMap::default(),
             next_row: 0,
             strings: HashSet::new(),
-            label_sets: HashSet::new(),
+            label_sets: HashMap::default(),
+            pair_hasher: RandomState::new(),
             position: EventTime::MIN,
             watermark: EventTime::MIN,
             unmatched_total,
@@ -339,20 +343,29 @@ impl Enrich {
 
     /// Keeps a row's labels and threshold under a new number.
     fn add_row(&mut self, row: &CatalogRow) -> u64 {
-        let labels = Labels::from_pairs(
-            row.label_pairs().map(|(name, value)| (self.shared(name), self.shared(value))),
-        );
-        let labels = match self.label_sets.get(&labels) {
-            Some(shared) => shared.clone(),
-            None => {
-                self.label_sets.insert(labels.clone());
-                labels
-            }
-        };
+        let labels = self.label_set(row);
         let number = self.next_row;
         self.next_row += 1;
         self.rows.insert(number, Row { labels, threshold: row.threshold.map(|t| t.0) });
         number
+    }
+
+    /// The one copy of the label set of `row`.
+    fn label_set(&mut self, row: &CatalogRow) -> Labels {
+        let mut pairs: Vec<(&str, &str)> = row.label_pairs().collect();
+        Labels::order(&mut pairs);
+        let hash = self.pair_hasher.hash_one(&pairs);
+        let known = self.label_sets.get(&hash).and_then(|sets| {
+            sets.iter().find(|labels| labels.iter().eq(pairs.iter().copied())).cloned()
+        });
+        if let Some(labels) = known {
+            return labels;
+        }
+        let labels = Labels::from_pairs(
+            pairs.iter().map(|(name, value)| (self.shared(name), self.shared(value))),
+        );
+        self.label_sets.entry(hash).or_default().push(labels.clone());
+        labels
     }
 
     /// The one copy of a label name or value.

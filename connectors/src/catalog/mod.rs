@@ -22,7 +22,6 @@ pub mod keyed;
 #[cfg(feature = "mqtt")]
 pub mod mqtt;
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -249,7 +248,7 @@ pub struct CatalogSource {
     format: CatalogFormat,
     watch: bool,
     interval: Duration,
-    rows: BTreeMap<String, Arc<CatalogRow>>,
+    rows: Vec<Arc<CatalogRow>>,
     stamp: Option<Stamp>,
     next_check: Option<Instant>,
     missing_reported: bool,
@@ -264,7 +263,7 @@ impl CatalogSource {
             format: config.format(),
             watch: config.watch,
             interval: Duration::from_millis(config.poll_interval_ms),
-            rows: BTreeMap::new(),
+            rows: Vec::new(),
             stamp: None,
             next_check: None,
             missing_reported: false,

@@ -249,10 +249,18 @@ pub enum CatalogFormat {
 /// A parsed catalog file: its rows by device, and the lines that were skipped.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ParsedCatalog {
-    /// The rows, by device.
-    pub rows: BTreeMap<String, Arc<CatalogRow>>,
-    /// The lines that are not rows, and devices given twice (the first row stays).
+    /// The rows, sorted by device, one each.
+    pub rows: Vec<Arc<CatalogRow>>,
+    /// The lines that are not rows, and devices given twice (the first row stays), by line.
     pub errors: Vec<CatalogError>,
+}
+
+impl ParsedCatalog {
+    /// The row of `device`.
+    pub fn row(&self, device: &str) -> Option<&CatalogRow> {
+        let at = self.rows.binary_search_by(|row| row.device.as_str().cmp(device)).ok()?;
+        Some(&self.rows[at])
+    }
 }
 
 /// Parses a catalog file. Blank lines are skipped; a bad line is reported in
@@ -274,6 +282,7 @@ pub fn parse_catalog(text: &[u8], format: CatalogFormat) -> Result<ParsedCatalog
         }
         CatalogFormat::Jsonl => None,
     };
+    let mut rows: Vec<(usize, CatalogRow)> = Vec::new();
     for (number, line) in lines {
         if is_blank(line) {
             continue;
@@ -283,19 +292,27 @@ pub fn parse_catalog(text: &[u8], format: CatalogFormat) -> Result<ParsedCatalog
             None => json_row(line),
         };
         match row {
-            Ok(row) => match parsed.rows.entry(row.device.clone()) {
-                std::collections::btree_map::Entry::Occupied(_) => {
-                    let reason =
-                        format!("device `{}` is listed twice; the first row stays", row.device);
-                    parsed.errors.push(CatalogError::Row { line: number, reason });
-                }
-                std::collections::btree_map::Entry::Vacant(entry) => {
-                    entry.insert(Arc::new(row));
-                }
-            },
+            Ok(row) => rows.push((number, row)),
             Err(reason) => parsed.errors.push(CatalogError::Row { line: number, reason }),
         }
     }
+    // By device (a file often is already); of a device listed twice, the first row stays.
+    if !rows.is_sorted_by(|a, b| a.1.device < b.1.device) {
+        rows.sort_by(|a, b| a.1.device.cmp(&b.1.device));
+    }
+    parsed.rows.reserve(rows.len());
+    for (number, row) in rows {
+        if parsed.rows.last().is_some_and(|last| last.device == row.device) {
+            let reason = format!("device `{}` is listed twice; the first row stays", row.device);
+            parsed.errors.push(CatalogError::Row { line: number, reason });
+        } else {
+            parsed.rows.push(Arc::new(row));
+        }
+    }
+    parsed.errors.sort_by_key(|error| match error {
+        CatalogError::Row { line, .. } => *line,
+        _ => 0,
+    });
     Ok(parsed)
 }
 
@@ -425,28 +442,25 @@ fn json_row(line: &[u8]) -> Result<CatalogRow, String> {
     Ok(row)
 }
 
-/// The updates that turn catalog `before` into `after`, by device: a row that changed is
-/// retracted then inserted again, one that left is retracted, a new one inserted; unchanged
-/// rows give nothing.
-pub fn diff_catalogs(
-    before: &BTreeMap<String, Arc<CatalogRow>>,
-    after: &BTreeMap<String, Arc<CatalogRow>>,
-) -> Vec<CatalogUpdate> {
+/// The updates that turn catalog `before` into `after` (both sorted by device, one row each,
+/// as [`ParsedCatalog::rows`]), by device: a row that changed is retracted then inserted
+/// again, one that left is retracted, a new one inserted; unchanged rows give nothing.
+pub fn diff_catalogs(before: &[Arc<CatalogRow>], after: &[Arc<CatalogRow>]) -> Vec<CatalogUpdate> {
     let mut updates = Vec::new();
-    // Both maps in device order at once: one pass, no lookups.
+    // Both in device order at once: one pass, no lookups.
     let (mut old, mut new) = (before.iter().peekable(), after.iter().peekable());
     loop {
         let order = match (old.peek(), new.peek()) {
             (None, None) => break,
             (Some(_), None) => Ordering::Less,
             (None, Some(_)) => Ordering::Greater,
-            (Some((a, _)), Some((b, _))) => a.cmp(b),
+            (Some(a), Some(b)) => a.device.cmp(&b.device),
         };
         let (gone, came) = match order {
-            Ordering::Less => (old.next().map(|(_, row)| row), None),
-            Ordering::Greater => (None, new.next().map(|(_, row)| row)),
+            Ordering::Less => (old.next(), None),
+            Ordering::Greater => (None, new.next()),
             Ordering::Equal => match (old.next(), new.next()) {
-                (Some((_, a)), Some((_, b))) if a != b => (Some(a), Some(b)),
+                (Some(a), Some(b)) if a != b => (Some(a), Some(b)),
                 _ => (None, None),
             },
         };
@@ -474,11 +488,11 @@ mod tests {
             p1,east,pump,ops,,\n";
         let parsed = parse_catalog(text, CatalogFormat::Csv).expect("header");
         assert_eq!(parsed.rows.len(), 2);
-        let p1 = &parsed.rows["p1"];
+        let p1 = parsed.row("p1").expect("p1");
         assert_eq!(p1.site, "north");
         assert_eq!(p1.threshold, Some(ThresholdOverride(0.5)));
         assert_eq!(p1.labels.get("floor").map(String::as_str), Some("2"));
-        assert!(parsed.rows["p2"].labels.is_empty());
+        assert!(parsed.row("p2").is_some_and(|row| row.labels.is_empty()));
         let lines: Vec<usize> = parsed
             .errors
             .iter()
@@ -499,16 +513,20 @@ mod tests {
             b"device,site,valid_from\np1,north,1700000000000\np2,north,2023-11-14T22:13:20Z\n\
                     p3,north,\np4,north,soon\n";
         let parsed = parse_catalog(csv, CatalogFormat::Csv).expect("parses");
-        let from = |device: &str| parsed.rows.get(device).and_then(|row| row.valid_from);
+        let from = |device: &str| parsed.row(device).and_then(|row| row.valid_from);
         assert_eq!(from("p1"), Some(1_700_000_000_000));
         assert_eq!(from("p2"), Some(1_700_000_000_000));
         assert_eq!(from("p3"), None, "empty: from where the stream stands");
-        assert!(!parsed.rows.contains_key("p4"));
+        assert!(parsed.row("p4").is_none());
         assert_eq!(parsed.errors.len(), 1, "{:?}", parsed.errors);
         assert!(parsed.errors[0].to_string().contains("valid_from `soon`"), "{:?}", parsed.errors);
         let json = b"{\"device\":\"p1\",\"valid_from\":1700000000}\n{\"device\":\"p2\",\"valid_from\":[1]}\n";
         let parsed = parse_catalog(json, CatalogFormat::Jsonl).expect("parses");
-        assert_eq!(parsed.rows["p1"].valid_from, Some(1_700_000_000_000), "seconds");
+        assert_eq!(
+            parsed.row("p1").and_then(|row| row.valid_from),
+            Some(1_700_000_000_000),
+            "seconds"
+        );
         assert_eq!(parsed.errors.len(), 1, "{:?}", parsed.errors);
     }
 
@@ -530,7 +548,7 @@ not json
 "#;
         let parsed = parse_catalog(text, CatalogFormat::Jsonl).expect("parses");
         assert_eq!(parsed.rows.len(), 1);
-        let p1 = &parsed.rows["p1"];
+        let p1 = parsed.row("p1").expect("p1");
         assert_eq!(p1.labels.get("zone").map(String::as_str), Some("a"));
         assert_eq!(p1.labels.get("floor").map(String::as_str), Some("2"));
         assert_eq!(p1.threshold, Some(ThresholdOverride(1.5)));
@@ -584,8 +602,8 @@ not json
             site: site.to_owned(),
             ..CatalogRow::default()
         };
-        let map = |rows: &[CatalogRow]| -> BTreeMap<String, Arc<CatalogRow>> {
-            rows.iter().map(|row| (row.device.clone(), Arc::new(row.clone()))).collect()
+        let map = |rows: &[CatalogRow]| -> Vec<Arc<CatalogRow>> {
+            rows.iter().map(|row| Arc::new(row.clone())).collect()
         };
         let before = map(&[row("a", "n"), row("b", "n"), row("c", "n"), row("e", "n")]);
         let after = map(&[row("b", "s"), row("c", "n"), row("d", "n"), row("e", "n")]);
@@ -600,7 +618,7 @@ not json
             .collect();
         assert_eq!(updates, expected);
         assert!(diff_catalogs(&after, &after).is_empty());
-        assert_eq!(diff_catalogs(&BTreeMap::new(), &after).len(), after.len());
-        assert_eq!(diff_catalogs(&before, &BTreeMap::new()).len(), before.len());
+        assert_eq!(diff_catalogs(&[], &after).len(), after.len());
+        assert_eq!(diff_catalogs(&before, &[]).len(), before.len());
     }
 }

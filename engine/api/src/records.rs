@@ -228,10 +228,17 @@ impl Labels {
     {
         let mut list: Vec<(Arc<str>, Arc<str>)> =
             pairs.into_iter().map(|(name, value)| (name.into(), value.into())).collect();
-        // A stable sort keeps the first of equal names first; dedup keeps it.
-        list.sort_by(|a, b| a.0.cmp(&b.0));
-        list.dedup_by(|later, first| later.0 == first.0);
+        Labels::order(&mut list);
         Labels(list.into())
+    }
+
+    /// Puts pairs in the order labels keep them: sorted by name, of a name given twice the
+    /// first value only. Pairs so ordered compare with [`Labels::iter`] of the labels
+    /// [`Labels::from_pairs`] makes of them.
+    pub fn order<N: AsRef<str>, V>(pairs: &mut Vec<(N, V)>) {
+        // A stable sort keeps the first of equal names first; dedup keeps it.
+        pairs.sort_by(|a, b| a.0.as_ref().cmp(b.0.as_ref()));
+        pairs.dedup_by(|later, first| later.0.as_ref() == first.0.as_ref());
     }
 
     /// The value of label `name`.
