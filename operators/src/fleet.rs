@@ -45,7 +45,7 @@ use tidewatch_api::{
 use timely::dataflow::ProbeHandle;
 
 use crate::dataflow::{Captured, Local};
-use crate::util::IdHash;
+use crate::util::{DeviceTable, IdHash};
 
 /// Options of the `fleet` transform.
 #[derive(Clone, Debug, PartialEq, Deserialize)]
@@ -146,6 +146,15 @@ struct DeviceState {
 
 /// What the rollups count a device by: its site, its asset type, whether it is anomalous.
 type Standing = (u32, u32, bool);
+
+/// What `fleet` knows of a device.
+#[derive(Clone, Copy, Debug, Default)]
+struct Known {
+    /// With `require_catalog`: the catalog rows it has (it counts while it has one).
+    rows: i64,
+    /// Its latest record: event time, state.
+    latest: Option<(EventTime, DeviceState)>,
+}
 
 /// What ranks a device in the top-N: its score key and its name prefix.
 type Rank = (u32, u128);
@@ -268,9 +277,9 @@ pub struct Fleet {
     /// state, a move), apart from their scores, so that a new score does not churn the
     /// rollups.
     standings: InputSession<u64, (DeviceId, Standing), isize>,
-    /// With `require_catalog`: the catalog rows of each device (a device counts while it
-    /// has one). Only the states of devices that count are in the dataflow's input.
-    catalogued: Option<HashMap<DeviceId, i64, IdHash>>,
+    /// Count only devices with a catalog row. Only the states of devices that count are in
+    /// the dataflow's input.
+    require_catalog: bool,
     probe: ProbeHandle<u64>,
     /// The rollups' counts, as captured.
     captured: Captured<(Rollup, isize)>,
@@ -281,8 +290,8 @@ pub struct Fleet {
     /// The top-N candidates (the devices in the selected buckets), in rank order.
     candidates: BTreeSet<Entry>,
     top: usize,
-    /// Each device's latest record: event time, state.
-    latest: HashMap<DeviceId, (EventTime, DeviceState), IdHash>,
+    /// What is known of each device: its catalog rows, its latest record.
+    devices: DeviceTable<Known>,
     /// The site and asset names seen, by index (sites and asset types are few).
     names: Vec<Arc<str>>,
     indexes: HashMap<Arc<str>, u32>,
@@ -301,7 +310,10 @@ impl fmt::Debug for Fleet {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Fleet")
             .field("component", &self.component)
-            .field("devices", &self.latest.len())
+            .field(
+                "devices",
+                &self.devices.iter().filter(|(_, known)| known.latest.is_some()).count(),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -332,14 +344,14 @@ impl Fleet {
             component: Arc::clone(&ctx.component_id),
             local,
             standings,
-            catalogued: config.require_catalog.then(HashMap::default),
+            require_catalog: config.require_catalog,
             probe,
             captured,
             selected: HashSet::default(),
             by_bucket: BTreeMap::new(),
             candidates: BTreeSet::new(),
             top,
-            latest: HashMap::default(),
+            devices: DeviceTable::default(),
             names: Vec::new(),
             indexes: HashMap::new(),
             current: BTreeMap::new(),
@@ -363,7 +375,7 @@ impl Fleet {
     /// Takes a device's new record into account.
     fn observe(&mut self, device: DeviceId, time: EventTime, record: Observed<'_>) {
         self.watermark = self.watermark.max(time);
-        let known = self.latest.get(&device).map(|(seen, old)| (*seen, *old));
+        let known = self.latest(device);
         if known.is_some_and(|(seen, _)| seen > time) {
             return;
         }
@@ -378,7 +390,7 @@ impl Fleet {
         if self.counts(device) {
             self.replace(device, known.map(|(_, old)| old), Some(state));
         }
-        self.latest.insert(device, (time, state));
+        self.devices.get_or_insert_with(device, Known::default).latest = Some((time, state));
     }
 
     /// Replaces a device's state (`None`: not counted) in the dataflow's input, when its
@@ -443,7 +455,7 @@ impl Fleet {
             for bucket in buckets {
                 let Some(devices) = self.by_bucket.get(&bucket) else { continue };
                 for device in devices {
-                    let Some((_, state)) = self.latest.get(device) else { continue };
+                    let Some((_, state)) = self.latest(*device) else { continue };
                     let entry = (Reverse(state.score), state.prefix, *device);
                     if entering {
                         self.candidates.insert(entry);
@@ -457,22 +469,29 @@ impl Fleet {
 
     /// True when `device` counts in the rollups (always, without `require_catalog`).
     fn counts(&self, device: DeviceId) -> bool {
-        self.catalogued.as_ref().is_none_or(|rows| rows.get(&device).is_some_and(|n| *n > 0))
+        !self.require_catalog || self.devices.get(device).is_some_and(|known| known.rows > 0)
+    }
+
+    /// The latest record of `device`: event time, state.
+    fn latest(&self, device: DeviceId) -> Option<(EventTime, DeviceState)> {
+        self.devices.get(device)?.latest
     }
 
     /// A catalog row of `device` was added (`diff = 1`) or retracted (`-1`): a device that
     /// enters or leaves the catalog brings its latest state into the rollups or takes it out.
     fn catalog_update(&mut self, device: DeviceId, diff: i64) {
+        if !self.require_catalog {
+            return;
+        }
         let before = self.counts(device);
-        let Some(rows) = self.catalogued.as_mut() else { return };
-        let count = rows.entry(device).or_default();
-        *count += diff;
-        if *count == 0 {
-            rows.remove(&device);
+        let known = self.devices.get_or_insert_with(device, Known::default);
+        known.rows += diff;
+        let latest = known.latest;
+        if known.rows == 0 && latest.is_none() {
+            self.devices.remove(device);
         }
         let after = self.counts(device);
-        if let Some((_, state)) = self.latest.get(&device).filter(|_| before != after) {
-            let state = *state;
+        if let Some((_, state)) = latest.filter(|_| before != after) {
             let (old, new) = if after { (None, Some(state)) } else { (Some(state), None) };
             self.replace(device, old, new);
         }
@@ -537,7 +556,7 @@ impl Fleet {
         // Best first; equal scores by device name.
         top.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
         for (key, name, device) in top {
-            let (site, asset) = match self.latest.get(&device) {
+            let (site, asset) = match self.latest(device) {
                 Some((_, state)) => (self.name(state.site), self.name(state.asset)),
                 None => (String::new(), String::new()),
             };
@@ -791,11 +810,12 @@ impl Transform for Fleet {
 
     fn snapshot(&mut self) -> Result<Option<Vec<u8>>, ComponentError> {
         let mut devices: Vec<SavedDevice> = self
-            .latest
+            .devices
             .iter()
+            .filter_map(|(device, known)| Some((device, known.latest?)))
             .map(|(device, (time, state))| SavedDevice {
                 device: device.name().to_string(),
-                time_ms: *time,
+                time_ms: time,
                 site: self.name(state.site),
                 asset: self.name(state.asset),
                 anomalous: state.anomalous,

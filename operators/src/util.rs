@@ -2,6 +2,8 @@
 
 use std::hash::{BuildHasher, Hasher};
 
+use tidewatch_api::DeviceId;
+
 /// A fast multiplicative hasher for keys that the operators assign themselves (interned
 /// [`tidewatch_api::DeviceId`]s, small integers). Not for keys chosen by the outside world.
 #[derive(Clone, Copy, Debug, Default)]
@@ -67,6 +69,53 @@ impl BuildHasher for IdHash {
 
     fn build_hasher(&self) -> IdHasher {
         IdHasher::default()
+    }
+}
+
+/// Values by device in a vector indexed by the device's interned index: no hashing, and
+/// devices interned together (a catalog's, a file's) sit together. For state of most devices
+/// of the process (`fleet`'s, which sees them all); sparse state belongs in a map.
+#[derive(Clone, Debug)]
+pub(crate) struct DeviceTable<V> {
+    slots: Vec<Option<(DeviceId, V)>>,
+}
+
+impl<V> Default for DeviceTable<V> {
+    fn default() -> Self {
+        DeviceTable { slots: Vec::new() }
+    }
+}
+
+impl<V> DeviceTable<V> {
+    /// The value of `device`.
+    pub(crate) fn get(&self, device: DeviceId) -> Option<&V> {
+        let (_, value) = self.slots.get(device.index() as usize)?.as_ref()?;
+        Some(value)
+    }
+
+    /// The value of `device`, inserted by `make` when it has none.
+    pub(crate) fn get_or_insert_with(
+        &mut self,
+        device: DeviceId,
+        make: impl FnOnce() -> V,
+    ) -> &mut V {
+        let at = device.index() as usize;
+        if at >= self.slots.len() {
+            self.slots.resize_with(at + 1, || None);
+        }
+        &mut self.slots[at].get_or_insert_with(|| (device, make())).1
+    }
+
+    /// Removes the value of `device`.
+    pub(crate) fn remove(&mut self, device: DeviceId) {
+        if let Some(slot) = self.slots.get_mut(device.index() as usize) {
+            *slot = None;
+        }
+    }
+
+    /// The devices and their values, by index.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (DeviceId, &V)> {
+        self.slots.iter().filter_map(|slot| slot.as_ref().map(|(device, value)| (*device, value)))
     }
 }
 
