@@ -731,7 +731,7 @@ fn a_kafka_catalog_not_watched_reads_the_topic_to_its_end_and_finishes() {
         for batch in out.take_main() {
             let Batch::Catalog(updates) = batch else { panic!("catalog updates") };
             for update in updates {
-                let key = (update.row.device.clone(), update.row.site.clone());
+                let key = (update.row.device.clone(), update.row.site.to_string());
                 let count = catalog.entry(key).or_default();
                 *count += update.diff;
                 assert!((0..=1).contains(count), "a row inserted twice or retracted when absent");

@@ -63,7 +63,7 @@ pub struct Applied {
 /// assert_eq!(inserted.updates.len(), 1);
 /// let moved = catalog.apply("p1", Some(br#"{"device":"p1","site":"south"}"#));
 /// let diffs: Vec<(i64, &str)> =
-///     moved.updates.iter().map(|u| (u.diff, u.row.site.as_str())).collect();
+///     moved.updates.iter().map(|u| (u.diff, u.&*row.site)).collect();
 /// assert_eq!(diffs, [(-1, "north"), (1, "south")]);
 /// let deleted = catalog.apply("p1", None);
 /// assert_eq!(deleted.updates[0].diff, -1);
@@ -182,7 +182,7 @@ mod tests {
         applied
             .updates
             .iter()
-            .map(|update| (update.diff, update.row.device.clone(), update.row.site.clone()))
+            .map(|update| (update.diff, update.row.device.clone(), update.row.site.to_string()))
             .collect()
     }
 
@@ -249,10 +249,10 @@ mod tests {
                     );
                 }
             }
-            assert_eq!(catalog.row("p1").map(|row| row.site.as_str()), Some("north"));
+            assert_eq!(catalog.row("p1").map(|row| &*row.site), Some("north"));
             // Clearing the used topic hands the device to the other one.
             sent.extend(changes(&catalog.apply("catalog/a", None)));
-            assert_eq!(catalog.row("p1").map(|row| row.site.as_str()), Some("south"));
+            assert_eq!(catalog.row("p1").map(|row| &*row.site), Some("south"));
             // What was sent adds up to the catalog: every insert retracted before the next.
             let mut live: BTreeMap<String, i64> = BTreeMap::new();
             for (diff, device, site) in &sent {

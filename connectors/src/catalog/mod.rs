@@ -358,7 +358,9 @@ mod tests {
             .flat_map(|batch| match batch {
                 Batch::Catalog(updates) => updates
                     .into_iter()
-                    .map(|update| (update.row.device.clone(), update.row.site.clone(), update.diff))
+                    .map(|update| {
+                        (update.row.device.clone(), update.row.site.to_string(), update.diff)
+                    })
                     .collect::<Vec<_>>(),
                 other => panic!("{other:?}"),
             })

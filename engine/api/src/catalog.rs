@@ -19,7 +19,7 @@
 //!     CatalogFormat::Csv).expect("parses");
 //! let updates = diff_catalogs(&before.rows, &after.rows);
 //! let changes: Vec<(&str, &str, i64)> =
-//!     updates.iter().map(|u| (u.row.device.as_str(), u.row.site.as_str(), u.diff)).collect();
+//!     updates.iter().map(|u| (u.row.device.as_str(), &*u.row.site, u.diff)).collect();
 //! assert_eq!(changes, [("p1", "north", -1), ("p1", "south", 1), ("p2", "north", -1)]);
 //! ```
 
@@ -59,7 +59,8 @@ impl std::hash::Hash for ThresholdOverride {
     }
 }
 
-/// One device's entry in the catalog.
+/// One device's entry in the catalog. Its texts but the device are shared strings: the rows
+/// of one file that have the same site, asset type, owner or label hold one copy of it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CatalogRow {
@@ -67,13 +68,13 @@ pub struct CatalogRow {
     pub device: String,
     /// The site the device is at (empty when not given).
     #[serde(default)]
-    pub site: String,
+    pub site: Arc<str>,
     /// The asset type (pump, fan ...; empty when not given).
     #[serde(default)]
-    pub asset: String,
+    pub asset: Arc<str>,
     /// Who answers for the device (empty when not given).
     #[serde(default)]
-    pub owner: String,
+    pub owner: Arc<str>,
     /// Free labels, by name.
     #[serde(default)]
     pub labels: FreeLabels,
@@ -91,17 +92,22 @@ pub struct CatalogRow {
 /// 100,000 rows each with a map's node (over 500 bytes) would weigh tens of megabytes more.
 /// Written as a JSON object.
 #[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct FreeLabels(Vec<(String, String)>);
+pub struct FreeLabels(Vec<(Arc<str>, Arc<str>)>);
 
 impl FreeLabels {
     /// The value of label `name`.
-    pub fn get(&self, name: &str) -> Option<&String> {
-        let at = self.0.binary_search_by(|(key, _)| key.as_str().cmp(name)).ok()?;
+    pub fn get(&self, name: &str) -> Option<&str> {
+        let at = self.0.binary_search_by(|(key, _)| key.as_ref().cmp(name)).ok()?;
         Some(&self.0[at].1)
     }
 
     /// Sets label `name` to `value`; the value it had, if any.
-    pub fn insert(&mut self, name: String, value: String) -> Option<String> {
+    pub fn insert(
+        &mut self,
+        name: impl Into<Arc<str>>,
+        value: impl Into<Arc<str>>,
+    ) -> Option<Arc<str>> {
+        let (name, value) = (name.into(), value.into());
         match self.0.binary_search_by(|(key, _)| key.cmp(&name)) {
             Ok(at) => Some(std::mem::replace(&mut self.0[at].1, value)),
             Err(at) => {
@@ -112,8 +118,8 @@ impl FreeLabels {
     }
 
     /// The labels, by name.
-    pub fn iter(&self) -> impl Iterator<Item = (&String, &String)> {
-        self.0.iter().map(|(name, value)| (name, value))
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.iter().map(|(name, value)| (name.as_ref(), value.as_ref()))
     }
 
     /// How many labels there are.
@@ -127,9 +133,9 @@ impl FreeLabels {
     }
 }
 
-impl FromIterator<(String, String)> for FreeLabels {
+impl<N: Into<Arc<str>>, V: Into<Arc<str>>> FromIterator<(N, V)> for FreeLabels {
     /// Of a name given twice, the last value stays (as a map's `collect`).
-    fn from_iter<I: IntoIterator<Item = (String, String)>>(pairs: I) -> FreeLabels {
+    fn from_iter<I: IntoIterator<Item = (N, V)>>(pairs: I) -> FreeLabels {
         let mut labels = FreeLabels::default();
         for (name, value) in pairs {
             labels.insert(name, value);
@@ -138,8 +144,8 @@ impl FromIterator<(String, String)> for FreeLabels {
     }
 }
 
-impl<const N: usize> From<[(String, String); N]> for FreeLabels {
-    fn from(pairs: [(String, String); N]) -> FreeLabels {
+impl<N: Into<Arc<str>>, V: Into<Arc<str>>, const L: usize> From<[(N, V); L]> for FreeLabels {
+    fn from(pairs: [(N, V); L]) -> FreeLabels {
         pairs.into_iter().collect()
     }
 }
@@ -166,10 +172,10 @@ impl CatalogRow {
     /// The row's labels as pairs, as [`CatalogRow::labels`] takes them: `site`, `asset` and
     /// `owner` when not empty, then the free labels.
     pub fn label_pairs(&self) -> impl Iterator<Item = (&str, &str)> {
-        let free = self.labels.iter().map(|(name, value)| (name.as_str(), value.as_str()));
+        let free = self.labels.iter();
         ["site", "asset", "owner"]
             .into_iter()
-            .zip([self.site.as_str(), self.asset.as_str(), self.owner.as_str()])
+            .zip([self.site.as_ref(), self.asset.as_ref(), self.owner.as_ref()])
             .filter(|(_, value)| !value.is_empty())
             .chain(free)
     }
@@ -283,13 +289,14 @@ pub fn parse_catalog(text: &[u8], format: CatalogFormat) -> Result<ParsedCatalog
         CatalogFormat::Jsonl => None,
     };
     let mut rows: Vec<(usize, CatalogRow)> = Vec::new();
+    let mut pool = Pool::default();
     for (number, line) in lines {
         if is_blank(line) {
             continue;
         }
         let row = match &header {
-            Some(names) => csv_row(line, names),
-            None => json_row(line),
+            Some(names) => csv_row(line, names, &mut pool),
+            None => json_row(line, &mut pool),
         };
         match row {
             Ok(row) => rows.push((number, row)),
@@ -316,6 +323,22 @@ pub fn parse_catalog(text: &[u8], format: CatalogFormat) -> Result<ParsedCatalog
     Ok(parsed)
 }
 
+/// The texts of the rows of one file, each once: sites, asset types, owners and labels
+/// repeat from row to row.
+#[derive(Default)]
+struct Pool(std::collections::HashSet<Arc<str>>);
+
+impl Pool {
+    fn get(&mut self, text: &str) -> Arc<str> {
+        if let Some(shared) = self.0.get(text) {
+            return Arc::clone(shared);
+        }
+        let shared: Arc<str> = Arc::from(text);
+        self.0.insert(Arc::clone(&shared));
+        shared
+    }
+}
+
 fn is_blank(line: &[u8]) -> bool {
     line.iter().all(u8::is_ascii_whitespace)
 }
@@ -333,7 +356,7 @@ fn valid_from_of(text: &str) -> Result<crate::EventTime, String> {
     })
 }
 
-fn csv_row(line: &[u8], names: &[Arc<str>]) -> Result<CatalogRow, String> {
+fn csv_row(line: &[u8], names: &[Arc<str>], pool: &mut Pool) -> Result<CatalogRow, String> {
     let mut row = CatalogRow::default();
     let mut problem = None;
     split_record(line, Delimiter::COMMA, |column, text| {
@@ -341,25 +364,26 @@ fn csv_row(line: &[u8], names: &[Arc<str>]) -> Result<CatalogRow, String> {
             problem = Some(format!("more cells than the header's {} columns", names.len()));
             return false;
         };
-        let value = String::from_utf8_lossy(&text).trim().to_owned();
+        let text = String::from_utf8_lossy(&text);
+        let value = text.trim();
         match name.as_ref() {
-            "device" => row.device = value,
-            "site" => row.site = value,
-            "asset" => row.asset = value,
-            "owner" => row.owner = value,
+            "device" => row.device = value.to_owned(),
+            "site" => row.site = pool.get(value),
+            "asset" => row.asset = pool.get(value),
+            "owner" => row.owner = pool.get(value),
             "threshold" if value.is_empty() => {}
-            "threshold" => match threshold_of(&value) {
+            "threshold" => match threshold_of(value) {
                 Ok(threshold) => row.threshold = Some(threshold),
                 Err(reason) => problem = Some(reason),
             },
             "valid_from" if value.is_empty() => {}
-            "valid_from" => match valid_from_of(&value) {
+            "valid_from" => match valid_from_of(value) {
                 Ok(time) => row.valid_from = Some(time),
                 Err(reason) => problem = Some(reason),
             },
             _ if value.is_empty() || name.is_empty() => {}
-            other => {
-                row.labels.insert(other.to_owned(), value);
+            _ => {
+                row.labels.insert(Arc::clone(name), pool.get(value));
             }
         }
         problem.is_none()
@@ -381,15 +405,15 @@ fn csv_row(line: &[u8], names: &[Arc<str>]) -> Result<CatalogRow, String> {
 /// use tidewatch_api::catalog::parse_json_row;
 ///
 /// let row = parse_json_row(br#"{"device":"p1","site":"north","line":2}"#).expect("a row");
-/// assert_eq!((row.device.as_str(), row.site.as_str()), ("p1", "north"));
-/// assert_eq!(row.labels.get("line").map(String::as_str), Some("2"));
+/// assert_eq!((row.device.as_str(), &*row.site), ("p1", "north"));
+/// assert_eq!(row.labels.get("line"), Some("2"));
 /// assert!(parse_json_row(br#"{"site":"north"}"#).is_err());
 /// ```
 pub fn parse_json_row(payload: &[u8]) -> Result<CatalogRow, CatalogError> {
-    json_row(payload).map_err(CatalogError::NotARow)
+    json_row(payload, &mut Pool::default()).map_err(CatalogError::NotARow)
 }
 
-fn json_row(line: &[u8]) -> Result<CatalogRow, String> {
+fn json_row(line: &[u8], pool: &mut Pool) -> Result<CatalogRow, String> {
     let value: serde_json::Value =
         serde_json::from_slice(line).map_err(|error| format!("not JSON: {error}"))?;
     let serde_json::Value::Object(object) = value else {
@@ -412,7 +436,7 @@ fn json_row(line: &[u8]) -> Result<CatalogRow, String> {
                     let serde_json::Value::String(label) = label else {
                         return Err(format!("label `{name}` is not a string"));
                     };
-                    row.labels.insert(name, label);
+                    row.labels.insert(pool.get(&name), pool.get(&label));
                 }
             }
             ("threshold", None) if value.is_null() => {}
@@ -424,14 +448,14 @@ fn json_row(line: &[u8]) -> Result<CatalogRow, String> {
                 row.valid_from = Some(valid_from_of(&text)?)
             }
             ("device", Some(text)) if value.is_string() => row.device = text,
-            ("site", Some(text)) if value.is_string() => row.site = text,
-            ("asset", Some(text)) if value.is_string() => row.asset = text,
-            ("owner", Some(text)) if value.is_string() => row.owner = text,
+            ("site", Some(text)) if value.is_string() => row.site = pool.get(&text),
+            ("asset", Some(text)) if value.is_string() => row.asset = pool.get(&text),
+            ("owner", Some(text)) if value.is_string() => row.owner = pool.get(&text),
             ("device" | "site" | "asset" | "owner" | "threshold" | "valid_from" | "labels", _) => {
                 return Err(format!("`{key}` has the wrong type"));
             }
             (_, Some(text)) => {
-                row.labels.insert(key, text);
+                row.labels.insert(pool.get(&key), pool.get(&text));
             }
             (_, None) => return Err(format!("label `{key}` is not a string, number or boolean")),
         }
@@ -489,9 +513,9 @@ mod tests {
         let parsed = parse_catalog(text, CatalogFormat::Csv).expect("header");
         assert_eq!(parsed.rows.len(), 2);
         let p1 = parsed.row("p1").expect("p1");
-        assert_eq!(p1.site, "north");
+        assert_eq!(&*p1.site, "north");
         assert_eq!(p1.threshold, Some(ThresholdOverride(0.5)));
-        assert_eq!(p1.labels.get("floor").map(String::as_str), Some("2"));
+        assert_eq!(p1.labels.get("floor"), Some("2"));
         assert!(parsed.row("p2").is_some_and(|row| row.labels.is_empty()));
         let lines: Vec<usize> = parsed
             .errors
@@ -549,19 +573,16 @@ not json
         let parsed = parse_catalog(text, CatalogFormat::Jsonl).expect("parses");
         assert_eq!(parsed.rows.len(), 1);
         let p1 = parsed.row("p1").expect("p1");
-        assert_eq!(p1.labels.get("zone").map(String::as_str), Some("a"));
-        assert_eq!(p1.labels.get("floor").map(String::as_str), Some("2"));
+        assert_eq!(p1.labels.get("zone"), Some("a"));
+        assert_eq!(p1.labels.get("floor"), Some("2"));
         assert_eq!(p1.threshold, Some(ThresholdOverride(1.5)));
         assert_eq!(parsed.errors.len(), 3);
     }
 
     #[test]
     fn updates_round_trip_and_a_bad_diff_is_refused() {
-        let row = CatalogRow {
-            device: "p1".to_owned(),
-            site: "north".to_owned(),
-            ..CatalogRow::default()
-        };
+        let row =
+            CatalogRow { device: "p1".to_owned(), site: "north".into(), ..CatalogRow::default() };
         let update = CatalogUpdate::new(-1, row);
         assert_eq!(CatalogUpdate::from_json(&update.to_json()), Ok(update));
         let bad = br#"{"diff":2,"row":{"device":"p1"}}"#;
@@ -573,7 +594,7 @@ not json
             1,
             CatalogRow {
                 device: "p\"1\u{e9}".to_owned(),
-                site: "north".to_owned(),
+                site: "north".into(),
                 labels: [("a\\b".to_owned(), "1".to_owned()), ("z".to_owned(), "2".to_owned())]
                     .into(),
                 threshold: Some(ThresholdOverride(0.5)),
@@ -599,7 +620,7 @@ not json
     fn a_diff_retracts_what_went_and_changed_and_inserts_what_came_in_device_order() {
         let row = |device: &str, site: &str| CatalogRow {
             device: device.to_owned(),
-            site: site.to_owned(),
+            site: site.into(),
             ..CatalogRow::default()
         };
         let map = |rows: &[CatalogRow]| -> Vec<Arc<CatalogRow>> {
@@ -609,7 +630,7 @@ not json
         let after = map(&[row("b", "s"), row("c", "n"), row("d", "n"), row("e", "n")]);
         let updates: Vec<(i64, String, String)> = diff_catalogs(&before, &after)
             .into_iter()
-            .map(|update| (update.diff, update.row.device.clone(), update.row.site.clone()))
+            .map(|update| (update.diff, update.row.device.clone(), update.row.site.to_string()))
             .collect();
         let expected = [(-1, "a", "n"), (-1, "b", "n"), (1, "b", "s"), (1, "d", "n")];
         let expected: Vec<(i64, String, String)> = expected
