@@ -63,7 +63,7 @@ pub struct Applied {
 /// assert_eq!(inserted.updates.len(), 1);
 /// let moved = catalog.apply("p1", Some(br#"{"device":"p1","site":"south"}"#));
 /// let diffs: Vec<(i64, &str)> =
-///     moved.updates.iter().map(|u| (u.diff, u.&*row.site)).collect();
+///     moved.updates.iter().map(|u| (u.diff, &*u.row.site)).collect();
 /// assert_eq!(diffs, [(-1, "north"), (1, "south")]);
 /// let deleted = catalog.apply("p1", None);
 /// assert_eq!(deleted.updates[0].diff, -1);
