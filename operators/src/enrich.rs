@@ -57,7 +57,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
-use std::hash::{BuildHasher, RandomState};
+use std::hash::BuildHasher;
 use std::sync::Arc;
 
 use differential_dataflow::input::{Input, InputSession};
@@ -215,7 +215,6 @@ pub struct Enrich {
     /// the records of all of them then take one set, which stays in the cache. By a hash of
     /// their pairs, so that a row whose set is known builds none.
     label_sets: HashMap<u64, Vec<Labels>, IdHash>,
-    pair_hasher: RandomState,
     /// The greatest event time of the records seen: where an update without `valid_from`
     /// takes effect.
     position: EventTime,
@@ -258,7 +257,6 @@ impl Enrich {
             next_row: 0,
             strings: HashSet::new(),
             label_sets: HashMap::default(),
-            pair_hasher: RandomState::new(),
             position: EventTime::MIN,
             watermark: EventTime::MIN,
             unmatched_total,
@@ -354,7 +352,7 @@ impl Enrich {
     fn label_set(&mut self, row: &CatalogRow) -> Labels {
         let mut pairs: Vec<(&str, &str)> = row.label_pairs().collect();
         Labels::order(&mut pairs);
-        let hash = self.pair_hasher.hash_one(&pairs);
+        let hash = IdHash.hash_one(&pairs);
         let known = self.label_sets.get(&hash).and_then(|sets| {
             sets.iter().find(|labels| labels.iter().eq(pairs.iter().copied())).cloned()
         });
