@@ -140,6 +140,20 @@ fn record_kind_mismatch_names_both_ends_and_the_fix() {
 }
 
 #[test]
+fn catalog_updates_sent_to_another_transform_point_to_enrich_and_fleet() {
+    let error = single_error("invalid/catalog_mismatch.toml");
+    assert_eq!((error.line, error.column), (7, 11), "{error}");
+    assert!(
+        error.message.contains("accepts readings but `devices` emits catalog updates"),
+        "{error}"
+    );
+    assert_eq!(
+        error.hint.as_deref(),
+        Some("a catalog's updates are read by `enrich` and `fleet` (or a sink)")
+    );
+}
+
+#[test]
 fn unset_environment_variable_is_located() {
     let error = single_error("invalid/unset_env.toml");
     assert_eq!((error.line, error.column), (3, 10), "{error}");

@@ -1011,6 +1011,9 @@ impl Validator<'_> {
                 (Kind::Readings, Some(Kind::Windows)) => {
                     Some("insert a `window` transform between them".to_owned())
                 }
+                (Kind::Catalog, _) => Some(
+                    "a catalog's updates are read by `enrich` and `fleet` (or a sink)".to_owned(),
+                ),
                 _ => None,
             }
             .or_else(|| Some(format!("`{}` accepts {}", entry.type_name, accepted.join(", "))));
