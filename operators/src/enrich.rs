@@ -55,10 +55,9 @@
 //! assert_eq!(unmatched[0].device.name().as_ref(), "p9");
 //! ```
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fmt;
 use std::hash::BuildHasher;
-use std::sync::Arc;
 
 use differential_dataflow::input::{Input, InputSession};
 use differential_dataflow::operators::arrange::TraceAgent;
@@ -66,7 +65,7 @@ use differential_dataflow::trace::TraceReader;
 use differential_dataflow::trace::cursor::{Cursor, cursor_list};
 use differential_dataflow::trace::implementations::ValSpine;
 use serde::Deserialize;
-use tidewatch_api::catalog::{CatalogRow, CatalogUpdate};
+use tidewatch_api::catalog::{CatalogRow, CatalogUpdate, TextPool};
 use tidewatch_api::prometheus::{IntCounter, Opts};
 use tidewatch_api::{
     AnomalyEvent, Batch, ComponentContext, ComponentError, ConfigError, DeviceId, EventTime, Kind,
@@ -209,8 +208,8 @@ pub struct Enrich {
     /// The rows of the versions in the collection, by number.
     rows: HashMap<u64, Row, IdHash>,
     next_row: u64,
-    /// Label names and values, shared by the rows that have them (sites, owners repeat).
-    strings: HashSet<Arc<str>>,
+    /// Label names and values, shared by the label sets that have them (sites, owners repeat).
+    strings: TextPool,
     /// Label sets, shared by the rows that have the same (devices of a site and asset type):
     /// the records of all of them then take one set, which stays in the cache. By a hash of
     /// their pairs, so that a row whose set is known builds none.
@@ -255,7 +254,7 @@ impl Enrich {
             probe,
             rows: HashMap::default(),
             next_row: 0,
-            strings: HashSet::new(),
+            strings: TextPool::default(),
             label_sets: HashMap::default(),
             position: EventTime::MIN,
             watermark: EventTime::MIN,
@@ -360,20 +359,10 @@ impl Enrich {
             return labels;
         }
         let labels = Labels::from_pairs(
-            pairs.iter().map(|(name, value)| (self.shared(name), self.shared(value))),
+            pairs.iter().map(|(name, value)| (self.strings.get(name), self.strings.get(value))),
         );
         self.label_sets.entry(hash).or_default().push(labels.clone());
         labels
-    }
-
-    /// The one copy of a label name or value.
-    fn shared(&mut self, text: &str) -> Arc<str> {
-        if let Some(shared) = self.strings.get(text) {
-            return Arc::clone(shared);
-        }
-        let shared: Arc<str> = Arc::from(text);
-        self.strings.insert(Arc::clone(&shared));
-        shared
     }
 
     /// Joins `records` with the catalog as it stood at each record's event time: the matched

@@ -16,9 +16,10 @@
 //! round: an index of the devices by score bucket (buckets of under 1 % of a score, in score
 //! order) gives the highest buckets that together hold at least `top` devices (a walk down
 //! its few top buckets after each round); the devices in those buckets are the candidates,
-//! which `Fleet` keeps in rank order (a sorted set), so the top is its first `top` entries. A round costs what its changes touch, also when most devices share one
-//! score (a starting fleet, whose first windows all score 0): the candidates are then most
-//! devices, but only those that changed move.
+//! which `Fleet` keeps in rank order (a sorted set), so the top is its first `top` entries.
+//! A round costs what its changes touch, also when most devices share one score (a starting
+//! fleet, whose first windows all score 0): the candidates are then most devices, but only
+//! those that changed move.
 //!
 //! With `require_catalog`, only devices present in the catalog (a `catalog` source among the
 //! inputs) count: a device retired from the catalog leaves every rollup and the top-N. The
@@ -32,6 +33,7 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
+use std::ops::Bound::{Excluded, Included, Unbounded};
 use std::sync::Arc;
 
 use differential_dataflow::input::{Input, InputSession};
@@ -283,8 +285,9 @@ pub struct Fleet {
     probe: ProbeHandle<u64>,
     /// The rollups' counts, as captured.
     captured: Captured<(Rollup, isize)>,
-    /// The buckets the top-N is chosen from, as they stand.
-    selected: HashSet<u32, IdHash>,
+    /// The lowest bucket the top-N is chosen from: it and every bucket above it (`None`: no
+    /// device counts).
+    lowest_selected: Option<u32>,
     /// The devices that count, by score bucket.
     by_bucket: BTreeMap<u32, HashSet<DeviceId, IdHash>>,
     /// The top-N candidates (the devices in the selected buckets), in rank order.
@@ -347,7 +350,7 @@ impl Fleet {
             require_catalog: config.require_catalog,
             probe,
             captured,
-            selected: HashSet::default(),
+            lowest_selected: None,
             by_bucket: BTreeMap::new(),
             candidates: BTreeSet::new(),
             top,
@@ -420,48 +423,52 @@ impl Fleet {
         }
         // The candidates follow the buckets selected now; the selection's own changes are
         // applied after the round (`select`).
-        if let Some((score, prefix)) =
-            old.filter(|(score, _)| self.selected.contains(&bucket(*score)))
-        {
+        if let Some((score, prefix)) = old.filter(|(score, _)| self.selected(bucket(*score))) {
             self.candidates.remove(&(Reverse(score), prefix, device));
         }
-        if let Some((score, prefix)) =
-            new.filter(|(score, _)| self.selected.contains(&bucket(*score)))
-        {
+        if let Some((score, prefix)) = new.filter(|(score, _)| self.selected(bucket(*score))) {
             self.candidates.insert((Reverse(score), prefix, device));
         }
     }
 
-    /// Selects the highest buckets of the index that together hold at least `top`
-    /// devices (all of them when fewer), and applies the change: the devices of a bucket that
-    /// came in become candidates, those of one that left stop being.
+    /// True when the top-N is chosen from `bucket`.
+    fn selected(&self, bucket: u32) -> bool {
+        self.lowest_selected.is_some_and(|lowest| bucket >= lowest)
+    }
+
+    /// Selects the highest buckets of the index that together hold at least `top` devices
+    /// (all of them when fewer), and applies the change: the devices of the buckets that came
+    /// in become candidates, those of the buckets that left stop being.
     fn select(&mut self) {
-        let mut selected: HashSet<u32, IdHash> = HashSet::default();
         let mut devices = 0;
+        let mut lowest = None;
         for (bucket, in_bucket) in self.by_bucket.iter().rev() {
             if devices >= self.top {
                 break;
             }
-            selected.insert(*bucket);
+            lowest = Some(*bucket);
             devices += in_bucket.len();
         }
-        if selected == self.selected {
-            return;
-        }
-        let entering: Vec<u32> = selected.difference(&self.selected).copied().collect();
-        let leaving: Vec<u32> = self.selected.difference(&selected).copied().collect();
-        self.selected = selected;
-        for (buckets, entering) in [(leaving, false), (entering, true)] {
-            for bucket in buckets {
-                let Some(devices) = self.by_bucket.get(&bucket) else { continue };
-                for device in devices {
-                    let Some((_, state)) = self.latest(*device) else { continue };
-                    let entry = (Reverse(state.score), state.prefix, *device);
-                    if entering {
-                        self.candidates.insert(entry);
-                    } else {
-                        self.candidates.remove(&entry);
-                    }
+        let before = std::mem::replace(&mut self.lowest_selected, lowest);
+        // The buckets between the two bounds came in (the bound went down) or left (up).
+        let (range, entering) = match (before, lowest) {
+            (Some(before), Some(now)) if now < before => ((Included(now), Excluded(before)), true),
+            (Some(before), Some(now)) if now > before => ((Included(before), Excluded(now)), false),
+            (None, Some(now)) => ((Included(now), Unbounded), true),
+            (Some(before), None) => ((Included(before), Unbounded), false),
+            _ => return,
+        };
+        for devices in self.by_bucket.range(range).map(|(_, devices)| devices) {
+            for device in devices {
+                let Some((_, state)) = self.devices.get(*device).and_then(|known| known.latest)
+                else {
+                    continue;
+                };
+                let entry = (Reverse(state.score), state.prefix, *device);
+                if entering {
+                    self.candidates.insert(entry);
+                } else {
+                    self.candidates.remove(&entry);
                 }
             }
         }

@@ -10,8 +10,9 @@
 //!
 //! Only the difference leaves the source, as a batch of
 //! [`CatalogUpdate`](tidewatch_api::catalog::CatalogUpdate)s (a changed row retracted and
-//! inserted again, a removed row retracted) whose rows the source shares with their readers. A line or message that is not a row goes to
-//! `<id>.errors` and counts as absent. The keyed sources share [`keyed::KeyedCatalog`].
+//! inserted again, a removed row retracted) whose rows the source shares with their readers.
+//! A line or message that is not a row goes to `<id>.errors` and counts as absent. The keyed
+//! sources share [`keyed::KeyedCatalog`].
 //!
 //! Every worker reads the whole catalog and sends the whole difference: `enrich` keeps a copy
 //! of the catalog on each worker, so records are joined wherever they are.

@@ -289,7 +289,7 @@ pub fn parse_catalog(text: &[u8], format: CatalogFormat) -> Result<ParsedCatalog
         CatalogFormat::Jsonl => None,
     };
     let mut rows: Vec<(usize, CatalogRow)> = Vec::new();
-    let mut pool = Pool::default();
+    let mut pool = TextPool::default();
     for (number, line) in lines {
         if is_blank(line) {
             continue;
@@ -323,13 +323,15 @@ pub fn parse_catalog(text: &[u8], format: CatalogFormat) -> Result<ParsedCatalog
     Ok(parsed)
 }
 
-/// The texts of the rows of one file, each once: sites, asset types, owners and labels
-/// repeat from row to row.
-#[derive(Default)]
-struct Pool(std::collections::HashSet<Arc<str>>);
+/// Texts kept once each, handed out as shared strings: a catalog's sites, asset types, owners
+/// and labels repeat from row to row (one pool per parsed file; `enrich` keeps one for the
+/// label sets it builds).
+#[derive(Clone, Debug, Default)]
+pub struct TextPool(std::collections::HashSet<Arc<str>>);
 
-impl Pool {
-    fn get(&mut self, text: &str) -> Arc<str> {
+impl TextPool {
+    /// The one copy of `text`, made the first time it is asked for.
+    pub fn get(&mut self, text: &str) -> Arc<str> {
         if let Some(shared) = self.0.get(text) {
             return Arc::clone(shared);
         }
@@ -356,7 +358,7 @@ fn valid_from_of(text: &str) -> Result<crate::EventTime, String> {
     })
 }
 
-fn csv_row(line: &[u8], names: &[Arc<str>], pool: &mut Pool) -> Result<CatalogRow, String> {
+fn csv_row(line: &[u8], names: &[Arc<str>], pool: &mut TextPool) -> Result<CatalogRow, String> {
     let mut row = CatalogRow::default();
     let mut problem = None;
     split_record(line, Delimiter::COMMA, |column, text| {
@@ -410,10 +412,10 @@ fn csv_row(line: &[u8], names: &[Arc<str>], pool: &mut Pool) -> Result<CatalogRo
 /// assert!(parse_json_row(br#"{"site":"north"}"#).is_err());
 /// ```
 pub fn parse_json_row(payload: &[u8]) -> Result<CatalogRow, CatalogError> {
-    json_row(payload, &mut Pool::default()).map_err(CatalogError::NotARow)
+    json_row(payload, &mut TextPool::default()).map_err(CatalogError::NotARow)
 }
 
-fn json_row(line: &[u8], pool: &mut Pool) -> Result<CatalogRow, String> {
+fn json_row(line: &[u8], pool: &mut TextPool) -> Result<CatalogRow, String> {
     let value: serde_json::Value =
         serde_json::from_slice(line).map_err(|error| format!("not JSON: {error}"))?;
     let serde_json::Value::Object(object) = value else {
